@@ -1,0 +1,155 @@
+"""`vramplan`: the command line. Parses flags into TrainingOptions, prints what the planner returns.
+
+Exit codes (the contract): 0 fits / success, 1 does not fit, 2 bad input (one readable line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+
+from pydantic import ValidationError
+
+from planner.errors import PlanInputError
+from planner.options import TrainingOptions
+
+GIB = 1 << 30
+
+
+def _option_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("plan options (JSON fields use underscores)")
+    for name, info in TrainingOptions.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = info.annotation
+        if annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            continue
+        choices = None
+        args = typing.get_args(annotation)
+        literal = [a for a in args if typing.get_origin(a) is typing.Literal] or ([annotation] if typing.get_origin(annotation) is typing.Literal else [])
+        if literal and name != "lora_targets":
+            choices = typing.get_args(literal[0])
+        group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=f"one of {', '.join(choices)}" if choices else None)
+
+
+def _parse_options(namespace: argparse.Namespace) -> TrainingOptions:
+    given = {k: v for k, v in vars(namespace).items() if k in TrainingOptions.model_fields}
+    return TrainingOptions.model_validate(given)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "options"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}"
+
+
+def _plan(args):
+    from planner.catalog import resolve_model
+    from planner.plan import build_plan
+
+    options = _parse_options(args)
+    spec = resolve_model(args.model)
+    return spec, options, build_plan(spec, options)
+
+
+def cmd_params(args) -> int:
+    from planner.catalog import resolve_model
+    from planner.trainable import parameter_counts
+
+    options = _parse_options(args)
+    spec = resolve_model(args.model)
+    counts = parameter_counts(spec, options)
+    if args.json:
+        print(json.dumps({**counts, "model": spec.name, "method": options.method, "by_role": spec.params_by_role()}))
+    else:
+        pct = 100 * counts["trainable"] / counts["total"] if counts["total"] else 0
+        print(f"{spec.name}: {counts['total']:,} parameters, {counts['trainable']:,} trainable ({pct:.3f}%) with {options.method}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    _, _, plan = _plan(args)
+    data = plan.to_dict()
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    print(f"{data['model']['name']} on {data['gpu']['name']}: peak {data['peak_bytes'] / GIB:.2f} GiB")
+    for c in data["components"]:
+        print(f"  {c['name']:<32} {c['bytes'] / GIB:>9.3f} GiB  {c['note']}")
+    for a in data["assumptions"]:
+        print(f"  assumed: {a}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    _, _, plan = _plan(args)
+    verdict = "fits" if plan.fits else "does not fit"
+    print(
+        f"{verdict}: {plan.model_name} needs {plan.peak_bytes / GIB:.2f} GiB per GPU; "
+        f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.name} "
+        f"({plan.options.headroom:.0%} headroom kept)"
+    )
+    return 0 if plan.fits else 1
+
+
+def cmd_models(args) -> int:
+    from planner.catalog import catalog_ids
+
+    ids = sorted(catalog_ids().values())
+    print(json.dumps(ids) if args.json else "\n".join(ids))
+    return 0
+
+
+def cmd_gpus(args) -> int:
+    from gpu_catalog.catalog import all_gpus
+
+    rows = [{"name": g.name, "memory_bytes": g.memory_bytes, "compute_capability": g.compute_capability, "bf16": g.bf16, "fp8": g.fp8} for g in all_gpus()]
+    if args.json:
+        print(json.dumps({"detected": [], "catalog": rows}))
+    else:
+        for r in rows:
+            print(f"{r['name']:<36} {r['memory_bytes'] / GIB:6.1f} GiB  cc {r['compute_capability']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vramplan", description="Plan GPU memory for fine-tuning a causal LM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("params", cmd_params, "parameter counts (total, trainable) for a method"),
+        ("plan", cmd_plan, "the memory plan, component by component"),
+        ("check", cmd_check, "one line; exit 0 fits, 1 does not fit, 2 bad input"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model", help="catalog id (e.g. meta-llama/Llama-3.1-8B), a directory or a config.json")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        _option_flags(p)
+        p.set_defaults(func=func)
+    for name, func, help_text in (("models", cmd_models, "list the model catalog"), ("gpus", cmd_gpus, "list GPUs")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one-line usage error
+        return int(exc.code or 0)
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        print(f"vramplan: error: {_validation_message(exc)}", file=sys.stderr)
+    except PlanInputError as exc:
+        print(f"vramplan: error: {exc.field}: {exc.reason}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""GPU facts (one reviewed data file) and lookup by fuzzy name; NVML detection lives in detect.py."""

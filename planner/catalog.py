@@ -1,0 +1,96 @@
+"""Resolving MODEL: a catalog id (offline, no torch), a local config.json, or a hub id."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from planner.errors import PlanInputError
+from planner.spec import ModelSpec
+
+CATALOG_DIR = Path(__file__).with_name("catalog")
+SPECS_DIR = CATALOG_DIR / "specs"
+CONFIGS_DIR = CATALOG_DIR / "configs"
+
+
+def file_stem(model_id: str) -> str:
+    return model_id.replace("/", "__")
+
+
+@lru_cache(maxsize=1)
+def catalog_ids() -> dict[str, str]:
+    """Lower-cased id -> id, for every model with a precomputed spec."""
+    index = SPECS_DIR / "index.json"
+    ids = json.loads(index.read_text()) if index.is_file() else []
+    return {model_id.lower(): model_id for model_id in ids}
+
+
+@lru_cache(maxsize=64)
+def load_catalog_spec(model_id: str) -> ModelSpec:
+    return ModelSpec.load(SPECS_DIR / f"{file_stem(model_id)}.json")
+
+
+def closest_ids(query: str, n: int = 3) -> list[str]:
+    ids = catalog_ids()
+    query_l = query.lower()
+    by_basename = {k.split("/")[-1]: v for k, v in ids.items()}
+    # substring matches first ("llama-3.1-8b" -> "meta-llama/Llama-3.1-8B"), then edit distance
+    found = [v for k, v in ids.items() if query_l in k]
+    found += [ids[k] for k in difflib.get_close_matches(query_l, list(ids), n=n, cutoff=0.5)]
+    found += [by_basename[k] for k in difflib.get_close_matches(query_l.split("/")[-1], list(by_basename), n=n, cutoff=0.5)]
+    return list(dict.fromkeys(found))[:n]
+
+
+def resolve_model(model: str) -> ModelSpec:
+    """A ModelSpec for MODEL. Catalog ids never import torch; other sources introspect."""
+    if not isinstance(model, str) or not model.strip():
+        raise PlanInputError("model", "give a catalog id, a directory or a config.json path")
+    model = model.strip()
+    catalog_id = catalog_ids().get(model.lower())
+    if catalog_id is not None:
+        return load_catalog_spec(catalog_id)
+    path = Path(model).expanduser()
+    if path.exists():
+        from planner.introspect import spec_from_config
+        from planner.model_config import read_config_file
+
+        return spec_from_config(read_config_file(path), name=str(path))
+    if os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True") and model.count("/") == 1:
+        spec = _from_hub(model)
+        if spec is not None:
+            return spec
+    hint = closest_ids(model)
+    suggestion = f"; did you mean {', '.join(hint)}?" if hint else "; `vramplan models` lists the catalog"
+    raise PlanInputError("model", f"unknown model {model!r} (not in the catalog, not a local path){suggestion}")
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """One quick connection attempt, so an offline machine answers at once instead of retrying."""
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub(model_id: str) -> ModelSpec | None:
+    """Fetch only config.json from the hub (never code) and introspect it."""
+    if not _hub_reachable():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return None
+    try:
+        path = hf_hub_download(model_id, "config.json")
+    except Exception:
+        return None
+    from planner.introspect import spec_from_config
+    from planner.model_config import read_config_file
+
+    return spec_from_config(read_config_file(Path(path)), name=model_id)

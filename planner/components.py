@@ -1,0 +1,16 @@
+"""A memory component: one named term of the peak, with a note on where its number comes from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str  # family, then an optional detail after a dot: "weights.base"
+    bytes: int
+    note: str
+
+    @property
+    def family(self) -> str:
+        return self.name.split(".", 1)[0]

@@ -1,0 +1,105 @@
+"""TrainingOptions: the user's choices, validated once, with the field and reason on error.
+
+Option names are the contract (DESIGN.md): CLI flags use dashes, JSON fields underscores.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from planner.errors import PlanInputError
+
+Method = Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "freeze"]
+Stage = Literal["sft", "dpo", "kto", "orpo", "simpo", "reward", "rloo", "ppo", "grpo"]
+Parallelism = Literal["ddp", "zero1", "zero2", "zero3", "fsdp"]
+Offload = Literal["none", "optimizer", "params"]
+Dtype = Literal["fp32", "bf16", "fp16"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd", "galore"]
+Attention = Literal["sdpa", "flash", "eager"]
+Trainer = Literal["trl", "hf"]
+Quantization = Literal["none", "int8", "nf4", "fp4"]
+
+ADAPTER_METHODS = ("lora", "qlora", "dora")
+PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
+
+
+class TrainingOptions(BaseModel):
+    """Every choice a plan depends on. Defaults are what a careful user would pick first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method = "lora"
+    stage: Stage = "sft"
+    gpu: str | None = Field(default=None, max_length=100)
+    gpu_memory_gib: float | None = Field(default=None, gt=0, le=4096)
+    num_gpus: int = Field(default=1, ge=1, le=4096)
+    parallelism: Parallelism = "ddp"
+    offload: Offload = "none"
+    batch_size: int = Field(default=1, ge=1, le=65536)
+    seq_len: int = Field(default=2048, ge=1, le=10_000_000)
+    gradient_checkpointing: bool = True
+    precision: Dtype = "bf16"
+    weights_dtype: Dtype | None = None
+    quantization: Quantization | None = None
+    double_quant: bool = True
+    trainer: Trainer = "trl"
+    optimizer: Optimizer = "adamw"
+    sgd_momentum: float = Field(default=0.0, ge=0, lt=1)
+    galore_rank: int = Field(default=128, ge=1, le=65536)
+    lora_r: int = Field(default=16, ge=1, le=65536)
+    lora_alpha: float | None = Field(default=None, gt=0)
+    lora_targets: list[str] | Literal["all-linear"] = "all-linear"
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    num_virtual_tokens: int = Field(default=20, ge=1, le=65536)
+    freeze_trainable_layers: int = Field(default=2, ge=1, le=1024)
+    attention: Attention = "sdpa"
+    num_generations: int = Field(default=8, ge=1, le=1024)
+    max_new_tokens: int = Field(default=512, ge=1, le=1_000_000)
+    headroom: float = Field(default=0.05, ge=0, lt=1)
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value):
+        if isinstance(value, str):
+            if value.strip().lower() == "all-linear":
+                return "all-linear"
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one module name, or all-linear")
+        return value
+
+    # -- resolved choices --------------------------------------------------------------
+    @property
+    def effective_weights_dtype(self) -> str:
+        """The dtype the (unquantized part of the) model is loaded in."""
+        if self.weights_dtype is not None:
+            return self.weights_dtype
+        return self.precision
+
+    @property
+    def effective_quantization(self) -> str:
+        if self.quantization is not None:
+            return self.quantization
+        return "nf4" if self.method == "qlora" else "none"
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r
+
+
+def check_consistency(options: TrainingOptions) -> None:
+    """Combinations no stack can run; each error names the option to change."""
+    quant = options.quantization
+    if options.method == "qlora" and quant in ("none", "int8"):
+        raise PlanInputError("quantization", "method qlora loads the base in 4 bit; use nf4 or fp4, or method lora")
+    if options.method in ("full", "freeze") and quant not in (None, "none"):
+        raise PlanInputError("method", f"{options.method} trains the base weights, which cannot be {quant}-quantized; use qlora or lora")
+    pair = {options.effective_weights_dtype, options.precision}
+    if pair == {"bf16", "fp16"}:
+        raise PlanInputError("weights_dtype", f"weights in {options.effective_weights_dtype} with {options.precision} compute mixes two 16-bit formats")
+    if options.precision == "fp32" and options.effective_weights_dtype != "fp32":
+        raise PlanInputError("precision", f"fp32 compute needs fp32 weights, not {options.effective_weights_dtype}")
+    if options.num_gpus == 1 and options.parallelism != "ddp":
+        raise PlanInputError("parallelism", f"{options.parallelism} shards across GPUs; set num_gpus above 1")

@@ -1,0 +1,173 @@
+"""Which tensors train under each method, with their shapes and dtypes, exactly as PEFT makes them.
+
+PEFT names and shapes (checked against `get_nb_trainable_parameters` in tests):
+- LoRA: per targeted Linear, lora_A (r, in) and lora_B (out, r); no bias.
+- DoRA: LoRA plus a magnitude vector (out,) per targeted Linear.
+- IA3: a vector per targeted Linear: (1, in) for feed-forward modules, (out, 1) otherwise.
+- Prompt tuning: an embedding (virtual tokens, hidden).
+- Prefix tuning: an embedding (virtual tokens, layers x 2 x kv_heads x head_dim): the per-layer
+  keys and values, sized for grouped-query attention.
+PEFT keeps adapter weights in fp32 (autocast_adapter_dtype=True) whatever the base dtype, except
+that TRL turns that off under ZeRO-3 for unquantized bases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from planner.errors import PlanInputError
+from planner.options import ADAPTER_METHODS, TrainingOptions, check_consistency
+from planner.spec import LinearSpec, ModelSpec, TensorSpec
+
+
+@dataclass(frozen=True)
+class TrainableTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    # part of the base model (full / freeze) rather than an adapter PEFT added
+    base: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _matches(module_name: str, target: str) -> bool:
+    return module_name == target or module_name.endswith(f".{target}")
+
+
+def split_moe_targets(spec: ModelSpec, targets: list[str] | str) -> tuple[list[str] | str, list[tuple[TensorSpec, int]]]:
+    """PEFT's remapping for transformers-5 MoE models: (module targets, [(parameter, rank multiplier)]).
+
+    Names of the old per-expert Linears (and the router `gate`) move from module targets to
+    parameter targets on the fused tensors; a fused pair (gate + up) trains at twice the rank.
+    """
+    target_map = dict(spec.peft_defaults.moe_target_map)
+    if not target_map:
+        return targets, []
+    fused = dict(spec.peft_defaults.moe_fused)
+    if targets == "all-linear":
+        leaves = {lin.name.rsplit(".", 1)[-1] for lin in spec.linears() if lin.role != "lm_head"}
+        targets = sorted(leaves | set(target_map))
+    module_targets: list[str] = []
+    matched: dict[str, set[str]] = {}
+    for target in targets:
+        old = next((o for o in target_map if target == o or target.endswith(f".{o}")), None)
+        if old is None:
+            module_targets.append(target)
+        else:
+            matched.setdefault(target_map[old], set()).add(old)
+    params: list[tuple[TensorSpec, int]] = []
+    for new_name, olds in matched.items():
+        required = set(fused.get(new_name, ()))
+        if required and olds != required:
+            raise PlanInputError("lora_targets", f"{', '.join(sorted(olds))} is fused with {', '.join(sorted(required - olds))} into {new_name}; target both")
+        multiplier = len(required) if len(required) > 1 else 1
+        for t in spec.tensors:
+            if t.name == new_name or t.name.endswith(f".{new_name}"):
+                params.append((t, multiplier))
+    return module_targets, params
+
+
+def resolve_targets(spec: ModelSpec, targets: list[str] | str, field: str = "lora_targets", strict: bool = True) -> list[LinearSpec]:
+    """The Linear modules a PEFT target list selects; `all-linear` as PEFT resolves it.
+
+    PEFT skips names that match nothing as long as one matches; a user's name that matches
+    nothing is almost always a typo, so `strict` reports it. PEFT's own defaults are not strict
+    (Mixtral's IA3 default `w2` no longer exists once transformers 5 fuses the experts).
+    """
+    linears = spec.linears()
+    if targets == "all-linear":
+        # every Linear except the output layer (lm_head); PEFT leaves it out.
+        return [lin for lin in linears if lin.role != "lm_head"]
+    chosen = [lin for lin in linears if any(_matches(lin.name, t) for t in targets)]
+    unmatched = [t for t in targets if not any(_matches(lin.name, t) for lin in linears)]
+    if unmatched and (strict or not chosen):
+        names = sorted({lin.name.rsplit(".", 1)[-1] for lin in linears if lin.role != "lm_head"})
+        raise PlanInputError(
+            field, f"{', '.join(unmatched)} matches no Linear module of {spec.name}; its Linear modules are {', '.join(names)}"
+        )
+    return chosen
+
+
+def adapter_dtype(options: TrainingOptions) -> str:
+    if options.parallelism == "zero3" and options.effective_quantization == "none":
+        return options.effective_weights_dtype
+    return "fp32"
+
+
+def trainable_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
+    method = options.method
+    weights_dtype = options.effective_weights_dtype
+    if method == "full":
+        return [TrainableTensor(t.name, t.shape, weights_dtype, True) for t in spec.tensors]
+    if method == "freeze":
+        return [TrainableTensor(t.name, t.shape, weights_dtype, True) for t in frozen_split(spec, options)[1]]
+    dtype = adapter_dtype(options)
+    if method in ADAPTER_METHODS:
+        module_targets, param_targets = split_moe_targets(spec, options.lora_targets)
+        r = options.lora_r
+        out = []
+        if module_targets:
+            for lin in resolve_targets(spec, module_targets):
+                out.append(TrainableTensor(f"{lin.name}.lora_A", (r, lin.in_features), dtype, False))
+                out.append(TrainableTensor(f"{lin.name}.lora_B", (lin.out_features, r), dtype, False))
+                if method == "dora":
+                    out.append(TrainableTensor(f"{lin.name}.lora_magnitude_vector", (lin.out_features,), dtype, False))
+        if param_targets and method == "dora":
+            raise PlanInputError("method", "PEFT has no DoRA for fused MoE expert parameters; use lora, or name attention modules in lora_targets")
+        for tensor, multiplier in param_targets:
+            rank = r * multiplier
+            # a 3-D (experts, out, in) parameter gets one rank-r pair per expert, stacked
+            experts = tensor.shape[0] if len(tensor.shape) == 3 else 1
+            out_features, in_features = tensor.shape[-2], tensor.shape[-1]
+            out.append(TrainableTensor(f"{tensor.name}.lora_A", (rank * experts, in_features), dtype, False))
+            out.append(TrainableTensor(f"{tensor.name}.lora_B", (out_features, rank * experts), dtype, False))
+        return out
+    if method == "ia3":
+        # IA3 follows PEFT's per-architecture defaults unless the user named modules.
+        use_defaults = options.lora_targets == "all-linear" and spec.peft_defaults.ia3_targets
+        targets = list(spec.peft_defaults.ia3_targets) if use_defaults else options.lora_targets
+        feedforward = set(spec.peft_defaults.ia3_feedforward) if use_defaults else set()
+        out = []
+        for lin in resolve_targets(spec, targets, strict=not use_defaults):
+            if any(_matches(lin.name, f) for f in feedforward):
+                out.append(TrainableTensor(f"{lin.name}.ia3_l", (1, lin.in_features), dtype, False))
+            else:
+                out.append(TrainableTensor(f"{lin.name}.ia3_l", (lin.out_features, 1), dtype, False))
+        return out
+    if method == "prompt_tuning":
+        # created fresh by PEFT in the default dtype (fp32), never cast to the base dtype
+        return [TrainableTensor("prompt_encoder.embedding", (options.num_virtual_tokens, spec.hidden_size), "fp32", False)]
+    if method == "prefix_tuning":
+        width = spec.num_layers * 2 * spec.kv_dim
+        return [TrainableTensor("prompt_encoder.embedding", (options.num_virtual_tokens, width), "fp32", False)]
+    raise PlanInputError("method", f"unknown method {method!r}")  # pragma: no cover - options validate it
+
+
+def frozen_split(spec: ModelSpec, options: TrainingOptions) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(frozen, trainable) base tensors for method `freeze`: the last N blocks and the final norm train."""
+    n = options.freeze_trainable_layers
+    if n > spec.num_layers:
+        raise PlanInputError("freeze_trainable_layers", f"{n} is more than the model's {spec.num_layers} layers")
+    first_trained = spec.num_layers - n
+    frozen, trained = [], []
+    for t in spec.tensors:
+        is_final_norm = t.layer is None and t.role == "norm"
+        (trained if is_final_norm or (t.layer is not None and t.layer >= first_trained) else frozen).append(t)
+    return frozen, trained
+
+
+def parameter_counts(spec: ModelSpec, options: TrainingOptions) -> dict[str, int]:
+    check_consistency(options)
+    tensors = trainable_tensors(spec, options)
+    trainable = sum(t.numel for t in tensors)
+    adapter = sum(t.numel for t in tensors if not t.base)
+    return {
+        "total": spec.total_params + adapter,
+        "trainable": trainable,
+        "base": spec.total_params,
+        "adapter": adapter,
+    }

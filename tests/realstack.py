@@ -1,0 +1,202 @@
+"""The real training stack on CPU, for ground truth: transformers + PEFT + bitsandbytes + optimizers.
+
+`run_one_step` builds a tiny model from a config dict the way a user's run would (quantized load
+through transformers' BitsAndBytesConfig, PEFT adapters, the named optimizer), takes one optimizer
+step, and counts the bytes every tensor holds, deduplicated by storage.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Measured:
+    weights: int
+    adapter: int
+    gradients: int
+    optimizer_state: int
+    total_params: int
+    trainable_params: int
+
+
+def _storage_key(t: torch.Tensor):
+    s = t.untyped_storage()
+    return (s.data_ptr(), s.nbytes())
+
+
+def unique_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        if t is None or not torch.is_tensor(t) or t.device.type == "meta":
+            continue
+        seen[_storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def quant_state_tensors(param) -> list[torch.Tensor]:
+    qs = getattr(param, "quant_state", None)
+    out = []
+    if qs is not None:
+        out += [qs.absmax, qs.code]
+        if qs.nested:
+            out += [qs.offset, qs.state2.absmax, qs.state2.code]
+    scb = getattr(param, "SCB", None)
+    if scb is not None:
+        out.append(scb)
+    return out
+
+
+def _state_tensors(value):
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _state_tensors(v)
+    elif hasattr(value, "ortho_matrix"):  # GaLore's projector object
+        yield from _state_tensors(value.ortho_matrix)
+
+
+_saved: dict[str, str] = {}
+
+
+def build_model(config: dict, weights_dtype: str, quantization: str = "none", double_quant: bool = True):
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    hf_config = AutoConfig.for_model(**config)
+    torch.manual_seed(0)
+    if quantization == "none":
+        return AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[weights_dtype])
+    key = repr(sorted(config.items()))
+    if key not in _saved:
+        path = Path(tempfile.mkdtemp(prefix="vramplan-tiny-"))
+        AutoModelForCausalLM.from_config(hf_config).save_pretrained(path)
+        _saved[key] = str(path)
+    if quantization == "int8":
+        qconf = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qconf = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=TORCH_DTYPES[weights_dtype],
+        )
+    return AutoModelForCausalLM.from_pretrained(_saved[key], quantization_config=qconf, dtype=TORCH_DTYPES[weights_dtype], device_map="cpu")
+
+
+def peft_config(method: str, r: int, targets, num_virtual_tokens: int):
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    if method in ("lora", "qlora", "dora"):
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0, use_dora=method == "dora", task_type="CAUSAL_LM")
+    if method == "ia3":
+        return IA3Config(task_type="CAUSAL_LM")
+    if method == "prompt_tuning":
+        return PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM")
+    if method == "prefix_tuning":
+        return PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM")
+    return None
+
+
+def make_optimizer(name: str, model, spec_linear_weights: set[str], galore_rank: int, sgd_momentum: float):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3)
+    import bitsandbytes as bnb
+
+    if name == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=1e-3)
+    if name == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=1e-3)
+    if name == "paged_adamw_32bit":
+        return bnb.optim.PagedAdamW32bit(params, lr=1e-3)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=1e-3, scale_parameter=False, relative_step=False)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=sgd_momentum)
+    if name == "galore":
+        from galore_torch import GaLoreAdamW
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        galore = [p for n, p in named if n in spec_linear_weights and p.dim() == 2]
+        ids = {id(p) for p in galore}
+        rest = [p for n, p in named if id(p) not in ids]
+        return GaLoreAdamW(
+            [{"params": rest}, {"params": galore, "rank": galore_rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}],
+            lr=1e-3,
+        )
+    raise ValueError(name)
+
+
+def run_one_step(
+    config: dict,
+    *,
+    method: str = "full",
+    weights_dtype: str = "bf16",
+    optimizer: str = "adamw",
+    quantization: str = "none",
+    double_quant: bool = True,
+    lora_r: int = 8,
+    lora_targets="all-linear",
+    num_virtual_tokens: int = 5,
+    freeze_trainable_layers: int = 1,
+    galore_rank: int = 4,
+    sgd_momentum: float = 0.0,
+) -> Measured:
+    from peft import get_peft_model
+
+    model = build_model(config, weights_dtype, quantization, double_quant)
+    pconf = peft_config(method, lora_r, lora_targets, num_virtual_tokens)
+    if pconf is not None:
+        model = get_peft_model(model, pconf)
+    elif method == "freeze":
+        n_layers = config["num_hidden_layers"]
+        for name, p in model.named_parameters():
+            layer = _layer_of(name)
+            p.requires_grad = (layer is not None and layer >= n_layers - freeze_trainable_layers) or (layer is None and name.endswith("norm.weight"))
+    base = model.get_base_model() if pconf is not None else model
+    linear_weights = {
+        f"{n}.weight" for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and m is not base.get_output_embeddings()
+    }
+    opt = make_optimizer(optimizer, model, linear_weights, galore_rank, sgd_momentum)
+    ids = torch.randint(0, config["vocab_size"], (2, 8))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    quant = [t for p in params for t in quant_state_tensors(p)]
+    # LLM.int8 moves its row scales from the parameter to the module's state on first forward
+    for module in model.modules():
+        state = getattr(module, "state", None)
+        quant += [getattr(state, "SCB", None), getattr(state, "CB", None)]
+    state = [t for st in opt.state.values() for v in st.values() for t in _state_tensors(v)]
+    if pconf is not None:
+        trainable_count, total_count = model.get_nb_trainable_parameters()
+    else:
+        trainable_count = sum(p.numel() for p in trainable)
+        total_count = sum(p.numel() for p in params)
+    return Measured(
+        weights=unique_bytes(params + quant),
+        adapter=unique_bytes(trainable) if pconf is not None else 0,
+        gradients=unique_bytes(p.grad for p in params),
+        optimizer_state=unique_bytes(state),
+        total_params=total_count,
+        trainable_params=trainable_count,
+    )
+
+
+def _layer_of(name: str):
+    import re
+
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,78 @@
+"""Static memory equals, to the byte, what the real stack holds on CPU after one optimizer step."""
+
+import pytest
+
+from planner.options import TrainingOptions
+from planner.static_memory import static_components
+from planner.trainable import parameter_counts
+from tests.conftest import TINY
+from tests.realstack import run_one_step
+
+CASES = [
+    # (arch, method, weights_dtype, optimizer, quantization, double_quant)
+    *[(arch, "full", "bf16", "adamw", "none", True) for arch in TINY],
+    *[(arch, "lora", "bf16", "adamw", "none", True) for arch in TINY],
+    *[(arch, "qlora", "bf16", "adamw", "nf4", True) for arch in TINY],
+    ("llama", "full", "fp32", "adamw", "none", True),
+    ("llama", "freeze", "bf16", "adamw", "none", True),
+    ("gemma2", "freeze", "fp32", "sgd", "none", True),
+    ("llama", "dora", "bf16", "adamw", "none", True),
+    ("qwen2", "dora", "fp32", "adamw", "none", True),
+    ("llama", "ia3", "bf16", "adamw", "none", True),
+    ("mixtral", "ia3", "bf16", "adamw", "none", True),
+    ("llama", "prompt_tuning", "bf16", "adamw", "none", True),
+    ("llama", "prefix_tuning", "bf16", "adamw", "none", True),
+    ("qwen2", "prefix_tuning", "fp32", "adamw", "none", True),
+    ("llama", "qlora", "bf16", "adamw", "nf4", False),
+    ("llama", "qlora", "bf16", "paged_adamw_8bit", "fp4", True),
+    ("qwen2", "dora", "bf16", "adamw", "nf4", True),
+    ("llama", "lora", "bf16", "adamw", "int8", True),
+    *[("llama", "full", dt, opt, "none", True) for dt in ("bf16", "fp32")
+      for opt in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd", "galore")],
+    *[("qwen3_moe", "lora", "bf16", opt, "none", True) for opt in ("adamw_8bit", "adafactor", "sgd")],
+    ("gemma2", "full", "bf16", "galore", "none", True),
+]
+
+
+def _options(method, weights_dtype, optimizer, quantization, double_quant, **extra):
+    return TrainingOptions(
+        method=method,
+        weights_dtype=weights_dtype,
+        precision="bf16",
+        optimizer=optimizer,
+        quantization=None if quantization == "none" else quantization,
+        double_quant=double_quant,
+        lora_r=8,
+        num_virtual_tokens=5,
+        freeze_trainable_layers=1,
+        galore_rank=4,
+        **extra,
+    )
+
+
+def _family(components, family):
+    return sum(c.bytes for c in components if c.name == family or c.name.startswith(family + "."))
+
+
+@pytest.mark.parametrize("arch,method,weights_dtype,optimizer,quantization,double_quant", CASES)
+def test_static_memory_equals_real_step(tiny_specs, arch, method, weights_dtype, optimizer, quantization, double_quant):
+    options = _options(method, weights_dtype, optimizer, quantization, double_quant)
+    planned = static_components(tiny_specs[arch], options)
+    counts = parameter_counts(tiny_specs[arch], options)
+    measured = run_one_step(
+        TINY[arch], method=method, weights_dtype=weights_dtype, optimizer=optimizer, quantization=quantization,
+        double_quant=double_quant, lora_r=8, num_virtual_tokens=5, freeze_trainable_layers=1, galore_rank=4,
+    )
+    assert counts["trainable"] == measured.trainable_params
+    assert counts["total"] == measured.total_params
+    assert _family(planned, "weights") == measured.weights
+    assert _family(planned, "weights.adapter") == measured.adapter
+    assert _family(planned, "gradients") == measured.gradients
+    assert _family(planned, "optimizer_state") == measured.optimizer_state
+
+
+def test_sgd_momentum_buffer_is_counted(tiny_specs):
+    options = _options("full", "bf16", "sgd", "none", True, sgd_momentum=0.9)
+    planned = static_components(tiny_specs["llama"], options)
+    measured = run_one_step(TINY["llama"], method="full", optimizer="sgd", sgd_momentum=0.9)
+    assert _family(planned, "optimizer_state") == measured.optimizer_state > 0
