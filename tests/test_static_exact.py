@@ -76,3 +76,30 @@ def test_sgd_momentum_buffer_is_counted(tiny_specs):
     planned = static_components(tiny_specs["llama"], options)
     measured = run_one_step(TINY["llama"], method="full", optimizer="sgd", sgd_momentum=0.9)
     assert _family(planned, "optimizer_state") == measured.optimizer_state > 0
+
+
+@pytest.mark.parametrize(
+    "arch,targets",
+    [
+        ("llama", ["q_proj", "v_proj"]),
+        ("qwen2", ["k_proj", "down_proj"]),
+        ("gemma2", ["o_proj", "gate_proj", "up_proj"]),
+        ("qwen3_moe", ["q_proj", "gate_proj", "up_proj", "down_proj"]),
+        ("qwen3_moe", ["gate"]),
+        ("mixtral", ["w1", "w3", "w2", "v_proj"]),
+    ],
+)
+def test_lora_target_lists_match_peft(tiny_specs, arch, targets):
+    options = _options("lora", "bf16", "adamw", "none", True, lora_targets=targets)
+    measured = run_one_step(TINY[arch], method="lora", lora_r=8, lora_targets=targets)
+    planned = static_components(tiny_specs[arch], options)
+    assert parameter_counts(tiny_specs[arch], options)["trainable"] == measured.trainable_params
+    assert _family(planned, "weights.adapter") == measured.adapter
+    assert _family(planned, "optimizer_state") == measured.optimizer_state
+
+
+def test_fused_expert_pair_must_be_targeted_together(tiny_specs):
+    from planner.errors import PlanInputError
+
+    with pytest.raises(PlanInputError, match="fused"):
+        parameter_counts(tiny_specs["qwen3_moe"], _options("lora", "bf16", "adamw", "none", True, lora_targets=["gate_proj"]))

@@ -1,0 +1,109 @@
+"""The CLI contract: JSON shapes, exit codes 0/1/2, one readable line on bad input, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CATALOG_MODEL = "meta-llama/Llama-3.1-8B"
+
+
+def vramplan(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_params_json_matches_published_count():
+    out = vramplan("params", CATALOG_MODEL, "--method", "full", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["total"] == data["trainable"] == 8_030_261_248
+
+
+def test_plan_json_contract():
+    out = vramplan("plan", CATALOG_MODEL, "--method", "qlora", "--gpu", "RTX 4000 Ada", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["peak_bytes"] == sum(c["bytes"] for c in plan["components"])
+    assert plan["gpu"]["name"] == "NVIDIA RTX 4000 Ada Generation"
+    assert {c["name"] for c in plan["components"]} >= {"weights.base", "weights.quant_constants", "weights.adapter", "gradients", "optimizer_state"}
+    assert all(c["note"] for c in plan["components"])
+    assert isinstance(plan["fits"], bool) and plan["assumptions"]
+
+
+def test_check_exit_codes():
+    fits = vramplan("check", CATALOG_MODEL, "--method", "qlora", "--gpu", "h100")
+    assert fits.returncode == 0 and fits.stdout.startswith("fits")
+    too_big = vramplan("check", CATALOG_MODEL, "--method", "full", "--gpu", "rtx 3080")
+    assert too_big.returncode == 1 and too_big.stdout.startswith("does not fit")
+    custom = vramplan("check", CATALOG_MODEL, "--method", "full", "--gpu-memory-gib", "1000")
+    assert custom.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["--method", "qlora", "--quantization", "none"], "quantization"),
+        (["--method", "full", "--quantization", "nf4"], "method"),
+        (["--lora-r", "0"], "lora_r"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--weights-dtype", "fp8"], "weights_dtype"),
+        (["--gpu", "voodoo 5"], "gpu"),
+        (["--lora-targets", "q_prj"], "lora_targets"),
+        (["--parallelism", "zero3"], "parallelism"),
+    ],
+)
+def test_bad_options_exit_2_with_field(args, field):
+    out = vramplan("check", CATALOG_MODEL, *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 or "usage" in out.stderr, out.stderr
+    assert field.replace("_", "-") in out.stderr or field in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_model_suggests_catalog_ids():
+    out = vramplan("check", "llama-3.1-8b")
+    assert out.returncode == 2
+    assert CATALOG_MODEL in out.stderr and "Traceback" not in out.stderr
+
+
+HOSTILE = {
+    "huge layers": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 10**12, "vocab_size": 10},
+    "huge product": {"model_type": "llama", "hidden_size": 131072, "intermediate_size": 1048576, "num_hidden_layers": 1024, "vocab_size": 4000000},
+    "wrong type": {"model_type": "llama", "hidden_size": "4096", "num_hidden_layers": 2, "vocab_size": 10},
+    "negative": {"model_type": "llama", "hidden_size": -1, "num_hidden_layers": 2, "vocab_size": 10},
+    "remote code": {"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "evil.Model"}},
+    "unknown type": {"model_type": "my_secret_arch", "hidden_size": 64},
+    "not an object": [1, 2, 3],
+    "no model type": {"hidden_size": 64},
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_config_is_refused_cleanly(tmp_path, name):
+    (tmp_path / "config.json").write_text(json.dumps(HOSTILE[name]))
+    out = vramplan("check", str(tmp_path))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("vramplan: error: model:") and "Traceback" not in out.stderr
+    if name == "remote code" or name == "unknown type":
+        assert "remote code" in out.stderr or "trust_remote_code" in out.stderr
+
+
+def test_malformed_and_oversized_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    assert vramplan("check", str(tmp_path)).returncode == 2
+    (tmp_path / "config.json").write_text(" " * (2 << 20))
+    out = vramplan("check", str(tmp_path))
+    assert out.returncode == 2 and "at most" in out.stderr
+
+
+def test_local_config_is_introspected(tmp_path):
+    cfg = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = vramplan("params", str(tmp_path / "config.json"), "--method", "full", "--json")
+    assert out.returncode == 0, out.stderr
+    # embed 100x64 (tied), per layer: q 64x64+64, k 32x64+32, v 32x64+32, o 64x64, mlp 3x64x128, 2 norms; final norm
+    per_layer = (64 * 64 + 64) + 2 * (32 * 64 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    assert json.loads(out.stdout)["total"] == 100 * 64 + 2 * per_layer + 64
