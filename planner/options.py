@@ -22,6 +22,8 @@ Trainer = Literal["trl", "hf"]
 Quantization = Literal["none", "int8", "nf4", "fp4"]
 
 ADAPTER_METHODS = ("lora", "qlora", "dora")
+# TRL 1.16 config defaults: GRPO and RLOO drop the reference model at beta 0.
+STAGE_DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0, "grpo": 0.0, "rloo": 0.05, "ppo": 0.05}
 PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
 
 
@@ -58,6 +60,11 @@ class TrainingOptions(BaseModel):
     num_generations: int = Field(default=8, ge=1, le=1024)
     max_new_tokens: int = Field(default=512, ge=1, le=1_000_000)
     headroom: float = Field(default=0.05, ge=0, lt=1)
+    # alignment stages
+    beta: float | None = Field(default=None, ge=0, le=100)
+    precompute_ref_log_probs: bool = False
+    use_vllm: bool = False
+    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, lt=1)
 
     @field_validator("lora_targets", mode="before")
     @classmethod
@@ -83,6 +90,17 @@ class TrainingOptions(BaseModel):
         if self.quantization is not None:
             return self.quantization
         return "nf4" if self.method == "qlora" else "none"
+
+    @property
+    def effective_beta(self) -> float:
+        """The KL/temperature coefficient: TRL's default for the stage unless given."""
+        if self.beta is not None:
+            return self.beta
+        return STAGE_DEFAULT_BETA.get(self.stage, 0.0)
+
+    @property
+    def generates(self) -> bool:
+        return self.stage in ("grpo", "rloo", "ppo")
 
     @property
     def effective_lora_alpha(self) -> float:

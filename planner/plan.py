@@ -1,15 +1,29 @@
-"""build_plan: ModelSpec + TrainingOptions -> Plan, the one object every shell shows."""
+"""build_plan: ModelSpec + TrainingOptions -> Plan, the one object every shell shows.
+
+The peak is taken over the phases of a training step, because not everything is alive at once:
+- `backward_start`: optimizer state (from step 2 on) and every saved activation, with the loss
+  backward's buffers, but no gradients yet (they are freed before each forward);
+- `backward_end`: all gradients, with only what checkpointing keeps and one layer recomputed;
+- `optimizer_step`: gradients and optimizer state, activations freed.
+The plan's components are those of the phase with the highest total, so they sum to the peak.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from gpu_catalog.catalog import GPU, MIB, find_gpu
+from planner.activations import activation_components, training_tokens
 from planner.components import Component
+from planner.dtypes import dtype_bytes
 from planner.errors import PlanInputError
+from planner.logits import logits_components
 from planner.options import TrainingOptions, check_consistency
+from planner.parallel import per_gpu_static
 from planner.precision import precision_mode
+from planner.runtime import runtime_components
 from planner.spec import ModelSpec
+from planner.stages import stage_components
 from planner.static_memory import static_components
 from planner.trainable import parameter_counts
 
@@ -17,7 +31,18 @@ GIB = 1 << 30
 DEFAULT_GPU = "H100"
 
 # Defaults worth telling the user about when they were not given.
-_ANNOUNCED_DEFAULTS = ("method", "stage", "batch_size", "seq_len", "precision", "optimizer", "gradient_checkpointing", "trainer")
+_ANNOUNCED_DEFAULTS = ("method", "stage", "batch_size", "seq_len", "precision", "optimizer", "gradient_checkpointing", "trainer", "attention")
+
+# Which component families are alive in each phase (prefix match on the name).
+PHASES = {
+    "backward_start": ("weights", "optimizer_state", "activations", "logits", "temporary", "gradients.ddp_buckets",
+                       "reference_model", "reward_model", "value_model", "kv_cache", "runtime"),
+    "backward_end": ("weights", "optimizer_state", "gradients", "activations.checkpoints", "activations.recompute",
+                     "temporary.dequantized_layer", "temporary.gathered_params",
+                     "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
+    "optimizer_step": ("weights", "optimizer_state", "gradients", "temporary.gathered_params",
+                       "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
+}
 
 
 @dataclass(frozen=True)
@@ -32,9 +57,11 @@ class Plan:
     model_name: str
     params: dict[str, int]
     gpu: GpuTarget
-    components: tuple[Component, ...]
+    components: tuple[Component, ...]  # the peak phase's components
     options: TrainingOptions
     precision_mode: str
+    peak_phase: str
+    phase_totals: dict[str, int]
     assumptions: tuple[str, ...] = field(default=())
 
     @property
@@ -55,6 +82,8 @@ class Plan:
             "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
             "peak_bytes": self.peak_bytes,
             "peak_gib": round(self.peak_bytes / GIB, 3),
+            "peak_phase": self.peak_phase,
+            "phase_totals": dict(self.phase_totals),
             "usable_bytes": self.usable_bytes,
             "headroom_bytes": self.usable_bytes - self.peak_bytes,
             "fits": self.fits,
@@ -89,25 +118,64 @@ def _assumptions(options: TrainingOptions) -> list[str]:
         out.append(f"LoRA rank {options.lora_r}, alpha {options.effective_lora_alpha:g}, targets {options.lora_targets}, not given")
     if options.weights_dtype is None:
         out.append(f"weights loaded in {options.effective_weights_dtype} (the compute precision), not given")
+    if options.generates:
+        out.append(f"{options.stage}: seq len {options.seq_len} is the prompt; {options.max_new_tokens} new tokens per completion")
+    return out
+
+
+def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
+    out = []
+    mode = precision_mode(options)
+    if mode.name == "autocast" and options.method in ("full", "freeze"):
+        linear = sum(t.numel for t in spec.tensors if t.peft_linear and t.is_weight)
+        out.append(
+            Component(
+                "temporary.autocast_cache",
+                linear * dtype_bytes(options.precision),
+                f"autocast caches a {options.precision} copy of every trained Linear weight for the step",
+            )
+        )
+    if options.effective_quantization in ("nf4", "fp4", "int8"):
+        largest = max((t.numel for t in spec.tensors if t.quantizable), default=0)
+        out.append(
+            Component(
+                "temporary.dequantized_layer",
+                largest * dtype_bytes(options.precision),
+                f"the largest quantized Linear dequantized to {options.precision} for its matmul",
+            )
+        )
     return out
 
 
 def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     check_consistency(options)
     gpu, gpu_notes = resolve_gpu(options)
-    components = static_components(spec, options)
-    assumptions = _assumptions(options) + gpu_notes
-    assumptions.append(
-        "static memory only (weights, gradients, optimizer state): activations, logits, runtime and "
-        "alignment models are not modelled yet, so the true peak is higher"
-    )
-    mode = precision_mode(options)
+    static = static_components(spec, options)
+    per_gpu = per_gpu_static(static, spec, options)
+    trained_static = sum(c.bytes for c in per_gpu if c.family in ("weights", "gradients", "optimizer_state"))
+    extras, stage_notes = stage_components(spec, options, [c for c in per_gpu if c.family == "weights"], trained_static, gpu.memory_bytes)
+    tokens = training_tokens(options)
+    dynamic = activation_components(spec, options) + logits_components(spec, options, tokens) + _temporaries(spec, options)
+    everything = per_gpu + extras + dynamic
+
+    phases: dict[str, list[Component]] = {}
+    for phase, families in PHASES.items():
+        members = [c for c in everything if any(c.name == f or c.name.startswith(f + ".") for f in families)]
+        allocated = sum(c.bytes for c in members)
+        phases[phase] = members + runtime_components(allocated)
+    totals = {phase: sum(c.bytes for c in members) for phase, members in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+
+    assumptions = _assumptions(options) + gpu_notes + stage_notes
+    assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     return Plan(
         model_name=spec.name,
         params=parameter_counts(spec, options),
         gpu=gpu,
-        components=tuple(components),
+        components=tuple(phases[peak_phase]),
         options=options,
-        precision_mode=mode.name,
+        precision_mode=precision_mode(options).name,
+        peak_phase=peak_phase,
+        phase_totals=totals,
         assumptions=tuple(assumptions),
     )

@@ -200,3 +200,23 @@ def _layer_of(name: str):
 
     m = re.search(r"\.layers\.(\d+)\.", name)
     return int(m.group(1)) if m else None
+
+
+def saved_activation_bytes(model, run_forward) -> int:
+    """Bytes autograd saves for backward during `run_forward()`, deduplicated by storage.
+
+    Parameters (and anything sharing their storage) are not activations and are left out.
+    """
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in param_storages and t.device.type != "meta":
+            saved[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run_forward()
+    return sum(saved.values()), out

@@ -1,0 +1,168 @@
+"""Activation memory: the bytes autograd saves for backward, derived from what HF code saves.
+
+Per token and decoder layer of a Llama-family block (Llama, Mistral, Qwen2/3, and by default the
+others), with e = bytes of the compute dtype, h hidden, q = heads x head_dim, kv = kv_heads x
+head_dim, H heads, i intermediate, s sequence length. Each term was read off the tensors the
+real forward passes to autograd (tests/test_activations.py holds the model to that measurement):
+
+- RMSNorm (x2): its fp32 input (4h) and fp32 rsqrt (4); the normalized e-copy (e h) only when
+  the norm weight trains; its output (e h), saved by the next Linear only when that Linear trains.
+- SDPA/flash: q, k, v (e(q + 2kv), grouped-query k/v are not expanded), the output (e q, shared
+  with o_proj's input) and an fp32 log-sum-exp per head (4H).
+- eager: k and v expanded to all heads, q, the fp32 softmax (4Hs) and its e-copy (e Hs), and a
+  contiguous copy of the output for o_proj: 4 e q + 6 H s (the s x s scores make it quadratic).
+- gated MLP: gate output, activation output, up output (3 e i) and their product (e i) when
+  down_proj trains.
+- LoRA (adapters in fp32): per adapted Linear an fp32 copy of its input (4 in) and the rank-r
+  activation (4 r); with dropout, the dropped copy replaces the plain copy and a 1-byte mask per
+  input value is added.
+- DoRA: LoRA's terms, the base output in e and fp32 (6 out) per token, and per adapted layer the
+  weight-sized fp32 temporaries of the norm computation (4 (in out + in r + out)).
+- Gradient checkpointing keeps each layer's input (e h) and recomputes one layer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.components import Component
+from planner.dtypes import dtype_bytes
+from planner.options import ADAPTER_METHODS, TrainingOptions
+from planner.spec import ModelSpec
+from planner.trainable import resolve_targets, split_moe_targets
+
+# bytes of the token ids the embedding saves (int64)
+TOKEN_ID_BYTES = 8
+
+
+@dataclass(frozen=True)
+class ActivationTerms:
+    per_layer_per_token: int  # bytes, one decoder layer, one token, no checkpointing
+    per_layer_fixed: int  # bytes per layer independent of tokens (DoRA's weight-sized temporaries)
+    layer_input_per_token: int  # what checkpointing keeps per layer and token
+    outside_layers_per_token: int  # embedding ids, final norm, lm_head input
+    notes: tuple[str, ...] = ()
+
+
+def compute_bytes(options: TrainingOptions) -> int:
+    return dtype_bytes(options.precision)
+
+
+def _adapted(spec: ModelSpec, options: TrainingOptions) -> dict[str, tuple[int, int]]:
+    """Adapted Linear leaf name -> (in, out) for LoRA-family methods (the first layer's shapes)."""
+    if options.method not in ADAPTER_METHODS:
+        return {}
+    modules, _ = split_moe_targets(spec, options.lora_targets)
+    if not modules:
+        return {}
+    out: dict[str, tuple[int, int]] = {}
+    for lin in resolve_targets(spec, modules):
+        if lin.layer in (0, None):
+            out[lin.name.rsplit(".", 1)[-1]] = (lin.in_features, lin.out_features)
+    return out
+
+
+def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTerms:
+    """Saved bytes per token. Training runs under autocast whenever the compute dtype is 16-bit
+    (the transformers Trainer, TRL and accelerate all wrap the forward in it)."""
+    e = compute_bytes(options)
+    autocast = options.precision != "fp32"
+    # the residual stream, norms and everything not cast by autocast stay in the weights' dtype
+    w = dtype_bytes(options.effective_weights_dtype)
+    h, q, kv, heads = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.kv_dim, spec.num_attention_heads
+    i = spec.moe_intermediate_size * max(spec.experts_per_token, 1) if spec.num_experts else spec.intermediate_size
+    s = options.seq_len + (options.max_new_tokens if options.generates else 0)
+    base_trains = options.method in ("full", "freeze")
+    adapted = _adapted(spec, options)
+    r = options.lora_r
+    # autocast gives each Linear its own 16-bit copy of an input held in a wider dtype
+    casts_inputs = autocast and w > e
+
+    # RMSNorm: fp32 input (free when the stream is already fp32 and shared) and rsqrt; the
+    # normalized tensor in the stream dtype when the weight trains.
+    norm = (4 * h if w < 4 else 0) + 4 + (w * h if base_trains else 0)
+    if base_trains:
+        # inputs of q/k/v (one tensor, or three autocast copies) and of gate/up
+        linear_inputs = (3 + 2) * e * h if casts_inputs else 2 * w * h
+    else:
+        linear_inputs = 0
+    if options.attention == "eager":
+        attention = 4 * e * q + 6 * heads * s
+    else:
+        attention = e * (q + 2 * kv) + e * q + 4 * heads
+    mlp = 3 * e * i + (e * i if base_trains else 0)
+    per_token = 2 * norm + linear_inputs + attention + mlp
+
+    fixed = 0
+    notes = []
+    # PEFT casts each adapted input to the adapter dtype (fp32); under autocast lora_A then
+    # saves a 16-bit copy of it, without autocast the fp32 copy itself.
+    adapter_elem = e if autocast else 4
+    for name, (fan_in, fan_out) in adapted.items():
+        per_token += adapter_elem * fan_in + adapter_elem * r
+        if options.lora_dropout > 0:
+            per_token += fan_in  # the dropout mask, one byte per value on CUDA
+        if options.method == "dora":
+            per_token += (e + 4) * fan_out
+            fixed += 4 * (fan_in * fan_out + fan_in * r + fan_out)
+    if adapted:
+        notes.append(f"{len(adapted)} adapted Linear(s) per layer save a copy of their input")
+    if spec.num_experts:
+        # router logits and softmax in fp32 per expert; routed tokens' expert inputs (k copies)
+        per_token += 8 * spec.num_experts + e * h * max(spec.experts_per_token, 1)
+        notes.append(f"MoE: {spec.experts_per_token} of {spec.num_experts} experts per token")
+
+    # final norm, lm_head input (a 16-bit copy under autocast), int64 ids when the embedding trains
+    outside = norm + (e * h if base_trains else 0) + (TOKEN_ID_BYTES if base_trains else 0)
+    return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes))
+
+
+def training_tokens(options: TrainingOptions) -> int:
+    """Tokens in one training forward: pairs for preference stages (and KTO's KL batch), prompt
+    plus completion for the stages that generate."""
+    if options.generates:
+        return options.batch_size * (options.seq_len + options.max_new_tokens)
+    if options.stage in ("dpo", "orpo", "simpo", "reward", "kto"):
+        return 2 * options.batch_size * options.seq_len
+    return options.batch_size * options.seq_len
+
+
+def trained_layers(spec: ModelSpec, options: TrainingOptions) -> int:
+    """Layers that save activations: a frozen prefix before the first trained layer saves none."""
+    if options.method == "freeze":
+        return min(options.freeze_trainable_layers, spec.num_layers)
+    return spec.num_layers
+
+
+def activation_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
+    terms = activation_terms(spec, options)
+    tokens = training_tokens(options)
+    layers = trained_layers(spec, options)
+    out = []
+    if options.gradient_checkpointing:
+        out.append(
+            Component(
+                "activations.checkpoints",
+                layers * tokens * terms.layer_input_per_token,
+                f"gradient checkpointing keeps each of {layers} layers' input ({tokens:,} tokens)",
+            )
+        )
+        out.append(
+            Component(
+                "activations.recompute",
+                tokens * terms.per_layer_per_token + terms.per_layer_fixed,
+                "one layer's full activations while it is recomputed in backward",
+            )
+        )
+    else:
+        out.append(
+            Component(
+                "activations.layers",
+                layers * (tokens * terms.per_layer_per_token + terms.per_layer_fixed),
+                f"{layers} layers x {tokens:,} tokens x {terms.per_layer_per_token:,} bytes saved per token"
+                + (f" + {terms.per_layer_fixed:,} bytes of DoRA weight-norm temporaries per layer" if terms.per_layer_fixed else "")
+                + f" ({options.attention} attention)",
+            )
+        )
+    out.append(Component("activations.outside_layers", tokens * terms.outside_layers_per_token, "token ids, final norm and the lm_head input"))
+    return out

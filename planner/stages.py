@@ -1,0 +1,77 @@
+"""The extra models and buffers of alignment stages, each its own component.
+
+- DPO and KTO keep a frozen reference model, except when the policy is a PEFT adapter (the
+  reference is the same model with the adapter disabled) or reference log-probs are precomputed.
+- ORPO and SimPO need no reference. Reward training is a sequence classifier on pairs.
+- PPO holds policy and value models (both trained), a frozen reference and a frozen reward model,
+  and a KV cache for rollouts. TRL 1.16 ships no PPO trainer (OpenRLHF and veRL run it).
+- GRPO and RLOO generate `num_generations` completions per prompt: a KV cache for the generation
+  batch, and a reference model only when the KL coefficient `beta` is non-zero. With colocated
+  vLLM, vLLM reserves its memory fraction of the GPU up front.
+"""
+
+from __future__ import annotations
+
+from planner.components import Component
+from planner.dtypes import dtype_bytes
+from planner.options import PEFT_METHODS, TrainingOptions
+from planner.spec import ModelSpec
+
+
+def frozen_copy_bytes(weights: list[Component]) -> int:
+    """A frozen copy of the base model as loaded (quantized if the policy's base is)."""
+    return sum(c.bytes for c in weights if c.name in ("weights.base", "weights.quant_constants"))
+
+
+def kv_cache_bytes(spec: ModelSpec, options: TrainingOptions, sequences: int) -> int:
+    tokens = options.seq_len + options.max_new_tokens
+    return 2 * spec.num_layers * spec.kv_dim * dtype_bytes(options.precision) * sequences * tokens
+
+
+def needs_reference(options: TrainingOptions) -> tuple[bool, str]:
+    stage = options.stage
+    if stage in ("sft", "orpo", "simpo", "reward"):
+        return False, ""
+    if stage in ("dpo", "kto") and options.precompute_ref_log_probs:
+        return False, "reference log-probs precomputed: no reference model during training"
+    if stage in ("grpo", "rloo") and options.effective_beta == 0:
+        return False, f"{stage} with beta 0: no reference model"
+    if options.method in PEFT_METHODS:
+        return False, "policy is a PEFT adapter: the reference is the base with the adapter disabled, no copy"
+    return True, f"frozen reference copy of the base model ({stage}, beta {options.effective_beta:g})"
+
+
+def stage_components(spec: ModelSpec, options: TrainingOptions, weights: list[Component], trained_static: int, gpu_memory_bytes: int) -> tuple[list[Component], list[str]]:
+    """(components, assumptions) a stage adds on top of the policy's own memory."""
+    out: list[Component] = []
+    notes: list[str] = []
+    frozen = frozen_copy_bytes(weights)
+    has_reference, why = needs_reference(options)
+    if has_reference:
+        out.append(Component("reference_model", frozen, why))
+    elif why:
+        notes.append(why)
+    if options.stage == "ppo":
+        notes.append("PPO: TRL 1.16 has no PPO trainer; this plan follows the four-model layout that OpenRLHF and veRL run")
+        lm_head = sum(t.numel for t in spec.tensors if t.role == "lm_head") * dtype_bytes(options.effective_weights_dtype)
+        out.append(Component("reward_model", max(frozen - lm_head, 0), "frozen reward model: the base with a scalar head instead of lm_head"))
+        out.append(Component("value_model", trained_static, "value model trained like the policy (weights, gradients, optimizer state)"))
+    if options.generates:
+        if options.use_vllm:
+            out.append(
+                Component(
+                    "kv_cache.vllm",
+                    int(options.vllm_gpu_memory_utilization * gpu_memory_bytes),
+                    f"colocated vLLM reserves {options.vllm_gpu_memory_utilization:.0%} of the GPU for its weights copy and KV cache",
+                )
+            )
+        else:
+            sequences = options.batch_size
+            out.append(
+                Component(
+                    "kv_cache",
+                    kv_cache_bytes(spec, options, sequences),
+                    f"generation KV cache: {sequences} sequences x ({options.seq_len} prompt + {options.max_new_tokens} new tokens)",
+                )
+            )
+    return out, notes
