@@ -79,19 +79,22 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     casts_inputs = autocast and w > e
 
     # RMSNorm: fp32 input (free when the stream is already fp32 and shared) and rsqrt; the
-    # normalized tensor in the stream dtype when the weight trains.
-    norm = (4 * h if w < 4 else 0) + 4 + (w * h if base_trains else 0)
+    # normalized tensor when the weight trains: in the stream dtype, or in fp32 for Gemma's
+    # (1 + w) scaling, which is done in fp32.
+    normalized = (4 if spec.norm_style == "gemma" else w) * h
+    norm = (4 * h if w < 4 else 0) + 4 + (normalized if base_trains else 0)
     if base_trains:
         # inputs of q/k/v (one tensor, or three autocast copies) and of gate/up
         linear_inputs = (3 + 2) * e * h if casts_inputs else 2 * w * h
     else:
         linear_inputs = 0
-    if options.attention == "eager":
-        attention = 4 * e * q + 6 * heads * s
+    if options.attention == "eager" or spec.attn_softcap:
+        # soft-capping saves the tanh of the scores too
+        attention = 4 * e * q + (6 + (e if spec.attn_softcap else 0)) * heads * s
     else:
         attention = e * (q + 2 * kv) + e * q + 4 * heads
     mlp = 3 * e * i + (e * i if base_trains else 0)
-    per_token = 2 * norm + linear_inputs + attention + mlp
+    per_token = spec.norms_per_layer * norm + linear_inputs + attention + mlp
 
     fixed = 0
     notes = []
@@ -103,8 +106,11 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
         if options.lora_dropout > 0:
             per_token += fan_in  # the dropout mask, one byte per value on CUDA
         if options.method == "dora":
-            per_token += (e + 4) * fan_out
-            fixed += 4 * (fan_in * fan_out + fan_in * r + fan_out)
+            # the base output and the scaled LoRA output, both kept for the magnitude's gradient
+            per_token += 2 * e * fan_out if autocast else (w + 4) * fan_out
+            # the weight-norm path runs lora_B(lora_A(I)): a weight-sized product, plus autocast's
+            # 16-bit copies of both adapter matrices, plus the fp32 norm scale
+            fixed += adapter_elem * (fan_in * fan_out + fan_in * r) + (e * r * fan_out if autocast else 0) + 4 * fan_out
     if adapted:
         notes.append(f"{len(adapted)} adapted Linear(s) per layer save a copy of their input")
     if spec.num_experts:

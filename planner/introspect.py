@@ -223,6 +223,9 @@ def spec_from_model(model, name: str) -> ModelSpec:
         num_experts=int(num_experts),
         experts_per_token=int(getattr(text_config, "num_experts_per_tok", 0) or 0) if num_experts else 0,
         moe_intermediate_size=int(getattr(text_config, "moe_intermediate_size", 0) or 0) if num_experts else 0,
+        norm_style="gemma" if text_config.model_type.startswith("gemma") else "llama",
+        attn_softcap=getattr(text_config, "attn_logit_softcapping", None) is not None,
+        final_logit_softcap=getattr(text_config, "final_logit_softcapping", None) is not None,
         tensors=tuple(tensors),
         peft_defaults=_peft_defaults(text_config.model_type, bool(num_experts)),
     )

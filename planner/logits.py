@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from planner.components import Component
+from planner.dtypes import dtype_bytes
 from planner.options import TrainingOptions
 from planner.spec import ModelSpec
 
@@ -27,8 +28,14 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
         # a sequence classifier: one score per sequence, no vocabulary-sized logits
         return [Component("logits", tokens * LABEL_BYTES, "reward model: a scalar score per sequence; no vocabulary logits")]
     if options.trainer == "hf":
+        softcap = vocab * dtype_bytes(options.precision) if spec.final_logit_softcap else 0
         return [
-            Component("logits", tokens * (vocab * 4 + LABEL_BYTES), f"fp32 log-softmax of {tokens:,} x {vocab:,} logits saved by cross-entropy, and int64 labels"),
+            Component(
+                "logits",
+                tokens * (vocab * 4 + LABEL_BYTES + softcap),
+                f"fp32 log-softmax of {tokens:,} x {vocab:,} logits saved by cross-entropy, and int64 labels"
+                + (" plus the tanh of the soft-capped logits" if softcap else ""),
+            ),
             Component("temporary.loss_backward", tokens * vocab * 8, "cross-entropy backward: the fp32 gradient in and out (8 bytes per logit)"),
         ]
     chunk = min(tokens, CHUNK_TOKENS)

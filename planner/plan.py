@@ -167,6 +167,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     peak_phase = max(totals, key=totals.get)
 
     assumptions = _assumptions(options) + gpu_notes + stage_notes
+    if spec.attn_softcap and options.attention != "eager":
+        assumptions.append(f"{spec.model_type} soft-caps attention scores, which SDPA cannot do: planned with eager attention")
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     return Plan(
         model_name=spec.name,

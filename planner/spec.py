@@ -102,6 +102,10 @@ class ModelSpec:
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
+    # forward-pass facts that change what autograd saves
+    norm_style: str = "llama"  # "gemma": (1 + w) scaling in fp32, so the fp32 normalized tensor is saved
+    attn_softcap: bool = False  # tanh soft-capping of attention scores (no SDPA; eager saves the tanh)
+    final_logit_softcap: bool = False  # tanh soft-capping of logits (saves a logits-sized tensor)
     tensors: tuple[TensorSpec, ...] = ()
     peft_defaults: PeftDefaults = field(default_factory=PeftDefaults)
 
@@ -132,6 +136,11 @@ class ModelSpec:
                 )
         return out
 
+    @property
+    def norms_per_layer(self) -> int:
+        """Hidden-sized norms in one decoder layer (2 for Llama, 4 for Gemma 2/3)."""
+        return sum(1 for t in self.tensors if t.role == "norm" and t.layer == 0 and t.shape == (self.hidden_size,))
+
     def params_by_role(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for t in self.tensors:
@@ -156,6 +165,9 @@ class ModelSpec:
             "num_experts": self.num_experts,
             "experts_per_token": self.experts_per_token,
             "moe_intermediate_size": self.moe_intermediate_size,
+            "norm_style": self.norm_style,
+            "attn_softcap": self.attn_softcap,
+            "final_logit_softcap": self.final_logit_softcap,
             "total_params": self.total_params,
             "peft_defaults": {
                 "lora_targets": list(self.peft_defaults.lora_targets),
@@ -203,6 +215,9 @@ class ModelSpec:
             num_experts=data.get("num_experts", 0),
             experts_per_token=data.get("experts_per_token", 0),
             moe_intermediate_size=data.get("moe_intermediate_size", 0),
+            norm_style=data.get("norm_style", "llama"),
+            attn_softcap=data.get("attn_softcap", False),
+            final_logit_softcap=data.get("final_logit_softcap", False),
             tensors=tensors,
             peft_defaults=PeftDefaults(
                 lora_targets=tuple(defaults.get("lora_targets", ())),

@@ -66,13 +66,13 @@ def _state_tensors(value):
 _saved: dict[str, str] = {}
 
 
-def build_model(config: dict, weights_dtype: str, quantization: str = "none", double_quant: bool = True):
+def build_model(config: dict, weights_dtype: str, quantization: str = "none", double_quant: bool = True, attention: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     hf_config = AutoConfig.for_model(**config)
     torch.manual_seed(0)
     if quantization == "none":
-        return AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[weights_dtype])
+        return AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[weights_dtype], attn_implementation=attention)
     key = repr(sorted(config.items()))
     if key not in _saved:
         path = Path(tempfile.mkdtemp(prefix="vramplan-tiny-"))
