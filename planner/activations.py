@@ -78,11 +78,11 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     # autocast gives each Linear its own 16-bit copy of an input held in a wider dtype
     casts_inputs = autocast and w > e
 
-    # RMSNorm: fp32 input (free when the stream is already fp32 and shared) and rsqrt; the
+    # RMSNorm: its fp32 input (an upcast copy, or the fp32 residual itself) and rsqrt; the
     # normalized tensor when the weight trains: in the stream dtype, or in fp32 for Gemma's
     # (1 + w) scaling, which is done in fp32.
     normalized = (4 if spec.norm_style == "gemma" else w) * h
-    norm = (4 * h if w < 4 else 0) + 4 + (normalized if base_trains else 0)
+    norm = 4 * h + 4 + (normalized if base_trains else 0)
     if base_trains:
         # inputs of q/k/v (one tensor, or three autocast copies) and of gate/up
         linear_inputs = (3 + 2) * e * h if casts_inputs else 2 * w * h

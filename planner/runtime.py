@@ -15,9 +15,10 @@ GIB = 1 << 30
 # (torch 2.11 + CUDA 13.0: context, cuBLAS/cuDNN workspaces, NCCL not loaded).
 CUDA_CONTEXT_BYTES = int(1.22 * GIB)
 # Reserved minus allocated ranged 0.43 to 1.23 GiB in that set; this fraction-plus-floor covers
-# every row (fragmentation grows with the number of distinct block sizes, not only with size).
+# every row within 3% below to 7% above NVML (fragmentation follows the number of distinct
+# block sizes more than the total, so a floor matters more than the fraction).
 ALLOCATOR_FLOOR_BYTES = int(0.5 * GIB)
-ALLOCATOR_FRACTION = 0.06
+ALLOCATOR_FRACTION = 0.03
 RUNTIME_SOURCE = "shared/calibration/h100-example.md (H100 80GB HBM3, torch 2.11.0+cu130, 2026-11-22)"
 
 

@@ -220,3 +220,44 @@ def saved_activation_bytes(model, run_forward) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run_forward()
     return sum(saved.values()), out
+
+
+def measure_saved_forward(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8) -> int:
+    """Saved-for-backward bytes of one real forward with labels under bf16 autocast, as trainers run it."""
+    model = build_model(config, "bf16", attention=attention)
+    pconf = peft_config(method, lora_r, "all-linear", 5)
+    if pconf is not None:
+        from peft import get_peft_model
+
+        pconf.lora_dropout = 0.0
+        model = get_peft_model(model, pconf)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        if pconf is not None:
+            model.enable_input_require_grads()
+    model.train()
+    torch.manual_seed(0)
+    ids = torch.randint(3, config["vocab_size"], (sequences, seq_len))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids, labels=ids)
+
+    saved, _ = saved_activation_bytes(model, forward)
+    return saved
+
+
+def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stage: str, batch_size: int, seq_len: int, lora_r: int = 8) -> int:
+    """The planner's saved-activation terms for the same run: activations (without the layer
+    recomputed in backward, which is not saved in forward) plus the saved logits."""
+    from planner.activations import activation_components, training_tokens
+    from planner.logits import logits_components
+    from planner.options import TrainingOptions
+
+    options = TrainingOptions(
+        method=method, stage=stage, weights_dtype="bf16", precision="bf16", attention=attention,
+        gradient_checkpointing=checkpointing, batch_size=batch_size, seq_len=seq_len, trainer="hf", lora_r=lora_r,
+        lora_dropout=0.0, precompute_ref_log_probs=True, gpu_memory_gib=80,
+    )
+    parts = activation_components(spec, options) + logits_components(spec, options, training_tokens(options))
+    return sum(c.bytes for c in parts if c.name != "activations.recompute" and not c.name.startswith("temporary"))

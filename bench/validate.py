@@ -1,0 +1,193 @@
+"""Validation harness: the plan against measurements.
+
+    python bench/validate.py           # CPU part and the committed calibration set
+    python bench/validate.py --readme  # also regenerate README's accuracy table
+
+- CPU (always): bytes autograd saves for backward on tiny models of three catalog
+  architectures x {full, LoRA, DoRA} x {eager, sdpa} x checkpointing x {sft, dpo}, against the
+  planner's activation + logits terms.
+- Calibration: every committed GPU measurement in bench/results/*calibration*.json against the
+  planned peak (allocated, and NVML's total including the CUDA context).
+- GPU (when CUDA is available): real training steps of small catalog architectures with random
+  weights; max_memory_allocated, max_memory_reserved and NVML used against the plan.
+Results go to bench/results/<device>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+RESULTS = ROOT / "bench" / "results"
+GIB = 1 << 30
+README_START = "<!-- accuracy-table:start -->"
+README_END = "<!-- accuracy-table:end -->"
+
+
+def cpu_rows() -> list[dict]:
+    from planner.introspect import spec_from_config
+    from tests.conftest import TINY
+    from tests.realstack import measure_saved_forward, predicted_saved
+    from tests.test_activations import BATCH, CASES, SEQ
+
+    rows = []
+    for arch, method, attention, ckpt, stage in CASES:
+        sequences = BATCH * (2 if stage == "dpo" else 1)
+        measured = measure_saved_forward(TINY[arch], method, attention, ckpt, sequences, SEQ)
+        predicted = predicted_saved(spec_from_config(TINY[arch], arch), method, attention, ckpt, stage, BATCH, SEQ)
+        rows.append({
+            "config": f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, {stage}, {BATCH}x{SEQ} tokens",
+            "quantity": "saved activations + logits (bytes)",
+            "predicted": predicted,
+            "measured": measured,
+            "error": round((predicted - measured) / measured, 4),
+        })
+    return rows
+
+
+def calibration_rows() -> list[dict]:
+    from planner.introspect import spec_from_config
+    from planner.options import TrainingOptions
+    from planner.plan import build_plan
+
+    rows = []
+    for path in sorted(RESULTS.glob("*calibration*.json")):
+        data = json.loads(path.read_text())
+        spec = spec_from_config(data["model_config"], "calibration")
+        setup = data["setup"]
+        for row in data["rows"]:
+            options = TrainingOptions(
+                method=row["method"], weights_dtype=row["weights_dtype"], precision="bf16", batch_size=setup["batch_size"],
+                seq_len=setup["seq_len"], gradient_checkpointing=row["gradient_checkpointing"], trainer="hf", lora_r=16,
+                lora_dropout=0.0, gpu_memory_gib=80,
+            )
+            plan = build_plan(spec, options)
+            allocated = sum(c.bytes for c in plan.components if not c.name.startswith("runtime")) / GIB
+            total = plan.peak_bytes / GIB
+            config = (f"{data['device']}: 886M Llama-shape, {row['method']}, weights {row['weights_dtype']}, "
+                      f"ckpt {'on' if row['gradient_checkpointing'] else 'off'}, {setup['batch_size']}x{setup['seq_len']}")
+            rows.append({"config": config, "quantity": "peak allocated (GiB)", "predicted": round(allocated, 2),
+                         "measured": row["peak"], "error": round((allocated - row["peak"]) / row["peak"], 4), "source": data["source"]})
+            rows.append({"config": config, "quantity": "NVML used (GiB)", "predicted": round(total, 2),
+                         "measured": row["nvml"], "error": round((total - row["nvml"]) / row["nvml"], 4), "source": data["source"]})
+    return rows
+
+
+def gpu_rows() -> list[dict]:
+    """Real peaks on a CUDA GPU. Runs only where one is present."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    from planner.catalog import load_catalog_spec, CONFIGS_DIR, file_stem
+    from planner.options import TrainingOptions
+    from planner.plan import build_plan
+    from tests.realstack import build_model, peft_config
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        nvml_used = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used  # noqa: E731
+    except Exception:
+        nvml_used = lambda: None  # noqa: E731
+    rows = []
+    for model_id in ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-1.5B"):
+        config = json.loads((CONFIGS_DIR / f"{file_stem(model_id)}.json").read_text())
+        config.pop("architectures", None)
+        config.pop("torch_dtype", None)
+        for method in ("full", "lora", "dora"):
+            for seq_len in (512, 2048):
+                for ckpt in (False, True):
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    model = build_model(config, "bf16", attention="sdpa").cuda()
+                    pconf = peft_config(method, 16, "all-linear", 5)
+                    if pconf is not None:
+                        from peft import get_peft_model
+
+                        pconf.lora_dropout = 0.0
+                        model = get_peft_model(model, pconf)
+                    if ckpt:
+                        model.gradient_checkpointing_enable()
+                        if pconf is not None:
+                            model.enable_input_require_grads()
+                    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+                    ids = torch.randint(3, config["vocab_size"], (1, seq_len), device="cuda")
+                    for _ in range(3):
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            loss = model(input_ids=ids, labels=ids).loss
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.synchronize()
+                    allocated = torch.cuda.max_memory_allocated() / GIB
+                    used = nvml_used()
+                    options = TrainingOptions(method=method, weights_dtype="bf16", seq_len=seq_len, batch_size=1,
+                                              gradient_checkpointing=ckpt, trainer="hf", lora_dropout=0.0, gpu_memory_gib=80)
+                    plan = build_plan(load_catalog_spec(model_id), options)
+                    predicted = sum(c.bytes for c in plan.components if not c.name.startswith("runtime")) / GIB
+                    name = f"{torch.cuda.get_device_name()}: {model_id}, {method}, seq {seq_len}, ckpt {'on' if ckpt else 'off'}"
+                    rows.append({"config": name, "quantity": "peak allocated (GiB)", "predicted": round(predicted, 2),
+                                 "measured": round(allocated, 2), "error": round((predicted - allocated) / allocated, 4),
+                                 "reserved": round(torch.cuda.max_memory_reserved() / GIB, 2),
+                                 "nvml_used": round(used / GIB, 2) if used else None})
+                    del model, optimizer
+    return rows
+
+
+def readme_table(all_rows: list[dict]) -> str:
+    lines = [README_START, "", "| configuration | quantity | predicted | measured | error |", "| --- | --- | --- | --- | --- |"]
+    for row in all_rows:
+        fmt = (lambda v: f"{v:,}") if "bytes" in row["quantity"] else (lambda v: f"{v:.2f}")
+        lines.append(f"| {row['config']} | {row['quantity']} | {fmt(row['predicted'])} | {fmt(row['measured'])} | {row['error']:+.1%} |")
+    worst = max(all_rows, key=lambda r: abs(r["error"]))
+    lines += ["", f"Worst error: {worst['error']:+.1%} ({worst['config']}, {worst['quantity']}).", "", README_END]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", action="store_true", help="rewrite README's accuracy table")
+    args = parser.parse_args()
+    import torch
+    import transformers
+
+    gpu = gpu_rows()
+    device = torch.cuda.get_device_name().replace(" ", "-") if gpu else "cpu"
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "cpu": cpu_rows(),
+        "calibration": calibration_rows(),
+        "gpu": gpu,
+    }
+    out = RESULTS / f"{device}-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    rows = result["calibration"] + result["gpu"] + result["cpu"]
+    for row in rows:
+        print(f"{row['error']:+7.1%}  {row['quantity']:<36} {row['config']}")
+    print(f"wrote {out.relative_to(ROOT)}")
+    if args.readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        start, end = text.index(README_START), text.index(README_END) + len(README_END)
+        readme.write_text(text[:start] + readme_table(rows) + text[end:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
