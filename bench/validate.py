@@ -41,12 +41,12 @@ def cpu_rows() -> list[dict]:
     from tests.test_activations import BATCH, CASES, SEQ
 
     rows = []
-    for arch, method, attention, ckpt, stage in CASES:
+    for arch, method, attention, ckpt, stage, trainer in CASES:
         sequences = BATCH * (2 if stage == "dpo" else 1)
-        measured = measure_saved_forward(TINY[arch], method, attention, ckpt, sequences, SEQ)
-        predicted = predicted_saved(spec_from_config(TINY[arch], arch), method, attention, ckpt, stage, BATCH, SEQ)
+        measured = measure_saved_forward(TINY[arch], method, attention, ckpt, sequences, SEQ, trainer=trainer)
+        predicted = predicted_saved(spec_from_config(TINY[arch], arch), method, attention, ckpt, stage, BATCH, SEQ, trainer=trainer)
         rows.append({
-            "config": f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, {stage}, {BATCH}x{SEQ} tokens",
+            "config": f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, {stage}, trainer {trainer}, {BATCH}x{SEQ} tokens",
             "quantity": "saved activations + logits (bytes)",
             "predicted": predicted,
             "measured": measured,

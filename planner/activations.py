@@ -118,8 +118,10 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
         per_token += 8 * spec.num_experts + e * h * max(spec.experts_per_token, 1)
         notes.append(f"MoE: {spec.experts_per_token} of {spec.num_experts} experts per token")
 
-    # final norm, lm_head input (a 16-bit copy under autocast), int64 ids when the embedding trains
-    outside = norm + (e * h if base_trains else 0) + (TOKEN_ID_BYTES if base_trains else 0)
+    # final norm; the lm_head input (saved by lm_head when it trains, always by TRL's fused head);
+    # int64 ids when the embedding trains
+    head_input_saved = base_trains or options.trainer == "trl"
+    outside = norm + (e * h if head_input_saved else 0) + (TOKEN_ID_BYTES if base_trains else 0)
     return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes))
 
 

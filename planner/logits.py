@@ -5,8 +5,10 @@
   cross_entropy saves the fp32 log-softmax (4 bytes per logit) plus int64 labels. In backward
   the gradient w.r.t. that fp32 tensor and the fp32 gradient it produces exist together (8 more
   bytes per logit) before the cast back to the compute dtype.
-- `trl`: TRL's trainers compute the loss through a fused LM head in chunks of tokens, so only one
-  chunk's logits exist at a time (see CHUNK_TOKENS).
+- `trl`: TRL 1.16's trainers (SFT, DPO, KTO, GRPO, RLOO) compute log-probs through a fused LM
+  head (trl/kernels/chunked_logprob.py) on tiles of 4096 tokens x 32768 vocabulary entries, so
+  full logits never exist. It saves an fp32 log-normalizer per token; its backward allocates an
+  fp32 gradient for the hidden states and, when lm_head trains, an fp32 gradient of lm_head.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from planner.options import TrainingOptions
 from planner.spec import ModelSpec
 
 LABEL_BYTES = 8  # int64 labels saved by cross_entropy
-# Tokens per chunk of TRL's fused LM-head loss; one chunk's fp32 logits, their log-softmax
-# and gradient are live at a time.
-CHUNK_TOKENS = 1024
+# Tile of TRL's fused LM head (TOKEN_CHUNK_SIZE and _CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16)
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
+TRL_SAVED_PER_TOKEN = LABEL_BYTES + 4  # int64 target and fp32 log-normalizer, saved for backward
+TRL_FORWARD_FP32_PER_TOKEN = 5  # running sums while the tiles stream
 
 
 def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
@@ -38,8 +42,20 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
             ),
             Component("temporary.loss_backward", tokens * vocab * 8, "cross-entropy backward: the fp32 gradient in and out (8 bytes per logit)"),
         ]
-    chunk = min(tokens, CHUNK_TOKENS)
+    e = dtype_bytes(options.precision)
+    tile = min(tokens, TRL_TOKEN_TILE) * min(vocab, TRL_VOCAB_TILE) * e
+    lm_head_trains = options.method == "full"
+    lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if lm_head_trains else 0
     return [
-        Component("logits", tokens * LABEL_BYTES, "TRL's fused LM-head loss: labels only; logits are never materialized in full"),
-        Component("temporary.loss_backward", chunk * vocab * 12, f"one chunk of {chunk:,} tokens: fp32 logits, log-softmax and gradient"),
+        Component(
+            "logits",
+            tokens * TRL_SAVED_PER_TOKEN,
+            "TRL's fused LM head saves a target and an fp32 log-normalizer per token; full logits are never materialized",
+        ),
+        Component(
+            "temporary.loss_backward",
+            tile + tokens * (spec.hidden_size + TRL_FORWARD_FP32_PER_TOKEN) * 4 + lm_head_grad,
+            f"fused LM head backward: one {min(tokens, TRL_TOKEN_TILE):,} x {min(vocab, TRL_VOCAB_TILE):,} logits tile, "
+            "the fp32 hidden-state gradient" + (", and an fp32 lm_head gradient" if lm_head_grad else ""),
+        ),
     ]

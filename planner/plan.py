@@ -118,6 +118,8 @@ def _assumptions(options: TrainingOptions) -> list[str]:
         out.append(f"LoRA rank {options.lora_r}, alpha {options.effective_lora_alpha:g}, targets {options.lora_targets}, not given")
     if options.weights_dtype is None:
         out.append(f"weights loaded in {options.effective_weights_dtype} (the compute precision), not given")
+    if options.trainer == "trl" and options.weights_dtype is None:
+        out.append(f"TRL loads a model given by name in float32 unless model_init_kwargs sets dtype; planned for dtype={options.effective_weights_dtype} passed by the launcher")
     if options.generates:
         out.append(f"{options.stage}: seq len {options.seq_len} is the prompt; {options.max_new_tokens} new tokens per completion")
     return out

@@ -222,9 +222,18 @@ def saved_activation_bytes(model, run_forward) -> int:
     return sum(saved.values()), out
 
 
-def measure_saved_forward(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8) -> int:
-    """Saved-for-backward bytes of one real forward with labels under bf16 autocast, as trainers run it."""
+def measure_saved_forward(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8, trainer: str = "hf") -> int:
+    """Saved-for-backward bytes of one real forward with labels under bf16 autocast, as trainers run it.
+
+    trainer "hf" is a plain forward with labels; "trl" goes through TRL's fused LM head, as its
+    trainers do."""
     model = build_model(config, "bf16", attention=attention)
+    extra = {}
+    if trainer == "trl":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)
+        extra["fused_lm_head"] = True
     pconf = peft_config(method, lora_r, "all-linear", 5)
     if pconf is not None:
         from peft import get_peft_model
@@ -241,13 +250,13 @@ def measure_saved_forward(config: dict, method: str, attention: str, checkpointi
 
     def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(input_ids=ids, labels=ids)
+            return model(input_ids=ids, labels=ids, **extra)
 
     saved, _ = saved_activation_bytes(model, forward)
     return saved
 
 
-def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stage: str, batch_size: int, seq_len: int, lora_r: int = 8) -> int:
+def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stage: str, batch_size: int, seq_len: int, lora_r: int = 8, trainer: str = "hf") -> int:
     """The planner's saved-activation terms for the same run: activations (without the layer
     recomputed in backward, which is not saved in forward) plus the saved logits."""
     from planner.activations import activation_components, training_tokens
@@ -256,7 +265,7 @@ def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stag
 
     options = TrainingOptions(
         method=method, stage=stage, weights_dtype="bf16", precision="bf16", attention=attention,
-        gradient_checkpointing=checkpointing, batch_size=batch_size, seq_len=seq_len, trainer="hf", lora_r=lora_r,
+        gradient_checkpointing=checkpointing, batch_size=batch_size, seq_len=seq_len, trainer=trainer, lora_r=lora_r,
         lora_dropout=0.0, precompute_ref_log_probs=True, gpu_memory_gib=80,
     )
     parts = activation_components(spec, options) + logits_components(spec, options, training_tokens(options))

@@ -14,7 +14,7 @@ from tests.realstack import measure_saved_forward, predicted_saved
 BATCH, SEQ = 2, 64
 
 CASES = [
-    (arch, method, attention, ckpt, stage)
+    (arch, method, attention, ckpt, stage, "hf")
     for arch in ("llama", "qwen2", "gemma2")
     for method in ("full", "lora", "dora")
     for attention in ("sdpa", "eager")
@@ -22,14 +22,20 @@ CASES = [
     for stage in ("sft", "dpo")
     # keep the matrix small: dpo is a batch multiplier; Gemma 2's soft-capping rules out SDPA
     if not (stage == "dpo" and (attention == "eager" or method == "dora")) and not (arch == "gemma2" and attention == "sdpa")
+] + [
+    # TRL's fused LM head in place of full logits
+    (arch, method, "sdpa" if arch != "gemma2" else "eager", ckpt, "sft", "trl")
+    for arch in ("llama", "qwen2", "gemma2")
+    for method in ("full", "lora")
+    for ckpt in (False, True)
 ]
 
 
-@pytest.mark.parametrize("arch,method,attention,ckpt,stage", CASES)
-def test_activations_within_10_percent(arch, method, attention, ckpt, stage):
+@pytest.mark.parametrize("arch,method,attention,ckpt,stage,trainer", CASES)
+def test_activations_within_10_percent(arch, method, attention, ckpt, stage, trainer):
     sequences = BATCH * (2 if stage == "dpo" else 1)
-    measured = measure_saved_forward(TINY[arch], method, attention, ckpt, sequences, SEQ)
-    plan = predicted_saved(spec_from_config(TINY[arch], arch), method, attention, ckpt, stage, BATCH, SEQ)
+    measured = measure_saved_forward(TINY[arch], method, attention, ckpt, sequences, SEQ, trainer=trainer)
+    plan = predicted_saved(spec_from_config(TINY[arch], arch), method, attention, ckpt, stage, BATCH, SEQ, trainer=trainer)
     assert abs(plan - measured) / measured <= 0.10, (plan, measured, (plan - measured) / measured)
 
 
