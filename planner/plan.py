@@ -1,6 +1,7 @@
 """build_plan: ModelSpec + TrainingOptions -> Plan, the one object every shell shows.
 
 The peak is taken over the phases of a training step, because not everything is alive at once:
+- `generation` (GRPO, RLOO, PPO): the rollout's KV cache, before the training forward;
 - `backward_start`: optimizer state (from step 2 on) and every saved activation, with the loss
   backward's buffers, but no gradients yet (they are freed before each forward);
 - `backward_end`: all gradients, with only what checkpointing keeps and one layer recomputed;
@@ -35,8 +36,10 @@ _ANNOUNCED_DEFAULTS = ("method", "stage", "batch_size", "seq_len", "precision", 
 
 # Which component families are alive in each phase (prefix match on the name).
 PHASES = {
+    "generation": ("weights", "optimizer_state", "gradients.ddp_buckets", "temporary.dequantized_layer",
+                   "reference_model", "reward_model", "value_model", "kv_cache", "runtime"),
     "backward_start": ("weights", "optimizer_state", "activations", "logits", "temporary", "gradients.ddp_buckets",
-                       "reference_model", "reward_model", "value_model", "kv_cache", "runtime"),
+                       "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_end": ("weights", "optimizer_state", "gradients", "activations.checkpoints", "activations.recompute",
                      "temporary.dequantized_layer", "temporary.gathered_params",
                      "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
@@ -58,6 +61,7 @@ class Plan:
     params: dict[str, int]
     gpu: GpuTarget
     components: tuple[Component, ...]  # the peak phase's components
+    all_components: tuple[Component, ...]  # every component of every phase (runtime at the peak's size)
     options: TrainingOptions
     precision_mode: str
     peak_phase: str
@@ -89,6 +93,7 @@ class Plan:
             "fits": self.fits,
             "precision_mode": self.precision_mode,
             "components": [{"name": c.name, "bytes": c.bytes, "note": c.note} for c in self.components],
+            "all_components": [{"name": c.name, "bytes": c.bytes, "note": c.note} for c in self.all_components],
             "assumptions": list(self.assumptions),
             "options": self.options.model_dump(mode="json"),
         }
@@ -162,6 +167,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
 
     phases: dict[str, list[Component]] = {}
     for phase, families in PHASES.items():
+        if phase == "generation" and not any(c.name == "kv_cache" for c in everything):
+            continue
         members = [c for c in everything if any(c.name == f or c.name.startswith(f + ".") for f in families)]
         allocated = sum(c.bytes for c in members)
         phases[phase] = members + runtime_components(allocated)
@@ -177,6 +184,7 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
         params=parameter_counts(spec, options),
         gpu=gpu,
         components=tuple(phases[peak_phase]),
+        all_components=tuple(everything) + tuple(c for c in phases[peak_phase] if c.family == "runtime"),
         options=options,
         precision_mode=precision_mode(options).name,
         peak_phase=peak_phase,

@@ -1,0 +1,94 @@
+"""Alignment stages and multi-GPU layouts: which components appear, and their sizes."""
+
+import pytest
+
+from planner.catalog import load_catalog_spec
+from planner.errors import PlanInputError
+from planner.options import TrainingOptions
+from planner.plan import build_plan
+from planner.stages import kv_cache_bytes
+
+LLAMA = "meta-llama/Llama-3.1-8B"
+
+
+def all_components(model, **options):
+    """Every component of every phase, by name (a stage's extra models are in all of them)."""
+    plan = build_plan(load_catalog_spec(model), TrainingOptions(gpu_memory_gib=80, **options))
+    return plan, {c.name: c.bytes for c in plan.all_components}
+
+
+def weights_bytes(components):
+    return components["weights.base"] + components.get("weights.quant_constants", 0)
+
+
+def test_dpo_full_keeps_a_frozen_reference_copy():
+    plan, c = all_components(LLAMA, method="full", stage="dpo")
+    assert c["reference_model"] == weights_bytes(c)
+
+
+@pytest.mark.parametrize("options", [dict(method="lora"), dict(method="qlora"), dict(method="full", precompute_ref_log_probs=True)])
+def test_dpo_without_reference_copy(options):
+    plan, c = all_components(LLAMA, stage="dpo", **options)
+    assert "reference_model" not in c
+    assert any("reference" in a for a in plan.assumptions)
+
+
+def test_preference_stages_double_the_sequences():
+    _, sft = all_components(LLAMA, method="lora", stage="sft", gradient_checkpointing=False)
+    _, orpo = all_components(LLAMA, method="lora", stage="orpo", gradient_checkpointing=False)
+    assert orpo["activations.layers"] == 2 * sft["activations.layers"]
+
+
+def test_grpo_reference_only_with_kl_and_kv_cache_for_the_group():
+    spec = load_catalog_spec(LLAMA)
+    _, no_kl = all_components(LLAMA, method="full", stage="grpo", batch_size=8, seq_len=256, max_new_tokens=512)
+    assert "reference_model" not in no_kl
+    assert no_kl["kv_cache"] == 2 * 32 * 1024 * 2 * 8 * (256 + 512) == kv_cache_bytes(spec, TrainingOptions(stage="grpo", batch_size=8, seq_len=256, max_new_tokens=512), 8)
+    _, kl = all_components(LLAMA, method="full", stage="grpo", beta=0.04)
+    assert kl["reference_model"] == weights_bytes(kl)
+
+
+def test_grpo_with_colocated_vllm_reserves_its_fraction():
+    _, c = all_components(LLAMA, method="lora", stage="grpo", use_vllm=True, vllm_gpu_memory_utilization=0.4)
+    assert c["kv_cache.vllm"] == int(0.4 * 80 * (1 << 30))
+
+
+def test_ppo_holds_four_models():
+    plan, c = all_components(LLAMA, method="full", stage="ppo")
+    assert {"reference_model", "reward_model", "value_model", "kv_cache"} <= set(c)
+    lm_head = 128256 * 4096 * 2
+    assert c["reward_model"] == weights_bytes(c) - lm_head
+    assert any("no PPO trainer" in a for a in plan.assumptions)
+
+
+def test_reward_model_has_no_vocabulary_logits():
+    _, c = all_components(LLAMA, method="lora", stage="reward")
+    assert c["logits"] < 1 << 20
+
+
+def test_hf_trainer_materializes_logits_trl_does_not():
+    _, hf = all_components(LLAMA, method="lora", trainer="hf", batch_size=4, seq_len=2048)
+    _, trl = all_components(LLAMA, method="lora", trainer="trl", batch_size=4, seq_len=2048)
+    tokens = 4 * 2048
+    assert hf["logits"] >= tokens * 128256 * 4
+    assert trl["logits"] < tokens * 64
+
+
+def test_zero_stages_shard_what_they_promise():
+    base = dict(method="full", num_gpus=8, optimizer="adamw")
+    _, z1 = all_components(LLAMA, parallelism="zero1", **base)
+    _, z3 = all_components(LLAMA, parallelism="zero3", **base)
+    _, ddp = all_components(LLAMA, parallelism="ddp", **base)
+    assert z1["weights.base"] == ddp["weights.base"]
+    assert z3["weights.base"] == -(-ddp["weights.base"] // 8)
+    assert "temporary.gathered_params" in z3 and "gradients.ddp_buckets" in ddp
+
+
+def test_offload_moves_optimizer_state_to_host():
+    _, c = all_components(LLAMA, method="full", num_gpus=2, parallelism="zero2", offload="optimizer")
+    assert c["optimizer_state"] == 0 == c["optimizer_state.master_weights"]
+
+
+def test_sharding_needs_several_gpus():
+    with pytest.raises(PlanInputError, match="num_gpus"):
+        all_components(LLAMA, parallelism="zero3")
