@@ -70,7 +70,7 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     # the residual stream, norms and everything not cast by autocast stay in the weights' dtype
     w = dtype_bytes(options.effective_weights_dtype)
     h, q, kv, heads = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.kv_dim, spec.num_attention_heads
-    i = spec.moe_intermediate_size * max(spec.experts_per_token, 1) if spec.num_experts else spec.intermediate_size
+    i = spec.intermediate_size
     s = options.seq_len + (options.max_new_tokens if options.generates else 0)
     base_trains = options.method in ("full", "freeze")
     adapted = _adapted(spec, options)
@@ -79,13 +79,15 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     casts_inputs = autocast and w > e
 
     # RMSNorm: its fp32 input (an upcast copy, or the fp32 residual itself) and rsqrt; the
-    # normalized tensor when the weight trains: in the stream dtype, or in fp32 for Gemma's
-    # (1 + w) scaling, which is done in fp32.
-    normalized = (4 if spec.norm_style == "gemma" else w) * h
+    # normalized tensor when the weight trains: in the stream dtype, or in fp32 where the weight
+    # multiplies before the cast back (Gemma, OLMo 2).
+    norm_elem = 4 if spec.norm_style == "fp32" else w
+    normalized = norm_elem * h
     norm = 4 * h + 4 + (normalized if base_trains else 0)
+    mlp_linears = 0 if spec.num_experts else 2  # a MoE block gathers its own expert inputs
     if base_trains:
         # inputs of q/k/v (one tensor, or three autocast copies) and of gate/up
-        linear_inputs = (3 + 2) * e * h if casts_inputs else 2 * w * h
+        linear_inputs = (3 + mlp_linears) * e * h if casts_inputs else (1 + mlp_linears // 2) * w * h
     else:
         linear_inputs = 0
     if options.attention == "eager" or spec.attn_softcap:
@@ -93,8 +95,11 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
         attention = 4 * e * q + (6 + (e if spec.attn_softcap else 0)) * heads * s
     else:
         attention = e * (q + 2 * kv) + e * q + 4 * heads
-    mlp = 3 * e * i + (e * i if base_trains else 0)
-    per_token = spec.norms_per_layer * norm + linear_inputs + attention + mlp
+    if spec.num_experts:
+        mlp = moe_bytes_per_token(spec, e)
+    else:
+        mlp = 3 * e * i + (e * i if base_trains else 0)
+    per_token = spec.norms_per_layer * norm + linear_inputs + attention + mlp + qk_norm_bytes_per_token(spec, norm_elem, base_trains)
 
     fixed = 0
     notes = []
@@ -114,15 +119,42 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     if adapted:
         notes.append(f"{len(adapted)} adapted Linear(s) per layer save a copy of their input")
     if spec.num_experts:
-        # router logits and softmax in fp32 per expert; routed tokens' expert inputs (k copies)
-        per_token += 8 * spec.num_experts + e * h * max(spec.experts_per_token, 1)
         notes.append(f"MoE: {spec.experts_per_token} of {spec.num_experts} experts per token")
+        if options.method in ADAPTER_METHODS:
+            # PEFT's LoRA on fused expert parameters materializes W + BA for the grouped matmul
+            _, params = split_moe_targets(spec, options.lora_targets)
+            fixed += sum(t.numel for t, _ in params if t.layer == 0) * e
 
     # final norm; the lm_head input (saved by lm_head when it trains, always by TRL's fused head);
     # int64 ids when the embedding trains
     head_input_saved = base_trains or options.trainer == "trl"
     outside = norm + (e * h if head_input_saved else 0) + (TOKEN_ID_BYTES if base_trains else 0)
     return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes))
+
+
+def qk_norm_bytes_per_token(spec: ModelSpec, w: int, base_trains: bool) -> int:
+    """RMSNorm on queries and keys (Qwen3 per head, OLMo 2 over the whole projection): fp32
+    input, one fp32 rsqrt per normalized group, the normalized tensor when the weight trains."""
+    total = 0
+    for t in spec.tensors:
+        if t.layer != 0 or t.role != "norm" or t.shape == (spec.hidden_size,):
+            continue
+        leaf = t.module.rsplit(".", 1)[-1]
+        width = spec.num_attention_heads * spec.head_dim if leaf.startswith("q") else spec.kv_dim if leaf.startswith("k") else 0
+        if width:
+            total += 4 * width + 4 * (width // t.shape[0]) + (w * width if base_trains else 0)
+    return total
+
+
+def moe_bytes_per_token(spec: ModelSpec, e: int) -> int:
+    """transformers 5's grouped-matmul MoE block (integrations/moe.py), per token: the router's
+    input, fp32 softmax over experts, top-k indices and weights; then per routed copy (k per
+    token) the permutation indices, the gathered input, gate/up output, activation, product, the
+    expert output and its routing weight."""
+    h, m, k, experts = spec.hidden_size, spec.moe_intermediate_size, max(spec.experts_per_token, 1), spec.num_experts
+    router = e * h + 4 * experts + 12 * k + 4
+    per_routed = 2 * e * h + 4 * e * m + 28
+    return router + k * per_routed
 
 
 def training_tokens(options: TrainingOptions) -> int:

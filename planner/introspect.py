@@ -222,8 +222,12 @@ def spec_from_model(model, name: str) -> ModelSpec:
         tie_word_embeddings=bool(tied),
         num_experts=int(num_experts),
         experts_per_token=int(getattr(text_config, "num_experts_per_tok", 0) or 0) if num_experts else 0,
-        moe_intermediate_size=int(getattr(text_config, "moe_intermediate_size", 0) or 0) if num_experts else 0,
-        norm_style="gemma" if text_config.model_type.startswith("gemma") else "llama",
+        # Mixtral-style configs size their experts with intermediate_size
+        moe_intermediate_size=int(getattr(text_config, "moe_intermediate_size", 0) or getattr(text_config, "intermediate_size", 0) or 0)
+        if num_experts
+        else 0,
+        # Gemma's (1 + w) and OLMo 2's w * x are applied in fp32 before the cast back
+        norm_style="fp32" if text_config.model_type.startswith(("gemma", "olmo2")) else "llama",
         attn_softcap=getattr(text_config, "attn_logit_softcapping", None) is not None,
         final_logit_softcap=getattr(text_config, "final_logit_softcapping", None) is not None,
         tensors=tuple(tensors),

@@ -103,7 +103,7 @@ class ModelSpec:
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     # forward-pass facts that change what autograd saves
-    norm_style: str = "llama"  # "gemma": (1 + w) scaling in fp32, so the fp32 normalized tensor is saved
+    norm_style: str = "llama"  # "fp32": the weight multiplies in fp32 (Gemma, OLMo 2), so the fp32 normalized tensor is saved
     attn_softcap: bool = False  # tanh soft-capping of attention scores (no SDPA; eager saves the tanh)
     final_logit_softcap: bool = False  # tanh soft-capping of logits (saves a logits-sized tensor)
     tensors: tuple[TensorSpec, ...] = ()

@@ -5,7 +5,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
-# Tiny configs of real catalog architectures: GQA, qkv bias, tied embeddings, MoE (fused experts).
+# Tiny configs of real catalog architectures: GQA, qkv bias, tied embeddings, q/k norms, fused
+# qkv and gate_up (Phi-3), post-norms (OLMo 2), MoE (fused experts).
 TINY = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
@@ -16,6 +17,12 @@ TINY = {
     "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=160, moe_intermediate_size=48, num_experts=4,
                       num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       vocab_size=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(model_type="olmo2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, pad_token_id=0,
                     bos_token_id=1, eos_token_id=2),

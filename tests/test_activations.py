@@ -23,6 +23,12 @@ CASES = [
     # keep the matrix small: dpo is a batch multiplier; Gemma 2's soft-capping rules out SDPA
     if not (stage == "dpo" and (attention == "eager" or method == "dora")) and not (arch == "gemma2" and attention == "sdpa")
 ] + [
+    # more families: q/k norms, fused projections, post-norms, MoE routing with grouped matmuls
+    (arch, method, "sdpa", ckpt, "sft", "hf")
+    for arch in ("qwen3", "phi3", "olmo2", "qwen3_moe", "mixtral")
+    for method in ("full", "lora")
+    for ckpt in (False, True)
+] + [
     # TRL's fused LM head in place of full logits
     (arch, method, "sdpa" if arch != "gemma2" else "eager", ckpt, "sft", "trl")
     for arch in ("llama", "qwen2", "gemma2")
