@@ -26,7 +26,7 @@ from planner.runtime import runtime_components
 from planner.spec import ModelSpec
 from planner.stages import stage_components
 from planner.static_memory import static_components
-from planner.trainable import parameter_counts
+from planner.trainable import parameter_counts, trainable_tensors
 
 GIB = 1 << 30
 DEFAULT_GPU = "H100"
@@ -38,12 +38,13 @@ _ANNOUNCED_DEFAULTS = ("method", "stage", "batch_size", "seq_len", "precision", 
 PHASES = {
     "generation": ("weights", "optimizer_state", "gradients.ddp_buckets", "temporary.dequantized_layer",
                    "reference_model", "reward_model", "value_model", "kv_cache", "runtime"),
-    "backward_start": ("weights", "optimizer_state", "activations", "logits", "temporary", "gradients.ddp_buckets",
+    "backward_start": ("weights", "optimizer_state", "activations", "logits", "temporary.loss_backward",
+                       "temporary.autocast_cache", "temporary.dequantized_layer", "temporary.gathered_params", "gradients.ddp_buckets",
                        "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_end": ("weights", "optimizer_state", "gradients", "activations.checkpoints", "activations.recompute",
                      "temporary.dequantized_layer", "temporary.gathered_params",
                      "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
-    "optimizer_step": ("weights", "optimizer_state", "gradients", "temporary.gathered_params",
+    "optimizer_step": ("weights", "optimizer_state", "gradients", "temporary.gathered_params", "temporary.optimizer_step",
                        "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
 }
 
@@ -130,8 +131,17 @@ def _assumptions(options: TrainingOptions) -> list[str]:
     return out
 
 
+def _optimizer_step_temporary(spec: ModelSpec, options: TrainingOptions) -> Component:
+    """Fused and 8-bit AdamW update in place; the per-tensor loops of Adafactor and GaLore build
+    fp32 temporaries the size of the tensor being updated (two at a time for the largest)."""
+    if options.optimizer in ("adafactor", "galore"):
+        largest = max((t.numel for t in trainable_tensors(spec, options)), default=0)
+        return Component("temporary.optimizer_step", 2 * largest * 4, f"{options.optimizer} updates one tensor at a time through fp32 temporaries of its size")
+    return Component("temporary.optimizer_step", 0, f"{options.optimizer} updates in place (fused or in-kernel): no step temporaries")
+
+
 def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
-    out = []
+    out = [_optimizer_step_temporary(spec, options)]
     mode = precision_mode(options)
     if mode.name == "autocast" and options.method in ("full", "freeze"):
         linear = sum(t.numel for t in spec.tensors if t.peft_linear and t.is_weight)
