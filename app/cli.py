@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 
@@ -148,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vramplan: error: {_validation_message(exc)}", file=sys.stderr)
     except PlanInputError as exc:
         print(f"vramplan: error: {exc.field}: {exc.reason}", file=sys.stderr)
+    except BrokenPipeError:  # `vramplan plan ... | head`: the reader left, nothing to report
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except Exception as exc:  # a bug, not bad input: one line, and a code of its own
+        print(f"vramplan: internal error: {type(exc).__name__}: {exc} (please report it)", file=sys.stderr)
+        return 3
     return 2
 
 
