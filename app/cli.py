@@ -106,11 +106,17 @@ def cmd_models(args) -> int:
 
 def cmd_gpus(args) -> int:
     from gpu_catalog.catalog import all_gpus
+    from gpu_catalog.detect import detect
 
+    found = detect()
     rows = [{"name": g.name, "memory_bytes": g.memory_bytes, "compute_capability": g.compute_capability, "bf16": g.bf16, "fp8": g.fp8} for g in all_gpus()]
     if args.json:
-        print(json.dumps({"detected": [], "catalog": rows}))
+        print(json.dumps({"detected": [g.to_dict() for g in found.gpus], "driver_version": found.driver_version, "reason": found.reason, "catalog": rows}))
     else:
+        for g in found.gpus:
+            print(f"detected {g.index}: {g.name}, {g.free_bytes / GIB:.1f} of {g.total_bytes / GIB:.1f} GiB free, cc {g.compute_capability}")
+        if found.reason:
+            print(found.reason)
         for r in rows:
             print(f"{r['name']:<36} {r['memory_bytes'] / GIB:6.1f} GiB  cc {r['compute_capability']}")
     return 0

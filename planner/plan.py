@@ -106,7 +106,18 @@ def resolve_gpu(options: TrainingOptions) -> tuple[GpuTarget, list[str]]:
         name = options.gpu or "custom"
         return GpuTarget(name, int(options.gpu_memory_gib * GIB), options.num_gpus), notes
     if options.gpu is not None and options.gpu.strip().lower() == "auto":
-        raise PlanInputError("gpu", "gpu=auto needs NVML detection, which this version does not have yet; name a GPU or give gpu_memory_gib")
+        from gpu_catalog.detect import detect
+
+        found = detect()
+        if not found.gpus:
+            raise PlanInputError("gpu", f"auto: {found.reason}; name a GPU (e.g. 'RTX 4090') or give gpu_memory_gib")
+        first = found.gpus[0]
+        count = options.num_gpus if "num_gpus" in options.model_fields_set else len(found.gpus)
+        notes.append(
+            f"GPU detected by NVML: {first.name}, planned against the {first.free_bytes / GIB:.2f} GiB free now "
+            f"of {first.total_bytes / GIB:.2f} GiB"
+        )
+        return GpuTarget(first.name, first.free_bytes, count), notes
     gpu: GPU = find_gpu(options.gpu or DEFAULT_GPU)
     if options.gpu is None:
         notes.append(f"GPU {gpu.name} ({gpu.memory_mib:,} MiB), not given")
