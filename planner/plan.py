@@ -18,6 +18,7 @@ from planner.activations import activation_components, training_tokens
 from planner.components import Component
 from planner.dtypes import dtype_bytes
 from planner.errors import PlanInputError
+from planner.hardware import apply_hardware_rules
 from planner.logits import logits_components
 from planner.options import TrainingOptions, check_consistency
 from planner.parallel import per_gpu_static
@@ -54,6 +55,7 @@ class GpuTarget:
     name: str
     memory_bytes: int
     count: int
+    compute_capability: str | None = None  # unknown for a custom memory size
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,11 @@ def resolve_gpu(options: TrainingOptions) -> tuple[GpuTarget, list[str]]:
             f"GPU detected by NVML: {first.name}, planned against the {first.free_bytes / GIB:.2f} GiB free now "
             f"of {first.total_bytes / GIB:.2f} GiB"
         )
-        return GpuTarget(first.name, first.free_bytes, count), notes
+        return GpuTarget(first.name, first.free_bytes, count, first.compute_capability), notes
     gpu: GPU = find_gpu(options.gpu or DEFAULT_GPU)
     if options.gpu is None:
         notes.append(f"GPU {gpu.name} ({gpu.memory_mib:,} MiB), not given")
-    return GpuTarget(gpu.name, gpu.memory_mib * MIB, options.num_gpus), notes
+    return GpuTarget(gpu.name, gpu.memory_mib * MIB, options.num_gpus, gpu.compute_capability), notes
 
 
 def _assumptions(options: TrainingOptions) -> list[str]:
@@ -178,6 +180,8 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
 def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     check_consistency(options)
     gpu, gpu_notes = resolve_gpu(options)
+    options, hardware_notes = apply_hardware_rules(options, gpu.name, gpu.compute_capability)
+    gpu_notes += hardware_notes
     static = static_components(spec, options)
     per_gpu = per_gpu_static(static, spec, options)
     trained_static = sum(c.bytes for c in per_gpu if c.family in ("weights", "gradients", "optimizer_state"))

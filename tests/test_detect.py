@@ -96,3 +96,13 @@ def test_cli_gpus_json_reports_detection():
     data = json.loads(out.stdout)
     assert out.returncode == 0 and data["catalog"]
     assert data["detected"] or data["reason"]
+
+
+def test_no_bf16_before_ampere_plans_fp16_and_says_so():
+    spec = load_catalog_spec("Qwen/Qwen2.5-0.5B")
+    t4 = build_plan(spec, TrainingOptions(gpu="T4", precision="bf16", attention="flash"))
+    assert t4.options.precision == "fp16" and t4.options.effective_weights_dtype == "fp16"
+    assert t4.options.attention == "sdpa"
+    assert any("no bf16" in a for a in t4.assumptions) and any("FlashAttention" in a for a in t4.assumptions)
+    h100 = build_plan(spec, TrainingOptions(gpu="H100", precision="bf16", attention="flash"))
+    assert h100.options.precision == "bf16" and h100.options.attention == "flash"
