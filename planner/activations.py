@@ -16,8 +16,11 @@ real forward passes to autograd (tests/test_activations.py holds the model to th
 - LoRA (adapters in fp32): per adapted Linear an fp32 copy of its input (4 in) and the rank-r
   activation (4 r); with dropout, the dropped copy replaces the plain copy and a 1-byte mask per
   input value is added.
-- DoRA: LoRA's terms, the base output in e and fp32 (6 out) per token, and per adapted layer the
-  weight-sized fp32 temporaries of the norm computation (4 (in out + in r + out)).
+- DoRA: LoRA's terms, the base output in e and fp32 (6 out) per token, and per adapted Linear
+  three fp32 vectors of its output size (weight norm, scale, scale - 1). The weight-sized norm
+  computation is a temporary freed within the forward; with dropout, though, PEFT recomputes the
+  base output against a copy of the whole base weight that autograd keeps (in x out per Linear).
+- Under autocast every adapted Linear also keeps 16-bit copies of its adapter matrices.
 - Gradient checkpointing keeps each layer's input (e h) and recomputes one layer at a time.
 """
 
@@ -38,7 +41,7 @@ TOKEN_ID_BYTES = 8
 @dataclass(frozen=True)
 class ActivationTerms:
     per_layer_per_token: int  # bytes, one decoder layer, one token, no checkpointing
-    per_layer_fixed: int  # bytes per layer independent of tokens (DoRA's weight-sized temporaries)
+    per_layer_fixed: int  # bytes per layer independent of tokens (adapter weight copies, DoRA norms)
     layer_input_per_token: int  # what checkpointing keeps per layer and token
     outside_layers_per_token: int  # embedding ids, final norm, lm_head input
     notes: tuple[str, ...] = ()
@@ -108,14 +111,20 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     adapter_elem = e if autocast else 4
     for name, (fan_in, fan_out) in adapted.items():
         per_token += adapter_elem * fan_in + adapter_elem * r
+        if autocast:
+            # autocast's 16-bit copies of lora_B and lora_A, cached for the forward and saved
+            fixed += e * r * (fan_out + fan_in)
         if options.lora_dropout > 0:
             per_token += fan_in  # the dropout mask, one byte per value on CUDA
         if options.method == "dora":
             # the base output and the scaled LoRA output, both kept for the magnitude's gradient
             per_token += 2 * e * fan_out if autocast else (w + 4) * fan_out
-            # the weight-norm path runs lora_B(lora_A(I)): a weight-sized product, plus autocast's
-            # 16-bit copies of both adapter matrices, plus the fp32 norm scale
-            fixed += adapter_elem * (fan_in * fan_out + fan_in * r) + (e * r * fan_out if autocast else 0) + 4 * fan_out
+            # fp32 weight norm, scale and (scale - 1), each one value per output feature
+            fixed += 12 * fan_out
+            if options.lora_dropout > 0:
+                # with dropout PEFT recomputes the base output from the dropped input against a
+                # copy of the whole base weight in the adapter dtype, and autograd keeps that copy
+                fixed += adapter_elem * fan_in * fan_out
     if adapted:
         notes.append(f"{len(adapted)} adapted Linear(s) per layer save a copy of their input")
     if spec.num_experts:
@@ -130,6 +139,15 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     head_input_saved = base_trains or options.trainer == "trl"
     outside = norm + (e * h if head_input_saved else 0) + (TOKEN_ID_BYTES if base_trains else 0)
     return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes))
+
+
+def dora_weight_norm_bytes(spec: ModelSpec, options: TrainingOptions) -> int:
+    """DoRA's forward builds, per adapted Linear, an fp32 identity of its input size, the
+    weight-sized LoRA product and two weight-sized fp32 sums, then frees them: the peak is
+    the largest adapted Linear's set (repeated during recomputation under checkpointing)."""
+    if options.method != "dora":
+        return 0
+    return max((4 * fan_in * fan_in + 12 * fan_in * fan_out for fan_in, fan_out in _adapted(spec, options).values()), default=0)
 
 
 def qk_norm_bytes_per_token(spec: ModelSpec, w: int, base_trains: bool) -> int:
@@ -200,7 +218,7 @@ def activation_components(spec: ModelSpec, options: TrainingOptions) -> list[Com
                 "activations.layers",
                 layers * (tokens * terms.per_layer_per_token + terms.per_layer_fixed),
                 f"{layers} layers x {tokens:,} tokens x {terms.per_layer_per_token:,} bytes saved per token"
-                + (f" + {terms.per_layer_fixed:,} bytes of DoRA weight-norm temporaries per layer" if terms.per_layer_fixed else "")
+                + (f" + {terms.per_layer_fixed:,} bytes per layer that do not scale with tokens (adapter weight copies, DoRA norms)" if terms.per_layer_fixed else "")
                 + f" ({options.attention} attention)",
             )
         )

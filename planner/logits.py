@@ -9,6 +9,10 @@
   head (trl/kernels/chunked_logprob.py) on tiles of 4096 tokens x 32768 vocabulary entries, so
   full logits never exist. It saves an fp32 log-normalizer per token; its backward allocates an
   fp32 gradient for the hidden states and, when lm_head trains, an fp32 gradient of lm_head.
+  ORPO and CPO/SimPO live in trl.experimental and still run the old code: one forward over the
+  chosen + rejected batch returns full logits in the compute dtype, kept for the log-prob
+  backward; ORPO adds an NLL on the chosen half (a contiguous copy of its logits and an fp32
+  log-softmax). SimPO is CPO with the NLL weight at 0, so it has no NLL term.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
             Component("temporary.loss_backward", tokens * vocab * 8, "cross-entropy backward: the fp32 gradient in and out (8 bytes per logit)"),
         ]
     e = dtype_bytes(options.precision)
+    if options.stage in ("orpo", "simpo"):
+        return _experimental_trl_logits(vocab, e, tokens, with_nll=options.stage == "orpo")
     tile = min(tokens, TRL_TOKEN_TILE) * min(vocab, TRL_VOCAB_TILE) * e
     lm_head_trains = options.method == "full"
     lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if lm_head_trains else 0
@@ -57,5 +63,23 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
             tile + tokens * (spec.hidden_size + TRL_FORWARD_FP32_PER_TOKEN) * 4 + lm_head_grad,
             f"fused LM head backward: one {min(tokens, TRL_TOKEN_TILE):,} x {min(vocab, TRL_VOCAB_TILE):,} logits tile, "
             "the fp32 hidden-state gradient" + (", and an fp32 lm_head gradient" if lm_head_grad else ""),
+        ),
+    ]
+
+
+def _experimental_trl_logits(vocab: int, e: int, tokens: int, with_nll: bool) -> list[Component]:
+    """trl.experimental's ORPO and CPO/SimPO trainers: full logits, no fused head."""
+    nll_tokens = tokens // 2 if with_nll else 0  # the chosen half of the concatenated batch
+    return [
+        Component(
+            "logits",
+            tokens * (vocab * e + LABEL_BYTES) + nll_tokens * vocab * (e + 4),
+            f"trl.experimental keeps the full {tokens:,} x {vocab:,} logits ({e} bytes each) for the log-prob backward"
+            + (", plus a contiguous copy of the chosen half and its fp32 log-softmax for the NLL term" if with_nll else ""),
+        ),
+        Component(
+            "temporary.loss_backward",
+            tokens * vocab * e + nll_tokens * vocab * 8,
+            "the gradient of the full logits" + (" and the NLL's fp32 gradient in and out" if with_nll else ""),
         ),
     ]

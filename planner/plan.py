@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpu_catalog.catalog import GPU, MIB, find_gpu
-from planner.activations import activation_components, training_tokens
+from planner.activations import activation_components, dora_weight_norm_bytes, training_tokens
 from planner.components import Component
 from planner.dtypes import dtype_bytes
 from planner.errors import PlanInputError
@@ -40,10 +40,10 @@ PHASES = {
     "generation": ("weights", "optimizer_state", "gradients.ddp_buckets", "temporary.dequantized_layer",
                    "reference_model", "reward_model", "value_model", "kv_cache", "runtime"),
     "backward_start": ("weights", "optimizer_state", "activations", "logits", "temporary.loss_backward",
-                       "temporary.autocast_cache", "temporary.dequantized_layer", "temporary.gathered_params", "gradients.ddp_buckets",
+                       "temporary.autocast_cache", "temporary.dequantized_layer", "temporary.dora_weight_norm", "temporary.gathered_params", "gradients.ddp_buckets",
                        "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_end": ("weights", "optimizer_state", "gradients", "activations.checkpoints", "activations.recompute",
-                     "temporary.dequantized_layer", "temporary.gathered_params",
+                     "temporary.dequantized_layer", "temporary.dora_weight_norm", "temporary.gathered_params",
                      "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "optimizer_step": ("weights", "optimizer_state", "gradients", "temporary.gathered_params", "temporary.optimizer_step",
                        "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
@@ -163,6 +163,15 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
                 "temporary.autocast_cache",
                 linear * dtype_bytes(options.precision),
                 f"autocast caches a {options.precision} copy of every trained Linear weight for the step",
+            )
+        )
+    dora_bytes = dora_weight_norm_bytes(spec, options)
+    if dora_bytes:
+        out.append(
+            Component(
+                "temporary.dora_weight_norm",
+                dora_bytes,
+                "DoRA's weight-norm pass for the largest adapted Linear: an fp32 identity and three weight-sized fp32 products, freed after",
             )
         )
     if options.effective_quantization in ("nf4", "fp4", "int8"):

@@ -8,6 +8,7 @@ step, and counts the bytes every tensor holds, deduplicated by storage.
 from __future__ import annotations
 
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,24 +203,48 @@ def _layer_of(name: str):
     return int(m.group(1)) if m else None
 
 
-def saved_activation_bytes(model, run_forward) -> int:
-    """Bytes autograd saves for backward during `run_forward()`, deduplicated by storage.
+class _SavedTensor:
+    """What the pack hook hands autograd instead of the tensor, so we can tell afterwards which
+    saved tensors are still alive (weakref-able, unlike a plain holder tuple)."""
 
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def saved_activation_bytes(model, run_forward) -> int:
+    """Bytes autograd holds for backward after `run_forward()`, deduplicated by storage.
+
+    Only tensors still held when the forward returns count: a graph built and dropped inside the
+    forward (DoRA's weight-norm pass) frees its saved tensors, and deduplicating by address at save
+    time would count the freed storage and miss a later tensor that reuses its address.
     Parameters (and anything sharing their storage) are not activations and are left out.
     """
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    packed: list[weakref.ref] = []
 
     def pack(t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in param_storages and t.device.type != "meta":
-            saved[ptr] = storage.nbytes()
-        return t
+        if t.device.type == "meta":
+            return t
+        holder = _SavedTensor(t)
+        packed.append(weakref.ref(holder))
+        return holder
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(holder):
+        return holder.tensor if isinstance(holder, _SavedTensor) else holder
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = run_forward()
-    return sum(saved.values()), out
+    live_storages: dict[int, int] = {}
+    for ref in packed:
+        holder = ref()
+        if holder is None:
+            continue
+        storage = holder.tensor.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            live_storages[storage.data_ptr()] = storage.nbytes()
+    return sum(live_storages.values()), out
 
 
 def measure_saved_forward(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8, trainer: str = "hf") -> int:
