@@ -55,7 +55,12 @@ def _adapted(spec: ModelSpec, options: TrainingOptions) -> dict[str, tuple[int, 
     """Adapted Linear leaf name -> (in, out) for LoRA-family methods (the first layer's shapes)."""
     if options.method not in ADAPTER_METHODS:
         return {}
-    modules, _ = split_moe_targets(spec, options.lora_targets)
+    targets = options.lora_targets if isinstance(options.lora_targets, str) else tuple(options.lora_targets)
+    return dict(spec.memoized(("adapted_linears", targets), lambda: _first_layer_linears(spec, options.lora_targets)))
+
+
+def _first_layer_linears(spec: ModelSpec, targets: list[str] | str) -> dict[str, tuple[int, int]]:
+    modules, _ = split_moe_targets(spec, targets)
     if not modules:
         return {}
     out: dict[str, tuple[int, int]] = {}

@@ -175,7 +175,7 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
             )
         )
     if options.effective_quantization in ("nf4", "fp4", "int8"):
-        largest = max((t.numel for t in spec.tensors if t.quantizable), default=0)
+        largest = spec.memoized(("largest_quantizable",), lambda: max((t.numel for t in spec.tensors if t.quantizable), default=0))
         out.append(
             Component(
                 "temporary.dequantized_layer",

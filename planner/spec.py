@@ -110,15 +110,26 @@ class ModelSpec:
     peft_defaults: PeftDefaults = field(default_factory=PeftDefaults)
 
     # -- derived views -------------------------------------------------------------
+    def memoized(self, key: tuple, compute):
+        """`compute()` once per key for this spec. A spec never changes, and the fit searches
+        build hundreds of plans from one 70B spec: its tensor walks must not repeat."""
+        memo = self.__dict__.setdefault("_memo", {})
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
     @property
     def total_params(self) -> int:
-        return sum(t.numel for t in self.tensors)
+        return self.memoized(("total_params",), lambda: sum(t.numel for t in self.tensors))
 
     @property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def linears(self) -> list[LinearSpec]:
+    def linears(self) -> tuple[LinearSpec, ...]:
+        return self.memoized(("linears",), self._find_linears)
+
+    def _find_linears(self) -> tuple[LinearSpec, ...]:
         names = {t.name for t in self.tensors}
         out = []
         for t in self.tensors:
@@ -134,12 +145,14 @@ class ModelSpec:
                         quantizable=t.quantizable,
                     )
                 )
-        return out
+        return tuple(out)
 
     @property
     def norms_per_layer(self) -> int:
         """Hidden-sized norms in one decoder layer (2 for Llama, 4 for Gemma 2/3)."""
-        return sum(1 for t in self.tensors if t.role == "norm" and t.layer == 0 and t.shape == (self.hidden_size,))
+        return self.memoized(
+            ("norms_per_layer",), lambda: sum(1 for t in self.tensors if t.role == "norm" and t.layer == 0 and t.shape == (self.hidden_size,))
+        )
 
     def params_by_role(self) -> dict[str, int]:
         counts: dict[str, int] = {}

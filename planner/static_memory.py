@@ -176,7 +176,26 @@ def optimizer_components(spec: ModelSpec, options: TrainingOptions, trainables: 
     raise PlanInputError("optimizer", f"unknown optimizer {opt!r}")  # pragma: no cover
 
 
+# Options that only move activations, extra models or the GPU, never static memory.
+_NOT_STATIC = frozenset({
+    "batch_size", "seq_len", "gradient_checkpointing", "attention", "num_generations", "max_new_tokens", "headroom",
+    "gpu", "gpu_memory_gib", "num_gpus", "offload", "stage", "trainer", "beta", "precompute_ref_log_probs",
+    "use_vllm", "vllm_gpu_memory_utilization",
+})
+
+
 def static_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
+    """Weights, gradients and optimizer state, memoized per spec: a search varies batch and
+    sequence length over one model and must not walk its tensors again each time."""
+    key = tuple(
+        (name, tuple(value) if isinstance(value, list) else value)
+        for name, value in options
+        if name not in _NOT_STATIC
+    )
+    return list(spec.memoized(("static",) + key, lambda: tuple(_static_components(spec, options))))
+
+
+def _static_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
     trainables = trainable_tensors(spec, options)
     adapters = [t for t in trainables if not t.base]
     out = weights_components(spec, options, adapters)

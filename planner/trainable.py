@@ -98,7 +98,20 @@ def adapter_dtype(options: TrainingOptions) -> str:
     return "fp32"
 
 
-def trainable_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
+def trainable_tensors(spec: ModelSpec, options: TrainingOptions) -> tuple[TrainableTensor, ...]:
+    """The tensors that train, memoized per spec on the options that decide them."""
+    return spec.memoized(("trainable",) + _trainable_key(options), lambda: tuple(_trainable_tensors(spec, options)))
+
+
+def _trainable_key(options: TrainingOptions) -> tuple:
+    targets = options.lora_targets if isinstance(options.lora_targets, str) else tuple(options.lora_targets)
+    return (
+        options.method, options.effective_weights_dtype, adapter_dtype(options), targets,
+        options.lora_r, options.num_virtual_tokens, options.freeze_trainable_layers,
+    )
+
+
+def _trainable_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
     method = options.method
     weights_dtype = options.effective_weights_dtype
     if method == "full":
@@ -162,6 +175,10 @@ def frozen_split(spec: ModelSpec, options: TrainingOptions) -> tuple[list[Tensor
 
 def parameter_counts(spec: ModelSpec, options: TrainingOptions) -> dict[str, int]:
     check_consistency(options)
+    return dict(spec.memoized(("counts",) + _trainable_key(options), lambda: _parameter_counts(spec, options)))
+
+
+def _parameter_counts(spec: ModelSpec, options: TrainingOptions) -> dict[str, int]:
     tensors = trainable_tensors(spec, options)
     trainable = sum(t.numel for t in tensors)
     adapter = sum(t.numel for t in tensors if not t.base)
