@@ -19,9 +19,9 @@ from planner.options import TrainingOptions
 GIB = 1 << 30
 
 
-def _option_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("plan options (JSON fields use underscores)")
-    for name, info in TrainingOptions.model_fields.items():
+def _option_flags(parser: argparse.ArgumentParser, model=TrainingOptions, title: str = "plan options (JSON fields use underscores)") -> None:
+    group = parser.add_argument_group(title)
+    for name, info in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         annotation = info.annotation
         if annotation is bool:
@@ -35,9 +35,9 @@ def _option_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=f"one of {', '.join(choices)}" if choices else None)
 
 
-def _parse_options(namespace: argparse.Namespace) -> TrainingOptions:
-    given = {k: v for k, v in vars(namespace).items() if k in TrainingOptions.model_fields}
-    return TrainingOptions.model_validate(given)
+def _parse_options(namespace: argparse.Namespace, model=TrainingOptions):
+    given = {k: v for k, v in vars(namespace).items() if k in model.model_fields}
+    return model.model_validate(given)
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -96,6 +96,74 @@ def cmd_check(args) -> int:
     return 0 if plan.fits else 1
 
 
+def cmd_advise(args) -> int:
+    from planner.advisor import Task, advise
+    from planner.catalog import resolve_model
+
+    task = _parse_options(args, Task)
+    options = _parse_options(args)
+    spec = resolve_model(args.model)
+    advice = advise(spec, task, options)
+    if args.json:
+        print(json.dumps(advice.to_dict()))
+        return 0
+    head = f"{advice.approach}"
+    if advice.plan is not None:
+        head += f": {advice.method} {advice.stage} on {advice.plan.gpu.count} x {advice.plan.gpu.name}, peak {advice.plan.peak_bytes / GIB:.2f} GiB of {advice.plan.usable_bytes / GIB:.2f} GiB usable"
+    print(head)
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in advice.settings.items()))
+    if advice.time_cost is not None and advice.time_cost.hours is not None:
+        cost = f", ${advice.time_cost.dollars:,.2f}" if advice.time_cost.dollars is not None else ""
+        print(f"time: {advice.time_cost.hours:.2f} h{cost}")
+    for reason in advice.reasons:
+        print(f"  - {reason}")
+    for alt in advice.alternatives:
+        fit = "fits" if alt.plan.fits else f"does not fit (needs {alt.gpus_needed} GPUs)" if alt.gpus_needed else "does not fit"
+        print(f"  alternative {alt.label}: {alt.plan.peak_bytes / GIB:.2f} GiB, {fit}; {alt.why}")
+    for other in advice.other_approaches:
+        print(f"  also: {other}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from planner.catalog import resolve_model
+    from planner.fit import cheapest_gpu, fewest_gpus, gpu_options, largest_batch, longest_sequence, smallest_fixes
+    from planner.plan import build_plan
+
+    options = _parse_options(args)
+    spec = resolve_model(args.model)
+    plan = build_plan(spec, options)
+    batch = largest_batch(spec, options)
+    sequence = longest_sequence(spec, options)
+    gpus = fewest_gpus(spec, options)
+    choices = gpu_options(spec, options)
+    cheapest = cheapest_gpu(spec, options)
+    fixes = smallest_fixes(spec, options)
+    result = {
+        "model": spec.name,
+        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes, "count": plan.gpu.count},
+        "fits": plan.fits,
+        "peak_bytes": plan.peak_bytes,
+        "largest_batch": batch.to_dict(),
+        "longest_sequence": sequence.to_dict(),
+        "fewest_gpus": gpus.to_dict(),
+        "cheapest_gpu": cheapest.to_dict() if cheapest else None,
+        "gpu_options": [c.to_dict() for c in choices],
+        "fixes": fixes.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{spec.name} on {plan.gpu.name}: {'fits' if plan.fits else 'does not fit'} ({plan.peak_bytes / GIB:.2f} of {plan.usable_bytes / GIB:.2f} GiB usable)")
+    for found in (batch, sequence, gpus):
+        print(f"  {found.search.replace('_', ' ')}: {found.note}")
+    if cheapest is not None:
+        print(f"  cheapest GPU: {cheapest.count} x {cheapest.gpu.name} at ${cheapest.price_per_hour_usd:.2f}/h ({cheapest.plan.peak_bytes / GIB:.2f} GiB per GPU)")
+    if fixes.smallest is not None:
+        print(f"  smallest fix: {fixes.smallest.description} -> {fixes.smallest.plan.peak_bytes / GIB:.2f} GiB")
+    return 0
+
+
 def cmd_models(args) -> int:
     from planner.catalog import catalog_ids
 
@@ -109,7 +177,7 @@ def cmd_gpus(args) -> int:
     from gpu_catalog.detect import detect
 
     found = detect()
-    rows = [{"name": g.name, "memory_bytes": g.memory_bytes, "compute_capability": g.compute_capability, "bf16": g.bf16, "fp8": g.fp8} for g in all_gpus()]
+    rows = [g.to_dict() for g in all_gpus()]
     if args.json:
         print(json.dumps({"detected": [g.to_dict() for g in found.gpus], "driver_version": found.driver_version, "reason": found.reason, "catalog": rows}))
     else:
@@ -135,6 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
         _option_flags(p)
         p.set_defaults(func=func)
+    advise_parser = sub.add_parser("advise", help="what to run and why: approach, stage, method, settings, alternatives")
+    advise_parser.add_argument("model", help="catalog id (e.g. meta-llama/Llama-3.1-8B), a directory or a config.json")
+    advise_parser.add_argument("--json", action="store_true", help="print JSON")
+    from planner.advisor import Task
+
+    _option_flags(advise_parser, Task, "the task (the advisor's questions)")
+    _option_flags(advise_parser)
+    advise_parser.set_defaults(func=cmd_advise)
+    fit_parser = sub.add_parser("fit", help="searches: largest batch, longest sequence, fewest GPUs, cheapest GPU, smallest fix")
+    fit_parser.add_argument("model", help="catalog id (e.g. meta-llama/Llama-3.1-8B), a directory or a config.json")
+    fit_parser.add_argument("--json", action="store_true", help="print JSON")
+    _option_flags(fit_parser)
+    fit_parser.set_defaults(func=cmd_fit)
     for name, func, help_text in (("models", cmd_models, "list the model catalog"), ("gpus", cmd_gpus, "list GPUs")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--json", action="store_true")

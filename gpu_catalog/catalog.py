@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,22 +16,54 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class GPU:
-    name: str
+    name: str  # as the driver reports it (NVML's device name)
     aliases: tuple[str, ...]
-    memory_mib: int
-    compute_capability: str
+    memory_mib: int  # as the driver reports it, not the marketing GB
+    compute_capability: str | None  # CUDA compute capability; None for AMD
     bf16: bool
     fp8: bool
+    vendor: str = "nvidia"
+    segment: str = ""
+    arch: str | None = None
+    bf16_tflops_dense: float | None = None  # dense tensor-core TFLOP/s (fp16 where there is no bf16)
+    memory_bandwidth_gbs: float | None = None
+    price_per_hour_usd: float | None = None
+    memory_measured: bool = False  # memory_mib read from real driver output, not derived
 
     @property
     def memory_bytes(self) -> int:
         return self.memory_mib * MIB
 
+    @property
+    def is_cuda(self) -> bool:
+        return self.vendor == "nvidia"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "vendor": self.vendor,
+            "segment": self.segment,
+            "memory_mib": self.memory_mib,
+            "memory_bytes": self.memory_bytes,
+            "compute_capability": self.compute_capability,
+            "arch": self.arch,
+            "bf16": self.bf16,
+            "fp8": self.fp8,
+            "bf16_tflops_dense": self.bf16_tflops_dense,
+            "memory_bandwidth_gbs": self.memory_bandwidth_gbs,
+            "price_per_hour_usd": self.price_per_hour_usd,
+            "aliases": list(self.aliases),
+        }
+
+
+_FIELDS = {f.name for f in fields(GPU)}
+
 
 @lru_cache(maxsize=1)
 def all_gpus() -> tuple[GPU, ...]:
+    """The catalog; rows may carry sources and notes for reviewers, which the planner ignores."""
     rows = json.loads(DATA.read_text())["gpus"]
-    return tuple(GPU(**{**row, "aliases": tuple(row["aliases"])}) for row in rows)
+    return tuple(GPU(**{k: v for k, v in {**row, "aliases": tuple(row["aliases"])}.items() if k in _FIELDS}) for row in rows)
 
 
 def _norm(text: str) -> str:

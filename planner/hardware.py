@@ -2,6 +2,8 @@
 
 - bf16 needs compute capability 8.0 (Ampere) or newer: before that, fp16 takes its place.
 - FlashAttention needs Ampere or newer: before that, SDPA's other kernels run instead.
+- bitsandbytes' 4-bit and 8-bit kernels ship for CUDA; on an AMD GPU they need bitsandbytes'
+  ROCm backend, which its docs call a preview: the plan stands (same formats) and says so.
 """
 
 from __future__ import annotations
@@ -18,11 +20,21 @@ def _capability(text: str | None) -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
-def apply_hardware_rules(options: TrainingOptions, gpu_name: str, compute_capability: str | None) -> tuple[TrainingOptions, list[str]]:
+def apply_hardware_rules(
+    options: TrainingOptions, gpu_name: str, compute_capability: str | None, vendor: str | None = None
+) -> tuple[TrainingOptions, list[str]]:
+    notes: list[str] = []
+    if vendor not in (None, "nvidia"):
+        bnb_parts = [f"{options.effective_quantization} weights"] if options.effective_quantization != "none" else []
+        bnb_parts += ["the 8-bit optimizer"] if "8bit" in options.optimizer else []
+        if bnb_parts:
+            notes.append(
+                f"{gpu_name} is not a CUDA GPU: bitsandbytes ({' and '.join(bnb_parts)}) needs its ROCm backend, "
+                "a preview in bitsandbytes' docs, not the default pip wheel"
+            )
     capability = _capability(compute_capability)
     if capability is None or capability >= AMPERE:
-        return options, []
-    notes: list[str] = []
+        return options, notes
     update: dict = {}
     if options.precision == "bf16":
         update["precision"] = "fp16"

@@ -56,6 +56,7 @@ class GpuTarget:
     memory_bytes: int
     count: int
     compute_capability: str | None = None  # unknown for a custom memory size
+    vendor: str | None = None  # None for a custom memory size
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,11 @@ def resolve_gpu(options: TrainingOptions) -> tuple[GpuTarget, list[str]]:
             f"GPU detected by NVML: {first.name}, planned against the {first.free_bytes / GIB:.2f} GiB free now "
             f"of {first.total_bytes / GIB:.2f} GiB"
         )
-        return GpuTarget(first.name, first.free_bytes, count, first.compute_capability), notes
+        return GpuTarget(first.name, first.free_bytes, count, first.compute_capability, "nvidia"), notes
     gpu: GPU = find_gpu(options.gpu or DEFAULT_GPU)
     if options.gpu is None:
         notes.append(f"GPU {gpu.name} ({gpu.memory_mib:,} MiB), not given")
-    return GpuTarget(gpu.name, gpu.memory_mib * MIB, options.num_gpus, gpu.compute_capability), notes
+    return GpuTarget(gpu.name, gpu.memory_mib * MIB, options.num_gpus, gpu.compute_capability, gpu.vendor), notes
 
 
 def _assumptions(options: TrainingOptions) -> list[str]:
@@ -189,7 +190,7 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
 def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     check_consistency(options)
     gpu, gpu_notes = resolve_gpu(options)
-    options, hardware_notes = apply_hardware_rules(options, gpu.name, gpu.compute_capability)
+    options, hardware_notes = apply_hardware_rules(options, gpu.name, gpu.compute_capability, gpu.vendor)
     gpu_notes += hardware_notes
     static = static_components(spec, options)
     per_gpu = per_gpu_static(static, spec, options)

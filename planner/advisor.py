@@ -1,0 +1,322 @@
+"""The method advisor: fine-tune or not, which stage, which method, which settings, and why.
+
+The rules are ../shared/ADVISOR.md's, applied in its order; every rule that fires adds a reason
+in plain words with the numbers behind it. Memory questions are answered by real plans
+(`build_plan` and the fit searches), never by a rule of thumb.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from planner.cost import TimeCost, Workload, estimate_time_cost
+from planner.errors import PlanInputError
+from planner.fit import fewest_gpus, largest_batch, smallest_fixes
+from planner.options import TrainingOptions
+from planner.plan import GIB, Plan, build_plan
+from planner.spec import ModelSpec
+
+Goal = Literal["style", "format", "domain", "knowledge", "alignment", "reasoning"]
+DataKind = Literal["instructions", "preference_pairs", "thumbs", "verifiable_prompts", "raw_text"]
+
+MIN_EXAMPLES_TO_FINE_TUNE = 500
+FULL_FT_MIN_EXAMPLES = 100_000
+SMALL_DATA_EXAMPLES = 2_000  # below this, more LoRA dropout
+MANY_TENANTS = 1_000  # adapter size becomes the binding constraint
+TARGET_EFFECTIVE_BATCH = 16
+# LoRA rank by goal (ADVISOR.md's rank guide: style/format 4-8, domain 8-16, code/reasoning 16-64)
+RANK_BY_GOAL = {"style": 8, "format": 8, "domain": 16, "knowledge": 16, "alignment": 16, "reasoning": 32}
+STAGE_BY_DATA = {"instructions": "sft", "raw_text": "sft", "preference_pairs": "dpo", "thumbs": "kto", "verifiable_prompts": "grpo"}
+# Starting learning rates. SFT: ADVISOR.md (LoRA about 2e-4, full 1e-5 to 2e-5). Preference and
+# RL stages: TRL's defaults for full training (1e-6), with adapters about ten times higher.
+LEARNING_RATE = {
+    ("sft", "adapter"): 2e-4, ("sft", "full"): 2e-5,
+    ("preference", "adapter"): 5e-6, ("preference", "full"): 1e-6,
+    ("rl", "adapter"): 1e-5, ("rl", "full"): 1e-6,
+}
+CHAT_MARKERS = ("instruct", "chat", "-it", "distill")
+
+
+class Task(BaseModel):
+    """What the user wants to achieve and with what data (the advisor's questions)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    goal: Goal = "domain"
+    data_kind: DataKind = "instructions"
+    num_examples: int = Field(default=5_000, ge=0, le=10_000_000_000)
+    tokens_per_example: int | None = Field(default=None, ge=1, le=10_000_000)
+    knowledge_changes_often: bool = False
+    tenants: int = Field(default=1, ge=1, le=10_000_000)
+    data_must_stay_on_premises: bool = False
+    latency_target_ms: float | None = Field(default=None, gt=0)
+    has_evaluation: bool = True
+    base_model_is_chat: bool | None = None  # None: read from the model id
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run it, with its own plan."""
+
+    label: str
+    plan: Plan
+    time_cost: TimeCost | None
+    why: str
+    gpus_needed: int | None = None  # fewest of this GPU (sharded) that fit it, when one does not
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "method": self.plan.options.method,
+            "stage": self.plan.options.stage,
+            "fits": self.plan.fits,
+            "peak_bytes": self.plan.peak_bytes,
+            "usable_bytes": self.plan.usable_bytes,
+            "num_gpus": self.plan.gpu.count,
+            "batch_size": self.plan.options.batch_size,
+            "gpus_needed": self.gpus_needed,
+            "hours": self.time_cost.to_dict()["hours"] if self.time_cost else None,
+            "dollars": self.time_cost.to_dict()["dollars"] if self.time_cost else None,
+            "why": self.why,
+        }
+
+
+@dataclass(frozen=True)
+class Advice:
+    approach: str  # prompting, rag, fine-tune
+    stage: str | None
+    method: str | None
+    settings: dict
+    reasons: tuple[str, ...]
+    plan: Plan | None  # the recommended run
+    time_cost: TimeCost | None
+    alternatives: tuple[Candidate, ...] = field(default=())
+    other_approaches: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {
+            "approach": self.approach,
+            "stage": self.stage,
+            "method": self.method,
+            "settings": self.settings,
+            "reasons": list(self.reasons),
+            "fits": self.plan.fits if self.plan else None,
+            "peak_bytes": self.plan.peak_bytes if self.plan else None,
+            "gpu": {"name": self.plan.gpu.name, "memory_bytes": self.plan.gpu.memory_bytes, "count": self.plan.gpu.count} if self.plan else None,
+            "time_cost": self.time_cost.to_dict() if self.time_cost else None,
+            "alternatives": [a.to_dict() for a in self.alternatives],
+            "other_approaches": list(self.other_approaches),
+            "plan": self.plan.to_dict() if self.plan else None,
+        }
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def is_chat_model(spec: ModelSpec, task: Task) -> bool:
+    if task.base_model_is_chat is not None:
+        return task.base_model_is_chat
+    name = spec.name.lower()
+    return any(marker in name for marker in CHAT_MARKERS)
+
+
+def decide_approach(task: Task) -> tuple[str, list[str]]:
+    """Fine-tune at all? (ADVISOR.md, first question)"""
+    if task.goal == "knowledge":
+        why = "it changes often" if task.knowledge_changes_often else "fine-tuning does not reliably add facts"
+        return "rag", [f"The goal is knowledge and {why}: retrieval (RAG) keeps it current and cheap to update; fine-tune later for format or tone if needed."]
+    if task.knowledge_changes_often:
+        return "rag", ["The knowledge changes often: retrieval (RAG) is cheap to update, a fine-tune would go stale."]
+    if not task.has_evaluation:
+        return "prompting", ["There is no way to measure success yet: define the evaluation first and start from prompting; do not ship an unmeasured change."]
+    if task.num_examples < MIN_EXAMPLES_TO_FINE_TUNE:
+        return "prompting", [
+            f"{task.num_examples:,} examples is under about {MIN_EXAMPLES_TO_FINE_TUNE}: few-shot prompting first; a fine-tune on so little data tends to overfit or harm the base model."
+        ]
+    return "fine-tune", [f"The goal is {task.goal} with {task.num_examples:,} examples and an evaluation: a fine-tune suits behaviour, format, style and domain."]
+
+
+def decide_stage(spec: ModelSpec, task: Task) -> tuple[str, list[str]]:
+    stage = STAGE_BY_DATA[task.data_kind]
+    reasons = {
+        "instructions": "Instruction/response pairs: supervised fine-tuning (SFT), loss on the response tokens, chat template applied.",
+        "raw_text": "Raw text: SFT as continued pre-training (loss on every token).",
+        "preference_pairs": "Chosen/rejected pairs: DPO (beta 0.1) by default.",
+        "thumbs": "Only unpaired good/bad labels: KTO, which needs no pairs.",
+        "verifiable_prompts": "Prompts with an automatic verifier: GRPO with a group of 8 completions per prompt, rewarded by the verifier.",
+    }
+    out = [reasons[task.data_kind]]
+    if stage in ("dpo", "kto", "grpo") and not is_chat_model(spec, task):
+        out.append(f"{spec.name} looks like a base (non-chat) model: run SFT on instructions before {stage.upper()}.")
+    return stage, out
+
+
+def decide_settings(spec: ModelSpec, task: Task, method: str, stage: str) -> tuple[dict, list[str]]:
+    rank = RANK_BY_GOAL[task.goal]
+    light = task.goal in ("style", "format")
+    linear_leaves = {lin.name.rsplit(".", 1)[-1] for lin in spec.linears()}
+    targets: list[str] | str = ["q_proj", "v_proj"] if light and {"q_proj", "v_proj"} <= linear_leaves else "all-linear"
+    dropout = 0.1 if task.num_examples < SMALL_DATA_EXAMPLES else 0.05
+    epochs = 3 if task.num_examples <= 5_000 else 2 if task.num_examples <= 50_000 else 1
+    family = "sft" if stage == "sft" else "rl" if stage in ("grpo", "rloo", "ppo") else "preference"
+    lr = LEARNING_RATE[(family, "full" if method in ("full", "freeze") else "adapter")]
+    settings = {"learning_rate": lr, "epochs": epochs}
+    reasons = []
+    if method in ("lora", "qlora", "dora"):
+        settings.update({"lora_r": rank, "lora_alpha": 2 * rank, "lora_targets": targets, "lora_dropout": dropout})
+        reasons.append(
+            f"Rank {rank} for a {task.goal} goal (alpha {2 * rank}), "
+            + ("q_proj and v_proj only for a light style change" if targets != "all-linear" else "all linear layers")
+            + f", dropout {dropout}" + (" for a small dataset" if dropout > 0.05 else "") + f", learning rate {lr:g}."
+        )
+    else:
+        reasons.append(f"Learning rate {lr:g} for {method} training.")
+    reasons.append(f"{epochs} epoch(s) for {task.num_examples:,} examples (1-3; fewer with more data, more risks overfitting).")
+    return settings, reasons
+
+
+def _options_for(base: TrainingOptions, method: str, stage: str, settings: dict) -> TrainingOptions:
+    update = {"method": method, "stage": stage, "quantization": None}
+    for key in ("lora_r", "lora_alpha", "lora_targets", "lora_dropout"):
+        if key in settings:
+            update[key] = settings[key]
+    if method == "qlora":
+        update["optimizer"] = "paged_adamw_8bit"
+    if stage == "grpo" and "num_generations" not in base.model_fields_set:
+        update["num_generations"] = 8
+    return base.model_copy(update=update)
+
+
+def _with_batch(spec: ModelSpec, options: TrainingOptions) -> tuple[Plan, dict, list[str]]:
+    """Largest micro-batch that fits (up to the target effective batch), then accumulation."""
+    target = TARGET_EFFECTIVE_BATCH
+    found = largest_batch(spec, options.model_copy(update={"batch_size": 1}), limit=target)
+    if found.value is None:
+        plan = build_plan(spec, options.model_copy(update={"batch_size": 1}))
+        return plan, {"batch_size": 1, "gradient_accumulation_steps": target}, []
+    # the largest micro-batch that divides the effective batch, so accumulation lands on it exactly
+    micro = max(d for d in range(1, found.value + 1) if target % d == 0)
+    plan = found.plan if micro == found.value else build_plan(spec, options.model_copy(update={"batch_size": micro}))
+    accumulation = max(1, target // (micro * plan.gpu.count))
+    reasons = [
+        f"Micro-batch {micro} with gradient accumulation {accumulation}: effective batch {micro * accumulation * plan.gpu.count}"
+        + (f" (up to {found.value} would fit; {micro} divides {target})." if micro != found.value else f" ({micro} is the largest that fits, up to {target}).")
+    ]
+    # checkpointing costs a third more compute: drop it when the same micro-batch fits without
+    if options.gradient_checkpointing:
+        without = build_plan(spec, plan.options.model_copy(update={"gradient_checkpointing": False}))
+        if without.fits:
+            plan = without
+            reasons.append(f"Gradient checkpointing off: micro-batch {micro} fits without it ({_gib(without.peak_bytes)}), which saves the recomputation.")
+        else:
+            reasons.append(f"Gradient checkpointing on: without it micro-batch {micro} would need {_gib(without.peak_bytes)}.")
+    return plan, {"batch_size": micro, "gradient_accumulation_steps": accumulation}, reasons
+
+
+def _time(spec: ModelSpec, plan: Plan, task: Task, epochs: float) -> TimeCost | None:
+    workload = Workload(num_examples=max(task.num_examples, 1), tokens_per_example=task.tokens_per_example, epochs=epochs)
+    return estimate_time_cost(spec, plan, workload)
+
+
+def choose_method(spec: ModelSpec, task: Task, options: TrainingOptions, stage: str) -> tuple[str, list[str]]:
+    """The first method of ADVISOR.md's order whose plan fits at micro-batch 1."""
+    reasons: list[str] = []
+
+    def fits(method: str) -> Plan:
+        settings, _ = decide_settings(spec, task, method, stage)
+        return build_plan(spec, _options_for(options, method, stage, settings).model_copy(update={"batch_size": 1}))
+
+    if task.tenants >= MANY_TENANTS:
+        ia3 = fits("ia3")
+        if ia3.fits:
+            return "ia3", [f"{task.tenants:,} tenants: adapter size is the binding constraint, so IA3 (a few vectors per layer, {ia3.params['trainable']:,} parameters per tenant)."]
+        reasons.append(f"IA3 would suit {task.tenants:,} tenants but needs {_gib(ia3.peak_bytes)} of {_gib(ia3.usable_bytes)}.")
+    if task.num_examples > FULL_FT_MIN_EXAMPLES and task.goal in ("domain", "reasoning") and stage == "sft":
+        full = fits("full")
+        if full.fits:
+            return "full", reasons + [
+                f"{task.num_examples:,} examples for a large {task.goal} shift, and full fine-tuning fits ({_gib(full.peak_bytes)} of {_gib(full.usable_bytes)} per GPU): full FT at a low learning rate; mix in 5-10% general data against forgetting."
+            ]
+        reasons.append(f"Full fine-tuning would suit {task.num_examples:,} examples but needs {_gib(full.peak_bytes)} per GPU of {_gib(full.usable_bytes)}: LoRA instead.")
+    lora = fits("lora")
+    if lora.fits:
+        why = f"LoRA fits: {_gib(lora.peak_bytes)} of {_gib(lora.usable_bytes)} usable on {lora.gpu.name} at micro-batch 1."
+        if task.data_must_stay_on_premises:
+            why += " The data stays on premises: train on your own GPU (gpu auto plans for it)."
+        return "lora", reasons + [why]
+    qlora = fits("qlora")
+    reasons.append(f"LoRA needs {_gib(lora.peak_bytes)} but {lora.gpu.name} has {_gib(lora.usable_bytes)} usable: QLoRA (NF4 base, double quantization, paged 8-bit AdamW)" + (
+        f" needs {_gib(qlora.peak_bytes)}." if qlora.fits else f" would still need {_gib(qlora.peak_bytes)}."))
+    return "qlora", reasons
+
+
+def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) -> Advice:
+    options = options or TrainingOptions()
+    approach, reasons = decide_approach(task)
+    stage, stage_reasons = decide_stage(spec, task)
+    method, method_reasons = choose_method(spec, task, options, stage)
+    settings, setting_reasons = decide_settings(spec, task, method, stage)
+    chosen = _options_for(options, method, stage, settings)
+    plan, batch_settings, batch_reasons = _with_batch(spec, chosen)
+    settings.update(batch_settings)
+    settings.update({
+        "gradient_checkpointing": plan.options.gradient_checkpointing,
+        "optimizer": plan.options.optimizer,
+        "seq_len": plan.options.seq_len,
+        "precision": plan.options.precision,
+    })
+    reasons += stage_reasons + method_reasons + setting_reasons + batch_reasons
+    if not plan.fits:
+        fixes = smallest_fixes(spec, plan.options)
+        if fixes.smallest is not None:
+            reasons.append(f"Does not fit as is ({_gib(plan.peak_bytes)} of {_gib(plan.usable_bytes)}); smallest change that fits: {fixes.smallest.description} ({_gib(fixes.smallest.plan.peak_bytes)}).")
+            plan = fixes.smallest.plan
+            settings.update(fixes.smallest.changes)
+        else:
+            reasons.append(f"Nothing tried fits: the best needs {_gib(plan.peak_bytes)} per GPU; use a larger GPU or more of them.")
+    if task.tenants > 1 and method != "ia3":
+        reasons.append(f"{task.tenants:,} tenants on one base: one adapter each, served together by a multi-LoRA server.")
+    if task.latency_target_ms is not None and method in ("lora", "qlora", "dora"):
+        reasons.append(f"A {task.latency_target_ms:g} ms latency target: merge the adapter into the base for serving.")
+    time_cost = _time(spec, plan, task, settings["epochs"])
+    alternatives = tuple(_alternatives(spec, task, options, stage, method, settings["epochs"]))
+    other = []
+    if approach != "fine-tune":
+        other.append(f"fine-tune: the plan below is what {method} {stage.upper()} would take once the conditions above are met")
+    else:
+        other.append("prompting with an evaluation set remains the baseline to beat")
+    return Advice(approach, stage, method, settings, tuple(reasons), plan, time_cost, alternatives, tuple(other))
+
+
+def _alternatives(spec: ModelSpec, task: Task, options: TrainingOptions, stage: str, chosen: str, epochs: float) -> list[Candidate]:
+    whys = {
+        "qlora": "least memory: 4-bit base, a little slower and slightly lower quality",
+        "lora": "the default adapter: 16-bit base, adapters of a few MB",
+        "dora": "when LoRA's quality disappoints and a little more memory is affordable",
+        "full": "largest capability shift; needs the most memory and data",
+        "ia3": "smallest adapters, for thousands of tenants",
+    }
+    out = []
+    for method in ("lora", "qlora", "dora", "full", "ia3"):
+        if method == chosen:
+            continue
+        settings, _ = decide_settings(spec, task, method, stage)
+        try:
+            plan = build_plan(spec, _options_for(options, method, stage, settings).model_copy(update={"batch_size": 1}))
+        except PlanInputError:
+            continue  # e.g. DoRA on fused MoE experts
+        needed = None if plan.fits else fewest_gpus(spec, plan.options).value
+        out.append(Candidate(f"{method} {stage}", plan, _time(spec, plan, task, epochs), whys[method], needed))
+    if stage == "dpo":
+        for other, why in (("orpo", "SFT and preference in one stage, no reference model"), ("simpo", "reference-free, length-normalized")):
+            settings, _ = decide_settings(spec, task, chosen, other)
+            plan = build_plan(spec, _options_for(options, chosen, other, settings).model_copy(update={"batch_size": 1}))
+            out.append(Candidate(f"{chosen} {other}", plan, _time(spec, plan, task, epochs), why))
+    # fitting first, then the cheaper in memory
+    out.sort(key=lambda c: (not c.plan.fits, c.plan.peak_bytes))
+    return out
