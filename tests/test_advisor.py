@@ -1,0 +1,173 @@
+"""The advisor's rules (../shared/ADVISOR.md), one test each, and time/cost arithmetic."""
+
+import pytest
+
+from planner.advisor import Task, advise, decide_approach
+from planner.catalog import load_catalog_spec
+from planner.cost import Workload, estimate_time_cost, matmul_params_per_token, training_flops_per_token
+from planner.options import TrainingOptions
+from planner.plan import build_plan
+
+LLAMA8B = load_catalog_spec("meta-llama/Llama-3.1-8B")
+LLAMA13B = load_catalog_spec("meta-llama/Llama-2-13b-hf")
+QWEN_SMALL = load_catalog_spec("Qwen/Qwen2.5-0.5B")
+H100 = TrainingOptions(gpu="H100")
+
+
+def test_knowledge_goes_to_retrieval():
+    advice = advise(LLAMA8B, Task(goal="knowledge", num_examples=50_000), H100)
+    assert advice.approach == "rag" and "retrieval" in advice.reasons[0].lower()
+
+
+def test_changing_knowledge_goes_to_retrieval_whatever_the_goal():
+    assert decide_approach(Task(goal="domain", knowledge_changes_often=True))[0] == "rag"
+
+
+def test_few_examples_mean_prompting_with_the_count_in_the_reason():
+    approach, reasons = decide_approach(Task(num_examples=120))
+    assert approach == "prompting" and "120" in reasons[0]
+
+
+def test_no_evaluation_means_define_one_first():
+    approach, reasons = decide_approach(Task(has_evaluation=False))
+    assert approach == "prompting" and "evaluation" in reasons[0]
+
+
+def test_enough_examples_mean_fine_tune():
+    assert decide_approach(Task(num_examples=5_000))[0] == "fine-tune"
+
+
+@pytest.mark.parametrize("data_kind,stage", [("instructions", "sft"), ("raw_text", "sft"), ("preference_pairs", "dpo"), ("thumbs", "kto"), ("verifiable_prompts", "grpo")])
+def test_stage_follows_the_data(data_kind, stage):
+    advice = advise(QWEN_SMALL, Task(data_kind=data_kind), H100)
+    assert advice.stage == stage and advice.plan.options.stage == stage
+
+
+def test_a_base_model_gets_sft_before_preference_training():
+    base = advise(LLAMA8B, Task(data_kind="preference_pairs"), H100)
+    assert any("SFT" in r and "base" in r for r in base.reasons)
+    chat = advise(LLAMA8B, Task(data_kind="preference_pairs", base_model_is_chat=True), H100)
+    assert not any("base (non-chat)" in r for r in chat.reasons)
+
+
+def test_grpo_uses_a_group_of_completions():
+    advice = advise(QWEN_SMALL, Task(data_kind="verifiable_prompts"), H100)
+    assert advice.plan.options.num_generations == 8
+
+
+def test_lora_by_default_when_it_fits():
+    advice = advise(LLAMA8B, Task(), H100)
+    assert advice.method == "lora" and advice.plan.fits
+    assert advice.settings["lora_alpha"] == 2 * advice.settings["lora_r"] == 32
+    assert advice.settings["learning_rate"] == 2e-4
+
+
+def test_qlora_when_lora_does_not_fit_with_both_numbers_in_the_reason():
+    gpu = TrainingOptions(gpu="RTX 4000 Ada")
+    advice = advise(LLAMA13B, Task(num_examples=8_000), gpu)
+    lora = build_plan(LLAMA13B, TrainingOptions(gpu="RTX 4000 Ada", method="lora"))
+    assert not lora.fits
+    assert advice.method == "qlora" and advice.plan.fits
+    assert advice.settings["optimizer"] == "paged_adamw_8bit"
+    reason = next(r for r in advice.reasons if r.startswith("LoRA needs"))
+    assert f"{lora.peak_bytes / 2**30:.1f} GiB" in reason
+
+
+def test_full_fine_tuning_for_large_data_when_it_fits():
+    advice = advise(QWEN_SMALL, Task(goal="reasoning", num_examples=200_000), H100)
+    assert advice.method == "full" and advice.settings["learning_rate"] <= 2e-5
+    assert any("general data" in r for r in advice.reasons)
+
+
+def test_full_fine_tuning_refused_with_the_number_when_it_does_not_fit():
+    advice = advise(LLAMA8B, Task(goal="domain", num_examples=200_000), TrainingOptions(gpu="RTX 4090"))
+    assert advice.method != "full"
+    assert any(r.startswith("Full fine-tuning would suit") for r in advice.reasons)
+
+
+def test_thousands_of_tenants_get_ia3():
+    advice = advise(QWEN_SMALL, Task(tenants=5_000), H100)
+    assert advice.method == "ia3"
+
+
+def test_a_few_tenants_get_multi_lora_serving():
+    advice = advise(QWEN_SMALL, Task(tenants=12), H100)
+    assert advice.method == "lora" and any("multi-LoRA" in r for r in advice.reasons)
+
+
+def test_light_style_change_targets_q_and_v_with_a_small_rank():
+    advice = advise(QWEN_SMALL, Task(goal="style"), H100)
+    assert advice.settings["lora_targets"] == ["q_proj", "v_proj"] and advice.settings["lora_r"] == 8
+
+
+def test_small_data_gets_more_dropout_and_more_epochs():
+    small = advise(QWEN_SMALL, Task(num_examples=800), H100)
+    large = advise(QWEN_SMALL, Task(num_examples=80_000), H100)
+    assert small.settings["lora_dropout"] == 0.1 and large.settings["lora_dropout"] == 0.05
+    assert small.settings["epochs"] > large.settings["epochs"]
+
+
+def test_latency_target_means_merging_the_adapter():
+    advice = advise(QWEN_SMALL, Task(latency_target_ms=50), H100)
+    assert any("merge the adapter" in r for r in advice.reasons)
+
+
+def test_micro_batch_and_accumulation_give_the_effective_batch():
+    advice = advise(LLAMA8B, Task(), H100)
+    settings = advice.settings
+    assert settings["batch_size"] * settings["gradient_accumulation_steps"] == 16
+    assert advice.plan.options.batch_size == settings["batch_size"] and advice.plan.fits
+
+
+def test_alternatives_carry_their_own_plans_fitting_first():
+    advice = advise(LLAMA13B, Task(), TrainingOptions(gpu="RTX 4000 Ada"))
+    fits = [a.plan.fits for a in advice.alternatives]
+    assert fits == sorted(fits, reverse=True)
+    full = next(a for a in advice.alternatives if a.plan.options.method == "full")
+    assert not full.plan.fits and full.gpus_needed > 1
+    assert advice.method not in [a.plan.options.method for a in advice.alternatives if a.plan.options.stage == advice.stage]
+
+
+def test_dpo_alternatives_include_reference_free_stages():
+    advice = advise(QWEN_SMALL, Task(data_kind="preference_pairs"), H100)
+    assert {"orpo", "simpo"} <= {a.plan.options.stage for a in advice.alternatives}
+
+
+# -- time and cost -------------------------------------------------------------------------
+
+
+def test_flops_per_token_follow_six_n_for_full_training():
+    options = TrainingOptions(method="full", gradient_checkpointing=False)
+    n = matmul_params_per_token(LLAMA8B)
+    attention = 2 * 32 * 32 * 128 * 2048
+    assert training_flops_per_token(LLAMA8B, options, 2048) == 6 * n + 3 * attention
+    # a frozen base skips weight gradients; checkpointing adds a forward
+    lora = TrainingOptions(method="lora", gradient_checkpointing=True)
+    assert training_flops_per_token(LLAMA8B, lora, 2048) == (2 * n + attention) + (2 * n + 2 * attention) + (2 * n + attention)
+
+
+def test_moe_counts_only_routed_experts():
+    moe = load_catalog_spec("mistralai/Mixtral-8x7B-v0.1")
+    assert matmul_params_per_token(moe) < 0.4 * moe.total_params
+
+
+def test_hours_and_dollars_from_throughput_and_price():
+    plan = build_plan(LLAMA8B, TrainingOptions(method="lora", gpu="H100"))
+    workload = Workload(num_examples=10_000, tokens_per_example=1_000, epochs=2, utilization=0.5)
+    estimate = estimate_time_cost(LLAMA8B, plan, workload)
+    per_token = training_flops_per_token(LLAMA8B, plan.options, 1_000)
+    assert estimate.flops == pytest.approx(20_000 * 1_000 * per_token)
+    assert estimate.hours == pytest.approx(estimate.flops / (estimate.tflops_per_gpu * 1e12 * 0.5) / 3600)
+    assert estimate.dollars == pytest.approx(estimate.hours * 1 * _price("H100"))
+
+
+def test_generation_time_for_grpo_is_reported():
+    plan = build_plan(QWEN_SMALL, TrainingOptions(method="lora", stage="grpo", gpu="H100", batch_size=8))
+    estimate = estimate_time_cost(QWEN_SMALL, plan, Workload(num_examples=1_000, tokens_per_example=200))
+    assert estimate.generation_seconds > 0 and estimate.hours * 3600 == pytest.approx(estimate.training_seconds + estimate.generation_seconds)
+
+
+def _price(name):
+    from gpu_catalog.catalog import find_gpu
+
+    return find_gpu(name).price_per_hour_usd
