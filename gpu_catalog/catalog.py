@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, fields
@@ -85,4 +86,15 @@ def find_gpu(query: str) -> GPU:
         return hits[0]
     if hits:
         raise PlanInputError("gpu", f"{query!r} is ambiguous: {', '.join(g.name for g in hits)}")
-    raise PlanInputError("gpu", f"unknown GPU {query!r}; known: {', '.join(g.name for g in all_gpus())}")
+    raise PlanInputError("gpu", f"unknown GPU {query!r}; closest: {', '.join(closest_gpus(query))} (vramplan gpus lists them all)")
+
+
+def closest_gpus(query: str, n: int = 4) -> list[str]:
+    """Catalog names nearest to a query that matched nothing, by their names and aliases."""
+    wanted = _norm(query)
+    scored = []
+    for gpu in all_gpus():
+        keys = [_norm(gpu.name), *map(_norm, gpu.aliases)]
+        scored.append((max(difflib.SequenceMatcher(None, wanted, key).ratio() for key in keys), gpu.name))
+    scored.sort(key=lambda pair: -pair[0])
+    return [name for _, name in scored[:n]]

@@ -109,3 +109,33 @@ def test_local_config_is_introspected(tmp_path):
     # embed 100x64 (tied), per layer: q 64x64+64, k 32x64+32, v 32x64+32, o 64x64, mlp 3x64x128, 2 norms; final norm
     per_layer = (64 * 64 + 64) + 2 * (32 * 64 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
     assert json.loads(out.stdout)["total"] == 100 * 64 + 2 * per_layer + 64
+
+
+def test_advise_json_answers_the_13b_qlora_question():
+    out = vramplan("advise", "meta-llama/Llama-2-13b-hf", "--gpu", "RTX 4000 Ada", "--num-examples", "8000", "--json")
+    assert out.returncode == 0, out.stderr
+    advice = json.loads(out.stdout)
+    assert advice["approach"] == "fine-tune" and advice["method"] == "qlora" and advice["fits"]
+    assert advice["plan"]["peak_bytes"] == advice["peak_bytes"] <= advice["plan"]["usable_bytes"]
+    assert advice["settings"]["batch_size"] * advice["settings"]["gradient_accumulation_steps"] == 16
+    assert advice["reasons"] and advice["alternatives"]
+
+
+def test_advise_rejects_an_unknown_goal_with_the_field():
+    out = vramplan("advise", CATALOG_MODEL, "--goal", "vibes")
+    assert out.returncode == 2 and out.stderr.startswith("vramplan: error: goal:") and "Traceback" not in out.stderr
+
+
+def test_fit_json_reports_each_search():
+    out = vramplan("fit", CATALOG_MODEL, "--method", "full", "--gpu", "4090", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert not data["fits"]
+    assert data["largest_batch"]["value"] is None
+    assert data["fewest_gpus"]["value"] > 1 and data["fewest_gpus"]["fits"]
+    assert data["fixes"]["smallest"]["fits"]
+
+
+def test_fit_bad_input_is_exit_2():
+    out = vramplan("fit", CATALOG_MODEL, "--batch-size", "0")
+    assert out.returncode == 2 and "batch_size" in out.stderr and "Traceback" not in out.stderr
