@@ -164,6 +164,13 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_level="warning")
+    return 0
+
+
 def cmd_models(args) -> int:
     from planner.catalog import catalog_ids
 
@@ -216,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--json", action="store_true", help="print JSON")
     _option_flags(fit_parser)
     fit_parser.set_defaults(func=cmd_fit)
+    serve_parser = sub.add_parser("serve", help="the web app and the JSON API (127.0.0.1:8000)")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--workers", type=int, default=1)
+    serve_parser.set_defaults(func=cmd_serve)
     for name, func, help_text in (("models", cmd_models, "list the model catalog"), ("gpus", cmd_gpus, "list GPUs")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--json", action="store_true")

@@ -1,0 +1,81 @@
+"""The JSON API, /api/v1: the same plan object the CLI prints, over HTTP.
+
+Every handler translates: request -> planner call -> the planner's `to_dict()`. Bad input is
+a 422 with `{"detail": [{"loc", "msg"}]}` (app/main.py turns PlanInputError into that).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.service import AdviseRequest, PlanRequest, resolve_web_model
+from gpu_catalog.catalog import all_gpus
+from gpu_catalog.detect import detect
+from planner.advisor import advise
+from planner.catalog import catalog_ids, load_catalog_spec
+from planner.fit import cheapest_gpu, fewest_gpus, gpu_options, largest_batch, longest_sequence, smallest_fixes
+from planner.plan import build_plan
+
+router = APIRouter(prefix="/api/v1")
+
+
+@router.post("/plan", summary="The memory plan, component by component")
+def plan(request: PlanRequest) -> dict:
+    spec = resolve_web_model(request.model, request.config_json)
+    return build_plan(spec, request.options()).to_dict()
+
+
+@router.post("/check", summary="Does it fit? 200 either way, with `fits` and `peak_bytes`")
+def check(request: PlanRequest) -> dict:
+    spec = resolve_web_model(request.model, request.config_json)
+    result = build_plan(spec, request.options())
+    return {
+        "fits": result.fits,
+        "peak_bytes": result.peak_bytes,
+        "usable_bytes": result.usable_bytes,
+        "headroom_bytes": result.usable_bytes - result.peak_bytes,
+        "gpu": {"name": result.gpu.name, "memory_bytes": result.gpu.memory_bytes, "count": result.gpu.count},
+        "model": result.model_name,
+    }
+
+
+@router.post("/advise", summary="Approach, stage, method and settings, with reasons and alternatives")
+def advise_route(request: AdviseRequest) -> dict:
+    spec = resolve_web_model(request.model, request.config_json)
+    return advise(spec, request.task(), request.options()).to_dict()
+
+
+@router.post("/fit", summary="Largest batch, longest sequence, fewest GPUs, cheapest GPU, smallest fix")
+def fit(request: PlanRequest) -> dict:
+    spec = resolve_web_model(request.model, request.config_json)
+    options = request.options()
+    cheapest = cheapest_gpu(spec, options)
+    return {
+        "model": spec.name,
+        "largest_batch": largest_batch(spec, options).to_dict(),
+        "longest_sequence": longest_sequence(spec, options).to_dict(),
+        "fewest_gpus": fewest_gpus(spec, options).to_dict(),
+        "cheapest_gpu": cheapest.to_dict() if cheapest else None,
+        "gpu_options": [c.to_dict() for c in gpu_options(spec, options)],
+        "fixes": smallest_fixes(spec, options).to_dict(),
+    }
+
+
+@router.get("/gpus", summary="Detected GPUs and the GPU catalog")
+def gpus() -> dict:
+    found = detect()
+    return {
+        "detected": [g.to_dict() for g in found.gpus],
+        "driver_version": found.driver_version,
+        "reason": found.reason,
+        "catalog": [g.to_dict() for g in all_gpus()],
+    }
+
+
+@router.get("/models", summary="The model catalog")
+def models() -> dict:
+    rows = []
+    for model_id in sorted(catalog_ids().values()):
+        spec = load_catalog_spec(model_id)
+        rows.append({"id": model_id, "model_type": spec.model_type, "params": spec.total_params, "layers": spec.num_layers, "experts": spec.num_experts})
+    return {"models": rows}

@@ -1,0 +1,94 @@
+"""Server-rendered SVG: the plan's components stacked against the GPU's memory.
+
+Readable without colour: every family has its own fill pattern as well as its colour, the
+legend repeats the pattern with the name and GiB, and a labelled line marks the usable memory.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from planner.plan import GIB, Plan
+
+# family -> (colour, pattern id)
+FAMILIES = {
+    "weights": ("#4e79a7", "solid"),
+    "gradients": ("#f28e2b", "diag"),
+    "optimizer_state": ("#e15759", "cross"),
+    "activations": ("#76b7b2", "dots"),
+    "logits": ("#59a14f", "hlines"),
+    "temporary": ("#edc948", "vlines"),
+    "reference_model": ("#b07aa1", "rdiag"),
+    "reward_model": ("#ff9da7", "rdiag"),
+    "value_model": ("#9c755f", "diag"),
+    "kv_cache": ("#bab0ac", "grid"),
+    "runtime": ("#79706e", "solid"),
+}
+PATTERNS = """
+<pattern id="p-diag" width="6" height="6" patternUnits="userSpaceOnUse" patternTransform="rotate(45)"><rect width="6" height="6" fill="{c}"/><line x1="0" y1="0" x2="0" y2="6" stroke="#000" stroke-opacity=".45" stroke-width="2"/></pattern>
+<pattern id="p-rdiag" width="6" height="6" patternUnits="userSpaceOnUse" patternTransform="rotate(-45)"><rect width="6" height="6" fill="{c}"/><line x1="0" y1="0" x2="0" y2="6" stroke="#000" stroke-opacity=".45" stroke-width="2"/></pattern>
+<pattern id="p-cross" width="6" height="6" patternUnits="userSpaceOnUse"><rect width="6" height="6" fill="{c}"/><path d="M0 0L6 6M6 0L0 6" stroke="#000" stroke-opacity=".45"/></pattern>
+<pattern id="p-dots" width="5" height="5" patternUnits="userSpaceOnUse"><rect width="5" height="5" fill="{c}"/><circle cx="2.5" cy="2.5" r="1.1" fill="#000" fill-opacity=".5"/></pattern>
+<pattern id="p-hlines" width="5" height="5" patternUnits="userSpaceOnUse"><rect width="5" height="5" fill="{c}"/><line x1="0" y1="2.5" x2="5" y2="2.5" stroke="#000" stroke-opacity=".45"/></pattern>
+<pattern id="p-vlines" width="5" height="5" patternUnits="userSpaceOnUse"><rect width="5" height="5" fill="{c}"/><line x1="2.5" y1="0" x2="2.5" y2="5" stroke="#000" stroke-opacity=".45"/></pattern>
+<pattern id="p-grid" width="6" height="6" patternUnits="userSpaceOnUse"><rect width="6" height="6" fill="{c}"/><path d="M0 3H6M3 0V6" stroke="#000" stroke-opacity=".4"/></pattern>
+"""
+
+
+def family_totals(plan: Plan) -> list[tuple[str, int]]:
+    totals: dict[str, int] = {}
+    for component in plan.components:
+        if component.bytes:
+            totals[component.family] = totals.get(component.family, 0) + component.bytes
+    return list(totals.items())
+
+
+def _fill(family: str, prefix: str) -> str:
+    colour, pattern = FAMILIES.get(family, ("#999999", "solid"))
+    return colour if pattern == "solid" else f"url(#{prefix}-{family})"
+
+
+def memory_bar_svg(plan: Plan, compact: bool = False, width: int = 640) -> str:
+    """One horizontal bar: components by family, the GPU's usable memory as a marked line."""
+    parts = family_totals(plan)
+    scale_max = max(plan.peak_bytes, plan.gpu.memory_bytes) or 1
+    bar_y, bar_h = 22, 28
+    legend_rows = 0 if compact else (len(parts) + 1) // 2
+    height = bar_y + bar_h + 22 + legend_rows * 18
+    prefix = f"m{abs(hash((plan.model_name, plan.options.method, plan.peak_bytes))) % 10**8}"
+    defs = []
+    for family, _ in parts:
+        colour, pattern = FAMILIES.get(family, ("#999999", "solid"))
+        if pattern != "solid":
+            body = PATTERNS.split(f'id="p-{pattern}"', 1)[1].split("</pattern>", 1)[0]
+            defs.append(f'<pattern id="{prefix}-{family}"{body.replace("{c}", colour)}</pattern>')
+    shapes = []
+    x = 0.0
+    for family, size in parts:
+        w = size / scale_max * width
+        shapes.append(
+            f'<rect x="{x:.1f}" y="{bar_y}" width="{max(w, 0.5):.1f}" height="{bar_h}" fill="{_fill(family, prefix)}" stroke="#fff" stroke-width="1">'
+            f"<title>{escape(family)}: {size / GIB:.2f} GiB</title></rect>"
+        )
+        x += w
+    usable_x = plan.usable_bytes / scale_max * width
+    total_x = plan.gpu.memory_bytes / scale_max * width
+    verdict = "fits" if plan.fits else "does not fit"
+    shapes.append(f'<line x1="{usable_x:.1f}" y1="{bar_y - 6}" x2="{usable_x:.1f}" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="2" stroke-dasharray="4 2"/>')
+    shapes.append(f'<line x1="{total_x:.1f}" y1="{bar_y - 6}" x2="{total_x:.1f}" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="1"/>')
+    anchor = "end" if usable_x > width * 0.5 else "start"
+    shapes.append(
+        f'<text x="{usable_x:.1f}" y="{bar_y - 9}" font-size="12" text-anchor="{anchor}">usable {plan.usable_bytes / GIB:.1f} GiB of {plan.gpu.memory_bytes / GIB:.1f}</text>'
+    )
+    shapes.append(f'<text x="0" y="{bar_y + bar_h + 17}" font-size="12">peak {plan.peak_bytes / GIB:.2f} GiB per GPU: {verdict}</text>')
+    if not compact:
+        for index, (family, size) in enumerate(parts):
+            lx = (index % 2) * (width / 2)
+            ly = bar_y + bar_h + 26 + (index // 2) * 18
+            shapes.append(f'<rect x="{lx:.0f}" y="{ly}" width="14" height="12" fill="{_fill(family, prefix)}" stroke="#333"/>')
+            shapes.append(f'<text x="{lx + 20:.0f}" y="{ly + 10}" font-size="12">{escape(family.replace("_", " "))}: {size / GIB:.2f} GiB</text>')
+    title = f"Memory per GPU: {plan.peak_bytes / GIB:.2f} GiB predicted, {plan.usable_bytes / GIB:.2f} GiB usable ({verdict})"
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="{escape(title)}">'
+        f"<title>{escape(title)}</title><defs>{''.join(defs)}</defs>{''.join(shapes)}</svg>"
+    )
