@@ -7,6 +7,8 @@ a 422 with `{"detail": [{"loc", "msg"}]}` (app/main.py turns PlanInputError into
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
 from app.service import AdviseRequest, PlanRequest, resolve_web_model
 from gpu_catalog.catalog import all_gpus
@@ -16,27 +18,38 @@ from planner.catalog import catalog_ids, load_catalog_spec
 from planner.fit import cheapest_gpu, fewest_gpus, gpu_options, largest_batch, longest_sequence, smallest_fixes
 from planner.plan import build_plan
 
+# plan and check are async: a plan takes well under a millisecond of CPU, less than the
+# threadpool hop a sync handler pays, and they return JSONResponse to skip re-encoding plain
+# dicts. advise and fit build dozens of plans and NVML can block: they stay in the threadpool.
 router = APIRouter(prefix="/api/v1")
 
 
+async def _spec(request: PlanRequest):
+    """Catalog specs load in microseconds; a pasted config builds a model on the meta device
+    (about a second the first time), which must not stall the event loop."""
+    if request.config_json:
+        return await run_in_threadpool(resolve_web_model, request.model, request.config_json)
+    return resolve_web_model(request.model)
+
+
 @router.post("/plan", summary="The memory plan, component by component")
-def plan(request: PlanRequest) -> dict:
-    spec = resolve_web_model(request.model, request.config_json)
-    return build_plan(spec, request.options()).to_dict()
+async def plan(request: PlanRequest) -> JSONResponse:
+    spec = await _spec(request)
+    return JSONResponse(build_plan(spec, request.options()).to_dict())
 
 
 @router.post("/check", summary="Does it fit? 200 either way, with `fits` and `peak_bytes`")
-def check(request: PlanRequest) -> dict:
-    spec = resolve_web_model(request.model, request.config_json)
+async def check(request: PlanRequest) -> JSONResponse:
+    spec = await _spec(request)
     result = build_plan(spec, request.options())
-    return {
+    return JSONResponse({
         "fits": result.fits,
         "peak_bytes": result.peak_bytes,
         "usable_bytes": result.usable_bytes,
         "headroom_bytes": result.usable_bytes - result.peak_bytes,
         "gpu": {"name": result.gpu.name, "memory_bytes": result.gpu.memory_bytes, "count": result.gpu.count},
         "model": result.model_name,
-    }
+    })
 
 
 @router.post("/advise", summary="Approach, stage, method and settings, with reasons and alternatives")
@@ -73,7 +86,7 @@ def gpus() -> dict:
 
 
 @router.get("/models", summary="The model catalog")
-def models() -> dict:
+async def models() -> dict:
     rows = []
     for model_id in sorted(catalog_ids().values()):
         spec = load_catalog_spec(model_id)
