@@ -170,7 +170,7 @@ def decide_settings(spec: ModelSpec, task: Task, method: str, stage: str) -> tup
     if method in ("lora", "qlora", "dora"):
         settings.update({"lora_r": rank, "lora_alpha": 2 * rank, "lora_targets": targets, "lora_dropout": dropout})
         reasons.append(
-            f"Rank {rank} for a {task.goal} goal (alpha {2 * rank}), "
+            f"Rank {rank} for {'an' if task.goal[0] in 'aeiou' else 'a'} {task.goal} goal (alpha {2 * rank}), "
             + ("q_proj and v_proj only for a light style change" if targets != "all-linear" else "all linear layers")
             + f", dropout {dropout}" + (" for a small dataset" if dropout > 0.05 else "") + f", learning rate {lr:g}."
         )
@@ -195,17 +195,24 @@ def _options_for(base: TrainingOptions, method: str, stage: str, settings: dict)
 def _with_batch(spec: ModelSpec, options: TrainingOptions) -> tuple[Plan, dict, list[str]]:
     """Largest micro-batch that fits (up to the target effective batch), then accumulation."""
     target = TARGET_EFFECTIVE_BATCH
-    found = largest_batch(spec, options.model_copy(update={"batch_size": 1}), limit=target)
+    # every GPU takes a micro-batch: the per-GPU micro-batch stays within target / GPUs
+    per_gpu_target = max(1, target // options.num_gpus)
+    found = largest_batch(spec, options.model_copy(update={"batch_size": 1}), limit=per_gpu_target)
     if found.value is None:
         plan = build_plan(spec, options.model_copy(update={"batch_size": 1}))
         return plan, {"batch_size": 1, "gradient_accumulation_steps": target}, []
     # the largest micro-batch that divides the effective batch, so accumulation lands on it exactly
-    micro = max(d for d in range(1, found.value + 1) if target % d == 0)
+    micro = max(d for d in range(1, found.value + 1) if per_gpu_target % d == 0)
     plan = found.plan if micro == found.value else build_plan(spec, options.model_copy(update={"batch_size": micro}))
     accumulation = max(1, target // (micro * plan.gpu.count))
     reasons = [
         f"Micro-batch {micro} with gradient accumulation {accumulation}: effective batch {micro * accumulation * plan.gpu.count}"
-        + (f" (up to {found.value} would fit; {micro} divides {target})." if micro != found.value else f" ({micro} is the largest that fits, up to {target}).")
+        + (
+            f" (up to {found.value} would fit; {micro} divides {per_gpu_target})." if micro != found.value
+            else f" ({target} sequences per step over {plan.gpu.count} GPUs)." if micro == per_gpu_target and plan.gpu.count > 1
+            else f" ({target} sequences per step)." if micro == per_gpu_target
+            else f" ({micro} is the largest that fits)."
+        )
     ]
     # checkpointing costs a third more compute: drop it when the same micro-batch fits without
     if options.gradient_checkpointing:
@@ -242,7 +249,7 @@ def choose_method(spec: ModelSpec, task: Task, options: TrainingOptions, stage: 
             return "full", reasons + [
                 f"{task.num_examples:,} examples for a large {task.goal} shift, and full fine-tuning fits ({_gib(full.peak_bytes)} of {_gib(full.usable_bytes)} per GPU): full FT at a low learning rate; mix in 5-10% general data against forgetting."
             ]
-        reasons.append(f"Full fine-tuning would suit {task.num_examples:,} examples but needs {_gib(full.peak_bytes)} per GPU of {_gib(full.usable_bytes)}: LoRA instead.")
+        reasons.append(f"Full fine-tuning would suit {task.num_examples:,} examples but needs {_gib(full.peak_bytes)} per GPU of {_gib(full.usable_bytes)}: an adapter instead.")
     lora = fits("lora")
     if lora.fits:
         why = f"LoRA fits: {_gib(lora.peak_bytes)} of {_gib(lora.usable_bytes)} usable on {lora.gpu.name} at micro-batch 1."
@@ -255,9 +262,19 @@ def choose_method(spec: ModelSpec, task: Task, options: TrainingOptions, stage: 
     return "qlora", reasons
 
 
+def shard_across_given_gpus(options: TrainingOptions) -> tuple[TrainingOptions, list[str]]:
+    """Several GPUs and no parallelism chosen: shard with ZeRO-3. The GPUs are there already and
+    sharding costs no quality, so it comes before any lever that does."""
+    if options.num_gpus > 1 and options.parallelism == "ddp" and "parallelism" not in options.model_fields_set:
+        sharded = options.model_copy(update={"parallelism": "zero3"})
+        return sharded, [f"{options.num_gpus} GPUs: weights, gradients and optimizer state sharded across them with ZeRO-3 (no quality cost) rather than copied to each."]
+    return options, []
+
+
 def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) -> Advice:
-    options = options or TrainingOptions()
+    options, shard_reasons = shard_across_given_gpus(options or TrainingOptions())
     approach, reasons = decide_approach(task)
+    reasons += shard_reasons
     stage, stage_reasons = decide_stage(spec, task)
     method, method_reasons = choose_method(spec, task, options, stage)
     settings, setting_reasons = decide_settings(spec, task, method, stage)

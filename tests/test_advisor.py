@@ -171,3 +171,13 @@ def _price(name):
     from gpu_catalog.catalog import find_gpu
 
     return find_gpu(name).price_per_hour_usd
+
+
+def test_several_gpus_are_sharded_before_quality_costing_levers():
+    llama70b = load_catalog_spec("meta-llama/Llama-3.1-70B")
+    advice = advise(llama70b, Task(goal="reasoning", num_examples=250_000), TrainingOptions(gpu="H100", num_gpus=8))
+    assert advice.plan.options.parallelism == "zero3" and advice.method == "lora" and advice.plan.fits
+    # the micro-batch on each of the 8 GPUs adds up to the effective batch
+    assert advice.settings["batch_size"] * advice.settings["gradient_accumulation_steps"] * 8 == 16
+    single = advise(llama70b, Task(goal="reasoning", num_examples=250_000), TrainingOptions(gpu="H100"))
+    assert single.method == "qlora"
