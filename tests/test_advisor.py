@@ -181,3 +181,8 @@ def test_several_gpus_are_sharded_before_quality_costing_levers():
     assert advice.settings["batch_size"] * advice.settings["gradient_accumulation_steps"] * 8 == 16
     single = advise(llama70b, Task(goal="reasoning", num_examples=250_000), TrainingOptions(gpu="H100"))
     assert single.method == "qlora"
+
+
+def test_data_that_must_stay_on_premises_is_planned_for_the_local_gpu():
+    advice = advise(QWEN_SMALL, Task(data_must_stay_on_premises=True), TrainingOptions(gpu="RTX 4090"))
+    assert any("on premises" in r and "gpu auto" in r for r in advice.reasons)
