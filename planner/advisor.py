@@ -274,6 +274,9 @@ def shard_across_given_gpus(options: TrainingOptions) -> tuple[TrainingOptions, 
 def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) -> Advice:
     options, shard_reasons = shard_across_given_gpus(options or TrainingOptions())
     approach, reasons = decide_approach(task)
+    untold = [f"{name.replace('_', ' ')} {getattr(task, name)}" for name in ("goal", "data_kind", "num_examples") if name not in task.model_fields_set]
+    if untold:
+        reasons.append("Assumed, not given: " + ", ".join(untold) + ".")
     reasons += shard_reasons
     stage, stage_reasons = decide_stage(spec, task)
     method, method_reasons = choose_method(spec, task, options, stage)

@@ -66,6 +66,11 @@ def test_form_updates_the_verdict_when_the_gpu_changes(server, browser):
     assert "RTX 4090" in _verdict(page)
     # htmx pushed the state into the URL: the address is shareable
     assert "method=full" in page.url and "RTX" in page.url
+    # typing updates the result too (debounced): the plan now uses the typed sequence length
+    assert "seq len 2048, not given" in page.locator("#result").inner_text()
+    page.fill("#f-seq_len", "8192")
+    page.wait_for_function("location.search.includes('seq_len=8192')", timeout=15_000)
+    page.wait_for_function("!document.querySelector('#result').innerText.includes('seq len 2048, not given')", timeout=15_000)
     page.screenshot(path=str(ARTIFACTS / "form-does-not-fit.png"), full_page=True)
     shared = browser.new_page()
     shared.goto(page.url)
