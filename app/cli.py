@@ -200,29 +200,22 @@ def cmd_gpus(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vramplan", description="Plan GPU memory for fine-tuning a causal LM.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, help_text in (
-        ("params", cmd_params, "parameter counts (total, trainable) for a method"),
-        ("plan", cmd_plan, "the memory plan, component by component"),
-        ("check", cmd_check, "one line; exit 0 fits, 1 does not fit, 2 bad input"),
+    from planner.advisor import Task
+
+    for name, func, help_text, asks_task in (
+        ("params", cmd_params, "parameter counts (total, trainable) for a method", False),
+        ("plan", cmd_plan, "the memory plan, component by component", False),
+        ("check", cmd_check, "one line; exit 0 fits, 1 does not fit, 2 bad input", False),
+        ("advise", cmd_advise, "what to run and why: approach, stage, method, settings, alternatives", True),
+        ("fit", cmd_fit, "searches: largest batch, longest sequence, fewest GPUs, cheapest GPU, smallest fix", False),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("model", help="catalog id (e.g. meta-llama/Llama-3.1-8B), a directory or a config.json")
         p.add_argument("--json", action="store_true", help="print JSON")
+        if asks_task:
+            _option_flags(p, Task, "the task (the advisor's questions)")
         _option_flags(p)
         p.set_defaults(func=func)
-    advise_parser = sub.add_parser("advise", help="what to run and why: approach, stage, method, settings, alternatives")
-    advise_parser.add_argument("model", help="catalog id (e.g. meta-llama/Llama-3.1-8B), a directory or a config.json")
-    advise_parser.add_argument("--json", action="store_true", help="print JSON")
-    from planner.advisor import Task
-
-    _option_flags(advise_parser, Task, "the task (the advisor's questions)")
-    _option_flags(advise_parser)
-    advise_parser.set_defaults(func=cmd_advise)
-    fit_parser = sub.add_parser("fit", help="searches: largest batch, longest sequence, fewest GPUs, cheapest GPU, smallest fix")
-    fit_parser.add_argument("model", help="catalog id (e.g. meta-llama/Llama-3.1-8B), a directory or a config.json")
-    fit_parser.add_argument("--json", action="store_true", help="print JSON")
-    _option_flags(fit_parser)
-    fit_parser.set_defaults(func=cmd_fit)
     serve_parser = sub.add_parser("serve", help="the web app and the JSON API (127.0.0.1:8000)")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)

@@ -92,7 +92,7 @@ def gpu_rows() -> list[dict]:
     from planner.catalog import load_catalog_spec, CONFIGS_DIR, file_stem
     from planner.options import TrainingOptions
     from planner.plan import build_plan
-    from tests.realstack import build_model, peft_config
+    from tests.realstack import apply_method, build_model
 
     try:
         import pynvml
@@ -112,17 +112,7 @@ def gpu_rows() -> list[dict]:
                 for ckpt in (False, True):
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                    model = build_model(config, "bf16", attention="sdpa").cuda()
-                    pconf = peft_config(method, 16, "all-linear", 5)
-                    if pconf is not None:
-                        from peft import get_peft_model
-
-                        pconf.lora_dropout = 0.0
-                        model = get_peft_model(model, pconf)
-                    if ckpt:
-                        model.gradient_checkpointing_enable()
-                        if pconf is not None:
-                            model.enable_input_require_grads()
+                    model = apply_method(build_model(config, "bf16", attention="sdpa").cuda(), method, 16, ckpt)
                     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
                     ids = torch.randint(3, config["vocab_size"], (1, seq_len), device="cuda")
                     for _ in range(3):

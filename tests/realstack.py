@@ -247,6 +247,22 @@ def saved_activation_bytes(model, run_forward) -> int:
     return sum(live_storages.values()), out
 
 
+def apply_method(model, method: str, lora_r: int, checkpointing: bool):
+    """PEFT on all linear layers (dropout 0, so CPU and GPU save the same) and checkpointing,
+    the way the trainers set them up: inputs require grad when the base is frozen."""
+    pconf = peft_config(method, lora_r, "all-linear", 5)
+    if pconf is not None:
+        from peft import get_peft_model
+
+        pconf.lora_dropout = 0.0
+        model = get_peft_model(model, pconf)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        if pconf is not None:
+            model.enable_input_require_grads()
+    return model
+
+
 def measure_saved_forward(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8, trainer: str = "hf") -> int:
     """Saved-for-backward bytes of one real forward with labels under bf16 autocast, as trainers run it.
 
@@ -259,16 +275,7 @@ def measure_saved_forward(config: dict, method: str, attention: str, checkpointi
 
         add_fused_lm_head(model)
         extra["fused_lm_head"] = True
-    pconf = peft_config(method, lora_r, "all-linear", 5)
-    if pconf is not None:
-        from peft import get_peft_model
-
-        pconf.lora_dropout = 0.0
-        model = get_peft_model(model, pconf)
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-        if pconf is not None:
-            model.enable_input_require_grads()
+    model = apply_method(model, method, lora_r, checkpointing)
     model.train()
     torch.manual_seed(0)
     ids = torch.randint(3, config["vocab_size"], (sequences, seq_len))
