@@ -10,6 +10,8 @@ class Component:
     name: str  # family, then an optional detail after a dot: "weights.base"
     bytes: int
     note: str
+    # bytes every GPU keeps whole when the rest is sharded (per-tensor optimizer step counters)
+    replicated_bytes: int = 0
 
     @property
     def family(self) -> str:

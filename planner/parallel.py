@@ -23,7 +23,9 @@ GATHERED_LAYERS = 2
 
 
 def _shard(component: Component, n: int, why: str) -> Component:
-    return Component(component.name, math.ceil(component.bytes / n), f"{component.note}; 1/{n} per GPU ({why})")
+    whole = component.replicated_bytes
+    share = whole + math.ceil((component.bytes - whole) / n)
+    return Component(component.name, share, f"{component.note}; 1/{n} per GPU ({why})", whole)
 
 
 def largest_layer_params(spec: ModelSpec) -> int:

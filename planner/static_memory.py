@@ -147,7 +147,12 @@ def optimizer_components(spec: ModelSpec, options: TrainingOptions, trainables: 
             Component("optimizer_state", count * per_param, f"{opt} state in fp32 on the master copy"),
         ]
     if opt == "adamw":
-        return [Component("optimizer_state", _adamw(trainables), "AdamW: exp_avg and exp_avg_sq in the parameter dtype, plus an fp32 step per tensor")]
+        return [
+            Component(
+                "optimizer_state", _adamw(trainables), "AdamW: exp_avg and exp_avg_sq in the parameter dtype, plus an fp32 step per tensor",
+                replicated_bytes=TORCH_STEP_BYTES * len(trainables),
+            )
+        ]
     if opt in ("adamw_8bit", "paged_adamw_8bit"):
         paged = ", paged (evicted to host memory under pressure)" if opt.startswith("paged") else ""
         return [
