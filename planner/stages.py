@@ -24,7 +24,8 @@ def frozen_copy_bytes(weights: list[Component]) -> int:
 
 
 def kv_cache_bytes(spec: ModelSpec, options: TrainingOptions, sequences: int) -> int:
-    tokens = options.seq_len + options.max_new_tokens
+    # the last new token is sampled and never fed back, so the cache ends one short
+    tokens = options.seq_len + options.max_new_tokens - 1
     return 2 * spec.num_layers * spec.kv_dim * dtype_bytes(options.precision) * sequences * tokens
 
 

@@ -60,7 +60,7 @@ def test_grpo_reference_only_with_kl_and_kv_cache_for_the_group():
     spec = load_catalog_spec(LLAMA)
     _, no_kl = all_components(LLAMA, method="full", stage="grpo", batch_size=8, seq_len=256, max_new_tokens=512)
     assert "reference_model" not in no_kl
-    assert no_kl["kv_cache"] == 2 * 32 * 1024 * 2 * 8 * (256 + 512) == kv_cache_bytes(spec, TrainingOptions(stage="grpo", batch_size=8, seq_len=256, max_new_tokens=512), 8)
+    assert no_kl["kv_cache"] == 2 * 32 * 1024 * 2 * 8 * (256 + 512 - 1) == kv_cache_bytes(spec, TrainingOptions(stage="grpo", batch_size=8, seq_len=256, max_new_tokens=512), 8)
     _, kl = all_components(LLAMA, method="full", stage="grpo", beta=0.04)
     assert kl["reference_model"] == weights_bytes(kl)
 
@@ -109,3 +109,23 @@ def test_offload_moves_optimizer_state_to_host():
 def test_sharding_needs_several_gpus():
     with pytest.raises(PlanInputError, match="num_gpus"):
         all_components(LLAMA, parallelism="zero3")
+
+
+def test_kv_cache_equals_what_generate_keeps():
+    """A real HF generate on a tiny Llama: the cache it returns holds what kv_cache_bytes plans."""
+    import torch
+
+    from planner.introspect import spec_from_config
+    from tests.conftest import TINY
+    from tests.realstack import build_model
+
+    model = build_model(TINY["llama"], "bf16", attention="sdpa").eval()
+    prompts = torch.randint(3, TINY["llama"]["vocab_size"], (3, 10))
+    out = model.generate(
+        input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=7, min_new_tokens=7,
+        do_sample=False, return_dict_in_generate=True, pad_token_id=0,
+    )
+    kept = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+    spec = spec_from_config(dict(TINY["llama"]), "tiny")
+    options = TrainingOptions(stage="grpo", method="full", seq_len=10, max_new_tokens=7, weights_dtype="bf16", gpu_memory_gib=8)
+    assert kv_cache_bytes(spec, options, 3) == kept
