@@ -149,3 +149,38 @@ def test_compare_and_matrix(client):
     assert compare.status_code == 200 and compare.text.count("<svg") == 4
     matrix = client.get("/matrix", params={"method": "qlora"})
     assert matrix.status_code == 200 and "✔" in matrix.text and "✘" in matrix.text
+
+
+# -- no input produces a 500 ------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from planner.options import TrainingOptions as _Options  # noqa: E402
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30), st.lists(st.text(max_size=10), max_size=3),
+    st.sampled_from(["all-linear", "qlora", "full", "zero3", "fsdp", "grpo", "dpo", "auto", "H100", "T4", "MI300X", "eager", "int8", "nf4"]),
+)
+_bodies = st.dictionaries(st.sampled_from([*_Options.model_fields, "model", "config_json", "goal", "num_examples", "bogus"]), _values, max_size=6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_bodies, endpoint=st.sampled_from(["/api/v1/plan", "/api/v1/check", "/api/v1/advise"]))
+def test_any_body_is_answered_200_or_422(client, body, endpoint):
+    body.setdefault("model", "Qwen/Qwen2.5-0.5B")
+    response = client.post(endpoint, json=body)
+    assert response.status_code in (200, 422), (body, response.text)
+    if response.status_code == 422:
+        assert all(d["msg"] for d in response.json()["detail"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(params=st.dictionaries(st.sampled_from(["model", "gpu", "method", "stage", "batch_size", "seq_len", "gradient_checkpointing", "lora_r",
+                                                "num_gpus", "parallelism", "goal", "num_examples", "config_json"]), st.text(max_size=20), max_size=6))
+def test_any_form_input_renders_a_page(client, params):
+    for path in ("/", "/result", "/compare"):
+        response = client.get(path, params=params)
+        assert response.status_code in (200, 422), (path, params, response.text[:300])
+        assert "Traceback" not in response.text
