@@ -48,10 +48,11 @@ def _fill(family: str, prefix: str) -> str:
     return colour if pattern == "solid" else f"url(#{prefix}-{family})"
 
 
-def memory_bar_svg(plan: Plan, compact: bool = False, width: int = 640) -> str:
-    """One horizontal bar: components by family, the GPU's usable memory as a marked line."""
+def memory_bar_svg(plan: Plan, compact: bool = False, width: int = 640, scale_bytes: int | None = None) -> str:
+    """One horizontal bar: components by family, the GPU's usable memory as a marked line.
+    Bars drawn side by side pass one `scale_bytes`, so their lengths compare."""
     parts = family_totals(plan)
-    scale_max = max(plan.peak_bytes, plan.gpu.memory_bytes) or 1
+    scale_max = max(plan.peak_bytes, plan.gpu.memory_bytes, scale_bytes or 0) or 1
     bar_y, bar_h = 22, 28
     legend_rows = 0 if compact else (len(parts) + 1) // 2
     height = bar_y + bar_h + 22 + legend_rows * 18

@@ -140,13 +140,18 @@ def compare(request: Request):
         try:
             spec = resolve_web_model(parsed.model, parsed.config_json)
             options = parsed.options()
+            plans = {}
             for method in COMPARE_METHODS:
                 try:
-                    plan = build_plan(spec, options.model_copy(update={"method": method, "quantization": None}))
+                    plans[method] = build_plan(spec, options.model_copy(update={"method": method, "quantization": None}))
                 except PlanInputError as exc:
-                    rows.append({"method": method, "error": exc.reason})
-                    continue
-                rows.append({"method": method, "plan": plan.to_dict(), "chart": memory_bar_svg(plan, compact=True)})
+                    plans[method] = exc
+            scale = max((p.peak_bytes for p in plans.values() if not isinstance(p, PlanInputError)), default=0)
+            for method, plan in plans.items():
+                if isinstance(plan, PlanInputError):
+                    rows.append({"method": method, "error": plan.reason})
+                else:
+                    rows.append({"method": method, "plan": plan.to_dict(), "chart": memory_bar_svg(plan, compact=True, scale_bytes=scale)})
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
     context = {"request": request, "form": raw, "errors": errors, "rows": rows, "query": request.url.query, "htmx": HTMX.is_file()}
