@@ -55,6 +55,27 @@ def cpu_rows() -> list[dict]:
     return rows
 
 
+def cpu_step_peak_rows() -> list[dict]:
+    """Whole-step peaks on CPU from PyTorch's memory profiler, against the plan without runtime."""
+    from planner.introspect import spec_from_config
+    from tests.conftest import TINY
+    from tests.realstack import measure_step_peak, predicted_step_peak
+    from tests.test_step_peak import CASES
+
+    rows = []
+    for arch, method, attention, ckpt in CASES:
+        measured = measure_step_peak(TINY[arch], method, attention, ckpt, sequences=2, seq_len=64)
+        predicted, phase = predicted_step_peak(spec_from_config(dict(TINY[arch]), arch), method, attention, ckpt, 2, 64)
+        rows.append({
+            "config": f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, sft, trainer hf, 2x64 tokens (peak in {phase.replace('_', ' ')})",
+            "quantity": "whole-step peak, CPU profiler (bytes)",
+            "predicted": predicted,
+            "measured": measured,
+            "error": round((predicted - measured) / measured, 4),
+        })
+    return rows
+
+
 def calibration_rows() -> list[dict]:
     from planner.introspect import spec_from_config
     from planner.options import TrainingOptions
@@ -162,12 +183,13 @@ def main() -> int:
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "cpu": cpu_rows(),
+        "cpu_step_peak": cpu_step_peak_rows(),
         "calibration": calibration_rows(),
         "gpu": gpu,
     }
     out = RESULTS / f"{device}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    rows = result["calibration"] + result["gpu"] + result["cpu"]
+    rows = result["calibration"] + result["gpu"] + result["cpu_step_peak"] + result["cpu"]
     for row in rows:
         print(f"{row['error']:+7.1%}  {row['quantity']:<36} {row['config']}")
     print(f"wrote {out.relative_to(ROOT)}")

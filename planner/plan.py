@@ -2,6 +2,8 @@
 
 The peak is taken over the phases of a training step, because not everything is alive at once:
 - `generation` (GRPO, RLOO, PPO): the rollout's KV cache, before the training forward;
+- `forward_end` (DoRA): every saved activation and the last adapted Linear's DoRA temporaries,
+  before the loss exists;
 - `backward_start`: optimizer state (from step 2 on) and every saved activation, with the loss
   backward's buffers, but no gradients yet (they are freed before each forward);
 - `backward_end`: all gradients, with only what checkpointing keeps and one layer recomputed;
@@ -39,8 +41,13 @@ _ANNOUNCED_DEFAULTS = ("method", "stage", "batch_size", "seq_len", "precision", 
 PHASES = {
     "generation": ("weights", "optimizer_state", "gradients.ddp_buckets", "temporary.dequantized_layer",
                    "reference_model", "reward_model", "value_model", "kv_cache", "runtime"),
+    # the end of the forward: every activation saved, the last adapted Linear's DoRA temporaries
+    # alive, the loss not yet computed
+    "forward_end": ("weights", "optimizer_state", "activations", "temporary.autocast_cache", "temporary.dequantized_layer",
+                    "temporary.dora_weight_norm", "temporary.gathered_params", "gradients.ddp_buckets",
+                    "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_start": ("weights", "optimizer_state", "activations", "logits", "temporary.loss_backward",
-                       "temporary.autocast_cache", "temporary.dequantized_layer", "temporary.dora_weight_norm", "temporary.gathered_params", "gradients.ddp_buckets",
+                       "temporary.autocast_cache", "temporary.dequantized_layer", "temporary.gathered_params", "gradients.ddp_buckets",
                        "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_end": ("weights", "optimizer_state", "gradients", "activations.checkpoints", "activations.recompute",
                      "temporary.dequantized_layer", "temporary.dora_weight_norm", "temporary.gathered_params",
@@ -172,7 +179,7 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
             Component(
                 "temporary.dora_weight_norm",
                 dora_bytes,
-                "DoRA's weight-norm pass for the largest adapted Linear: an fp32 identity and three weight-sized fp32 products, freed after",
+                "DoRA's forward for the largest adapted Linear: fp32 identity, weight-sized copies for the norm and token x out scaling temporaries, freed after (measured on CPU)",
             )
         )
     if options.effective_quantization in ("nf4", "fp4", "int8"):
@@ -204,6 +211,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     for phase, families in PHASES.items():
         if phase == "generation" and not any(c.name == "kv_cache" for c in everything):
             continue
+        if phase == "forward_end" and not any(c.name == "temporary.dora_weight_norm" for c in everything):
+            continue  # without DoRA's forward temporaries, the start of backward holds more
         members = [c for c in everything if any(c.name == f or c.name.startswith(f + ".") for f in families)]
         allocated = sum(c.bytes for c in members)
         phases[phase] = members + runtime_components(allocated)

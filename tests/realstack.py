@@ -302,3 +302,50 @@ def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stag
     )
     parts = activation_components(spec, options) + logits_components(spec, options, training_tokens(options))
     return sum(c.bytes for c in parts if c.name != "activations.recompute" and not c.name.startswith("temporary"))
+
+
+def measure_step_peak(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8) -> int:
+    """Peak CPU memory of one whole training step (forward with labels under bf16 autocast,
+    backward, AdamW step, zero_grad), from PyTorch's memory profiler timeline.
+
+    A warm-up step runs first, so optimizer state exists before the measured step, as in every
+    step of a real run but the first."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    model = apply_method(build_model(config, "bf16", attention=attention), method, lora_r, checkpointing)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    torch.manual_seed(0)
+    ids = torch.randint(3, config["vocab_size"], (sequences, seq_len))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    return max(sum(categories) for categories in sizes)
+
+
+def predicted_step_peak(spec, method: str, attention: str, checkpointing: bool, batch_size: int, seq_len: int, lora_r: int = 8):
+    """The plan's peak for the same step, without the CUDA-only runtime components."""
+    from planner.options import TrainingOptions
+    from planner.plan import build_plan
+
+    options = TrainingOptions(
+        method=method, weights_dtype="bf16", precision="bf16", attention=attention, gradient_checkpointing=checkpointing,
+        batch_size=batch_size, seq_len=seq_len, trainer="hf", lora_r=lora_r, lora_dropout=0.0, gpu_memory_gib=80,
+    )
+    plan = build_plan(spec, options)
+    return sum(c.bytes for c in plan.components if c.family != "runtime"), plan.peak_phase
