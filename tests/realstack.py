@@ -310,10 +310,6 @@ def measure_step_peak(config: dict, method: str, attention: str, checkpointing: 
 
     A warm-up step runs first, so optimizer state exists before the measured step, as in every
     step of a real run but the first."""
-    import json
-
-    from torch.profiler import ProfilerActivity, profile
-
     model = apply_method(build_model(config, "bf16", attention=attention), method, lora_r, checkpointing)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -329,6 +325,15 @@ def measure_step_peak(config: dict, method: str, attention: str, checkpointing: 
         optimizer.zero_grad(set_to_none=True)
 
     step()
+    return profiled_peak(step)
+
+
+def profiled_peak(step) -> int:
+    """Peak CPU memory while `step()` runs, from PyTorch's memory profiler timeline."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as tmp:

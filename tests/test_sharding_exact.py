@@ -78,3 +78,47 @@ def test_fsdp_per_gpu_static_memory_equals_each_rank(tmp_path, arch, weights_dty
     for rank in range(WORLD):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert measured == planned, (rank, measured, planned)
+
+
+def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from tests.realstack import build_model, profiled_peak
+
+        model = DistributedDataParallel(build_model(TINY["llama"], "bf16", attention="sdpa"))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ids = torch.randint(3, TINY["llama"]["vocab_size"], (2, 64))
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            del loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump({"peak": profiled_peak(step)}, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_whole_step_peak_includes_the_gradient_buckets(tmp_path):
+    """DDP (gradient_as_bucket_view=False, PyTorch's default) keeps its all-reduce buckets as a
+    second copy of the gradients: each rank's measured peak must match the plan that counts them."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_ddp_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    spec = spec_from_config(dict(TINY["llama"]), "llama")
+    options = TrainingOptions(method="full", weights_dtype="bf16", precision="bf16", batch_size=2, seq_len=64, gradient_checkpointing=False,
+                              trainer="hf", num_gpus=WORLD, parallelism="ddp", gpu_memory_gib=80)
+    plan = build_plan(spec, options)
+    planned = sum(c.bytes for c in plan.components if c.family != "runtime")
+    assert any(c.name == "gradients.ddp_buckets" for c in plan.components)
+    for rank in range(WORLD):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())["peak"]
+        assert abs(planned - measured) / measured <= 0.02, (rank, planned, measured)
