@@ -310,7 +310,8 @@ def measure_step_peak(config: dict, method: str, attention: str, checkpointing: 
 
     A warm-up step runs first, so optimizer state exists before the measured step, as in every
     step of a real run but the first."""
-    model = apply_method(build_model(config, "bf16", attention=attention), method, lora_r, checkpointing)
+    quantization = "nf4" if method == "qlora" else "none"  # bitsandbytes quantizes on CPU
+    model = apply_method(build_model(config, "bf16", quantization=quantization, attention=attention), method, lora_r, checkpointing)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     torch.manual_seed(0)

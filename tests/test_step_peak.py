@@ -18,7 +18,7 @@ CASES = [
     for arch, attention in (("llama", "sdpa"), ("qwen2", "sdpa"), ("gemma2", "eager"), ("phi3", "sdpa"), ("llama", "eager"))
     for method in ("full", "lora", "dora")
     for ckpt in (False, True)
-]
+] + [(arch, "qlora", "sdpa", ckpt) for arch in ("llama", "qwen2") for ckpt in (False, True)]
 
 
 @pytest.mark.parametrize("arch,method,attention,ckpt", CASES)
