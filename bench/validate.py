@@ -63,11 +63,11 @@ def cpu_step_peak_rows() -> list[dict]:
     from tests.test_step_peak import CASES
 
     rows = []
-    for arch, method, attention, ckpt in CASES:
-        measured = measure_step_peak(TINY[arch], method, attention, ckpt, sequences=2, seq_len=64)
-        predicted, phase = predicted_step_peak(spec_from_config(dict(TINY[arch]), arch), method, attention, ckpt, 2, 64)
+    for arch, method, attention, ckpt, trainer in CASES:
+        measured = measure_step_peak(TINY[arch], method, attention, ckpt, sequences=2, seq_len=64, trainer=trainer)
+        predicted, phase = predicted_step_peak(spec_from_config(dict(TINY[arch]), arch), method, attention, ckpt, 2, 64, trainer=trainer)
         rows.append({
-            "config": f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, sft, trainer hf, 2x64 tokens (peak in {phase.replace('_', ' ')})",
+            "config": f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, sft, trainer {trainer}, 2x64 tokens (peak in {phase.replace('_', ' ')})",
             "quantity": "whole-step peak, CPU profiler (bytes)",
             "predicted": predicted,
             "measured": measured,

@@ -49,7 +49,9 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
     e = dtype_bytes(options.precision)
     if options.stage in ("orpo", "simpo"):
         return _experimental_trl_logits(vocab, e, tokens, with_nll=options.stage == "orpo")
-    tile = min(tokens, TRL_TOKEN_TILE) * min(vocab, TRL_VOCAB_TILE) * e
+    # the tile buffer is always TRL_VOCAB_TILE wide, even for a smaller vocabulary (Llama 2's
+    # 32,000); the weight slice cast per tile is only as wide as the vocabulary
+    tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * e + min(vocab, TRL_VOCAB_TILE) * spec.hidden_size * e
     lm_head_trains = options.method == "full"
     lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if lm_head_trains else 0
     return [
@@ -61,7 +63,7 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
         Component(
             "temporary.loss_backward",
             tile + tokens * (spec.hidden_size + TRL_FORWARD_FP32_PER_TOKEN) * 4 + lm_head_grad,
-            f"fused LM head backward: one {min(tokens, TRL_TOKEN_TILE):,} x {min(vocab, TRL_VOCAB_TILE):,} logits tile, "
+            f"fused LM head backward: one {min(tokens, TRL_TOKEN_TILE):,} x {TRL_VOCAB_TILE:,} logits tile buffer and a cast lm_head slice, "
             "the fp32 hidden-state gradient" + (", and an fp32 lm_head gradient" if lm_head_grad else ""),
         ),
     ]

@@ -304,14 +304,21 @@ def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stag
     return sum(c.bytes for c in parts if c.name != "activations.recompute" and not c.name.startswith("temporary"))
 
 
-def measure_step_peak(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8) -> int:
+def measure_step_peak(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8, trainer: str = "hf") -> int:
     """Peak CPU memory of one whole training step (forward with labels under bf16 autocast,
     backward, AdamW step, zero_grad), from PyTorch's memory profiler timeline.
 
     A warm-up step runs first, so optimizer state exists before the measured step, as in every
     step of a real run but the first."""
     quantization = "nf4" if method == "qlora" else "none"  # bitsandbytes quantizes on CPU
-    model = apply_method(build_model(config, "bf16", quantization=quantization, attention=attention), method, lora_r, checkpointing)
+    model = build_model(config, "bf16", quantization=quantization, attention=attention)
+    extra = {}
+    if trainer == "trl":  # TRL's trainers compute the loss through its fused LM head
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model)
+        extra["fused_lm_head"] = True
+    model = apply_method(model, method, lora_r, checkpointing)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     torch.manual_seed(0)
@@ -319,7 +326,7 @@ def measure_step_peak(config: dict, method: str, attention: str, checkpointing: 
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         del loss
         optimizer.step()
@@ -344,14 +351,14 @@ def profiled_peak(step) -> int:
     return max(sum(categories) for categories in sizes)
 
 
-def predicted_step_peak(spec, method: str, attention: str, checkpointing: bool, batch_size: int, seq_len: int, lora_r: int = 8):
+def predicted_step_peak(spec, method: str, attention: str, checkpointing: bool, batch_size: int, seq_len: int, lora_r: int = 8, trainer: str = "hf"):
     """The plan's peak for the same step, without the CUDA-only runtime components."""
     from planner.options import TrainingOptions
     from planner.plan import build_plan
 
     options = TrainingOptions(
         method=method, weights_dtype="bf16", precision="bf16", attention=attention, gradient_checkpointing=checkpointing,
-        batch_size=batch_size, seq_len=seq_len, trainer="hf", lora_r=lora_r, lora_dropout=0.0, gpu_memory_gib=80,
+        batch_size=batch_size, seq_len=seq_len, trainer=trainer, lora_r=lora_r, lora_dropout=0.0, gpu_memory_gib=80,
     )
     plan = build_plan(spec, options)
     return sum(c.bytes for c in plan.components if c.family != "runtime"), plan.peak_phase
