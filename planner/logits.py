@@ -50,8 +50,10 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
     if options.stage in ("orpo", "simpo"):
         return _experimental_trl_logits(vocab, e, tokens, with_nll=options.stage == "orpo")
     # the tile buffer is always TRL_VOCAB_TILE wide, even for a smaller vocabulary (Llama 2's
-    # 32,000); the weight slice cast per tile is only as wide as the vocabulary
-    tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * e + min(vocab, TRL_VOCAB_TILE) * spec.hidden_size * e
+    # 32,000); each tile casts its lm_head slice to the compute dtype, a copy only when the
+    # weights are stored in another dtype (fp32 master weights)
+    slice_copy = min(vocab, TRL_VOCAB_TILE) * spec.hidden_size * e if options.effective_weights_dtype != options.precision else 0
+    tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * e + slice_copy
     lm_head_trains = options.method == "full"
     lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if lm_head_trains else 0
     return [
@@ -63,7 +65,7 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
         Component(
             "temporary.loss_backward",
             tile + tokens * (spec.hidden_size + TRL_FORWARD_FP32_PER_TOKEN) * 4 + lm_head_grad,
-            f"fused LM head backward: one {min(tokens, TRL_TOKEN_TILE):,} x {TRL_VOCAB_TILE:,} logits tile buffer and a cast lm_head slice, "
+            f"fused LM head backward: one {min(tokens, TRL_TOKEN_TILE):,} x {TRL_VOCAB_TILE:,} logits tile buffer" + (" and a cast lm_head slice" if slice_copy else "") + ", "
             "the fp32 hidden-state gradient" + (", and an fp32 lm_head gradient" if lm_head_grad else ""),
         ),
     ]
