@@ -34,6 +34,10 @@ README_START = "<!-- accuracy-table:start -->"
 README_END = "<!-- accuracy-table:end -->"
 
 
+def _row(config: str, quantity: str, predicted, measured) -> dict:
+    return {"config": config, "quantity": quantity, "predicted": predicted, "measured": measured, "error": round((predicted - measured) / measured, 4)}
+
+
 def cpu_rows() -> list[dict]:
     from planner.introspect import spec_from_config
     from tests.conftest import TINY
@@ -45,13 +49,8 @@ def cpu_rows() -> list[dict]:
         sequences = BATCH * (2 if stage == "dpo" else 1)
         measured = measure_saved_forward(TINY[arch], method, attention, ckpt, sequences, SEQ, trainer=trainer)
         predicted = predicted_saved(spec_from_config(TINY[arch], arch), method, attention, ckpt, stage, BATCH, SEQ, trainer=trainer)
-        rows.append({
-            "config": f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, {stage}, trainer {trainer}, {BATCH}x{SEQ} tokens",
-            "quantity": "saved activations + logits (bytes)",
-            "predicted": predicted,
-            "measured": measured,
-            "error": round((predicted - measured) / measured, 4),
-        })
+        config = f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, {stage}, trainer {trainer}, {BATCH}x{SEQ} tokens"
+        rows.append(_row(config, "saved activations + logits (bytes)", predicted, measured))
     return rows
 
 
@@ -66,13 +65,8 @@ def cpu_step_peak_rows() -> list[dict]:
     for arch, method, attention, ckpt, trainer in CASES:
         measured = measure_step_peak(TINY[arch], method, attention, ckpt, sequences=2, seq_len=64, trainer=trainer)
         predicted, phase = predicted_step_peak(spec_from_config(dict(TINY[arch]), arch), method, attention, ckpt, 2, 64, trainer=trainer)
-        rows.append({
-            "config": f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, sft, trainer {trainer}, 2x64 tokens (peak in {phase.replace('_', ' ')})",
-            "quantity": "whole-step peak, CPU profiler (bytes)",
-            "predicted": predicted,
-            "measured": measured,
-            "error": round((predicted - measured) / measured, 4),
-        })
+        config = f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, sft, trainer {trainer}, 2x64 tokens (peak in {phase.replace('_', ' ')})"
+        rows.append(_row(config, "whole-step peak, CPU profiler (bytes)", predicted, measured))
     return rows
 
 
