@@ -15,7 +15,7 @@ from gpu_catalog.catalog import all_gpus
 from gpu_catalog.detect import detect
 from planner.advisor import advise
 from planner.catalog import catalog_ids, load_catalog_spec
-from planner.fit import cheapest_gpu, fewest_gpus, gpu_options, largest_batch, longest_sequence, smallest_fixes
+from planner.fit import fit_report
 from planner.plan import build_plan
 
 # plan and check are async: a plan takes well under a millisecond of CPU, less than the
@@ -60,18 +60,7 @@ def advise_route(request: AdviseRequest) -> dict:
 
 @router.post("/fit", summary="Largest batch, longest sequence, fewest GPUs, cheapest GPU, smallest fix")
 def fit(request: PlanRequest) -> dict:
-    spec = resolve_web_model(request.model, request.config_json)
-    options = request.options()
-    cheapest = cheapest_gpu(spec, options)
-    return {
-        "model": spec.name,
-        "largest_batch": largest_batch(spec, options).to_dict(),
-        "longest_sequence": longest_sequence(spec, options).to_dict(),
-        "fewest_gpus": fewest_gpus(spec, options).to_dict(),
-        "cheapest_gpu": cheapest.to_dict() if cheapest else None,
-        "gpu_options": [c.to_dict() for c in gpu_options(spec, options)],
-        "fixes": smallest_fixes(spec, options).to_dict(),
-    }
+    return fit_report(resolve_web_model(request.model, request.config_json), request.options())
 
 
 @router.get("/gpus", summary="Detected GPUs and the GPU catalog")

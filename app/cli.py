@@ -127,40 +127,23 @@ def cmd_advise(args) -> int:
 
 def cmd_fit(args) -> int:
     from planner.catalog import resolve_model
-    from planner.fit import cheapest_gpu, fewest_gpus, gpu_options, largest_batch, longest_sequence, smallest_fixes
-    from planner.plan import build_plan
+    from planner.fit import fit_report
 
     options = _parse_options(args)
-    spec = resolve_model(args.model)
-    plan = build_plan(spec, options)
-    batch = largest_batch(spec, options)
-    sequence = longest_sequence(spec, options)
-    gpus = fewest_gpus(spec, options)
-    choices = gpu_options(spec, options)
-    cheapest = cheapest_gpu(spec, options)
-    fixes = smallest_fixes(spec, options)
-    result = {
-        "model": spec.name,
-        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes, "count": plan.gpu.count},
-        "fits": plan.fits,
-        "peak_bytes": plan.peak_bytes,
-        "largest_batch": batch.to_dict(),
-        "longest_sequence": sequence.to_dict(),
-        "fewest_gpus": gpus.to_dict(),
-        "cheapest_gpu": cheapest.to_dict() if cheapest else None,
-        "gpu_options": [c.to_dict() for c in choices],
-        "fixes": fixes.to_dict(),
-    }
+    report = fit_report(resolve_model(args.model), options)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(report))
         return 0
-    print(f"{spec.name} on {plan.gpu.name}: {'fits' if plan.fits else 'does not fit'} ({plan.peak_bytes / GIB:.2f} of {plan.usable_bytes / GIB:.2f} GiB usable)")
-    for found in (batch, sequence, gpus):
-        print(f"  {found.search.replace('_', ' ')}: {found.note}")
+    verdict = "fits" if report["fits"] else "does not fit"
+    print(f"{report['model']} on {report['gpu']['name']}: {verdict} ({report['peak_bytes'] / GIB:.2f} of {report['usable_bytes'] / GIB:.2f} GiB usable)")
+    for key in ("largest_batch", "longest_sequence", "fewest_gpus"):
+        print(f"  {key.replace('_', ' ')}: {report[key]['note']}")
+    cheapest = report["cheapest_gpu"]
     if cheapest is not None:
-        print(f"  cheapest GPU: {cheapest.count} x {cheapest.gpu.name} at ${cheapest.price_per_hour_usd:.2f}/h ({cheapest.plan.peak_bytes / GIB:.2f} GiB per GPU)")
-    if fixes.smallest is not None:
-        print(f"  smallest fix: {fixes.smallest.description} -> {fixes.smallest.plan.peak_bytes / GIB:.2f} GiB")
+        print(f"  cheapest GPU: {cheapest['count']} x {cheapest['gpu']} at ${cheapest['price_per_hour_usd']:.2f}/h ({cheapest['peak_bytes'] / GIB:.2f} GiB per GPU)")
+    smallest = report["fixes"]["smallest"]
+    if smallest is not None:
+        print(f"  smallest fix: {smallest['description']} -> {smallest['peak_bytes'] / GIB:.2f} GiB")
     return 0
 
 

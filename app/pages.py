@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from app.charts import memory_bar_svg
 from app.service import MAX_BODY_BYTES, AdviseRequest, resolve_web_model
-from gpu_catalog.catalog import all_gpus
+from gpu_catalog.catalog import all_gpus, find_gpu
 from gpu_catalog.detect import detect
 from planner.advisor import advise
 from planner.catalog import catalog_ids, load_catalog_spec
@@ -162,7 +162,7 @@ def compare(request: Request):
 def matrix(request: Request):
     parsed, raw, errors = _request_from(dict(request.query_params))
     table = []
-    gpus = [g for g in all_gpus() if any(_matches(g, name) for name in MATRIX_GPUS)]
+    gpus = [find_gpu(name) for name in MATRIX_GPUS]
     if parsed is not None:
         options = parsed.options()
         for model_id in MATRIX_MODELS:
@@ -178,11 +178,3 @@ def matrix(request: Request):
     context = {"request": request, "form": raw, "errors": errors, "gpus": gpus, "table": table, "htmx": HTMX.is_file()}
     return templates.TemplateResponse(request, "matrix.html", context, status_code=422 if errors else 200)
 
-
-def _matches(gpu, query: str) -> bool:
-    from gpu_catalog.catalog import find_gpu
-
-    try:
-        return find_gpu(query).name == gpu.name
-    except PlanInputError:
-        return False

@@ -28,17 +28,13 @@ class PlanRequest(TrainingOptions):
     config_json: str | None = Field(default=None, max_length=MAX_BODY_BYTES)
 
     def options(self) -> TrainingOptions:
-        given = self.model_dump(include=self.model_fields_set - {"model", "config_json"})
+        """The given fields that are plan options, so TrainingOptions knows what was not given."""
+        given = self.model_dump(include=self.model_fields_set & set(TrainingOptions.model_fields))
         return TrainingOptions.model_validate(given)
 
 
 class AdviseRequest(PlanRequest, Task):
     """Plan options, model and the task questions in one body."""
-
-    def options(self) -> TrainingOptions:
-        task_fields = set(Task.model_fields)
-        given = self.model_dump(include=self.model_fields_set - {"model", "config_json"} - task_fields)
-        return TrainingOptions.model_validate(given)
 
     def task(self) -> Task:
         return Task.model_validate(self.model_dump(include=self.model_fields_set & set(Task.model_fields)))

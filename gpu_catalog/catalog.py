@@ -35,10 +35,6 @@ class GPU:
     def memory_bytes(self) -> int:
         return self.memory_mib * MIB
 
-    @property
-    def is_cuda(self) -> bool:
-        return self.vendor == "nvidia"
-
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -70,6 +66,12 @@ def all_gpus() -> tuple[GPU, ...]:
 def _norm(text: str) -> str:
     text = text.lower().replace("nvidia", "").replace("geforce", "").replace("generation", "")
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
+
+
+def gpu_by_name(name: str) -> GPU | None:
+    """The entry whose name is exactly the driver's name for the device (case aside)."""
+    wanted = name.strip().lower()
+    return next((g for g in all_gpus() if g.name.lower() == wanted), None)
 
 
 def find_gpu(query: str) -> GPU:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gpu_catalog.catalog import GPU, all_gpus
+from gpu_catalog.catalog import gpu_by_name
 
 
 class NvmlBackend(Protocol):
@@ -84,12 +84,6 @@ class Detection:
         return {"gpus": [g.to_dict() for g in self.gpus], "driver_version": self.driver_version, "reason": self.reason}
 
 
-def match_catalog(name: str) -> GPU | None:
-    """The catalog entry NVML's name refers to (NVML names are the catalog's canonical names)."""
-    wanted = name.strip().lower()
-    return next((g for g in all_gpus() if g.name.lower() == wanted), None)
-
-
 def detect(backend: NvmlBackend | None = None) -> Detection:
     try:
         backend = backend or PynvmlBackend()
@@ -106,7 +100,7 @@ def detect(backend: NvmlBackend | None = None) -> Detection:
             name = backend.name(index)
             total, free, used = backend.memory(index)
             major, minor = backend.compute_capability(index)
-            match = match_catalog(name)
+            match = gpu_by_name(name)  # NVML names are the catalog's canonical names
             gpus.append(DetectedGPU(index, name, total, free, used, f"{major}.{minor}", match.name if match else None))
         reason = None if gpus else "no NVIDIA GPU detected: the driver reports 0 devices"
         return Detection(tuple(gpus), driver, reason)

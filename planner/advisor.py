@@ -69,6 +69,7 @@ class Candidate:
     gpus_needed: int | None = None  # fewest of this GPU (sharded) that fit it, when one does not
 
     def to_dict(self) -> dict:
+        time_cost = self.time_cost.to_dict() if self.time_cost else {}
         return {
             "label": self.label,
             "method": self.plan.options.method,
@@ -79,8 +80,8 @@ class Candidate:
             "num_gpus": self.plan.gpu.count,
             "batch_size": self.plan.options.batch_size,
             "gpus_needed": self.gpus_needed,
-            "hours": self.time_cost.to_dict()["hours"] if self.time_cost else None,
-            "dollars": self.time_cost.to_dict()["dollars"] if self.time_cost else None,
+            "hours": time_cost.get("hours"),
+            "dollars": time_cost.get("dollars"),
             "why": self.why,
         }
 

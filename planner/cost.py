@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpu_catalog.catalog import GPU, all_gpus
+from gpu_catalog.catalog import GPU, gpu_by_name
 from planner.options import TrainingOptions
 from planner.plan import Plan
 from planner.spec import ModelSpec
@@ -90,10 +90,6 @@ def matmul_params_per_token(spec: ModelSpec) -> int:
     return spec.memoized(("matmul_params",), compute)
 
 
-def catalog_gpu(plan: Plan) -> GPU | None:
-    return next((g for g in all_gpus() if g.name == plan.gpu.name), None)
-
-
 def training_flops_per_token(spec: ModelSpec, options: TrainingOptions, sequence_tokens: int) -> float:
     n = matmul_params_per_token(spec)
     attention = 2 * spec.num_layers * spec.num_attention_heads * spec.head_dim * sequence_tokens
@@ -123,7 +119,7 @@ def training_flops_per_token(spec: ModelSpec, options: TrainingOptions, sequence
 
 def estimate_time_cost(spec: ModelSpec, plan: Plan, workload: Workload, gpu: GPU | None = None) -> TimeCost:
     options = plan.options
-    gpu = gpu or catalog_gpu(plan)
+    gpu = gpu or gpu_by_name(plan.gpu.name)
     notes: list[str] = []
     tokens_each = workload.tokens_per_example or options.seq_len
     if workload.tokens_per_example is None:

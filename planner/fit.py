@@ -199,8 +199,12 @@ def gpu_options(spec: ModelSpec, options: TrainingOptions, max_gpus: int = MAX_G
 
 
 def cheapest_gpu(spec: ModelSpec, options: TrainingOptions, max_gpus: int = MAX_GPUS_PER_NODE) -> GpuChoice | None:
-    priced = [c for c in gpu_options(spec, options, max_gpus) if c.price_per_hour_usd is not None]
-    return priced[0] if priced else None
+    return _cheapest(gpu_options(spec, options, max_gpus))
+
+
+def _cheapest(choices: list[GpuChoice]) -> GpuChoice | None:
+    """gpu_options sorts the priced choices first, cheapest first."""
+    return next((c for c in choices if c.price_per_hour_usd is not None), None)
 
 
 @dataclass(frozen=True)
@@ -332,13 +336,13 @@ def smallest_fixes(spec: ModelSpec, options: TrainingOptions) -> FixReport:
     alone = next((f for f in fixes if f.plan.fits), None)
     if alone is not None:
         return FixReport(False, fixes, alone)
-    current = options
+    current = build_plan(spec, options)
     steps: list[Fix] = []
     for name, lever in LEVERS:
-        fix = _try(spec, current, name, lever)
-        if fix is None or fix.plan.peak_bytes >= build_plan(spec, current).peak_bytes:
+        fix = _try(spec, current.options, name, lever)
+        if fix is None or fix.plan.peak_bytes >= current.peak_bytes:
             continue
-        current = fix.plan.options
+        current = fix.plan
         steps.append(fix)
         if fix.plan.fits:
             changes = {k: v for step in steps for k, v in step.changes.items()}
@@ -346,3 +350,23 @@ def smallest_fixes(spec: ModelSpec, options: TrainingOptions) -> FixReport:
             chain = tuple(step.lever for step in steps)
             return FixReport(False, fixes, Fix("+".join(chain), description, changes, fix.plan), chain)
     return FixReport(False, fixes, None, tuple(step.lever for step in steps))
+
+
+def fit_report(spec: ModelSpec, options: TrainingOptions) -> dict:
+    """Every search at once, as `vramplan fit --json` and `POST /api/v1/fit` return it."""
+    plan = build_plan(spec, options)
+    choices = gpu_options(spec, options)
+    cheapest = _cheapest(choices)
+    return {
+        "model": spec.name,
+        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes, "count": plan.gpu.count},
+        "fits": plan.fits,
+        "peak_bytes": plan.peak_bytes,
+        "usable_bytes": plan.usable_bytes,
+        "largest_batch": largest_batch(spec, options).to_dict(),
+        "longest_sequence": longest_sequence(spec, options).to_dict(),
+        "fewest_gpus": fewest_gpus(spec, options).to_dict(),
+        "cheapest_gpu": cheapest.to_dict() if cheapest else None,
+        "gpu_options": [c.to_dict() for c in choices],
+        "fixes": smallest_fixes(spec, options).to_dict(),
+    }
