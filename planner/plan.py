@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpu_catalog.catalog import GPU, MIB, find_gpu
-from planner.activations import activation_components, dora_weight_norm_bytes, training_tokens
+from planner.activations import activation_components, dora_weight_norm_bytes, fused_split_grad_bytes, training_tokens
 from planner.components import Component
 from planner.dtypes import dtype_bytes
 from planner.errors import PlanInputError
@@ -30,6 +30,7 @@ from planner.spec import ModelSpec
 from planner.stages import stage_components
 from planner.static_memory import static_components
 from planner.trainable import parameter_counts, trainable_tensors
+from planner.versions import MODELLED_VERSIONS
 
 GIB = 1 << 30
 DEFAULT_GPU = "H100"
@@ -47,7 +48,7 @@ PHASES = {
                     "temporary.dora_weight_norm", "temporary.gathered_params", "gradients.ddp_buckets",
                     "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_start": ("weights", "optimizer_state", "activations", "logits", "temporary.loss_backward",
-                       "temporary.autocast_cache", "temporary.dequantized_layer", "temporary.gathered_params", "gradients.ddp_buckets",
+                       "temporary.fused_split_grad", "temporary.autocast_cache", "temporary.dequantized_layer", "temporary.gathered_params", "gradients.ddp_buckets",
                        "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_end": ("weights", "optimizer_state", "gradients", "activations.checkpoints", "activations.recompute",
                      "temporary.dequantized_layer", "temporary.dora_weight_norm", "temporary.gathered_params",
@@ -107,6 +108,7 @@ class Plan:
             "all_components": [{"name": c.name, "bytes": c.bytes, "note": c.note} for c in self.all_components],
             "assumptions": list(self.assumptions),
             "options": self.options.model_dump(mode="json"),
+            "library_versions": dict(MODELLED_VERSIONS),
         }
 
 
@@ -171,6 +173,15 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
                 "temporary.autocast_cache",
                 linear * dtype_bytes(options.precision),
                 f"autocast caches a {options.precision} copy of every trained Linear weight for the step",
+            )
+        )
+    fused_bytes = fused_split_grad_bytes(spec, options)
+    if fused_bytes:
+        out.append(
+            Component(
+                "temporary.fused_split_grad",
+                fused_bytes,
+                "a fused projection (qkv or gate_up) gathers the gradients of its split outputs into one buffer of its output size in backward (measured on CPU)",
             )
         )
     dora_bytes = dora_weight_norm_bytes(spec, options)

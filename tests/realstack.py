@@ -168,6 +168,11 @@ def run_one_step(
         f"{n}.weight" for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and m is not base.get_output_embeddings()
     }
     opt = make_optimizer(optimizer, model, linear_weights, galore_rank, sgd_momentum)
+    # Trainers step in train mode. In eval mode, bitsandbytes >= 0.50 repacks a 4-bit weight for
+    # its CPU kernel on the first forward whose input needs no grad (layer 0's q/k/v under
+    # QLoRA), replacing the double-quantized constants with 16-bit ones: a CPU-only layout that
+    # no training run holds.
+    model.train()
     ids = torch.randint(0, config["vocab_size"], (2, 8))
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
