@@ -7,10 +7,10 @@ a 422 with `{"detail": [{"loc", "msg"}]}` (app/main.py turns PlanInputError into
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from app.service import AdviseRequest, PlanRequest, resolve_web_model
+from app.schemas import ERROR_RESPONSES, CheckResponse, PlanResponse
+from app.service import AdviseRequest, PlanRequest, off_loop, resolve_web_model
 from gpu_catalog.catalog import all_gpus
 from gpu_catalog.detect import detect
 from planner.advisor import advise
@@ -18,49 +18,51 @@ from planner.catalog import catalog_ids, load_catalog_spec
 from planner.fit import fit_report
 from planner.plan import build_plan
 
-# plan and check are async: a plan takes well under a millisecond of CPU, less than the
-# threadpool hop a sync handler pays, and they return JSONResponse to skip re-encoding plain
-# dicts. advise and fit build dozens of plans and NVML can block: they stay in the threadpool.
 router = APIRouter(prefix="/api/v1")
 
 
-async def _spec(request: PlanRequest):
-    """Catalog specs load in microseconds; a pasted config builds a model on the meta device
-    (about a second the first time), which must not stall the event loop."""
-    if request.config_json:
-        return await run_in_threadpool(resolve_web_model, request.model, request.config_json)
-    return resolve_web_model(request.model)
+def _plan(request: PlanRequest):
+    return build_plan(resolve_web_model(request.model, request.config_json), request.options())
 
 
-@router.post("/plan", summary="The memory plan, component by component")
-async def plan(request: PlanRequest) -> JSONResponse:
-    spec = await _spec(request)
-    return JSONResponse(build_plan(spec, request.options()).to_dict())
-
-
-@router.post("/check", summary="Does it fit? 200 either way, with `fits` and `peak_bytes`")
-async def check(request: PlanRequest) -> JSONResponse:
-    spec = await _spec(request)
-    result = build_plan(spec, request.options())
-    return JSONResponse({
+def _check(request: PlanRequest) -> dict:
+    result = _plan(request)
+    return {
         "fits": result.fits,
         "peak_bytes": result.peak_bytes,
         "usable_bytes": result.usable_bytes,
         "headroom_bytes": result.usable_bytes - result.peak_bytes,
         "gpu": {"name": result.gpu.name, "memory_bytes": result.gpu.memory_bytes, "count": result.gpu.count},
         "model": result.model_name,
-    })
+    }
 
 
-@router.post("/advise", summary="Approach, stage, method and settings, with reasons and alternatives")
-def advise_route(request: AdviseRequest) -> dict:
-    spec = resolve_web_model(request.model, request.config_json)
-    return advise(spec, request.task(), request.options()).to_dict()
+def _advise(request: AdviseRequest) -> dict:
+    return advise(resolve_web_model(request.model, request.config_json), request.task(), request.options()).to_dict()
 
 
-@router.post("/fit", summary="Largest batch, longest sequence, fewest GPUs, cheapest GPU, smallest fix")
-def fit(request: PlanRequest) -> dict:
+def _fit(request: PlanRequest) -> dict:
     return fit_report(resolve_web_model(request.model, request.config_json), request.options())
+
+
+@router.post("/plan", summary="The memory plan, component by component", response_model=PlanResponse, responses=ERROR_RESPONSES)
+async def plan(request: PlanRequest) -> JSONResponse:
+    return JSONResponse((await off_loop(_plan, request)).to_dict())
+
+
+@router.post("/check", summary="Does it fit? 200 either way, with `fits` and `peak_bytes`", response_model=CheckResponse, responses=ERROR_RESPONSES)
+async def check(request: PlanRequest) -> JSONResponse:
+    return JSONResponse(await off_loop(_check, request))
+
+
+@router.post("/advise", summary="Approach, stage, method and settings, with reasons and alternatives", responses=ERROR_RESPONSES)
+async def advise_route(request: AdviseRequest) -> JSONResponse:
+    return JSONResponse(await off_loop(_advise, request))
+
+
+@router.post("/fit", summary="Largest batch, longest sequence, fewest GPUs, cheapest GPU, smallest fix", responses=ERROR_RESPONSES)
+async def fit(request: PlanRequest) -> JSONResponse:
+    return JSONResponse(await off_loop(_fit, request))
 
 
 @router.get("/gpus", summary="Detected GPUs and the GPU catalog")

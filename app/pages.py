@@ -7,12 +7,15 @@ come from the same planner objects the API returns; the templates only format th
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
-from fastapi import APIRouter, Request, UploadFile
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.charts import memory_bar_svg
 from app.service import MAX_BODY_BYTES, AdviseRequest, resolve_web_model
@@ -49,10 +52,30 @@ def _request_from(params: dict) -> tuple[AdviseRequest | None, dict, list[dict]]
     raw = {k: v.strip() for k, v in params.items() if k in FORM_FIELDS and isinstance(v, str) and v.strip()}
     raw.setdefault("model", "meta-llama/Llama-3.1-8B")
     try:
-        return AdviseRequest.model_validate(raw), raw, []
+        return AdviseRequest.model_validate(_form_booleans(raw)), raw, []
     except ValidationError as exc:
         errors = [{"field": ".".join(str(p) for p in e["loc"]) or "form", "msg": str(e["msg"]).removeprefix("Value error, ")} for e in exc.errors()]
         return None, raw, errors
+
+
+_FORM_TRUE, _FORM_FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
+
+def _mentions_bool(annotation) -> bool:
+    return annotation is bool or any(_mentions_bool(arg) for arg in typing.get_args(annotation))
+
+
+_BOOL_FIELDS = frozenset(name for name, info in AdviseRequest.model_fields.items() if _mentions_bool(info.annotation))
+
+
+def _form_booleans(raw: dict) -> dict:
+    """A form sends text; the JSON API takes only true/false, so the form's words become
+    booleans here rather than loosening the shared model."""
+    out = dict(raw)
+    for name in _BOOL_FIELDS & out.keys():
+        word = out[name].lower()
+        out[name] = True if word in _FORM_TRUE else False if word in _FORM_FALSE else out[name]
+    return out
 
 
 def _gpu_choices() -> tuple[list[dict], str | None]:
@@ -123,13 +146,15 @@ async def index_post(request: Request):
     form = await request.form()
     params = {k: v for k, v in form.items() if isinstance(v, str)}
     upload = form.get("config_file")
-    if isinstance(upload, UploadFile) and upload.filename:
+    # request.form() gives Starlette's UploadFile (FastAPI's is a subclass of it)
+    if isinstance(upload, StarletteUploadFile) and upload.filename:
         data = await upload.read(MAX_BODY_BYTES + 1)
         if len(data) > MAX_BODY_BYTES:
             params["config_json"] = ""
-            return _render_index(request, params | {"model": params.get("model", "")}, fragment=False, status_code=413)
+            return await run_in_threadpool(_render_index, request, params | {"model": params.get("model", "")}, False, 413)
         params["config_json"] = data.decode("utf-8", errors="replace")
-    return _render_index(request, params, fragment=request.headers.get("hx-request") == "true")
+    # a pasted config builds a model: never on the event loop
+    return await run_in_threadpool(_render_index, request, params, request.headers.get("hx-request") == "true")
 
 
 @router.get("/compare", response_class=HTMLResponse, include_in_schema=False)

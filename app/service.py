@@ -7,25 +7,35 @@ from a pasted/uploaded config.json; never from a filesystem path a web user name
 
 from __future__ import annotations
 
-from functools import lru_cache
+import asyncio
 
-from pydantic import Field
+from fastapi.concurrency import run_in_threadpool
+from pydantic import Field, model_validator
 
 from planner.advisor import Task
 from planner.catalog import catalog_ids, closest_ids, load_catalog_spec
 from planner.errors import PlanInputError
-from planner.model_config import parse_config_text
+from app.model_builder import SpecBuilder
 from planner.options import TrainingOptions
 from planner.spec import ModelSpec
 
 MAX_BODY_BYTES = 256 * 1024  # a plan request is a few hundred bytes; a pasted config.json a few KiB
+# a pasted config's build has its own deadline (app/model_builder.py); this bounds the rest
+REQUEST_DEADLINE_S = 60.0
 
 
 class PlanRequest(TrainingOptions):
     """The plan options plus the model: a catalog id, or a config.json's text."""
 
-    model: str = Field(default="meta-llama/Llama-3.1-8B", max_length=300)
-    config_json: str | None = Field(default=None, max_length=MAX_BODY_BYTES)
+    model: str | None = Field(default=None, max_length=300, description="a catalog id (GET /api/v1/models); required unless config_json is given")
+    config_json: str | None = Field(default=None, max_length=MAX_BODY_BYTES, description="a config.json's text, planned instead of a catalog model")
+
+    @model_validator(mode="after")
+    def _a_model_is_named(self):
+        # an empty body must not quietly plan some default model
+        if not (self.model and self.model.strip()) and not (self.config_json and self.config_json.strip()):
+            raise PlanInputError("model", "give a catalog id in model (GET /api/v1/models lists them), or a config.json's text in config_json")
+        return self
 
     def options(self) -> TrainingOptions:
         """The given fields that are plan options, so TrainingOptions knows what was not given."""
@@ -40,15 +50,13 @@ class AdviseRequest(PlanRequest, Task):
         return Task.model_validate(self.model_dump(include=self.model_fields_set & set(Task.model_fields)))
 
 
-def resolve_web_model(model: str, config_json: str | None = None) -> ModelSpec:
+def resolve_web_model(model: str | None, config_json: str | None = None) -> ModelSpec:
     """A catalog id, or a config.json given as text. Paths are refused: the server's files are
-    not the user's to name."""
+    not the user's to name. Blocks while a pasted config builds: call it from a thread."""
     if config_json and config_json.strip():
-        try:
-            return _spec_from_config_text(config_json.strip())
-        except PlanInputError as exc:
-            raise PlanInputError("config_json", exc.reason) from None
-    catalog_id = catalog_ids().get(model.strip().lower())
+        return BUILDER.build(config_json.strip())
+    model = (model or "").strip()
+    catalog_id = catalog_ids().get(model.lower())
     if catalog_id is None:
         hint = closest_ids(model)
         suggestion = f"; did you mean {', '.join(hint)}?" if hint else ""
@@ -56,9 +64,15 @@ def resolve_web_model(model: str, config_json: str | None = None) -> ModelSpec:
     return load_catalog_spec(catalog_id)
 
 
-@lru_cache(maxsize=32)
-def _spec_from_config_text(text: str) -> ModelSpec:
-    from planner.introspect import spec_from_config  # torch only now, and only for a pasted config
+async def off_loop(func, *args):
+    """Run planning in a worker thread, never on the event loop, so /healthz and every other
+    request keep being answered while one plan builds a model or searches; past the deadline
+    the caller gets a 422 naming the limit."""
+    try:
+        return await asyncio.wait_for(run_in_threadpool(func, *args), REQUEST_DEADLINE_S)
+    except asyncio.TimeoutError:
+        raise PlanInputError("body", f"planning this request took longer than {REQUEST_DEADLINE_S:g} s, the limit per request") from None
 
-    config = parse_config_text(text, "the pasted config.json")
-    return spec_from_config(config, name=str(config.get("_name_or_path") or config.get("model_type") or "pasted config"))
+
+# one per server process; its worker starts with the first pasted config
+BUILDER = SpecBuilder()

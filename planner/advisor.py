@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from planner.cost import TimeCost, Workload, estimate_time_cost
 from planner.errors import PlanInputError
@@ -44,18 +44,18 @@ CHAT_MARKERS = ("instruct", "chat", "-it", "distill")
 class Task(BaseModel):
     """What the user wants to achieve and with what data (the advisor's questions)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     goal: Goal = "domain"
     data_kind: DataKind = "instructions"
     num_examples: int = Field(default=5_000, ge=0, le=10_000_000_000)
     tokens_per_example: int | None = Field(default=None, ge=1, le=10_000_000)
-    knowledge_changes_often: bool = False
+    knowledge_changes_often: StrictBool = False
     tenants: int = Field(default=1, ge=1, le=10_000_000)
-    data_must_stay_on_premises: bool = False
+    data_must_stay_on_premises: StrictBool = False
     latency_target_ms: float | None = Field(default=None, gt=0)
-    has_evaluation: bool = True
-    base_model_is_chat: bool | None = None  # None: read from the model id
+    has_evaluation: StrictBool = True
+    base_model_is_chat: StrictBool | None = None  # None: read from the model id
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,11 @@ architecture transformers does not ship is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from planner.errors import PlanInputError
-from planner.model_config import validate_config
+from planner.model_config import ASSUMED_IF_MISSING, ResolvedSizes, check_resolved_sizes, check_rope_factors, validate_config
 from planner.spec import ModelSpec, PeftDefaults, TensorSpec
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
@@ -27,6 +28,7 @@ _LEAF_ROLES = {
     "query_key_value": "attention.qkv",
     "c_attn": "attention.qkv",
     "W_pack": "attention.qkv",
+    "Wqkv": "attention.qkv",
     "o_proj": "attention.o",
     "out_proj": "attention.o",
     "dense": "attention.o",
@@ -78,9 +80,17 @@ def _role(module, module_name: str, is_router: bool, is_input_emb: bool, is_outp
 
 
 def _load_transformers():
+    import logging
+
+    # bitsandbytes (imported by PEFT) warns on every import on CPUs with AVX512-BF16 that its
+    # optional CPU inference kernel is missing; nothing here runs a kernel.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import torch  # noqa: F401
-        import transformers  # noqa: F401
+        import transformers
+
+        # its config warnings ("bos_token_id must be ...") are not the user's to act on here
+        transformers.logging.set_verbosity_error()
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise PlanInputError(
             "model",
@@ -102,11 +112,95 @@ def build_config(config: dict):
             f"model_type {model_type!r} is not built into transformers; it would need remote code, "
             "which vramplan never runs",
         )
+    _refuse_non_causal(model_type, config)
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "transformers_version")}
     try:
-        return CONFIG_MAPPING[model_type](**kwargs)
+        hf_config = CONFIG_MAPPING[model_type](**kwargs)
     except Exception as exc:  # a malformed config can fail in many ways inside transformers
         raise PlanInputError("model", f"transformers rejected this {model_type} config: {exc}") from None
+    for section, sub in _config_sections(hf_config):
+        check_resolved_sizes(resolved_sizes(sub, section))
+        _check_layer_counts(sub, section)
+        for key in ("rope_scaling", "rope_parameters"):
+            check_rope_factors(getattr(sub, key, None), f"{section}{key}.")
+    return hf_config
+
+
+def _refuse_non_causal(model_type: str, config: dict) -> None:
+    """transformers builds a "causal LM" from some encoders (BertLMHeadModel) and from the decoder
+    half of encoder-decoders; neither is what a fine-tune of a causal LM trains."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        raise PlanInputError("model", f"{model_type} is an encoder-decoder model; vramplan plans decoder-only causal LMs")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and config.get("is_decoder") is not True:
+        raise PlanInputError("model", f"{model_type} is an encoder (masked-LM) model, not a causal LM; vramplan plans decoder-only causal LMs")
+
+
+def _config_sections(hf_config, prefix: str = "", depth: int = 0):
+    """The config and every sub-config transformers will build from (text, vision, ...)."""
+    yield prefix, hf_config
+    if depth >= 3:
+        return
+    for key in getattr(hf_config, "sub_configs", {}) or {}:
+        sub = getattr(hf_config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            yield from _config_sections(sub, f"{prefix}{key}.", depth + 1)
+
+
+def _int(config, *names) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
+def resolved_sizes(config, section: str = "") -> ResolvedSizes:
+    """The sizes transformers will build with, whatever keys the config used (gpt2's n_layer,
+    mpt's d_model resolve through attribute_map; dbrx keeps its experts in ffn_config)."""
+    ffn = getattr(config, "ffn_config", None)
+    heads = _int(config, "num_attention_heads")
+    hidden = _int(config, "hidden_size")
+    return ResolvedSizes(
+        section=section,
+        num_hidden_layers=_int(config, "num_hidden_layers"),
+        hidden_size=hidden,
+        intermediate_size=_int(config, "intermediate_size", "n_inner", "ffn_dim") or _int(ffn, "ffn_hidden_size"),
+        vocab_size=_int(config, "vocab_size"),
+        num_attention_heads=heads,
+        num_key_value_heads=_int(config, "num_key_value_heads") or _int(getattr(config, "attn_config", None), "kv_n_heads") or heads,
+        head_dim=_int(config, "head_dim") or (hidden // heads if heads else 0),
+        num_experts=_int(config, "num_local_experts", "num_experts", "n_routed_experts") or _int(ffn, "moe_num_experts"),
+        experts_per_token=_int(config, "num_experts_per_tok", "moe_top_k") or _int(ffn, "moe_top_k"),
+        moe_intermediate_size=_int(config, "moe_intermediate_size"),
+    )
+
+
+def _check_layer_counts(config, section: str) -> None:
+    """Any other layer count a config may carry under a name of its own (decoder_layers,
+    num_layers...) is held to the same cap as num_hidden_layers."""
+    from planner.model_config import SIZE_LIMITS
+
+    limit = SIZE_LIMITS["num_hidden_layers"]
+    for key, value in config.to_dict().items():
+        if "layers" in key and isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise PlanInputError("model", f"config.json: {section}{key}={value:,} is over {limit:,} layers")
+
+
+def assumed_sizes(config: dict, hf_config) -> tuple[str, ...]:
+    """Architecture sizes the config did not give, which transformers filled from its defaults."""
+    text = hf_config.get_text_config()
+    raw = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    aliases = dict(getattr(text, "attribute_map", {}) or {})
+    out = []
+    for name in ASSUMED_IF_MISSING:
+        if name in raw or aliases.get(name) in raw:
+            continue
+        value = getattr(text, name, None)
+        if value is not None:
+            out.append(f"{name}={value}")
+    return tuple(out)
 
 
 def build_meta_model(config: dict):
@@ -199,33 +293,26 @@ def spec_from_model(model, name: str) -> ModelSpec:
                 )
             )
 
-    heads = int(getattr(text_config, "num_attention_heads", 0) or 0)
-    hidden = int(text_config.hidden_size)
-    head_dim = getattr(text_config, "head_dim", None) or (hidden // heads if heads else 0)
-    num_experts = (
-        getattr(text_config, "num_local_experts", None)
-        or getattr(text_config, "num_experts", None)
-        or getattr(text_config, "n_routed_experts", None)
-        or 0
-    )
+    sizes = resolved_sizes(text_config)
+    num_experts = sizes.num_experts
+    if not num_experts and any(t.role == "expert" for t in tensors):
+        raise PlanInputError("model", f"{text_config.model_type} builds expert parameters, but vramplan cannot read its expert count from this config")
     return ModelSpec(
         name=name,
         model_type=text_config.model_type,
         architecture=type(model).__name__,
-        num_layers=int(text_config.num_hidden_layers),
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_key_value_heads=int(getattr(text_config, "num_key_value_heads", None) or heads),
-        head_dim=int(head_dim),
-        intermediate_size=int(getattr(text_config, "intermediate_size", 0) or 0),
-        vocab_size=int(text_config.vocab_size),
+        num_layers=sizes.num_hidden_layers,
+        hidden_size=sizes.hidden_size,
+        num_attention_heads=sizes.num_attention_heads,
+        num_key_value_heads=sizes.num_key_value_heads,
+        head_dim=sizes.head_dim,
+        intermediate_size=sizes.intermediate_size,
+        vocab_size=sizes.vocab_size,
         tie_word_embeddings=bool(tied),
-        num_experts=int(num_experts),
-        experts_per_token=int(getattr(text_config, "num_experts_per_tok", 0) or 0) if num_experts else 0,
+        num_experts=num_experts,
+        experts_per_token=sizes.experts_per_token if num_experts else 0,
         # Mixtral-style configs size their experts with intermediate_size
-        moe_intermediate_size=int(getattr(text_config, "moe_intermediate_size", 0) or getattr(text_config, "intermediate_size", 0) or 0)
-        if num_experts
-        else 0,
+        moe_intermediate_size=(sizes.moe_intermediate_size or sizes.intermediate_size) if num_experts else 0,
         # Gemma's (1 + w) and OLMo 2's w * x are applied in fp32 before the cast back
         norm_style="fp32" if text_config.model_type.startswith(("gemma", "olmo2")) else "llama",
         attn_softcap=getattr(text_config, "attn_logit_softcapping", None) is not None,
@@ -236,4 +323,7 @@ def spec_from_model(model, name: str) -> ModelSpec:
 
 
 def spec_from_config(config: dict, name: str) -> ModelSpec:
-    return spec_from_model(build_meta_model(config), name)
+    model = build_meta_model(config)
+    spec = spec_from_model(model, name)
+    assumed = assumed_sizes(config, model.config)
+    return dataclasses.replace(spec, assumed_sizes=assumed) if assumed else spec

@@ -8,6 +8,7 @@ never an allocation, a hang or an import. Pure Python, no torch.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from planner.errors import PlanInputError
@@ -39,6 +40,12 @@ SIZE_LIMITS = {
     "v_head_dim": 4096,
 }
 REQUIRED_POSITIVE = ("hidden_size", "num_hidden_layers", "vocab_size")
+# Module objects are what a meta-device build costs (time and memory, not the sizes): Llama 3.1
+# 405B has about 1,400, DeepSeek-V3 with unfused experts about 200,000.
+MAX_MODULES = 300_000
+# The sizes whose transformers defaults are arbitrary (Llama's 4096 hidden, 32 layers): a config
+# that leaves them out is planned, with a word that they were assumed.
+ASSUMED_IF_MISSING = ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "num_attention_heads")
 # A rough upper bound on parameters (embedding + layers x 20 h^2) rejects absurd combinations
 # of individually plausible sizes before any module is built.
 MAX_ROUGH_PARAMS = 20_000_000_000_000
@@ -78,10 +85,10 @@ def validate_config(data: object, source: str = "config.json") -> dict:
     model_type = data.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise PlanInputError("model", f"{source} has no model_type")
-    # text_config nests the language model in multimodal configs; check it the same way.
-    sections = [("", data)]
-    if isinstance(data.get("text_config"), dict):
-        sections.append(("text_config.", data["text_config"]))
+    # Sub-configs (text_config, vision_config, ffn_config, ...) nest models of their own; every
+    # one is checked the same way. These are the keys as written; the sizes transformers resolves
+    # (other key names, defaults) are checked again by check_resolved_sizes before any build.
+    sections = list(_sections(data))
     for prefix, section in sections:
         for key, limit in SIZE_LIMITS.items():
             if key not in section or section[key] is None:
@@ -91,7 +98,7 @@ def validate_config(data: object, source: str = "config.json") -> dict:
                 raise PlanInputError("model", f"{source}: {prefix}{key} must be an integer, got {value!r:.40}")
             if value < 0 or value > limit:
                 raise PlanInputError("model", f"{source}: {prefix}{key}={value} is outside 0..{limit}")
-    main = sections[-1][1] if len(sections) > 1 else data
+    main = data["text_config"] if isinstance(data.get("text_config"), dict) else data
     for key in REQUIRED_POSITIVE:
         value = main.get(key)
         if value is not None and value <= 0:
@@ -103,3 +110,84 @@ def validate_config(data: object, source: str = "config.json") -> dict:
     if rough > MAX_ROUGH_PARAMS:
         raise PlanInputError("model", f"{source}: sizes imply over {MAX_ROUGH_PARAMS:.0e} parameters")
     return data
+
+
+def _sections(data: dict, prefix: str = "", depth: int = 0):
+    yield prefix, data
+    if depth >= 4:
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _sections(value, f"{prefix}{key}.", depth + 1)
+
+
+@dataclass(frozen=True)
+class ResolvedSizes:
+    """A (sub-)config's sizes as transformers resolved them: alias keys (n_layer, d_model)
+    mapped and defaults filled in. 0 where a config has no such size."""
+
+    section: str
+    num_hidden_layers: int = 0
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+
+    def estimated_params(self) -> int:
+        """An upper-leaning estimate: embeddings and head untied, attention as wide as the
+        widest of hidden and heads x head_dim, a gated MLP per expert."""
+        h = self.hidden_size
+        attention = 4 * h * max(h, self.num_attention_heads * self.head_dim)
+        expert_width = self.moe_intermediate_size or self.intermediate_size
+        mlp = 3 * h * max(self.intermediate_size, max(1, self.num_experts) * expert_width)
+        return 2 * self.vocab_size * h + self.num_hidden_layers * (attention + mlp)
+
+    def estimated_modules(self) -> int:
+        """Module objects of the build: a Llama layer has about 15; unfused experts add 4 each."""
+        return 8 + self.num_hidden_layers * (16 + 4 * self.num_experts)
+
+
+_RESOLVED_LIMITS = {
+    "num_hidden_layers": SIZE_LIMITS["num_hidden_layers"],
+    "hidden_size": SIZE_LIMITS["hidden_size"],
+    "intermediate_size": SIZE_LIMITS["intermediate_size"],
+    "vocab_size": SIZE_LIMITS["vocab_size"],
+    "num_attention_heads": SIZE_LIMITS["num_attention_heads"],
+    "num_key_value_heads": SIZE_LIMITS["num_key_value_heads"],
+    "head_dim": SIZE_LIMITS["head_dim"],
+    "num_experts": SIZE_LIMITS["num_experts"],
+    "experts_per_token": SIZE_LIMITS["num_experts_per_tok"],
+    "moe_intermediate_size": SIZE_LIMITS["moe_intermediate_size"],
+}
+
+
+def check_resolved_sizes(sizes: ResolvedSizes, source: str = "config.json") -> None:
+    """Refuse sizes no model can have, or a build too large to make, before anything is built."""
+    where = f"{source}: {sizes.section}"
+    for name, limit in _RESOLVED_LIMITS.items():
+        value = getattr(sizes, name)
+        if not 0 <= value <= limit:
+            raise PlanInputError("model", f"{where}{name} resolves to {value:,}, outside 0..{limit:,}")
+    heads, kv = sizes.num_attention_heads, sizes.num_key_value_heads
+    if heads and kv and (kv > heads or heads % kv):
+        raise PlanInputError("model", f"{where}num_key_value_heads={kv} must divide num_attention_heads={heads} (grouped-query attention shares each k/v head among a whole number of query heads)")
+    if sizes.num_experts and not 1 <= sizes.experts_per_token <= sizes.num_experts:
+        raise PlanInputError("model", f"{where}{sizes.experts_per_token} experts per token with {sizes.num_experts} experts: it must be 1..{sizes.num_experts}")
+    if sizes.estimated_params() > MAX_ROUGH_PARAMS:
+        raise PlanInputError("model", f"{where}sizes imply about {sizes.estimated_params():.1e} parameters, over the limit of {MAX_ROUGH_PARAMS:.0e}")
+    if sizes.estimated_modules() > MAX_MODULES:
+        raise PlanInputError("model", f"{where}{sizes.num_hidden_layers:,} layers x {max(sizes.num_experts, 1):,} experts mean about {sizes.estimated_modules():,} modules to build, over the limit of {MAX_MODULES:,}")
+
+
+def check_rope_factors(value, path: str = "", source: str = "config.json") -> None:
+    """A rope scaling factor stretches positions: zero or negative makes no model."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key == "factor" and not isinstance(inner, bool) and isinstance(inner, (int, float)) and not inner > 0:
+                raise PlanInputError("model", f"{source}: {path}factor={inner} must be positive")
+            check_rope_factors(inner, f"{path}{key}.", source)

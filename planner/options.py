@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from planner.errors import PlanInputError
 
@@ -24,28 +24,32 @@ Quantization = Literal["none", "int8", "nf4", "fp4"]
 ADAPTER_METHODS = ("lora", "qlora", "dora")
 # TRL 1.16 config defaults: GRPO and RLOO drop the reference model at beta 0.
 STAGE_DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0, "grpo": 0.0, "rloo": 0.05, "ppo": 0.05}
+MAX_LORA_TARGETS = 64
+MAX_TARGET_NAME = 200
 PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
 
 
 class TrainingOptions(BaseModel):
     """Every choice a plan depends on. Defaults are what a careful user would pick first."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinity and NaN parse as floats (JSON extensions, argparse) but no option can be either.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Method = "lora"
     stage: Stage = "sft"
     gpu: str | None = Field(default=None, max_length=100)
-    gpu_memory_gib: float | None = Field(default=None, gt=0, le=4096)
+    # below 0.5 GiB not even the CUDA context fits; the field exists for real cards
+    gpu_memory_gib: float | None = Field(default=None, ge=0.5, le=4096)
     num_gpus: int = Field(default=1, ge=1, le=4096)
     parallelism: Parallelism = "ddp"
     offload: Offload = "none"
     batch_size: int = Field(default=1, ge=1, le=65536)
     seq_len: int = Field(default=2048, ge=1, le=10_000_000)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: StrictBool = True
     precision: Dtype = "bf16"
     weights_dtype: Dtype | None = None
     quantization: Quantization | None = None
-    double_quant: bool = True
+    double_quant: StrictBool = True
     trainer: Trainer = "trl"
     optimizer: Optimizer = "adamw"
     sgd_momentum: float = Field(default=0.0, ge=0, lt=1)
@@ -62,8 +66,8 @@ class TrainingOptions(BaseModel):
     headroom: float = Field(default=0.05, ge=0, lt=1)
     # alignment stages
     beta: float | None = Field(default=None, ge=0, le=100)
-    precompute_ref_log_probs: bool = False
-    use_vllm: bool = False
+    precompute_ref_log_probs: StrictBool = False
+    use_vllm: StrictBool = False
     vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, lt=1)
 
     @field_validator("lora_targets", mode="before")
@@ -73,8 +77,18 @@ class TrainingOptions(BaseModel):
             if value.strip().lower() == "all-linear":
                 return "all-linear"
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one module name, or all-linear")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give at least one module name, or all-linear")
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError("module names are strings")
+            # matching costs layers x names: a bounded, de-duplicated list keeps a plan quick
+            value = list(dict.fromkeys(v.strip() for v in value if v.strip()))
+            if len(value) > MAX_LORA_TARGETS:
+                raise ValueError(f"at most {MAX_LORA_TARGETS} distinct module names (a model has a few dozen Linear names)")
+            too_long = next((v for v in value if len(v) > MAX_TARGET_NAME), None)
+            if too_long is not None:
+                raise ValueError(f"module name {too_long[:40]!r}... is over {MAX_TARGET_NAME} characters")
         return value
 
     # -- resolved choices --------------------------------------------------------------

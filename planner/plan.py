@@ -231,6 +231,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     peak_phase = max(totals, key=totals.get)
 
     assumptions = _assumptions(options) + gpu_notes + stage_notes
+    if spec.assumed_sizes:
+        assumptions.insert(0, f"the config does not give {', '.join(spec.assumed_sizes)}: planned with transformers' {spec.model_type} defaults")
     if spec.attn_softcap and options.attention != "eager":
         assumptions.append(f"{spec.model_type} soft-caps attention scores, which SDPA cannot do: planned with eager attention")
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))

@@ -108,6 +108,8 @@ class ModelSpec:
     final_logit_softcap: bool = False  # tanh soft-capping of logits (saves a logits-sized tensor)
     tensors: tuple[TensorSpec, ...] = ()
     peft_defaults: PeftDefaults = field(default_factory=PeftDefaults)
+    # sizes the config left out, which transformers' defaults filled ("hidden_size=4096")
+    assumed_sizes: tuple[str, ...] = ()
 
     # -- derived views -------------------------------------------------------------
     def memoized(self, key: tuple, compute):
@@ -189,6 +191,7 @@ class ModelSpec:
                 "moe_target_map": dict(self.peft_defaults.moe_target_map),
                 "moe_fused": {k: list(v) for k, v in self.peft_defaults.moe_fused},
             },
+            **({"assumed_sizes": list(self.assumed_sizes)} if self.assumed_sizes else {}),
             # Compact rows keep a 126-layer spec small: [name, shape, role, layer, flags]
             # where flags holds "l" (PEFT-targetable Linear) and "q" (quantizable).
             "tensors": [
@@ -232,6 +235,7 @@ class ModelSpec:
             attn_softcap=data.get("attn_softcap", False),
             final_logit_softcap=data.get("final_logit_softcap", False),
             tensors=tensors,
+            assumed_sizes=tuple(data.get("assumed_sizes", ())),
             peft_defaults=PeftDefaults(
                 lora_targets=tuple(defaults.get("lora_targets", ())),
                 ia3_targets=tuple(defaults.get("ia3_targets", ())),

@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Starlette's test client sends Host: testserver; the app answers only to names it is given
+os.environ.setdefault("VRAMPLAN_ALLOWED_HOSTS", "localhost,127.0.0.1,::1,testserver")
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,179 @@
+"""Models from pasted config.json text, built away from the server process.
+
+A pasted config is data from anyone who can reach the page. Building it imports torch and
+transformers and creates one Python object per module, so a config that slips past the size
+checks could hold a process for minutes and take gigabytes. The build therefore runs in a worker
+process with a memory limit (RLIMIT_AS) and a deadline: past the deadline the worker is killed
+and replaced, and the request gets a 422 naming the limit. Results, failures included, are
+cached by the bytes they hold, so a repeated request costs nothing and no request can pin
+unbounded memory in the cache.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import threading
+from collections import OrderedDict
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+from planner.errors import PlanInputError
+from planner.model_config import parse_config_text
+from planner.spec import ModelSpec
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    timeout_s: float = 30.0  # a 405B config builds in about 2 s on one core
+    memory_bytes: int = 4 * GIB  # address space of the worker: torch itself maps about 0.7 GiB
+    cache_bytes: int = 64 << 20
+    max_waiting: int = 4  # builds queued behind the running one before new ones are turned away
+
+
+class BuildBusy(Exception):
+    """Too many builds waiting: the caller answers 503, try again shortly."""
+
+
+def _limit_worker(memory_bytes: int) -> None:
+    import os
+    import resource
+
+    # A meta-device build runs no kernels. OpenBLAS would reserve a buffer per core it sees (the
+    # host's, not the container's), address space the limit below is meant for.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    from planner.introspect import _load_transformers
+
+    _load_transformers()  # import once per worker, not per build
+
+
+def _build_in_worker(config: dict, name: str) -> tuple[str, str]:
+    """("ok", spec JSON) or ("error", reason); runs in the worker process."""
+    from planner.introspect import spec_from_config
+
+    try:
+        return "ok", spec_from_config(config, name=name).to_json()
+    except PlanInputError as exc:
+        return "error", exc.reason
+    except MemoryError:
+        return "memory", ""
+    except RecursionError:
+        return "error", "this config nests too deeply to build"
+
+
+class SpecBuilder:
+    """Builds ModelSpecs from config text in one worker process. `build` blocks: call it from a
+    thread, never on the event loop."""
+
+    def __init__(self, limits: BuildLimits = BuildLimits()):
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._waiting = threading.BoundedSemaphore(limits.max_waiting + 1)
+        # one build at a time, so a deadline measures that build alone, never time in a queue
+        self._running = threading.Lock()
+        self._cache: OrderedDict[str, tuple[ModelSpec | str, int]] = OrderedDict()
+        self._cache_bytes = 0
+
+    # -- cache, by bytes ------------------------------------------------------------------
+    def _cached(self, key: str) -> ModelSpec | str | None:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is None:
+                return None
+            self._cache.move_to_end(key)
+            return hit[0]
+
+    def _remember(self, key: str, value: ModelSpec | str, size: int) -> None:
+        if size > self.limits.cache_bytes:
+            return
+        with self._lock:
+            if key in self._cache:
+                return
+            self._cache[key] = (value, size)
+            self._cache_bytes += size
+            while self._cache_bytes > self.limits.cache_bytes:
+                _, (_, dropped) = self._cache.popitem(last=False)
+                self._cache_bytes -= dropped
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache_bytes
+
+    # -- the worker -----------------------------------------------------------------------
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded server
+                    initializer=_limit_worker,
+                    initargs=(self.limits.memory_bytes,),
+                )
+            return self._pool
+
+    def _discard_worker(self) -> None:
+        """Kill the worker (a build past its deadline cannot be interrupted any other way)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def shutdown(self) -> None:
+        self._discard_worker()
+
+    def build(self, text: str, source: str = "the pasted config.json") -> ModelSpec:
+        key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        hit = self._cached(key)
+        if isinstance(hit, ModelSpec):
+            return hit
+        if isinstance(hit, str):
+            raise PlanInputError("config_json", hit)
+        # the pure checks (size, JSON, remote code, sizes as written) cost nothing: refuse here
+        try:
+            config = parse_config_text(text, source)
+        except PlanInputError as exc:
+            raise PlanInputError("config_json", exc.reason) from None
+        name = str(config.get("_name_or_path") or config.get("model_type") or "pasted config")[:200]
+        if not self._waiting.acquire(blocking=False):
+            raise BuildBusy(f"{self.limits.max_waiting + 1} pasted configs are being built; try again in a few seconds")
+        try:
+            with self._running:
+                kind, payload = self._run(config, name)
+        finally:
+            self._waiting.release()
+        if kind == "ok":
+            spec = ModelSpec.from_dict(json.loads(payload))
+            self._remember(key, spec, len(payload) + len(text))
+            return spec
+        reason = {
+            "memory": f"building this model needs more than the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
+            "timeout": f"building this model took longer than the {self.limits.timeout_s:g} s a build may take",
+            "crashed": f"the build process stopped, most likely over the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
+        }.get(kind, payload)
+        self._remember(key, reason, len(reason) + 64)
+        raise PlanInputError("config_json", reason)
+
+    def _run(self, config: dict, name: str) -> tuple[str, str]:
+        try:
+            future = self._executor().submit(_build_in_worker, config, name)
+        except (BrokenProcessPool, RuntimeError):
+            self._discard_worker()
+            future = self._executor().submit(_build_in_worker, config, name)
+        try:
+            return future.result(timeout=self.limits.timeout_s)
+        except concurrent.futures.TimeoutError:
+            self._discard_worker()
+            return "timeout", ""
+        except BrokenProcessPool:
+            self._discard_worker()
+            return "crashed", ""

@@ -1,0 +1,74 @@
+"""What the API answers, as schemas for /openapi.json.
+
+The handlers return the planner's own dicts (Plan.to_dict()), so these models document and are
+tested against those dicts (tests/test_contract.py runs schemathesis over every operation); they
+never reshape a number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ComponentOut(BaseModel):
+    name: str = Field(description="family, then an optional detail after a dot: weights.base, activations.layers, ...")
+    bytes: int
+    note: str
+
+
+class ModelOut(BaseModel):
+    name: str
+    params: dict[str, int] = Field(description="total and trainable parameters, and their parts")
+
+
+class GpuOut(BaseModel):
+    name: str
+    memory_bytes: int
+    count: int
+
+
+class PlanResponse(BaseModel):
+    model: ModelOut
+    gpu: GpuOut
+    peak_bytes: int = Field(description="predicted peak per GPU; the components sum to it")
+    peak_gib: float
+    peak_phase: str
+    phase_totals: dict[str, int]
+    usable_bytes: int
+    headroom_bytes: int
+    fits: bool
+    precision_mode: str
+    components: list[ComponentOut] = Field(description="the peak phase's components")
+    all_components: list[ComponentOut]
+    assumptions: list[str]
+    options: dict[str, Any] = Field(description="every option the plan used, defaults filled in")
+    library_versions: dict[str, str] = Field(description="the library releases whose code paths the memory model describes")
+
+
+class CheckResponse(BaseModel):
+    fits: bool
+    peak_bytes: int
+    usable_bytes: int
+    headroom_bytes: int
+    gpu: GpuOut
+    model: str
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description='where: ["body", FIELD]')
+    msg: str = Field(description="the reason, one readable line")
+    type: str = Field(description="a short machine-readable kind: value_error, missing, json_invalid, too_large, ...")
+
+
+class ErrorResponse(BaseModel):
+    detail: list[ErrorItem]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "the request is not for this server (Host or Origin refused)"},
+    413: {"model": ErrorResponse, "description": "the body is over the size limit"},
+    422: {"model": ErrorResponse, "description": "bad input: the field and the reason"},
+    503: {"model": ErrorResponse, "description": "busy: too many requests or builds at once; retry shortly"},
+}
