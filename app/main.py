@@ -112,7 +112,8 @@ class RequestGuard:
                 break
         body = b"".join(chunks)
         content_type = headers.get("content-type", "")
-        if scope["path"].startswith("/api/") and ("json" in content_type or not content_type):
+        # an empty body is left to routing (405 for a GET-only path, "field required" otherwise)
+        if body and scope["method"] == "POST" and scope["path"].startswith("/api/") and ("json" in content_type or not content_type):
             problem = _strict_json_problem(body)
             if problem:
                 return await _error(["body"], problem, 422, "json_invalid")(scope, receive, send)

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.charts import memory_bar_svg
-from app.service import MAX_BODY_BYTES, AdviseRequest, resolve_web_model
+from app.service import MAX_CONFIG_TEXT, AdviseRequest, resolve_web_model
 from gpu_catalog.catalog import all_gpus, find_gpu
 from gpu_catalog.detect import detect
 from planner.advisor import advise
@@ -148,8 +148,8 @@ async def index_post(request: Request):
     upload = form.get("config_file")
     # request.form() gives Starlette's UploadFile (FastAPI's is a subclass of it)
     if isinstance(upload, StarletteUploadFile) and upload.filename:
-        data = await upload.read(MAX_BODY_BYTES + 1)
-        if len(data) > MAX_BODY_BYTES:
+        data = await upload.read(MAX_CONFIG_TEXT + 1)
+        if len(data) > MAX_CONFIG_TEXT:
             params["config_json"] = ""
             return await run_in_threadpool(_render_index, request, params | {"model": params.get("model", "")}, False, 413)
         params["config_json"] = data.decode("utf-8", errors="replace")

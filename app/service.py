@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi.concurrency import run_in_threadpool
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from planner.advisor import Task
 from planner.catalog import catalog_ids, closest_ids, load_catalog_spec
@@ -19,7 +19,11 @@ from app.model_builder import SpecBuilder
 from planner.options import TrainingOptions
 from planner.spec import ModelSpec
 
-MAX_BODY_BYTES = 256 * 1024  # a plan request is a few hundred bytes; a pasted config.json a few KiB
+MAX_CONFIG_TEXT = 40 * 1024  # published config.json files are 1-6 KiB
+# A plan request is a few hundred bytes. The body may hold the longest config text even with
+# every character escaped as \uXXXX (6 bytes), so a config over its limit gets the 422 that
+# names the field rather than a 413.
+MAX_BODY_BYTES = 512 * 1024
 # a pasted config's build has its own deadline (app/model_builder.py); this bounds the rest
 REQUEST_DEADLINE_S = 60.0
 
@@ -27,8 +31,10 @@ REQUEST_DEADLINE_S = 60.0
 class PlanRequest(TrainingOptions):
     """The plan options plus the model: a catalog id, or a config.json's text."""
 
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["model"]}, {"required": ["config_json"]}]})
+
     model: str | None = Field(default=None, max_length=300, description="a catalog id (GET /api/v1/models); required unless config_json is given")
-    config_json: str | None = Field(default=None, max_length=MAX_BODY_BYTES, description="a config.json's text, planned instead of a catalog model")
+    config_json: str | None = Field(default=None, max_length=MAX_CONFIG_TEXT, description="a config.json's text, planned instead of a catalog model")
 
     @model_validator(mode="after")
     def _a_model_is_named(self):

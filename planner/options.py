@@ -5,7 +5,7 @@ Option names are the contract (DESIGN.md): CLI flags use dashes, JSON fields und
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
@@ -56,7 +56,7 @@ class TrainingOptions(BaseModel):
     galore_rank: int = Field(default=128, ge=1, le=65536)
     lora_r: int = Field(default=16, ge=1, le=65536)
     lora_alpha: float | None = Field(default=None, gt=0)
-    lora_targets: list[str] | Literal["all-linear"] = "all-linear"
+    lora_targets: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_TARGET_NAME)]], Field(min_length=1, max_length=MAX_LORA_TARGETS)] | Literal["all-linear"] = "all-linear"
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     num_virtual_tokens: int = Field(default=20, ge=1, le=65536)
     freeze_trainable_layers: int = Field(default=2, ge=1, le=1024)
