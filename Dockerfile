@@ -7,14 +7,19 @@ RUN npm ci --omit=dev
 
 FROM python:3.11-slim
 WORKDIR /srv/vramplan
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY app ./app
 COPY planner ./planner
 COPY gpu_catalog ./gpu_catalog
 COPY templates ./templates
 COPY --from=assets /assets/node_modules ./node_modules
-# editable, so the app finds templates/ and node_modules/ beside its package
-RUN pip install --no-cache-dir -e '.[web]'
+# editable, so the app finds templates/ and node_modules/ beside its package; pinned versions
+RUN pip install --no-cache-dir -c constraints.txt -e '.[web]'
+# Inside a container the server must listen on 0.0.0.0 to be reachable through -p; it still
+# answers only to the Host names below (add yours, e.g. -e VRAMPLAN_ALLOWED_HOSTS=plan.example.org)
+# and refuses cross-site posts. Publish the port on loopback (-p 127.0.0.1:8000:8000) unless
+# others should reach it. (When the web app can launch runs, its token guard must hold here too.)
+ENV VRAMPLAN_ALLOWED_HOSTS=localhost,127.0.0.1,::1
 EXPOSE 8000
 ENTRYPOINT ["vramplan"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
