@@ -1,6 +1,7 @@
 """`vramplan`: the command line. Parses flags into TrainingOptions, prints what the planner returns.
 
-Exit codes (the contract): 0 fits / success, 1 does not fit, 2 bad input (one readable line).
+Exit codes (the contract): 0 fits / success, 1 does not fit, 2 bad input or an environment that fails
+us (unreadable file, full disk; one readable line), 3 a bug. A reader that leaves early never changes the code.
 """
 
 from __future__ import annotations
@@ -17,6 +18,47 @@ from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 
 GIB = 1 << 30
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (the contract), not the whole usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"vramplan: error: {message} (see {self.prog} --help)\n")
+
+
+class _OutputError(Exception):
+    """stdout could not be written (full disk, device gone): the environment, not bad input and not a bug."""
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so the bytes still buffered and the interpreter's own flush at exit go
+    nowhere quietly instead of failing again ("Exception ignored ...", exit 120)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a real file (an in-process caller's capture)
+        sys.stdout = open(os.devnull, "w")
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _write(text: str) -> None:
+    """print() for command output. A reader that leaves early (`| head -c 1`) is no error and must not
+    change the exit code, which is the verdict: stdout goes quiet and the command runs on to its verdict."""
+    try:
+        print(text)
+    except BrokenPipeError:
+        _silence_stdout()
+    except OSError as exc:
+        raise _OutputError(exc.strerror or str(exc)) from exc
+
+
+def _write_json(data) -> None:
+    # NaN and Infinity are not JSON: a reader's parser would refuse the whole output. A non-finite
+    # number reaching here is a bug, and the ValueError is reported as one (exit 3).
+    _write(json.dumps(data, allow_nan=False))
 
 
 def _option_flags(parser: argparse.ArgumentParser, model=TrainingOptions, title: str = "plan options (JSON fields use underscores)") -> None:
@@ -64,10 +106,10 @@ def cmd_params(args) -> int:
     spec = resolve_model(args.model)
     counts = parameter_counts(spec, options)
     if args.json:
-        print(json.dumps({**counts, "model": spec.name, "method": options.method, "by_role": spec.params_by_role()}))
+        _write_json({**counts, "model": spec.name, "method": options.method, "by_role": spec.params_by_role()})
     else:
         pct = 100 * counts["trainable"] / counts["total"] if counts["total"] else 0
-        print(f"{spec.name}: {counts['total']:,} parameters, {counts['trainable']:,} trainable ({pct:.3f}%) with {options.method}")
+        _write(f"{spec.name}: {counts['total']:,} parameters, {counts['trainable']:,} trainable ({pct:.3f}%) with {options.method}")
     return 0
 
 
@@ -75,24 +117,39 @@ def cmd_plan(args) -> int:
     _, _, plan = _plan(args)
     data = plan.to_dict()
     if args.json:
-        print(json.dumps(data))
+        _write_json(data)
         return 0
-    print(f"{data['model']['name']} on {data['gpu']['name']}: peak {data['peak_bytes'] / GIB:.2f} GiB")
+    _write(f"{data['model']['name']} on {data['gpu']['name']}: peak {data['peak_bytes'] / GIB:.2f} GiB")
     for c in data["components"]:
-        print(f"  {c['name']:<32} {c['bytes'] / GIB:>9.3f} GiB  {c['note']}")
+        _write(f"  {c['name']:<32} {c['bytes'] / GIB:>9.3f} GiB  {c['note']}")
     for a in data["assumptions"]:
-        print(f"  assumed: {a}")
+        _write(f"  assumed: {a}")
     return 0
+
+
+def _check_dict(plan) -> dict:
+    # the same shape as the API's /api/v1/check, so scripts can switch between the two
+    return {
+        "fits": plan.fits,
+        "peak_bytes": plan.peak_bytes,
+        "usable_bytes": plan.usable_bytes,
+        "headroom_bytes": plan.usable_bytes - plan.peak_bytes,
+        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes, "count": plan.gpu.count},
+        "model": plan.model_name,
+    }
 
 
 def cmd_check(args) -> int:
     _, _, plan = _plan(args)
-    verdict = "fits" if plan.fits else "does not fit"
-    print(
-        f"{verdict}: {plan.model_name} needs {plan.peak_bytes / GIB:.2f} GiB per GPU; "
-        f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.name} "
-        f"({plan.options.headroom:.0%} headroom kept)"
-    )
+    if args.json:
+        _write_json(_check_dict(plan))
+    else:
+        verdict = "fits" if plan.fits else "does not fit"
+        _write(
+            f"{verdict}: {plan.model_name} needs {plan.peak_bytes / GIB:.2f} GiB per GPU; "
+            f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.name} "
+            f"({plan.options.headroom:.0%} headroom kept)"
+        )
     return 0 if plan.fits else 1
 
 
@@ -105,23 +162,23 @@ def cmd_advise(args) -> int:
     spec = resolve_model(args.model)
     advice = advise(spec, task, options)
     if args.json:
-        print(json.dumps(advice.to_dict()))
+        _write_json(advice.to_dict())
         return 0
     head = f"{advice.approach}"
     if advice.plan is not None:
         head += f": {advice.method} {advice.stage} on {advice.plan.gpu.count} x {advice.plan.gpu.name}, peak {advice.plan.peak_bytes / GIB:.2f} GiB of {advice.plan.usable_bytes / GIB:.2f} GiB usable"
-    print(head)
-    print("settings: " + ", ".join(f"{k}={v}" for k, v in advice.settings.items()))
+    _write(head)
+    _write("settings: " + ", ".join(f"{k}={v}" for k, v in advice.settings.items()))
     if advice.time_cost is not None and advice.time_cost.hours is not None:
         cost = f", ${advice.time_cost.dollars:,.2f}" if advice.time_cost.dollars is not None else ""
-        print(f"time: {advice.time_cost.hours:.2f} h{cost}")
+        _write(f"time: {advice.time_cost.hours:.2f} h{cost}")
     for reason in advice.reasons:
-        print(f"  - {reason}")
+        _write(f"  - {reason}")
     for alt in advice.alternatives:
         fit = "fits" if alt.plan.fits else f"does not fit (needs {alt.gpus_needed} GPUs)" if alt.gpus_needed else "does not fit"
-        print(f"  alternative {alt.label}: {alt.plan.peak_bytes / GIB:.2f} GiB, {fit}; {alt.why}")
+        _write(f"  alternative {alt.label}: {alt.plan.peak_bytes / GIB:.2f} GiB, {fit}; {alt.why}")
     for other in advice.other_approaches:
-        print(f"  also: {other}")
+        _write(f"  also: {other}")
     return 0
 
 
@@ -132,33 +189,46 @@ def cmd_fit(args) -> int:
     options = _parse_options(args)
     report = fit_report(resolve_model(args.model), options)
     if args.json:
-        print(json.dumps(report))
+        _write_json(report)
         return 0
     verdict = "fits" if report["fits"] else "does not fit"
-    print(f"{report['model']} on {report['gpu']['name']}: {verdict} ({report['peak_bytes'] / GIB:.2f} of {report['usable_bytes'] / GIB:.2f} GiB usable)")
+    _write(f"{report['model']} on {report['gpu']['name']}: {verdict} ({report['peak_bytes'] / GIB:.2f} of {report['usable_bytes'] / GIB:.2f} GiB usable)")
     for key in ("largest_batch", "longest_sequence", "fewest_gpus"):
-        print(f"  {key.replace('_', ' ')}: {report[key]['note']}")
+        _write(f"  {key.replace('_', ' ')}: {report[key]['note']}")
     cheapest = report["cheapest_gpu"]
     if cheapest is not None:
-        print(f"  cheapest GPU: {cheapest['count']} x {cheapest['gpu']} at ${cheapest['price_per_hour_usd']:.2f}/h ({cheapest['peak_bytes'] / GIB:.2f} GiB per GPU)")
+        _write(f"  cheapest GPU: {cheapest['count']} x {cheapest['gpu']} at ${cheapest['price_per_hour_usd']:.2f}/h ({cheapest['peak_bytes'] / GIB:.2f} GiB per GPU)")
     smallest = report["fixes"]["smallest"]
     if smallest is not None:
-        print(f"  smallest fix: {smallest['description']} -> {smallest['peak_bytes'] / GIB:.2f} GiB")
+        _write(f"  smallest fix: {smallest['description']} -> {smallest['peak_bytes'] / GIB:.2f} GiB")
     return 0
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    import dataclasses
 
-    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers, log_level="warning")
-    return 0
+    from app.server import ServerLimits, serve
+
+    try:
+        limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+        if args.workers < 1:
+            raise ValueError(f"workers must be positive, got {args.workers}")
+    except ValueError as exc:
+        print(f"vramplan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.allowed_hosts is not None:  # the app (and each worker it spawns) reads it from the environment
+        os.environ["VRAMPLAN_ALLOWED_HOSTS"] = args.allowed_hosts
+    return serve(args.host, args.port, args.workers, limits)
 
 
 def cmd_models(args) -> int:
     from planner.catalog import catalog_ids
 
     ids = sorted(catalog_ids().values())
-    print(json.dumps(ids) if args.json else "\n".join(ids))
+    if args.json:
+        _write_json(ids)
+    else:
+        _write("\n".join(ids))
     return 0
 
 
@@ -169,20 +239,20 @@ def cmd_gpus(args) -> int:
     found = detect()
     rows = [g.to_dict() for g in all_gpus()]
     if args.json:
-        print(json.dumps({"detected": [g.to_dict() for g in found.gpus], "driver_version": found.driver_version, "reason": found.reason, "catalog": rows}))
+        _write_json({"detected": [g.to_dict() for g in found.gpus], "driver_version": found.driver_version, "reason": found.reason, "catalog": rows})
     else:
         for g in found.gpus:
-            print(f"detected {g.index}: {g.name}, {g.free_bytes / GIB:.1f} of {g.total_bytes / GIB:.1f} GiB free, cc {g.compute_capability}")
+            _write(f"detected {g.index}: {g.name}, {g.free_bytes / GIB:.1f} of {g.total_bytes / GIB:.1f} GiB free, cc {g.compute_capability}")
         if found.reason:
-            print(found.reason)
+            _write(found.reason)
         for r in rows:
-            print(f"{r['name']:<36} {r['memory_bytes'] / GIB:6.1f} GiB  cc {r['compute_capability']}")
+            _write(f"{r['name']:<36} {r['memory_bytes'] / GIB:6.1f} GiB  cc {r['compute_capability']}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vramplan", description="Plan GPU memory for fine-tuning a causal LM.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="vramplan", description="Plan GPU memory for fine-tuning a causal LM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     from planner.advisor import Task
 
     for name, func, help_text, asks_task in (
@@ -199,10 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
             _option_flags(p, Task, "the task (the advisor's questions)")
         _option_flags(p)
         p.set_defaults(func=func)
-    serve_parser = sub.add_parser("serve", help="the web app and the JSON API (127.0.0.1:8000)")
-    serve_parser.add_argument("--host", default="127.0.0.1")
-    serve_parser.add_argument("--port", type=int, default=8000)
-    serve_parser.add_argument("--workers", type=int, default=1)
+    from app.server import ServerLimits
+
+    limits = ServerLimits()
+    serve_parser = sub.add_parser("serve", help="the web app and the JSON API (127.0.0.1:8000)",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve_parser.add_argument("--host", default="127.0.0.1", help="a non-loopback address makes the server reachable from the network")
+    serve_parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one")
+    serve_parser.add_argument("--workers", type=int, default=1, help="processes; the limits below apply to each")
+    serve_parser.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                              help="Host names the server answers to, comma-separated ('*' for any; default: $VRAMPLAN_ALLOWED_HOSTS or localhost,127.0.0.1,::1)")
+    serve_limits = serve_parser.add_argument_group("limits (per worker; defaults suit a local or small shared server)")
+    for flag, kind, help_text in (
+        ("max-header-bytes", int, "request line plus headers; over it: 431 and close"),
+        ("header-timeout", float, "seconds from connection or previous response until headers are complete; then close"),
+        ("body-timeout", float, "seconds from headers until the body is complete; then close"),
+        ("keep-alive-timeout", float, "seconds an idle keep-alive connection stays open"),
+        ("limit-concurrency", int, "requests in progress; over it: 503 at once, not a wait in a queue"),
+        ("max-connections", int, "open connections; over it a new one is closed as soon as accepted"),
+    ):
+        name = flag.replace("-", "_")
+        serve_limits.add_argument("--" + flag, dest=name, type=kind, default=getattr(limits, name), metavar="N" if kind is int else "S", help=help_text)
     serve_parser.set_defaults(func=cmd_serve)
     for name, func, help_text in (("models", cmd_models, "list the model catalog"), ("gpus", cmd_gpus, "list GPUs")):
         p = sub.add_parser(name, help=help_text)
@@ -212,25 +299,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def main(argv: list[str] | None = None) -> int:
+def _fail(message: str) -> int:
+    print(f"vramplan: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_message(exc: OSError) -> str:
+    # the planner's only file access is reading a model's config.json; anything else says what the system said
+    what = f"cannot read {exc.filename}" if exc.filename else "system error"
+    return f"{what}: {exc.strerror or exc}"
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its one-line usage error
+    except SystemExit as exc:  # --help, or _Parser.error's one line: argparse already printed it
         return int(exc.code or 0)
     try:
         return args.func(args)
     except ValidationError as exc:
-        print(f"vramplan: error: {_validation_message(exc)}", file=sys.stderr)
+        return _fail(_validation_message(exc))
     except PlanInputError as exc:
-        print(f"vramplan: error: {exc.field}: {exc.reason}", file=sys.stderr)
-    except BrokenPipeError:  # `vramplan plan ... | head`: the reader left, nothing to report
-        sys.stdout = open(os.devnull, "w")
-        return 0
+        return _fail(f"{exc.field}: {exc.reason}")
+    except _OutputError as exc:
+        _silence_stdout()
+        return _fail(f"cannot write the output: {exc}")
+    except OSError as exc:  # an unreadable file, not a bug: the environment, reported as such
+        return _fail(_os_message(exc))
     except Exception as exc:  # a bug, not bad input: one line, and a code of its own
         print(f"vramplan: internal error: {type(exc).__name__}: {exc} (please report it)", file=sys.stderr)
         return 3
-    return 2
+
+
+def _flush_output(code: int) -> int:
+    """Flush stdout here, not at interpreter exit: a pipe or a file is block-buffered, so this is where
+    writing usually fails, and past main() a failure can only print "Exception ignored" and exit 120."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left early: the verdict stands
+        _silence_stdout()
+    except OSError as exc:
+        _silence_stdout()
+        _fail(f"cannot write the output: {exc.strerror or exc}")
+        return max(code, 2)  # a lost answer is no success, and a bug (3) stays a bug
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _flush_output(_run(argv))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ sees one readable line and the server keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from app.api import router as api_router
 from app.model_builder import BuildBusy
+from app.server import DEFAULT_ALLOWED_HOSTS
 from app.service import MAX_BODY_BYTES
 from planner.errors import PlanInputError
 
@@ -27,10 +29,6 @@ log = logging.getLogger("vramplan")
 SWAGGER_UI = Path(__file__).resolve().parent.parent / "node_modules" / "swagger-ui-dist"
 SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 MAX_JSON_DEPTH = 32  # a plan request nests two levels; deep nesting only costs the parser
-# Names this server answers to. A page on any site can make the user's browser post to
-# 127.0.0.1, and a rebinding domain can resolve to it: refusing other Host names and
-# cross-site Origins stops both. `vramplan serve --host 0.0.0.0` widens this (see app/server.py).
-DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,::1"
 
 
 def _error(loc: list, msg: str, status: int = 422, kind: str = "value_error") -> JSONResponse:
@@ -129,10 +127,20 @@ class RequestGuard:
         return await self.app(scope, replay, send)
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    # SIGTERM stops the server gracefully; the build worker is a child that must go with it
+    from app.service import BUILDER
+
+    BUILDER.shutdown()
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="vramplan", version="1", description="GPU memory plans for fine-tuning causal LMs.",
         docs_url=None, redoc_url=None,  # served below from the installed swagger-ui-dist: no CDN
+        lifespan=_lifespan,
     )
     app.add_middleware(RequestGuard)
 

@@ -129,7 +129,15 @@ class SpecBuilder:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def shutdown(self) -> None:
-        self._discard_worker()
+        """Stop the worker: politely when it is idle (so multiprocessing cleans up after it),
+        by killing it when a build is still running."""
+        if self._running.locked():
+            self._discard_worker()
+            return
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def build(self, text: str, source: str = "the pasted config.json") -> ModelSpec:
         key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

@@ -1,6 +1,8 @@
 """The CLI contract: JSON shapes, exit codes 0/1/2, one readable line on bad input, no traceback."""
 
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -139,3 +141,142 @@ def test_fit_json_reports_each_search():
 def test_fit_bad_input_is_exit_2():
     out = vramplan("fit", CATALOG_MODEL, "--batch-size", "0")
     assert out.returncode == 2 and "batch_size" in out.stderr and "Traceback" not in out.stderr
+
+
+# --- exit codes survive the environment: pipes, full disks, unreadable files ---
+
+NOT_FIT = ["check", CATALOG_MODEL, "--method", "full", "--gpu", "T4"]
+# stdout as users get it, block-buffered, whatever this shell exports: the write then fails at the final flush
+BUFFERED = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
+@pytest.mark.parametrize(
+    "args,code,nbytes",
+    [
+        (NOT_FIT, 1, 0),  # `| true`: the reader is gone before the CLI writes; the final flush breaks
+        (NOT_FIT, 1, 1),  # `| head -c 1`
+        (["fit", CATALOG_MODEL, "--json"], 0, 0),  # over the 8 KiB stdout buffer: print() itself breaks
+    ],
+)
+def test_reader_leaving_early_keeps_the_verdict_and_stderr_quiet(args, code, nbytes):
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=BUFFERED)
+    if nbytes:
+        assert len(proc.stdout.read(nbytes)) == nbytes
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=300) == code
+    assert stderr == ""
+
+
+def test_broken_pipe_while_printing_keeps_the_verdict(monkeypatch):
+    # the pipe may break inside print(), before the command has returned its verdict
+    from app.cli import main
+
+    class GoneReader:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", GoneReader())
+    assert main(NOT_FIT) == 1
+    sys.stdout.close()  # the CLI swapped in os.devnull; monkeypatch puts the real one back
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize(
+    "args",
+    [
+        NOT_FIT,  # one short line: fails at the final flush
+        ["fit", CATALOG_MODEL, "--json"],  # over the stdout buffer: fails inside print()
+    ],
+)
+def test_full_disk_is_exit_2_with_one_line(args):
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "app.cli", *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300, env=BUFFERED)
+    assert out.returncode == 2
+    assert out.stderr == "vramplan: error: cannot write the output: No space left on device\n"
+
+
+def test_unreadable_config_is_exit_2_not_internal_error(tmp_path, monkeypatch, capsys):
+    # tests run as root, so chmod 000 would not stop a read: refuse it the way the kernel would
+    import pathlib
+
+    from app.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    for name in ("read_bytes", "read_text", "open"):
+        monkeypatch.setattr(pathlib.Path, name, denied)
+    assert main(["check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vramplan: error: cannot read {tmp_path / 'config.json'}: Permission denied\n"
+
+
+# --- usage errors: one line, exit 2 ---
+
+
+@pytest.mark.parametrize(
+    "args,names",
+    [
+        (["check"], "model"),
+        (["check", CATALOG_MODEL, "--batch-size"], "--batch-size"),
+        ([], "command"),
+    ],
+)
+def test_usage_error_is_one_line_exit_2(args, names):
+    out = vramplan(*args)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("vramplan: error: ") and names in lines[0]
+    assert lines[0].endswith("--help)")
+
+
+# --- JSON output is always JSON ---
+
+
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["check", CATALOG_MODEL, "--gpu-memory-gib", "nan"], "gpu_memory_gib"),
+        (["plan", CATALOG_MODEL, "--lora-alpha", "inf", "--json"], "lora_alpha"),
+    ],
+)
+def test_non_finite_options_are_refused(args, field):
+    out = vramplan(*args)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vramplan: error: "), out.stderr
+    assert field in lines[0] and "finite" in lines[0]
+
+
+def test_non_finite_number_in_json_output_is_a_bug_not_invalid_json(monkeypatch, capsys):
+    # NaN/Infinity would print as bare NaN/Infinity, which no strict JSON parser reads
+    import planner.plan
+    from app.cli import main
+
+    class NanPlan:
+        def to_dict(self):
+            return {"peak_bytes": float("nan")}
+
+    monkeypatch.setattr(planner.plan, "build_plan", lambda spec, options: NanPlan())
+    assert main(["plan", CATALOG_MODEL, "--json"]) == 3
+    out = capsys.readouterr()
+    assert out.out == "" and "internal error: ValueError" in out.err
+
+
+@pytest.mark.parametrize("args,code", [(["--method", "qlora", "--gpu", "H100"], 0), (["--method", "full", "--gpu", "T4"], 1)])
+def test_check_json_matches_the_api_shape(args, code):
+    out = vramplan("check", CATALOG_MODEL, *args, "--json")
+    assert out.returncode == code, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data) == {"fits", "peak_bytes", "usable_bytes", "headroom_bytes", "gpu", "model"}
+    assert data["fits"] is (code == 0)
+    assert data["headroom_bytes"] == data["usable_bytes"] - data["peak_bytes"]
+    assert set(data["gpu"]) == {"name", "memory_bytes", "count"} and data["model"] == CATALOG_MODEL

@@ -1,0 +1,271 @@
+"""`vramplan serve` holds its limits against clients that misbehave: the real server in a
+subprocess (`python -m app.cli serve`, small limits given as flags), spoken to over raw sockets.
+
+Assertions are on behaviour (status lines, closed connections); time appears only as generous
+upper bounds, seconds above the limit under test.
+"""
+
+import contextlib
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from app.server import ServerLimits, is_loopback
+
+SLACK = 3.0  # seconds allowed beyond a timeout before the test calls it not enforced
+
+
+class Server:
+    def __init__(self, *flags: str):
+        self.flags = flags
+
+    def __enter__(self):
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", "0", *self.flags],
+            stdout=subprocess.DEVNULL, stderr=self.stderr, start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        try:
+            self._wait_ready(time.monotonic() + 60)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            match = re.search(r"serving on http://127\.0\.0\.1:(\d+) ", self.err())
+            if match:
+                self.port = int(match.group(1))
+                break
+            assert self.proc.poll() is None, self.err()
+            time.sleep(0.05)
+        else:
+            raise AssertionError("no 'serving on' line: " + self.err())
+        while time.monotonic() < deadline:
+            if self.health() == 200:
+                return
+            time.sleep(0.1)
+        raise AssertionError("not healthy: " + self.err())
+
+    def __exit__(self, *exc):
+        # the whole group: workers and any process the app started go with the server
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        with contextlib.suppress(ProcessLookupError):  # stragglers that outlived the server
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.stderr.close()
+
+    def err(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    def health(self) -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def wait_healthy(self, seconds: float = 5) -> int | None:
+        deadline = time.monotonic() + seconds
+        while (status := self.health()) != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return status
+
+
+def read_all(sock: socket.socket, seconds: float = 10) -> bytes:
+    """Everything the server sends until it closes; b"" for a reset."""
+    sock.settimeout(seconds)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def status(reply: bytes) -> int | None:
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", reply)
+    return int(match.group(1)) if match else None
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Seconds until the server closes `sock` (sending `trickle` every 0.25 s meanwhile, as a
+    slowloris does), or None if it is still open after `seconds`."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        readable, _, _ = select.select([sock], [], [], 0.25)
+        try:
+            if readable and sock.recv(65536) == b"":
+                return time.monotonic() - started
+            if trickle:
+                sock.sendall(trickle)
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - started
+    return None
+
+
+HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+
+@pytest.fixture(scope="module")
+def workers2():
+    with Server("--workers", "2", "--max-header-bytes", "8192", "--header-timeout", "1", "--keep-alive-timeout", "1") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def worker1():
+    with Server("--workers", "1", "--header-timeout", "2", "--body-timeout", "3",
+                "--limit-concurrency", "2", "--max-connections", "6") as server:
+        yield server
+
+
+def test_startup_line_names_the_url_and_only_loopback_is_quiet(workers2):
+    lines = workers2.err().splitlines()
+    assert lines[0] == f"vramplan: serving on http://127.0.0.1:{workers2.port} (API docs at /docs); Ctrl+C stops"
+    assert not any("reachable from the network" in line for line in lines)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+
+
+def test_serve_help_shows_the_limits_and_their_defaults():
+    run = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0
+    for flag, default in (("--max-header-bytes", 65536), ("--header-timeout", 10.0), ("--keep-alive-timeout", 5.0),
+                          ("--limit-concurrency", 64), ("--max-connections", 1024)):
+        assert flag in run.stdout
+        assert getattr(ServerLimits(), flag[2:].replace("-", "_")) == default
+        assert f"(default: {default})" in " ".join(run.stdout.split())
+
+
+def test_a_limit_of_zero_is_refused_in_one_line():
+    run = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--header-timeout", "0"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr == "vramplan: error: header_timeout must be positive, got 0.0\n"
+
+
+def test_oversized_header_is_431_and_the_server_keeps_answering(workers2):
+    with workers2.connect() as sock:
+        sock.sendall(HEAD + b"X-Big: " + b"a" * 9000)  # unfinished, over the 8 KiB limit
+        reply = read_all(sock)
+    assert status(reply) == 431, reply[:200]
+    # the tester's case, 8 MiB of header: the server stops reading at the limit and closes, so
+    # the client cannot get it all out (stock uvicorn buffers every byte)
+    with workers2.connect() as sock:
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(HEAD)
+            while sent < 8 << 20:
+                sock.sendall(b"X-Big: " + b"a" * 16384 + b"\r\n")
+                sent += 16393
+        assert sent < 8 << 20
+        assert status(read_all(sock)) in (431, None)  # None: the 431 lost to the reset
+    assert workers2.health() == 200
+
+
+def test_a_body_past_the_header_limit_is_not_taken_for_a_header(workers2):
+    body = b'{"model": "meta-llama/Llama-3.1-8B", "method": "qlora", "gpu": "H100", "pad": "' + b"x" * 20000 + b'"}'
+    head = (b"POST /api/v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+    with workers2.connect() as sock:
+        sock.sendall(head + body)  # one write: headers and 20 KB of body arrive together
+        reply = read_all(sock)
+    assert status(reply) in (200, 422), reply[:300]
+
+
+def test_pipelined_requests_past_the_header_limit_each_get_their_own_budget(workers2):
+    requests = [HEAD + b"\r\n"] * 299 + [HEAD + b"Connection: close\r\n\r\n"]
+    with workers2.connect() as sock:
+        sock.sendall(b"".join(requests))  # 12 KB in one write, each header 40 bytes
+        reply = read_all(sock)
+    assert reply.count(b"HTTP/1.1 200 ") == 300 and b" 431 " not in reply
+
+
+def test_unfinished_header_is_closed_after_the_header_timeout(workers2):
+    with workers2.connect() as sock:
+        sock.sendall(HEAD)
+        # a slowloris: a header line every 0.25 s keeps any idle timer from firing, never the header timer
+        assert closed_within(sock, 1 + SLACK, trickle=b"X-a: b\r\n") is not None
+    with workers2.connect() as sock:  # a connection that never sends a byte
+        assert closed_within(sock, 1 + SLACK) is not None
+    assert workers2.health() == 200
+
+
+def test_idle_keep_alive_connection_is_closed(workers2):
+    with workers2.connect() as sock:
+        sock.sendall(HEAD + b"\r\n")
+        sock.settimeout(10)
+        assert status(sock.recv(65536)) == 200
+        assert closed_within(sock, 1 + SLACK) is not None
+
+
+def test_unfinished_body_is_closed_after_the_body_timeout(worker1):
+    with worker1.connect() as sock:
+        sock.sendall(b"POST /api/v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        assert closed_within(sock, 3 + SLACK, trickle=b" ") is not None
+
+
+def test_requests_over_the_concurrency_limit_get_503_at_once(worker1):
+    holders = []
+    try:
+        for _ in range(2):  # two requests in progress, each waiting for the rest of its body
+            sock = worker1.connect()
+            sock.sendall(b"POST /api/v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
+            holders.append(sock)
+        time.sleep(0.3)
+        assert select.select(holders, [], [], 0)[0] == [], "a holder was answered: a slot was still taken"
+        started = time.monotonic()
+        with worker1.connect() as sock:
+            sock.sendall(HEAD + b"\r\n")
+            reply = read_all(sock)
+        assert status(reply) == 503 and b"retry-after: 1" in reply.lower()
+        assert time.monotonic() - started < 2  # answered, not queued behind the held requests
+    finally:
+        for sock in holders:
+            sock.close()
+    assert worker1.wait_healthy() == 200  # the slots come back when the holders leave
+
+
+def test_connections_past_the_per_worker_cap_are_closed_at_once(worker1):
+    held = [worker1.connect() for _ in range(6)]
+    try:
+        time.sleep(0.3)  # all six registered, well inside the 2 s header timeout
+        with worker1.connect() as extra:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                extra.sendall(HEAD + b"\r\n")
+            assert read_all(extra) == b""  # closed without reading the request
+        # one of the six is served: the cap refused the newcomer, not the held connections
+        held[0].sendall(HEAD + b"\r\n")
+        held[0].settimeout(10)
+        assert status(held[0].recv(65536)) == 200
+    finally:
+        for sock in held:
+            sock.close()
+    assert worker1.wait_healthy() == 200
