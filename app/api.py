@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.schemas import ERROR_RESPONSES, CheckResponse, PlanResponse
-from app.service import AdviseRequest, PlanRequest, off_loop, resolve_web_model
+from app.service import AdviseRequest, PlanRequest, with_spec
 from gpu_catalog.catalog import all_gpus
 from gpu_catalog.detect import detect
 from planner.advisor import advise
@@ -21,12 +21,7 @@ from planner.plan import build_plan
 router = APIRouter(prefix="/api/v1")
 
 
-def _plan(request: PlanRequest):
-    return build_plan(resolve_web_model(request.model, request.config_json), request.options())
-
-
-def _check(request: PlanRequest) -> dict:
-    result = _plan(request)
+def _check(result) -> dict:
     return {
         "fits": result.fits,
         "peak_bytes": result.peak_bytes,
@@ -37,32 +32,27 @@ def _check(request: PlanRequest) -> dict:
     }
 
 
-def _advise(request: AdviseRequest) -> dict:
-    return advise(resolve_web_model(request.model, request.config_json), request.task(), request.options()).to_dict()
-
-
-def _fit(request: PlanRequest) -> dict:
-    return fit_report(resolve_web_model(request.model, request.config_json), request.options())
-
-
 @router.post("/plan", summary="The memory plan, component by component", response_model=PlanResponse, responses=ERROR_RESPONSES)
 async def plan(request: PlanRequest) -> JSONResponse:
-    return JSONResponse((await off_loop(_plan, request)).to_dict())
+    result = await with_spec(request, build_plan, request.options())
+    return JSONResponse(result.to_dict())
 
 
 @router.post("/check", summary="Does it fit? 200 either way, with `fits` and `peak_bytes`", response_model=CheckResponse, responses=ERROR_RESPONSES)
 async def check(request: PlanRequest) -> JSONResponse:
-    return JSONResponse(await off_loop(_check, request))
+    result = await with_spec(request, build_plan, request.options())
+    return JSONResponse(_check(result))
 
 
 @router.post("/advise", summary="Approach, stage, method and settings, with reasons and alternatives", responses=ERROR_RESPONSES)
 async def advise_route(request: AdviseRequest) -> JSONResponse:
-    return JSONResponse(await off_loop(_advise, request))
+    advice = await with_spec(request, advise, request.task(), request.options())
+    return JSONResponse(advice.to_dict())
 
 
 @router.post("/fit", summary="Largest batch, longest sequence, fewest GPUs, cheapest GPU, smallest fix", responses=ERROR_RESPONSES)
 async def fit(request: PlanRequest) -> JSONResponse:
-    return JSONResponse(await off_loop(_fit, request))
+    return JSONResponse(await with_spec(request, fit_report, request.options()))
 
 
 @router.get("/gpus", summary="Detected GPUs and the GPU catalog")
@@ -77,7 +67,7 @@ def gpus() -> dict:
 
 
 @router.get("/models", summary="The model catalog")
-async def models() -> dict:
+def models() -> dict:
     rows = []
     for model_id in sorted(catalog_ids().values()):
         spec = load_catalog_spec(model_id)

@@ -8,14 +8,14 @@ from a pasted/uploaded config.json; never from a filesystem path a web user name
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ConfigDict, Field, model_validator
 
 from planner.advisor import Task
 from planner.catalog import catalog_ids, closest_ids, load_catalog_spec
 from planner.errors import PlanInputError
-from app.model_builder import SpecBuilder
+from app.model_builder import BuildLimits, SpecBuilder
 from planner.options import TrainingOptions
 from planner.spec import ModelSpec
 
@@ -70,14 +70,32 @@ def resolve_web_model(model: str | None, config_json: str | None = None) -> Mode
     return load_catalog_spec(catalog_id)
 
 
-async def off_loop(func, *args):
+# A plan is pure Python holding the GIL: more threads than cores only make them take turns.
+PLANNING_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="plan")
+# Threads that wait on the build worker, apart from planning's: builds queued behind a slow one
+# must not leave catalog plans without a thread.
+BUILD_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=BuildLimits.max_waiting + 1, thread_name_prefix="build")
+
+
+async def off_loop(func, *args, executor=PLANNING_THREADS):
     """Run planning in a worker thread, never on the event loop, so /healthz and every other
     request keep being answered while one plan builds a model or searches; past the deadline
     the caller gets a 422 naming the limit."""
+    loop = asyncio.get_running_loop()
     try:
-        return await asyncio.wait_for(run_in_threadpool(func, *args), REQUEST_DEADLINE_S)
+        return await asyncio.wait_for(loop.run_in_executor(executor, func, *args), REQUEST_DEADLINE_S)
     except asyncio.TimeoutError:
         raise PlanInputError("body", f"planning this request took longer than {REQUEST_DEADLINE_S:g} s, the limit per request") from None
+
+
+async def with_spec(request: PlanRequest, func, *args):
+    """`func(spec, *args)` off the loop for the request's model: a catalog spec is looked up in
+    the planning thread itself; a pasted config is built by the worker first, waited for on a
+    thread of its own."""
+    if request.config_json and request.config_json.strip():
+        spec = await off_loop(resolve_web_model, None, request.config_json, executor=BUILD_THREADS)
+        return await off_loop(func, spec, *args)
+    return await off_loop(lambda: func(resolve_web_model(request.model), *args))
 
 
 # one per server process; its worker starts with the first pasted config

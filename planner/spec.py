@@ -35,6 +35,9 @@ ROLES = (
 )
 
 
+MAX_MEMO_ENTRIES = 256
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -117,6 +120,9 @@ class ModelSpec:
         build hundreds of plans from one 70B spec: its tensor walks must not repeat."""
         memo = self.__dict__.setdefault("_memo", {})
         if key not in memo:
+            if len(memo) >= MAX_MEMO_ENTRIES:
+                # keys include user input (target lists): a server must not grow without bound
+                memo.clear()
             memo[key] = compute()
         return memo[key]
 

@@ -291,3 +291,17 @@ def test_api_docs_are_served_without_a_cdn(client):
     script = client.get("/static/swagger-ui/swagger-ui-bundle.js")
     assert script.status_code == 200 and "SwaggerUIBundle" in script.text[:200_000]
     assert client.get("/static/swagger-ui/../../package.json").status_code == 404
+
+
+def test_distinct_target_lists_do_not_grow_a_catalog_spec_without_bound(client):
+    from planner.catalog import load_catalog_spec
+    from planner.spec import MAX_MEMO_ENTRIES
+
+    import itertools
+
+    spec = load_catalog_spec(MODEL)
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # every ordering is a different list, and each plans: memo keys a client chooses
+    for targets in itertools.islice(itertools.permutations(names, 4), MAX_MEMO_ENTRIES + 50):
+        assert client.post("/api/v1/check", json={"model": MODEL, "lora_targets": list(targets)}).status_code == 200
+    assert len(spec.__dict__["_memo"]) <= MAX_MEMO_ENTRIES
