@@ -34,13 +34,13 @@ def _check(result) -> dict:
 
 @router.post("/plan", summary="The memory plan, component by component", response_model=PlanResponse, responses=ERROR_RESPONSES)
 async def plan(request: PlanRequest) -> JSONResponse:
-    result = await with_spec(request, build_plan, request.options())
+    result = await with_spec(request, build_plan, request.options(), inline_if_quick=True)
     return JSONResponse(result.to_dict())
 
 
 @router.post("/check", summary="Does it fit? 200 either way, with `fits` and `peak_bytes`", response_model=CheckResponse, responses=ERROR_RESPONSES)
 async def check(request: PlanRequest) -> JSONResponse:
-    result = await with_spec(request, build_plan, request.options())
+    result = await with_spec(request, build_plan, request.options(), inline_if_quick=True)
     return JSONResponse(_check(result))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -88,14 +89,61 @@ async def off_loop(func, *args, executor=PLANNING_THREADS):
         raise PlanInputError("body", f"planning this request took longer than {REQUEST_DEADLINE_S:g} s, the limit per request") from None
 
 
-async def with_spec(request: PlanRequest, func, *args):
-    """`func(spec, *args)` off the loop for the request's model: a catalog spec is looked up in
+class QuickShapes:
+    """Plan shapes (catalog model, method, stage, targets, quantization, parallelism) whose plan
+    was measured, on a thread, to take under INLINE_MAX_S. A plan's cost is the spec's tensor
+    walks for those choices, memoized after the first; the sizes (batch, sequence, GPUs) are
+    arithmetic. Such a plan is cheaper than the hop to a thread, and a hop makes the event loop
+    wait for the GIL behind the planning threads (p99 56 ms at 32 connections against 22 ms with
+    the plan on the loop, bench/load.py), so it runs on the loop. Anything not yet measured,
+    slow, a pasted config, or a search or advice runs on a thread."""
+
+    INLINE_MAX_S = 0.002
+    MAX_SHAPES = 4096
+
+    def __init__(self):
+        self._quick: dict[tuple, None] = {}
+
+    @staticmethod
+    def shape(request: PlanRequest) -> tuple:
+        targets = request.lora_targets if isinstance(request.lora_targets, str) else tuple(request.lora_targets)
+        return ((request.model or "").strip().lower(), request.method, request.stage, targets, request.quantization, request.parallelism, request.trainer)
+
+    def is_quick(self, shape: tuple) -> bool:
+        return shape in self._quick
+
+    def measured(self, shape: tuple, seconds: float) -> None:
+        if seconds < self.INLINE_MAX_S:
+            if len(self._quick) >= self.MAX_SHAPES:
+                self._quick.clear()
+            self._quick[shape] = None
+
+
+QUICK_SHAPES = QuickShapes()
+
+
+async def with_spec(request: PlanRequest, func, *args, inline_if_quick: bool = False):
+    """`func(spec, *args)` for the request's model, off the loop: a catalog spec is looked up in
     the planning thread itself; a pasted config is built by the worker first, waited for on a
-    thread of its own."""
+    thread of its own. With `inline_if_quick` (plan and check), a catalog plan of a shape
+    measured quick runs on the loop (QuickShapes)."""
     if request.config_json and request.config_json.strip():
         spec = await off_loop(resolve_web_model, None, request.config_json, executor=BUILD_THREADS)
         return await off_loop(func, spec, *args)
-    return await off_loop(lambda: func(resolve_web_model(request.model), *args))
+    if not inline_if_quick:
+        return await off_loop(lambda: func(resolve_web_model(request.model), *args))
+    shape = QUICK_SHAPES.shape(request)
+    if QUICK_SHAPES.is_quick(shape):
+        return func(resolve_web_model(request.model), *args)
+
+    def timed():
+        spec = resolve_web_model(request.model)
+        started = time.perf_counter()
+        result = func(spec, *args)
+        QUICK_SHAPES.measured(shape, time.perf_counter() - started)
+        return result
+
+    return await off_loop(timed)
 
 
 # one per server process; its worker starts with the first pasted config

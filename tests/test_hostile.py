@@ -305,3 +305,19 @@ def test_distinct_target_lists_do_not_grow_a_catalog_spec_without_bound(client):
     for targets in itertools.islice(itertools.permutations(names, 4), MAX_MEMO_ENTRIES + 50):
         assert client.post("/api/v1/check", json={"model": MODEL, "lora_targets": list(targets)}).status_code == 200
     assert len(spec.__dict__["_memo"]) <= MAX_MEMO_ENTRIES
+
+
+def test_only_plan_shapes_measured_quick_run_on_the_event_loop():
+    from app.service import PlanRequest, QuickShapes
+
+    shapes = QuickShapes()
+    request = PlanRequest(model=MODEL, method="qlora")
+    shape = shapes.shape(request)
+    assert not shapes.is_quick(shape)  # never seen: a thread measures it first
+    shapes.measured(shape, 0.05)
+    assert not shapes.is_quick(shape)  # slow: stays on threads
+    shapes.measured(shape, 0.0004)
+    assert shapes.is_quick(shape)
+    # the sizes do not change a plan's cost, the choices that pick tensors do
+    assert shapes.shape(PlanRequest(model=MODEL, method="qlora", batch_size=8, seq_len=8192)) == shape
+    assert shapes.shape(PlanRequest(model=MODEL, method="qlora", lora_targets=["q_proj"])) != shape
