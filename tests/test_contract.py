@@ -11,7 +11,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from app.main import app
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-EXAMPLES = int(os.environ.get("VRAMPLAN_CONTRACT_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("VRAMPLAN_CONTRACT_EXAMPLES", "300"))
 
 
 @schema.parametrize()
