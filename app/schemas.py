@@ -45,6 +45,7 @@ class PlanResponse(BaseModel):
     assumptions: list[str]
     options: dict[str, Any] = Field(description="every option the plan used, defaults filled in")
     library_versions: dict[str, str] = Field(description="the library releases whose code paths the memory model describes")
+    calibration: str = Field(description="the runtime calibration (CUDA context, allocator reserve) the plan used")
 
 
 class CheckResponse(BaseModel):

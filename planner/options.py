@@ -20,6 +20,7 @@ Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bi
 Attention = Literal["sdpa", "flash", "eager"]
 Trainer = Literal["trl", "hf"]
 Quantization = Literal["none", "int8", "nf4", "fp4"]
+Allocator = Literal["default", "expandable_segments"]
 
 ADAPTER_METHODS = ("lora", "qlora", "dora")
 # TRL 1.16 config defaults: GRPO and RLOO drop the reference model at beta 0.
@@ -61,6 +62,8 @@ class TrainingOptions(BaseModel):
     num_virtual_tokens: int = Field(default=20, ge=1, le=65536)
     freeze_trainable_layers: int = Field(default=2, ge=1, le=1024)
     attention: Attention = "sdpa"
+    # PYTORCH_CUDA_ALLOC_CONF: the default caching allocator, or expandable_segments:True
+    allocator: Allocator = "default"
     num_generations: int = Field(default=8, ge=1, le=1024)
     max_new_tokens: int = Field(default=512, ge=1, le=1_000_000)
     headroom: float = Field(default=0.05, ge=0, lt=1)

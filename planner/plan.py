@@ -25,7 +25,7 @@ from planner.logits import logits_components
 from planner.options import TrainingOptions, check_consistency
 from planner.parallel import per_gpu_static
 from planner.precision import precision_mode
-from planner.runtime import runtime_components
+from planner.runtime import calibration, reserve_inputs, runtime_components
 from planner.spec import ModelSpec
 from planner.stages import stage_components
 from planner.static_memory import static_components
@@ -109,6 +109,7 @@ class Plan:
             "assumptions": list(self.assumptions),
             "options": self.options.model_dump(mode="json"),
             "library_versions": dict(MODELLED_VERSIONS),
+            "calibration": calibration().name,
         }
 
 
@@ -218,6 +219,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     dynamic = activation_components(spec, options) + logits_components(spec, options, tokens) + _temporaries(spec, options)
     everything = per_gpu + extras + dynamic
 
+    # the allocator's reserve is the step's, whichever phase peaks: it keeps what it cached
+    runtime = runtime_components(*reserve_inputs(everything), allocator=options.allocator)
     phases: dict[str, list[Component]] = {}
     for phase, families in PHASES.items():
         if phase == "generation" and not any(c.name == "kv_cache" for c in everything):
@@ -225,8 +228,7 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
         if phase == "forward_end" and not any(c.name == "temporary.dora_weight_norm" for c in everything):
             continue  # without DoRA's forward temporaries, the start of backward holds more
         members = [c for c in everything if any(c.name == f or c.name.startswith(f + ".") for f in families)]
-        allocated = sum(c.bytes for c in members)
-        phases[phase] = members + runtime_components(allocated)
+        phases[phase] = members + runtime
     totals = {phase: sum(c.bytes for c in members) for phase, members in phases.items()}
     peak_phase = max(totals, key=totals.get)
 
@@ -235,6 +237,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
         assumptions.insert(0, f"the config does not give {', '.join(spec.assumed_sizes)}: planned with transformers' {spec.model_type} defaults")
     if spec.attn_softcap and options.attention != "eager":
         assumptions.append(f"{spec.model_type} soft-caps attention scores, which SDPA cannot do: planned with eager attention")
+    assumptions.append(f"PyTorch's {'caching allocator with expandable_segments:True' if options.allocator == 'expandable_segments' else 'default caching allocator'}"
+                       f" (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}")
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     return Plan(
         model_name=spec.name,
