@@ -31,6 +31,15 @@ TARGET_EFFECTIVE_BATCH = 16
 # LoRA rank by goal (ADVISOR.md's rank guide: style/format 4-8, domain 8-16, code/reasoning 16-64)
 RANK_BY_GOAL = {"style": 8, "format": 8, "domain": 16, "knowledge": 16, "alignment": 16, "reasoning": 32}
 STAGE_BY_DATA = {"instructions": "sft", "raw_text": "sft", "preference_pairs": "dpo", "thumbs": "kto", "verifiable_prompts": "grpo"}
+STAGE_DATA = {
+    "sft": "instruction/response pairs or raw text", "dpo": "chosen/rejected pairs", "orpo": "chosen/rejected pairs",
+    "simpo": "chosen/rejected pairs", "reward": "chosen/rejected pairs", "kto": "good/bad labels",
+    "grpo": "prompts and a reward function", "rloo": "prompts and a reward function", "ppo": "prompts and a reward model",
+}
+# What the advice's run may change from the user's own settings, in the words the reasons use.
+COMPARED_SETTINGS = (("method", "method"), ("stage", "stage"), ("batch_size", "micro-batch"), ("seq_len", "sequence length"),
+                     ("gradient_checkpointing", "gradient checkpointing"), ("optimizer", "optimizer"), ("num_gpus", "GPUs"),
+                     ("parallelism", "parallelism"), ("lora_r", "LoRA rank"))
 # Starting learning rates. SFT: ADVISOR.md (LoRA about 2e-4, full 1e-5 to 2e-5). Preference and
 # RL stages: TRL's defaults for full training (1e-6), with adapters about ten times higher.
 LEARNING_RATE = {
@@ -142,7 +151,17 @@ def decide_approach(task: Task) -> tuple[str, list[str]]:
     return "fine-tune", [f"The goal is {task.goal} with {task.num_examples:,} examples and an evaluation: a fine-tune suits behaviour, format, style and domain."]
 
 
-def decide_stage(spec: ModelSpec, task: Task) -> tuple[str, list[str]]:
+def decide_stage(spec: ModelSpec, task: Task, chosen: str | None = None) -> tuple[str, list[str]]:
+    """The stage the data calls for, unless the user chose one: then theirs, with a word when
+    the data they described calls for another."""
+    if chosen is not None:
+        out = [f"Stage {chosen.upper()}, as chosen."]
+        suggested = STAGE_BY_DATA[task.data_kind]
+        if "data_kind" in task.model_fields_set and suggested != chosen:
+            out.append(f"The data described ({task.data_kind.replace('_', ' ')}) would call for {suggested.upper()}; {chosen.upper()} needs {STAGE_DATA.get(chosen, 'data of its own kind')}.")
+        if chosen in ("dpo", "kto", "grpo") and not is_chat_model(spec, task):
+            out.append(f"{spec.name} looks like a base (non-chat) model: run SFT on instructions before {chosen.upper()}.")
+        return chosen, out
     stage = STAGE_BY_DATA[task.data_kind]
     reasons = {
         "instructions": "Instruction/response pairs: supervised fine-tuning (SFT), loss on the response tokens, chat template applied.",
@@ -279,7 +298,7 @@ def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) 
     if untold:
         reasons.append("Assumed, not given: " + ", ".join(untold) + ".")
     reasons += shard_reasons
-    stage, stage_reasons = decide_stage(spec, task)
+    stage, stage_reasons = decide_stage(spec, task, options.stage if "stage" in options.model_fields_set else None)
     method, method_reasons = choose_method(spec, task, options, stage)
     settings, setting_reasons = decide_settings(spec, task, method, stage)
     chosen = _options_for(options, method, stage, settings)
@@ -304,6 +323,9 @@ def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) 
         reasons.append(f"{task.tenants:,} tenants on one base: one adapter each, served together by a multi-LoRA server.")
     if task.latency_target_ms is not None and method in ("lora", "qlora", "dora"):
         reasons.append(f"A {task.latency_target_ms:g} ms latency target: merge the adapter into the base for serving.")
+    differs = differences_from(options, plan.options)
+    if differs:
+        reasons.append("This run differs from your settings in " + ", ".join(differs) + ", so its peak differs from the verdict for yours.")
     time_cost = _time(spec, plan, task, settings["epochs"])
     alternatives = tuple(_alternatives(spec, task, options, stage, method, settings["epochs"]))
     other = []
@@ -312,6 +334,17 @@ def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) 
     else:
         other.append("prompting with an evaluation set remains the baseline to beat")
     return Advice(approach, stage, method, settings, tuple(reasons), plan, time_cost, alternatives, tuple(other))
+
+
+def differences_from(yours: TrainingOptions, advised: TrainingOptions) -> list[str]:
+    """The settings the advice changed, as "micro-batch 4 (yours: 1)"."""
+    out = []
+    for name, words in COMPARED_SETTINGS:
+        mine, theirs = getattr(yours, name), getattr(advised, name)
+        if mine != theirs:
+            show = (lambda v: "on" if v is True else "off" if v is False else v)
+            out.append(f"{words} {show(theirs)} (yours: {show(mine)})")
+    return out
 
 
 def _alternatives(spec: ModelSpec, task: Task, options: TrainingOptions, stage: str, chosen: str, epochs: float) -> list[Candidate]:

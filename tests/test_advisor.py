@@ -186,3 +186,23 @@ def test_several_gpus_are_sharded_before_quality_costing_levers():
 def test_data_that_must_stay_on_premises_is_planned_for_the_local_gpu():
     advice = advise(QWEN_SMALL, Task(data_must_stay_on_premises=True), TrainingOptions(gpu="RTX 4090"))
     assert any("on premises" in r and "gpu auto" in r for r in advice.reasons)
+
+
+def test_a_chosen_stage_is_kept_and_a_mismatch_with_the_data_is_said():
+    spec = load_catalog_spec("Qwen/Qwen2.5-7B")
+    chosen = advise(spec, Task(), TrainingOptions(stage="dpo", gpu="H100"))
+    assert chosen.stage == "dpo" and chosen.plan.options.stage == "dpo"
+    assert "Stage DPO, as chosen." in chosen.reasons
+    mismatch = advise(spec, Task(data_kind="instructions"), TrainingOptions(stage="dpo", gpu="H100"))
+    assert any("would call for SFT" in r and "chosen/rejected pairs" in r for r in mismatch.reasons)
+    unchosen = advise(spec, Task(data_kind="thumbs"), TrainingOptions(gpu="H100"))
+    assert unchosen.stage == "kto"
+
+
+def test_the_advice_says_how_its_run_differs_from_the_users_settings():
+    spec = load_catalog_spec("meta-llama/Llama-2-13b-hf")
+    advice = advise(spec, Task(num_examples=8000), TrainingOptions(gpu="RTX 4000 Ada", method="lora", batch_size=1))
+    said = next(r for r in advice.reasons if r.startswith("This run differs from your settings"))
+    assert f"method {advice.plan.options.method} (yours: lora)" in said
+    if advice.plan.options.batch_size != 1:
+        assert f"micro-batch {advice.plan.options.batch_size} (yours: 1)" in said
