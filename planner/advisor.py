@@ -325,7 +325,7 @@ def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) 
         reasons.append(f"A {task.latency_target_ms:g} ms latency target: merge the adapter into the base for serving.")
     differs = differences_from(options, plan.options)
     if differs:
-        reasons.append("This run differs from your settings in " + ", ".join(differs) + ", so its peak differs from the verdict for yours.")
+        reasons.append("Compared with the plan for the settings as given (defaults where none were given), this run has " + ", ".join(differs) + ": hence its different peak.")
     time_cost = _time(spec, plan, task, settings["epochs"])
     alternatives = tuple(_alternatives(spec, task, options, stage, method, settings["epochs"]))
     other = []
@@ -337,13 +337,13 @@ def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) 
 
 
 def differences_from(yours: TrainingOptions, advised: TrainingOptions) -> list[str]:
-    """The settings the advice changed, as "micro-batch 4 (yours: 1)"."""
+    """The settings the advice changed, as "micro-batch 4 instead of 1"."""
     out = []
     for name, words in COMPARED_SETTINGS:
         mine, theirs = getattr(yours, name), getattr(advised, name)
         if mine != theirs:
             show = (lambda v: "on" if v is True else "off" if v is False else v)
-            out.append(f"{words} {show(theirs)} (yours: {show(mine)})")
+            out.append(f"{words} {show(theirs)} instead of {show(mine)}")
     return out
 
 

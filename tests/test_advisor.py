@@ -202,7 +202,7 @@ def test_a_chosen_stage_is_kept_and_a_mismatch_with_the_data_is_said():
 def test_the_advice_says_how_its_run_differs_from_the_users_settings():
     spec = load_catalog_spec("meta-llama/Llama-2-13b-hf")
     advice = advise(spec, Task(num_examples=8000), TrainingOptions(gpu="RTX 4000 Ada", method="lora", batch_size=1))
-    said = next(r for r in advice.reasons if r.startswith("This run differs from your settings"))
-    assert f"method {advice.plan.options.method} (yours: lora)" in said
+    said = next(r for r in advice.reasons if r.startswith("Compared with the plan for the settings as given"))
+    assert f"method {advice.plan.options.method} instead of lora" in said
     if advice.plan.options.batch_size != 1:
-        assert f"micro-batch {advice.plan.options.batch_size} (yours: 1)" in said
+        assert f"micro-batch {advice.plan.options.batch_size} instead of 1" in said
