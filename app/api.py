@@ -21,17 +21,6 @@ from planner.plan import build_plan
 router = APIRouter(prefix="/api/v1")
 
 
-def _check(result) -> dict:
-    return {
-        "fits": result.fits,
-        "peak_bytes": result.peak_bytes,
-        "usable_bytes": result.usable_bytes,
-        "headroom_bytes": result.usable_bytes - result.peak_bytes,
-        "gpu": {"name": result.gpu.name, "memory_bytes": result.gpu.memory_bytes, "count": result.gpu.count},
-        "model": result.model_name,
-    }
-
-
 @router.post("/plan", summary="The memory plan, component by component", response_model=PlanResponse, responses=ERROR_RESPONSES)
 async def plan(request: PlanRequest) -> JSONResponse:
     result = await with_spec(request, build_plan, request.options(), inline_if_quick=True)
@@ -41,7 +30,7 @@ async def plan(request: PlanRequest) -> JSONResponse:
 @router.post("/check", summary="Does it fit? 200 either way, with `fits` and `peak_bytes`", response_model=CheckResponse, responses=ERROR_RESPONSES)
 async def check(request: PlanRequest) -> JSONResponse:
     result = await with_spec(request, build_plan, request.options(), inline_if_quick=True)
-    return JSONResponse(_check(result))
+    return JSONResponse(result.check_dict())
 
 
 @router.post("/advise", summary="Approach, stage, method and settings, with reasons and alternatives", responses=ERROR_RESPONSES)

@@ -127,22 +127,10 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _check_dict(plan) -> dict:
-    # the same shape as the API's /api/v1/check, so scripts can switch between the two
-    return {
-        "fits": plan.fits,
-        "peak_bytes": plan.peak_bytes,
-        "usable_bytes": plan.usable_bytes,
-        "headroom_bytes": plan.usable_bytes - plan.peak_bytes,
-        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes, "count": plan.gpu.count},
-        "model": plan.model_name,
-    }
-
-
 def cmd_check(args) -> int:
     _, _, plan = _plan(args)
     if args.json:
-        _write_json(_check_dict(plan))
+        _write_json(plan.check_dict())
     else:
         verdict = "fits" if plan.fits else "does not fit"
         _write(

@@ -92,6 +92,17 @@ class Plan:
     def fits(self) -> bool:
         return self.peak_bytes <= self.usable_bytes
 
+    def check_dict(self) -> dict:
+        """The short answer (`vramplan check --json`, POST /api/v1/check): one shape for both."""
+        return {
+            "fits": self.fits,
+            "peak_bytes": self.peak_bytes,
+            "usable_bytes": self.usable_bytes,
+            "headroom_bytes": self.usable_bytes - self.peak_bytes,
+            "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
+            "model": self.model_name,
+        }
+
     def to_dict(self) -> dict:
         return {
             "model": {"name": self.model_name, "params": dict(self.params)},
