@@ -48,9 +48,17 @@ def _fill(family: str, prefix: str) -> str:
     return colour if pattern == "solid" else f"url(#{prefix}-{family})"
 
 
-def memory_bar_svg(plan: Plan, compact: bool = False, width: int = 640, scale_bytes: int | None = None) -> str:
+def _pct(size: float, scale_max: int) -> float:
+    return size / scale_max * 100
+
+
+def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = None) -> str:
     """One horizontal bar: components by family, the GPU's usable memory as a marked line.
-    Bars drawn side by side pass one `scale_bytes`, so their lengths compare."""
+    Bars drawn side by side pass one `scale_bytes`, so their lengths compare.
+
+    Positions are percentages of the SVG's width and there is no viewBox: the bar stretches to
+    any width while the text stays 12 px, readable on a phone as on a desktop (a scaled viewBox
+    shrank it to 5 px at 390 px)."""
     parts = family_totals(plan)
     scale_max = max(plan.peak_bytes, plan.gpu.memory_bytes, scale_bytes or 0) or 1
     bar_y, bar_h = 22, 28
@@ -66,30 +74,33 @@ def memory_bar_svg(plan: Plan, compact: bool = False, width: int = 640, scale_by
     shapes = []
     x = 0.0
     for family, size in parts:
-        w = size / scale_max * width
+        w = _pct(size, scale_max)
         shapes.append(
-            f'<rect x="{x:.1f}" y="{bar_y}" width="{max(w, 0.5):.1f}" height="{bar_h}" fill="{_fill(family, prefix)}" stroke="#fff" stroke-width="1">'
+            f'<rect x="{x:.2f}%" y="{bar_y}" width="{max(w, 0.1):.2f}%" height="{bar_h}" fill="{_fill(family, prefix)}" stroke="#fff" stroke-width="1">'
             f"<title>{escape(family)}: {size / GIB:.2f} GiB</title></rect>"
         )
         x += w
-    usable_x = plan.usable_bytes / scale_max * width
-    total_x = plan.gpu.memory_bytes / scale_max * width
+    usable_x = _pct(plan.usable_bytes, scale_max)
+    total_x = _pct(plan.gpu.memory_bytes, scale_max)
     verdict = "fits" if plan.fits else "does not fit"
-    shapes.append(f'<line x1="{usable_x:.1f}" y1="{bar_y - 6}" x2="{usable_x:.1f}" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="2" stroke-dasharray="4 2"/>')
-    shapes.append(f'<line x1="{total_x:.1f}" y1="{bar_y - 6}" x2="{total_x:.1f}" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="1"/>')
-    anchor = "end" if usable_x > width * 0.5 else "start"
+    shapes.append(f'<line x1="{usable_x:.2f}%" y1="{bar_y - 6}" x2="{usable_x:.2f}%" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="2" stroke-dasharray="4 2"/>')
+    shapes.append(f'<line x1="{min(total_x, 99.8):.2f}%" y1="{bar_y - 6}" x2="{min(total_x, 99.8):.2f}%" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="1"/>')
+    # the label sits on the side of the line with room for it (about 170 px of text)
+    anchor = "end" if usable_x > 50 else "start"
     shapes.append(
-        f'<text x="{usable_x:.1f}" y="{bar_y - 9}" font-size="12" text-anchor="{anchor}">usable {plan.usable_bytes / GIB:.1f} GiB of {plan.gpu.memory_bytes / GIB:.1f}</text>'
+        f'<text x="{usable_x:.2f}%" y="{bar_y - 9}" font-size="12" text-anchor="{anchor}">'
+        f"usable {plan.usable_bytes / GIB:.1f} GiB of {plan.gpu.memory_bytes / GIB:.1f} GiB</text>"
     )
     shapes.append(f'<text x="0" y="{bar_y + bar_h + 17}" font-size="12">peak {plan.peak_bytes / GIB:.2f} GiB per GPU: {verdict}</text>')
     if not compact:
         for index, (family, size) in enumerate(parts):
-            lx = (index % 2) * (width / 2)
+            column = "0%" if index % 2 == 0 else "50%"
             ly = bar_y + bar_h + 26 + (index // 2) * 18
-            shapes.append(f'<rect x="{lx:.0f}" y="{ly}" width="14" height="12" fill="{_fill(family, prefix)}" stroke="#333"/>')
-            shapes.append(f'<text x="{lx + 20:.0f}" y="{ly + 10}" font-size="12">{escape(family.replace("_", " "))}: {size / GIB:.2f} GiB</text>')
+            shapes.append(f'<rect x="{column}" y="{ly}" width="14" height="12" fill="{_fill(family, prefix)}" stroke="#333"/>')
+            # 20 px past the swatch, whatever the width
+            shapes.append(f'<text x="{column}" dx="20" y="{ly + 10}" font-size="12">{escape(family.replace("_", " "))}: {size / GIB:.2f} GiB</text>')
     title = f"Memory per GPU: {plan.peak_bytes / GIB:.2f} GiB predicted, {plan.usable_bytes / GIB:.2f} GiB usable ({verdict})"
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="{escape(title)}">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="100%" height="{height}" role="img" aria-label="{escape(title)}">'
         f"<title>{escape(title)}</title><defs>{''.join(defs)}</defs>{''.join(shapes)}</svg>"
     )

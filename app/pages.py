@@ -1,35 +1,51 @@
 """The browser pages: one form, its result, compare-methods and what-fits views.
 
 State lives in the query string, so every result has a shareable URL and works with plain GET
-(JavaScript off). With htmx the form swaps only the result fragment as fields change. Numbers
-come from the same planner objects the API returns; the templates only format them.
+(JavaScript off). With htmx the form fetches only the result fragment from /result as fields
+change, and the response tells htmx to put `/?same query` in the address bar: every address the
+page shows reopens the full page with the same result. Numbers come from the same planner
+objects the API returns; the templates only format them.
 """
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.charts import memory_bar_svg
 from app.service import MAX_CONFIG_TEXT, AdviseRequest, resolve_web_model
-from gpu_catalog.catalog import all_gpus, find_gpu
+from gpu_catalog.catalog import all_gpus, find_gpu, lookup_gpu
 from gpu_catalog.detect import detect
 from planner.advisor import advise
-from planner.catalog import catalog_ids, load_catalog_spec
+from planner.catalog import catalog_ids, find_catalog_model, load_catalog_spec
 from planner.errors import PlanInputError
 from planner.fit import smallest_fixes
-from planner.plan import GIB, build_plan
+from planner.plan import DEFAULT_GPU, GIB, build_plan
+from planner.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=ROOT / "templates")
 templates.env.filters["gib"] = lambda n: f"{n / GIB:,.2f} GiB" if n is not None else "-"
+
+
+def _break_after(text: str, separator: str) -> Markup:
+    """Escaped text with a line-break opportunity after each separator, so a long dotted or
+    slashed name wraps at its parts ("activations.<wbr>checkpoints"), never inside a word."""
+    return Markup(f"{separator}<wbr>").join(escape(part) for part in str(text).split(separator))
+
+
+templates.env.filters["break_dots"] = lambda text: _break_after(text, ".")
+templates.env.filters["break_slash"] = lambda text: _break_after(text, "/")
 HTMX = ROOT / "node_modules" / "htmx.org" / "dist" / "htmx.min.js"
 router = APIRouter()
 
@@ -45,12 +61,44 @@ FORM_FIELDS = (
     "optimizer", "precision", "weights_dtype", "attention", "trainer", "parallelism", "offload", "lora_r", "lora_alpha",
     "lora_targets", "lora_dropout", "goal", "data_kind", "num_examples", "tokens_per_example", "tenants", "config_json",
 )
+DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
+# The GPU list's groups, in the order a user scans them (the detected card goes first)
+GPU_GROUPS = (("datacenter", "nvidia", "Data centre"), ("workstation", "nvidia", "Workstation"), ("consumer", "nvidia", "Consumer (GeForce)"), (None, "amd", "AMD"))
+NO_GPU_HINT = "No GPU detected on this server; pick one from the list."
+
+
+# -- the form's text -> the request model ------------------------------------------------------
+
+
+def _literal_choices(annotation) -> tuple[str, ...]:
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(a for a in typing.get_args(annotation) if isinstance(a, str))
+    return tuple(c for arg in typing.get_args(annotation) for c in _literal_choices(arg))
+
+
+def _choice_key(text: str) -> str:
+    return re.sub(r"[\s_-]+", "", text.lower())
+
+
+# field -> {"qlora": "qlora", "pagedadamw8bit": "paged_adamw_8bit", ...}
+_CHOICES = {
+    name: {_choice_key(c): c for c in choices}
+    for name, info in AdviseRequest.model_fields.items()
+    if (choices := _literal_choices(info.annotation))
+}
+
+
+def _normalize_choices(raw: dict) -> dict:
+    """People type "QLoRA", "ZeRO-3", "paged AdamW 8bit": the API takes the exact names, so the
+    page maps case, spaces, hyphens and underscores onto them before validation."""
+    return {name: _CHOICES.get(name, {}).get(_choice_key(value), value) for name, value in raw.items()}
 
 
 def _request_from(params: dict) -> tuple[AdviseRequest | None, dict, list[dict]]:
     """(request, the raw values for refilling the form, errors as {field, msg})."""
     raw = {k: v.strip() for k, v in params.items() if k in FORM_FIELDS and isinstance(v, str) and v.strip()}
-    raw.setdefault("model", "meta-llama/Llama-3.1-8B")
+    raw.setdefault("model", DEFAULT_MODEL)
+    raw = _normalize_choices(raw)
     try:
         return AdviseRequest.model_validate(_form_booleans(raw)), raw, []
     except ValidationError as exc:
@@ -78,25 +126,107 @@ def _form_booleans(raw: dict) -> dict:
     return out
 
 
-def _gpu_choices() -> tuple[list[dict], str | None]:
+def _query(raw: dict, **changes: str) -> str:
+    """The query string of a page state: given fields only, in the form's order, so the address
+    is short and the same state always has the same address."""
+    state = {**raw, **changes}
+    return urlencode([(name, state[name]) for name in FORM_FIELDS if state.get(name)], safe="/")  # model ids stay legible
+
+
+# -- what the form shows ------------------------------------------------------------------------
+
+
+def _as_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def _shown(raw: dict) -> dict:
+    """Every field's value as the plan used it: what was given, else the request model's default.
+    The selects show these, so an untouched form never contradicts its result."""
+    defaults = {name: _as_text(info.get_default()) for name, info in AdviseRequest.model_fields.items() if name in FORM_FIELDS}
+    given = {name: _as_text(value) for name, value in _form_booleans(raw).items()}  # "off" shows as "false"
+    return {**defaults, **given, "gpu": _shown_gpu(raw.get("gpu"))}
+
+
+def _shown_gpu(given: str | None) -> str:
+    """The catalog name of the GPU the plan is for, so the select shows the card the plan used
+    (the planner's default when none was given); a name that resolves to nothing stays as typed."""
+    wanted = given or DEFAULT_GPU
+    if wanted.strip().lower() == "auto":
+        return "auto"
+    try:
+        return lookup_gpu(wanted).gpu.name
+    except PlanInputError:
+        return wanted
+
+
+def _gpu_groups(selected: str) -> tuple[list[dict], str | None]:
+    """The GPU select's <optgroup>s (detected first, then by segment) and the hint under it."""
     found = detect()
-    detected = [{"value": "auto", "label": f"auto: {g.name} ({g.free_bytes / GIB:.1f} GiB free)"} for g in found.gpus[:1]]
-    catalog = [{"value": g.name, "label": f"{g.name} ({g.memory_mib / 1024:.0f} GiB)"} for g in all_gpus()]
-    return detected + catalog, found.reason
+    groups = []
+    if found.gpus:
+        first = found.gpus[0]
+        groups.append({"label": "Detected on this server", "options": [{"value": "auto", "label": f"auto: {first.name} ({first.free_bytes / GIB:.1f} GiB free)"}]})
+    for segment, vendor, label in GPU_GROUPS:
+        cards = [g for g in all_gpus() if g.vendor == vendor and segment in (None, g.segment)]
+        groups.append({"label": label, "options": [{"value": g.name, "label": f"{g.name} ({g.memory_mib / 1024:.0f} GiB)"} for g in cards]})
+    if not any(o["value"] == selected for group in groups for o in group["options"]):
+        # what was asked for stays visible (and is sent again) until the user picks a card
+        groups.insert(0, {"label": "As given", "options": [{"value": selected, "label": f"{selected} (not found: pick one below)"}]})
+    return groups, None if found.gpus else NO_GPU_HINT
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+
+def _spec_and_notes(request_model: AdviseRequest) -> tuple[ModelSpec, list[str]]:
+    """The model (a catalog id, an instruct/chat variant of one, or a pasted config) and what the
+    plan should say about how it was resolved."""
+    if request_model.config_json and request_model.config_json.strip():
+        return resolve_web_model(None, request_model.config_json), []
+    match = find_catalog_model(request_model.model or "")
+    if match is None:
+        return resolve_web_model(request_model.model), []  # raises, with the closest ids
+    return match.spec, [match.note] if match.note else []
+
+
+def _gpu_notes(request_model: AdviseRequest) -> list[str]:
+    """Which card a name covering several was taken to mean (the plan keeps the card only)."""
+    gpu = request_model.gpu
+    if not gpu or gpu.strip().lower() == "auto" or request_model.gpu_memory_gib is not None:
+        return []
+    note = lookup_gpu(gpu).note
+    return [note] if note else []
+
+
+def _with_notes(plan: dict, notes: list[str]) -> dict:
+    """The plan's assumptions led by the page's resolution notes (once, should the planner
+    start giving them too)."""
+    fresh = [n for n in notes if n not in plan["assumptions"]]
+    return {**plan, "assumptions": fresh + list(plan["assumptions"])}
 
 
 def _result(request_model: AdviseRequest) -> dict:
-    spec = resolve_web_model(request_model.model, request_model.config_json)
+    spec, notes = _spec_and_notes(request_model)
     options = request_model.options()
     plan = build_plan(spec, options)
-    result = {"plan": plan.to_dict(), "chart": memory_bar_svg(plan), "fixes": None, "advice": None}
+    result = {
+        "plan": _with_notes(plan.to_dict(), notes + _gpu_notes(request_model)),
+        "chart": memory_bar_svg(plan),
+        "fixes": None,
+        "advice": None,
+        "pasted": bool(request_model.config_json and request_model.config_json.strip()),
+    }
     if not plan.fits:
         result["fixes"] = smallest_fixes(spec, options).to_dict()
     result["advice"] = advise(spec, request_model.task(), options).to_dict()
     return result
 
 
-def _render_index(request: Request, params: dict, fragment: bool, status_code: int = 200) -> HTMLResponse:
+def _render_index(request: Request, params: dict, fragment: bool, status_code: int | None = None) -> HTMLResponse:
+    """The form page, or (fragment) the result alone with the bits of the page it updates."""
     parsed, raw, errors = _request_from(params)
     result = None
     if parsed is not None:
@@ -104,22 +234,33 @@ def _render_index(request: Request, params: dict, fragment: bool, status_code: i
             result = _result(parsed)
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
-    if errors and not fragment:
-        status_code = 422  # htmx swaps only 2xx: the fragment shows its errors with a 200
-    gpus, detect_reason = _gpu_choices()
+    shown = _shown(raw)
+    gpu_groups, gpu_hint = _gpu_groups(shown["gpu"])
     context = {
         "request": request,
         "form": raw,
+        "shown": shown,
         "errors": errors,
         "result": result,
-        "gpus": gpus,
-        "detect_reason": detect_reason,
+        "gpu_groups": gpu_groups,
+        "gpu_hint": gpu_hint,
         "models": sorted(catalog_ids().values()),
         "htmx": HTMX.is_file(),
-        "query": request.url.query,
+        "query": _query(raw),
+        "oob": fragment,
     }
-    template = "_result.html" if fragment else "index.html"
-    return templates.TemplateResponse(request, template, context, status_code=status_code)
+    if status_code is None:
+        # htmx swaps only 2xx: the fragment shows its errors with a 200
+        status_code = 422 if errors and not fragment else 200
+    template = "_fragment.html" if fragment else "index.html"
+    response = templates.TemplateResponse(request, template, context, status_code=status_code)
+    if fragment:
+        response.headers["HX-Push-Url"] = f"/?{context['query']}"
+    return response
+
+
+def _is_htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
 
 
 @router.get("/static/htmx.min.js", include_in_schema=False)
@@ -137,7 +278,13 @@ def index(request: Request):
 
 @router.get("/result", response_class=HTMLResponse, include_in_schema=False)
 def result_fragment(request: Request):
-    return _render_index(request, dict(request.query_params), fragment=True)
+    """The fragment for htmx. Opened directly (an address saved before the address bar held
+    /?…), it is the full page, never an unstyled fragment; with the fragment's 200, so clients
+    that read its status see no change."""
+    htmx = _is_htmx(request)
+    response = _render_index(request, dict(request.query_params), fragment=htmx, status_code=None if htmx else 200)
+    response.headers["Vary"] = "HX-Request"  # one address, two bodies: caches must not mix them
+    return response
 
 
 @router.post("/", response_class=HTMLResponse, include_in_schema=False)
@@ -154,7 +301,29 @@ async def index_post(request: Request):
             return await run_in_threadpool(_render_index, request, params | {"model": params.get("model", "")}, False, 413)
         params["config_json"] = data.decode("utf-8", errors="replace")
     # a pasted config builds a model: never on the event loop
-    return await run_in_threadpool(_render_index, request, params, request.headers.get("hx-request") == "true")
+    return await run_in_threadpool(_render_index, request, params, _is_htmx(request))
+
+
+# -- compare and matrix -------------------------------------------------------------------------
+
+
+def _compare_rows(parsed: AdviseRequest) -> list[dict]:
+    spec, _ = _spec_and_notes(parsed)
+    options = parsed.options()
+    plans = {}
+    for method in COMPARE_METHODS:
+        try:
+            plans[method] = build_plan(spec, options.model_copy(update={"method": method, "quantization": None}))
+        except PlanInputError as exc:
+            plans[method] = exc
+    scale = max((p.peak_bytes for p in plans.values() if not isinstance(p, PlanInputError)), default=0)
+    rows = []
+    for method, plan in plans.items():
+        if isinstance(plan, PlanInputError):
+            rows.append({"method": method, "error": plan.reason})
+        else:
+            rows.append({"method": method, "plan": plan.to_dict(), "chart": memory_bar_svg(plan, compact=True, scale_bytes=scale)})
+    return rows
 
 
 @router.get("/compare", response_class=HTMLResponse, include_in_schema=False)
@@ -163,23 +332,16 @@ def compare(request: Request):
     rows = []
     if parsed is not None:
         try:
-            spec = resolve_web_model(parsed.model, parsed.config_json)
-            options = parsed.options()
-            plans = {}
-            for method in COMPARE_METHODS:
-                try:
-                    plans[method] = build_plan(spec, options.model_copy(update={"method": method, "quantization": None}))
-                except PlanInputError as exc:
-                    plans[method] = exc
-            scale = max((p.peak_bytes for p in plans.values() if not isinstance(p, PlanInputError)), default=0)
-            for method, plan in plans.items():
-                if isinstance(plan, PlanInputError):
-                    rows.append({"method": method, "error": plan.reason})
-                else:
-                    rows.append({"method": method, "plan": plan.to_dict(), "chart": memory_bar_svg(plan, compact=True, scale_bytes=scale)})
+            rows = _compare_rows(parsed)
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
-    context = {"request": request, "form": raw, "errors": errors, "rows": rows, "query": request.url.query, "htmx": HTMX.is_file()}
+    context = {
+        "request": request, "form": raw, "errors": errors, "rows": rows, "query": _query(raw), "htmx": HTMX.is_file(),
+        "links": {m: _query(raw, method=m) for m in COMPARE_METHODS},
+        # the other fields ride along when the model or GPU is changed here
+        "carried": {k: v for k, v in raw.items() if k not in ("model", "gpu", "method")},
+        "gpu_used": next((r["plan"]["gpu"]["name"] for r in rows if "plan" in r), _shown_gpu(raw.get("gpu"))),
+    }
     return templates.TemplateResponse(request, "compare.html", context, status_code=422 if errors else 200)
 
 
@@ -187,7 +349,7 @@ def compare(request: Request):
 def matrix(request: Request):
     parsed, raw, errors = _request_from(dict(request.query_params))
     table = []
-    gpus = [find_gpu(name) for name in MATRIX_GPUS]
+    gpus = [{"label": label, "name": find_gpu(label).name} for label in MATRIX_GPUS]
     if parsed is not None:
         options = parsed.options()
         for model_id in MATRIX_MODELS:
@@ -195,11 +357,10 @@ def matrix(request: Request):
             cells = []
             for gpu in gpus:
                 try:
-                    plan = build_plan(spec, options.model_copy(update={"gpu": gpu.name, "gpu_memory_gib": None}))
+                    plan = build_plan(spec, options.model_copy(update={"gpu": gpu["name"], "gpu_memory_gib": None}))
                     cells.append({"fits": plan.fits, "peak": plan.peak_bytes, "usable": plan.usable_bytes})
                 except PlanInputError as exc:
                     cells.append({"error": exc.reason})
             table.append({"model": model_id, "cells": cells})
-    context = {"request": request, "form": raw, "errors": errors, "gpus": gpus, "table": table, "htmx": HTMX.is_file()}
+    context = {"request": request, "form": raw, "shown": _shown(raw), "errors": errors, "gpus": gpus, "table": table, "htmx": HTMX.is_file(), "query": _query(raw)}
     return templates.TemplateResponse(request, "matrix.html", context, status_code=422 if errors else 200)
-

@@ -14,7 +14,7 @@ import time
 from pydantic import ConfigDict, Field, model_validator
 
 from planner.advisor import Task
-from planner.catalog import catalog_ids, closest_ids, load_catalog_spec
+from planner.catalog import closest_ids, find_catalog_model
 from planner.errors import PlanInputError
 from app.model_builder import BuildLimits, SpecBuilder
 from planner.options import TrainingOptions
@@ -63,12 +63,12 @@ def resolve_web_model(model: str | None, config_json: str | None = None) -> Mode
     if config_json and config_json.strip():
         return BUILDER.build(config_json.strip())
     model = (model or "").strip()
-    catalog_id = catalog_ids().get(model.lower())
-    if catalog_id is None:
+    match = find_catalog_model(model) if model else None
+    if match is None:
         hint = closest_ids(model)
         suggestion = f"; did you mean {', '.join(hint)}?" if hint else ""
         raise PlanInputError("model", f"unknown model {model!r}: give a catalog id or paste its config.json{suggestion}")
-    return load_catalog_spec(catalog_id)
+    return match.spec
 
 
 # A plan is pure Python holding the GIL: more threads than cores only make them take turns.

@@ -1,4 +1,9 @@
-"""The GPU table and a forgiving name lookup ("4090", "RTX 4000 Ada", "a100 80gb")."""
+"""The GPU table and a forgiving name lookup ("4090", "RTX4000ada", "a100 80gb", "a100").
+
+A name that covers several variants of one card ("a100", "h100", "3080") resolves to the
+variant most people have (USUAL_VARIANT) and the lookup says which it picked and what else the
+name covers, so a plan never silently means one card while another name is refused.
+"""
 
 from __future__ import annotations
 
@@ -63,9 +68,41 @@ def all_gpus() -> tuple[GPU, ...]:
     return tuple(GPU(**{k: v for k, v in {**row, "aliases": tuple(row["aliases"])}.items() if k in _FIELDS}) for row in rows)
 
 
+# The variant a bare line name means: the one most rented and sold (SXM data-centre boards,
+# the original memory size). Lines not listed fall back to the variant with the most memory.
+USUAL_VARIANT = {
+    "v100": "Tesla V100-SXM2-16GB",
+    "a100": "NVIDIA A100-SXM4-80GB",
+    "h100": "NVIDIA H100 80GB HBM3",
+    "3080": "NVIDIA GeForce RTX 3080",
+    "4000": "NVIDIA RTX 4000 Ada Generation",
+    "6000": "NVIDIA RTX 6000 Ada Generation",
+}
+
+
+@dataclass(frozen=True)
+class GpuMatch:
+    gpu: GPU
+    note: str | None = None  # set when the name covered several cards and one was picked
+
+
 def _norm(text: str) -> str:
     text = text.lower().replace("nvidia", "").replace("geforce", "").replace("generation", "")
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
+
+
+def _compact(key: str) -> str:
+    """A normalized name without its spaces: "RTX4090", "rtx-4000-ada" and "rtx 4000 ada" are typed alike."""
+    return key.replace(" ", "")
+
+
+def _keys(gpu: GPU) -> list[str]:
+    return [_norm(gpu.name), *map(_norm, gpu.aliases)]
+
+
+def _line(gpu: GPU) -> str:
+    """The card line, the first word with a digit: "a100", "3080", "4000", "mi300x"."""
+    return next((word for word in _norm(gpu.name).split() if any(ch.isdigit() for ch in word)), _norm(gpu.name))
 
 
 def gpu_by_name(name: str) -> GPU | None:
@@ -74,21 +111,51 @@ def gpu_by_name(name: str) -> GPU | None:
     return next((g for g in all_gpus() if g.name.lower() == wanted), None)
 
 
-def find_gpu(query: str) -> GPU:
-    """Exact name or alias first, then the GPUs whose names contain every word of the query."""
+def _candidates(wanted: str) -> list[GPU]:
+    """Cards whose names hold every word of the query; failing that, glued words ("rtx4000")
+    found inside a name with its spaces dropped."""
+    words = wanted.split()
+    hits = [g for g in all_gpus() if all(w in " ".join(_keys(g)).split() for w in words)]
+    if not hits:
+        hits = [g for g in all_gpus() if any(_compact(wanted) in _compact(key) for key in _keys(g))]
+    return hits
+
+
+def _usual(hits: list[GPU]) -> GPU:
+    usual = USUAL_VARIANT.get(_line(hits[0]))
+    by_name = {g.name: g for g in hits}
+    # max() keeps the first of equals: catalog order breaks a tie in memory
+    return by_name.get(usual) or max(hits, key=lambda g: g.memory_mib)
+
+
+def lookup_gpu(query: str) -> GpuMatch:
+    """Exact name or alias first (spaces, hyphens and case aside); then the cards whose names hold
+    every word of the query: one card is the answer, one line of cards gives its usual variant
+    with a note, cards of several lines are ambiguous."""
     wanted = _norm(query)
     if not wanted:
         raise PlanInputError("gpu", "give a GPU name, e.g. 'RTX 4090' or 'H100'")
     for gpu in all_gpus():
-        if wanted == _norm(gpu.name) or wanted in (_norm(a) for a in gpu.aliases):
-            return gpu
-    words = wanted.split()
-    hits = [g for g in all_gpus() if all(w in " ".join([_norm(g.name), *map(_norm, g.aliases)]).split() for w in words)]
+        if _compact(wanted) in map(_compact, _keys(gpu)):
+            return GpuMatch(gpu)
+    hits = _candidates(wanted)
     if len(hits) == 1:
-        return hits[0]
+        return GpuMatch(hits[0])
+    if hits and len({_line(g) for g in hits}) == 1:
+        pick = _usual(hits)
+        why = "the usual one" if pick.name == USUAL_VARIANT.get(_line(pick)) else "the one with the most memory"
+        others = [g.name for g in hits if g is not pick]
+        choice = others[0] if len(others) == 1 else "one of " + ", ".join(others)
+        note = f"GPU {query.strip()!r} covers {len(hits)} cards: planned on {pick.name} ({why}); name {choice} to plan on it instead"
+        return GpuMatch(pick, note)
     if hits:
         raise PlanInputError("gpu", f"{query!r} is ambiguous: {', '.join(g.name for g in hits)}")
     raise PlanInputError("gpu", f"unknown GPU {query!r}; closest: {', '.join(closest_gpus(query))} (vramplan gpus lists them all)")
+
+
+def find_gpu(query: str) -> GPU:
+    """The card a name means (lookup_gpu without its note)."""
+    return lookup_gpu(query).gpu
 
 
 def closest_gpus(query: str, n: int = 4) -> list[str]:

@@ -1,6 +1,6 @@
 """The method advisor: fine-tune or not, which stage, which method, which settings, and why.
 
-The rules are ../shared/ADVISOR.md's, applied in its order; every rule that fires adds a reason
+The rules below (the team's method-selection rules) apply in order; every rule that fires adds a reason
 in plain words with the numbers behind it. Memory questions are answered by real plans
 (`build_plan` and the fit searches), never by a rule of thumb.
 """

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,6 +35,73 @@ def load_catalog_spec(model_id: str) -> ModelSpec:
     return ModelSpec.load(SPECS_DIR / f"{file_stem(model_id)}.json")
 
 
+# Instruct and chat fine-tunes keep their base model's architecture, so the base's spec plans
+# them offline: (pattern in the lower-cased id, what the base id has in its place).
+VARIANT_RULES = (
+    (r"-instruct(?=-|$)", ("", "-base")),  # Llama-3.1-8B-Instruct, Mistral-Nemo-Instruct-2407
+    (r"-chat(?=-hf$|$)", ("",)),  # Llama-2-13b-chat-hf
+    (r"-it$", ("", "-pt")),  # gemma-2-9b-it, gemma-3-1b-it
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogMatch:
+    spec: ModelSpec
+    note: str | None = None  # set when a variant was planned with its base model's spec
+
+
+def base_catalog_id(model_id: str) -> str | None:
+    """The catalog id of the base model an instruct/chat variant was fine-tuned from, or None."""
+    ids = catalog_ids()
+    org, _, name = model_id.strip().lower().rpartition("/")
+    names = {name, re.sub(r"^meta-llama-", "llama-", name)}  # meta-llama/Meta-Llama-3.1-8B-Instruct
+    for pattern, replacements in VARIANT_RULES:
+        for candidate in names:
+            if not re.search(pattern, candidate):
+                continue
+            for replacement in replacements:
+                base = f"{org}/{re.sub(pattern, replacement, candidate)}" if org else re.sub(pattern, replacement, candidate)
+                if base in ids:
+                    return ids[base]
+    return None
+
+
+def variant_note(model_name: str) -> str | None:
+    """What a plan of a variant should say about its spec (None for anything else)."""
+    base = None if model_name.lower() in catalog_ids() else base_catalog_id(model_name)
+    if base is None:
+        return None
+    return f"{model_name} is not in the catalog: planned with the spec of its base model {base} (same architecture; fine-tuning changes the weights, not their shapes)"
+
+
+@lru_cache(maxsize=64)
+def _variant_spec(model_name: str, base: str) -> ModelSpec:
+    # cached per name so the spec's memoized tensor walks survive between plans
+    spec = dataclasses.replace(load_catalog_spec(base), name=model_name)
+    # kept beside the spec's memo, not in a field: the spec's data (and its JSON) stay the base's
+    spec.__dict__["_catalog_note"] = variant_note(model_name)
+    return spec
+
+
+def spec_note(spec: ModelSpec) -> str | None:
+    """The note a plan of this spec should carry: set only on the variant specs
+    find_catalog_model builds, so a pasted config that names an instruct model gets none."""
+    return spec.__dict__.get("_catalog_note")
+
+
+def find_catalog_model(model: str) -> CatalogMatch | None:
+    """A catalog id (any case), or an instruct/chat variant of one, named as asked; no network."""
+    model = model.strip()
+    catalog_id = catalog_ids().get(model.lower())
+    if catalog_id is not None:
+        return CatalogMatch(load_catalog_spec(catalog_id))
+    base = base_catalog_id(model)
+    if base is None:
+        return None
+    spec = _variant_spec(model, base)
+    return CatalogMatch(spec, spec_note(spec))
+
+
 def closest_ids(query: str, n: int = 3) -> list[str]:
     ids = catalog_ids()
     query_l = query.lower()
@@ -58,6 +127,9 @@ def resolve_model(model: str) -> ModelSpec:
         from planner.model_config import read_config_file
 
         return spec_from_config(read_config_file(path), name=str(path))
+    variant = find_catalog_model(model)  # before the hub: a known base needs no network
+    if variant is not None:
+        return variant.spec
     if os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True") and model.count("/") == 1:
         spec = _from_hub(model)
         if spec is not None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gpu_catalog.catalog import GPU, MIB, find_gpu
+from gpu_catalog.catalog import GPU, MIB, lookup_gpu
 from planner.activations import activation_components, dora_weight_norm_bytes, fused_split_grad_bytes, training_tokens
+from planner.catalog import spec_note
 from planner.components import Component
 from planner.dtypes import dtype_bytes
 from planner.errors import PlanInputError
@@ -142,9 +143,12 @@ def resolve_gpu(options: TrainingOptions) -> tuple[GpuTarget, list[str]]:
             f"of {first.total_bytes / GIB:.2f} GiB"
         )
         return GpuTarget(first.name, first.free_bytes, count, first.compute_capability, "nvidia"), notes
-    gpu: GPU = find_gpu(options.gpu or DEFAULT_GPU)
+    match = lookup_gpu(options.gpu or DEFAULT_GPU)
+    gpu: GPU = match.gpu
     if options.gpu is None:
         notes.append(f"GPU {gpu.name} ({gpu.memory_mib:,} MiB), not given")
+    elif match.note:
+        notes.append(match.note)
     return GpuTarget(gpu.name, gpu.memory_mib * MIB, options.num_gpus, gpu.compute_capability, gpu.vendor), notes
 
 
@@ -244,6 +248,9 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     peak_phase = max(totals, key=totals.get)
 
     assumptions = _assumptions(options) + gpu_notes + stage_notes
+    variant_note = spec_note(spec)
+    if variant_note:
+        assumptions.insert(0, variant_note)
     if spec.assumed_sizes:
         assumptions.insert(0, f"the config does not give {', '.join(spec.assumed_sizes)}: planned with transformers' {spec.model_type} defaults")
     if spec.attn_softcap and options.attention != "eager":

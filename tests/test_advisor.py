@@ -1,4 +1,4 @@
-"""The advisor's rules (../shared/ADVISOR.md), one test each, and time/cost arithmetic."""
+"""The advisor's rules (planner/advisor.py), one test each, and time/cost arithmetic."""
 
 import pytest
 

@@ -5,12 +5,13 @@ installed; .ci/run installs it with apt. Screenshots go to tests/artifacts/.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlparse
 
 import pytest
 
@@ -95,3 +96,91 @@ def test_pages_work_with_javascript_disabled(server, browser):
     page.goto(f"{server}/compare?" + urlencode({"model": MODEL, "gpu": "RTX 4090"}))
     assert page.locator("#compare svg").count() == 4
     context.close()
+
+
+FLAGSHIP = {"model": "meta-llama/Llama-2-13b-hf", "method": "qlora", "gpu": "RTX 4000 Ada"}
+PHONE = {"width": 390, "height": 844}
+
+
+def _fields(page) -> dict:
+    return page.evaluate("Object.fromEntries(['f-model', 'f-gpu', 'f-method', 'f-seq_len'].map(id => [id, document.getElementById(id).value]))")
+
+
+def test_every_address_reopens_the_same_page_and_back_restores_it(server, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(f"{server}/?" + urlencode({"model": MODEL, "method": "qlora", "gpu": "NVIDIA H100 80GB HBM3"}))
+    page.wait_for_function("window.htmx !== undefined", timeout=10_000)
+    first_url, first_verdict, first_fields = page.url, _verdict(page), _fields(page)
+    page.select_option("#f-gpu", "NVIDIA GeForce RTX 3080")
+    page.wait_for_function("document.querySelector('#verdict').innerText.includes('RTX 3080')", timeout=15_000)
+    page.wait_for_function("location.search.includes('RTX+3080')", timeout=15_000)
+    # the address is the full page's, and the links on the page follow the fields
+    assert urlparse(page.url).path == "/"
+    assert "RTX+3080" in page.get_attribute("#compare-link", "href") and "RTX+3080" in page.get_attribute("#result-link", "href")
+    changed_verdict, changed_fields = _verdict(page), _fields(page)
+    fresh = browser.new_page()
+    fresh.goto(page.url)
+    assert fresh.locator("#plan-form").count() == 1 and _verdict(fresh) == changed_verdict
+    assert _fields(fresh) == changed_fields and changed_fields["f-gpu"] == "NVIDIA GeForce RTX 3080"
+    fresh.close()
+    page.go_back()
+    page.wait_for_function("!document.querySelector('#verdict').innerText.includes('RTX 3080')", timeout=15_000)
+    page.wait_for_load_state()
+    assert page.url == first_url and _verdict(page) == first_verdict and _fields(page) == first_fields
+    page.go_forward()
+    page.wait_for_function("document.querySelector('#verdict').innerText.includes('RTX 3080')", timeout=15_000)
+    page.wait_for_load_state()
+    assert _verdict(page) == changed_verdict and _fields(page) == changed_fields
+    page.close()
+
+
+def test_a_pasted_config_marks_the_model_field_as_the_user_types(server, browser):
+    from tests.conftest import TINY
+
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(f"{server}/?" + urlencode({"model": MODEL, "gpu_memory_gib": "8"}))
+    page.wait_for_function("window.htmx !== undefined", timeout=10_000)
+    assert page.locator("#model-note").inner_text() == ""
+    page.click("details summary")  # Advanced
+    page.fill("#f-config_json", json.dumps({**TINY["llama"], "_name_or_path": "acme/tiny-llama"}))
+    page.wait_for_function("document.querySelector('#model-name').innerText === 'acme/tiny-llama'", timeout=15_000)
+    assert page.locator("#model-note").inner_text().startswith("Not used: the pasted config.json (acme/tiny-llama)")
+    # struck through, so the field no longer reads as the model being planned
+    assert "line-through" in page.eval_on_selector("#f-model", "e => getComputedStyle(e).textDecorationLine")
+    page.close()
+
+
+def _no_sideways_scroll(page) -> bool:
+    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_phone_shows_the_verdict_first_and_nothing_scrolls_sideways(server, browser):
+    context = browser.new_context(viewport=PHONE)
+    page = context.new_page()
+    page.goto(f"{server}/?" + urlencode(FLAGSHIP))
+    assert page.locator("#verdict").bounding_box()["y"] < 700
+    assert _no_sideways_scroll(page)
+    # the chart's text renders at a readable size, not scaled down with the drawing
+    heights = page.eval_on_selector_all("#result figure svg text", "ts => ts.map(t => t.getBoundingClientRect().height)")
+    assert heights and min(heights) >= 11, heights
+    page.goto(f"{server}/compare?" + urlencode({"model": MODEL, "gpu": "RTX 4090"}))
+    assert _no_sideways_scroll(page)
+    bars = page.eval_on_selector_all("#compare svg", "ss => ss.map(s => s.getBoundingClientRect().right)")
+    assert len(bars) == 4 and max(bars) <= PHONE["width"], bars
+    page.goto(f"{server}/matrix")
+    assert _no_sideways_scroll(page)
+    # a model name wraps only after its "/": each part stays on one line
+    lines = page.eval_on_selector_all("#matrix th.model span", "ss => ss.map(s => s.getClientRects().length)")
+    assert lines and set(lines) == {1}, lines
+    context.close()
+
+
+def test_flagship_screenshots(server, browser):
+    """The 13B QLoRA on an RTX 4000 Ada, as a desktop and a phone user see it (tests/artifacts/)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    for name, viewport in (("flagship-1280.png", {"width": 1280, "height": 900}), ("flagship-390.png", PHONE)):
+        page = browser.new_page(viewport=viewport)
+        page.goto(f"{server}/?" + urlencode(FLAGSHIP))
+        assert _verdict(page).startswith("✔ Fits") and "RTX 4000 Ada" in _verdict(page)
+        page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+        page.close()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from planner.catalog import CONFIGS_DIR, SPECS_DIR, catalog_ids, file_stem, load_catalog_spec, resolve_model
+from planner.catalog import CONFIGS_DIR, SPECS_DIR, catalog_ids, file_stem, find_catalog_model, load_catalog_spec, resolve_model, spec_note
 from planner.catalog_build import config_json, load_entries, published_matches
 from planner.errors import PlanInputError
 from planner.introspect import spec_from_config
@@ -41,3 +41,30 @@ def test_unknown_id_lists_closest():
     with pytest.raises(PlanInputError) as err:
         resolve_model("Llama-3.1-8B")
     assert "meta-llama/Llama-3.1-8B" in err.value.reason
+
+
+@pytest.mark.parametrize("variant,base", [
+    ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B"),
+    ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B"),
+    ("meta-llama/Llama-2-13b-chat-hf", "meta-llama/Llama-2-13b-hf"),
+    ("google/gemma-2-9b-it", "google/gemma-2-9b"),
+    ("google/gemma-3-1b-it", "google/gemma-3-1b-pt"),
+    ("mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-v0.3"),
+    ("mistralai/Mistral-Nemo-Instruct-2407", "mistralai/Mistral-Nemo-Base-2407"),
+])
+def test_instruct_and_chat_variants_plan_with_the_base_spec_offline(variant, base, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    match = find_catalog_model(variant)
+    base_spec = load_catalog_spec(base)
+    assert match.spec.name == variant  # named as asked
+    assert match.spec.tensors == base_spec.tensors and match.spec.total_params == base_spec.total_params
+    assert base in match.note and "base model" in match.note and spec_note(match.spec) == match.note
+    assert resolve_model(variant).name == variant
+    assert match.spec.to_dict() | {"name": base} == base_spec.to_dict()  # the data is the base's
+
+
+def test_a_catalog_id_has_no_variant_note_and_strangers_are_not_variants():
+    assert find_catalog_model("meta-llama/Llama-3.1-8B").note is None
+    assert spec_note(load_catalog_spec("meta-llama/Llama-3.1-8B")) is None
+    assert find_catalog_model("someone/Llama-3.1-8B-Instruct") is None  # another org's fine-tune may differ
+    assert find_catalog_model("meta-llama/Llama-3.3-70B-Instruct") is None  # no such base in the catalog

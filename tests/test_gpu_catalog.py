@@ -2,7 +2,7 @@
 
 import pytest
 
-from gpu_catalog.catalog import all_gpus, find_gpu
+from gpu_catalog.catalog import all_gpus, find_gpu, lookup_gpu
 from planner.catalog import load_catalog_spec
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
@@ -52,8 +52,29 @@ def test_fuzzy_names_resolve(query, name):
     assert find_gpu(query).name == name
 
 
-@pytest.mark.parametrize("query", ["a100", "3080", "v100"])
-def test_ambiguous_names_list_the_candidates(query):
+@pytest.mark.parametrize("query,name", [("RTX4090", "NVIDIA GeForce RTX 4090"), ("rtx4000ada", "NVIDIA RTX 4000 Ada Generation"),
+                                        ("rtx 4000 ada", "NVIDIA RTX 4000 Ada Generation"), ("RTX-4000-Ada", "NVIDIA RTX 4000 Ada Generation"),
+                                        ("H100SXM", "NVIDIA H100 80GB HBM3")])
+def test_names_resolve_whatever_the_case_spaces_and_hyphens(query, name):
+    match = lookup_gpu(query)
+    assert match.gpu.name == name and match.note is None
+
+
+@pytest.mark.parametrize("query,pick,others", [
+    ("a100", "NVIDIA A100-SXM4-80GB", ["NVIDIA A100-PCIE-40GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe"]),
+    ("H100", "NVIDIA H100 80GB HBM3", ["NVIDIA H100 PCIe", "NVIDIA H100 NVL"]),
+    ("v100", "Tesla V100-SXM2-16GB", ["Tesla V100-PCIE-16GB", "Tesla V100-SXM2-32GB"]),
+    ("3080", "NVIDIA GeForce RTX 3080", ["NVIDIA GeForce RTX 3080 12GB"]),
+    ("a100 pcie", "NVIDIA A100 80GB PCIe", ["NVIDIA A100-PCIE-40GB"]),  # no usual variant: the most memory
+])
+def test_a_line_name_picks_its_usual_card_and_says_so(query, pick, others):
+    match = lookup_gpu(query)
+    assert match.gpu.name == pick and find_gpu(query).name == pick
+    assert f"planned on {pick}" in match.note and all(name in match.note for name in others)
+
+
+@pytest.mark.parametrize("query", ["ada", "pcie", "rtx"])
+def test_names_spanning_several_lines_list_the_candidates(query):
     with pytest.raises(PlanInputError) as err:
         find_gpu(query)
     assert "ambiguous" in err.value.reason and err.value.reason.count("NVIDIA") + err.value.reason.count("Tesla") >= 2

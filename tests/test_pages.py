@@ -1,0 +1,301 @@
+"""The pages as a user reads them (FastAPI's TestClient): what the address reopens, what the
+form shows against what the result used, the names a user types, and the words on the page.
+Every assertion reads one element (the verdict, a selected option, a link), never text that is
+on every page anyway."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+from fastapi.testclient import TestClient
+
+import app.pages as pages
+from app.main import app
+from gpu_catalog.detect import DetectedGPU, Detection
+from planner.catalog import load_catalog_spec
+from planner.options import TrainingOptions
+from planner.plan import GIB, build_plan
+from tests.conftest import TINY
+
+MODEL = "meta-llama/Llama-3.1-8B"
+FLAGSHIP = {"model": "meta-llama/Llama-2-13b-hf", "method": "qlora", "gpu": "RTX 4000 Ada"}
+HTMX = {"HX-Request": "true"}
+VOID = {"input", "wbr", "br", "img", "meta", "link", "hr", "col", "source"}
+
+
+class Page(HTMLParser):
+    """Just enough of the DOM for these tests: the text and attributes of elements with an id,
+    each select's selected option, option texts and optgroup labels."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.text: dict[str, str] = {}
+        self.attrs: dict[str, dict] = {}
+        self.selected: dict[str, str] = {}
+        self.options: dict[str, list[tuple[str, str]]] = {}
+        self.groups: dict[str, list[str]] = {}
+        self._open: list[str | None] = []
+        self._select: str | None = None
+        self._option: list | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.attrs[attrs["id"]] = attrs
+            self.text.setdefault(attrs["id"], "")
+        if tag == "select":
+            self._select = attrs.get("id")
+            self.options[self._select], self.groups[self._select] = [], []
+        elif tag == "optgroup" and self._select:
+            self.groups[self._select].append(attrs.get("label", ""))
+        elif tag == "option" and self._select:
+            self._option = [attrs.get("value", ""), ""]
+            if "selected" in attrs:
+                self.selected[self._select] = attrs.get("value", "")
+        if tag not in VOID:
+            self._open.append(attrs.get("id"))
+
+    def handle_endtag(self, tag):
+        if tag == "option" and self._option is not None:
+            self.options[self._select].append(tuple(self._option))
+            self._option = None
+        if tag == "select":
+            self._select = None
+        if tag not in VOID and self._open:
+            self._open.pop()
+
+    def handle_data(self, data):
+        for element_id in filter(None, self._open):
+            self.text[element_id] += data
+        if self._option is not None:
+            self._option[1] += data
+
+    def words(self, element_id: str) -> str:
+        return " ".join(self.text[element_id].split())
+
+
+@pytest.fixture(scope="module")
+def client():
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture(autouse=True)
+def no_local_gpu(monkeypatch):
+    """The page must not depend on the machine the tests run on."""
+    monkeypatch.setattr(pages, "detect", lambda: Detection(reason="no NVIDIA GPU detected: NVML Shared Library Not Found"))
+
+
+def _page(client, path: str, params=None, headers=None) -> tuple[Page, object]:
+    response = client.get(path, params=params, headers=headers)
+    return Page(response.text), response
+
+
+# -- 1. every address reopens the full page -----------------------------------------------------
+
+
+def test_htmx_fragment_pushes_the_full_page_address(client):
+    params = {"model": MODEL, "num_gpus": "", "method": "qlora", "gpu": "NVIDIA GeForce RTX 4090", "seq_len": ""}
+    page, response = _page(client, "/result", params, HTMX)
+    pushed = urlsplit(response.headers["hx-push-url"])
+    assert pushed.path == "/"
+    # the empty fields are left out; the rest is the same state
+    assert dict(parse_qsl(pushed.query)) == {"model": MODEL, "method": "qlora", "gpu": "NVIDIA GeForce RTX 4090"}
+    assert "plan-form" not in page.attrs  # a fragment: the form stays as the user left it
+    assert "Vary" in response.headers and "HX-Request" in response.headers["Vary"]
+    reopened, again = _page(client, f"{pushed.path}?{pushed.query}")
+    assert again.status_code == 200 and "plan-form" in reopened.attrs
+    assert reopened.words("verdict") == page.words("verdict")
+    assert reopened.selected["f-gpu"] == "NVIDIA GeForce RTX 4090" and reopened.selected["f-method"] == "qlora"
+
+
+def test_a_result_address_opened_directly_is_the_full_page(client):
+    page, response = _page(client, "/result", {"model": MODEL, "method": "full", "gpu": "RTX 4090"})
+    assert response.status_code == 200 and "<style>" in response.text
+    assert "plan-form" in page.attrs and page.selected["f-method"] == "full"
+    assert page.words("verdict").startswith("✘ Does not fit")
+
+
+# -- 2. the form shows what the result used -----------------------------------------------------
+
+
+def test_an_empty_form_selects_the_gpu_the_plan_used(client):
+    page, _ = _page(client, "/")
+    plan = build_plan(load_catalog_spec(MODEL), TrainingOptions())
+    assert page.selected["f-gpu"] == plan.gpu.name == "NVIDIA H100 80GB HBM3"
+    assert plan.gpu.name in page.words("verdict")
+    defaults = TrainingOptions()
+    for field in ("method", "stage", "optimizer", "precision", "attention", "trainer", "parallelism", "offload"):
+        assert page.selected[f"f-{field}"] == getattr(defaults, field), field
+    assert page.selected["f-gradient_checkpointing"] == "true"
+    assert page.attrs["f-seq_len"]["placeholder"] == str(defaults.seq_len)
+
+
+def test_a_short_gpu_name_selects_its_card(client):
+    page, _ = _page(client, "/", FLAGSHIP)
+    assert page.selected["f-gpu"] == "NVIDIA RTX 4000 Ada Generation"
+    assert "NVIDIA RTX 4000 Ada Generation" in page.words("verdict")
+
+
+def test_an_unknown_gpu_stays_selected_as_given(client):
+    page, response = _page(client, "/", {"model": MODEL, "gpu": "toaster 9000"})
+    assert response.status_code == 422 and page.selected["f-gpu"] == "toaster 9000"
+    assert page.groups["f-gpu"][0] == "As given"
+
+
+# -- 3. links follow the fields; a pasted config says it overrides the model --------------------
+
+
+def test_the_compare_link_follows_the_current_fields(client):
+    page, _ = _page(client, "/result", {"model": MODEL, "method": "dora", "gpu": "L4", "seq_len": "4096"}, HTMX)
+    link = urlsplit(page.attrs["compare-link"]["href"])
+    assert link.path == "/compare"
+    assert dict(parse_qsl(link.query)) == {"model": MODEL, "method": "dora", "gpu": "L4", "seq_len": "4096"}
+    assert page.attrs["compare-link"]["hx-swap-oob"] == "true"
+
+
+def test_a_pasted_config_names_its_model_and_marks_the_model_field(client):
+    config = {**TINY["llama"], "_name_or_path": "acme/tiny-llama"}
+    page, response = _page(client, "/", {"model": MODEL, "config_json": json.dumps(config), "gpu_memory_gib": "8"})
+    assert response.status_code == 200
+    assert page.words("model-name") == "acme/tiny-llama"
+    assert "overridden" in page.attrs["model-note"]["class"]
+    assert page.words("model-note").startswith("Not used: the pasted config.json (acme/tiny-llama)")
+    plain, _ = _page(client, "/", {"model": MODEL})
+    assert plain.words("model-note") == "" and "overridden" not in plain.attrs["model-note"]["class"]
+    assert plain.words("model-name") == MODEL
+
+
+def test_the_fragment_updates_the_model_note_out_of_band(client):
+    config = {**TINY["llama"], "_name_or_path": "acme/tiny-llama"}
+    page, _ = _page(client, "/result", {"model": MODEL, "config_json": json.dumps(config), "gpu_memory_gib": "8"}, HTMX)
+    assert page.attrs["model-note"]["hx-swap-oob"] == "true" and "overridden" in page.attrs["model-note"]["class"]
+
+
+# -- 4. names a user types ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typed,method", [("QLoRA", "qlora"), ("DoRA", "dora"), ("Prompt-Tuning", "prompt_tuning")])
+def test_method_names_are_forgiving_about_case(client, typed, method):
+    page, response = _page(client, "/", {"model": MODEL, "method": typed, "optimizer": "Paged AdamW 8bit"})
+    assert response.status_code == 200
+    assert page.selected["f-method"] == method and page.selected["f-optimizer"] == "paged_adamw_8bit"
+    assert f"({method}, sft)" in page.words("model-line")
+
+
+@pytest.mark.parametrize("typed,shown", [("off", "false"), ("No", "false"), ("on", "true")])
+def test_checkpointing_words_select_what_the_plan_used(client, typed, shown):
+    page, _ = _page(client, "/", {"model": MODEL, "gradient_checkpointing": typed})
+    assert page.selected["f-gradient_checkpointing"] == shown
+    # and the plan did what the select says: only a checkpointed plan keeps layer checkpoints
+    assert ("activations.checkpoints" in page.words("components")) == (shown == "true")
+
+
+@pytest.mark.parametrize("typed", ["RTX4090", "rtx 4090", "Rtx-4090"])
+def test_gpu_names_are_forgiving_about_case_spaces_and_hyphens(client, typed):
+    page, response = _page(client, "/", {"model": MODEL, "method": "qlora", "gpu": typed})
+    assert response.status_code == 200 and "NVIDIA GeForce RTX 4090" in page.words("verdict")
+
+
+def test_a_line_name_plans_its_usual_card_and_says_which(client):
+    page, _ = _page(client, "/", {"model": MODEL, "method": "qlora", "gpu": "a100"})
+    assert page.selected["f-gpu"] == "NVIDIA A100-SXM4-80GB" and "NVIDIA A100-SXM4-80GB" in page.words("verdict")
+    first = page.words("assumptions").split("GPU 'a100'", 1)
+    assert len(first) == 2 and "planned on NVIDIA A100-SXM4-80GB" in first[1] and "NVIDIA A100-PCIE-40GB" in first[1]
+
+
+def test_an_instruct_variant_plans_with_its_base_spec(client):
+    page, response = _page(client, "/", {"model": "meta-llama/Llama-3.1-8B-Instruct", "method": "qlora", "gpu": "L4"})
+    base, _ = _page(client, "/", {"model": MODEL, "method": "qlora", "gpu": "L4"})
+    assert response.status_code == 200
+    assert page.words("model-name") == "meta-llama/Llama-3.1-8B-Instruct"
+    assert page.words("verdict") == base.words("verdict")
+    assert f"base model {MODEL}" in page.words("assumptions")
+    compare, response = _page(client, "/compare", {"model": "google/gemma-2-9b-it", "gpu": "L4"})
+    assert response.status_code == 200 and response.text.count("<svg") == 4
+
+
+# -- 5. the repository cites only what it holds -------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_cites_only_files_in_the_repository():
+    cited = re.findall(r"`(?:python )?([\w.-]+(?:/[\w.<>*-]+)+/?)`", (ROOT / "README.md").read_text())
+    # a path starts at the repository's top level, or outside it (model ids and flags also hold "/")
+    roots = {p.name for p in ROOT.iterdir()} | {"..", "shared"}
+    paths = [c for c in cited if c.split("/")[0] in roots and not re.search(r"[<>*]", c)]
+    assert len(paths) > 5, paths
+    missing = [c for c in paths if ".." in c.split("/") or not (ROOT / c).exists()]
+    assert not missing, missing
+
+
+def test_plan_notes_cite_no_file_outside_the_repository():
+    for method in ("full", "qlora"):
+        plan = build_plan(load_catalog_spec(MODEL), TrainingOptions(method=method, gpu="RTX 4090"))
+        for text in [c.note for c in plan.all_components] + list(plan.assumptions):
+            assert "shared/" not in text, text
+
+
+# -- 6. words and layout on the page ------------------------------------------------------------
+
+
+def test_a_failing_plan_says_how_short_it_is(client):
+    page, _ = _page(client, "/", {"model": MODEL, "method": "full", "gpu": "RTX 4090"})
+    plan = build_plan(load_catalog_spec(MODEL), TrainingOptions(method="full", gpu="RTX 4090"))
+    short = plan.peak_bytes - plan.usable_bytes
+    assert f"short by {short / GIB:,.2f} GiB" in page.words("verdict")
+    assert "headroom" not in page.words("verdict") and "-" not in page.words("verdict").split("short by")[1]
+    fits, _ = _page(client, "/", {"model": MODEL, "method": "qlora", "gpu": "H100 SXM"})
+    assert "headroom" in fits.words("verdict") and "short by" not in fits.words("verdict")
+
+
+def test_the_chart_gives_the_unit_of_the_gpu_memory(client):
+    response = client.get("/", params=FLAGSHIP)
+    usable = re.search(r"<text[^>]*>(usable [^<]*)</text>", response.text).group(1)
+    assert re.fullmatch(r"usable \d+\.\d GiB of \d+\.\d GiB", usable), usable
+
+
+def test_component_names_break_only_at_their_dots(client):
+    response = client.get("/", params=FLAGSHIP)
+    names = re.findall(r'<code class="name">(.*?)</code>', response.text)
+    assert "activations.<wbr>checkpoints" in names
+    assert all(part and "<" not in part for n in names for part in n.split(".<wbr>"))
+
+
+def test_the_weights_dtype_default_is_labelled(client):
+    page, _ = _page(client, "/")
+    assert page.options["f-weights_dtype"][0] == ("", "same as precision")
+    assert page.selected["f-weights_dtype"] == ""
+
+
+def test_gpus_are_grouped_by_family(client):
+    page, _ = _page(client, "/")
+    assert page.groups["f-gpu"] == ["Data centre", "Workstation", "Consumer (GeForce)", "AMD"]
+    values = [v for v, _ in page.options["f-gpu"]]
+    assert values.index("NVIDIA H100 80GB HBM3") < values.index("NVIDIA RTX A6000") < values.index("NVIDIA GeForce RTX 4090") < values.index("AMD Instinct MI300X")
+
+
+def test_a_detected_gpu_comes_first(client, monkeypatch):
+    h100 = DetectedGPU(0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, GIB, "9.0", "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(pages, "detect", lambda: Detection((h100,), "570.00"))
+    page, _ = _page(client, "/")
+    assert page.groups["f-gpu"][0] == "Detected on this server" and page.options["f-gpu"][0][0] == "auto"
+    assert "gpu-hint" not in page.attrs
+
+
+def test_no_gpu_is_said_once_plainly_near_the_gpu_field(client):
+    page, response = _page(client, "/")
+    assert page.words("gpu-hint") == "No GPU detected on this server; pick one from the list."
+    assert "NVML" not in response.text and response.text.count("No GPU detected") == 1
+
+
+def test_pages_have_a_favicon(client):
+    for path in ("/", "/compare", "/matrix"):
+        icon = re.search(r'<link rel="icon" href="([^"]+)"', client.get(path).text)
+        assert icon and icon.group(1).startswith("data:image/svg+xml,"), path
