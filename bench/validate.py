@@ -76,7 +76,7 @@ def calibration_rows() -> list[dict]:
     from planner.plan import build_plan
 
     rows = []
-    for path in sorted(RESULTS.glob("*calibration*.json")):
+    for path in sorted(RESULTS.glob("h100-calibration-*.json")):
         data = json.loads(path.read_text())
         spec = spec_from_config(data["model_config"], "calibration")
         setup = data["setup"]
@@ -96,6 +96,18 @@ def calibration_rows() -> list[dict]:
             rows.append({"config": config, "quantity": "NVML used (GiB)", "predicted": round(total, 2),
                          "measured": row["nvml"], "error": round((total - row["nvml"]) / row["nvml"], 4), "source": data["source"]})
     return rows
+
+
+def process_peak_rows() -> list[dict]:
+    """The 22 H100 runs of the runtime calibration: the plan's peak against the process peak
+    (max_memory_reserved + memory outside the allocator), each from a fit that left it out."""
+    newest = sorted(RESULTS.glob("calibration-20*.json"))
+    if not newest:
+        return []
+    data = json.loads(newest[-1].read_text())
+    source = f"{newest[-1].relative_to(ROOT)} (bench/calibrate.py, leave-one-out)"
+    return [{"config": f"H100 run {run['name']}", "quantity": "process peak, fit left it out (GiB)", "predicted": run["after_gib"],
+             "measured": run["measured_process_gib"], "error": run["after_error_left_out"], "source": source} for run in data["per_run"]]
 
 
 def gpu_rows() -> list[dict]:
@@ -179,11 +191,12 @@ def main() -> int:
         "cpu": cpu_rows(),
         "cpu_step_peak": cpu_step_peak_rows(),
         "calibration": calibration_rows(),
+        "process_peak": process_peak_rows(),
         "gpu": gpu,
     }
     out = RESULTS / f"{device}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    rows = result["calibration"] + result["gpu"] + result["cpu_step_peak"] + result["cpu"]
+    rows = result["process_peak"] + result["calibration"] + result["gpu"] + result["cpu_step_peak"] + result["cpu"]
     for row in rows:
         print(f"{row['error']:+7.1%}  {row['quantity']:<36} {row['config']}")
     print(f"wrote {out.relative_to(ROOT)}")
