@@ -155,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"{len(rows)}-runs-{date}"
     context = int(statistics.median(row["outside_allocator"] for row in rows))
     coef = fit_reserve(rows)
-    after = _calibration(name, context, coef)
 
     before_errors, after_errors, table = [], [], []
     for i, row in enumerate(rows):

@@ -7,7 +7,7 @@ stand in a fake for a GPU this machine lacks while the real path runs everywhere
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from gpu_catalog.catalog import gpu_by_name

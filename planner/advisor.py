@@ -7,7 +7,6 @@ in plain words with the numbers behind it. Memory questions are answered by real
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
