@@ -328,14 +328,26 @@ def _try(spec: ModelSpec, options: TrainingOptions, name: str, lever: Lever) -> 
 
 
 def smallest_fixes(spec: ModelSpec, options: TrainingOptions) -> FixReport:
-    """Each lever alone; the first that fits is the smallest change. When none fits alone, the
-    levers are stacked in order until the plan fits (or they run out)."""
+    """The smallest change that fits, ranked first by the GPUs it needs, then by quality cost:
+    each lever alone, in order, and the levers stacked in order. A lever that fits on the GPUs
+    the user has wins outright; when only more GPUs make it fit, the stack (say QLoRA, then
+    ZeRO-3 on 3 GPUs) is preferred to a lever alone that needs more of them (ZeRO-3 on 16),
+    which is also what the advisor recommends."""
     if build_plan(spec, options).fits:
         return FixReport(True, (), None)
     fixes = tuple(fix for name, lever in LEVERS if (fix := _try(spec, options, name, lever)) is not None)
     alone = next((f for f in fixes if f.plan.fits), None)
-    if alone is not None:
+    if alone is not None and alone.plan.gpu.count <= options.num_gpus:
         return FixReport(False, fixes, alone)
+    chain, levers = _stacked(spec, options)
+    if chain is not None and (alone is None or chain.plan.gpu.count < alone.plan.gpu.count):
+        return FixReport(False, fixes, chain, levers)
+    return FixReport(False, fixes, alone, () if alone is not None else levers)
+
+
+def _stacked(spec: ModelSpec, options: TrainingOptions) -> tuple[Fix | None, tuple[str, ...]]:
+    """The levers applied one after another, in order, each kept when it lowers the peak, until
+    the plan fits: (the chain as one Fix, or None when it never fits; the levers applied)."""
     current = build_plan(spec, options)
     steps: list[Fix] = []
     for name, lever in LEVERS:
@@ -348,8 +360,8 @@ def smallest_fixes(spec: ModelSpec, options: TrainingOptions) -> FixReport:
             changes = {k: v for step in steps for k, v in step.changes.items()}
             description = "; then ".join(step.description for step in steps)
             chain = tuple(step.lever for step in steps)
-            return FixReport(False, fixes, Fix("+".join(chain), description, changes, fix.plan), chain)
-    return FixReport(False, fixes, None, tuple(step.lever for step in steps))
+            return Fix("+".join(chain), description, changes, fix.plan), chain
+    return None, tuple(step.lever for step in steps)
 
 
 def fit_report(spec: ModelSpec, options: TrainingOptions) -> dict:

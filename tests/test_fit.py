@@ -114,3 +114,18 @@ def test_levers_chain_when_none_fits_alone():
 
 def test_a_fitting_plan_needs_no_fix():
     assert smallest_fixes(QWEN_SMALL, TrainingOptions(method="lora", gpu="H100")).fits_already
+
+
+def test_a_stack_on_fewer_gpus_beats_one_lever_on_many_and_matches_the_advice():
+    """Full fine-tuning a 70B on a 4090: ZeRO-3 alone needs many GPUs; QLoRA then ZeRO-3 needs
+    few. The page's first fix and the advisor must give the same answer."""
+    from planner.advisor import Task, advise
+
+    options = TrainingOptions(method="full", gpu="RTX 4090")
+    report = smallest_fixes(LLAMA70B, options)
+    zero3_alone = next(f for f in report.fixes if f.lever == "zero3")
+    assert zero3_alone.plan.fits
+    assert report.smallest.lever.startswith("qlora") or "qlora" in report.combined
+    assert report.smallest.plan.fits and report.smallest.plan.gpu.count < zero3_alone.plan.gpu.count
+    advice = advise(LLAMA70B, Task(), options)
+    assert (advice.plan.options.method, advice.plan.gpu.count) == (report.smallest.plan.options.method, report.smallest.plan.gpu.count)
