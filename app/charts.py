@@ -7,6 +7,7 @@ legend repeats the pattern with the name and GiB, and a labelled line marks the 
 from __future__ import annotations
 
 from html import escape
+from urllib.parse import quote
 
 from planner.plan import GIB, Plan
 
@@ -43,6 +44,15 @@ def family_totals(plan: Plan) -> list[tuple[str, int]]:
     return list(totals.items())
 
 
+def _pattern_def(family: str, pattern_id: str) -> str:
+    """The family's <pattern> under the given id ("" for a solid family)."""
+    colour, pattern = FAMILIES.get(family, ("#999999", "solid"))
+    if pattern == "solid":
+        return ""
+    body = PATTERNS.split(f'id="p-{pattern}"', 1)[1].split("</pattern>", 1)[0]
+    return f'<pattern id="{pattern_id}"{body.replace("{c}", colour)}</pattern>'
+
+
 def _fill(family: str, prefix: str) -> str:
     colour, pattern = FAMILIES.get(family, ("#999999", "solid"))
     return colour if pattern == "solid" else f"url(#{prefix}-{family})"
@@ -65,12 +75,7 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
     legend_rows = 0 if compact else (len(parts) + 1) // 2
     height = bar_y + bar_h + 22 + legend_rows * 18
     prefix = f"m{abs(hash((plan.model_name, plan.options.method, plan.peak_bytes))) % 10**8}"
-    defs = []
-    for family, _ in parts:
-        colour, pattern = FAMILIES.get(family, ("#999999", "solid"))
-        if pattern != "solid":
-            body = PATTERNS.split(f'id="p-{pattern}"', 1)[1].split("</pattern>", 1)[0]
-            defs.append(f'<pattern id="{prefix}-{family}"{body.replace("{c}", colour)}</pattern>')
+    defs = [_pattern_def(family, f"{prefix}-{family}") for family, _ in parts]
     shapes = []
     x = 0.0
     for family, size in parts:
@@ -104,3 +109,23 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
         f'<svg xmlns="http://www.w3.org/2000/svg" width="100%" height="{height}" role="img" aria-label="{escape(title)}">'
         f"<title>{escape(title)}</title><defs>{''.join(defs)}</defs>{''.join(shapes)}</svg>"
     )
+
+
+def _data_uri(svg: str) -> str:
+    return "data:image/svg+xml," + quote(svg, safe="=:/,.-")  # "#" would start a fragment
+
+
+def swatch_uri(family: str) -> str:
+    """The family's colour and pattern as a 14 x 12 image, for legends written in HTML. An
+    <img>, not inline SVG: its pattern ids cannot clash with the bars' on the same page."""
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="14" height="12"><defs>{_pattern_def(family, "p-" + family)}</defs>'
+        f'<rect x=".5" y=".5" width="13" height="11" fill="{_fill(family, "p")}" stroke="#333"/></svg>'
+    )
+    return _data_uri(svg)
+
+
+def line_swatch_uri(dashed: bool) -> str:
+    """The usable-memory line (dashed) or the GPU's total (thin), as the bars draw them."""
+    stroke = 'stroke-width="2" stroke-dasharray="4 2"' if dashed else 'stroke-width="1"'
+    return _data_uri(f'<svg xmlns="http://www.w3.org/2000/svg" width="14" height="12"><line x1="7" y1="0" x2="7" y2="12" stroke="#000" {stroke}/></svg>')

@@ -22,7 +22,7 @@ from markupsafe import Markup, escape
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from app.charts import memory_bar_svg
+from app.charts import family_totals, line_swatch_uri, memory_bar_svg, swatch_uri
 from app.service import MAX_CONFIG_TEXT, AdviseRequest, resolve_web_model
 from gpu_catalog.catalog import all_gpus, find_gpu, lookup_gpu
 from gpu_catalog.detect import detect
@@ -30,7 +30,7 @@ from planner.advisor import advise
 from planner.catalog import catalog_ids, find_catalog_model, load_catalog_spec
 from planner.errors import PlanInputError
 from planner.fit import smallest_fixes
-from planner.plan import DEFAULT_GPU, GIB, build_plan
+from planner.plan import DEFAULT_GPU, GIB, build_plan, resolve_gpu
 from planner.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,6 +310,9 @@ async def index_post(request: Request):
 def _compare_rows(parsed: AdviseRequest) -> list[dict]:
     spec, _ = _spec_and_notes(parsed)
     options = parsed.options()
+    # every method plans on the same card: a name that matches none (or several) is one error
+    # for the page, raised here, not the same message in each method's row
+    resolve_gpu(options)
     plans = {}
     for method in COMPARE_METHODS:
         try:
@@ -322,8 +325,22 @@ def _compare_rows(parsed: AdviseRequest) -> list[dict]:
         if isinstance(plan, PlanInputError):
             rows.append({"method": method, "error": plan.reason})
         else:
-            rows.append({"method": method, "plan": plan.to_dict(), "chart": memory_bar_svg(plan, compact=True, scale_bytes=scale)})
+            rows.append({
+                "method": method, "plan": plan.to_dict(), "chart": memory_bar_svg(plan, compact=True, scale_bytes=scale),
+                "families": [family for family, _ in family_totals(plan)],
+            })
     return rows
+
+
+def _compare_legend(rows: list[dict]) -> list[dict]:
+    """What the compact bars' fills mean (they have no legend of their own): each family drawn in
+    any bar once, in the order the bars stack them, and the two lines."""
+    families = list(dict.fromkeys(f for row in rows for f in row.get("families", ())))
+    items = [{"label": f.replace("_", " "), "swatch": swatch_uri(f)} for f in families]
+    if families:
+        items += [{"label": "dashed line: usable memory", "swatch": line_swatch_uri(dashed=True)},
+                  {"label": "thin line: the GPU's total memory", "swatch": line_swatch_uri(dashed=False)}]
+    return items
 
 
 @router.get("/compare", response_class=HTMLResponse, include_in_schema=False)
@@ -341,6 +358,7 @@ def compare(request: Request):
         # the other fields ride along when the model or GPU is changed here
         "carried": {k: v for k, v in raw.items() if k not in ("model", "gpu", "method")},
         "gpu_used": next((r["plan"]["gpu"]["name"] for r in rows if "plan" in r), _shown_gpu(raw.get("gpu"))),
+        "legend": _compare_legend(rows),
     }
     return templates.TemplateResponse(request, "compare.html", context, status_code=422 if errors else 200)
 

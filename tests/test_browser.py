@@ -61,10 +61,14 @@ def test_form_updates_the_verdict_when_the_gpu_changes(server, browser):
     page.goto(f"{server}/?" + urlencode({"model": MODEL, "method": "qlora", "gpu": "NVIDIA H100 80GB HBM3"}))
     page.wait_for_function("window.htmx !== undefined", timeout=10_000)
     assert "Fits" in _verdict(page) and "Does not" not in _verdict(page)
+    page.evaluate("window.liveVerdict = document.querySelector('#verdict')")
     page.select_option("#f-method", "full")
     page.select_option("#f-gpu", "NVIDIA GeForce RTX 4090")
     page.wait_for_function("document.querySelector('#verdict').innerText.includes('Does not fit')", timeout=15_000)
     assert "RTX 4090" in _verdict(page)
+    # the live region is the element that was there, its text changed: a screen reader announces
+    # that, where a live region swapped in whole may go unsaid
+    assert page.evaluate("window.liveVerdict === document.querySelector('#verdict') && liveVerdict.getAttribute('aria-live') === 'polite'")
     # htmx pushed the state into the URL: the address is shareable
     assert "method=full" in page.url and "RTX" in page.url
     # typing updates the result too (debounced): the plan now uses the typed sequence length
@@ -184,3 +188,31 @@ def test_flagship_screenshots(server, browser):
         assert _verdict(page).startswith("✔ Fits") and "RTX 4000 Ada" in _verdict(page)
         page.screenshot(path=str(ARTIFACTS / name), full_page=True)
         page.close()
+
+
+AXE = Path(__file__).resolve().parent.parent / "node_modules" / "axe-core" / "axe.min.js"
+AXE_PAGES = {
+    "empty form": "/",
+    "flagship": "/?" + urlencode(FLAGSHIP),
+    "failing plan": "/?" + urlencode({"model": "meta-llama/Llama-3.1-70B", "method": "full", "gpu": "RTX 4090"}),
+    "compare": "/compare?" + urlencode({"model": MODEL, "gpu": "RTX 4090"}),
+    "matrix": "/matrix?method=qlora",
+}
+
+
+@pytest.mark.skipif(not AXE.is_file(), reason="axe-core not installed: run npm ci (node_modules/axe-core is missing)")
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, PHONE], ids=["desktop", "390px"])
+@pytest.mark.parametrize("name", list(AXE_PAGES))
+def test_axe_finds_nothing_serious(server, browser, name, viewport):
+    page = browser.new_page(viewport=viewport)
+    page.goto(server + AXE_PAGES[name])
+    page.wait_for_load_state()
+    page.add_script_tag(path=str(AXE))
+    violations = page.evaluate(
+        "async () => (await axe.run()).violations.map(v => ({id: v.id, impact: v.impact, help: v.help,"
+        " nodes: v.nodes.map(n => n.target.join(' '))}))"
+    )
+    page.close()
+    # moderate and minor findings are advisory; serious and critical ones block a user
+    bad = [v for v in violations if v["impact"] in ("serious", "critical")]
+    assert not bad, "\n".join(f"{v['impact']} {v['id']} ({v['help']}): {v['nodes']}" for v in bad)

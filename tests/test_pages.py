@@ -299,3 +299,101 @@ def test_pages_have_a_favicon(client):
     for path in ("/", "/compare", "/matrix"):
         icon = re.search(r'<link rel="icon" href="([^"]+)"', client.get(path).text)
         assert icon and icon.group(1).startswith("data:image/svg+xml,"), path
+
+
+# -- 7. accessibility: landmarks, names, what is announced ---------------------------------------
+
+FAILING = {"model": "meta-llama/Llama-3.1-70B", "method": "full", "gpu": "RTX 4090"}
+
+
+def _element(html: str, element_id: str) -> str:
+    """The outer HTML of the element with this id, its nested same-tag elements balanced."""
+    start = re.search(rf'<(\w+)[^>]*\bid="{element_id}"', html)
+    assert start, element_id
+    tag, depth = start.group(1), 0
+    for m in re.finditer(rf"<(/?){tag}\b[^>]*>", html[start.start():]):
+        depth += -1 if m.group(1) else 1
+        if depth == 0:
+            return html[start.start(): start.start() + m.end()]
+    raise AssertionError(f"{element_id} is not closed")
+
+
+@pytest.mark.parametrize("params", [FLAGSHIP, FAILING], ids=["fits", "does-not-fit"])
+def test_only_the_verdict_is_announced(client, params):
+    html = client.get("/", params=params).text
+    assert html.count("aria-live") == 1
+    live = _element(html, "verdict")
+    assert 'aria-live="polite"' in live.split(">", 1)[0]
+    words = " ".join(re.sub(r"<[^>]+>", " ", live).split())
+    assert re.match(r"[✔✘] (Fits|Does not fit): ", words), words
+    # not the plan: a screen reader would read it all again after every keystroke
+    assert 'id="components"' not in live and 'id="assumptions"' not in live and 'id="model-line"' not in live
+    assert "aria-live" not in _element(html, "summary").split(">", 1)[0] and "aria-live" not in _element(html, "result").split(">", 1)[0]
+
+
+def test_htmx_fills_the_live_verdict_in_place(client):
+    """A live region added with its text is not announced: the fragment swaps the inside of the
+    #verdict already on the page and leaves the element (and its aria-live) where it is."""
+    page, response = _page(client, "/result", FLAGSHIP, HTMX)
+    assert page.attrs["verdict"]["hx-swap-oob"] == "innerHTML"
+    assert page.words("verdict").startswith("✔ Fits")
+    assert "components" not in _element(response.text, "verdict")
+
+
+@pytest.mark.parametrize("path,params", [("/", {}), ("/", FLAGSHIP), ("/", FAILING), ("/compare", {"model": MODEL, "gpu": "RTX 4090"}), ("/matrix", {"method": "qlora"})])
+def test_every_table_header_has_text(client, path, params):
+    html = client.get(path, params=params).text
+    headers = re.findall(r"<th\b[^>]*>(.*?)</th>", html, re.DOTALL)
+    assert headers
+    empty = [h for h in headers if not re.sub(r"<[^>]+>", "", h).strip()]
+    assert not empty, empty
+
+
+def test_the_peak_rows_last_header_is_for_screen_readers(client):
+    html = client.get("/", params=FLAGSHIP).text
+    peak_row = re.search(r"<tr><th>peak per GPU</th>.*?</tr>", html).group(0)
+    assert re.search(r'<span class="visually-hidden">reached during \w', peak_row), peak_row
+    assert ".visually-hidden {" in html  # the class is defined, so the text is not shown
+
+
+@pytest.mark.parametrize("path", ["/", "/compare", "/matrix"])
+def test_every_page_has_one_main_landmark(client, path):
+    html = client.get(path, params={"model": MODEL, "gpu": "RTX 4090"}).text
+    assert len(re.findall(r"<main\b", html)) == 1 and html.count("</main>") == 1, path
+
+
+def test_the_matrix_scroller_can_be_reached_by_keyboard(client):
+    html = client.get("/matrix", params={"method": "qlora"}).text
+    scroller = re.search(r'<div ([^>]*)><table id="matrix"', html)
+    assert scroller, "the matrix is not in its own scrolling box"
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', scroller.group(1)))
+    assert attrs.get("tabindex") == "0" and attrs.get("role") == "region" and attrs.get("aria-label", "").strip(), attrs
+
+
+# -- 8. compare: a legend for the bars, one error for the page ------------------------------------
+
+
+def test_compare_has_a_legend_for_every_fill_in_its_bars(client):
+    html = client.get("/compare", params={"model": MODEL, "gpu": "RTX 4090"}).text
+    drawn = dict.fromkeys(re.findall(r"<title>(\w+): [\d.]+ GiB</title>", _element(html, "compare")))
+    assert {"weights", "gradients", "optimizer_state", "activations"} <= drawn.keys()
+    legend = _element(html, "legend")
+    items = re.findall(r'<li><img src="([^"]+)" alt="" width="14" height="12"> ([^<]+)</li>', legend)
+    labels = [label for _, label in items]
+    assert labels[: len(drawn)] == [f.replace("_", " ") for f in drawn]  # each once, in the bars' order
+    assert "dashed line: usable memory" in labels
+    swatches = {label: src for src, label in items}
+    # each swatch is drawn in its family's colour, the same as the bars
+    assert "%23f28e2b" in swatches["gradients"] and 'fill="url(#' in html
+    assert all(src.startswith("data:image/svg+xml,%3Csvg") for src in swatches.values())
+    assert html.count("<svg") == 4  # the swatches are images: the page still draws one bar per method
+
+
+@pytest.mark.parametrize("gpu,says", [("toaster 9000", "unknown GPU"), ("RTX", "is ambiguous")])
+def test_compare_says_a_gpu_error_once(client, gpu, says):
+    page, response = _page(client, "/compare", {"model": MODEL, "gpu": gpu})
+    assert response.status_code == 422
+    assert response.text.count(says) == 1, response.text.count(says)
+    assert re.search(r"<li><code>gpu</code>: ", response.text)
+    assert "compare" not in page.attrs and "legend" not in page.attrs  # no rows repeating it
+    assert page.attrs["c-gpu"]["value"] == gpu  # left as typed, to correct
