@@ -27,11 +27,10 @@ from app.service import MAX_CONFIG_TEXT, AdviseRequest, resolve_web_model
 from gpu_catalog.catalog import all_gpus, find_gpu, lookup_gpu
 from gpu_catalog.detect import detect
 from planner.advisor import advise
-from planner.catalog import catalog_ids, find_catalog_model, load_catalog_spec
+from planner.catalog import catalog_ids, load_catalog_spec
 from planner.errors import PlanInputError
 from planner.fit import smallest_fixes
 from planner.plan import DEFAULT_GPU, GIB, build_plan, resolve_gpu
-from planner.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=ROOT / "templates")
@@ -181,39 +180,14 @@ def _gpu_groups(selected: str) -> tuple[list[dict], str | None]:
 # -- planning -------------------------------------------------------------------------------------
 
 
-def _spec_and_notes(request_model: AdviseRequest) -> tuple[ModelSpec, list[str]]:
-    """The model (a catalog id, an instruct/chat variant of one, or a pasted config) and what the
-    plan should say about how it was resolved."""
-    if request_model.config_json and request_model.config_json.strip():
-        return resolve_web_model(None, request_model.config_json), []
-    match = find_catalog_model(request_model.model or "")
-    if match is None:
-        return resolve_web_model(request_model.model), []  # raises, with the closest ids
-    return match.spec, [match.note] if match.note else []
-
-
-def _gpu_notes(request_model: AdviseRequest) -> list[str]:
-    """Which card a name covering several was taken to mean (the plan keeps the card only)."""
-    gpu = request_model.gpu
-    if not gpu or gpu.strip().lower() == "auto" or request_model.gpu_memory_gib is not None:
-        return []
-    note = lookup_gpu(gpu).note
-    return [note] if note else []
-
-
-def _with_notes(plan: dict, notes: list[str]) -> dict:
-    """The plan's assumptions led by the page's resolution notes (once, should the planner
-    start giving them too)."""
-    fresh = [n for n in notes if n not in plan["assumptions"]]
-    return {**plan, "assumptions": fresh + list(plan["assumptions"])}
-
-
 def _result(request_model: AdviseRequest) -> dict:
-    spec, notes = _spec_and_notes(request_model)
+    # the planner's assumptions already say which card a line name meant and which base spec
+    # an instruct variant used
+    spec = resolve_web_model(request_model.model, request_model.config_json)
     options = request_model.options()
     plan = build_plan(spec, options)
     result = {
-        "plan": _with_notes(plan.to_dict(), notes + _gpu_notes(request_model)),
+        "plan": plan.to_dict(),
         "chart": memory_bar_svg(plan),
         "fixes": None,
         "advice": None,
@@ -308,7 +282,7 @@ async def index_post(request: Request):
 
 
 def _compare_rows(parsed: AdviseRequest) -> list[dict]:
-    spec, _ = _spec_and_notes(parsed)
+    spec = resolve_web_model(parsed.model, parsed.config_json)
     options = parsed.options()
     # every method plans on the same card: a name that matches none (or several) is one error
     # for the page, raised here, not the same message in each method's row
