@@ -59,6 +59,10 @@ class PynvmlBackend:
         major, minor = self._nvml.nvmlDeviceGetCudaComputeCapability(self._handle(index))
         return int(major), int(minor)
 
+    def uuid(self, index: int) -> str:
+        value = self._nvml.nvmlDeviceGetUUID(self._handle(index))
+        return value.decode() if isinstance(value, bytes) else str(value)
+
 
 @dataclass(frozen=True)
 class DetectedGPU:
@@ -69,6 +73,7 @@ class DetectedGPU:
     used_bytes: int
     compute_capability: str
     catalog_name: str | None  # the catalog entry it matched, if any
+    uuid: str | None = None  # "GPU-...": stable across CUDA_VISIBLE_DEVICES orderings, unlike the index
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -101,7 +106,8 @@ def detect(backend: NvmlBackend | None = None) -> Detection:
             total, free, used = backend.memory(index)
             major, minor = backend.compute_capability(index)
             match = gpu_by_name(name)  # NVML names are the catalog's canonical names
-            gpus.append(DetectedGPU(index, name, total, free, used, f"{major}.{minor}", match.name if match else None))
+            uuid = backend.uuid(index) if hasattr(backend, "uuid") else None  # a fake may not know one
+            gpus.append(DetectedGPU(index, name, total, free, used, f"{major}.{minor}", match.name if match else None, uuid))
         reason = None if gpus else "no NVIDIA GPU detected: the driver reports 0 devices"
         return Detection(tuple(gpus), driver, reason)
     except Exception as exc:

@@ -1,0 +1,322 @@
+"""The launcher's commands: `vramplan launch`, `export`, `runs` and `backends`.
+
+Exit codes: 0 succeeded (or a dry run written, or a run started without --wait), 1 refused because
+the plan does not fit, 2 bad input, 4 failed, 5 cancelled, 6 lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+GIB = 1 << 30
+EXIT_BY_STATE = {"succeeded": 0, "failed": 4, "cancelled": 5, "lost": 6}
+RUN_SUMMARY_KEYS = ("id", "state", "reason", "message", "model", "method", "stage", "backend", "attempt", "predicted_peak_bytes",
+                    "predicted_high_bytes", "measured_peak_bytes", "error_pct", "final_loss", "last_step", "total_steps", "output_dir", "run_dir")
+
+
+class LaunchInputError(Exception):
+    """Bad input found by the launcher (not by pydantic): exit 2 with this line."""
+
+
+def _cli():
+    from app import cli
+
+    return cli
+
+
+def _supervisor(args):
+    from launcher.supervisor import Supervisor
+
+    return Supervisor(Path(args.data_dir) if args.data_dir else None)
+
+
+def _settings(args):
+    from launcher.spec import RunSettings
+
+    return _cli()._parse_options(args, RunSettings)
+
+
+def _launch_options(args, device: str):
+    """The plan's options, with the launch defaults: the GPUs detected here, and expandable segments
+    (what a launched run sets, so what its plan must assume)."""
+    from planner.options import TrainingOptions
+
+    given = {k: v for k, v in vars(args).items() if k in TrainingOptions.model_fields}
+    given.setdefault("allocator", "expandable_segments")
+    if device == "cuda" and "gpu" not in given and "gpu_memory_gib" not in given:
+        given["gpu"] = "auto"
+    return TrainingOptions.model_validate(given)
+
+
+def _plan(args, device: str):
+    from planner.catalog import resolve_model
+    from planner.plan import build_plan
+
+    options = _launch_options(args, device)
+    return build_plan(resolve_model(args.model), options)
+
+
+def _device(args) -> str:
+    device = getattr(args, "device", None) or "auto"
+    if device != "auto":
+        return device
+    from gpu_catalog.detect import detect
+
+    return "cuda" if detect().gpus else "cpu_unasked"
+
+
+def _record_text(record) -> str:
+    data = record.to_dict() if hasattr(record, "to_dict") else record
+    parts = [f"run {data['id'][:8]} {data['state']}"]
+    if data.get("reason"):
+        parts.append(f"({data['reason']})")
+    if data.get("last_step") is not None:
+        total = f"/{data['total_steps']}" if data.get("total_steps") else ""
+        parts.append(f"step {data['last_step']}{total}")
+    if data.get("final_loss") is not None:
+        parts.append(f"loss {data['final_loss']:.4f}")
+    parts.append(f"predicted {data['predicted_peak_bytes'] / GIB:.2f} GiB")
+    if data.get("measured_peak_bytes") is not None:
+        parts.append(f"measured {data['measured_peak_bytes'] / GIB:.2f} GiB ({data['error_pct']:+.1f}%)")
+    line = ", ".join([" ".join(parts[:2])] + parts[2:]) if data.get("reason") else ", ".join(parts)
+    if data.get("message"):
+        line += f": {data['message']}"
+    return line
+
+
+def cmd_launch(args) -> int:
+    cli = _cli()
+    from launcher.backend import LaunchError
+    from launcher.supervisor import LaunchRefused
+
+    device = _device(args)
+    if device == "cpu_unasked":
+        from gpu_catalog.detect import detect
+
+        raise LaunchInputError(f"{detect().reason}; pass --device cpu to run on the CPU (slow; for small models and tests)")
+    settings = _settings(args)
+    plan = _plan(args, device)
+    supervisor = _supervisor(args)
+    gpus = tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip())
+    try:
+        prepared = supervisor.prepare(plan, args.model, settings, backend=args.backend, device=device, gpus=gpus,
+                                      backend_options={"grace_period_s": args.grace_period} if args.grace_period is not None else None)
+    except ValueError as exc:  # an unknown or broken backend
+        raise LaunchInputError(str(exc)) from exc
+    if args.dry_run:
+        prepared.run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in prepared.rendered.files.items():
+            (prepared.run_dir / name).write_text(text)
+        data = prepared.dry_run_dict()
+        if args.json:
+            cli._write_json(data)
+        else:
+            cli._write(f"dry run: {prepared.rendered.summary}")
+            cli._write(f"admission: {'ok' if prepared.admission.ok else 'refused'}: {prepared.admission.message}")
+            cli._write(f"files in {prepared.run_dir}: {', '.join(prepared.rendered.files)}")
+            cli._write("command: " + " ".join(prepared.rendered.argv))
+        return 0
+    try:
+        record = supervisor.launch(prepared, force=args.force, queue=args.queue)
+    except LaunchRefused as exc:
+        if args.json:
+            cli._write_json({"refused": True, "message": str(exc), **exc.numbers})
+        else:
+            print(f"vramplan: {exc}", file=sys.stderr)
+        return 1
+    except LaunchError as exc:
+        raise LaunchInputError(str(exc)) from exc
+    if not args.json:
+        print(f"run {record.id} {record.state}: {prepared.rendered.summary}; predicted peak {record.predicted_peak_bytes / GIB:.2f} GiB per GPU "
+              f"(up to {record.predicted_high_bytes / GIB:.2f})", file=sys.stderr)
+    if not args.wait:
+        if args.json:
+            cli._write_json(record.to_dict())
+        return 0
+    record = supervisor.wait(record.id, on_update=None if args.json else lambda r: print(_record_text(r), file=sys.stderr))
+    return _finish(cli, args, record)
+
+
+def _finish(cli, args, record) -> int:
+    if args.json:
+        cli._write_json(record.to_dict())
+    else:
+        cli._write(_record_text(record))
+    return EXIT_BY_STATE.get(record.state, 0)
+
+
+def cmd_export(args) -> int:
+    cli = _cli()
+    from launcher.exports import render
+    from launcher.spec import RunSettings, launch_spec
+
+    given = {k: v for k, v in vars(args).items() if k in RunSettings.model_fields}
+    given.setdefault("dataset", "your-org/your-dataset")
+    given.setdefault("output_dir", "output")
+    settings = RunSettings.model_validate(given)
+    device = "cpu" if getattr(args, "device", "auto") == "cpu" else "cuda"
+    plan = _plan(args, "cpu") if device == "cpu" else _plan_without_detection(args)
+    spec = launch_spec(plan, args.model, settings, device=device)
+    try:
+        text = render(spec, args.format)
+    except ValueError as exc:
+        raise LaunchInputError(str(exc)) from exc
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out} ({args.format})", file=sys.stderr)
+    else:
+        cli._write(text.rstrip("\n"))
+    return 0
+
+
+def _plan_without_detection(args):
+    # an export is a file for another machine: plan for the GPU named (or the default), not this one's
+    from planner.catalog import resolve_model
+    from planner.options import TrainingOptions
+    from planner.plan import build_plan
+
+    given = {k: v for k, v in vars(args).items() if k in TrainingOptions.model_fields}
+    given.setdefault("allocator", "expandable_segments")
+    return build_plan(resolve_model(args.model), TrainingOptions.model_validate(given))
+
+
+def cmd_runs(args) -> int:
+    cli = _cli()
+    supervisor = _supervisor(args)
+    action = args.action
+    if action == "list":
+        records = [supervisor.refresh(r.id) for r in supervisor.store.list()]
+        if args.json:
+            cli._write_json([r.to_dict() for r in records])
+        elif not records:
+            cli._write("no runs yet (vramplan launch MODEL --dataset FILE starts one)")
+        else:
+            for r in records:
+                started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at or r.created_at))
+                measured = f"{r.measured_peak_bytes / GIB:.2f}" if r.measured_peak_bytes is not None else "-"
+                cli._write(f"{r.id[:8]}  {r.state:<10} {r.method:<5} {r.stage:<6} {r.model:<32} {started}  "
+                           f"predicted {r.predicted_peak_bytes / GIB:.2f} GiB  measured {measured} GiB")
+        return 0
+    if action == "export":
+        rows = supervisor.calibration_rows()
+        text = "\n".join(json.dumps(r, allow_nan=False) for r in rows)
+        if args.out:
+            Path(args.out).write_text(text + ("\n" if text else ""))
+            print(f"wrote {len(rows)} run(s) to {args.out}", file=sys.stderr)
+        elif text:
+            cli._write(text)
+        return 0
+    if not args.run_id:
+        raise LaunchInputError(f"runs {action} needs a run id")
+    from launcher.backend import LaunchError
+    from launcher.supervisor import RunNotFound
+
+    try:
+        if action == "show":
+            record = supervisor.refresh(args.run_id)
+            if args.json:
+                cli._write_json({**record.to_dict(), "transitions": supervisor.store.transitions(record.id),
+                                 "metrics": supervisor.store.metrics(record.id)})
+            else:
+                cli._write(_record_text(record))
+                for t in supervisor.store.transitions(record.id):
+                    cli._write(f"  {time.strftime('%H:%M:%S', time.localtime(t['at']))} {t['from_state'] or '':>10} -> {t['to_state']}"
+                               + (f" ({t['reason']})" if t["reason"] else "") + (f": {t['message']}" if t["message"] else ""))
+            return EXIT_BY_STATE.get(record.state, 0) if record.terminal else 0
+        if action == "logs":
+            record = supervisor.get(args.run_id)
+            offset = 0
+            while True:
+                chunk = supervisor.logs(record.id, offset)
+                if chunk.text:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                offset = chunk.next_offset
+                if chunk.eof:
+                    record = supervisor.refresh(record.id)
+                    if not args.follow or record.terminal:
+                        if record.terminal and args.follow:
+                            rest = supervisor.logs(record.id, offset)
+                            sys.stdout.write(rest.text)
+                        return 0
+                    time.sleep(0.5)
+        if action == "cancel":
+            record = supervisor.cancel(args.run_id)
+            if not record.terminal and args.wait:
+                record = supervisor.wait(record.id)
+            return _finish(cli, args, record) if record.terminal else (cli._write(_record_text(record)) or 0)
+        if action == "resume":
+            record = supervisor.resume(args.run_id, force=args.force)
+            if args.wait:
+                record = supervisor.wait(record.id, on_update=None if args.json else lambda r: print(_record_text(r), file=sys.stderr))
+                return _finish(cli, args, record)
+            return _finish(cli, args, record) if record.terminal else (cli._write_json(record.to_dict()) if args.json else cli._write(_record_text(record))) or 0
+    except RunNotFound as exc:
+        raise LaunchInputError(str(exc)) from exc
+    except LaunchError as exc:
+        raise LaunchInputError(str(exc)) from exc
+    raise LaunchInputError(f"unknown action {action}")
+
+
+def cmd_backends(args) -> int:
+    cli = _cli()
+    from launcher.registry import describe_backends
+
+    infos = describe_backends()
+    if args.json:
+        cli._write_json([i.to_dict() for i in infos])
+    else:
+        for info in infos:
+            cli._write(f"{info.name:<10} {'available' if info.available else 'unavailable':<12} {info.detail}")
+    return 0
+
+
+def add_commands(sub, option_flags) -> None:
+    """Register the launcher's commands on the main parser's subparsers."""
+    from launcher.exports import FORMATS
+    from launcher.spec import RunSettings
+
+    def data_dir(p):
+        p.add_argument("--data-dir", default=None, help="where runs are kept (default: $VRAMPLAN_DATA_DIR or ~/.local/share/vramplan)")
+
+    launch = sub.add_parser("launch", help="start the planned run: exit 0 started/succeeded, 1 refused (does not fit), 2 bad input, 4 failed, 5 cancelled, 6 lost")
+    launch.add_argument("model", help="a model directory with weights, or a hub id")
+    launch.add_argument("--backend", default="local", help="a backend from `vramplan backends`")
+    launch.add_argument("--gpus", default=None, metavar="UUIDS", help="comma-separated NVML UUIDs or indexes (default: the ones with most free memory)")
+    launch.add_argument("--dry-run", action="store_true", help="write the files and print the command; start nothing")
+    launch.add_argument("--force", action="store_true", help="start even when the GPUs' free memory is short of the plan")
+    launch.add_argument("--queue", action="store_true", help="when memory is short, wait in the queue instead of refusing")
+    launch.add_argument("--wait", action="store_true", help="follow the run to its end; the exit code says how it ended")
+    launch.add_argument("--grace-period", type=float, default=None, metavar="S", help="seconds a cancelled run has to checkpoint before it is killed (120)")
+    launch.add_argument("--json", action="store_true", help="print JSON (with --wait: the run record at the end)")
+    data_dir(launch)
+    option_flags(launch, RunSettings, "run settings (what the plan does not decide)")
+    option_flags(launch)
+    launch.set_defaults(func=cmd_launch)
+
+    export = sub.add_parser("export", help="the plan as a trl, accelerate, axolotl or llamafactory config file")
+    export.add_argument("model", help="catalog id, a model directory or hub id")
+    export.add_argument("--format", required=True, choices=FORMATS)
+    export.add_argument("--out", default=None, metavar="FILE", help="write here instead of stdout")
+    option_flags(export, RunSettings, "run settings (what the plan does not decide)")
+    option_flags(export)
+    export.set_defaults(func=cmd_export)
+
+    runs = sub.add_parser("runs", help="launched runs: list, show, logs, cancel, resume, export (calibration pairs)")
+    runs.add_argument("action", nargs="?", default="list", choices=("list", "show", "logs", "cancel", "resume", "export"))
+    runs.add_argument("run_id", nargs="?", default=None, help="a run id or its first characters")
+    runs.add_argument("--json", action="store_true")
+    runs.add_argument("--follow", action="store_true", help="logs: keep printing until the run ends")
+    runs.add_argument("--wait", action="store_true", help="cancel/resume: follow the run to its end")
+    runs.add_argument("--force", action="store_true", help="resume: start even when memory is short")
+    runs.add_argument("--out", default=None, metavar="FILE", help="export: write the calibration rows here")
+    data_dir(runs)
+    runs.set_defaults(func=cmd_runs)
+
+    backends = sub.add_parser("backends", help="the trainer backends installed, and whether each can run here")
+    backends.add_argument("--json", action="store_true")
+    backends.set_defaults(func=cmd_backends)

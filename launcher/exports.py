@@ -1,0 +1,329 @@
+"""The spec written as other tools' config files. One description, four renderings.
+
+- trl: the file the launched run executes. The entry parses it with TRL's own TrlParser, and for the
+  stages TRL's CLI has (`trl sft|dpo|kto|reward|rloo|grpo --config`) the same file runs there too.
+- accelerate: the plan's parallelism (DDP, FSDP2, DeepSpeed ZeRO-1/2/3, CPU offload) for `accelerate launch`.
+- axolotl, llamafactory: the same run in those tools' documented keys, for users who train there.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+import yaml
+
+from launcher.spec import LaunchSpec
+
+FORMATS = ("trl", "accelerate", "axolotl", "llamafactory")
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# planner optimizer -> transformers `optim` name
+TRL_OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_32bit",
+    "adafactor": "adafactor",
+    "sgd": "sgd",
+    "galore": "galore_adamw",
+}
+ATTENTION = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
+# The trainer and config classes of each stage (module, config, trainer); ORPO and SimPO (CPO's
+# simpo loss) live in trl.experimental in TRL 1.16.
+TRAINERS = {
+    "sft": ("trl", "SFTConfig", "SFTTrainer"),
+    "dpo": ("trl", "DPOConfig", "DPOTrainer"),
+    "kto": ("trl", "KTOConfig", "KTOTrainer"),
+    "reward": ("trl", "RewardConfig", "RewardTrainer"),
+    "rloo": ("trl", "RLOOConfig", "RLOOTrainer"),
+    "grpo": ("trl", "GRPOConfig", "GRPOTrainer"),
+    "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+    "simpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
+}
+
+
+def _version_tuple(package: str) -> tuple[int, ...]:
+    try:
+        text = metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ()
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def checkpointing_key() -> str:
+    """transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name is a
+    deprecated alias until v6). Write the name the installed version reads without a warning."""
+    installed = _version_tuple("transformers")
+    return "activation_checkpointing" if not installed or installed >= (5, 24) else "gradient_checkpointing"
+
+
+def _length_settings(spec: LaunchSpec) -> dict[str, Any]:
+    settings = spec.settings
+    out: dict[str, Any] = {}
+    if settings.max_steps is not None:
+        out["max_steps"] = settings.max_steps
+    else:
+        out["num_train_epochs"] = settings.epochs if settings.epochs is not None else 1.0
+    return out
+
+
+def trl_config(spec: LaunchSpec) -> dict[str, Any]:
+    """TRL/transformers field names (ScriptArguments, the stage's config, ModelConfig, DatasetMixtureConfig)."""
+    options, settings = spec.options, spec.settings
+    method, stage = spec.method, spec.stage
+    weights_dtype = TORCH_DTYPES[options.get("weights_dtype") or options["precision"]]
+    config: dict[str, Any] = {
+        # ModelConfig
+        "model_name_or_path": spec.model.location,
+        "dtype": weights_dtype,
+        "attn_implementation": ATTENTION[options["attention"]],
+        # ScriptArguments / DatasetMixtureConfig
+        "dataset_train_split": settings.dataset_split,
+        # the stage's config (a transformers TrainingArguments)
+        "output_dir": spec.output_dir,
+        "per_device_train_batch_size": options["batch_size"],
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "logging_steps": settings.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": settings.save_steps or 500,
+        "seed": settings.seed,
+        "optim": TRL_OPTIMIZERS[options["optimizer"]],
+        "bf16": options["precision"] == "bf16",
+        "fp16": options["precision"] == "fp16",
+        checkpointing_key(): bool(options["gradient_checkpointing"]),
+        # TRL loads a model in fp32 unless told: the plan's weights dtype, said where TRL reads it
+        "model_init_kwargs": {"dtype": weights_dtype},
+        "report_to": "none",
+        "disable_tqdm": True,
+        **_length_settings(spec),
+    }
+    if settings.learning_rate is not None:
+        config["learning_rate"] = settings.learning_rate
+    if spec.dataset.kind == "hub":
+        config["dataset_name"] = spec.dataset.location
+    elif spec.dataset.kind == "file":
+        config["datasets"] = [{"path": spec.dataset.loader, "data_files": spec.dataset.location, "split": settings.dataset_split}]
+    else:
+        config["datasets"] = [{"path": spec.dataset.location, "split": settings.dataset_split}]
+    if spec.resources.device == "cpu":
+        config["use_cpu"] = True
+    if options["optimizer"] == "galore":
+        config["optim_target_modules"] = [r".*attn.*", r".*mlp.*"]
+        config["optim_args"] = f"rank={options['galore_rank']}"
+    if options["optimizer"] == "sgd" and options.get("sgd_momentum"):
+        config["optim_args"] = f"momentum={options['sgd_momentum']}"
+    if method in ("lora", "qlora", "dora"):
+        targets = options["lora_targets"]
+        config.update(
+            use_peft=True,
+            lora_r=options["lora_r"],
+            lora_alpha=int(options["lora_alpha"]) if options.get("lora_alpha") else 2 * options["lora_r"],
+            lora_dropout=options["lora_dropout"],
+            lora_target_modules=["all-linear"] if targets == "all-linear" else list(targets),
+            use_dora=method == "dora",
+        )
+        if stage == "reward":
+            config["lora_task_type"] = "SEQ_CLS"
+    quantization = options.get("quantization") or ("nf4" if method == "qlora" else "none")
+    if quantization in ("nf4", "fp4"):
+        config.update(load_in_4bit=True, bnb_4bit_quant_type=quantization, use_bnb_nested_quant=bool(options["double_quant"]))
+    elif quantization == "int8":
+        config["load_in_8bit"] = True
+    if stage in ("sft", "dpo", "kto", "reward", "orpo", "simpo"):
+        config["max_length"] = options["seq_len"]
+    if stage in ("dpo", "kto", "orpo", "simpo", "grpo", "rloo"):
+        beta = options.get("beta")
+        if beta is not None:
+            config["beta"] = beta
+    if stage in ("dpo", "kto"):
+        config["precompute_ref_log_probs"] = bool(options["precompute_ref_log_probs"])
+    if stage == "simpo":
+        # SimPO is CPO's simpo loss without the SFT term
+        config.update(loss_type="simpo", cpo_alpha=0.0)
+        config.setdefault("beta", 2.0)
+    if stage in ("grpo", "rloo"):
+        config.update(num_generations=options["num_generations"], max_completion_length=options["max_new_tokens"])
+        if options["use_vllm"]:
+            config.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=options["vllm_gpu_memory_utilization"])
+    return config
+
+
+def accelerate_config(spec: LaunchSpec) -> dict[str, Any] | None:
+    """accelerate's ClusterConfig keys for the plan's parallelism; None for one process."""
+    resources, options = spec.resources, spec.options
+    if resources.num_processes * resources.num_nodes <= 1:
+        return None
+    parallelism, offload = options["parallelism"], options["offload"]
+    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(options["precision"], "no")
+    config: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "machine_rank": 0,
+        "num_machines": resources.num_nodes,
+        "num_processes": resources.num_processes * resources.num_nodes,
+        "mixed_precision": mixed,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "main_training_function": "main",
+        "use_cpu": resources.device == "cpu",
+        "debug": False,
+    }
+    if resources.device == "cpu":
+        config["distributed_type"] = "MULTI_CPU"
+    elif parallelism == "ddp":
+        config["distributed_type"] = "MULTI_GPU"
+    elif parallelism in ("zero1", "zero2", "zero3"):
+        config["distributed_type"] = "DEEPSPEED"
+        config["deepspeed_config"] = {
+            "zero_stage": int(parallelism[-1]),
+            "offload_optimizer_device": "cpu" if offload in ("optimizer", "params") else "none",
+            "offload_param_device": "cpu" if offload == "params" and parallelism == "zero3" else "none",
+            "zero3_init_flag": parallelism == "zero3",
+            "gradient_accumulation_steps": spec.settings.gradient_accumulation_steps,
+        }
+    else:  # fsdp: FSDP2, full sharding
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_offload_params": offload != "none",
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_reshard_after_forward": True,
+            "fsdp_activation_checkpointing": bool(options["gradient_checkpointing"]),
+        }
+    return config
+
+
+def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
+    """Axolotl's documented keys (docs/config-reference)."""
+    options, settings = spec.options, spec.settings
+    rl = {"dpo": "dpo", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "grpo"}.get(spec.stage)
+    if spec.stage in ("reward", "rloo"):
+        raise ValueError(f"axolotl has no {spec.stage} stage in its documented keys; export trl instead")
+    config: dict[str, Any] = {
+        "base_model": spec.model.location,
+        "datasets": [{"path": spec.dataset.location, **({"ds_type": spec.dataset.loader} if spec.dataset.loader else {}), "split": settings.dataset_split}],
+        "output_dir": spec.output_dir,
+        "sequence_len": options["seq_len"],
+        "micro_batch_size": options["batch_size"],
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "gradient_checkpointing": bool(options["gradient_checkpointing"]),
+        "optimizer": {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}.get(options["optimizer"], TRL_OPTIMIZERS[options["optimizer"]]),
+        "bf16": options["precision"] == "bf16",
+        "fp16": options["precision"] == "fp16",
+        "seed": settings.seed,
+        "logging_steps": settings.logging_steps,
+        "flash_attention": options["attention"] == "flash",
+        "sdp_attention": options["attention"] == "sdpa",
+    }
+    if settings.max_steps is not None:
+        config["max_steps"] = settings.max_steps
+    else:
+        config["num_epochs"] = settings.epochs or 1.0
+    if settings.learning_rate is not None:
+        config["learning_rate"] = settings.learning_rate
+    if settings.save_steps is not None:
+        config["save_steps"] = settings.save_steps
+    if rl:
+        config["rl"] = rl
+        if options.get("beta") is not None:
+            config["rl_beta"] = options["beta"]
+    if spec.method in ("lora", "qlora", "dora"):
+        targets = options["lora_targets"]
+        config.update(adapter="qlora" if spec.method == "qlora" else "lora", lora_r=options["lora_r"],
+                      lora_alpha=int(options["lora_alpha"]) if options.get("lora_alpha") else 2 * options["lora_r"],
+                      lora_dropout=options["lora_dropout"])
+        if targets == "all-linear":
+            config["lora_target_linear"] = True
+        else:
+            config["lora_target_modules"] = list(targets)
+        if spec.method == "dora":
+            config["peft_use_dora"] = True
+        if spec.method == "qlora":
+            config["load_in_4bit"] = True
+    if spec.resources.num_processes > 1:
+        parallelism = options["parallelism"]
+        if parallelism.startswith("zero"):
+            config["deepspeed"] = f"deepspeed_configs/zero{parallelism[-1]}{'_offload' if options['offload'] != 'none' else ''}.json"
+        elif parallelism == "fsdp":
+            config["fsdp_version"] = 2
+            config["fsdp_config"] = {"offload_params": options["offload"] != "none", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                     "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
+    return config
+
+
+def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
+    """LLaMA-Factory's documented YAML keys (examples/train_lora/*.yaml)."""
+    options, settings = spec.options, spec.settings
+    stage = {"sft": "sft", "dpo": "dpo", "kto": "kto", "orpo": "dpo", "simpo": "dpo", "reward": "rm"}.get(spec.stage)
+    if stage is None:
+        raise ValueError(f"LLaMA-Factory has no {spec.stage} stage; export trl instead")
+    config: dict[str, Any] = {
+        "model_name_or_path": spec.model.location,
+        "stage": stage,
+        "do_train": True,
+        "finetuning_type": "full" if spec.method == "full" else "lora",
+        "dataset": spec.dataset.location,
+        "cutoff_len": options["seq_len"],
+        "output_dir": spec.output_dir,
+        "per_device_train_batch_size": options["batch_size"],
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "logging_steps": settings.logging_steps,
+        "save_steps": settings.save_steps or 500,
+        "bf16": options["precision"] == "bf16",
+        "fp16": options["precision"] == "fp16",
+        "seed": settings.seed,
+        "optim": TRL_OPTIMIZERS[options["optimizer"]],
+        "flash_attn": {"flash": "fa2", "sdpa": "sdpa", "eager": "disabled"}[options["attention"]],
+        "disable_gradient_checkpointing": not options["gradient_checkpointing"],
+        "report_to": "none",
+    }
+    if spec.stage in ("orpo", "simpo"):
+        config["pref_loss"] = spec.stage
+    if options.get("beta") is not None and spec.stage in ("dpo", "kto", "orpo", "simpo"):
+        config["pref_beta"] = options["beta"]
+    if settings.max_steps is not None:
+        config["max_steps"] = settings.max_steps
+    else:
+        config["num_train_epochs"] = settings.epochs or 1.0
+    if settings.learning_rate is not None:
+        config["learning_rate"] = settings.learning_rate
+    if spec.method in ("lora", "qlora", "dora"):
+        targets = options["lora_targets"]
+        config.update(lora_rank=options["lora_r"], lora_alpha=int(options["lora_alpha"]) if options.get("lora_alpha") else 2 * options["lora_r"],
+                      lora_dropout=options["lora_dropout"], lora_target="all" if targets == "all-linear" else ",".join(targets))
+        if spec.method == "dora":
+            config["use_dora"] = True
+        if spec.method == "qlora":
+            config["quantization_bit"] = 4
+            config["quantization_method"] = "bnb"
+            config["double_quantization"] = bool(options["double_quant"])
+    if spec.resources.num_processes > 1 and options["parallelism"].startswith("zero"):
+        offload = "_offload" if options["offload"] != "none" else ""
+        config["deepspeed"] = f"examples/deepspeed/ds_z{options['parallelism'][-1]}{offload}_config.json"
+    return config
+
+
+def render(spec: LaunchSpec, fmt: str) -> str:
+    """The YAML text of one export format."""
+    if fmt == "trl":
+        data = trl_config(spec)
+    elif fmt == "accelerate":
+        data = accelerate_config(spec)
+        if data is None:
+            raise ValueError("one process needs no accelerate config: the plan is for a single GPU (set num_gpus above 1)")
+    elif fmt == "axolotl":
+        data = axolotl_config(spec)
+    elif fmt == "llamafactory":
+        data = llamafactory_config(spec)
+    else:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    header = (
+        f"# vramplan {fmt} export: {spec.plan['model']['name']}, {spec.method} {spec.stage}, "
+        f"predicted peak {spec.predicted_peak_bytes / (1 << 30):.2f} GiB per GPU (calibration {spec.plan.get('calibration')})\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False)

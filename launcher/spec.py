@@ -1,0 +1,218 @@
+"""LaunchSpec: everything a run needs, made from a plan plus the run's own settings. Pure data.
+
+The plan decides the model, method, stage, precision, batch, sequence length, checkpointing, GPUs
+and parallelism; RunSettings add what a plan does not know (dataset, output, steps, learning rate).
+The spec is written as spec.json into the run directory and is the only input of the trainer
+entry, so what was planned, what was rendered and what ran cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+from planner.errors import PlanInputError
+
+SPEC_VERSION = 1
+# Stages the trainer entry runs. PPO is planned but not launched: TRL removed its PPO trainer.
+LAUNCHABLE_STAGES = ("sft", "dpo", "kto", "orpo", "simpo", "reward", "rloo", "grpo")
+# Methods TRL's ModelConfig expresses (use_peft, use_dora, load_in_4bit/8bit); the others are planned only.
+LAUNCHABLE_METHODS = ("full", "lora", "qlora", "dora")
+DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+# Reward functions a GRPO/RLOO run may name: TRL's own, by name. A run never imports code it was given.
+BUILTIN_REWARDS = ("accuracy_reward", "think_format_reward", "reasoning_accuracy_reward", "completion_length")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+# Variables a run may receive from the launching environment; everything else is dropped, so a
+# token in the server's environment reaches a run only when it is on this list.
+ENV_ALLOWLIST = (
+    "PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "XDG_CACHE_HOME", "CUDA_HOME",
+    "LD_LIBRARY_PATH", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "VIRTUAL_ENV", "PYTHONPATH",
+)
+SECRET_ENV = ("HF_TOKEN",)
+
+
+class RunSettings(BaseModel):
+    """What a run needs beyond the plan. Bounded, so a request can never name a command."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    dataset: str = Field(min_length=1, max_length=4096, description="a local JSONL/JSON/Parquet/CSV file or directory, or a hub dataset id")
+    dataset_split: str = Field(default="train", max_length=64, pattern=r"^[A-Za-z0-9_.\-\[\]:%]+$")
+    output_dir: str | None = Field(default=None, max_length=4096, description="default: the run directory's output/")
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    epochs: float | None = Field(default=None, gt=0, le=10_000)
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=65536)
+    save_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    logging_steps: int = Field(default=1, ge=1, le=1_000_000)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    reward_funcs: list[Literal[BUILTIN_REWARDS]] = Field(default_factory=list, max_length=8)  # type: ignore[valid-type]
+    reward_model: str | None = Field(default=None, max_length=4096)
+    step_sleep_s: float = Field(default=0.0, ge=0, le=60, description="pause after each step (tests and demos: makes a tiny run long enough to watch)")
+
+    @field_validator("reward_funcs", mode="before")
+    @classmethod
+    def _split_rewards(cls, value):
+        if isinstance(value, str):  # a CLI flag: comma-separated names
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give max_steps or epochs, not both")
+        return self
+
+
+class DatasetRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["file", "directory", "hub"]
+    location: str  # an absolute path, or a hub id
+    loader: str | None = None  # datasets' builder for a file: json, parquet, csv, arrow
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["directory", "hub"]
+    location: str
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_processes: int = Field(ge=1, le=4096)
+    num_nodes: int = Field(default=1, ge=1, le=1024)
+    device: Literal["cuda", "cpu"] = "cuda"
+    gpus: tuple[str, ...] = ()  # NVML UUIDs chosen at admission (local); empty: the backend decides
+
+
+class LaunchSpec(BaseModel):
+    """One run, fully decided. Serialised as the run directory's spec.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec_version: int = SPEC_VERSION
+    run_id: str
+    stage: str
+    method: str
+    model: ModelRef
+    dataset: DatasetRef
+    settings: RunSettings
+    options: dict[str, Any]  # the plan's TrainingOptions, as JSON
+    plan: dict[str, Any]  # Plan.to_dict() at launch: the prediction travels with the run
+    plan_hash: str
+    predicted_peak_bytes: int  # per GPU, the plan's central figure
+    predicted_high_bytes: int  # per GPU, the band's high end: what admission holds free memory to
+    resources: Resources
+    allocator: Literal["default", "expandable_segments"]
+    output_dir: str
+    resume_from: str | None = None  # a checkpoint directory inside output_dir
+    attempt: int = 1
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{32}", value):
+            raise ValueError("a run id is 32 hex digits")
+        return value
+
+    def alloc_conf(self) -> str | None:
+        """PYTORCH_CUDA_ALLOC_CONF as the plan assumed it."""
+        return "expandable_segments:True" if self.allocator == "expandable_segments" else None
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def options_hash(options: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def resolve_dataset(dataset: str) -> DatasetRef:
+    path = Path(dataset).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_dir():
+            return DatasetRef(kind="directory", location=str(path))
+        loader = DATASET_SUFFIXES.get(path.suffix.lower())
+        if loader is None:
+            raise PlanInputError("dataset", f"{path.name}: a dataset file ends in {', '.join(DATASET_SUFFIXES)}")
+        return DatasetRef(kind="file", location=str(path), loader=loader)
+    if dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in DATASET_SUFFIXES:
+        raise PlanInputError("dataset", f"{dataset}: no such file or directory")
+    if not HUB_ID.fullmatch(dataset):
+        raise PlanInputError("dataset", f"{dataset!r} is neither an existing path nor a hub dataset id (owner/name)")
+    return DatasetRef(kind="hub", location=dataset)
+
+
+def resolve_model_ref(model: str, spec_name: str) -> ModelRef:
+    """Where the run loads weights from. A plan can come from a bare config.json; a run cannot."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise PlanInputError("model", f"{model} is a config file: a run needs the model's weights, so give its directory or hub id")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise PlanInputError("model", f"{model} holds no weights (*.safetensors or *.bin): a run needs them")
+        return ModelRef(kind="directory", location=str(path.resolve()))
+    hub_id = spec_name if HUB_ID.fullmatch(spec_name or "") and "/" in (spec_name or "") else model
+    if not HUB_ID.fullmatch(hub_id):
+        raise PlanInputError("model", f"{model!r} is neither a model directory nor a hub id")
+    return ModelRef(kind="hub", location=hub_id)
+
+
+def check_launchable(options: dict[str, Any], settings: RunSettings) -> None:
+    stage, method = options["stage"], options["method"]
+    if stage == "ppo":
+        raise PlanInputError("stage", "ppo cannot be launched: TRL 1.16 has no PPO trainer (it was removed); use grpo or rloo, or run OpenRLHF/veRL with the exported plan")
+    if stage not in LAUNCHABLE_STAGES:
+        raise PlanInputError("stage", f"{stage} cannot be launched")
+    if method not in LAUNCHABLE_METHODS:
+        raise PlanInputError("method", f"{method} is planned but not launched (TRL's model options express {', '.join(LAUNCHABLE_METHODS)}); export the plan and run it with PEFT directly")
+    if options.get("trainer") == "hf":
+        raise PlanInputError("trainer", "launched runs use TRL's trainers; plan with trainer trl")
+    if stage in ("grpo", "rloo") and not settings.reward_funcs and not settings.reward_model:
+        raise PlanInputError("reward_funcs", f"{stage} needs a reward: name a built-in ({', '.join(BUILTIN_REWARDS)}) or a reward model")
+    if stage not in ("grpo", "rloo") and (settings.reward_funcs or settings.reward_model):
+        raise PlanInputError("reward_funcs", f"{stage} takes no reward functions")
+
+
+def launch_spec(plan, model: str, settings: RunSettings, *, run_id: str | None = None, runs_root: Path | None = None,
+                device: Literal["cuda", "cpu"] = "cuda", gpus: tuple[str, ...] = (), resume_from: str | None = None, attempt: int = 1) -> LaunchSpec:
+    """The spec for one run of `plan` (a planner.plan.Plan)."""
+    plan_dict = plan.to_dict()
+    options = plan_dict["options"]
+    check_launchable(options, settings)
+    run_id = run_id or new_run_id()
+    if settings.output_dir is not None:
+        output_dir = str(Path(settings.output_dir).expanduser().resolve())
+    elif runs_root is not None:
+        output_dir = str((runs_root / run_id / "output").resolve())
+    else:
+        raise PlanInputError("output_dir", "give an output directory")
+    num_processes = plan.gpu.count if device == "cuda" else max(1, len(gpus) or plan.gpu.count)
+    return LaunchSpec(
+        run_id=run_id,
+        stage=options["stage"],
+        method=options["method"],
+        model=resolve_model_ref(model, plan.model_name),
+        dataset=resolve_dataset(settings.dataset),
+        settings=settings,
+        options=options,
+        plan=plan_dict,
+        plan_hash=options_hash(options),
+        predicted_peak_bytes=plan.peak_bytes,
+        predicted_high_bytes=getattr(plan, "peak_high_bytes", plan.peak_bytes),
+        resources=Resources(num_processes=num_processes, device=device, gpus=gpus),
+        allocator=options.get("allocator", "default"),
+        output_dir=output_dir,
+        resume_from=resume_from,
+        attempt=attempt,
+    )

@@ -1,0 +1,229 @@
+"""The run store: SQLite in WAL mode, the source of truth for every run.
+
+Every transition is written (and committed, synchronous=FULL) before its side effect, so a crash
+between the two leaves a row that says what was about to happen, never a process nobody knows of.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from launcher.backend import TERMINAL, TRANSITIONS, RunState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+  id TEXT PRIMARY KEY,
+  idempotency_key TEXT UNIQUE,
+  attempt INTEGER NOT NULL DEFAULT 1,
+  resumed_from_run_id TEXT REFERENCES runs(id),
+  resume_checkpoint TEXT,
+  backend TEXT NOT NULL,
+  backend_options_json TEXT NOT NULL,
+  handle_json TEXT,
+  state TEXT NOT NULL CHECK (state IN ('queued','starting','running','cancelling','succeeded','failed','cancelled','lost')),
+  reason TEXT, message TEXT, exit_code INTEGER,
+  model TEXT NOT NULL, stage TEXT NOT NULL, method TEXT NOT NULL,
+  spec_json TEXT NOT NULL, plan_hash TEXT NOT NULL,
+  predicted_peak_bytes INTEGER NOT NULL, predicted_high_bytes INTEGER NOT NULL,
+  num_gpus INTEGER NOT NULL, gpu_uuids TEXT,
+  run_dir TEXT NOT NULL, output_dir TEXT NOT NULL,
+  created_at REAL NOT NULL, started_at REAL, finished_at REAL, cancel_requested_at REAL,
+  events_offset INTEGER NOT NULL DEFAULT 0, stopped_at_step INTEGER,
+  last_step INTEGER, total_steps INTEGER, final_loss REAL,
+  measured_peak_bytes INTEGER, measured_allocated_bytes INTEGER, measured_load_peak_bytes INTEGER,
+  measured_cuda_context_bytes INTEGER, alloc_retries INTEGER, error_pct REAL,
+  gpu_name TEXT, driver TEXT, versions_json TEXT
+);
+CREATE TABLE IF NOT EXISTS run_metrics (
+  run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+  step INTEGER NOT NULL, rank INTEGER NOT NULL, t REAL,
+  loss REAL, learning_rate REAL, grad_norm REAL, num_tokens REAL,
+  max_reserved INTEGER, max_allocated INTEGER, nvml_process_used INTEGER, extra_json TEXT,
+  PRIMARY KEY (run_id, step, rank)
+);
+CREATE TABLE IF NOT EXISTS run_transitions (
+  run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+  at REAL NOT NULL, from_state TEXT, to_state TEXT NOT NULL, reason TEXT, message TEXT
+);
+"""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    idempotency_key: str | None
+    attempt: int
+    resumed_from_run_id: str | None
+    resume_checkpoint: str | None
+    backend: str
+    backend_options_json: str
+    handle_json: str | None
+    state: str
+    reason: str | None
+    message: str | None
+    exit_code: int | None
+    model: str
+    stage: str
+    method: str
+    spec_json: str
+    plan_hash: str
+    predicted_peak_bytes: int
+    predicted_high_bytes: int
+    num_gpus: int
+    gpu_uuids: str | None
+    run_dir: str
+    output_dir: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    cancel_requested_at: float | None
+    events_offset: int
+    stopped_at_step: int | None
+    last_step: int | None
+    total_steps: int | None
+    final_loss: float | None
+    measured_peak_bytes: int | None
+    measured_allocated_bytes: int | None
+    measured_load_peak_bytes: int | None
+    measured_cuda_context_bytes: int | None
+    alloc_retries: int | None
+    error_pct: float | None
+    gpu_name: str | None
+    driver: str | None
+    versions_json: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return RunState(self.state) in TERMINAL
+
+    @property
+    def spec(self) -> dict:
+        return json.loads(self.spec_json)
+
+    def to_dict(self) -> dict:
+        """The run as the CLI's --json and the API show it: no spec text, decoded JSON columns."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("spec_json", "backend_options_json", "handle_json", "versions_json", "gpu_uuids", "events_offset")}
+        out["backend_options"] = json.loads(self.backend_options_json)
+        out["gpu_uuids"] = json.loads(self.gpu_uuids) if self.gpu_uuids else []
+        out["versions"] = json.loads(self.versions_json) if self.versions_json else None
+        out["duration_s"] = (self.finished_at or time.time()) - self.started_at if self.started_at else None
+        return out
+
+
+COLUMNS = tuple(f.name for f in fields(RunRecord))
+
+
+class TransitionError(ValueError):
+    pass
+
+
+class RunStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()  # one writer per process; SQLite's lock orders processes
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        os.chmod(path, 0o600)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- reading ---------------------------------------------------------------------------
+    def get(self, run_id: str) -> RunRecord | None:
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return RunRecord(**dict(row)) if row else None
+
+    def find(self, prefix: str) -> RunRecord | None:
+        """A run by its id or an unambiguous prefix of it (as `git` takes commits)."""
+        rows = self._db.execute("SELECT * FROM runs WHERE id LIKE ? LIMIT 2", (prefix.replace("%", "").replace("_", "") + "%",)).fetchall()
+        return RunRecord(**dict(rows[0])) if len(rows) == 1 else None
+
+    def by_idempotency_key(self, key: str) -> RunRecord | None:
+        row = self._db.execute("SELECT * FROM runs WHERE idempotency_key = ?", (key,)).fetchone()
+        return RunRecord(**dict(row)) if row else None
+
+    def list(self, states: tuple[str, ...] | None = None) -> list[RunRecord]:
+        if states:
+            rows = self._db.execute(f"SELECT * FROM runs WHERE state IN ({','.join('?' * len(states))}) ORDER BY created_at", states).fetchall()
+        else:
+            rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC").fetchall()
+        return [RunRecord(**dict(r)) for r in rows]
+
+    def metrics(self, run_id: str, after_step: int = -1) -> list[dict]:
+        rows = self._db.execute("SELECT * FROM run_metrics WHERE run_id = ? AND step > ? ORDER BY step, rank", (run_id, after_step)).fetchall()
+        return [dict(r) for r in rows]
+
+    def transitions(self, run_id: str) -> list[dict]:
+        rows = self._db.execute("SELECT at, from_state, to_state, reason, message FROM run_transitions WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    # -- writing ---------------------------------------------------------------------------
+    def create(self, values: dict[str, Any]) -> RunRecord:
+        values = {"created_at": time.time(), **values}
+        unknown = set(values) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown run columns: {sorted(unknown)}")
+        names = ", ".join(values)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(f"INSERT INTO runs ({names}) VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+                self._db.execute("INSERT INTO run_transitions VALUES (?, ?, NULL, ?, NULL, NULL)", (values["id"], values["created_at"], values["state"]))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get(values["id"])
+
+    def update(self, run_id: str, **values: Any) -> None:
+        if not values:
+            return
+        if "state" in values:
+            raise ValueError("state changes go through transition()")
+        with self._lock:
+            self._db.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?", (*values.values(), run_id))
+
+    def transition(self, run_id: str, to_state: RunState, reason: str | None = None, message: str | None = None, **values: Any) -> RunRecord:
+        """Move a run to `to_state`, with the reason, in one transaction; refuses a move the state machine forbids."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is None:
+                    raise TransitionError(f"no run {run_id}")
+                current = RunState(row["state"])
+                if to_state != current and to_state not in TRANSITIONS.get(current, frozenset()):
+                    raise TransitionError(f"run {run_id[:8]} is {current}; it cannot become {to_state}")
+                now = time.time()
+                sets = {"state": str(to_state), "reason": reason, "message": message, **values}
+                if to_state in TERMINAL:
+                    sets.setdefault("finished_at", now)
+                self._db.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?", (*sets.values(), run_id))
+                if to_state != current:
+                    self._db.execute("INSERT INTO run_transitions VALUES (?, ?, ?, ?, ?, ?)", (run_id, now, str(current), str(to_state), reason, message))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get(run_id)
+
+    def add_metrics(self, run_id: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO run_metrics VALUES (:run_id, :step, :rank, :t, :loss, :learning_rate, :grad_norm, :num_tokens, :max_reserved, :max_allocated, :nvml_process_used, :extra_json)",
+                [{"run_id": run_id, **r} for r in rows],
+            )
