@@ -27,7 +27,7 @@ async def plan(request: PlanRequest) -> JSONResponse:
     return JSONResponse(result.to_dict())
 
 
-@router.post("/check", summary="Does it fit? 200 either way, with `fits` and `peak_bytes`", response_model=CheckResponse, responses=ERROR_RESPONSES)
+@router.post("/check", summary="Does it fit? 200 either way, with `verdict` (fits, tight, does not fit), `fits` and the band around `peak_bytes`", response_model=CheckResponse, responses=ERROR_RESPONSES)
 async def check(request: PlanRequest) -> JSONResponse:
     result = await with_spec(request, build_plan, request.options(), inline_if_quick=True)
     return JSONResponse(result.check_dict())

@@ -63,14 +63,15 @@ def _pct(size: float, scale_max: int) -> float:
 
 
 def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = None) -> str:
-    """One horizontal bar: components by family, the GPU's usable memory as a marked line.
-    Bars drawn side by side pass one `scale_bytes`, so their lengths compare.
+    """One horizontal bar: components by family, the GPU's usable memory as a marked line, and
+    the plan's band (low to high end) as a bracket above the bar. Bars drawn side by side pass
+    one `scale_bytes`, so their lengths compare.
 
     Positions are percentages of the SVG's width and there is no viewBox: the bar stretches to
     any width while the text stays 12 px, readable on a phone as on a desktop (a scaled viewBox
     shrank it to 5 px at 390 px)."""
     parts = family_totals(plan)
-    scale_max = max(plan.peak_bytes, plan.gpu.memory_bytes, scale_bytes or 0) or 1
+    scale_max = max(plan.peak_high_bytes, plan.gpu.memory_bytes, scale_bytes or 0) or 1
     bar_y, bar_h = 22, 28
     legend_rows = 0 if compact else (len(parts) + 1) // 2
     height = bar_y + bar_h + 22 + legend_rows * 18
@@ -87,7 +88,15 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
         x += w
     usable_x = _pct(plan.usable_bytes, scale_max)
     total_x = _pct(plan.gpu.memory_bytes, scale_max)
-    verdict = "fits" if plan.fits else "does not fit"
+    verdict = plan.verdict
+    low_x, high_x = _pct(plan.peak_low_bytes, scale_max), min(_pct(plan.peak_high_bytes, scale_max), 99.8)
+    band = f"band {plan.peak_low_bytes / GIB:.2f} to {plan.peak_high_bytes / GIB:.2f} GiB"
+    shapes.append(
+        f'<g stroke="#000" stroke-width="1.5"><title>{band}</title>'
+        f'<line x1="{low_x:.2f}%" y1="{bar_y - 3}" x2="{high_x:.2f}%" y2="{bar_y - 3}"/>'
+        f'<line x1="{low_x:.2f}%" y1="{bar_y - 6}" x2="{low_x:.2f}%" y2="{bar_y}"/>'
+        f'<line x1="{high_x:.2f}%" y1="{bar_y - 6}" x2="{high_x:.2f}%" y2="{bar_y}"/></g>'
+    )
     shapes.append(f'<line x1="{usable_x:.2f}%" y1="{bar_y - 6}" x2="{usable_x:.2f}%" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="2" stroke-dasharray="4 2"/>')
     shapes.append(f'<line x1="{min(total_x, 99.8):.2f}%" y1="{bar_y - 6}" x2="{min(total_x, 99.8):.2f}%" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="1"/>')
     # the label sits on the side of the line with room for it (about 170 px of text)
@@ -96,7 +105,7 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
         f'<text x="{usable_x:.2f}%" y="{bar_y - 9}" font-size="12" text-anchor="{anchor}">'
         f"usable {plan.usable_bytes / GIB:.1f} GiB of {plan.gpu.memory_bytes / GIB:.1f} GiB</text>"
     )
-    shapes.append(f'<text x="0" y="{bar_y + bar_h + 17}" font-size="12">peak {plan.peak_bytes / GIB:.2f} GiB per GPU: {verdict}</text>')
+    shapes.append(f'<text x="0" y="{bar_y + bar_h + 17}" font-size="12">peak {plan.peak_bytes / GIB:.2f} GiB per GPU ({band}): {verdict}</text>')
     if not compact:
         for index, (family, size) in enumerate(parts):
             column = "0%" if index % 2 == 0 else "50%"
@@ -104,7 +113,7 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
             shapes.append(f'<rect x="{column}" y="{ly}" width="14" height="12" fill="{_fill(family, prefix)}" stroke="#333"/>')
             # 20 px past the swatch, whatever the width
             shapes.append(f'<text x="{column}" dx="20" y="{ly + 10}" font-size="12">{escape(family.replace("_", " "))}: {size / GIB:.2f} GiB</text>')
-    title = f"Memory per GPU: {plan.peak_bytes / GIB:.2f} GiB predicted, {plan.usable_bytes / GIB:.2f} GiB usable ({verdict})"
+    title = f"Memory per GPU: {plan.peak_bytes / GIB:.2f} GiB predicted ({band}), {plan.usable_bytes / GIB:.2f} GiB usable ({verdict})"
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="100%" height="{height}" role="img" aria-label="{escape(title)}">'
         f"<title>{escape(title)}</title><defs>{''.join(defs)}</defs>{''.join(shapes)}</svg>"
@@ -123,6 +132,12 @@ def swatch_uri(family: str) -> str:
         f'<rect x=".5" y=".5" width="13" height="11" fill="{_fill(family, "p")}" stroke="#333"/></svg>'
     )
     return _data_uri(svg)
+
+
+def band_swatch_uri() -> str:
+    """The band's bracket, as the bars draw it."""
+    return _data_uri('<svg xmlns="http://www.w3.org/2000/svg" width="14" height="12"><g stroke="#000" stroke-width="1.5">'
+                     '<line x1="1" y1="6" x2="13" y2="6"/><line x1="1" y1="3" x2="1" y2="9"/><line x1="13" y1="3" x2="13" y2="9"/></g></svg>')
 
 
 def line_swatch_uri(dashed: bool) -> str:

@@ -119,7 +119,11 @@ def cmd_plan(args) -> int:
     if args.json:
         _write_json(data)
         return 0
-    _write(f"{data['model']['name']} on {data['gpu']['name']}: peak {data['peak_bytes'] / GIB:.2f} GiB")
+    _write(
+        f"{data['model']['name']} on {data['gpu']['name']}: peak {data['peak_bytes'] / GIB:.2f} GiB "
+        f"(band {data['peak_low_bytes'] / GIB:.2f}-{data['peak_high_bytes'] / GIB:.2f}), {data['verdict']} "
+        f"in {data['usable_bytes'] / GIB:.2f} GiB usable"
+    )
     for c in data["components"]:
         _write(f"  {c['name']:<32} {c['bytes'] / GIB:>9.3f} GiB  {c['note']}")
     for a in data["assumptions"]:
@@ -128,15 +132,24 @@ def cmd_plan(args) -> int:
 
 
 def cmd_check(args) -> int:
+    """One line: the verdict, the central peak with its band, the usable memory.
+
+    The verdict uses the band's high end (planner/plan.py): "fits" only when even the high end is
+    within the usable memory, "tight" when the usable memory falls inside the band, "does not fit"
+    when it is below the low end. Exit 0 only for "fits"; "tight" exits 1 like "does not fit":
+    the contract's 0 means it fits, and a tight plan may run out of memory. `--json` prints
+    Plan.check_dict(), whose "verdict" tells tight from does not fit.
+    """
     _, _, plan = _plan(args)
     if args.json:
         _write_json(plan.check_dict())
     else:
-        verdict = "fits" if plan.fits else "does not fit"
+        why = {"fits": "", "tight": ": inside the band, it may run out of memory", "does not fit": ""}[plan.verdict]
         _write(
-            f"{verdict}: {plan.model_name} needs {plan.peak_bytes / GIB:.2f} GiB per GPU; "
+            f"{plan.verdict}: {plan.model_name} needs {plan.peak_bytes / GIB:.2f} GiB per GPU "
+            f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}); "
             f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.name} "
-            f"({plan.options.headroom:.0%} headroom kept)"
+            f"({plan.options.headroom:.0%} headroom kept){why}"
         )
     return 0 if plan.fits else 1
 
@@ -154,7 +167,9 @@ def cmd_advise(args) -> int:
         return 0
     head = f"{advice.approach}"
     if advice.plan is not None:
-        head += f": {advice.method} {advice.stage} on {advice.plan.gpu.count} x {advice.plan.gpu.name}, peak {advice.plan.peak_bytes / GIB:.2f} GiB of {advice.plan.usable_bytes / GIB:.2f} GiB usable"
+        plan = advice.plan
+        head += (f": {advice.method} {advice.stage} on {plan.gpu.count} x {plan.gpu.name}, peak {plan.peak_bytes / GIB:.2f} GiB "
+                 f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}) of {plan.usable_bytes / GIB:.2f} GiB usable: {plan.verdict}")
     _write(head)
     _write("settings: " + ", ".join(f"{k}={v}" for k, v in advice.settings.items()))
     if advice.time_cost is not None and advice.time_cost.hours is not None:
@@ -163,8 +178,8 @@ def cmd_advise(args) -> int:
     for reason in advice.reasons:
         _write(f"  - {reason}")
     for alt in advice.alternatives:
-        fit = "fits" if alt.plan.fits else f"does not fit (needs {alt.gpus_needed} GPUs)" if alt.gpus_needed else "does not fit"
-        _write(f"  alternative {alt.label}: {alt.plan.peak_bytes / GIB:.2f} GiB, {fit}; {alt.why}")
+        fit = alt.plan.verdict + (f" (needs {alt.gpus_needed} GPUs)" if not alt.plan.fits and alt.gpus_needed else "")
+        _write(f"  alternative {alt.label}: {alt.plan.peak_bytes / GIB:.2f} GiB (up to {alt.plan.peak_high_bytes / GIB:.2f}), {fit}; {alt.why}")
     for other in advice.other_approaches:
         _write(f"  also: {other}")
     return 0
@@ -179,16 +194,18 @@ def cmd_fit(args) -> int:
     if args.json:
         _write_json(report)
         return 0
-    verdict = "fits" if report["fits"] else "does not fit"
-    _write(f"{report['model']} on {report['gpu']['name']}: {verdict} ({report['peak_bytes'] / GIB:.2f} of {report['usable_bytes'] / GIB:.2f} GiB usable)")
+    _write(f"{report['model']} on {report['gpu']['name']}: {report['verdict']} ({report['peak_bytes'] / GIB:.2f} GiB, band "
+           f"{report['peak_low_bytes'] / GIB:.2f}-{report['peak_high_bytes'] / GIB:.2f}, of {report['usable_bytes'] / GIB:.2f} GiB usable)")
+    _write("  every search below answers with a plan whose band's high end fits")
     for key in ("largest_batch", "longest_sequence", "fewest_gpus"):
         _write(f"  {key.replace('_', ' ')}: {report[key]['note']}")
     cheapest = report["cheapest_gpu"]
     if cheapest is not None:
-        _write(f"  cheapest GPU: {cheapest['count']} x {cheapest['gpu']} at ${cheapest['price_per_hour_usd']:.2f}/h ({cheapest['peak_bytes'] / GIB:.2f} GiB per GPU)")
+        _write(f"  cheapest GPU: {cheapest['count']} x {cheapest['gpu']} at ${cheapest['price_per_hour_usd']:.2f}/h "
+               f"({cheapest['peak_bytes'] / GIB:.2f} GiB per GPU, up to {cheapest['peak_high_bytes'] / GIB:.2f})")
     smallest = report["fixes"]["smallest"]
     if smallest is not None:
-        _write(f"  smallest fix: {smallest['description']} -> {smallest['peak_bytes'] / GIB:.2f} GiB")
+        _write(f"  smallest fix: {smallest['description']} -> {smallest['peak_bytes'] / GIB:.2f} GiB (up to {smallest['peak_high_bytes'] / GIB:.2f})")
     return 0
 
 

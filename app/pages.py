@@ -22,7 +22,7 @@ from markupsafe import Markup, escape
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from app.charts import family_totals, line_swatch_uri, memory_bar_svg, swatch_uri
+from app.charts import band_swatch_uri, family_totals, line_swatch_uri, memory_bar_svg, swatch_uri
 from app.service import MAX_CONFIG_TEXT, AdviseRequest, resolve_web_model
 from gpu_catalog.catalog import all_gpus, find_gpu, lookup_gpu
 from gpu_catalog.detect import detect
@@ -293,7 +293,7 @@ def _compare_rows(parsed: AdviseRequest) -> list[dict]:
             plans[method] = build_plan(spec, options.model_copy(update={"method": method, "quantization": None}))
         except PlanInputError as exc:
             plans[method] = exc
-    scale = max((p.peak_bytes for p in plans.values() if not isinstance(p, PlanInputError)), default=0)
+    scale = max((p.peak_high_bytes for p in plans.values() if not isinstance(p, PlanInputError)), default=0)
     rows = []
     for method, plan in plans.items():
         if isinstance(plan, PlanInputError):
@@ -312,7 +312,8 @@ def _compare_legend(rows: list[dict]) -> list[dict]:
     families = list(dict.fromkeys(f for row in rows for f in row.get("families", ())))
     items = [{"label": f.replace("_", " "), "swatch": swatch_uri(f)} for f in families]
     if families:
-        items += [{"label": "dashed line: usable memory", "swatch": line_swatch_uri(dashed=True)},
+        items += [{"label": "bracket: the band, low to high end (the verdict uses the high end)", "swatch": band_swatch_uri()},
+                  {"label": "dashed line: usable memory", "swatch": line_swatch_uri(dashed=True)},
                   {"label": "thin line: the GPU's total memory", "swatch": line_swatch_uri(dashed=False)}]
     return items
 
@@ -350,7 +351,7 @@ def matrix(request: Request):
             for gpu in gpus:
                 try:
                     plan = build_plan(spec, options.model_copy(update={"gpu": gpu["name"], "gpu_memory_gib": None}))
-                    cells.append({"fits": plan.fits, "peak": plan.peak_bytes, "usable": plan.usable_bytes})
+                    cells.append({"fits": plan.fits, "verdict": plan.verdict, "peak": plan.peak_bytes, "high": plan.peak_high_bytes, "usable": plan.usable_bytes})
                 except PlanInputError as exc:
                     cells.append({"error": exc.reason})
             table.append({"model": model_id, "cells": cells})

@@ -7,7 +7,7 @@ never reshape a number.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -29,16 +29,24 @@ class GpuOut(BaseModel):
     count: int
 
 
+Verdict = Literal["fits", "tight", "does not fit"]
+VERDICT_HELP = ("fits: the band's high end is within the usable memory; tight: the usable memory falls inside the band; "
+                "does not fit: it is below the band's low end")
+
+
 class PlanResponse(BaseModel):
     model: ModelOut
     gpu: GpuOut
     peak_bytes: int = Field(description="predicted peak per GPU; the components sum to it")
     peak_gib: float
+    peak_low_bytes: int = Field(description="the band's low end: the central peak less the calibration's largest over-prediction")
+    peak_high_bytes: int = Field(description="the band's high end: the central peak plus the calibration's largest under-prediction; the verdict uses it")
     peak_phase: str
     phase_totals: dict[str, int]
     usable_bytes: int
     headroom_bytes: int
-    fits: bool
+    fits: bool = Field(description="true only when the verdict is fits: the band's high end is within the usable memory")
+    verdict: Verdict = Field(description=VERDICT_HELP)
     precision_mode: str
     components: list[ComponentOut] = Field(description="the peak phase's components")
     all_components: list[ComponentOut]
@@ -49,8 +57,11 @@ class PlanResponse(BaseModel):
 
 
 class CheckResponse(BaseModel):
-    fits: bool
-    peak_bytes: int
+    fits: bool = Field(description="true only when the verdict is fits")
+    verdict: Verdict = Field(description=VERDICT_HELP)
+    peak_bytes: int = Field(description="the central figure")
+    peak_low_bytes: int
+    peak_high_bytes: int
     usable_bytes: int
     headroom_bytes: int
     gpu: GpuOut

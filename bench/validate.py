@@ -34,6 +34,12 @@ README_START = "<!-- accuracy-table:start -->"
 README_END = "<!-- accuracy-table:end -->"
 
 
+def _band(plan, measured_gib: float) -> dict:
+    """The plan's band (GiB) and whether a measured process peak fell inside it."""
+    low, high = plan.peak_low_bytes / GIB, plan.peak_high_bytes / GIB
+    return {"band": [round(low, 2), round(high, 2)], "inside": low <= measured_gib <= high}
+
+
 def _row(config: str, quantity: str, predicted, measured) -> dict:
     return {"config": config, "quantity": quantity, "predicted": predicted, "measured": measured, "error": round((predicted - measured) / measured, 4)}
 
@@ -94,20 +100,30 @@ def calibration_rows() -> list[dict]:
             rows.append({"config": config, "quantity": "peak allocated (GiB)", "predicted": round(allocated, 2),
                          "measured": row["peak"], "error": round((allocated - row["peak"]) / row["peak"], 4), "source": data["source"]})
             rows.append({"config": config, "quantity": "NVML used (GiB)", "predicted": round(total, 2),
-                         "measured": row["nvml"], "error": round((total - row["nvml"]) / row["nvml"], 4), "source": data["source"]})
+                         "measured": row["nvml"], "error": round((total - row["nvml"]) / row["nvml"], 4), "source": data["source"],
+                         **_band(plan, row["nvml"]), "band_note": "in-sample: these runs are among the calibration's 22"})
     return rows
 
 
 def process_peak_rows() -> list[dict]:
     """The 22 H100 runs of the runtime calibration: the plan's peak against the process peak
-    (max_memory_reserved + memory outside the allocator), each from a fit that left it out."""
+    (max_memory_reserved + memory outside the allocator), each from a fit that left it out, and
+    whether it fell inside a band made without it (bench/calibrate.py's band check)."""
     newest = sorted(RESULTS.glob("calibration-20*.json"))
     if not newest:
         return []
     data = json.loads(newest[-1].read_text())
     source = f"{newest[-1].relative_to(ROOT)} (bench/calibrate.py, leave-one-out)"
-    return [{"config": f"H100 run {run['name']}", "quantity": "process peak, fit left it out (GiB)", "predicted": run["after_gib"],
-             "measured": run["measured_process_gib"], "error": run["after_error_left_out"], "source": source} for run in data["per_run"]]
+    bands = {run["name"]: run for run in data.get("band_per_run", [])}
+    rows = []
+    for run in data["per_run"]:
+        row = {"config": f"H100 run {run['name']}", "quantity": "process peak, fit left it out (GiB)", "predicted": run["after_gib"],
+               "measured": run["measured_process_gib"], "error": run["after_error_left_out"], "source": source}
+        if run["name"] in bands:
+            band = bands[run["name"]]
+            row |= {"band": [band["low_gib"], band["high_gib"]], "inside": band["inside"], "band_note": "band made without this run"}
+        rows.append(row)
+    return rows
 
 
 def gpu_rows() -> list[dict]:
@@ -151,6 +167,8 @@ def gpu_rows() -> list[dict]:
                     torch.cuda.synchronize()
                     allocated = torch.cuda.max_memory_allocated() / GIB
                     used = nvml_used()
+                    # the process peak: the allocator's peak reservation plus what NVML sees outside it
+                    process = (torch.cuda.max_memory_reserved() + (used - torch.cuda.memory_reserved())) / GIB if used else None
                     options = TrainingOptions(method=method, weights_dtype="bf16", seq_len=seq_len, batch_size=1,
                                               gradient_checkpointing=ckpt, trainer="hf", lora_dropout=0.0, gpu_memory_gib=80)
                     plan = build_plan(load_catalog_spec(model_id), options)
@@ -160,36 +178,60 @@ def gpu_rows() -> list[dict]:
                                  "measured": round(allocated, 2), "error": round((predicted - allocated) / allocated, 4),
                                  "reserved": round(torch.cuda.max_memory_reserved() / GIB, 2),
                                  "nvml_used": round(used / GIB, 2) if used else None})
+                    if process is not None:
+                        rows.append({"config": name, "quantity": "process peak (GiB)", "predicted": round(plan.peak_bytes / GIB, 2),
+                                     "measured": round(process, 2), "error": round((plan.peak_bytes / GIB - process) / process, 4),
+                                     **_band(plan, process)})
                     del model, optimizer
     return rows
 
 
 def readme_table(all_rows: list[dict]) -> str:
-    lines = [README_START, "", "| configuration | quantity | predicted | measured | error |", "| --- | --- | --- | --- | --- |"]
+    lines = [README_START, "", "| configuration | quantity | predicted | measured | error | measured inside the band |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in all_rows:
         fmt = (lambda v: f"{v:,}") if "bytes" in row["quantity"] else (lambda v: f"{v:.2f}")
-        lines.append(f"| {row['config']} | {row['quantity']} | {fmt(row['predicted'])} | {fmt(row['measured'])} | {row['error']:+.1%} |")
+        band = f"{'yes' if row['inside'] else '**no**'} ({row['band'][0]:.2f} to {row['band'][1]:.2f})" if "band" in row else ""
+        if band and row.get("band_note", "").startswith("in-sample"):
+            band += ", in-sample"
+        lines.append(f"| {row['config']} | {row['quantity']} | {fmt(row['predicted'])} | {fmt(row['measured'])} | {row['error']:+.1%} | {band} |")
     worst = max(all_rows, key=lambda r: abs(r["error"]))
-    lines += ["", f"Worst error: {worst['error']:+.1%} ({worst['config']}, {worst['quantity']}).", "", README_END]
+    lines += ["", f"Worst error: {worst['error']:+.1%} ({worst['config']}, {worst['quantity']})."]
+    held_out = [r for r in all_rows if "band" in r and r.get("band_note") == "band made without this run"]
+    if held_out:
+        reports = sorted(RESULTS.glob("band-20*.md"))
+        lines.append(f"Measured process peak inside a band made without it: {sum(r['inside'] for r in held_out)} of {len(held_out)} runs"
+                     + (f" ({reports[-1].relative_to(ROOT)} has the band's figures against the goals)." if reports else "."))
+    lines += ["", README_END]
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", action="store_true", help="rewrite README's accuracy table")
+    parser.add_argument("--cpu-from", type=Path, default=None, metavar="RESULTS.json",
+                        help="take the CPU rows (minutes to measure) from a committed results file instead of measuring them again; "
+                             "the calibration and GPU rows are computed as usual")
     args = parser.parse_args()
     import torch
     import transformers
 
     gpu = gpu_rows()
     device = torch.cuda.get_device_name().replace(" ", "-") if gpu else "cpu"
+    if args.cpu_from is not None:
+        earlier = json.loads(args.cpu_from.read_text())
+        cpu, cpu_step_peak, machine, versions = earlier["cpu"], earlier["cpu_step_peak"], earlier["machine"], earlier["versions"]
+    else:
+        cpu, cpu_step_peak = cpu_rows(), cpu_step_peak_rows()
+        machine = f"{platform.machine()}, Python {platform.python_version()}"
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     result = {
         "date": datetime.date.today().isoformat(),
         "device": device,
-        "machine": f"{platform.machine()}, Python {platform.python_version()}",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "cpu": cpu_rows(),
-        "cpu_step_peak": cpu_step_peak_rows(),
+        "machine": machine,
+        "versions": versions,
+        "cpu": cpu,
+        "cpu_step_peak": cpu_step_peak,
         "calibration": calibration_rows(),
         "process_peak": process_peak_rows(),
         "gpu": gpu,

@@ -83,7 +83,9 @@ class Candidate:
             "method": self.plan.options.method,
             "stage": self.plan.options.stage,
             "fits": self.plan.fits,
+            "verdict": self.plan.verdict,
             "peak_bytes": self.plan.peak_bytes,
+            "peak_high_bytes": self.plan.peak_high_bytes,
             "usable_bytes": self.plan.usable_bytes,
             "num_gpus": self.plan.gpu.count,
             "batch_size": self.plan.options.batch_size,
@@ -114,7 +116,10 @@ class Advice:
             "settings": self.settings,
             "reasons": list(self.reasons),
             "fits": self.plan.fits if self.plan else None,
+            "verdict": self.plan.verdict if self.plan else None,
             "peak_bytes": self.plan.peak_bytes if self.plan else None,
+            "peak_low_bytes": self.plan.peak_low_bytes if self.plan else None,
+            "peak_high_bytes": self.plan.peak_high_bytes if self.plan else None,
             "gpu": {"name": self.plan.gpu.name, "memory_bytes": self.plan.gpu.memory_bytes, "count": self.plan.gpu.count} if self.plan else None,
             "time_cost": self.time_cost.to_dict() if self.time_cost else None,
             "alternatives": [a.to_dict() for a in self.alternatives],
@@ -125,6 +130,11 @@ class Advice:
 
 def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
+
+
+def _needs(plan: Plan) -> str:
+    """The central peak and the band's high end, which decides whether it fits: "15.4 GiB (up to 18.1)"."""
+    return f"{plan.peak_bytes / GIB:.1f} GiB (up to {plan.peak_high_bytes / GIB:.1f})"
 
 
 def is_chat_model(spec: ModelSpec, task: Task) -> bool:
@@ -212,7 +222,8 @@ def _options_for(base: TrainingOptions, method: str, stage: str, settings: dict)
 
 
 def _with_batch(spec: ModelSpec, options: TrainingOptions) -> tuple[Plan, dict, list[str]]:
-    """Largest micro-batch that fits (up to the target effective batch), then accumulation."""
+    """Largest micro-batch that fits, the band's high end included (up to the target effective
+    batch), then accumulation."""
     target = TARGET_EFFECTIVE_BATCH
     # every GPU takes a micro-batch: the per-GPU micro-batch stays within target / GPUs
     per_gpu_target = max(1, target // options.num_gpus)
@@ -232,15 +243,18 @@ def _with_batch(spec: ModelSpec, options: TrainingOptions) -> tuple[Plan, dict, 
             else f" ({target} sequences per step)." if micro == per_gpu_target
             else f" ({micro} is the largest that fits)."
         )
+        + f" It needs {_needs(plan)} of {_gib(plan.usable_bytes)} usable."
+        + (f" Micro-batch {found.beyond_value} would need {found.beyond_peak_bytes / GIB:.1f} GiB (up to {found.beyond_peak_high_bytes / GIB:.1f}): {found.beyond_verdict}."
+           if found.beyond_value is not None else "")
     ]
     # checkpointing costs a third more compute: drop it when the same micro-batch fits without
     if options.gradient_checkpointing:
         without = build_plan(spec, plan.options.model_copy(update={"gradient_checkpointing": False}))
         if without.fits:
             plan = without
-            reasons.append(f"Gradient checkpointing off: micro-batch {micro} fits without it ({_gib(without.peak_bytes)}), which saves the recomputation.")
+            reasons.append(f"Gradient checkpointing off: micro-batch {micro} fits without it ({_needs(without)}), which saves the recomputation.")
         else:
-            reasons.append(f"Gradient checkpointing on: without it micro-batch {micro} would need {_gib(without.peak_bytes)}.")
+            reasons.append(f"Gradient checkpointing on: without it micro-batch {micro} would need {_needs(without)}: {without.verdict}.")
     return plan, {"batch_size": micro, "gradient_accumulation_steps": accumulation}, reasons
 
 
@@ -261,23 +275,23 @@ def choose_method(spec: ModelSpec, task: Task, options: TrainingOptions, stage: 
         ia3 = fits("ia3")
         if ia3.fits:
             return "ia3", [f"{task.tenants:,} tenants: adapter size is the binding constraint, so IA3 (a few vectors per layer, {ia3.params['trainable']:,} parameters per tenant)."]
-        reasons.append(f"IA3 would suit {task.tenants:,} tenants but needs {_gib(ia3.peak_bytes)} of {_gib(ia3.usable_bytes)}.")
+        reasons.append(f"IA3 would suit {task.tenants:,} tenants but needs {_needs(ia3)} of {_gib(ia3.usable_bytes)}: {ia3.verdict}.")
     if task.num_examples > FULL_FT_MIN_EXAMPLES and task.goal in ("domain", "reasoning") and stage == "sft":
         full = fits("full")
         if full.fits:
             return "full", reasons + [
-                f"{task.num_examples:,} examples for a large {task.goal} shift, and full fine-tuning fits ({_gib(full.peak_bytes)} of {_gib(full.usable_bytes)} per GPU): full FT at a low learning rate; mix in 5-10% general data against forgetting."
+                f"{task.num_examples:,} examples for a large {task.goal} shift, and full fine-tuning fits ({_needs(full)} of {_gib(full.usable_bytes)} per GPU): full FT at a low learning rate; mix in 5-10% general data against forgetting."
             ]
-        reasons.append(f"Full fine-tuning would suit {task.num_examples:,} examples but needs {_gib(full.peak_bytes)} per GPU of {_gib(full.usable_bytes)}: an adapter instead.")
+        reasons.append(f"Full fine-tuning would suit {task.num_examples:,} examples but needs {_needs(full)} per GPU of {_gib(full.usable_bytes)} ({full.verdict}): an adapter instead.")
     lora = fits("lora")
     if lora.fits:
-        why = f"LoRA fits: {_gib(lora.peak_bytes)} of {_gib(lora.usable_bytes)} usable on {lora.gpu.name} at micro-batch 1."
+        why = f"LoRA fits: {_needs(lora)} of {_gib(lora.usable_bytes)} usable on {lora.gpu.name} at micro-batch 1."
         if task.data_must_stay_on_premises:
             why += " The data stays on premises: train on your own GPU (gpu auto plans for it)."
         return "lora", reasons + [why]
     qlora = fits("qlora")
-    reasons.append(f"LoRA needs {_gib(lora.peak_bytes)} but {lora.gpu.name} has {_gib(lora.usable_bytes)} usable: QLoRA (NF4 base, double quantization, paged 8-bit AdamW)" + (
-        f" needs {_gib(qlora.peak_bytes)}." if qlora.fits else f" would still need {_gib(qlora.peak_bytes)}."))
+    reasons.append(f"LoRA needs {_needs(lora)} but {lora.gpu.name} has {_gib(lora.usable_bytes)} usable ({lora.verdict}): QLoRA (NF4 base, double quantization, paged 8-bit AdamW)" + (
+        f" needs {_needs(qlora)}." if qlora.fits else f" would still need {_needs(qlora)} ({qlora.verdict})."))
     return "qlora", reasons
 
 
@@ -313,11 +327,11 @@ def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) 
     if not plan.fits:
         fixes = smallest_fixes(spec, plan.options)
         if fixes.smallest is not None:
-            reasons.append(f"Does not fit as is ({_gib(plan.peak_bytes)} of {_gib(plan.usable_bytes)}); smallest change that fits: {fixes.smallest.description} ({_gib(fixes.smallest.plan.peak_bytes)}).")
+            reasons.append(f"{'Tight' if plan.verdict == 'tight' else 'Does not fit'} as is ({_needs(plan)} of {_gib(plan.usable_bytes)}); smallest change that fits: {fixes.smallest.description} ({_needs(fixes.smallest.plan)}).")
             plan = fixes.smallest.plan
             settings.update(fixes.smallest.changes)
         else:
-            reasons.append(f"Nothing tried fits: the best needs {_gib(plan.peak_bytes)} per GPU; use a larger GPU or more of them.")
+            reasons.append(f"Nothing tried fits: the best needs {_needs(plan)} per GPU; use a larger GPU or more of them.")
     if task.tenants > 1 and method != "ia3":
         reasons.append(f"{task.tenants:,} tenants on one base: one adapter each, served together by a multi-LoRA server.")
     if task.latency_target_ms is not None and method in ("lora", "qlora", "dora"):

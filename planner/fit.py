@@ -2,7 +2,9 @@
 cheapest catalog GPU, and the smallest change that makes a failing plan fit.
 
 Every answer is a real plan built by `build_plan`, and each search also reports the plan one step
-beyond its answer, which does not fit: the boundary is shown, not asserted. Peak memory grows
+beyond its answer, which does not fit: the boundary is shown, not asserted. "Fits" is
+`Plan.fits`: the high end of the plan's band is within the usable memory, so a search never
+answers with a plan that is only "tight". Peak memory grows
 with batch and sequence length (a property test holds the planner to that), so the batch and
 sequence searches double until a plan fails, then bisect.
 """
@@ -36,6 +38,8 @@ class SearchResult:
     beyond_value: int | None  # one step more (None when the search hit the option's limit)
     beyond_peak_bytes: int | None
     note: str
+    beyond_peak_high_bytes: int | None = None
+    beyond_verdict: str | None = None  # "tight" or "does not fit"
 
     def to_dict(self) -> dict:
         return {
@@ -44,9 +48,12 @@ class SearchResult:
             "value": self.value,
             "fits": self.plan is not None and self.plan.fits,
             "peak_bytes": self.plan.peak_bytes if self.plan else None,
+            "peak_high_bytes": self.plan.peak_high_bytes if self.plan else None,
             "usable_bytes": self.plan.usable_bytes if self.plan else None,
             "beyond_value": self.beyond_value,
             "beyond_peak_bytes": self.beyond_peak_bytes,
+            "beyond_peak_high_bytes": self.beyond_peak_high_bytes,
+            "beyond_verdict": self.beyond_verdict,
             "note": self.note,
         }
 
@@ -70,11 +77,12 @@ def _largest(spec: ModelSpec, options: TrainingOptions, option: str, step: int, 
     good = 1
     bad = None
     # Every phase's total is affine in batch and sequence length (quadratic in length only with
-    # eager attention), so the secant through the first two points usually lands on the answer:
-    # two more plans confirm it. Otherwise the bracket below still finds it.
+    # eager attention), and so is the band's high end, which decides `fits`: the secant through
+    # the first two points usually lands on the answer, and two more plans confirm it. Otherwise
+    # the bracket below still finds it.
     if max_units >= 2 and plan_at(2).fits:
         good = 2
-        first, second = plan_at(1).peak_bytes, plan_at(2).peak_bytes
+        first, second = plan_at(1).peak_high_bytes, plan_at(2).peak_high_bytes
         if second > first:
             guess = min(max_units, 2 + (plan_at(2).usable_bytes - second) // (second - first))
             if guess > good and plan_at(guess).fits:
@@ -112,6 +120,7 @@ def largest_batch(spec: ModelSpec, options: TrainingOptions, limit: int = 65536)
         beyond.options.batch_size if beyond else None,
         beyond.peak_bytes if beyond else None,
         _boundary_note("micro-batch", value, plan, beyond, f"at sequence length {options.seq_len:,}"),
+        *_beyond(beyond),
     )
 
 
@@ -125,16 +134,26 @@ def longest_sequence(spec: ModelSpec, options: TrainingOptions, limit: int = 1 <
         beyond.options.seq_len if beyond else None,
         beyond.peak_bytes if beyond else None,
         _boundary_note("sequence length", value, plan, beyond, f"at micro-batch {options.batch_size} (searched in steps of {SEQ_STEP} tokens)"),
+        *_beyond(beyond),
     )
+
+
+def _beyond(beyond: Plan | None) -> tuple[int | None, str | None]:
+    return (beyond.peak_high_bytes, beyond.verdict) if beyond is not None else (None, None)
+
+
+def _needs(plan: Plan) -> str:
+    """"18.62 GiB (up to 20.73)": the central figure and the band's high end, which decides."""
+    return f"{plan.peak_bytes / GIB:.2f} GiB (up to {plan.peak_high_bytes / GIB:.2f})"
 
 
 def _boundary_note(what: str, value: int | None, plan: Plan | None, beyond: Plan | None, context: str) -> str:
     if value is None:
-        return f"no {what} fits {context}: the smallest needs {beyond.peak_bytes / GIB:.2f} GiB of {beyond.usable_bytes / GIB:.2f} GiB usable"
-    text = f"{what} {value:,} fits {context} ({plan.peak_bytes / GIB:.2f} of {plan.usable_bytes / GIB:.2f} GiB usable)"
+        return f"no {what} fits {context}: the smallest needs {_needs(beyond)} of {beyond.usable_bytes / GIB:.2f} GiB usable ({beyond.verdict})"
+    text = f"{what} {value:,} fits {context}: {_needs(plan)} of {plan.usable_bytes / GIB:.2f} GiB usable"
     if beyond is not None:
         shown = beyond.options.batch_size if what == "micro-batch" else beyond.options.seq_len
-        text += f"; {shown:,} would need {beyond.peak_bytes / GIB:.2f} GiB"
+        text += f"; {shown:,} would need {_needs(beyond)}, {beyond.verdict}"
     return text
 
 
@@ -153,14 +172,15 @@ def fewest_gpus(spec: ModelSpec, options: TrainingOptions, counts: tuple[int, ..
         plan = build_plan(spec, candidate.model_copy(update={"num_gpus": count}))
         if plan.fits:
             layout = "one GPU" if count == 1 else f"{count} GPUs with {candidate.parallelism}"
-            note = f"{layout}: {plan.peak_bytes / GIB:.2f} GiB per GPU"
+            note = f"{layout}: {_needs(plan)} per GPU of {plan.usable_bytes / GIB:.2f} GiB usable"
             if previous is not None:
-                note += f"; {previous.gpu.count} would need {previous.peak_bytes / GIB:.2f} GiB per GPU"
-            return SearchResult("fewest_gpus", "num_gpus", count, plan, previous.gpu.count if previous else None, previous.peak_bytes if previous else None, note)
+                note += f"; {previous.gpu.count} would need {_needs(previous)} per GPU, {previous.verdict}"
+            return SearchResult("fewest_gpus", "num_gpus", count, plan, previous.gpu.count if previous else None,
+                                previous.peak_bytes if previous else None, note, *_beyond(previous))
         previous = plan
     return SearchResult(
         "fewest_gpus", "num_gpus", None, None, previous.gpu.count, previous.peak_bytes,
-        f"even {previous.gpu.count} GPUs with {sharded.parallelism} need {previous.peak_bytes / GIB:.2f} GiB per GPU",
+        f"even {previous.gpu.count} GPUs with {sharded.parallelism} need {_needs(previous)} per GPU ({previous.verdict})", *_beyond(previous),
     )
 
 
@@ -177,6 +197,7 @@ class GpuChoice:
             "count": self.count,
             "parallelism": self.plan.options.parallelism,
             "peak_bytes": self.plan.peak_bytes,
+            "peak_high_bytes": self.plan.peak_high_bytes,
             "memory_bytes": self.plan.gpu.memory_bytes,
             "price_per_hour_usd": self.price_per_hour_usd,
         }
@@ -222,7 +243,9 @@ class Fix:
             "description": self.description,
             "changes": self.changes,
             "peak_bytes": self.plan.peak_bytes,
+            "peak_high_bytes": self.plan.peak_high_bytes,
             "fits": self.plan.fits,
+            "verdict": self.plan.verdict,
         }
 
 
@@ -346,13 +369,13 @@ def smallest_fixes(spec: ModelSpec, options: TrainingOptions) -> FixReport:
 
 
 def _stacked(spec: ModelSpec, options: TrainingOptions) -> tuple[Fix | None, tuple[str, ...]]:
-    """The levers applied one after another, in order, each kept when it lowers the peak, until
-    the plan fits: (the chain as one Fix, or None when it never fits; the levers applied)."""
+    """The levers applied one after another, in order, each kept when it lowers the peak's high
+    end, until the plan fits: (the chain as one Fix, or None when it never fits; the levers applied)."""
     current = build_plan(spec, options)
     steps: list[Fix] = []
     for name, lever in LEVERS:
         fix = _try(spec, current.options, name, lever)
-        if fix is None or fix.plan.peak_bytes >= current.peak_bytes:
+        if fix is None or fix.plan.peak_high_bytes >= current.peak_high_bytes:
             continue
         current = fix.plan
         steps.append(fix)
@@ -373,7 +396,10 @@ def fit_report(spec: ModelSpec, options: TrainingOptions) -> dict:
         "model": spec.name,
         "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes, "count": plan.gpu.count},
         "fits": plan.fits,
+        "verdict": plan.verdict,
         "peak_bytes": plan.peak_bytes,
+        "peak_low_bytes": plan.peak_low_bytes,
+        "peak_high_bytes": plan.peak_high_bytes,
         "usable_bytes": plan.usable_bytes,
         "largest_batch": largest_batch(spec, options).to_dict(),
         "longest_sequence": longest_sequence(spec, options).to_dict(),

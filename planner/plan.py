@@ -9,11 +9,19 @@ The peak is taken over the phases of a training step, because not everything is 
 - `backward_end`: all gradients, with only what checkpointing keeps and one layer recomputed;
 - `optimizer_step`: gradients and optimizer state, activations freed.
 The plan's components are those of the phase with the highest total, so they sum to the peak.
+
+That peak is the central figure. Around it a plan carries a band, `peak_low_bytes` to
+`peak_high_bytes`, from the calibration's leave-one-out errors (planner/runtime.py), and its
+verdict uses the high end: "fits" when even the high end is within the usable memory, "tight" when
+the usable memory falls inside the band, "does not fit" when it is below the low end. Errors are
+not symmetric: an over-estimate wastes a little memory, an under-estimate is an out-of-memory
+error, so `fits` is true only for "fits".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from gpu_catalog.catalog import GPU, MIB, lookup_gpu
 from planner.activations import activation_components, dora_weight_norm_bytes, fused_split_grad_bytes, training_tokens
@@ -26,7 +34,7 @@ from planner.logits import logits_components
 from planner.options import TrainingOptions, check_consistency
 from planner.parallel import per_gpu_static
 from planner.precision import precision_mode
-from planner.runtime import calibration, reserve_inputs, runtime_components
+from planner.runtime import band_bytes, calibration, reserve_inputs, runtime_components
 from planner.spec import ModelSpec
 from planner.stages import stage_components
 from planner.static_memory import static_components
@@ -89,15 +97,43 @@ class Plan:
     def usable_bytes(self) -> int:
         return int(self.gpu.memory_bytes * (1 - self.options.headroom))
 
+    @cached_property
+    def _band(self) -> tuple[int, int]:
+        return band_bytes(self.components)
+
+    @property
+    def peak_low_bytes(self) -> int:
+        """The band's low end: the central peak less the calibration's largest over-prediction."""
+        return self._band[0]
+
+    @property
+    def peak_high_bytes(self) -> int:
+        """The band's high end: the central peak plus the calibration's largest under-prediction."""
+        return self._band[1]
+
+    @property
+    def verdict(self) -> str:
+        """"fits" (the high end is within the usable memory), "tight" (the usable memory falls
+        inside the band) or "does not fit" (it is below the low end)."""
+        if self.peak_high_bytes <= self.usable_bytes:
+            return "fits"
+        if self.peak_low_bytes <= self.usable_bytes:
+            return "tight"
+        return "does not fit"
+
     @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.usable_bytes
+        """Only when the high end fits: a tight plan is not said to fit."""
+        return self.verdict == "fits"
 
     def check_dict(self) -> dict:
         """The short answer (`vramplan check --json`, POST /api/v1/check): one shape for both."""
         return {
             "fits": self.fits,
+            "verdict": self.verdict,
             "peak_bytes": self.peak_bytes,
+            "peak_low_bytes": self.peak_low_bytes,
+            "peak_high_bytes": self.peak_high_bytes,
             "usable_bytes": self.usable_bytes,
             "headroom_bytes": self.usable_bytes - self.peak_bytes,
             "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
@@ -110,11 +146,14 @@ class Plan:
             "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
             "peak_bytes": self.peak_bytes,
             "peak_gib": round(self.peak_bytes / GIB, 3),
+            "peak_low_bytes": self.peak_low_bytes,
+            "peak_high_bytes": self.peak_high_bytes,
             "peak_phase": self.peak_phase,
             "phase_totals": dict(self.phase_totals),
             "usable_bytes": self.usable_bytes,
             "headroom_bytes": self.usable_bytes - self.peak_bytes,
             "fits": self.fits,
+            "verdict": self.verdict,
             "precision_mode": self.precision_mode,
             "components": [{"name": c.name, "bytes": c.bytes, "note": c.note} for c in self.components],
             "all_components": [{"name": c.name, "bytes": c.bytes, "note": c.note} for c in self.all_components],
@@ -221,6 +260,18 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
     return out
 
 
+def _band_note(components: list[Component]) -> str:
+    cal = calibration()
+    if cal.band_runs == 0:
+        return f"no band around the peak: calibration {cal.name} carries none (run bench/calibrate.py); the verdict uses the central figure"
+    low, high = band_bytes(components, cal)
+    return (f"band {low / GIB:.2f} to {high / GIB:.2f} GiB around the central {sum(c.bytes for c in components) / GIB:.2f} GiB: "
+            f"activations, logits, temporaries and the allocator's reserve up to {cal.band_high:.0%} more, the whole up to "
+            f"{-cal.band_low:.0%} less (never below the exact weights, gradients and optimizer state), the largest errors of "
+            f"calibration {cal.name} on {cal.band_runs} measured runs, each predicted by a fit that left it out; "
+            "the verdict uses the high end")
+
+
 def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     check_consistency(options)
     gpu, gpu_notes = resolve_gpu(options)
@@ -257,6 +308,7 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
         assumptions.append(f"{spec.model_type} soft-caps attention scores, which SDPA cannot do: planned with eager attention")
     assumptions.append(f"PyTorch's {'caching allocator with expandable_segments:True' if options.allocator == 'expandable_segments' else 'default caching allocator'}"
                        f" (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}")
+    assumptions.append(_band_note(phases[peak_phase]))
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     return Plan(
         model_name=spec.name,

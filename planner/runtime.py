@@ -10,11 +10,23 @@ short-lived blocks of a step, so it is modelled from them, not as a share of the
 
 The constants live in calibration.json, written by `python bench/calibrate.py` from measured
 runs (bench/results/calibration-runs.jsonl); a plan names the calibration it used.
+
+The band: weights, gradients and optimizer state are exact (held to the byte on CPU) and the CUDA
+context is a measured constant, so a plan falls short in its dynamic part: activations, logits,
+temporaries, KV cache and the allocator's reserve. The high end is the central figure plus the
+dynamic part times the largest under-prediction of the calibration's leave-one-out fits (each run
+predicted by a fit that never saw it), relative to that run's dynamic part. The low end is the
+central figure less the largest over-prediction, relative to the whole peak (those come from small
+runs, where the reserve's floor is a large share of a small dynamic part: scaled to the dynamic
+part they would put a large plan's low end at a third of its activations), and never below the
+exact part. With n runs, a new run's error falls within the smallest and largest of n
+exchangeable ones with probability (n - 1) / (n + 1): 91% for 22 runs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +35,8 @@ from planner.components import Component
 
 GIB = 1 << 30
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+# The families held exact (to the byte, tests/test_static_exact.py): the band leaves them as they are.
+STATIC_FAMILIES = ("weights", "gradients", "optimizer_state", "reference_model", "reward_model", "value_model")
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,11 @@ class Calibration:
     reserve_floor_bytes: int
     reserve_per_recompute_byte: float
     reserve_per_logits_byte: float
+    # the band: low end relative to the whole peak (<= 0), high end relative to the dynamic part
+    # (activations, logits, temporaries, KV cache, allocator reserve; >= 0)
+    band_low: float = 0.0
+    band_high: float = 0.0
+    band_runs: int = 0
 
     def reserve_bytes(self, recompute_bytes: int, logits_bytes: int, allocator: str = "default") -> int:
         if allocator == "expandable_segments":
@@ -46,6 +65,7 @@ class Calibration:
 def calibration() -> Calibration:
     data = json.loads(CALIBRATION_FILE.read_text())
     constants = data["constants"]
+    band = data.get("band", {})
     return Calibration(
         name=data["name"],
         description=data["description"],
@@ -53,7 +73,27 @@ def calibration() -> Calibration:
         reserve_floor_bytes=int(constants["reserve_floor_bytes"]),
         reserve_per_recompute_byte=float(constants["reserve_per_recompute_byte"]),
         reserve_per_logits_byte=float(constants["reserve_per_logits_byte"]),
+        # a calibration written before bench/calibrate.py fitted a band has none: low = high = central
+        band_low=float(band.get("peak_low", 0.0)),
+        band_high=float(band.get("dynamic_high", 0.0)),
+        band_runs=int(band.get("runs", 0)),
     )
+
+
+def is_static(component: Component) -> bool:
+    """Exact memory (static weights, gradients, optimizer state; the measured CUDA context)."""
+    return component.family in STATIC_FAMILIES or component.name == "runtime.cuda_context"
+
+
+def band_bytes(components, cal: Calibration | None = None) -> tuple[int, int]:
+    """(low, high) of a peak made of these components: the high end adds the calibration's largest
+    under-prediction of the dynamic part; the low end takes off its largest over-prediction of the
+    whole, down to the exact part at most."""
+    cal = cal or calibration()
+    total = sum(c.bytes for c in components)
+    exact = sum(c.bytes for c in components if is_static(c))
+    low = max(min(exact, total), total + math.floor(total * min(0.0, cal.band_low)))
+    return low, total + math.ceil((total - exact) * max(0.0, cal.band_high))
 
 
 def reserve_inputs(components: list[Component]) -> tuple[int, int]:

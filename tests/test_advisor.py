@@ -119,6 +119,26 @@ def test_micro_batch_and_accumulation_give_the_effective_batch():
     assert advice.plan.options.batch_size == settings["batch_size"] and advice.plan.fits
 
 
+def test_flagship_micro_batch_fits_at_the_high_end():
+    """Llama-2-13B QLoRA on an RTX 4000 Ada (issue 12): the advice once said micro-batch 4 at a
+    central 15.4 GiB "and up to 6 would fit", where a measured run of the same tokens held
+    18.4 GiB. Neither the micro-batch chosen nor the largest it says would fit may have a high
+    end above the usable memory."""
+    advice = advise(LLAMA13B, Task(num_examples=8000, tokens_per_example=700), TrainingOptions(gpu="RTX 4000 Ada"))
+    assert advice.method == "qlora" and advice.plan.fits
+    assert advice.plan.peak_high_bytes <= advice.plan.usable_bytes
+    micro = advice.settings["batch_size"]
+    assert advice.plan.options.batch_size == micro
+    said = next(r for r in advice.reasons if r.startswith(f"Micro-batch {micro} "))
+    largest = int(said.split("up to ")[1].split()[0]) if "would fit;" in said else micro
+    for batch in range(micro, largest + 1):
+        plan = build_plan(LLAMA13B, advice.plan.options.model_copy(update={"batch_size": batch}))
+        assert plan.peak_high_bytes <= plan.usable_bytes, batch
+    beyond = build_plan(LLAMA13B, advice.plan.options.model_copy(update={"batch_size": largest + 1}))
+    assert beyond.peak_high_bytes > beyond.usable_bytes
+    assert advice.to_dict()["verdict"] == "fits" and advice.to_dict()["peak_high_bytes"] == advice.plan.peak_high_bytes
+
+
 def test_alternatives_carry_their_own_plans_fitting_first():
     advice = advise(LLAMA13B, Task(), TrainingOptions(gpu="RTX 4000 Ada"))
     fits = [a.plan.fits for a in advice.alternatives]

@@ -49,7 +49,9 @@ def test_advise(client):
 
 def test_fit(client):
     data = client.post("/api/v1/fit", json={"model": MODEL, "method": "lora", "gpu": "RTX 4090"}).json()
-    assert data["largest_batch"]["fits"] and data["largest_batch"]["beyond_peak_bytes"] > data["largest_batch"]["usable_bytes"]
+    found = data["largest_batch"]
+    assert found["fits"] and found["peak_high_bytes"] <= found["usable_bytes"] < found["beyond_peak_high_bytes"]
+    assert found["beyond_verdict"] in ("tight", "does not fit")
 
 
 def test_gpus_and_models(client):
@@ -185,3 +187,18 @@ def test_any_form_input_renders_a_page(client, params):
         response = client.get(path, params=params)
         assert response.status_code in (200, 422), (path, params, response.text[:300])
         assert "Traceback" not in response.text
+
+
+def test_check_says_tight_when_the_usable_memory_is_inside_the_band(client):
+    """Llama-2-13B QLoRA at micro-batch 4 on a card whose usable memory lies between the central
+    figure and the band's high end: the central figure fits, the high end does not."""
+    body = {"model": "meta-llama/Llama-2-13b-hf", "method": "qlora", "batch_size": 4}
+    plan = build_plan(load_catalog_spec(body["model"]), TrainingOptions(method="qlora", batch_size=4, gpu_memory_gib=80))
+    usable = (plan.peak_bytes + plan.peak_high_bytes) / 2
+    response = client.post("/api/v1/check", json=body | {"gpu_memory_gib": usable / 0.95 / 2**30})
+    assert response.status_code == 200
+    data = response.json()
+    assert data["verdict"] == "tight" and data["fits"] is False
+    assert data["peak_low_bytes"] <= data["peak_bytes"] <= data["usable_bytes"] < data["peak_high_bytes"]
+    whole = client.post("/api/v1/plan", json=body | {"gpu_memory_gib": usable / 0.95 / 2**30}).json()
+    assert (whole["verdict"], whole["peak_high_bytes"]) == ("tight", data["peak_high_bytes"])

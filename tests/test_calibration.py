@@ -14,7 +14,7 @@ import calibrate  # noqa: E402
 from planner.catalog import load_catalog_spec  # noqa: E402
 from planner.options import TrainingOptions  # noqa: E402
 from planner.plan import build_plan  # noqa: E402
-from planner.runtime import calibration  # noqa: E402
+from planner.runtime import band_bytes, calibration  # noqa: E402
 
 GIB = 1 << 30
 
@@ -40,6 +40,63 @@ def test_the_committed_calibration_is_what_the_committed_runs_give():
     assert committed["reserve_floor_bytes"] == int(floor)
     assert committed["reserve_per_recompute_byte"] == round(per_recompute, 4)
     assert committed["reserve_per_logits_byte"] == round(per_logits, 4)
+
+
+def _refit() -> dict:
+    rows = [calibrate.plan_inputs(run) for run in calibrate.load_runs([calibrate.DEFAULT_RUNS])]
+    return calibrate.refit(rows, "test", "2026-11-28", ["runs"])
+
+
+def test_the_committed_band_is_what_the_committed_runs_give():
+    committed = json.loads((ROOT / "planner" / "calibration.json").read_text())["band"]
+    band = _refit()["band"]
+    assert (committed["peak_low"], committed["dynamic_high"], committed["runs"]) == (band["peak_low"], band["dynamic_high"], band["runs"])
+    assert (calibration().band_low, calibration().band_high) == (band["peak_low"], band["dynamic_high"])
+
+
+def test_the_band_covers_every_leave_one_out_error_it_was_made_from():
+    result = _refit()
+    low, high = result["band"]["peak_low"], result["band"]["dynamic_high"]
+    assert low < 0 < high
+    for run in result["per_run"]:
+        # dynamic_error_left_out: predicted minus measured, relative to the dynamic part
+        assert -run["dynamic_error_left_out"] <= high
+        predicted, measured = run["after_gib"], run["measured_process_gib"]
+        assert (measured - predicted) / predicted >= low - 0.002  # the GiB figures are rounded
+
+
+def test_calibrate_writes_the_band_constants_and_its_report(tmp_path):
+    target = tmp_path / "calibration.json"
+    assert calibrate.main([str(calibrate.DEFAULT_RUNS), "--name", "t", "--calibration-file", str(target), "--results-dir", str(tmp_path)]) == 0
+    written = json.loads(target.read_text())
+    assert set(written["band"]) >= {"peak_low", "dynamic_high", "runs"} and written["band"]["runs"] == 22
+    assert written["band"]["peak_low"] < 0 < written["band"]["dynamic_high"]
+    assert {"coverage", "worst_above_high", "median_width_single_gpu"} <= set(written["band_leave_one_out"])
+    output = json.loads(next(tmp_path.glob("calibration-*.json")).read_text())
+    assert output["band"] == written["band"] and len(output["band_per_run"]) == 22
+    report = next(tmp_path.glob("band-*.md")).read_text()
+    assert f"{output['band_leave_one_out']['inside']} of 22" in report and "goal" in report
+
+
+def test_the_band_leaves_exact_memory_exact():
+    """Weights, gradients and optimizer state are exact: the high end scales only the rest, and
+    the low end never goes below the exact part."""
+    from planner.components import Component
+
+    cal = calibrate._calibration("t", 0, [0, 0, 0])
+    cal = type(cal)(**{**cal.__dict__, "band_low": -0.5, "band_high": 0.25})
+    static = [Component("weights.base", 8 * GIB, "w"), Component("optimizer_state", 4 * GIB, "o")]
+    dynamic = [Component("activations.layers", 3 * GIB, "a"), Component("runtime.allocator", 1 * GIB, "r")]
+    low, high = band_bytes(static + dynamic, cal)
+    assert high == 16 * GIB + 1 * GIB  # a quarter of the 4 GiB dynamic part
+    assert low == 12 * GIB  # half of 16 GiB would be below the exact 12 GiB
+
+
+def test_a_plan_carries_the_band_of_the_committed_calibration():
+    plan = build_plan(load_catalog_spec("meta-llama/Llama-2-13b-hf"), TrainingOptions(method="qlora", gpu="RTX 4000 Ada", batch_size=4))
+    assert (plan.peak_low_bytes, plan.peak_high_bytes) == band_bytes(plan.components)
+    assert plan.peak_low_bytes < plan.peak_bytes < plan.peak_high_bytes
+    assert any(a.startswith("band ") and calibration().name in a for a in plan.assumptions)
 
 
 def test_checkpointing_and_large_logits_raise_the_reserve():

@@ -276,7 +276,53 @@ def test_check_json_matches_the_api_shape(args, code):
     out = vramplan("check", CATALOG_MODEL, *args, "--json")
     assert out.returncode == code, out.stderr
     data = json.loads(out.stdout)
-    assert set(data) == {"fits", "peak_bytes", "usable_bytes", "headroom_bytes", "gpu", "model"}
-    assert data["fits"] is (code == 0)
+    assert set(data) == {"fits", "verdict", "peak_bytes", "peak_low_bytes", "peak_high_bytes", "usable_bytes", "headroom_bytes", "gpu", "model"}
+    assert data["fits"] is (code == 0) and data["verdict"] == ("fits" if code == 0 else "does not fit")
+    assert data["peak_low_bytes"] <= data["peak_bytes"] <= data["peak_high_bytes"]
     assert data["headroom_bytes"] == data["usable_bytes"] - data["peak_bytes"]
     assert set(data["gpu"]) == {"name", "memory_bytes", "count"} and data["model"] == CATALOG_MODEL
+
+
+# -- the band: "tight" when the usable memory falls inside it -----------------------------------
+
+EDGE_MODEL, EDGE = "meta-llama/Llama-2-13b-hf", ("--method", "qlora", "--batch-size", "4")
+
+
+def _edge_gib(where: float) -> str:
+    """A custom GPU whose usable memory lies `where` of the way from the band's low end (0) to
+    its high end (1), for the plan of EDGE on it."""
+    from planner.catalog import load_catalog_spec
+    from planner.options import TrainingOptions
+    from planner.plan import GIB, build_plan
+
+    plan = build_plan(load_catalog_spec(EDGE_MODEL), TrainingOptions(method="qlora", batch_size=4, gpu_memory_gib=80))
+    usable = plan.peak_low_bytes + where * (plan.peak_high_bytes - plan.peak_low_bytes)
+    return repr(usable / (1 - plan.options.headroom) / GIB)
+
+
+@pytest.mark.parametrize("where", [0.2, 0.9], ids=["usable-below-central", "usable-above-central"])
+def test_check_says_tight_with_the_band_and_exits_1(where):
+    memory = _edge_gib(where)
+    out = vramplan("check", EDGE_MODEL, *EDGE, "--gpu-memory-gib", memory)
+    assert out.returncode == 1, out.stderr
+    assert out.stdout.startswith("tight: ") and "it may run out of memory" in out.stdout
+    data = json.loads(vramplan("check", EDGE_MODEL, *EDGE, "--gpu-memory-gib", memory, "--json").stdout)
+    assert data["verdict"] == "tight" and data["fits"] is False
+    assert data["peak_low_bytes"] <= data["usable_bytes"] < data["peak_high_bytes"]
+    low, high = (f"{data[k] / 2**30:.2f}" for k in ("peak_low_bytes", "peak_high_bytes"))
+    assert f"needs {data['peak_bytes'] / 2**30:.2f} GiB per GPU (band {low}-{high})" in out.stdout
+
+
+def test_check_fits_only_when_the_high_end_fits():
+    fits = vramplan("check", EDGE_MODEL, *EDGE, "--gpu-memory-gib", _edge_gib(1.01))
+    assert fits.returncode == 0 and fits.stdout.startswith("fits: ")
+    short = vramplan("check", EDGE_MODEL, *EDGE, "--gpu-memory-gib", _edge_gib(-0.05))
+    assert short.returncode == 1 and short.stdout.startswith("does not fit: ")
+
+
+def test_plan_fit_and_advise_text_carry_the_band():
+    plan = vramplan("plan", EDGE_MODEL, *EDGE, "--gpu-memory-gib", _edge_gib(0.5))
+    assert plan.returncode == 0 and "(band " in plan.stdout.splitlines()[0] and "tight" in plan.stdout.splitlines()[0]
+    fit = vramplan("fit", EDGE_MODEL, *EDGE, "--gpu-memory-gib", _edge_gib(0.5))
+    head = fit.stdout.splitlines()[0]
+    assert fit.returncode == 0 and ": tight (" in head and "band " in head

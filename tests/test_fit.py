@@ -24,11 +24,12 @@ CASES = [
 def test_largest_batch_fits_and_one_more_does_not(spec, options):
     options = TrainingOptions(**options)
     found = largest_batch(spec, options)
-    assert found.value is not None and found.plan.fits
+    assert found.value is not None and found.plan.fits and found.plan.peak_high_bytes <= found.plan.usable_bytes
     again = build_plan(spec, options.model_copy(update={"batch_size": found.value}))
     assert again.fits and again.peak_bytes == found.plan.peak_bytes
     beyond = build_plan(spec, options.model_copy(update={"batch_size": found.value + 1}))
     assert not beyond.fits and beyond.peak_bytes == found.beyond_peak_bytes
+    assert beyond.peak_high_bytes == found.beyond_peak_high_bytes > beyond.usable_bytes and beyond.verdict == found.beyond_verdict
 
 
 @pytest.mark.parametrize("spec,options", CASES)
@@ -129,3 +130,41 @@ def test_a_stack_on_fewer_gpus_beats_one_lever_on_many_and_matches_the_advice():
     assert report.smallest.plan.fits and report.smallest.plan.gpu.count < zero3_alone.plan.gpu.count
     advice = advise(LLAMA70B, Task(), options)
     assert (advice.plan.options.method, advice.plan.gpu.count) == (report.smallest.plan.options.method, report.smallest.plan.gpu.count)
+
+
+# -- the searches use the band's high end ------------------------------------------------------
+
+LLAMA13B = load_catalog_spec("meta-llama/Llama-2-13b-hf")
+FLAGSHIP = TrainingOptions(method="qlora", gpu="RTX 4000 Ada")
+
+
+def test_largest_batch_is_the_largest_whose_high_end_fits_not_whose_central_figure_does():
+    """The flagship: at some micro-batch the central figure is within the usable memory but the
+    band's high end is not. The search stops before it (it used to answer with it)."""
+    found = largest_batch(LLAMA13B, FLAGSHIP)
+    assert found.plan.peak_high_bytes <= found.plan.usable_bytes
+    beyond = build_plan(LLAMA13B, FLAGSHIP.model_copy(update={"batch_size": found.value + 1}))
+    assert beyond.verdict == "tight" and beyond.peak_bytes <= beyond.usable_bytes < beyond.peak_high_bytes
+    assert found.to_dict()["beyond_verdict"] == "tight" and "tight" in found.note
+
+
+def test_longest_sequence_and_fewest_gpus_answer_with_plans_whose_high_end_fits():
+    found = longest_sequence(LLAMA13B, FLAGSHIP)
+    assert found.plan.peak_high_bytes <= found.plan.usable_bytes
+    assert found.beyond_peak_high_bytes > found.plan.usable_bytes
+    gpus = fewest_gpus(LLAMA70B, TrainingOptions(method="full", gpu="H100"))
+    assert gpus.plan.peak_high_bytes <= gpus.plan.usable_bytes and gpus.beyond_peak_high_bytes > gpus.plan.usable_bytes
+
+
+def test_cheapest_gpu_and_smallest_fix_fit_at_the_high_end():
+    best = cheapest_gpu(LLAMA13B, FLAGSHIP.model_copy(update={"batch_size": 4}), max_gpus=1)
+    assert best.plan.peak_high_bytes <= best.plan.usable_bytes
+    report = smallest_fixes(LLAMA13B, TrainingOptions(method="lora", gpu="RTX 4000 Ada"))
+    assert report.smallest.plan.peak_high_bytes <= report.smallest.plan.usable_bytes
+
+
+def test_a_tight_plan_is_not_fitting_already_and_gets_a_fix():
+    tight = FLAGSHIP.model_copy(update={"batch_size": largest_batch(LLAMA13B, FLAGSHIP).value + 1})
+    assert build_plan(LLAMA13B, tight).verdict == "tight"
+    report = smallest_fixes(LLAMA13B, tight)
+    assert not report.fits_already and report.smallest.plan.fits

@@ -318,6 +318,37 @@ def _element(html: str, element_id: str) -> str:
     raise AssertionError(f"{element_id} is not closed")
 
 
+def _tight_params() -> dict:
+    """The flagship at micro-batch 4 on a custom card whose usable memory lies between the
+    central figure and the band's high end."""
+    plan = build_plan(load_catalog_spec(FLAGSHIP["model"]), TrainingOptions(method="qlora", batch_size=4, gpu_memory_gib=80))
+    usable = (plan.peak_bytes + plan.peak_high_bytes) / 2
+    return {"model": FLAGSHIP["model"], "method": "qlora", "batch_size": "4", "gpu_memory_gib": repr(usable / 0.95 / GIB)}
+
+
+def test_a_tight_plan_says_tight_with_the_band(client):
+    params = _tight_params()
+    page, response = _page(client, "/", params)
+    words = page.words("verdict")
+    assert response.status_code == 200 and words.startswith("⚠ Tight: ")
+    plan = build_plan(load_catalog_spec(FLAGSHIP["model"]), TrainingOptions(method="qlora", batch_size=4, gpu_memory_gib=float(params["gpu_memory_gib"])))
+    assert plan.verdict == "tight"
+    assert f"band {plan.peak_low_bytes / GIB:.2f}–{plan.peak_high_bytes / GIB:,.2f} GiB" in words
+    assert "it may run out of memory" in words and "headroom" not in words
+    box = _element(response.text, "verdict")
+    assert 'class="verdict tight"' in box and 'data-verdict="tight"' in box
+    # the htmx fragment says the same
+    fragment, _ = _page(client, "/result", params, HTMX)
+    assert fragment.words("verdict") == words
+
+
+def test_a_fitting_plan_shows_its_band(client):
+    page, _ = _page(client, "/", FLAGSHIP)
+    plan = build_plan(load_catalog_spec(FLAGSHIP["model"]), TrainingOptions(method="qlora", gpu="RTX 4000 Ada"))
+    assert plan.verdict == "fits" and page.words("verdict").startswith("✔ Fits")
+    assert f"band {plan.peak_low_bytes / GIB:.2f}–{plan.peak_high_bytes / GIB:,.2f} GiB" in page.words("verdict")
+
+
 @pytest.mark.parametrize("params", [FLAGSHIP, FAILING], ids=["fits", "does-not-fit"])
 def test_only_the_verdict_is_announced(client, params):
     html = client.get("/", params=params).text
@@ -325,7 +356,7 @@ def test_only_the_verdict_is_announced(client, params):
     live = _element(html, "verdict")
     assert 'aria-live="polite"' in live.split(">", 1)[0]
     words = " ".join(re.sub(r"<[^>]+>", " ", live).split())
-    assert re.match(r"[✔✘] (Fits|Does not fit): ", words), words
+    assert re.match(r"(✔ Fits|⚠ Tight|✘ Does not fit): ", words), words
     # not the plan: a screen reader would read it all again after every keystroke
     assert 'id="components"' not in live and 'id="assumptions"' not in live and 'id="model-line"' not in live
     assert "aria-live" not in _element(html, "summary").split(">", 1)[0] and "aria-live" not in _element(html, "result").split(">", 1)[0]
