@@ -76,6 +76,7 @@ def plan_inputs(run: dict) -> dict:
     return {
         "name": run["name"],
         "num_gpus": plan.gpu.count,
+        "gpu": run.get("gpu", "?"),
         "allocated": allocated,
         # the exact part of the allocated peak (weights, gradients, optimizer state)
         "static": sum(c.bytes for c in plan.components if c.family != "runtime" and is_static(c)),
@@ -288,6 +289,20 @@ def band_report(result: dict) -> str:
                " it; in the committed calibration, which has it, its error is the high constant." if worst["name"] == band["high_from"] else ""),
             "",
         ]
+    gpus = sorted({r.get("gpu", "?") for r in result.get("run_gpus", [])})
+    lines += [
+        "## Limits",
+        "",
+        f"- {check['runs']} runs, on {', '.join(gpus) if gpus else 'the GPUs of the runs files'}, of a few small architectures: the",
+        "  (n - 1) / (n + 1) coverage assumes a new run's error is like theirs, which a larger model, another",
+        "  GPU or another stack may not be.",
+        *(["- Only single-GPU runs: how the band holds for sharded (ZeRO/FSDP) runs is not measured."]
+          if check["single_gpu_runs"] == check["runs"] else []),
+        "- The default caching allocator only: with `expandable_segments:True` the same constants are",
+        "  applied, unmeasured.",
+        "- The CUDA context is taken as exact at its measured value; it differs between GPUs and drivers.",
+        "",
+    ]
     lines += ["## Per run", "", "| run | measured GiB | low | central | high | inside | width |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["band_per_run"]:
         lines.append(f"| {r['name']} | {r['measured_gib']:.2f} | {r['low_gib']:.2f} | {r['central_gib']:.2f} | {r['high_gib']:.2f} | "
@@ -344,6 +359,7 @@ def refit(rows: list[dict], name: str, date: str, sources: list[str]) -> dict:
         "band_leave_one_out": band_figures,
         "per_run": table,
         "band_per_run": band_per_run,
+        "run_gpus": [{"name": row["name"], "gpu": row["gpu"]} for row in rows],
     }
 
 
