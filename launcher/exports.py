@@ -199,39 +199,52 @@ def accelerate_config(spec: LaunchSpec) -> dict[str, Any] | None:
 
 
 def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
-    """Axolotl's documented keys (docs/config-reference)."""
+    """Axolotl's documented keys (its input config schema, axolotl 0.21: utils/schemas/*.py)."""
     options, settings = spec.options, spec.settings
     rl = {"dpo": "dpo", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "grpo"}.get(spec.stage)
     if spec.stage in ("reward", "rloo"):
         raise ValueError(f"axolotl has no {spec.stage} stage in its documented keys; export trl instead")
     config: dict[str, Any] = {
         "base_model": spec.model.location,
-        "datasets": [{"path": spec.dataset.location, **({"ds_type": spec.dataset.loader} if spec.dataset.loader else {}), "split": settings.dataset_split}],
+        # ds_type is a key of its SFT datasets (its DPO/SimPO and KTO datasets infer the file type from the extension)
+        "datasets": [{"path": spec.dataset.location, **({"ds_type": spec.dataset.loader} if spec.dataset.loader and spec.stage not in ("dpo", "kto", "simpo") else {}),
+                      "split": settings.dataset_split}],
         "output_dir": spec.output_dir,
         "sequence_len": options["seq_len"],
         "micro_batch_size": options["batch_size"],
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "gradient_checkpointing": bool(options["gradient_checkpointing"]),
-        "optimizer": {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}.get(options["optimizer"], TRL_OPTIMIZERS[options["optimizer"]]),
+        "optimizer": TRL_OPTIMIZERS[options["optimizer"]],
         "bf16": options["precision"] == "bf16",
         "fp16": options["precision"] == "fp16",
         "seed": settings.seed,
         "logging_steps": settings.logging_steps,
-        "flash_attention": options["attention"] == "flash",
-        "sdp_attention": options["attention"] == "sdpa",
+        # the boolean flags (flash_attention, sdp_attention) are deprecated aliases since 0.21
+        "attn_implementation": ATTENTION[options["attention"]],
+        # axolotl requires a learning rate; TRL's default for the stage, as the trl export trains with
+        "learning_rate": settings.learning_rate or {"sft": 2e-5}.get(spec.stage, 1e-6),
     }
     if settings.max_steps is not None:
         config["max_steps"] = settings.max_steps
     else:
         config["num_epochs"] = settings.epochs or 1.0
-    if settings.learning_rate is not None:
-        config["learning_rate"] = settings.learning_rate
     if settings.save_steps is not None:
         config["save_steps"] = settings.save_steps
+    if options["optimizer"] == "galore":  # transformers' GaLore needs its target modules
+        config.update(optim_target_modules=[r".*attn.*", r".*mlp.*"], optim_args=f"rank={options['galore_rank']}")
+    if options["optimizer"] == "sgd" and options.get("sgd_momentum"):
+        config["optim_args"] = f"momentum={options['sgd_momentum']}"
     if rl:
         config["rl"] = rl
         if options.get("beta") is not None:
             config["rl_beta"] = options["beta"]
+    if spec.stage == "kto":
+        config["remove_unused_columns"] = False  # axolotl refuses KTO without it
+    if spec.stage == "grpo":
+        # the group the plan's KV cache holds; reward functions by import path (TRL's own)
+        config["trl"] = {"num_generations": options["num_generations"], "max_completion_length": options["max_new_tokens"],
+                         "reward_funcs": [f"trl.rewards.{name}" for name in settings.reward_funcs if name != "completion_length"]
+                         + ([settings.reward_model] if settings.reward_model else [])}
     if spec.method in ("lora", "qlora", "dora"):
         targets = options["lora_targets"]
         config.update(adapter="qlora" if spec.method == "qlora" else "lora", lora_r=options["lora_r"],
@@ -245,11 +258,27 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
             config["peft_use_dora"] = True
         if spec.method == "qlora":
             config["load_in_4bit"] = True
+            config["bnb_config_kwargs"] = {"bnb_4bit_quant_type": options.get("quantization") or "nf4",
+                                           "bnb_4bit_use_double_quant": bool(options["double_quant"])}
+        elif options.get("quantization") == "int8":
+            config["load_in_8bit"] = True
     if spec.resources.num_processes > 1:
-        parallelism = options["parallelism"]
+        parallelism, offload = options["parallelism"], options["offload"]
         if parallelism.startswith("zero"):
-            config["deepspeed"] = f"deepspeed_configs/zero{parallelism[-1]}{'_offload' if options['offload'] != 'none' else ''}.json"
+            # inline (the key takes a path or the JSON itself): axolotl's deepspeed_configs/ has no file
+            # for most stage and offload pairs (its zero2.json offloads the optimizer)
+            zero_stage = int(parallelism[-1])
+            zero: dict[str, Any] = {"stage": zero_stage}
+            if offload != "none":
+                zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+            if offload == "params" and zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+            config["deepspeed"] = {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                                   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+                                   "train_micro_batch_size_per_gpu": "auto", "zero_allow_untested_optimizer": True}
         elif parallelism == "fsdp":
+            if config["optimizer"] == "adamw_bnb_8bit":
+                config["optimizer"] = "adamw_torch_8bit"  # axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2
             config["fsdp_version"] = 2
             config["fsdp_config"] = {"offload_params": options["offload"] != "none", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                      "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
@@ -282,6 +311,13 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
         "disable_gradient_checkpointing": not options["gradient_checkpointing"],
         "report_to": "none",
     }
+    if options["optimizer"] == "galore":
+        if spec.method != "full":
+            raise ValueError("LLaMA-Factory runs GaLore with full fine-tuning only; export trl instead")
+        # its own GaLore keys (transformers' galore_adamw would need optim_target_modules, which it does not pass)
+        config.update(optim="adamw_torch", use_galore=True, galore_target="all", galore_rank=options["galore_rank"])
+    if options["optimizer"] == "sgd" and options.get("sgd_momentum"):
+        config["optim_args"] = f"momentum={options['sgd_momentum']}"
     if spec.stage in ("orpo", "simpo"):
         config["pref_loss"] = spec.stage
     if options.get("beta") is not None and spec.stage in ("dpo", "kto", "orpo", "simpo"):
@@ -301,10 +337,22 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
         if spec.method == "qlora":
             config["quantization_bit"] = 4
             config["quantization_method"] = "bnb"
+            config["quantization_type"] = options.get("quantization") or "nf4"
             config["double_quantization"] = bool(options["double_quant"])
+        elif options.get("quantization") == "int8":
+            config.update(quantization_bit=8, quantization_method="bnb")
     if spec.resources.num_processes > 1 and options["parallelism"].startswith("zero"):
-        offload = "_offload" if options["offload"] != "none" else ""
-        config["deepspeed"] = f"examples/deepspeed/ds_z{options['parallelism'][-1]}{offload}_config.json"
+        # inline (transformers' `deepspeed` takes a path or the JSON itself): examples/deepspeed/ has no
+        # ZeRO-1 file and no ZeRO-3 file that offloads the optimizer alone
+        zero_stage, offload = int(options["parallelism"][-1]), options["offload"]
+        zero: dict[str, Any] = {"stage": zero_stage}
+        if offload != "none":
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if offload == "params" and zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        config["deepspeed"] = {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+                               "train_micro_batch_size_per_gpu": "auto", "zero_allow_untested_optimizer": True}
     return config
 
 
