@@ -217,6 +217,17 @@ def test_accelerate_export_loads_with_accelerates_loader(tmp_path, parallelism, 
         assert int(args.fsdp_version) == 2 and args.fsdp_offload_params is (offload != "none")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "with FSDP and checkpointing, accelerate_config sets fsdp_activation_checkpointing and trl_config sets "
+    "activation_checkpointing: transformers' Trainer (trainer.py, after the accelerator is made) raises ValueError when "
+    "both are true. Reported, not fixed here (neither function is ours)."))
+def test_fsdp_run_turns_checkpointing_on_in_one_place_only():
+    from launcher.exports import accelerate_config, trl_config
+
+    spec = make_spec(method="lora", num_gpus=4, parallelism="fsdp", gradient_checkpointing=True)
+    assert not (accelerate_config(spec)["fsdp_config"]["fsdp_activation_checkpointing"] and trl_config(spec)["activation_checkpointing"])
+
+
 def test_accelerate_export_refuses_one_process():
     from launcher.exports import render
 
