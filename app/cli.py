@@ -14,6 +14,7 @@ import typing
 
 from pydantic import ValidationError
 
+from launcher.cli import LaunchInputError
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 
@@ -72,7 +73,8 @@ def _option_flags(parser: argparse.ArgumentParser, model=TrainingOptions, title:
         choices = None
         args = typing.get_args(annotation)
         literal = [a for a in args if typing.get_origin(a) is typing.Literal] or ([annotation] if typing.get_origin(annotation) is typing.Literal else [])
-        if literal and name != "lora_targets":
+        # a list field takes comma-separated names, which argparse's choices would refuse whole
+        if literal and name != "lora_targets" and typing.get_origin(annotation) is not list:
             choices = typing.get_args(literal[0])
         group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=f"one of {', '.join(choices)}" if choices else None)
 
@@ -300,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+    from launcher.cli import add_commands
+
+    add_commands(sub, _option_flags)
     return parser
 
 
@@ -327,6 +332,8 @@ def _run(argv: list[str] | None) -> int:
         return _fail(_validation_message(exc))
     except PlanInputError as exc:
         return _fail(f"{exc.field}: {exc.reason}")
+    except LaunchInputError as exc:
+        return _fail(str(exc))
     except _OutputError as exc:
         _silence_stdout()
         return _fail(f"cannot write the output: {exc}")

@@ -37,10 +37,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from planner.catalog import load_catalog_spec  # noqa: E402
-from planner.options import TrainingOptions  # noqa: E402
-from planner.plan import build_plan  # noqa: E402
-from planner.runtime import CALIBRATION_FILE, Calibration, calibration, is_static, reserve_inputs  # noqa: E402
+from planner.options import TrainingOptions
+from planner.plan import build_plan
+from planner.runtime import (
+    CALIBRATION_FILE,
+    Calibration,
+    calibration,
+    is_static,
+    reserve_inputs,
+)
 
 GIB = 1 << 30
 DEFAULT_RUNS = ROOT / "bench" / "results" / "calibration-runs.jsonl"
@@ -60,7 +65,10 @@ def load_runs(paths: list[Path]) -> list[dict]:
 
 def _spec(run: dict):
     if "model" in run:
-        return load_catalog_spec(run["model"])
+        # a catalog id, or (in rows from `vramplan runs export`) the launched model's directory or hub id
+        from planner.catalog import resolve_model
+
+        return resolve_model(run["model"])
     from planner.introspect import spec_from_config
 
     return spec_from_config(dict(run["model_config"]), run["name"])
@@ -69,7 +77,9 @@ def _spec(run: dict):
 def plan_inputs(run: dict) -> dict:
     """What the fit needs from the plan of a run: allocated bytes at the peak and the reserve's
     inputs. The GPU is a large custom one, so no hardware rule or fit verdict interferes."""
-    plan = build_plan(_spec(run), TrainingOptions(gpu_memory_gib=4096, **run["options"]))
+    # rows from launched runs carry every option, their GPU's included: the fit plans on a large custom GPU
+    options = {k: v for k, v in run["options"].items() if k not in ("gpu", "gpu_memory_gib")}
+    plan = build_plan(_spec(run), TrainingOptions(gpu_memory_gib=4096, **options))
     allocated = sum(c.bytes for c in plan.components if c.family != "runtime")
     recompute, logits = reserve_inputs(list(plan.all_components))
     measured = run["measured"]
@@ -85,8 +95,9 @@ def plan_inputs(run: dict) -> dict:
         "peak_before": plan.peak_bytes,
         "measured_allocated": measured["peak_allocated"],
         "measured_reserve": measured["peak_reserved"] - measured["peak_allocated"],
-        "measured_process": measured["peak_reserved"] + measured["outside_allocator"],
-        "outside_allocator": measured["outside_allocator"],
+        # NVML cannot always tell the context (a container's PID namespace): the calibrated constant stands in
+        "measured_process": measured["peak_reserved"] + (measured["outside_allocator"] if measured["outside_allocator"] is not None else calibration().cuda_context_bytes),
+        "outside_allocator": measured["outside_allocator"] if measured["outside_allocator"] is not None else calibration().cuda_context_bytes,
     }
 
 
@@ -232,7 +243,7 @@ def _described(result: dict, name: str) -> str:
 def band_report(result: dict) -> str:
     """bench/results/band-<date>.md: the band's figures on runs it never saw, against the goals."""
     band, check = result["band"], result["band_leave_one_out"]
-    yes = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    yes = lambda ok: "met" if ok else "**not met**"
     goals = check["goals"]
     lines = [
         f"# The band around the peak: leave-one-out figures ({result['date']})",

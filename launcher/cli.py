@@ -6,7 +6,6 @@ the plan does not fit, 2 bad input, 4 failed, 5 cancelled, 6 lost.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -137,8 +136,24 @@ def cmd_launch(args) -> int:
         if args.json:
             cli._write_json(record.to_dict())
         return 0
-    record = supervisor.wait(record.id, on_update=None if args.json else lambda r: print(_record_text(r), file=sys.stderr))
+    record = supervisor.wait(record.id, on_update=None if args.json else _Progress())
     return _finish(cli, args, record)
+
+
+class _Progress:
+    """Progress on stderr while --wait follows a run: every state change, and about every tenth of the steps."""
+
+    def __init__(self):
+        self.state = None
+        self.shown_step = -1
+
+    def __call__(self, record) -> None:
+        total = record.total_steps or 0
+        stride = max(1, total // 10)
+        step = record.last_step or 0
+        if record.state != self.state or (step - self.shown_step >= stride) or (total and step == total and step != self.shown_step):
+            self.state, self.shown_step = record.state, step
+            print(_record_text(record), file=sys.stderr)
 
 
 def _finish(cli, args, record) -> int:
@@ -252,7 +267,7 @@ def cmd_runs(args) -> int:
         if action == "resume":
             record = supervisor.resume(args.run_id, force=args.force)
             if args.wait:
-                record = supervisor.wait(record.id, on_update=None if args.json else lambda r: print(_record_text(r), file=sys.stderr))
+                record = supervisor.wait(record.id, on_update=None if args.json else _Progress())
                 return _finish(cli, args, record)
             return _finish(cli, args, record) if record.terminal else (cli._write_json(record.to_dict()) if args.json else cli._write(_record_text(record))) or 0
     except RunNotFound as exc:

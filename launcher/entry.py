@@ -8,8 +8,10 @@ checkpoint), 3 CUDA out of memory, 1 any other error.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     run_dir = Path(argv[0]).resolve()
     spec = json.loads((run_dir / "spec.json").read_text())
+    # a run killed after its grace period first gets SIGUSR1: every thread's stack goes to the log,
+    # so a hang says where it hung
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _environment(spec)
 
     from launcher.events import EventWriter, LaunchCallback, MemoryProbe, StopFlag
@@ -115,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     writer = EventWriter(run_dir, spec["run_id"])
     probe = None
     try:
-        import torch
 
         probe = MemoryProbe()
         stop = StopFlag(run_dir)
@@ -127,21 +131,22 @@ def main(argv: list[str] | None = None) -> int:
             trainer.save_model(training_args.output_dir)
         writer.emit("end", status="stopped" if callback.stopping else "completed", step=trainer.state.global_step,
                     **(probe.sample() if probe else {}))
-        return 0
+        code = 0
     except BaseException as exc:
         oom = _is_oom(exc)
         sample = probe.sample() if probe is not None and not isinstance(exc, KeyboardInterrupt) else {}
         writer.emit("error", kind="oom" if oom else "exception", type=type(exc).__name__, message=str(exc)[:2000], **sample)
         traceback.print_exc()
-        return EXIT_OOM if oom else 1
-    finally:
-        try:
-            import torch.distributed as dist
+        code = EXIT_OOM if oom else 1
+    try:
+        import torch.distributed as dist
 
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()  # else rank 0 aborts at exit and the launcher reports a failure
-        except Exception:
-            pass
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # else rank 0 aborts at exit and the launcher reports a failure
+    except Exception:
+        pass
+    _leave_if_distributed(code)
+    return code
 
 
 def _versions() -> dict:
@@ -154,6 +159,17 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             out[package] = None
     return out
+
+
+def _leave_if_distributed(code: int) -> None:
+    """Under several processes, exit here, while the trainer is still referenced. A rank sometimes hung
+    for good in the C++ destructors that run when main's frame is torn down (seen on CPU with gloo, in
+    1 of 3 two-process runs), after the run's end was written and the group destroyed. Nothing is left
+    to do, so leave without tearing down."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,10 @@ def _length_settings(spec: LaunchSpec) -> dict[str, Any]:
     return out
 
 
+def _fsdp(spec: LaunchSpec) -> bool:
+    return spec.resources.num_processes > 1 and spec.options["parallelism"] == "fsdp" and spec.resources.device == "cuda"
+
+
 def trl_config(spec: LaunchSpec) -> dict[str, Any]:
     """TRL/transformers field names (ScriptArguments, the stage's config, ModelConfig, DatasetMixtureConfig)."""
     options, settings = spec.options, spec.settings
@@ -94,7 +98,9 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
         "optim": TRL_OPTIMIZERS[options["optimizer"]],
         "bf16": options["precision"] == "bf16",
         "fp16": options["precision"] == "fp16",
-        checkpointing_key(): bool(options["gradient_checkpointing"]),
+        # under FSDP the accelerate config checkpoints (fsdp_activation_checkpointing); transformers
+        # refuses both at once
+        checkpointing_key(): bool(options["gradient_checkpointing"]) and not _fsdp(spec),
         # TRL loads a model in fp32 unless told: the plan's weights dtype, said where TRL reads it
         "model_init_kwargs": {"dtype": weights_dtype},
         "report_to": "none",
@@ -131,6 +137,10 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
     quantization = options.get("quantization") or ("nf4" if method == "qlora" else "none")
     if quantization in ("nf4", "fp4"):
         config.update(load_in_4bit=True, bnb_4bit_quant_type=quantization, use_bnb_nested_quant=bool(options["double_quant"]))
+        if spec.resources.num_processes > 1 and options["parallelism"] in ("zero3", "fsdp"):
+            # sharding flattens parameters of one dtype: the packed 4-bit bytes must be stored as the
+            # compute dtype to be sharded with the rest (same bytes, so the plan is unchanged)
+            config["bnb_4bit_quant_storage"] = weights_dtype
     elif quantization == "int8":
         config["load_in_8bit"] = True
     if stage in ("sft", "dpo", "kto", "reward", "orpo", "simpo"):
@@ -168,12 +178,12 @@ def accelerate_config(spec: LaunchSpec) -> dict[str, Any] | None:
         "rdzv_backend": "static",
         "same_network": True,
         "main_training_function": "main",
-        "use_cpu": resources.device == "cpu",
+        "use_cpu": False,
         "debug": False,
     }
-    if resources.device == "cpu":
-        config["distributed_type"] = "MULTI_CPU"
-    elif parallelism == "ddp":
+    if resources.device == "cpu" or parallelism == "ddp":
+        # accelerate starts several processes through torchrun only for MULTI_GPU; its MULTI_CPU
+        # expects mpirun. A CPU run (the trainer's use_cpu) then forms a gloo group in each process.
         config["distributed_type"] = "MULTI_GPU"
     elif parallelism in ("zero1", "zero2", "zero3"):
         config["distributed_type"] = "DEEPSPEED"

@@ -15,7 +15,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from planner.errors import PlanInputError
 
@@ -198,6 +204,14 @@ def launch_spec(plan, model: str, settings: RunSettings, *, run_id: str | None =
     else:
         raise PlanInputError("output_dir", "give an output directory")
     num_processes = plan.gpu.count if device == "cuda" else max(1, len(gpus) or plan.gpu.count)
+    if options["stage"] in ("grpo", "rloo"):
+        group = options["num_generations"]
+        completions = options["batch_size"] * num_processes
+        if completions % group:
+            # TRL scores whole groups of completions per prompt; the plan's KV cache holds batch_size of them
+            raise PlanInputError("batch_size", f"{options['stage']} scores num_generations ({group}) completions per prompt together, and TRL needs "
+                                 f"whole groups in a step: batch_size x GPUs ({completions}) must be a multiple of {group}; "
+                                 f"use --batch-size {group} or a smaller --num-generations (at least 2)")
     return LaunchSpec(
         run_id=run_id,
         stage=options["stage"],

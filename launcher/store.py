@@ -118,6 +118,7 @@ class RunRecord:
 
 
 COLUMNS = tuple(f.name for f in fields(RunRecord))
+METRIC_COLUMNS = ("t", "loss", "learning_rate", "grad_norm", "num_tokens", "max_reserved", "max_allocated", "nvml_process_used", "extra_json")
 
 
 class TransitionError(ValueError):
@@ -224,6 +225,8 @@ class RunStore:
             return
         with self._lock:
             self._db.executemany(
-                "INSERT OR REPLACE INTO run_metrics VALUES (:run_id, :step, :rank, :t, :loss, :learning_rate, :grad_norm, :num_tokens, :max_reserved, :max_allocated, :nvml_process_used, :extra_json)",
+                # a step can log twice (its loss, then the trainer's summary): merge, keeping what each knew
+                "INSERT INTO run_metrics VALUES (:run_id, :step, :rank, :t, :loss, :learning_rate, :grad_norm, :num_tokens, :max_reserved, :max_allocated, :nvml_process_used, :extra_json) "
+                "ON CONFLICT(run_id, step, rank) DO UPDATE SET " + ", ".join(f"{c} = COALESCE(excluded.{c}, {c})" for c in METRIC_COLUMNS),
                 [{"run_id": run_id, **r} for r in rows],
             )

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.backend import TERMINAL, Handle, LaunchError, Observation, Reason, Rendered, RunState
+from launcher.backend import (
+    TERMINAL,
+    Handle,
+    LaunchError,
+    Observation,
+    Reason,
+    Rendered,
+    RunState,
+)
 from launcher.registry import load_backend
 from launcher.spec import LaunchSpec, RunSettings, launch_spec
 from launcher.store import RunRecord, RunStore
@@ -252,7 +260,8 @@ class Supervisor:
                 # torchrun exits 1 after a clean stop on SIGTERM, so the stop event decides, not the code
                 return self._finish(record, RunState.CANCELLED, str(Reason.CANCELLED_BY_USER),
                                     f"stopped at step {record.stopped_at_step} with a checkpoint", obs.exit_code)
-            if obs.state == RunState.FAILED and record.reason == str(Reason.OOM):
+            if obs.state == RunState.FAILED and (record.reason == str(Reason.OOM) or obs.reason == Reason.OOM):
+                # the entry's error event says more than the exit code: what it tried to allocate
                 return self._finish(record, RunState.FAILED, str(Reason.OOM), record.message or "CUDA out of memory", obs.exit_code)
             if obs.state == RunState.LOST:
                 _append_log(Path(record.run_dir), f"vramplan: run marked lost: {obs.message}")
@@ -347,10 +356,10 @@ class Supervisor:
                 else:
                     updates["message"] = f"{event.get('type')}: {str(event.get('message'))[:500]}"
         updates["events_offset"] = record.events_offset + end + 1
+        if transition is not None:  # first: a transition sets its own reason and message, the events' come after
+            self.store.transition(record.id, *transition)
         self.store.add_metrics(record.id, metrics)
         self.store.update(record.id, **updates)
-        if transition is not None:
-            self.store.transition(record.id, *transition)
 
     @staticmethod
     def _measure(record: RunRecord, event: dict, updates: dict) -> None:
@@ -434,31 +443,31 @@ class Supervisor:
         return load_backend(record.backend).read_logs(_handle(record), Path(record.run_dir), offset, limit)
 
     def calibration_rows(self) -> list[dict]:
-        """Finished runs with a measured peak, as calibration rows (bench/results/calibration-runs.jsonl's form)."""
+        """Finished runs with a measured peak, in the form of bench/results/calibration-runs.jsonl, so
+        `python bench/calibrate.py` can refit the memory model from a team's own runs."""
         rows = []
-        for record in self.store.list():
+        for record in reversed(self.store.list()):
             if record.measured_peak_bytes is None or record.state not in ("succeeded", "cancelled", "failed"):
                 continue
             spec = record.spec
+            context = record.measured_cuda_context_bytes
             rows.append({
-                "source": f"vramplan launch {record.id}",
-                "model": record.model,
+                "name": f"launch-{record.id[:8]}-{record.method}-{record.stage}",
+                "model": spec["model"]["location"],
                 "options": spec["options"],
                 "gpu": record.gpu_name,
-                "driver": record.driver,
+                "measured": {
+                    "peak_allocated": record.measured_allocated_bytes,
+                    "peak_reserved": record.measured_peak_bytes - (context if context is not None else _plan_context(record)),
+                    "outside_allocator": context,
+                },
+                "metric": "worst rank's max_memory_reserved/allocated after reset at train begin, over the whole run; "
+                          "outside_allocator = NVML process used - reserved at train begin (null: NVML could not tell)",
                 "versions": json.loads(record.versions_json) if record.versions_json else None,
-                "peak_reserved": (record.measured_peak_bytes - (record.measured_cuda_context_bytes or _plan_context(record))),
-                "peak_allocated": record.measured_allocated_bytes,
-                "cuda_context": record.measured_cuda_context_bytes,
-                "process_peak": record.measured_peak_bytes,
-                "predicted_peak_bytes": record.predicted_peak_bytes,
-                "predicted_high_bytes": record.predicted_high_bytes,
-                "error_pct": record.error_pct,
+                "source": f"vramplan launch, run {record.id} ({record.state}{', ' + record.reason if record.reason else ''}), driver {record.driver}",
+                "predicted": {"peak_bytes": record.predicted_peak_bytes, "high_bytes": record.predicted_high_bytes,
+                              "calibration": spec["plan"].get("calibration"), "error_pct": record.error_pct},
                 "alloc_retries": record.alloc_retries,
-                "state": record.state,
-                "reason": record.reason,
-                "calibration": spec["plan"].get("calibration"),
-                "finished_at": record.finished_at,
             })
         return rows
 

@@ -48,7 +48,7 @@ def make_spec(*, device: str = "cuda", dataset: str = "your-org/your-dataset", s
 
     options.setdefault("gpu_memory_gib", 80)
     if options.get("stage") in GENERATING:
-        # TRL (and axolotl) need the generation batch to hold whole groups: see the xfail below
+        # TRL (and axolotl) need the generation batch to hold whole groups (see the refusal test below)
         options.setdefault("batch_size", 4)
         options.setdefault("num_generations", 4)
     run = {"dataset": dataset, "output_dir": "/tmp/vramplan-export-out", **(settings or {})}
@@ -142,20 +142,20 @@ def test_trl_export_with_a_local_file_and_run_settings(tmp_path, jsonl):
     assert [(d.path, d.data_files, d.split) for d in data.datasets] == [("json", jsonl, "train")]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "trl_config writes num_generations 8 with the plan's default micro-batch 1 and no generation_batch_size or "
-    "steps_per_generation: TRL's GRPOConfig/RLOOConfig refuse a generation batch (1) that is not a multiple of "
-    "num_generations (8); axolotl's validator refuses the same. Reported, not fixed here (trl_config is not ours)."))
 @pytest.mark.parametrize("stage", GENERATING)
-def test_trl_generating_stage_with_the_plans_default_batch(tmp_path, stage):
+def test_generating_stage_with_incomplete_groups_is_refused_before_trl_sees_it(stage):
+    # the plan's default micro-batch 1 with num_generations 8: TRL's GRPOConfig/RLOOConfig would refuse a
+    # generation batch that is not whole groups; the launcher says so first, naming the option to change
     from launcher.spec import RunSettings, launch_spec
     from planner.catalog import load_catalog_spec
+    from planner.errors import PlanInputError
     from planner.options import TrainingOptions
     from planner.plan import build_plan
 
     plan = build_plan(load_catalog_spec(MODEL), TrainingOptions(stage=stage, method="lora", gpu_memory_gib=80))
-    spec = launch_spec(plan, MODEL, RunSettings(dataset="org/d", output_dir="/tmp/o", reward_funcs=["accuracy_reward"]))
-    trl_parse(write(tmp_path, spec, "trl"), stage)
+    with pytest.raises(PlanInputError, match="must be a multiple of 8") as caught:
+        launch_spec(plan, MODEL, RunSettings(dataset="org/d", output_dir="/tmp/o", reward_funcs=["accuracy_reward"]))
+    assert caught.value.field == "batch_size"
 
 
 # -- accelerate: its own loader and the launch step that reads the file ---------------------------
@@ -217,15 +217,20 @@ def test_accelerate_export_loads_with_accelerates_loader(tmp_path, parallelism, 
         assert int(args.fsdp_version) == 2 and args.fsdp_offload_params is (offload != "none")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with FSDP and checkpointing, accelerate_config sets fsdp_activation_checkpointing and trl_config sets "
-    "activation_checkpointing: transformers' Trainer (trainer.py, after the accelerator is made) raises ValueError when "
-    "both are true. Reported, not fixed here (neither function is ours)."))
 def test_fsdp_run_turns_checkpointing_on_in_one_place_only():
     from launcher.exports import accelerate_config, trl_config
 
     spec = make_spec(method="lora", num_gpus=4, parallelism="fsdp", gradient_checkpointing=True)
-    assert not (accelerate_config(spec)["fsdp_config"]["fsdp_activation_checkpointing"] and trl_config(spec)["activation_checkpointing"])
+    # transformers' Trainer raises when both are on: FSDP's own checkpointing does it, once
+    assert accelerate_config(spec)["fsdp_config"]["fsdp_activation_checkpointing"] is True
+    assert trl_config(spec)["activation_checkpointing"] is False
+
+
+def test_qlora_under_sharding_stores_4bit_weights_in_the_compute_dtype():
+    from launcher.exports import trl_config
+
+    assert trl_config(make_spec(method="qlora", num_gpus=4, parallelism="zero3"))["bnb_4bit_quant_storage"] == "bfloat16"
+    assert "bnb_4bit_quant_storage" not in trl_config(make_spec(method="qlora"))
 
 
 def test_accelerate_export_refuses_one_process():
@@ -436,7 +441,7 @@ def test_cli_export_of_a_stage_the_format_cannot_express_exits_2_with_one_line(t
     out = tmp_path / "x.yaml"
     argv = ["export", MODEL, "--stage", stage, "--format", fmt, "--out", str(out)]
     if stage in GENERATING:
-        argv += ["--reward-funcs", "accuracy_reward"]
+        argv += ["--reward-funcs", "accuracy_reward", "--batch-size", "4", "--num-generations", "4"]
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

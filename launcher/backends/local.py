@@ -20,7 +20,17 @@ from typing import ClassVar
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
-from launcher.backend import API_VERSION, Handle, Health, LaunchError, LogChunk, Observation, Reason, Rendered, RunState
+from launcher.backend import (
+    API_VERSION,
+    Handle,
+    Health,
+    LaunchError,
+    LogChunk,
+    Observation,
+    Reason,
+    Rendered,
+    RunState,
+)
 from launcher.exports import accelerate_config, trl_config
 from launcher.spec import ENV_ALLOWLIST, SECRET_ENV, LaunchSpec
 
@@ -161,6 +171,14 @@ class LocalBackend:
 
     def kill(self, handle: Handle, run_dir: Path) -> None:
         procs = run_processes(str(handle.data.get("marker")))
+        trainers = [p for p in procs if _is_entry(p)]
+        for proc in trainers:  # the entry dumps its stacks to the log on SIGUSR1: where it hung
+            try:
+                proc.send_signal(signal.SIGUSR1)
+            except psutil.NoSuchProcess:
+                pass
+        if trainers:
+            time.sleep(0.5)
         for proc in procs:
             try:
                 proc.kill()
@@ -180,6 +198,13 @@ class LocalBackend:
             fh.seek(offset)
             data = fh.read(limit)
         return LogChunk(data.decode("utf-8", "replace"), offset + len(data), len(data) < limit)
+
+
+def _is_entry(proc: psutil.Process) -> bool:
+    try:
+        return "launcher.entry" in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 def _free_port() -> int:
