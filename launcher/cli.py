@@ -175,7 +175,7 @@ def cmd_export(args) -> int:
     settings = RunSettings.model_validate(given)
     device = "cpu" if getattr(args, "device", "auto") == "cpu" else "cuda"
     plan = _plan(args, "cpu") if device == "cpu" else _plan_without_detection(args)
-    spec = launch_spec(plan, args.model, settings, device=device)
+    spec = launch_spec(plan, args.model, settings, device=device, for_export=True)
     try:
         text = render(spec, args.format)
     except ValueError as exc:

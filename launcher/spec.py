@@ -142,8 +142,13 @@ def options_hash(options: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def resolve_dataset(dataset: str) -> DatasetRef:
+def resolve_dataset(dataset: str, must_exist: bool = True) -> DatasetRef:
+    """A file, a directory or a hub id. An export is a file for another machine, so its paths need
+    not exist here (must_exist=False); a launch reads them now."""
     path = Path(dataset).expanduser()
+    if not must_exist and not path.exists() and (dataset.startswith((".", "/", "~")) or path.suffix.lower() in DATASET_SUFFIXES):
+        loader = DATASET_SUFFIXES.get(path.suffix.lower())
+        return DatasetRef(kind="file" if loader else "directory", location=dataset, loader=loader)  # as given: the other machine's path
     if path.exists():
         path = path.resolve()
         if path.is_dir():
@@ -191,13 +196,17 @@ def check_launchable(options: dict[str, Any], settings: RunSettings) -> None:
 
 
 def launch_spec(plan, model: str, settings: RunSettings, *, run_id: str | None = None, runs_root: Path | None = None,
-                device: Literal["cuda", "cpu"] = "cuda", gpus: tuple[str, ...] = (), resume_from: str | None = None, attempt: int = 1) -> LaunchSpec:
-    """The spec for one run of `plan` (a planner.plan.Plan)."""
+                device: Literal["cuda", "cpu"] = "cuda", gpus: tuple[str, ...] = (), resume_from: str | None = None, attempt: int = 1,
+                for_export: bool = False) -> LaunchSpec:
+    """The spec for one run of `plan` (a planner.plan.Plan); `for_export` accepts a dataset path that
+    exists only on the machine the exported file is for."""
     plan_dict = plan.to_dict()
     options = plan_dict["options"]
     check_launchable(options, settings)
     run_id = run_id or new_run_id()
-    if settings.output_dir is not None:
+    if settings.output_dir is not None and for_export:
+        output_dir = settings.output_dir  # as given, relative paths included: the file runs elsewhere
+    elif settings.output_dir is not None:
         output_dir = str(Path(settings.output_dir).expanduser().resolve())
     elif runs_root is not None:
         output_dir = str((runs_root / run_id / "output").resolve())
@@ -217,7 +226,7 @@ def launch_spec(plan, model: str, settings: RunSettings, *, run_id: str | None =
         stage=options["stage"],
         method=options["method"],
         model=resolve_model_ref(model, plan.model_name),
-        dataset=resolve_dataset(settings.dataset),
+        dataset=resolve_dataset(settings.dataset, must_exist=not for_export),
         settings=settings,
         options=options,
         plan=plan_dict,
