@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 GIB = 1 << 30
 EXIT_BY_STATE = {"succeeded": 0, "failed": 4, "cancelled": 5, "lost": 6}
 RUN_SUMMARY_KEYS = ("id", "state", "reason", "message", "model", "method", "stage", "backend", "attempt", "predicted_peak_bytes",
@@ -101,9 +103,11 @@ def cmd_launch(args) -> int:
     plan = _plan(args, device)
     supervisor = _supervisor(args)
     gpus = tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip())
+    backend_options = _backend_options(args)
     try:
-        prepared = supervisor.prepare(plan, args.model, settings, backend=args.backend, device=device, gpus=gpus,
-                                      backend_options={"grace_period_s": args.grace_period} if args.grace_period is not None else None)
+        prepared = supervisor.prepare(plan, args.model, settings, backend=args.backend, device=device, gpus=gpus, backend_options=backend_options)
+    except ValidationError as exc:
+        raise LaunchInputError(f"backend option {cli._validation_message(exc)}") from exc
     except ValueError as exc:  # an unknown or broken backend
         raise LaunchInputError(str(exc)) from exc
     if args.dry_run:
@@ -154,6 +158,18 @@ class _Progress:
         if record.state != self.state or (step - self.shown_step >= stride) or (total and step == total and step != self.shown_step):
             self.state, self.shown_step = record.state, step
             print(_record_text(record), file=sys.stderr)
+
+
+def _backend_options(args) -> dict:
+    options: dict = {}
+    for item in args.backend_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LaunchInputError(f"--backend-option {item!r}: write KEY=VALUE")
+        options[key.strip().replace("-", "_")] = value.strip()
+    if args.grace_period is not None:
+        options["grace_period_s"] = args.grace_period
+    return options
 
 
 def _finish(cli, args, record) -> int:
@@ -307,6 +323,8 @@ def add_commands(sub, option_flags) -> None:
     launch.add_argument("--queue", action="store_true", help="when memory is short, wait in the queue instead of refusing")
     launch.add_argument("--wait", action="store_true", help="follow the run to its end; the exit code says how it ended")
     launch.add_argument("--grace-period", type=float, default=None, metavar="S", help="seconds a cancelled run has to checkpoint before it is killed (120)")
+    launch.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a backend's own option, e.g. partition=gpu or time_limit=4:00:00 (`vramplan backends --json` lists them)")
     launch.add_argument("--json", action="store_true", help="print JSON (with --wait: the run record at the end)")
     data_dir(launch)
     option_flags(launch, RunSettings, "run settings (what the plan does not decide)")

@@ -27,9 +27,11 @@ class BackendInfo:
     available: bool
     detail: str
     capabilities: tuple[str, ...] = ()
+    options: tuple[dict, ...] = ()  # the backend's own options: name, type, default, description
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "target": self.target, "available": self.available, "detail": self.detail, "capabilities": list(self.capabilities)}
+        return {"name": self.name, "target": self.target, "available": self.available, "detail": self.detail,
+                "capabilities": list(self.capabilities), "options": list(self.options)}
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:
@@ -83,7 +85,17 @@ def describe_backends() -> list[BackendInfo]:
         except Exception as exc:
             health = Health(False, str(exc))
             caps: tuple[str, ...] = ()
+            options: tuple[dict, ...] = ()
         else:
             caps = tuple(sorted(backend.capabilities))
-        out.append(BackendInfo(name=name, target=ep.value, available=health.ok, detail=health.detail, capabilities=caps))
+            options = _options(backend.Options)
+        out.append(BackendInfo(name=name, target=ep.value, available=health.ok, detail=health.detail, capabilities=caps, options=options))
     return out
+
+
+def _options(model: type[BaseModel]) -> tuple[dict, ...]:
+    out = []
+    for name, info in model.model_fields.items():
+        default = info.default if isinstance(info.default, (str, int, float, bool, type(None))) else None
+        out.append({"name": name, "type": getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", ""), "default": default, "description": info.description or ""})
+    return tuple(out)

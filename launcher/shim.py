@@ -23,10 +23,17 @@ def _restore_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def exit_file_name() -> str:
+    """exit.json for the run; under Slurm every node has a shim, and the first node's record is the run's."""
+    node = os.environ.get("SLURM_NODEID")
+    return EXIT_FILE if node in (None, "", "0") else f"exit-node{int(node)}.json"
+
+
 def write_exit(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / (EXIT_FILE + ".tmp")
+    name = exit_file_name()
+    tmp = run_dir / (name + ".tmp")
     tmp.write_text(json.dumps(record))
-    os.replace(tmp, run_dir / EXIT_FILE)
+    os.replace(tmp, run_dir / name)
 
 
 def main(argv: list[str] | None = None) -> int:
