@@ -1,4 +1,5 @@
-"""Server-rendered SVG: the plan's components stacked against the GPU's memory.
+"""Server-rendered SVG: the plan's components stacked against the GPU's memory, and a run's loss
+and measured memory per step against the plan's prediction.
 
 Readable without colour: every family has its own fill pattern as well as its colour, the
 legend repeats the pattern with the name and GiB, and a labelled line marks the usable memory.
@@ -6,6 +7,8 @@ legend repeats the pattern with the name and GiB, and a labelled line marks the 
 
 from __future__ import annotations
 
+import itertools
+import math
 from html import escape
 from urllib.parse import quote
 
@@ -144,3 +147,134 @@ def line_swatch_uri(dashed: bool) -> str:
     """The usable-memory line (dashed) or the GPU's total (thin), as the bars draw them."""
     stroke = 'stroke-width="2" stroke-dasharray="4 2"' if dashed else 'stroke-width="1"'
     return _data_uri(f'<svg xmlns="http://www.w3.org/2000/svg" width="14" height="12"><line x1="7" y1="0" x2="7" y2="12" stroke="#000" {stroke}/></svg>')
+
+
+# -- a run's curves: loss and GPU memory per step ---------------------------------------------------
+# Drawn like the bar: x positions in percent, y in pixels, no viewBox, so the lines stretch to any
+# width while the text stays 12 px. Each segment is its own <line> (a polyline cannot mix units).
+
+CHART_H = 200
+PLOT_TOP, PLOT_BOTTOM = 22, CHART_H - 24
+X_LEFT, X_RIGHT = 1.0, 99.0  # percent
+MAX_POINTS = 400
+
+
+def _nice_step(span: float, ticks: int = 4) -> float:
+    raw = span / ticks if span > 0 else 1.0
+    magnitude = 10 ** math.floor(math.log10(raw))
+    for factor in (1, 2, 2.5, 5, 10):
+        if raw <= factor * magnitude:
+            return factor * magnitude
+    return 10 * magnitude
+
+
+def _thin(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """At most MAX_POINTS, keeping the first, the last and the largest of each stride (a peak is never dropped)."""
+    if len(points) <= MAX_POINTS:
+        return points
+    stride = math.ceil(len(points) / MAX_POINTS)
+    kept = [max(points[i:i + stride], key=lambda p: p[1]) for i in range(0, len(points), stride)]
+    return [points[0], *kept[1:-1], points[-1]]
+
+
+class _Axes:
+    def __init__(self, x_min: int, x_max: int, y_min: float, y_max: float):
+        self.x_min, self.x_max = x_min, max(x_max, x_min + 1)
+        self.y_min, self.y_max = y_min, y_max if y_max > y_min else y_min + 1
+
+    def x(self, step: float) -> float:
+        return X_LEFT + (step - self.x_min) / (self.x_max - self.x_min) * (X_RIGHT - X_LEFT)
+
+    def y(self, value: float) -> float:
+        return PLOT_BOTTOM - (value - self.y_min) / (self.y_max - self.y_min) * (PLOT_BOTTOM - PLOT_TOP)
+
+
+def _grid(axes: _Axes, label) -> list[str]:
+    step = _nice_step(axes.y_max - axes.y_min)
+    value = math.ceil(axes.y_min / step) * step
+    out = []
+    while value <= axes.y_max + 1e-12:
+        y = axes.y(value)
+        out.append(f'<line x1="0" x2="100%" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="0" y="{y - 3:.1f}" font-size="12" fill="#555">{escape(label(value))}</text>')
+        value += step
+    return out
+
+
+def _x_labels(axes: _Axes) -> list[str]:
+    y = CHART_H - 6
+    first = f'<text x="{X_LEFT}%" y="{y}" font-size="12" fill="#555">step {axes.x_min}</text>'
+    last = f'<text x="{X_RIGHT}%" y="{y}" font-size="12" fill="#555" text-anchor="end">step {axes.x_max}</text>'
+    return [first, last]
+
+
+def _curve(axes: _Axes, points: list[tuple[int, float]], colour: str, label, width: float = 2) -> list[str]:
+    points = _thin(points)
+    out = [f'<g stroke="{colour}" stroke-width="{width}" stroke-linecap="round">']
+    for (s0, v0), (s1, v1) in itertools.pairwise(points):
+        out.append(f'<line x1="{axes.x(s0):.2f}%" y1="{axes.y(v0):.1f}" x2="{axes.x(s1):.2f}%" y2="{axes.y(v1):.1f}"/>')
+    out.append("</g>")
+    if len(points) <= 60:  # markers, each with its value on hover
+        out.append(f'<g fill="{colour}">')
+        for step, value in points:
+            out.append(f'<circle cx="{axes.x(step):.2f}%" cy="{axes.y(value):.1f}" r="3"><title>step {step}: {escape(label(value))}</title></circle>')
+        out.append("</g>")
+    return out
+
+
+def _svg(title: str, shapes: list[str]) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="100%" height="{CHART_H}" role="img" aria-label="{escape(title)}">'
+            f"<title>{escape(title)}</title>{''.join(shapes)}</svg>")
+
+
+def _empty(title: str, text: str) -> str:
+    return _svg(title, [f'<rect x="0" y="{PLOT_TOP}" width="100%" height="{PLOT_BOTTOM - PLOT_TOP}" fill="#f6f6f6"/>',
+                        f'<text x="50%" y="{(PLOT_TOP + PLOT_BOTTOM) / 2:.0f}" font-size="13" text-anchor="middle" fill="#555">{escape(text)}</text>'])
+
+
+def loss_chart_svg(points: list[tuple[int, float]], total_steps: int | None = None) -> str:
+    """Training loss per logged step."""
+    if not points:
+        return _empty("Loss per step: no step logged yet", "no step logged yet")
+    values = [v for _, v in points]
+    low, high = min(values), max(values)
+    pad = (high - low) * 0.08 or abs(high) * 0.1 or 0.1
+    axes = _Axes(min(s for s, _ in points) if len(points) > 1 else 0, max(total_steps or 0, points[-1][0]), max(0.0, low - pad), high + pad)
+    label = lambda v: f"{v:.3g}"
+    title = (f"Loss per step: {points[0][1]:.4g} at step {points[0][0]}, {points[-1][1]:.4g} at step {points[-1][0]}"
+             f"{f' of {total_steps}' if total_steps else ''}")
+    shapes = _grid(axes, label) + _x_labels(axes) + _curve(axes, points, "#4e79a7", label)
+    shapes.append(f'<text x="{X_RIGHT}%" y="14" font-size="12" text-anchor="end">loss {points[-1][1]:.4g} at step {points[-1][0]}</text>')
+    return _svg(title, shapes)
+
+
+def memory_chart_svg(points: list[tuple[int, int]], predicted: int, low: int | None, high: int | None,
+                     measured_peak: int | None, error_pct: float | None, total_steps: int | None = None, note: str | None = None) -> str:
+    """Measured GPU memory per step (reserved plus the CUDA context, the worst rank) against the
+    plan's predicted peak (dashed) and its band (shaded, low to high end). Drawn in GiB, so the
+    grid falls on round GiB."""
+    gib = [(s, v / GIB) for s, v in points]
+    top = max([predicted, high or 0, measured_peak or 0, *(v for _, v in points)]) / GIB
+    axes = _Axes(min(s for s, _ in points) if len(points) > 1 else 0, max([total_steps or 0, *(s for s, _ in points), 1]), 0, top * 1.12)
+    label = lambda v: f"{v:.3g} GiB"
+    shapes = _grid(axes, label) + _x_labels(axes)
+    if low is not None and high is not None:
+        y_high, y_low = axes.y(high / GIB), axes.y(low / GIB)
+        shapes.append(f'<rect x="0" width="100%" y="{y_high:.1f}" height="{max(y_low - y_high, 1):.1f}" fill="#e15759" fill-opacity=".12">'
+                      f"<title>the plan's band: {low / GIB:.2f} to {high / GIB:.2f} GiB</title></rect>")
+    y_pred = axes.y(predicted / GIB)
+    shapes.append(f'<line x1="0" x2="100%" y1="{y_pred:.1f}" y2="{y_pred:.1f}" stroke="#c62828" stroke-width="2" stroke-dasharray="6 4"/>')
+    shapes.append(f'<text x="{X_RIGHT}%" y="{y_pred - 5:.1f}" font-size="12" text-anchor="end" fill="#8a1c1c">predicted {predicted / GIB:.2f} GiB</text>')
+    if gib:
+        shapes += _curve(axes, gib, "#1b1b1b", lambda v: f"{v:.2f} GiB")
+    if measured_peak is not None and error_pct is not None:
+        direction = "above" if error_pct >= 0 else "below"
+        result = f"measured peak {measured_peak / GIB:.2f} GiB: the prediction is {abs(error_pct):.1f}% {direction} it"
+    elif measured_peak is not None:
+        result = f"measured peak {measured_peak / GIB:.2f} GiB"
+    else:
+        result = note or "no GPU memory measured yet"
+    shapes.append(f'<text x="{X_LEFT}%" y="14" font-size="12">{escape(result)}</text>')
+    band = f" (band {low / GIB:.2f} to {high / GIB:.2f} GiB)" if low is not None and high is not None else ""
+    title = f"GPU memory per step against the plan: predicted peak {predicted / GIB:.2f} GiB{band}; {result}"
+    return _svg(title, shapes)

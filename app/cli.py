@@ -225,7 +225,25 @@ def cmd_serve(args) -> int:
         return 2
     if args.allowed_hosts is not None:  # the app (and each worker it spawns) reads it from the environment
         os.environ["VRAMPLAN_ALLOWED_HOSTS"] = args.allowed_hosts
-    return serve(args.host, args.port, args.workers, limits)
+    for flag, name in ((args.auth, "VRAMPLAN_AUTH"), (args.data_dir, "VRAMPLAN_DATA_DIR"), (args.roots, "VRAMPLAN_ROOTS")):
+        if flag is not None:
+            os.environ[name] = flag
+    return serve(args.host, args.port, args.workers, limits, sign_in=_sign_in_line())
+
+
+def _sign_in_line() -> str:
+    """Made at the first start, printed at each (as Jupyter does): the URL that signs a browser in."""
+    from urllib.parse import quote
+
+    from app.auth import TOKEN_FILE, TokenError, data_dir, read_or_create_token
+
+    try:
+        token, created = read_or_create_token()
+    except (TokenError, OSError) as exc:
+        return f"vramplan: warning: launching runs is off until this is fixed: {exc}"
+    where = "VRAMPLAN_TOKEN" if os.environ.get("VRAMPLAN_TOKEN") else f"{data_dir() / TOKEN_FILE}, mode 0600"
+    return (f"vramplan: to launch runs, sign in at {{url}}/login?token={quote(token)} "
+            f"(the token {'was made now and is kept' if created else 'is kept'} in {where}; API clients send Authorization: Bearer TOKEN)")
 
 
 def cmd_models(args) -> int:
@@ -284,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--host", default="127.0.0.1", help="a non-loopback address makes the server reachable from the network")
     serve_parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one")
     serve_parser.add_argument("--workers", type=int, default=1, help="processes; the limits below apply to each")
+    serve_parser.add_argument("--auth", default=None, choices=("launch", "all"),
+                              help="what needs the token: launch (runs and their pages; planning stays open) or all (default: $VRAMPLAN_AUTH or launch)")
+    serve_parser.add_argument("--data-dir", default=None, metavar="DIR", help="where runs and the token are kept (default: $VRAMPLAN_DATA_DIR or ~/.local/share/vramplan)")
+    serve_parser.add_argument("--roots", default=None, metavar="DIRS",
+                              help="directories (':'-separated) a launched run's model, dataset and output may be in (default: $VRAMPLAN_ROOTS or the working directory)")
     serve_parser.add_argument("--allowed-hosts", default=None, metavar="NAMES",
                               help="Host names the server answers to, comma-separated ('*' for any; default: $VRAMPLAN_ALLOWED_HOSTS or localhost,127.0.0.1,::1)")
     serve_limits = serve_parser.add_argument_group("limits (per worker; defaults suit a local or small shared server)")

@@ -1,34 +1,60 @@
-"""The FastAPI application: the API, the pages, health, and the error contract.
+"""The FastAPI application: the API, the pages, health, the guard, and the error contract.
 
 No input may produce a 500: validation errors and PlanInputError become 422 with the field and
 the reason; anything unexpected is logged and answered as a 422 naming the request, so a user
 sees one readable line and the server keeps serving.
+
+Every request passes RequestGuard first: the Host must be one of this server's names (DNS
+rebinding), a state-changing request must not come from another site (Origin, Sec-Fetch-Site),
+the routes that start, stop or show runs need the token (app/auth.py), and every response carries
+the security headers (a Content-Security-Policy allowing only this server's scripts and styles,
+nosniff, no framing, a same-origin referrer).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import auth
 from app.api import router as api_router
 from app.model_builder import BuildBusy
+from app.runs import LaunchProblem, follow_forever
+from app.runs_api import router as runs_router
 from app.server import DEFAULT_ALLOWED_HOSTS
 from app.service import MAX_BODY_BYTES
+from launcher.supervisor import RunNotFound
 from planner.errors import PlanInputError
 
 log = logging.getLogger("vramplan")
 SWAGGER_UI = Path(__file__).resolve().parent.parent / "node_modules" / "swagger-ui-dist"
 SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 MAX_JSON_DEPTH = 32  # a plan request nests two levels; deep nesting only costs the parser
+# Only this server's own scripts and styles (no inline ones, no eval), images from here or data:
+# URIs (the legends' swatches), no plugins, no framing, forms post only here.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; font-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = (
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on a form post
+    (b"referrer-policy", b"same-origin"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
 
 
 def _error(loc: list, msg: str, status: int = 422, kind: str = "value_error") -> JSONResponse:
@@ -67,7 +93,8 @@ def _strict_json_problem(body: bytes) -> str | None:
 
 
 class RequestGuard:
-    """Before any handler: the Host and Origin are this server's, the body is at most
+    """Before any handler: the Host and Origin are this server's, the guarded routes have their
+    credentials (app/auth.py), every response gets the security headers, the body is at most
     MAX_BODY_BYTES whether or not it declares its length (read here in full, then replayed), and
     a JSON body to the API is strict JSON."""
 
@@ -84,12 +111,27 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        path = scope["path"]
+        guarded = auth.needs_credentials(path)
+        send = _with_security_headers(send, no_store=guarded)
         host = headers.get("host", "")
         if not self._host_allowed(host):
             return await _error(["header", "host"], f"this server does not answer to {host[:100]!r}; set VRAMPLAN_ALLOWED_HOSTS to add a name", 400, "host_refused")(scope, receive, send)
+        unsafe = scope["method"] not in auth.SAFE_METHODS
         origin = headers.get("origin")
-        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin and origin != "null" and urlsplit(origin).netloc.lower() != host.lower():
+        if unsafe and origin and origin != "null" and urlsplit(origin).netloc.lower() != host.lower():
             return await _error(["header", "origin"], f"a page from {origin[:100]} may not post to this server", 403, "origin_refused")(scope, receive, send)
+        fetch_site = headers.get("sec-fetch-site")
+        if unsafe and fetch_site in ("cross-site", "same-site"):
+            return await _error(["header", "sec-fetch-site"], f"the browser says this request comes from another site ({fetch_site}); "
+                                "a page of another site may not post to this server", 403, "origin_refused")(scope, receive, send)
+        # credentials are checked where needed, and read where a page shows what they allow (the plan page's launch button)
+        who = auth.CREDENTIALS.identify(headers, host, bearer=guarded) if guarded or "cookie" in headers else None
+        scope.setdefault("state", {})["vramplan_auth"] = who if who in ("bearer", "cookie") else None
+        if guarded:
+            refusal = _auth_refusal(scope, headers, host, who, unsafe)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
         declared = headers.get("content-length")
         too_large = _error(["body"], f"request body over {self.limit:,} bytes", 413, "too_large")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
@@ -127,9 +169,82 @@ class RequestGuard:
         return await self.app(scope, replay, send)
 
 
+def _documented_methods(app: FastAPI, path: str) -> set[str]:
+    """The methods /openapi.json documents for the path (with HEAD where GET is)."""
+    paths = app.openapi()["paths"]
+    if path in paths:  # a literal path (/api/v1/runs/dry-run) is its own resource, whatever the templates beside it
+        methods = {m.upper() for m in paths[path]}
+    else:
+        patterns = getattr(app.state, "path_patterns", None)
+        if patterns is None:
+            patterns = app.state.path_patterns = [
+                (re.compile("^" + "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{[^}]+\})", template)) + "$"),
+                 {m.upper() for m in operations})
+                for template, operations in paths.items() if "{" in template
+            ]
+        methods = {m for pattern, ms in patterns if pattern.match(path) for m in ms}
+    return methods | {"HEAD"} if "GET" in methods else methods
+
+
+def _with_security_headers(send, no_store: bool):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            present = {name.lower() for name, _ in message.get("headers", [])}
+            extra = [(n, v) for n, v in SECURITY_HEADERS if n not in present]
+            if no_store and b"cache-control" not in present:
+                extra.append((b"cache-control", b"no-store"))  # logs and run details stay out of caches
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return wrapped
+
+
+def _auth_refusal(scope, headers: dict, host: str, who: str | None, unsafe: bool):
+    """The response for a request to a guarded route that may not go on, or None."""
+    path = scope["path"]
+    api = path.startswith("/api/")
+    if who in ("bearer", "cookie"):
+        if who == "cookie" and unsafe and not auth.same_origin(headers, host):
+            # the cookie goes along with any request the browser makes: it must prove where it comes from
+            return _error(["header", "origin"], "a browser request that changes something must come from this server's own pages "
+                          "(no Origin or Sec-Fetch-Site: same-origin was sent)", 403, "origin_refused")
+        return None
+    if not api and scope["method"] in ("GET", "HEAD"):
+        query = scope.get("query_string", b"").decode("latin-1")
+        return RedirectResponse(auth.login_url(path + (f"?{query}" if query else "")), status_code=303)
+    msg = ("the token is wrong" if who == "bad_bearer" else
+           "this needs the token: send Authorization: Bearer TOKEN (vramplan serve printed it; it is also in the data directory's token file), "
+           "or sign in on /login")
+    response = _error(["header", "authorization"], msg, 401, "unauthorized")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="vramplan"'
+    return response
+
+
+def _ensure_token() -> None:
+    """The token is made at the first start (vramplan serve makes it earlier, to print it)."""
+    try:
+        _, created = auth.read_or_create_token()
+    except (auth.TokenError, OSError) as exc:
+        log.warning("launching is off until this is fixed: %s", exc)
+        return
+    if created:
+        log.warning("made the token for launching runs: %s (mode 0600)", auth.data_dir() / auth.TOKEN_FILE)
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
-    yield
+    await asyncio.to_thread(_ensure_token)
+    # the runs this server (or an earlier one) started: re-attached at once, then followed
+    follower = asyncio.create_task(follow_forever(app))
+    try:
+        yield
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        runs = getattr(app.state, "runs_runtime", None)
+        if runs is not None:
+            runs.close()
     # SIGTERM stops the server gracefully; the build worker is a child that must go with it
     from app.service import BUILDER
 
@@ -153,6 +268,24 @@ def create_app() -> FastAPI:
         response = _error(["body", "config_json"], str(exc), 503, "busy")
         response.headers["Retry-After"] = "5"
         return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 405:
+            # Starlette answers with the methods of one route on the path; GET and POST
+            # /api/v1/runs are two routes: Allow names every method the path takes
+            methods = _documented_methods(request.app, request.url.path)
+            if methods:
+                exc = StarletteHTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": ", ".join(sorted(methods))})
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RunNotFound)
+    async def run_not_found(request: Request, exc: RunNotFound):
+        return _error(["path", "run_id"], str(exc), 404, "not_found")
+
+    @app.exception_handler(LaunchProblem)
+    async def launch_problem(request: Request, exc: LaunchProblem):
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -179,10 +312,13 @@ def create_app() -> FastAPI:
     def docs():
         if not (SWAGGER_UI / SWAGGER_FILES[0]).is_file():
             return HTMLResponse('<p>The API explorer needs swagger-ui-dist: run <code>npm ci</code>. The schema is at <a href="/openapi.json">/openapi.json</a>.</p>')
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json", title="vramplan API",
-            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js", swagger_css_url="/static/swagger-ui/swagger-ui.css",
-            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        # FastAPI's get_swagger_ui_html starts Swagger UI with an inline script, which the CSP
+        # refuses: the same start is a file here (static/swagger-init.js)
+        return HTMLResponse(
+            '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>vramplan API</title>'
+            '<link rel="stylesheet" href="/static/swagger-ui/swagger-ui.css"><link rel="icon" href="/static/swagger-ui/favicon-32x32.png">'
+            '</head><body><div id="swagger-ui"></div><script src="/static/swagger-ui/swagger-ui-bundle.js"></script>'
+            '<script src="/static/swagger-init.js"></script></body></html>'
         )
 
     @app.get("/static/swagger-ui/{name}", include_in_schema=False)
@@ -193,9 +329,12 @@ def create_app() -> FastAPI:
         return FileResponse(path)
 
     app.include_router(api_router)
+    app.include_router(runs_router)
     from app.pages import router as pages_router
+    from app.runs_pages import router as runs_pages_router
 
     app.include_router(pages_router)
+    app.include_router(runs_pages_router)
     return app
 
 

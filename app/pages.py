@@ -46,6 +46,32 @@ def _break_after(text: str, separator: str) -> Markup:
 templates.env.filters["break_dots"] = lambda text: _break_after(text, ".")
 templates.env.filters["break_slash"] = lambda text: _break_after(text, "/")
 HTMX = ROOT / "node_modules" / "htmx.org" / "dist" / "htmx.min.js"
+# htmx's server-sent-events extension (npm htmx-ext-sse): the run page's live updates
+SSE_EXT = ROOT / "node_modules" / "htmx-ext-sse" / "dist" / "sse.min.js"
+STATIC = ROOT / "static"
+# what /static/NAME serves: the npm packages' files and the app's own; nothing else
+ASSETS = {
+    "htmx.min.js": (HTMX, "text/javascript", "htmx not installed: run npm ci"),
+    "htmx-ext-sse.js": (SSE_EXT, "text/javascript", "htmx-ext-sse not installed: run npm ci"),
+    "app.css": (STATIC / "app.css", "text/css", "missing"),
+    "swagger-init.js": (STATIC / "swagger-init.js", "text/javascript", "missing"),
+}
+
+
+def _asset_version() -> str:
+    import hashlib
+
+    path = STATIC / "app.css"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "0"
+
+
+def signed_in(request: Request) -> bool:
+    """The request carries this server's sign-in cookie or token (app/main.py's guard read it)."""
+    return bool((request.scope.get("state") or {}).get("vramplan_auth"))
+
+
+templates.env.globals["asset_version"] = _asset_version()  # a new stylesheet is fetched anew, never a stale cached one
+templates.env.globals["signed_in"] = signed_in
 router = APIRouter()
 
 COMPARE_METHODS = ("full", "lora", "qlora", "dora")
@@ -180,10 +206,10 @@ def _gpu_groups(selected: str) -> tuple[list[dict], str | None]:
 # -- planning -------------------------------------------------------------------------------------
 
 
-def _result(request_model: AdviseRequest) -> dict:
+def _result(request_model: AdviseRequest, roots: list | None = None) -> dict:
     # the planner's assumptions already say which card a line name meant and which base spec
-    # an instruct variant used
-    spec = resolve_web_model(request_model.model, request_model.config_json)
+    # an instruct variant used; a signed-in user may also plan a model directory inside the roots
+    spec = resolve_web_model(request_model.model, request_model.config_json, roots=roots)
     options = request_model.options()
     plan = build_plan(spec, options)
     result = {
@@ -201,11 +227,13 @@ def _result(request_model: AdviseRequest) -> dict:
 
 def _render_index(request: Request, params: dict, fragment: bool, status_code: int | None = None) -> HTMLResponse:
     """The form page, or (fragment) the result alone with the bits of the page it updates."""
+    from app.runs_pages import launch_block, local_roots
+
     parsed, raw, errors = _request_from(params)
     result = None
     if parsed is not None:
         try:
-            result = _result(parsed)
+            result = _result(parsed, local_roots(request))
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
     shown = _shown(raw)
@@ -222,6 +250,7 @@ def _render_index(request: Request, params: dict, fragment: bool, status_code: i
         "htmx": HTMX.is_file(),
         "query": _query(raw),
         "oob": fragment,
+        "launch": launch_block(request, raw, result, _query(raw)),
     }
     if status_code is None:
         # htmx swaps only 2xx: the fragment shows its errors with a 200
@@ -237,12 +266,16 @@ def _is_htmx(request: Request) -> bool:
     return request.headers.get("hx-request") == "true"
 
 
-@router.get("/static/htmx.min.js", include_in_schema=False)
-def htmx_script():
-    """htmx as the npm package `htmx.org` installed it (`npm ci`); the pages work without it."""
-    if not HTMX.is_file():
-        return Response("/* htmx not installed: run npm ci */", media_type="text/javascript", status_code=404)
-    return FileResponse(HTMX, media_type="text/javascript")
+@router.get("/static/{name}", include_in_schema=False)
+def static_asset(name: str):
+    """htmx and its SSE extension as npm installed them (`npm ci`), and the app's stylesheet and
+    scripts; the pages work without the npm files."""
+    if name not in ASSETS:
+        return Response("not found", media_type="text/plain", status_code=404)
+    path, media_type, missing = ASSETS[name]
+    if not path.is_file():
+        return Response(f"/* {missing} */", media_type=media_type, status_code=404)
+    return FileResponse(path, media_type=media_type)
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -84,3 +84,136 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "bad input: the field and the reason"},
     503: {"model": ErrorResponse, "description": "busy: too many requests or builds at once; retry shortly"},
 }
+
+
+# -- launched runs (/api/v1/runs, /api/v1/backends) ----------------------------------------------
+
+RunStateName = Literal["queued", "starting", "running", "cancelling", "succeeded", "failed", "cancelled", "lost"]
+
+
+class RunOut(BaseModel):
+    id: str = Field(description="32 hex digits; the API also takes an unambiguous prefix of 4 or more")
+    state: RunStateName
+    terminal: bool = Field(description="succeeded, failed, cancelled or lost: the state will not change again")
+    reason: str | None = Field(description="why it is in this state: oom, cancelled_by_user, exit_nonzero, killed_after_grace, ...")
+    message: str | None
+    exit_code: int | None
+    model: str
+    stage: str
+    method: str
+    backend: str
+    backend_options: dict[str, Any]
+    attempt: int = Field(description="1, or one more than the run it resumed")
+    resumed_from_run_id: str | None
+    resume_checkpoint: str | None
+    idempotency_key: str | None
+    plan_hash: str
+    predicted_peak_bytes: int = Field(description="the plan's central peak per GPU")
+    predicted_high_bytes: int = Field(description="the plan's band high end per GPU: what admission holds free memory to")
+    predicted_low_bytes: int | None
+    num_gpus: int
+    gpu_uuids: list[str]
+    device: Literal["cuda", "cpu"]
+    planned_gpu: str = Field(description="the GPU the plan was made for")
+    gpu_name: str | None = Field(description="the GPU the run reported")
+    driver: str | None
+    run_dir: str
+    output_dir: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    cancel_requested_at: float | None
+    duration_s: float | None
+    stopped_at_step: int | None
+    last_step: int | None
+    total_steps: int | None
+    final_loss: float | None
+    measured_peak_bytes: int | None = Field(description="the worst rank's max_memory_reserved plus its CUDA context; null on the CPU")
+    measured_allocated_bytes: int | None
+    measured_load_peak_bytes: int | None
+    measured_cuda_context_bytes: int | None
+    alloc_retries: int | None
+    error_pct: float | None = Field(description="(predicted - measured) / measured, in percent")
+    versions: dict[str, Any] | None
+    queue_position: int | None = Field(description="1 for the next queued run to start; null when not queued")
+
+
+class RunListOut(BaseModel):
+    runs: list[RunOut] = Field(description="newest first")
+
+
+class MetricOut(BaseModel):
+    step: int
+    rank: int
+    t: float | None
+    loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    num_tokens: float | None
+    max_reserved: int | None
+    max_allocated: int | None
+    nvml_process_used: int | None
+    extra: dict[str, Any]
+
+
+class MetricsOut(BaseModel):
+    run_id: str
+    metrics: list[MetricOut] = Field(description="by step, then rank")
+
+
+class LogsOut(BaseModel):
+    run_id: str
+    offset: int
+    next_offset: int = Field(description="the offset to ask for next")
+    eof: bool = Field(description="nothing more to read now (a live run writes more later)")
+    text: str
+
+
+class AdmissionOut(BaseModel):
+    ok: bool
+    message: str
+    device: str
+    gpus: list[str]
+    free_bytes: list[int]
+    needed_bytes: int
+
+
+class DryRunOut(BaseModel):
+    run_id: str = Field(description="the id the run would get; a launch makes a new one")
+    run_dir: str
+    backend: str
+    summary: str
+    argv: list[str] = Field(description="the command the backend would run, never a shell string")
+    env: dict[str, str] = Field(description="the run's environment; secrets shown as ***")
+    files: dict[str, str] = Field(description="file name in the run directory -> content")
+    admission: AdmissionOut = Field(description="the check against the GPUs' free memory now")
+    predicted_peak_bytes: int
+    predicted_high_bytes: int
+    plan: CheckResponse = Field(description="the plan the run would follow (with the launch defaults: expandable segments, the detected GPU)")
+
+
+class BackendOut(BaseModel):
+    name: str
+    target: str
+    available: bool
+    detail: str
+    capabilities: list[str]
+
+
+class BackendsOut(BaseModel):
+    backends: list[BackendOut]
+
+
+class RefusedResponse(ErrorResponse):
+    admission: AdmissionOut | None = None
+    predicted_peak_bytes: int | None = None
+    predicted_high_bytes: int | None = None
+    verdict: Verdict | None = None
+
+
+RUN_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    401: {"model": ErrorResponse, "description": "no token, or a wrong one: send `Authorization: Bearer TOKEN` (or sign in on /login)"},
+    403: {"model": ErrorResponse, "description": "a cross-site request: the Origin or Sec-Fetch-Site is not this server's"},
+    404: {"model": ErrorResponse, "description": "no such run"},
+}

@@ -137,9 +137,10 @@ def _worker_listener(shared: socket.socket, backlog: int) -> socket.socket | Non
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1, limits: ServerLimits = ServerLimits(),
-          app: str = "app.main:app") -> int:
+          app: str = "app.main:app", sign_in: str | None = None) -> int:
     """Serves `app` until Ctrl+C or SIGTERM. Returns an exit code: 0; 2 when the address is taken
-    or the installed uvicorn cannot enforce the limits; 3 when the server did not start."""
+    or the installed uvicorn cannot enforce the limits; 3 when the server did not start.
+    `sign_in`: a line to print once the address is known, "{url}" standing for the server's URL."""
     try:
         import httptools  # noqa: F401  (uvicorn would fall back to h11, which has none of these limits)
         import uvicorn
@@ -177,8 +178,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1, limits: S
     config.vramplan_limits = limits  # travels with the config to each worker
     shown = f"[{host}]" if ":" in host else host
     print(f"vramplan: serving on http://{shown}:{config.port} (API docs at /docs); Ctrl+C stops", file=sys.stderr)
+    if sign_in:
+        reachable = "127.0.0.1" if host in ("0.0.0.0", "::") else shown
+        print(sign_in.replace("{url}", f"http://{reachable}:{config.port}"), file=sys.stderr)
     if not is_loopback(host):
-        print(f"vramplan: note: {host} is not a loopback address: the server is reachable from the network, without authentication", file=sys.stderr)
+        print(f"vramplan: note: {host} is not a loopback address: the server is reachable from the network. Planning is open to anyone "
+              "who reaches it (--auth all closes it); launching needs the token, which plain http sends unencrypted: put TLS in front", file=sys.stderr)
         allowed = os.environ.get("VRAMPLAN_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS)
         if "*" not in allowed:
             print(f"vramplan: note: it answers to the Host names {allowed} only; add the name others use with --allowed-hosts NAME[,NAME] ('*' for any)", file=sys.stderr)

@@ -57,13 +57,18 @@ class AdviseRequest(PlanRequest, Task):
         return Task.model_validate(self.model_dump(include=self.model_fields_set & set(Task.model_fields)))
 
 
-def resolve_web_model(model: str | None, config_json: str | None = None) -> ModelSpec:
-    """A catalog id, or a config.json given as text. Paths are refused: the server's files are
-    not the user's to name. Blocks while a pasted config builds: call it from a thread."""
+def resolve_web_model(model: str | None, config_json: str | None = None, roots: list | None = None) -> ModelSpec:
+    """A catalog id, or a config.json given as text. Paths are refused (the server's files are
+    not the user's to name) unless `roots` is given: a signed-in user may name a model directory
+    inside them (app/runs.py). Blocks while a config builds: call it from a thread."""
     if config_json and config_json.strip():
         return BUILDER.build(config_json.strip())
     model = (model or "").strip()
     match = find_catalog_model(model) if model else None
+    if match is None and roots and model:
+        from app.runs import resolve_launch_model
+
+        return resolve_launch_model(model, roots)[1]
     if match is None:
         hint = closest_ids(model)
         suggestion = f"; did you mean {', '.join(hint)}?" if hint else ""
