@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"
 MAX_LINE = 16_384
+LOG_PREFIX = "VRAMPLAN_EVENT "
 
 
 def _rank() -> int:
@@ -30,6 +31,7 @@ class EventWriter:
     def __init__(self, run_dir: Path, run_id: str):
         self.run_id = run_id
         self.rank = _rank()
+        self.to_log = os.environ.get("VRAMPLAN_EVENTS_TO_LOG") == "1"
         self._fd = os.open(run_dir / EVENTS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def emit(self, event: str, **fields) -> None:
@@ -44,6 +46,8 @@ class EventWriter:
         if len(line) > MAX_LINE:
             line = json.dumps({k: record[k] for k in ("t", "run_id", "rank", "event")} | {"truncated": True})
         os.write(self._fd, (line + "\n").encode())
+        if self.to_log:  # no shared filesystem (Ray Jobs): the events travel in the log stream too
+            print(f"{LOG_PREFIX}{line}", flush=True)
 
 
 class MemoryProbe:

@@ -36,3 +36,13 @@ def tiny_specs():
     from planner.introspect import spec_from_config
 
     return {name: spec_from_config(cfg, name) for name, cfg in TINY.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny random Llama with its in-process tokenizer and a dataset per stage, built once a session
+    (about 5 s) for every test that launches a real run."""
+    from tests.tinyrun import make_tiny_model, write_datasets
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    return {"model": make_tiny_model(root / "model"), **write_datasets(root)}

@@ -20,7 +20,6 @@ import pytest
 from app.cli import main
 from launcher.backends.local import run_processes
 from launcher.supervisor import Supervisor
-from tests.tinyrun import make_tiny_model, write_datasets
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -30,11 +29,9 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_model(root / "model")
-    return {"model": model, **write_datasets(root)}
+@pytest.fixture
+def tiny(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from launcher.backend import Handle, Reason, RunState
 from launcher.backends.slurm import STATES, SlurmBackend, SlurmOptions
 from launcher.supervisor import Supervisor
 from tests.test_launcher import launch_args, wait_for
-from tests.tinyrun import make_tiny_model, write_datasets
 
 FAKE = Path(__file__).with_name("fake_slurm")
 
@@ -35,10 +34,9 @@ def _real_slurm_problem() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {"model": make_tiny_model(root / "model"), **write_datasets(root)}
+@pytest.fixture
+def tiny(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture
@@ -95,6 +93,7 @@ def test_real_slurm_cancel_leaves_a_checkpoint(tiny, tmp_path, capsys, offline):
 
 # -- fake Slurm: the same backend code, every state ------------------------------------------------
 
+@pytest.mark.skipif(_real_slurm_problem() is None, reason="a real Slurm is up here: the real-cluster tests above run the same flow")
 def test_fake_slurm_runs_and_cancels_through_the_same_backend(tiny, tmp_path, capsys, offline, fake_slurm):
     data_dir = tmp_path / "d"
     code, out, err = _cli(capsys, launch_args(tiny, data_dir, "--backend", "slurm", "--wait", "--json", steps=3))
