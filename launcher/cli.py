@@ -41,14 +41,14 @@ def _settings(args):
     return _cli()._parse_options(args, RunSettings)
 
 
-def _launch_options(args, device: str):
+def _launch_options(args, device: str, local: bool = True):
     """The plan's options, with the launch defaults: the GPUs detected here, and expandable segments
     (what a launched run sets, so what its plan must assume)."""
     from planner.options import TrainingOptions
 
     given = {k: v for k, v in vars(args).items() if k in TrainingOptions.model_fields}
     given.setdefault("allocator", "expandable_segments")
-    if device == "cuda" and "gpu" not in given and "gpu_memory_gib" not in given:
+    if local and device == "cuda" and "gpu" not in given and "gpu_memory_gib" not in given:
         given["gpu"] = "auto"
     return TrainingOptions.model_validate(given)
 
@@ -57,7 +57,7 @@ def _plan(args, device: str):
     from planner.catalog import resolve_model
     from planner.plan import build_plan
 
-    options = _launch_options(args, device)
+    options = _launch_options(args, device, local=getattr(args, "backend", "local") == "local")
     return build_plan(resolve_model(args.model), options)
 
 
@@ -65,6 +65,8 @@ def _device(args) -> str:
     device = getattr(args, "device", None) or "auto"
     if device != "auto":
         return device
+    if args.backend != "local":
+        return "cuda"  # a cluster's GPUs, not this machine's: nothing to detect here
     from gpu_catalog.detect import detect
 
     return "cuda" if detect().gpus else "cpu_unasked"

@@ -175,7 +175,7 @@ def test_a_two_node_plan_renders_a_two_node_script(tmp_path):
     for expected in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gres=gpu:8", "#SBATCH --time=2-00:00:00",
                      "#SBATCH --partition=gpu", "#SBATCH --account=lab-1", "#SBATCH --signal=TERM@300"):
         assert expected in lines
-    assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
+    assert 'export head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
     srun = next(line for line in lines if line.startswith("srun "))
     for piece in ("--num_machines 2", "--num_processes 16", '--machine_rank "$SLURM_NODEID"', '--main_process_ip "$head_node"', "--main_process_port 29500"):
         assert piece in srun

@@ -72,6 +72,8 @@ class SlurmOptions(BaseModel):
     cpus_per_task: int | None = Field(default=None, ge=1, le=256, description="default: the partition's")
     signal_before_end_s: int = Field(default=300, ge=30, le=3600, description="SIGTERM this long before the time limit: the run checkpoints and stops")
     grace_period_s: float = Field(default=120.0, ge=1, le=3600)
+    python: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_./\-]{1,512}$",
+                               description="the nodes' Python with vramplan installed (default: this one, on a shared filesystem)")
 
 
 def _run(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -89,7 +91,7 @@ def layout(spec: LaunchSpec, options: SlurmOptions) -> tuple[int, int]:
 
 def job_script(spec: LaunchSpec, run_dir: Path, options: SlurmOptions, env: dict[str, str]) -> str:
     nodes, per_node = layout(spec, options)
-    python = shlex.quote(sys.executable)
+    python = shlex.quote(options.python or sys.executable)
     run = shlex.quote(str(run_dir))
     lines = [
         "#!/bin/bash",
@@ -114,8 +116,8 @@ def job_script(spec: LaunchSpec, run_dir: Path, options: SlurmOptions, env: dict
         trainer = f"{python} {entry}"
     else:
         lines += [
-            'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            f"export VRAMPLAN_RENDEZVOUS=\"$head_node:{RENDEZVOUS_PORT}\"",
+            # exported: each node's `bash -c` below reads it
+            'export head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         ]
         trainer = (f"{python} -m accelerate.commands.launch --config_file {run}/accelerate.yaml --num_machines {nodes} "
                    f"--num_processes {nodes * per_node} --machine_rank \"$SLURM_NODEID\" --main_process_ip \"$head_node\" "
@@ -156,7 +158,7 @@ class SlurmBackend:
         env = run_environment(spec)
         files["job.sbatch"] = job_script(spec, run_dir, options, env)
         shown = {k: ("***" if k in SECRET_ENV else v) for k, v in env.items()}
-        where = f"{nodes} node(s) x {per_node} {'GPU' if spec.resources.device == 'cuda' else 'process'}(es)"
+        where = f"{nodes} node(s) x {per_node} {'GPU' if spec.resources.device == 'cuda' else 'process'}{'s' if per_node > 1 else ''}"
         summary = f"{spec.method} {spec.stage} of {spec.model.location} as an sbatch job on {where}; output in {spec.output_dir}"
         return Rendered(files=files, argv=("sbatch", "--parsable", str(run_dir / "job.sbatch")), env=shown, summary=summary)
 
