@@ -118,3 +118,37 @@ def test_a_plan_says_which_allocator_and_calibration_it_assumed():
     assert any("default caching allocator" in a for a in default.assumptions)
     assert any("expandable_segments:True" in a for a in expandable.assumptions)
     assert expandable.peak_bytes < default.peak_bytes
+
+
+def test_runs_a_team_launched_refit_the_model(tmp_path, capsys):
+    """`vramplan runs export` rows join the committed runs in `bench/calibrate.py` (issue 12, refit from real runs)."""
+    from app.cli import main
+    from tests.test_launcher_store import _row
+    from launcher.supervisor import Supervisor
+
+    supervisor = Supervisor(tmp_path / "data")
+    run_id = "f" * 32
+    run_dir = supervisor.runs_root / run_id
+    run_dir.mkdir()
+    options = TrainingOptions(method="lora", batch_size=4, seq_len=1024, gpu="H100").model_dump(mode="json")
+    row = _row(run_id, run_dir, state="starting", handle_json=json.dumps({"backend": "local", "data": {"pid": 999999999, "create_time": 1.0, "pgid": 1, "marker": run_id}}))
+    spec = json.loads(row["spec_json"])
+    spec.update(model={"kind": "hub", "location": "meta-llama/Llama-3.2-1B"}, options=options)
+    row["spec_json"] = json.dumps(spec)
+    supervisor.store.create(row)
+    events = [{"event": "train_begin", "rank": 0, "max_steps": 3, "gpu_name": "NVIDIA H100 80GB HBM3", "cuda_context": 1307377664},
+              {"event": "log", "rank": 0, "step": 3, "loss": 1.0, "max_memory_reserved": 12 * GIB, "max_memory_allocated": 10 * GIB}]
+    (run_dir / "events.jsonl").write_text("".join(json.dumps({"run_id": run_id, "t": 1.0, **e}) + "\n" for e in events))
+    (run_dir / "exit.json").write_text('{"exit_code": 0}')
+    assert supervisor.refresh(run_id).state == "succeeded"
+    exported = tmp_path / "team-runs.jsonl"
+    assert main(["runs", "export", "--out", str(exported), "--data-dir", str(tmp_path / "data")]) == 0
+    capsys.readouterr()
+
+    team = calibrate.load_runs([exported])
+    inputs = calibrate.plan_inputs(team[0])
+    assert inputs["measured_process"] == 12 * GIB + 1307377664
+    target = tmp_path / "calibration.json"
+    assert calibrate.main([str(calibrate.DEFAULT_RUNS), str(exported), "--name", "team", "--calibration-file", str(target), "--results-dir", str(tmp_path)]) == 0
+    written = json.loads(target.read_text())
+    assert written["name"] == "team" and written["band"]["runs"] == 23
