@@ -208,6 +208,18 @@ def accelerate_config(spec: LaunchSpec) -> dict[str, Any] | None:
     return config
 
 
+def deepspeed_json(zero_stage: int, offload: str) -> dict[str, Any]:
+    """A DeepSpeed config for the plan's ZeRO stage and offload, with the rest left to the trainer ("auto")."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload != "none":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "params" and zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+            "train_micro_batch_size_per_gpu": "auto", "zero_allow_untested_optimizer": True}
+
+
 def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
     """Axolotl's documented keys (its input config schema, axolotl 0.21: utils/schemas/*.py)."""
     options, settings = spec.options, spec.settings
@@ -277,15 +289,7 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         if parallelism.startswith("zero"):
             # inline (the key takes a path or the JSON itself): axolotl's deepspeed_configs/ has no file
             # for most stage and offload pairs (its zero2.json offloads the optimizer)
-            zero_stage = int(parallelism[-1])
-            zero: dict[str, Any] = {"stage": zero_stage}
-            if offload != "none":
-                zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-            if offload == "params" and zero_stage == 3:
-                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-            config["deepspeed"] = {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-                                   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
-                                   "train_micro_batch_size_per_gpu": "auto", "zero_allow_untested_optimizer": True}
+            config["deepspeed"] = deepspeed_json(int(parallelism[-1]), offload)
         elif parallelism == "fsdp":
             if config["optimizer"] == "adamw_bnb_8bit":
                 config["optimizer"] = "adamw_torch_8bit"  # axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2
@@ -354,15 +358,7 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
     if spec.resources.num_processes > 1 and options["parallelism"].startswith("zero"):
         # inline (transformers' `deepspeed` takes a path or the JSON itself): examples/deepspeed/ has no
         # ZeRO-1 file and no ZeRO-3 file that offloads the optimizer alone
-        zero_stage, offload = int(options["parallelism"][-1]), options["offload"]
-        zero: dict[str, Any] = {"stage": zero_stage}
-        if offload != "none":
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if offload == "params" and zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        config["deepspeed"] = {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-                               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
-                               "train_micro_batch_size_per_gpu": "auto", "zero_allow_untested_optimizer": True}
+        config["deepspeed"] = deepspeed_json(int(options["parallelism"][-1]), options["offload"])
     return config
 
 
