@@ -228,8 +228,10 @@ def _classes():
 
         raise RuntimeError(f"vramplan serve needs uvicorn 0.54 or newer (this is {uvicorn.__version__})")
     log = logging.getLogger("uvicorn.error")
+    # what the app's guard adds to every response, for the two answered before the app: the 503 and the 431
+    guard_headers = [(b"x-content-type-options", b"nosniff"), (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")]
     shed_headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"19"),
-                    (b"retry-after", b"1"), (b"connection", b"close")]
+                    (b"retry-after", b"1"), (b"connection", b"close"), *guard_headers]
 
     async def shed(scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 503, "headers": shed_headers})
@@ -366,6 +368,7 @@ def _classes():
                 body = b"request line and headers over %d bytes" % self.limits.max_header_bytes
                 self.transport.write(b"".join([
                     STATUS_LINE[431], b"content-type: text/plain; charset=utf-8\r\n",
+                    *(b"%s: %s\r\n" % header for header in guard_headers),
                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body), body,
                 ]))
             self.transport.close()

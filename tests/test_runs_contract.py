@@ -17,7 +17,7 @@ from app.main import create_app
 from tests import fake_backend
 
 TOKEN = "contract-token-0123456789abcdef"
-EXAMPLES = int(os.environ.get("VRAMPLAN_CONTRACT_EXAMPLES_RUNS", "40"))
+EXAMPLES = int(os.environ.get("VRAMPLAN_CONTRACT_EXAMPLES_RUNS", "30"))
 
 
 @pytest.fixture(autouse=True)
