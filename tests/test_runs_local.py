@@ -1,5 +1,5 @@
 """The real `local` backend driven over HTTP, end to end on the CPU: a tiny random Llama with a
-tokenizer trained here (tests/tinyrun.py), planned from its directory, launched with POST
+tokenizer trained here (tests/tinyrun.py, built once a session), planned from its directory, launched with POST
 /api/v1/runs, followed by the app's own loop to `succeeded`, its steps in /metrics, its log in
 /logs, its events in the SSE feed, and its page. No fake anywhere: TRL trains in a subprocess.
 """
@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.tinyrun import make_tiny_model, write_datasets
-
 TOKEN = "local-token-0123456789abcdef"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-web")
-    return {"root": root, "model": make_tiny_model(root / "model"), **write_datasets(root)}
+@pytest.fixture
+def tiny(tiny_run):
+    """The session's tiny model and datasets (tests/conftest.py), in one directory: the server's root."""
+    return {**tiny_run, "root": Path(tiny_run["model"]).parent}
 
 
 def test_a_real_local_run_launched_over_http_succeeds(tiny, tmp_path, monkeypatch):
