@@ -24,13 +24,12 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from pydantic import ValidationError as PydanticValidationError
 
-from launcher.backend import TERMINAL, RunState
 from launcher.spec import DATASET_SUFFIXES, HUB_ID, RunSettings
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
@@ -570,10 +569,3 @@ async def event_stream(rt: RunsRuntime, run_id: str, cursor: Cursor, interval: f
             last_sent = now
             yield ": still here\n\n"
         await asyncio.sleep(interval)
-
-
-def is_live_state(state: str) -> bool:
-    return RunState(state) not in TERMINAL
-
-
-RunStateName = Literal["queued", "starting", "running", "cancelling", "succeeded", "failed", "cancelled", "lost"]
