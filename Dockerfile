@@ -11,14 +11,18 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY app ./app
 COPY planner ./planner
 COPY gpu_catalog ./gpu_catalog
+COPY launcher ./launcher
 COPY templates ./templates
+COPY static ./static
 COPY --from=assets /assets/node_modules ./node_modules
-# editable, so the app finds templates/ and node_modules/ beside its package; pinned versions
+# editable, so the app finds templates/ and node_modules/ beside its package; pinned versions.
+# This image plans; to launch runs from it, install the `launch` extra too (torch, TRL: several GB).
 RUN pip install --no-cache-dir -c constraints.txt -e '.[web]'
 # Inside a container the server must listen on 0.0.0.0 to be reachable through -p; it still
 # answers only to the Host names below (add yours, e.g. -e VRAMPLAN_ALLOWED_HOSTS=plan.example.org)
 # and refuses cross-site posts. Publish the port on loopback (-p 127.0.0.1:8000:8000) unless
-# others should reach it. (When the web app can launch runs, its token guard must hold here too.)
+# others should reach it. Launching runs needs the token `serve` prints with its sign-in URL;
+# mount the data directory (-v vramplan-data:/root/.local/share/vramplan) to keep it and the runs.
 ENV VRAMPLAN_ALLOWED_HOSTS=localhost,127.0.0.1,::1
 EXPOSE 8000
 ENTRYPOINT ["vramplan"]

@@ -4,6 +4,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Starlette's test client sends Host: testserver; the app answers only to names it is given
 os.environ.setdefault("VRAMPLAN_ALLOWED_HOSTS", "localhost,127.0.0.1,::1,testserver")
+# the app makes its token and run store in the data dir at start: never the developer's own
+import tempfile  # noqa: E402
+
+os.environ.setdefault("VRAMPLAN_DATA_DIR", tempfile.mkdtemp(prefix="vramplan-test-data-"))
 
 import pytest  # noqa: E402
 

@@ -10,7 +10,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app.main import app
 
-schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+# the runs API answers only 401 here without a token: tests/test_runs_contract.py covers it signed in
+schema = schemathesis.openapi.from_asgi("/openapi.json", app).exclude(path_regex=r"^/api/v1/(runs|backends)")
 EXAMPLES = int(os.environ.get("VRAMPLAN_CONTRACT_EXAMPLES", "300"))
 
 
