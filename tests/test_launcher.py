@@ -103,7 +103,7 @@ def test_alignment_stages_run_to_success(tiny, data_dir, capsys, stage, dataset,
 
 
 def test_cancel_leaves_a_checkpoint_and_resume_continues_from_it(tiny, data_dir, capsys):
-    code, out, _ = run_cli(capsys, launch_args(tiny, data_dir, "--json", "--step-sleep-s", "0.3", steps=40))
+    code, out, _ = run_cli(capsys, launch_args(tiny, data_dir, "--json", "--step-sleep-s", "0.3", steps=20))
     assert code == 0
     run_id = json.loads(out)["id"]
     supervisor = Supervisor(data_dir)
@@ -112,7 +112,7 @@ def test_cancel_leaves_a_checkpoint_and_resume_continues_from_it(tiny, data_dir,
     cancelled = json.loads(out)
     assert code == 5 and cancelled["state"] == "cancelled" and cancelled["reason"] == "cancelled_by_user"
     stopped_at = cancelled["last_step"]
-    assert 3 <= stopped_at < 40
+    assert 3 <= stopped_at < 20
     assert (Path(cancelled["output_dir"]) / f"checkpoint-{stopped_at}" / "optimizer.pt").exists()
     assert_nothing_left(run_id)
 
@@ -120,7 +120,7 @@ def test_cancel_leaves_a_checkpoint_and_resume_continues_from_it(tiny, data_dir,
     resumed = json.loads(out)
     assert code == 0, err
     assert resumed["state"] == "succeeded" and resumed["attempt"] == 2 and resumed["resumed_from_run_id"] == run_id
-    assert resumed["last_step"] == 40
+    assert resumed["last_step"] == 20
     begin = next(e for e in events(resumed) if e["event"] == "train_begin")
     assert begin["resumed_from_step"] == stopped_at
 
