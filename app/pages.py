@@ -9,14 +9,16 @@ objects the API returns; the templates only format them.
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import typing
 from pathlib import Path
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 from pydantic import ValidationError
@@ -29,7 +31,8 @@ from gpu_catalog.detect import detect
 from planner.advisor import advise
 from planner.catalog import catalog_ids, load_catalog_spec
 from planner.errors import PlanInputError
-from planner.fit import smallest_fixes
+from planner.fit import fit_report
+from planner.options import TrainingOptions
 from planner.plan import DEFAULT_GPU, GIB, build_plan, resolve_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +46,8 @@ def _break_after(text: str, separator: str) -> Markup:
     return Markup(f"{separator}<wbr>").join(escape(part) for part in str(text).split(separator))
 
 
+# a Markdown table cell: one line, pipes escaped
+templates.env.filters["md_cell"] = lambda text: " ".join(str(text).split()).replace("|", "\\|")
 templates.env.filters["break_dots"] = lambda text: _break_after(text, ".")
 templates.env.filters["break_slash"] = lambda text: _break_after(text, "/")
 HTMX = ROOT / "node_modules" / "htmx.org" / "dist" / "htmx.min.js"
@@ -55,6 +60,7 @@ ASSETS = {
     "htmx-ext-sse.js": (SSE_EXT, "text/javascript", "htmx-ext-sse not installed: run npm ci"),
     "app.css": (STATIC / "app.css", "text/css", "missing"),
     "swagger-init.js": (STATIC / "swagger-init.js", "text/javascript", "missing"),
+    "copy.js": (STATIC / "copy.js", "text/javascript", "missing"),
 }
 
 
@@ -72,6 +78,15 @@ def signed_in(request: Request) -> bool:
 
 templates.env.globals["asset_version"] = _asset_version()  # a new stylesheet is fetched anew, never a stale cached one
 templates.env.globals["signed_in"] = signed_in
+
+
+def _units_example() -> str:
+    """How a marketed GB size reads in GiB, for the one line that says which unit is which."""
+    h100 = find_gpu("H100 SXM")
+    return f"an “80GB” H100 has {h100.memory_mib:,} MiB = {h100.memory_mib / 1024:.1f} GiB"
+
+
+templates.env.globals["units_example"] = _units_example()
 router = APIRouter()
 
 COMPARE_METHODS = ("full", "lora", "qlora", "dora")
@@ -196,7 +211,7 @@ def _gpu_groups(selected: str) -> tuple[list[dict], str | None]:
         groups.append({"label": "Detected on this server", "options": [{"value": "auto", "label": f"auto: {first.name} ({first.free_bytes / GIB:.1f} GiB free)"}]})
     for segment, vendor, label in GPU_GROUPS:
         cards = [g for g in all_gpus() if g.vendor == vendor and segment in (None, g.segment)]
-        groups.append({"label": label, "options": [{"value": g.name, "label": f"{g.name} ({g.memory_mib / 1024:.0f} GiB)"} for g in cards]})
+        groups.append({"label": label, "options": [{"value": g.name, "label": f"{g.name} ({g.memory_mib / 1024:.1f} GiB)"} for g in cards]})
     if not any(o["value"] == selected for group in groups for o in group["options"]):
         # what was asked for stays visible (and is sent again) until the user picks a card
         groups.insert(0, {"label": "As given", "options": [{"value": selected, "label": f"{selected} (not found: pick one below)"}]})
@@ -206,23 +221,69 @@ def _gpu_groups(selected: str) -> tuple[list[dict], str | None]:
 # -- planning -------------------------------------------------------------------------------------
 
 
-def _result(request_model: AdviseRequest, roots: list | None = None) -> dict:
+def _result(request_model: AdviseRequest, roots: list | None = None, base_url: str = "http://127.0.0.1:8000") -> dict:
     # the planner's assumptions already say which card a line name meant and which base spec
     # an instruct variant used; a signed-in user may also plan a model directory inside the roots
     spec = resolve_web_model(request_model.model, request_model.config_json, roots=roots)
     options = request_model.options()
     plan = build_plan(spec, options)
+    # the fit searches and the fixes: the very object POST /api/v1/fit returns
+    fit = fit_report(spec, options)
+    plan_dict = plan.to_dict()
     result = {
-        "plan": plan.to_dict(),
+        "plan": plan_dict,
         "chart": memory_bar_svg(plan),
-        "fixes": None,
-        "advice": None,
+        "fit": fit,
+        "fixes": None if plan.fits else fit["fixes"],
+        "advice": advise(spec, request_model.task(), options).to_dict(),
         "pasted": bool(request_model.config_json and request_model.config_json.strip()),
     }
-    if not plan.fits:
-        result["fixes"] = smallest_fixes(spec, options).to_dict()
-    result["advice"] = advise(spec, request_model.task(), options).to_dict()
+    result["reproduce"] = reproduce(request_model, plan_dict, base_url)
+    result["markdown"] = markdown_summary(result)
     return result
+
+
+# -- the same result elsewhere: the CLI command, the curl call, Markdown ----------------------------
+
+
+def _planned_options(request_model: AdviseRequest, plan: dict) -> dict:
+    """The plan options the user gave, as JSON values, with the GPU written as the catalog card the
+    plan used (a fuzzy name, the default or `auto` on this server would mean another card elsewhere)."""
+    given = request_model.options()
+    options = given.model_dump(mode="json", include=given.model_fields_set)
+    if options.get("gpu_memory_gib") is None:
+        options["gpu"] = plan["gpu"]["name"]
+    if plan["gpu"]["count"] > 1 or "num_gpus" in options:
+        options["num_gpus"] = plan["gpu"]["count"]
+    # the form's order, then any other option, so one state always gives one command
+    order = [n for n in FORM_FIELDS if n in TrainingOptions.model_fields] + list(TrainingOptions.model_fields)
+    return {name: options[name] for name in dict.fromkeys(order) if name in options and options[name] is not None}
+
+
+def _cli_flag(name: str, value) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + name.replace("_", "-")]
+    if isinstance(value, list):
+        value = ",".join(value)
+    return [flag, str(value)]
+
+
+def reproduce(request_model: AdviseRequest, plan: dict, base_url: str) -> dict:
+    """`vramplan check ...` and the `curl` call to POST /api/v1/plan that give this result again."""
+    options = _planned_options(request_model, plan)
+    pasted = bool(request_model.config_json and request_model.config_json.strip())
+    model_arg = "config.json" if pasted else (request_model.model or "").strip()
+    words = ["vramplan", "check", model_arg] + [w for name, value in options.items() for w in _cli_flag(name, value)]
+    body = ({"config_json": request_model.config_json.strip()} if pasted else {"model": model_arg}) | options
+    curl = (f"curl -sS -X POST {shlex.quote(base_url.rstrip('/') + '/api/v1/plan')} "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body, separators=(',', ':')))}")
+    return {"cli": shlex.join(words), "curl": curl, "body": body, "pasted": pasted}
+
+
+def markdown_summary(result: dict) -> str:
+    """The plan as Markdown, to paste into an issue or a pull request."""
+    return templates.get_template("plan.md").render(result=result, plan=result["plan"]).strip() + "\n"
 
 
 def _render_index(request: Request, params: dict, fragment: bool, status_code: int | None = None) -> HTMLResponse:
@@ -233,7 +294,7 @@ def _render_index(request: Request, params: dict, fragment: bool, status_code: i
     result = None
     if parsed is not None:
         try:
-            result = _result(parsed, local_roots(request))
+            result = _result(parsed, local_roots(request), str(request.base_url))
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
     shown = _shown(raw)
@@ -251,6 +312,7 @@ def _render_index(request: Request, params: dict, fragment: bool, status_code: i
         "query": _query(raw),
         "oob": fragment,
         "launch": launch_block(request, raw, result, _query(raw)),
+        "fit_links": _fit_links(raw, result),
     }
     if status_code is None:
         # htmx swaps only 2xx: the fragment shows its errors with a 200
@@ -260,6 +322,28 @@ def _render_index(request: Request, params: dict, fragment: bool, status_code: i
     if fragment:
         response.headers["HX-Push-Url"] = f"/?{context['query']}"
     return response
+
+
+def _fit_links(raw: dict, result: dict | None) -> dict:
+    """The page address of each fit search's answer: this state with the one option changed."""
+    if not result:
+        return {}
+    fit, links = result["fit"], {}
+    for key in ("largest_batch", "longest_sequence", "fewest_gpus"):
+        if fit[key]["value"] is not None:
+            links[key] = _query(raw, **{fit[key]["option"]: str(fit[key]["value"])})
+    if fit["fewest_gpus"]["value"] is not None:
+        # the search shards across several GPUs (planner/fit.py's own choice) and uses ddp on one;
+        # its dict names only the count, so the link asks the planner which layout that is
+        from planner.fit import _sharded
+
+        count = fit["fewest_gpus"]["value"]
+        layout = _sharded(TrainingOptions.model_validate(result["plan"]["options"])).parallelism if count > 1 else "ddp"
+        links["fewest_gpus"] = _query(raw, num_gpus=str(count), parallelism=layout)
+    if fit["cheapest_gpu"]:
+        c = fit["cheapest_gpu"]
+        links["cheapest_gpu"] = _query(raw, gpu=c["gpu"], num_gpus=str(c["count"]), parallelism=c["parallelism"], gpu_memory_gib="")
+    return links
 
 
 def _is_htmx(request: Request) -> bool:
@@ -292,6 +376,47 @@ def result_fragment(request: Request):
     response = _render_index(request, dict(request.query_params), fragment=htmx, status_code=None if htmx else 200)
     response.headers["Vary"] = "HX-Request"  # one address, two bodies: caches must not mix them
     return response
+
+
+# -- every page's JSON twin: the page's address with .json (/plan.json for /) ----------------------
+# The same objects the API returns (POST /api/v1/plan, /fit, /advise, /check), never a copy made
+# for the page; errors are the API's 422 {"detail": [{"loc", "msg"}]}.
+
+
+def _json_errors(errors: list[dict]) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": ["query", *e["field"].split(".")], "msg": e["msg"]} for e in errors]}, status_code=422)
+
+
+def _plan_twin(request: Request, params: dict) -> dict | JSONResponse:
+    from app.runs_pages import local_roots
+
+    parsed, raw, errors = _request_from(params)
+    if parsed is None:
+        return _json_errors(errors)
+    try:
+        result = _result(parsed, local_roots(request), str(request.base_url))
+    except PlanInputError as exc:
+        return _json_errors([{"field": exc.field, "msg": exc.reason}])
+    return {"page": f"/?{_query(raw)}", "plan": result["plan"], "fit": result["fit"], "advice": result["advice"],
+            "reproduce": result["reproduce"], "markdown": result["markdown"]}
+
+
+@router.get("/plan.json", include_in_schema=False)
+def plan_json(request: Request):
+    """The plan page's JSON twin: the plan, the fit searches and the advice for the same query."""
+    twin = _plan_twin(request, dict(request.query_params))
+    return twin if isinstance(twin, JSONResponse) else JSONResponse(twin)
+
+
+@router.get("/plan.md", include_in_schema=False)
+def plan_markdown(request: Request):
+    """The plan's Markdown summary as a file, for an issue or a pull request."""
+    twin = _plan_twin(request, dict(request.query_params))
+    if isinstance(twin, JSONResponse):
+        return PlainTextResponse("\n".join(f"{'.'.join(map(str, d['loc'][1:]))}: {d['msg']}" for d in json.loads(twin.body)["detail"]) + "\n", status_code=422)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", twin["plan"]["model"]["name"]).strip("-") or "plan"
+    return PlainTextResponse(twin["markdown"], media_type="text/markdown; charset=utf-8",
+                             headers={"Content-Disposition": f'attachment; filename="vramplan-{name}.md"'})
 
 
 @router.post("/", response_class=HTMLResponse, include_in_schema=False)
@@ -351,15 +476,30 @@ def _compare_legend(rows: list[dict]) -> list[dict]:
     return items
 
 
-@router.get("/compare", response_class=HTMLResponse, include_in_schema=False)
-def compare(request: Request):
-    parsed, raw, errors = _request_from(dict(request.query_params))
+def _compare_data(params: dict) -> tuple[list[dict], dict, list[dict]]:
+    parsed, raw, errors = _request_from(params)
     rows = []
     if parsed is not None:
         try:
             rows = _compare_rows(parsed)
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
+    return rows, raw, errors
+
+
+@router.get("/compare.json", include_in_schema=False)
+def compare_json(request: Request):
+    """/compare's JSON twin: each method's plan, as POST /api/v1/plan returns it with that method."""
+    rows, raw, errors = _compare_data(dict(request.query_params))
+    if errors:
+        return _json_errors(errors)
+    return JSONResponse({"page": f"/compare?{_query(raw)}", "methods": [
+        {"method": r["method"], "plan": r["plan"]} if "plan" in r else {"method": r["method"], "error": r["error"]} for r in rows]})
+
+
+@router.get("/compare", response_class=HTMLResponse, include_in_schema=False)
+def compare(request: Request):
+    rows, raw, errors = _compare_data(dict(request.query_params))
     context = {
         "request": request, "form": raw, "errors": errors, "rows": rows, "query": _query(raw), "htmx": HTMX.is_file(),
         "links": {m: _query(raw, method=m) for m in COMPARE_METHODS},
@@ -371,9 +511,8 @@ def compare(request: Request):
     return templates.TemplateResponse(request, "compare.html", context, status_code=422 if errors else 200)
 
 
-@router.get("/matrix", response_class=HTMLResponse, include_in_schema=False)
-def matrix(request: Request):
-    parsed, raw, errors = _request_from(dict(request.query_params))
+def _matrix_data(params: dict) -> tuple[list[dict], list[dict], dict, list[dict], AdviseRequest | None]:
+    parsed, raw, errors = _request_from(params)
     table = []
     gpus = [{"label": label, "name": find_gpu(label).name} for label in MATRIX_GPUS]
     if parsed is not None:
@@ -384,9 +523,27 @@ def matrix(request: Request):
             for gpu in gpus:
                 try:
                     plan = build_plan(spec, options.model_copy(update={"gpu": gpu["name"], "gpu_memory_gib": None}))
-                    cells.append({"fits": plan.fits, "verdict": plan.verdict, "peak": plan.peak_bytes, "high": plan.peak_high_bytes, "usable": plan.usable_bytes})
+                    cells.append({"fits": plan.fits, "verdict": plan.verdict, "peak": plan.peak_bytes, "high": plan.peak_high_bytes,
+                                  "usable": plan.usable_bytes, "check": plan.check_dict()})
                 except PlanInputError as exc:
                     cells.append({"error": exc.reason})
             table.append({"model": model_id, "cells": cells})
+    return table, gpus, raw, errors, parsed
+
+
+@router.get("/matrix.json", include_in_schema=False)
+def matrix_json(request: Request):
+    """/matrix's JSON twin: for each model and GPU, what POST /api/v1/check returns for it."""
+    table, gpus, raw, errors, _ = _matrix_data(dict(request.query_params))
+    if errors:
+        return _json_errors(errors)
+    return JSONResponse({"page": f"/matrix?{_query(raw)}", "gpus": [g["name"] for g in gpus], "models": [
+        {"model": row["model"], "checks": [{"gpu": g["name"], **(c["check"] if "check" in c else {"error": c["error"]})} for g, c in zip(gpus, row["cells"])]}
+        for row in table]})
+
+
+@router.get("/matrix", response_class=HTMLResponse, include_in_schema=False)
+def matrix(request: Request):
+    table, gpus, raw, errors, parsed = _matrix_data(dict(request.query_params))
     context = {"request": request, "form": raw, "shown": _shown(raw), "errors": errors, "gpus": gpus, "table": table, "htmx": HTMX.is_file(), "query": _query(raw)}
     return templates.TemplateResponse(request, "matrix.html", context, status_code=422 if errors else 200)
