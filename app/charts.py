@@ -95,27 +95,27 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
     low_x, high_x = _pct(plan.peak_low_bytes, scale_max), min(_pct(plan.peak_high_bytes, scale_max), 99.8)
     band = f"band {plan.peak_low_bytes / GIB:.2f} to {plan.peak_high_bytes / GIB:.2f} GiB"
     shapes.append(
-        f'<g stroke="#000" stroke-width="1.5"><title>{band}</title>'
+        f'<g stroke="currentColor" stroke-width="1.5"><title>{band}</title>'
         f'<line x1="{low_x:.2f}%" y1="{bar_y - 3}" x2="{high_x:.2f}%" y2="{bar_y - 3}"/>'
         f'<line x1="{low_x:.2f}%" y1="{bar_y - 6}" x2="{low_x:.2f}%" y2="{bar_y}"/>'
         f'<line x1="{high_x:.2f}%" y1="{bar_y - 6}" x2="{high_x:.2f}%" y2="{bar_y}"/></g>'
     )
-    shapes.append(f'<line x1="{usable_x:.2f}%" y1="{bar_y - 6}" x2="{usable_x:.2f}%" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="2" stroke-dasharray="4 2"/>')
-    shapes.append(f'<line x1="{min(total_x, 99.8):.2f}%" y1="{bar_y - 6}" x2="{min(total_x, 99.8):.2f}%" y2="{bar_y + bar_h + 6}" stroke="#000" stroke-width="1"/>')
+    shapes.append(f'<line x1="{usable_x:.2f}%" y1="{bar_y - 6}" x2="{usable_x:.2f}%" y2="{bar_y + bar_h + 6}" stroke="currentColor" stroke-width="2" stroke-dasharray="4 2"/>')
+    shapes.append(f'<line x1="{min(total_x, 99.8):.2f}%" y1="{bar_y - 6}" x2="{min(total_x, 99.8):.2f}%" y2="{bar_y + bar_h + 6}" stroke="currentColor" stroke-width="1"/>')
     # the label sits on the side of the line with room for it (about 170 px of text)
     anchor = "end" if usable_x > 50 else "start"
     shapes.append(
-        f'<text x="{usable_x:.2f}%" y="{bar_y - 9}" font-size="12" text-anchor="{anchor}">'
+        f'<text x="{usable_x:.2f}%" y="{bar_y - 9}" font-size="12" text-anchor="{anchor}" fill="currentColor">'
         f"usable {plan.usable_bytes / GIB:.1f} GiB of {plan.gpu.memory_bytes / GIB:.1f} GiB</text>"
     )
-    shapes.append(f'<text x="0" y="{bar_y + bar_h + 17}" font-size="12">peak {plan.peak_bytes / GIB:.2f} GiB per GPU ({band}): {verdict}</text>')
+    shapes.append(f'<text x="0" y="{bar_y + bar_h + 17}" font-size="12" fill="currentColor">peak {plan.peak_bytes / GIB:.2f} GiB per GPU ({band}): {verdict}</text>')
     if not compact:
         for index, (family, size) in enumerate(parts):
             column = "0%" if index % 2 == 0 else "50%"
             ly = bar_y + bar_h + 26 + (index // 2) * 18
-            shapes.append(f'<rect x="{column}" y="{ly}" width="14" height="12" fill="{_fill(family, prefix)}" stroke="#333"/>')
+            shapes.append(f'<rect x="{column}" y="{ly}" width="14" height="12" fill="{_fill(family, prefix)}" stroke="currentColor"/>')
             # 20 px past the swatch, whatever the width
-            shapes.append(f'<text x="{column}" dx="20" y="{ly + 10}" font-size="12">{escape(family.replace("_", " "))}: {size / GIB:.2f} GiB</text>')
+            shapes.append(f'<text x="{column}" dx="20" y="{ly + 10}" font-size="12" fill="currentColor">{escape(family.replace("_", " "))}: {size / GIB:.2f} GiB</text>')
     title = f"Memory per GPU: {plan.peak_bytes / GIB:.2f} GiB predicted ({band}), {plan.usable_bytes / GIB:.2f} GiB usable ({verdict})"
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="100%" height="{height}" role="img" aria-label="{escape(title)}">'
@@ -244,7 +244,7 @@ def loss_chart_svg(points: list[tuple[int, float]], total_steps: int | None = No
     title = (f"Loss per step: {points[0][1]:.4g} at step {points[0][0]}, {points[-1][1]:.4g} at step {points[-1][0]}"
              f"{f' of {total_steps}' if total_steps else ''}")
     shapes = _grid(axes, label) + _x_labels(axes) + _curve(axes, points, "#4e79a7", label)
-    shapes.append(f'<text x="{X_RIGHT}%" y="14" font-size="12" text-anchor="end">loss {points[-1][1]:.4g} at step {points[-1][0]}</text>')
+    shapes.append(f'<text x="{X_RIGHT}%" y="14" font-size="12" text-anchor="end" fill="currentColor">loss {points[-1][1]:.4g} at step {points[-1][0]}</text>')
     return _svg(title, shapes)
 
 
@@ -266,7 +266,7 @@ def memory_chart_svg(points: list[tuple[int, int]], predicted: int, low: int | N
     shapes.append(f'<line x1="0" x2="100%" y1="{y_pred:.1f}" y2="{y_pred:.1f}" stroke="#c62828" stroke-width="2" stroke-dasharray="6 4"/>')
     shapes.append(f'<text x="{X_RIGHT}%" y="{y_pred - 5:.1f}" font-size="12" text-anchor="end" fill="#8a1c1c">predicted {predicted / GIB:.2f} GiB</text>')
     if gib:
-        shapes += _curve(axes, gib, "#1b1b1b", lambda v: f"{v:.2f} GiB")
+        shapes += _curve(axes, gib, "currentColor", lambda v: f"{v:.2f} GiB")
     if measured_peak is not None and error_pct is not None:
         direction = "above" if error_pct >= 0 else "below"
         result = f"measured peak {measured_peak / GIB:.2f} GiB: the prediction is {abs(error_pct):.1f}% {direction} it"
@@ -274,7 +274,7 @@ def memory_chart_svg(points: list[tuple[int, int]], predicted: int, low: int | N
         result = f"measured peak {measured_peak / GIB:.2f} GiB"
     else:
         result = note or "no GPU memory measured yet"
-    shapes.append(f'<text x="{X_LEFT}%" y="14" font-size="12">{escape(result)}</text>')
+    shapes.append(f'<text x="{X_LEFT}%" y="14" font-size="12" fill="currentColor">{escape(result)}</text>')
     band = f" (band {low / GIB:.2f} to {high / GIB:.2f} GiB)" if low is not None and high is not None else ""
     title = f"GPU memory per step against the plan: predicted peak {predicted / GIB:.2f} GiB{band}; {result}"
     return _svg(title, shapes)

@@ -218,3 +218,77 @@ def test_axe_finds_nothing_serious(server, browser, name, viewport):
     # moderate and minor findings are advisory; serious and critical ones block a user
     bad = [v for v in violations if v["impact"] in ("serious", "critical")]
     assert not bad, "\n".join(f"{v['impact']} {v['id']} ({v['help']}): {v['nodes']}" for v in bad)
+
+
+# -- the plan page's extras: copy buttons, dark theme (issue 14) --------------------------------------
+
+
+def test_copy_buttons_copy_the_command_and_are_hidden_without_javascript(server, browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server)
+    page = context.new_page()
+    page.goto(f"{server}/?" + urlencode(FLAGSHIP))
+    command = page.locator("#cli-command").inner_text()
+    assert command.startswith("vramplan check meta-llama/Llama-2-13b-hf ")
+    button = page.locator("button.copy[data-copy=cli-command]")
+    button.click()
+    page.wait_for_function("() => document.querySelector('button.copy[data-copy=cli-command]').textContent === 'Copied'", timeout=5_000)
+    assert page.evaluate("() => navigator.clipboard.readText()") == command
+    # after an htmx update the new result's button copies the new command
+    page.select_option("#f-method", "lora")
+    page.wait_for_function("() => document.querySelector('#cli-command').textContent.includes('--method lora')", timeout=15_000)
+    page.locator("button.copy[data-copy=curl-command]").click()
+    page.wait_for_function("() => document.querySelector('button.copy[data-copy=curl-command]').textContent === 'Copied'", timeout=5_000)
+    assert '"method":"lora"' in page.evaluate("() => navigator.clipboard.readText()")
+    context.close()
+    # without JavaScript there is no button that does nothing: the text is there to select
+    context = browser.new_context(java_script_enabled=False, viewport=PHONE)
+    page = context.new_page()
+    page.goto(f"{server}/?" + urlencode(FLAGSHIP))
+    assert page.locator("#cli-command").is_visible() and not page.locator("button.copy").first.is_visible()
+    context.close()
+
+
+def _luminance(rgb: str) -> float:
+    r, g, b = (int(v) for v in rgb[rgb.index("(") + 1:rgb.index(")")].split(",")[:3])
+    return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255
+
+
+def test_dark_theme_follows_the_system_and_keeps_the_chart_readable(server, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    colours = {}
+    for scheme in ("light", "dark"):
+        context = browser.new_context(color_scheme=scheme, viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.goto(f"{server}/?" + urlencode(FLAGSHIP))
+        colours[scheme] = page.evaluate("""() => ({
+            body: getComputedStyle(document.body).backgroundColor,
+            text: getComputedStyle(document.body).color,
+            chartText: getComputedStyle(document.querySelector('figure svg text')).fill,
+            chartLine: getComputedStyle(document.querySelector('figure svg line[stroke-dasharray]')).stroke,
+        })""")
+        if scheme == "dark":
+            page.screenshot(path=str(ARTIFACTS / "flagship-dark-1280.png"), full_page=True)
+        context.close()
+    light, dark = colours["light"], colours["dark"]
+    assert _luminance(dark["body"]) < 0.15 and _luminance(dark["text"]) > 0.8, dark
+    # the chart's words and usable-memory line follow the text colour: light on dark, dark on light
+    assert _luminance(dark["chartText"]) > 0.8 and _luminance(dark["chartLine"]) > 0.8, dark
+    assert _luminance(light["chartText"]) < 0.2 and _luminance(light["body"]) > 0.9, light
+
+
+@pytest.mark.skipif(not AXE.is_file(), reason="axe-core not installed: run npm ci (node_modules/axe-core is missing)")
+@pytest.mark.parametrize("name", ["flagship", "failing plan", "compare", "matrix"])
+def test_axe_finds_nothing_serious_in_the_dark_theme(server, browser, name):
+    context = browser.new_context(color_scheme="dark", viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    page = context.new_page()
+    page.goto(server + AXE_PAGES[name])
+    page.wait_for_load_state()
+    page.add_script_tag(path=str(AXE))
+    violations = page.evaluate(
+        "async () => (await axe.run()).violations.map(v => ({id: v.id, impact: v.impact, help: v.help,"
+        " nodes: v.nodes.map(n => n.target.join(' '))}))"
+    )
+    context.close()
+    bad = [v for v in violations if v["impact"] in ("serious", "critical")]
+    assert not bad, "\n".join(f"{v['impact']} {v['id']} ({v['help']}): {v['nodes']}" for v in bad)
