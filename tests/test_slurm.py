@@ -60,6 +60,17 @@ def _cli(capsys, args):
     return code, out, err
 
 
+def _start_then_cancel(tiny, data_dir, capsys):
+    """A slow sbatch run, cancelled after its second step with `vramplan runs cancel --wait` (exit 5)."""
+    code, out, _ = _cli(capsys, launch_args(tiny, data_dir, "--backend", "slurm", "--json", "--step-sleep-s", "0.3", steps=60))
+    run_id = json.loads(out)["id"]
+    supervisor = Supervisor(data_dir)
+    wait_for(lambda: (supervisor.refresh(run_id).last_step or 0) >= 2)
+    code, out, _ = _cli(capsys, ["runs", "cancel", run_id, "--wait", "--json", "--data-dir", str(data_dir)])
+    assert code == 5
+    return supervisor, json.loads(out)
+
+
 # -- real Slurm ---------------------------------------------------------------------------------
 
 real = pytest.mark.skipif(_real_slurm_problem() is not None, reason=str(_real_slurm_problem()))
@@ -78,16 +89,10 @@ def test_real_slurm_runs_a_tiny_sft_to_success(tiny, tmp_path, capsys, offline):
 
 @real
 def test_real_slurm_cancel_leaves_a_checkpoint(tiny, tmp_path, capsys, offline):
-    data_dir = tmp_path / "d"
-    code, out, _ = _cli(capsys, launch_args(tiny, data_dir, "--backend", "slurm", "--json", "--step-sleep-s", "0.3", steps=60))
-    run_id = json.loads(out)["id"]
-    supervisor = Supervisor(data_dir)
-    wait_for(lambda: (supervisor.refresh(run_id).last_step or 0) >= 2)
-    code, out, _ = _cli(capsys, ["runs", "cancel", run_id, "--wait", "--json", "--data-dir", str(data_dir)])
-    record = json.loads(out)
-    assert code == 5 and record["state"] == "cancelled" and record["reason"] == "cancelled_by_user"
+    supervisor, record = _start_then_cancel(tiny, tmp_path / "d", capsys)
+    assert record["state"] == "cancelled" and record["reason"] == "cancelled_by_user"
     assert (Path(record["output_dir"]) / f"checkpoint-{record['last_step']}" / "optimizer.pt").exists()
-    job = json.loads(supervisor.store.get(run_id).handle_json)["data"]["job_id"]
+    job = json.loads(supervisor.store.get(record["id"]).handle_json)["data"]["job_id"]
     assert subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip() == ""
 
 
@@ -99,13 +104,8 @@ def test_fake_slurm_runs_and_cancels_through_the_same_backend(tiny, tmp_path, ca
     code, out, err = _cli(capsys, launch_args(tiny, data_dir, "--backend", "slurm", "--wait", "--json", steps=3))
     assert code == 0, err
     assert json.loads(out)["state"] == "succeeded"
-    code, out, _ = _cli(capsys, launch_args(tiny, data_dir, "--backend", "slurm", "--json", "--step-sleep-s", "0.3", steps=60))
-    run_id = json.loads(out)["id"]
-    supervisor = Supervisor(data_dir)
-    wait_for(lambda: (supervisor.refresh(run_id).last_step or 0) >= 2)
-    code, out, _ = _cli(capsys, ["runs", "cancel", run_id, "--wait", "--json", "--data-dir", str(data_dir)])
-    record = json.loads(out)
-    assert code == 5 and record["reason"] == "cancelled_by_user"
+    _, record = _start_then_cancel(tiny, data_dir, capsys)
+    assert record["reason"] == "cancelled_by_user"
     assert (Path(record["output_dir"]) / f"checkpoint-{record['last_step']}").is_dir()
 
 
