@@ -453,3 +453,16 @@ def test_serve_makes_the_token_at_first_start_and_prints_the_sign_in_url(tmp_pat
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
+
+
+def test_the_runs_pages_link_their_json_twin_which_a_signed_in_browser_can_open(client, root):
+    sign_in(client)
+    run_id = client.post("/api/v1/runs", json=body(root), headers=BEARER).json()["id"]
+    finished(client, run_id)
+    page = client.get(f"/runs/{run_id}").text
+    link = re.search(r'id="json-link" href="([^"]+)"', page).group(1)
+    assert link == f"/api/v1/runs/{run_id}"
+    twin = client.get(link)  # the browser's cookie, no Bearer header
+    assert twin.status_code == 200 and twin.json() == client.get(link, headers=BEARER).json() and twin.json()["state"] == "succeeded"
+    listing = re.search(r'id="json-link" href="([^"]+)"', client.get("/runs").text).group(1)
+    assert run_id in [r["id"] for r in client.get(listing).json()["runs"]]
