@@ -19,7 +19,9 @@ FORMATS = ("trl", "accelerate", "axolotl", "llamafactory")
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # planner optimizer -> transformers `optim` name
 TRL_OPTIMIZERS = {
-    "adamw": "adamw_torch",
+    # fused, as the planner assumes (no step temporaries) and as transformers defaults to with torch
+    # >= 2.8; the per-tensor loop of adamw_torch holds one more parameter-sized buffer at the step
+    "adamw": "adamw_torch_fused",
     "adamw_8bit": "adamw_bnb_8bit",
     "paged_adamw_8bit": "paged_adamw_8bit",
     "paged_adamw_32bit": "paged_adamw_32bit",
