@@ -67,7 +67,7 @@ def scontrol(args):
     job = args[2]
     state = _state(job)
     if state is None:
-        print(f"slurm_load_jobs error: Invalid job id specified", file=sys.stderr)
+        print("slurm_load_jobs error: Invalid job id specified", file=sys.stderr)
         sys.exit(1)
     print(f"JobId={job} JobName=fake JobState={state} Reason=None ExitCode=0:0")
 
