@@ -22,6 +22,7 @@ TRL_OPTIMIZERS = {
     # fused, as the planner assumes (no step temporaries) and as transformers defaults to with torch
     # >= 2.8; the per-tensor loop of adamw_torch holds one more parameter-sized buffer at the step
     "adamw": "adamw_torch_fused",
+    "adamw_foreach": "adamw_torch",
     "adamw_8bit": "adamw_bnb_8bit",
     "paged_adamw_8bit": "paged_adamw_8bit",
     "paged_adamw_32bit": "paged_adamw_32bit",

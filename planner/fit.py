@@ -277,7 +277,7 @@ def _checkpointing(spec: ModelSpec, options: TrainingOptions):
 
 
 def _eight_bit_optimizer(spec: ModelSpec, options: TrainingOptions):
-    if options.optimizer not in ("adamw", "paged_adamw_32bit"):
+    if options.optimizer not in ("adamw", "adamw_foreach", "paged_adamw_32bit"):
         return None
     return {"optimizer": "paged_adamw_8bit"}, "paged 8-bit AdamW: optimizer state at 2 bytes per parameter, spikes paged to CPU"
 

@@ -215,6 +215,11 @@ def _optimizer_step_temporary(spec: ModelSpec, options: TrainingOptions) -> Comp
     if options.optimizer in ("adafactor", "galore"):
         largest = max((t.numel for t in trainable_tensors(spec, options)), default=0)
         return Component("temporary.optimizer_step", 2 * largest * 4, f"{options.optimizer} updates one tensor at a time through fp32 temporaries of its size")
+    if options.optimizer == "adamw_foreach":
+        # torch's multi-tensor AdamW (its default on CUDA without fused=True; transformers' adamw_torch)
+        # takes the square root of every exp_avg_sq at once: one more buffer the size of that state
+        sqrt_bytes = sum(t.numel * dtype_bytes(t.dtype) for t in trainable_tensors(spec, options))
+        return Component("temporary.optimizer_step", sqrt_bytes, "multi-tensor (foreach) AdamW: sqrt(exp_avg_sq) of every trainable tensor at once")
     return Component("temporary.optimizer_step", 0, f"{options.optimizer} updates in place (fused or in-kernel): no step temporaries")
 
 

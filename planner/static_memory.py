@@ -138,7 +138,7 @@ def optimizer_components(spec: ModelSpec, options: TrainingOptions, trainables: 
     if mode.fp32_master_in_optimizer:
         # DeepSpeed's optimizer works on fp32 flat partitions: master copy plus fp32 state.
         master = count * 4
-        state = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 4 if options.sgd_momentum else 0}
+        state = {"adamw": 8, "adamw_foreach": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "sgd": 4 if options.sgd_momentum else 0}
         per_param = state.get(opt)
         if per_param is None:
             raise PlanInputError("optimizer", f"{opt} is not modelled under DeepSpeed mixed precision; use adamw, 8-bit adamw or sgd")
@@ -146,7 +146,7 @@ def optimizer_components(spec: ModelSpec, options: TrainingOptions, trainables: 
             Component("optimizer_state.master_weights", master, f"fp32 master copy of {count:,} trainable parameters ({mode.description})"),
             Component("optimizer_state", count * per_param, f"{opt} state in fp32 on the master copy"),
         ]
-    if opt == "adamw":
+    if opt in ("adamw", "adamw_foreach"):
         return [
             Component(
                 "optimizer_state", _adamw(trainables), "AdamW: exp_avg and exp_avg_sq in the parameter dtype, plus an fp32 step per tensor",

@@ -109,6 +109,8 @@ def make_optimizer(name: str, model, spec_linear_weights: set[str], galore_rank:
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-3)
+    if name == "adamw_foreach":
+        return torch.optim.AdamW(params, lr=1e-3, foreach=True)
     import bitsandbytes as bnb
 
     if name == "adamw_8bit":
@@ -309,7 +311,8 @@ def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stag
     return sum(c.bytes for c in parts if c.name != "activations.recompute" and not c.name.startswith("temporary"))
 
 
-def measure_step_peak(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8, trainer: str = "hf") -> int:
+def measure_step_peak(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8, trainer: str = "hf",
+                      optimizer: str = "adamw") -> int:
     """Peak CPU memory of one whole training step (forward with labels under bf16 autocast,
     backward, AdamW step, zero_grad), from PyTorch's memory profiler timeline.
 
@@ -325,7 +328,9 @@ def measure_step_peak(config: dict, method: str, attention: str, checkpointing: 
         extra["fused_lm_head"] = True
     model = apply_method(model, method, lora_r, checkpointing)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # fused is the plan's adamw (in place); on CPU torch's own default is the per-tensor loop, whose
+    # temporaries are one tensor's size; foreach=True is the multi-tensor path CUDA takes by default
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=optimizer == "adamw_foreach")
     torch.manual_seed(0)
     ids = torch.randint(3, config["vocab_size"], (sequences, seq_len))
 
@@ -356,14 +361,14 @@ def profiled_peak(step) -> int:
     return max(sum(categories) for categories in sizes)
 
 
-def predicted_step_peak(spec, method: str, attention: str, checkpointing: bool, batch_size: int, seq_len: int, lora_r: int = 8, trainer: str = "hf"):
+def predicted_step_peak(spec, method: str, attention: str, checkpointing: bool, batch_size: int, seq_len: int, lora_r: int = 8, trainer: str = "hf", optimizer: str = "adamw"):
     """The plan's peak for the same step, without the CUDA-only runtime components."""
     from planner.options import TrainingOptions
     from planner.plan import build_plan
 
     options = TrainingOptions(
         method=method, weights_dtype="bf16", precision="bf16", attention=attention, gradient_checkpointing=checkpointing,
-        batch_size=batch_size, seq_len=seq_len, trainer=trainer, lora_r=lora_r, lora_dropout=0.0, gpu_memory_gib=80,
+        batch_size=batch_size, seq_len=seq_len, trainer=trainer, lora_r=lora_r, lora_dropout=0.0, gpu_memory_gib=80, optimizer=optimizer,
     )
     plan = build_plan(spec, options)
     return sum(c.bytes for c in plan.components if c.family != "runtime"), plan.peak_phase

@@ -28,7 +28,7 @@ CASES = [
     ("qwen2", "dora", "bf16", "adamw", "nf4", True),
     ("llama", "lora", "bf16", "adamw", "int8", True),
     *[("llama", "full", dt, opt, "none", True) for dt in ("bf16", "fp32")
-      for opt in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd", "galore")],
+      for opt in ("adamw_foreach", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd", "galore")],
     *[("qwen3_moe", "lora", "bf16", opt, "none", True) for opt in ("adamw_8bit", "adafactor", "sgd")],
     ("gemma2", "full", "bf16", "galore", "none", True),
 ]
