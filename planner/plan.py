@@ -20,6 +20,8 @@ error, so `fits` is true only for "fits".
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -32,7 +34,7 @@ from planner.errors import PlanInputError
 from planner.hardware import apply_hardware_rules
 from planner.logits import logits_components
 from planner.options import TrainingOptions, check_consistency
-from planner.parallel import per_gpu_static
+from planner.parallel import SHARDS_OPTIMIZER, per_gpu_static
 from planner.precision import precision_mode
 from planner.runtime import band_bytes, calibration, reserve_inputs, runtime_components
 from planner.spec import ModelSpec
@@ -219,6 +221,12 @@ def _optimizer_step_temporary(spec: ModelSpec, options: TrainingOptions) -> Comp
         # torch's multi-tensor AdamW (its default on CUDA without fused=True; transformers' adamw_torch)
         # takes the square root of every exp_avg_sq at once: one more buffer the size of that state
         sqrt_bytes = sum(t.numel * dtype_bytes(t.dtype) for t in trainable_tensors(spec, options))
+        if options.offload in ("optimizer", "params"):
+            return Component("temporary.optimizer_step", 0, "multi-tensor AdamW steps on the host with the offloaded state")
+        if options.parallelism in SHARDS_OPTIMIZER and options.num_gpus > 1:
+            # each rank steps its own shard of the state, so the buffer is a shard's size
+            return Component("temporary.optimizer_step", math.ceil(sqrt_bytes / options.num_gpus),
+                             f"multi-tensor (foreach) AdamW: sqrt(exp_avg_sq) of this GPU's 1/{options.num_gpus} of the state at once")
         return Component("temporary.optimizer_step", sqrt_bytes, "multi-tensor (foreach) AdamW: sqrt(exp_avg_sq) of every trainable tensor at once")
     return Component("temporary.optimizer_step", 0, f"{options.optimizer} updates in place (fused or in-kernel): no step temporaries")
 
