@@ -53,11 +53,15 @@ def _launch_options(args, device: str, local: bool = True):
     return TrainingOptions.model_validate(given)
 
 
-def _plan(args, device: str):
+def _plan(args, device: str, detect_here: bool | None = None):
+    """The plan for a launch (detect_here: plan for this machine's GPUs when none is named; by default
+    only for the local backend), or for an export, which is a file for another machine."""
     from planner.catalog import resolve_model
     from planner.plan import build_plan
 
-    options = _launch_options(args, device, local=getattr(args, "backend", "local") == "local")
+    if detect_here is None:
+        detect_here = getattr(args, "backend", "local") == "local"
+    options = _launch_options(args, device, local=detect_here)
     return build_plan(resolve_model(args.model), options)
 
 
@@ -192,7 +196,7 @@ def cmd_export(args) -> int:
     given.setdefault("output_dir", "output")
     settings = RunSettings.model_validate(given)
     device = "cpu" if getattr(args, "device", "auto") == "cpu" else "cuda"
-    plan = _plan(args, "cpu") if device == "cpu" else _plan_without_detection(args)
+    plan = _plan(args, device, detect_here=False)
     spec = launch_spec(plan, args.model, settings, device=device, for_export=True)
     try:
         text = render(spec, args.format)
@@ -204,17 +208,6 @@ def cmd_export(args) -> int:
     else:
         cli._write(text.rstrip("\n"))
     return 0
-
-
-def _plan_without_detection(args):
-    # an export is a file for another machine: plan for the GPU named (or the default), not this one's
-    from planner.catalog import resolve_model
-    from planner.options import TrainingOptions
-    from planner.plan import build_plan
-
-    given = {k: v for k, v in vars(args).items() if k in TrainingOptions.model_fields}
-    given.setdefault("allocator", "expandable_segments")
-    return build_plan(resolve_model(args.model), TrainingOptions.model_validate(given))
 
 
 def cmd_runs(args) -> int:

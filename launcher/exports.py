@@ -339,10 +339,7 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
         config["pref_loss"] = spec.stage
     if options.get("beta") is not None and spec.stage in ("dpo", "kto", "orpo", "simpo"):
         config["pref_beta"] = options["beta"]
-    if settings.max_steps is not None:
-        config["max_steps"] = settings.max_steps
-    else:
-        config["num_train_epochs"] = settings.epochs or 1.0
+    config.update(_length_settings(spec))  # transformers' names, as in the trl file
     if settings.learning_rate is not None:
         config["learning_rate"] = settings.learning_rate
     if spec.method in ("lora", "qlora", "dora"):

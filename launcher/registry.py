@@ -6,6 +6,8 @@ nothing until used, and a broken one shows as unavailable with its error instead
 
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -35,10 +37,17 @@ class BackendInfo:
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:
+    # a supervisor loads a run's backend on every refresh (twice a second while runs live): scan the
+    # installed metadata once per sys.path, not each time
+    return dict(_scan(tuple(sys.path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(path: tuple[str, ...]) -> tuple[tuple[str, metadata.EntryPoint], ...]:
     found: dict[str, metadata.EntryPoint] = {}
     for ep in metadata.entry_points(group=GROUP):
         found.setdefault(ep.name, ep)  # the first registration of a name wins, as importlib orders them
-    return found
+    return tuple(found.items())
 
 
 def backend_names() -> list[str]:

@@ -160,15 +160,19 @@ class Supervisor:
         if device == "auto":
             device = settings.device if settings.device != "auto" else "cuda"
         spec = launch_spec(plan, model, settings, run_id=run_id, runs_root=self.runs_root, device=device, resume_from=resume_from, attempt=attempt)
+        return self._place(backend, impl, spec, options_model, gpus)
+
+    def _place(self, backend: str, impl, spec: LaunchSpec, options_model, wanted: tuple[str, ...] = ()) -> Prepared:
+        """Admission (where the backend admits), the GPUs it chose written into the spec, and the render."""
+        device = spec.resources.device
         if "admission" in impl.capabilities:
-            admission = admit(spec.predicted_high_bytes, spec.resources.num_processes, device, gpus)
+            admission = admit(spec.predicted_high_bytes, spec.resources.num_processes, device, wanted)
         else:
             admission = Admission(True, f"the {backend} backend places the run; free memory is checked there", device)
         if admission.gpus and device == "cuda":
             spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus": admission.gpus})})
         run_dir = self.runs_root / spec.run_id
-        rendered = impl.render(spec, run_dir, options_model)
-        return Prepared(spec, rendered, admission, run_dir, backend, options_model.model_dump(mode="json"))
+        return Prepared(spec, impl.render(spec, run_dir, options_model), admission, run_dir, backend, options_model.model_dump(mode="json"))
 
     def launch(self, prepared: Prepared, *, force: bool = False, queue: bool = False, idempotency_key: str | None = None,
                resumed_from: RunRecord | None = None) -> RunRecord:
@@ -269,11 +273,8 @@ class Supervisor:
         return record
 
     def _finish(self, record: RunRecord, state: RunState, reason: str | None, message: str | None, exit_code: int | None) -> RunRecord:
-        current = RunState(record.state)
-        if current in (RunState.QUEUED,) and state not in (RunState.CANCELLED, RunState.FAILED, RunState.LOST):
-            state = RunState.LOST
-        if state == RunState.SUCCEEDED and current == RunState.STARTING:
-            self.store.transition(record.id, RunState.RUNNING)
+        if state == RunState.SUCCEEDED and record.state == RunState.STARTING:
+            self.store.transition(record.id, RunState.RUNNING)  # the timeline shows it ran, however briefly
         return self.store.transition(record.id, state, reason, message, exit_code=exit_code)
 
     def _try_admit(self, record: RunRecord) -> RunRecord:
@@ -281,13 +282,12 @@ class Supervisor:
         if oldest and oldest[0].id != record.id:
             return record  # first in, first out
         spec = LaunchSpec.model_validate_json(record.spec_json)
-        admission = admit(spec.predicted_high_bytes, spec.resources.num_processes, spec.resources.device, spec.resources.gpus)
-        if not admission.ok:
-            self.store.update(record.id, message=f"queued: {admission.message}")
-            return self.store.get(record.id)
         impl = load_backend(record.backend)
-        rendered = impl.render(spec, Path(record.run_dir), impl.Options.model_validate(json.loads(record.backend_options_json)))
-        return self._start(record, rendered)
+        prepared = self._place(record.backend, impl, spec, impl.Options.model_validate(json.loads(record.backend_options_json)), spec.resources.gpus)
+        if not prepared.admission.ok:
+            self.store.update(record.id, message=f"queued: {prepared.admission.message}")
+            return self.store.get(record.id)
+        return self._start(record, prepared.rendered)
 
     def _ingest(self, record: RunRecord) -> None:
         path = Path(record.run_dir) / "events.jsonl"
@@ -429,13 +429,7 @@ class Supervisor:
         spec = spec.model_copy(update={"run_id": new_id, "resume_from": str(checkpoint), "attempt": record.attempt + 1,
                                        "resources": spec.resources.model_copy(update={"gpus": ()})})
         impl = load_backend(record.backend)
-        options = impl.Options.model_validate(json.loads(record.backend_options_json))
-        admission = admit(spec.predicted_high_bytes, spec.resources.num_processes, spec.resources.device) if "admission" in impl.capabilities \
-            else Admission(True, "", spec.resources.device)
-        if admission.gpus and spec.resources.device == "cuda":
-            spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus": admission.gpus})})
-        run_dir = self.runs_root / new_id
-        prepared = Prepared(spec, impl.render(spec, run_dir, options), admission, run_dir, record.backend, options.model_dump(mode="json"))
+        prepared = self._place(record.backend, impl, spec, impl.Options.model_validate(json.loads(record.backend_options_json)))
         return self.launch(prepared, force=force, resumed_from=record)
 
     def logs(self, run_id: str, offset: int = 0, limit: int = 65_536):

@@ -207,17 +207,21 @@ AXE_PAGES = {
 def test_axe_finds_nothing_serious(server, browser, name, viewport):
     # axe goes in as an inline script, which the pages' Content-Security-Policy refuses: bypassed for the check only
     page = browser.new_page(viewport=viewport, bypass_csp=True)
-    page.goto(server + AXE_PAGES[name])
+    bad = serious_axe_findings(page, server + AXE_PAGES[name])
+    page.close()
+    assert not bad, "\n".join(f"{v['impact']} {v['id']} ({v['help']}): {v['nodes']}" for v in bad)
+
+
+def serious_axe_findings(page, url: str) -> list[dict]:
+    """axe-core's serious and critical findings on the page at url (moderate and minor ones are advisory)."""
+    page.goto(url)
     page.wait_for_load_state()
     page.add_script_tag(path=str(AXE))
     violations = page.evaluate(
         "async () => (await axe.run()).violations.map(v => ({id: v.id, impact: v.impact, help: v.help,"
         " nodes: v.nodes.map(n => n.target.join(' '))}))"
     )
-    page.close()
-    # moderate and minor findings are advisory; serious and critical ones block a user
-    bad = [v for v in violations if v["impact"] in ("serious", "critical")]
-    assert not bad, "\n".join(f"{v['impact']} {v['id']} ({v['help']}): {v['nodes']}" for v in bad)
+    return [v for v in violations if v["impact"] in ("serious", "critical")]
 
 
 # -- the plan page's extras: copy buttons, dark theme (issue 14) --------------------------------------
@@ -281,14 +285,6 @@ def test_dark_theme_follows_the_system_and_keeps_the_chart_readable(server, brow
 @pytest.mark.parametrize("name", ["flagship", "failing plan", "compare", "matrix"])
 def test_axe_finds_nothing_serious_in_the_dark_theme(server, browser, name):
     context = browser.new_context(color_scheme="dark", viewport={"width": 1280, "height": 900}, bypass_csp=True)
-    page = context.new_page()
-    page.goto(server + AXE_PAGES[name])
-    page.wait_for_load_state()
-    page.add_script_tag(path=str(AXE))
-    violations = page.evaluate(
-        "async () => (await axe.run()).violations.map(v => ({id: v.id, impact: v.impact, help: v.help,"
-        " nodes: v.nodes.map(n => n.target.join(' '))}))"
-    )
+    bad = serious_axe_findings(context.new_page(), server + AXE_PAGES[name])
     context.close()
-    bad = [v for v in violations if v["impact"] in ("serious", "critical")]
     assert not bad, "\n".join(f"{v['impact']} {v['id']} ({v['help']}): {v['nodes']}" for v in bad)

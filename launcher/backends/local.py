@@ -51,6 +51,27 @@ def _yaml(data) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def run_files(spec: LaunchSpec) -> dict[str, str]:
+    """The files every backend writes into a run directory: the spec and the TRL file it runs."""
+    return {"spec.json": spec.model_dump_json(indent=2), "trl.yaml": _yaml(trl_config(spec))}
+
+
+def shown_environment(env: dict[str, str]) -> dict[str, str]:
+    """The environment as a dry run shows it: secrets masked."""
+    return {k: ("***" if k in SECRET_ENV else v) for k, v in env.items()}
+
+
+def read_log_file(run_dir: Path, offset: int, limit: int) -> LogChunk:
+    """A run's train.log from a byte offset (backends whose log lands in the run directory)."""
+    path = run_dir / LOG_FILE
+    if not path.exists():
+        return LogChunk("", offset, True)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(limit)
+    return LogChunk(data.decode("utf-8", "replace"), offset + len(data), len(data) < limit)
+
+
 def run_environment(spec: LaunchSpec, source: dict[str, str] | None = None) -> dict[str, str]:
     source = dict(os.environ if source is None else source)
     env = {k: v for k, v in source.items() if k in ENV_ALLOWLIST}
@@ -108,7 +129,7 @@ class LocalBackend:
         return Health(True, f"this machine, CPU only ({found.reason}); runs need --device cpu")
 
     def render(self, spec: LaunchSpec, run_dir: Path, options: BaseModel) -> Rendered:
-        files = {"spec.json": spec.model_dump_json(indent=2), "trl.yaml": _yaml(trl_config(spec))}
+        files = run_files(spec)
         entry = (sys.executable, "-m", "launcher.entry", str(run_dir))
         accel = accelerate_config(spec)
         if accel is not None:
@@ -120,7 +141,7 @@ class LocalBackend:
             trainer = entry
         argv = (sys.executable, "-m", "launcher.shim", str(run_dir), "--", *trainer)
         env = run_environment(spec)
-        shown = {k: ("***" if k in SECRET_ENV else v) for k, v in env.items()}
+        shown = shown_environment(env)
         processes = spec.resources.num_processes
         where = "CPU" if spec.resources.device == "cpu" else (", ".join(spec.resources.gpus) or "the visible GPU")
         summary = f"{spec.method} {spec.stage} of {spec.model.location} in {processes} process(es) on {where}; output in {spec.output_dir}"
@@ -191,13 +212,7 @@ class LocalBackend:
             pass
 
     def read_logs(self, handle: Handle | None, run_dir: Path, offset: int, limit: int) -> LogChunk:
-        path = run_dir / LOG_FILE
-        if not path.exists():
-            return LogChunk("", offset, True)
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(limit)
-        return LogChunk(data.decode("utf-8", "replace"), offset + len(data), len(data) < limit)
+        return read_log_file(run_dir, offset, limit)
 
 
 def _is_entry(proc: psutil.Process) -> bool:

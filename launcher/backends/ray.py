@@ -18,10 +18,26 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from launcher.backend import API_VERSION, Handle, Health, LaunchError, LogChunk, Observation, Reason, Rendered, RunState
-from launcher.backends.local import _yaml, run_environment
-from launcher.exports import accelerate_config, trl_config
-from launcher.spec import SECRET_ENV, LaunchSpec
+from launcher.backend import (
+    API_VERSION,
+    Handle,
+    Health,
+    LaunchError,
+    LogChunk,
+    Observation,
+    Reason,
+    Rendered,
+    RunState,
+)
+from launcher.backends.local import (
+    _yaml,
+    read_log_file,
+    run_environment,
+    run_files,
+    shown_environment,
+)
+from launcher.exports import accelerate_config
+from launcher.spec import LaunchSpec
 
 INSTALL = "pip install 'vramplan[ray]'"
 EVENT_PREFIX = "VRAMPLAN_EVENT "
@@ -72,16 +88,14 @@ class RayBackend:
 
     def render(self, spec: LaunchSpec, run_dir: Path, options: BaseModel) -> Rendered:
         assert isinstance(options, RayOptions)
-        files = {"spec.json": spec.model_dump_json(indent=2), "trl.yaml": _yaml(trl_config(spec))}
+        files = run_files(spec)
         accel = accelerate_config(spec)
         entry = f"{options.python} -m launcher.entry ."
         if accel is not None:
             files["accelerate.yaml"] = _yaml(accel)
             entry = f"{options.python} -m accelerate.commands.launch --config_file accelerate.yaml -m launcher.entry ."
         entrypoint = f"{options.python} -m launcher.shim . -- {entry}"
-        env = {k: v for k, v in run_environment(spec).items() if k not in ("PATH", "HOME", "USER", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR")}
-        env.update(VRAMPLAN_EVENTS_TO_LOG="1", RAY_JOB_STOP_WAIT_TIME_S=str(int(options.grace_period_s)))
-        shown = {k: ("***" if k in SECRET_ENV else v) for k, v in env.items()}
+        shown = shown_environment(_job_env(spec, int(options.grace_period_s)))
         summary = (f"{spec.method} {spec.stage} of {spec.model.location} as a Ray Job at {options.address} "
                    f"({spec.resources.num_processes} {'GPU' if spec.resources.device == 'cuda' else 'CPU process'}(es)); output in {spec.output_dir}")
         files["ray-job.json"] = json.dumps({"address": options.address, "entrypoint": entrypoint,
@@ -95,8 +109,7 @@ class RayBackend:
             (run_dir / name).write_text(text)
         spec = LaunchSpec.model_validate_json(rendered.files["spec.json"])
         job = json.loads(rendered.files["ray-job.json"])
-        env = {k: v for k, v in run_environment(spec).items() if k not in ("PATH", "HOME", "USER", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR")}
-        env.update(VRAMPLAN_EVENTS_TO_LOG="1", RAY_JOB_STOP_WAIT_TIME_S=rendered.env["RAY_JOB_STOP_WAIT_TIME_S"])
+        env = _job_env(spec, int(rendered.env["RAY_JOB_STOP_WAIT_TIME_S"]))  # the real values: Rendered.env hides secrets
         client = _client(job["address"])
         working = run_dir / "ray-working-dir"
         working.mkdir(exist_ok=True)
@@ -143,9 +156,15 @@ class RayBackend:
     kill = cancel  # Ray's own stop escalates to SIGKILL after the grace period
 
     def read_logs(self, handle: Handle | None, run_dir: Path, offset: int, limit: int) -> LogChunk:
-        from launcher.backends.local import LocalBackend
+        return read_log_file(run_dir, offset, limit)  # poll() keeps the run directory's train.log current
 
-        return LocalBackend().read_logs(handle, run_dir, offset, limit)
+
+def _job_env(spec: LaunchSpec, grace_s: int) -> dict[str, str]:
+    """The job's variables: the run's, less this machine's paths (the cluster has its own), with the
+    events sent through the log and Ray's stop wait raised to the grace period."""
+    env = {k: v for k, v in run_environment(spec).items() if k not in ("PATH", "HOME", "USER", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR")}
+    env.update(VRAMPLAN_EVENTS_TO_LOG="1", RAY_JOB_STOP_WAIT_TIME_S=str(grace_s))
+    return env
 
 
 def _mirror_events(logs: str, run_dir: Path) -> None:

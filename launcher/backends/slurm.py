@@ -22,9 +22,26 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from launcher.backend import API_VERSION, Handle, Health, LaunchError, LogChunk, Observation, Reason, Rendered, RunState
-from launcher.backends.local import LOG_FILE, _yaml, run_environment
-from launcher.exports import accelerate_config, trl_config
+from launcher.backend import (
+    API_VERSION,
+    Handle,
+    Health,
+    LaunchError,
+    LogChunk,
+    Observation,
+    Reason,
+    Rendered,
+    RunState,
+)
+from launcher.backends.local import (
+    LOG_FILE,
+    _yaml,
+    read_log_file,
+    run_environment,
+    run_files,
+    shown_environment,
+)
+from launcher.exports import accelerate_config
 from launcher.spec import SECRET_ENV, LaunchSpec
 
 COMMAND_TIMEOUT_S = 30
@@ -149,7 +166,7 @@ class SlurmBackend:
 
     def render(self, spec: LaunchSpec, run_dir: Path, options: BaseModel) -> Rendered:
         assert isinstance(options, SlurmOptions)
-        files = {"spec.json": spec.model_dump_json(indent=2), "trl.yaml": _yaml(trl_config(spec))}
+        files = run_files(spec)
         nodes, per_node = layout(spec, options)
         if nodes * per_node > 1:
             accel = accelerate_config(spec) or {}
@@ -157,7 +174,7 @@ class SlurmBackend:
             files["accelerate.yaml"] = _yaml(accel)
         env = run_environment(spec)
         files["job.sbatch"] = job_script(spec, run_dir, options, env)
-        shown = {k: ("***" if k in SECRET_ENV else v) for k, v in env.items()}
+        shown = shown_environment(env)
         where = f"{nodes} node(s) x {per_node} {'GPU' if spec.resources.device == 'cuda' else 'process'}{'s' if per_node > 1 else ''}"
         summary = f"{spec.method} {spec.stage} of {spec.model.location} as an sbatch job on {where}; output in {spec.output_dir}"
         return Rendered(files=files, argv=("sbatch", "--parsable", str(run_dir / "job.sbatch")), env=shown, summary=summary)
@@ -226,9 +243,7 @@ class SlurmBackend:
             pass
 
     def read_logs(self, handle: Handle | None, run_dir: Path, offset: int, limit: int) -> LogChunk:
-        from launcher.backends.local import LocalBackend
-
-        return LocalBackend().read_logs(handle, run_dir, offset, limit)
+        return read_log_file(run_dir, offset, limit)  # sbatch --output is the run directory's train.log
 
 
 def _read_exit(run_dir: Path) -> dict | None:
