@@ -74,6 +74,15 @@ def _length_settings(spec: LaunchSpec) -> dict[str, Any]:
     return out
 
 
+def _autocast_dtype(options: dict[str, Any]) -> str | None:
+    """The dtype the trainer's autocast runs in ("bf16", "fp16"), or None: fp32 compute, or a plan
+    for 16-bit weights without autocast (`autocast: false`), which the trainer gets as bf16/fp16
+    off with the weights loaded in 16 bit."""
+    if options["precision"] == "fp32" or not options.get("autocast", True):
+        return None
+    return options["precision"]
+
+
 def _fsdp(spec: LaunchSpec) -> bool:
     return spec.resources.num_processes > 1 and spec.options["parallelism"] == "fsdp" and spec.resources.device == "cuda"
 
@@ -99,8 +108,8 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
         "save_steps": settings.save_steps or 500,
         "seed": settings.seed,
         "optim": TRL_OPTIMIZERS[options["optimizer"]],
-        "bf16": options["precision"] == "bf16",
-        "fp16": options["precision"] == "fp16",
+        "bf16": _autocast_dtype(options) == "bf16",
+        "fp16": _autocast_dtype(options) == "fp16",
         # under FSDP the accelerate config checkpoints (fsdp_activation_checkpointing); transformers
         # refuses both at once
         checkpointing_key(): bool(options["gradient_checkpointing"]) and not _fsdp(spec),
@@ -171,7 +180,7 @@ def accelerate_config(spec: LaunchSpec) -> dict[str, Any] | None:
     if resources.num_processes * resources.num_nodes <= 1:
         return None
     parallelism, offload = options["parallelism"], options["offload"]
-    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(options["precision"], "no")
+    mixed = _autocast_dtype(options) or "no"
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "machine_rank": 0,
@@ -240,8 +249,8 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "gradient_checkpointing": bool(options["gradient_checkpointing"]),
         "optimizer": TRL_OPTIMIZERS[options["optimizer"]],
-        "bf16": options["precision"] == "bf16",
-        "fp16": options["precision"] == "fp16",
+        "bf16": _autocast_dtype(options) == "bf16",
+        "fp16": _autocast_dtype(options) == "fp16",
         "seed": settings.seed,
         "logging_steps": settings.logging_steps,
         # the boolean flags (flash_attention, sdp_attention) are deprecated aliases since 0.21
@@ -259,6 +268,9 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         config.update(optim_target_modules=[r".*attn.*", r".*mlp.*"], optim_args=f"rank={options['galore_rank']}")
     if options["optimizer"] == "sgd" and options.get("sgd_momentum"):
         config["optim_args"] = f"momentum={options['sgd_momentum']}"
+    if options["precision"] != "fp32" and _autocast_dtype(options) is None:
+        # axolotl's pure 16-bit load, without AMP
+        config["bfloat16" if options["precision"] == "bf16" else "float16"] = True
     if rl:
         config["rl"] = rl
         if options.get("beta") is not None:
@@ -320,14 +332,18 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "logging_steps": settings.logging_steps,
         "save_steps": settings.save_steps or 500,
-        "bf16": options["precision"] == "bf16",
-        "fp16": options["precision"] == "fp16",
+        "bf16": _autocast_dtype(options) == "bf16",
+        "fp16": _autocast_dtype(options) == "fp16",
         "seed": settings.seed,
         "optim": TRL_OPTIMIZERS[options["optimizer"]],
         "flash_attn": {"flash": "fa2", "sdpa": "sdpa", "eager": "disabled"}[options["attention"]],
         "disable_gradient_checkpointing": not options["gradient_checkpointing"],
         "report_to": "none",
     }
+    if options["precision"] != "fp32" and _autocast_dtype(options) is None:
+        if options["precision"] != "bf16":
+            raise ValueError("LLaMA-Factory trains fp16 only with autocast (AMP); export trl, or plan with autocast on")
+        config["pure_bf16"] = True
     if options["optimizer"] == "galore":
         if spec.method != "full":
             raise ValueError("LLaMA-Factory runs GaLore with full fine-tuning only; export trl instead")

@@ -13,8 +13,9 @@ real forward passes to autograd (tests/test_activations.py holds the model to th
   contiguous copy of the output for o_proj: 4 e q + 6 H s (the s x s scores make it quadratic).
 - gated MLP: gate output, activation output, up output (3 e i) and their product (e i) when
   down_proj trains.
-- LoRA (adapters in fp32): per adapted Linear an fp32 copy of its input (4 in) and the rank-r
-  activation (4 r); with dropout, the dropped copy replaces the plain copy and a 1-byte mask per
+- LoRA (adapters in fp32): per adapted Linear a copy of its input cast to fp32, which lora_A
+  saves (4 in) in a plain loop, or autocast's 16-bit copy of that (e in), and the rank-r
+  activation (4 r or e r); with dropout, the dropped copy replaces the plain copy and a 1-byte mask per
   input value is added.
 - DoRA: LoRA's terms, the base output in e and fp32 (6 out) per token, and per adapted Linear
   three fp32 vectors of its output size (weight norm, scale, scale - 1). The weight-sized norm
@@ -22,7 +23,8 @@ real forward passes to autograd (tests/test_activations.py holds the model to th
   with dropout, though, PEFT recomputes the base output against a copy of the whole base
   weight that autograd keeps (in x out per Linear).
 - Under autocast every adapted Linear also keeps 16-bit copies of its adapter matrices.
-- Gradient checkpointing keeps each layer's input (e h) and recomputes one layer at a time.
+- Gradient checkpointing keeps each layer's input (e h) and recomputes one layer at a time; the
+  backward frees each input once it has recomputed that layer.
 """
 
 from __future__ import annotations
@@ -73,9 +75,10 @@ def _first_layer_linears(spec: ModelSpec, targets: list[str] | str) -> dict[str,
 
 def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTerms:
     """Saved bytes per token. Training runs under autocast whenever the compute dtype is 16-bit
-    (the transformers Trainer, TRL and accelerate all wrap the forward in it)."""
+    (the transformers Trainer, TRL and accelerate all wrap the forward in it) unless the options
+    say it is a plain loop without one."""
     e = compute_bytes(options)
-    autocast = options.precision != "fp32"
+    autocast = options.effective_autocast
     # the residual stream, norms and everything not cast by autocast stay in the weights' dtype
     w = dtype_bytes(options.effective_weights_dtype)
     h, q, kv, heads = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.kv_dim, spec.num_attention_heads
@@ -162,6 +165,25 @@ def dora_weight_norm_bytes(spec: ModelSpec, options: TrainingOptions) -> int:
     return max((4 * fan_in * fan_in + 24 * fan_in * fan_out + 8 * tokens * fan_out for fan_in, fan_out in _adapted(spec, options).values()), default=0)
 
 
+def layer_backward_bytes(spec: ModelSpec, options: TrainingOptions) -> int:
+    """The gradients one decoder layer's backward holds at once, on top of what it saved, per
+    token and unit of (MLP width + hidden size). Measured with PyTorch's memory profiler on CPU
+    (Llama blocks, hidden 256-512, intermediate 1024-2048, 1024-2048 tokens, with and without
+    checkpointing): full fine-tuning 3.3-3.6 bytes in bf16, planned as two values in the compute
+    dtype; adapters under autocast 6.0, three values (the fp32 adapter branch's gradients are cast
+    back through extra buffers); fp32 adapters without autocast 6.5-8.5, planned at 9. Routed MoE
+    tokens count once per expert they reach."""
+    e = compute_bytes(options)
+    if options.method not in ADAPTER_METHODS:
+        per_unit = 2 * e
+    elif options.effective_autocast or e == 4:
+        per_unit = 3 * e
+    else:
+        per_unit = 9
+    width = max(spec.experts_per_token, 1) * spec.moe_intermediate_size if spec.num_experts else spec.intermediate_size
+    return training_tokens(options) * per_unit * (width + spec.hidden_size)
+
+
 def fused_split_grad_bytes(spec: ModelSpec, options: TrainingOptions) -> int:
     """A fused projection's output is split (Phi-3's qkv_proj, gate_up_proj chunked in two); in
     backward the split's gradient is one new buffer of the whole output, alive beside the parts'
@@ -221,11 +243,21 @@ def activation_components(spec: ModelSpec, options: TrainingOptions) -> list[Com
     layers = trained_layers(spec, options)
     out = []
     if options.gradient_checkpointing:
+        # the backward frees each layer's input after recomputing it, last layer first: the
+        # first trained layer's input is the one still held when all gradients exist
+        if layers > 1:
+            out.append(
+                Component(
+                    "activations.checkpoints",
+                    (layers - 1) * tokens * terms.layer_input_per_token,
+                    f"gradient checkpointing keeps the input of each of the other {layers - 1} layers ({tokens:,} tokens), freed as the backward passes it",
+                )
+            )
         out.append(
             Component(
-                "activations.checkpoints",
-                layers * tokens * terms.layer_input_per_token,
-                f"gradient checkpointing keeps each of {layers} layers' input ({tokens:,} tokens)",
+                "activations.first_layer_input",
+                tokens * terms.layer_input_per_token,
+                "the first trained layer's checkpointed input, the last one the backward frees",
             )
         )
         out.append(

@@ -48,6 +48,10 @@ class TrainingOptions(BaseModel):
     seq_len: int = Field(default=2048, ge=1, le=10_000_000)
     gradient_checkpointing: StrictBool = True
     precision: Dtype = "bf16"
+    # the forward under torch.autocast when the compute dtype is 16-bit, as the transformers
+    # Trainer, TRL and accelerate run it; false for a plain loop over 16-bit weights, where PEFT's
+    # fp32 adapters then save fp32 copies of their inputs (twice the bytes)
+    autocast: StrictBool = True
     weights_dtype: Dtype | None = None
     quantization: Quantization | None = None
     double_quant: StrictBool = True
@@ -116,6 +120,11 @@ class TrainingOptions(BaseModel):
         return STAGE_DEFAULT_BETA.get(self.stage, 0.0)
 
     @property
+    def effective_autocast(self) -> bool:
+        """Whether the forward runs under autocast: only a 16-bit compute dtype has one."""
+        return self.autocast and self.precision != "fp32"
+
+    @property
     def generates(self) -> bool:
         return self.stage in ("grpo", "rloo", "ppo")
 
@@ -134,6 +143,8 @@ def check_consistency(options: TrainingOptions) -> None:
     pair = {options.effective_weights_dtype, options.precision}
     if pair == {"bf16", "fp16"}:
         raise PlanInputError("weights_dtype", f"weights in {options.effective_weights_dtype} with {options.precision} compute mixes two 16-bit formats")
+    if not options.autocast and options.precision != "fp32" and options.effective_weights_dtype == "fp32":
+        raise PlanInputError("autocast", f"fp32 weights with {options.precision} compute is autocast; turn it on, or load the weights in {options.precision}")
     if options.precision == "fp32" and options.effective_weights_dtype != "fp32":
         raise PlanInputError("precision", f"fp32 compute needs fp32 weights, not {options.effective_weights_dtype}")
     if options.num_gpus == 1 and options.parallelism != "ddp":

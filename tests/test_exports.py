@@ -217,6 +217,22 @@ def test_accelerate_export_loads_with_accelerates_loader(tmp_path, parallelism, 
         assert int(args.fsdp_version) == 2 and args.fsdp_offload_params is (offload != "none")
 
 
+def test_a_plan_without_autocast_trains_in_pure_16_bit_everywhere(tmp_path):
+    """autocast false plans PEFT's fp32 input copies (a plain 16-bit loop): every export must run
+    it that way, the weights in bf16 and the trainer's mixed precision off."""
+    from launcher.exports import accelerate_config, axolotl_config, llamafactory_config
+
+    spec = make_spec(method="lora", autocast=False)
+    _, config, model, _ = trl_parse(write(tmp_path, spec, "trl"), "sft")
+    assert config.bf16 is False and config.fp16 is False
+    assert config.model_init_kwargs == {"dtype": "bfloat16"} and model.dtype == "bfloat16"
+    assert accelerate_config(make_spec(method="lora", autocast=False, num_gpus=2))["mixed_precision"] == "no"
+    assert axolotl_config(spec)["bf16"] is False and axolotl_config(spec)["bfloat16"] is True
+    assert llamafactory_config(spec)["bf16"] is False and llamafactory_config(spec)["pure_bf16"] is True
+    # with autocast (the default) the trainer's bf16 is on
+    assert accelerate_config(make_spec(method="lora", num_gpus=2))["mixed_precision"] == "bf16"
+
+
 def test_fsdp_run_turns_checkpointing_on_in_one_place_only():
     from launcher.exports import accelerate_config, trl_config
 
@@ -298,6 +314,7 @@ VARIANTS = [{"stage": s, "method": m, "beta": 0.2 if s in ("dpo", "kto", "orpo",
     {"stage": "sft", "method": "full", "optimizer": "sgd", "sgd_momentum": 0.9},
     {"stage": "sft", "method": "full", "optimizer": "adafactor"},
     {"stage": "dpo", "method": "lora", "optimizer": "paged_adamw_8bit", "attention": "eager", "gradient_checkpointing": False, "precision": "fp16", "weights_dtype": "fp16"},
+    {"stage": "sft", "method": "lora", "autocast": False},
 ]
 
 

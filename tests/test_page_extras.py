@@ -69,7 +69,11 @@ def test_the_flagship_fit_search_says_micro_batch_3(client):
     html = client.get("/", params=FLAGSHIP).text
     answer = re.search(r'<tr id="fit-largest_batch">.*?<a href="([^"]+)" data-value="(\d+)"', html, re.S)
     assert answer.group(2) == "3" and "batch_size=3" in unescape(answer.group(1))
-    assert Page(html).words("fit-largest_batch").endswith("4 would need 18.62 GiB (up to 20.73), tight")
+    # the step beyond, in the numbers its own plan gives
+    beyond = client.get("/plan.json", params={**FLAGSHIP, "batch_size": "4"}).json()["plan"]
+    assert beyond["verdict"] == "tight"
+    words = f"4 would need {beyond['peak_bytes'] / 2**30:.2f} GiB (up to {beyond['peak_high_bytes'] / 2**30:.2f}), tight"
+    assert Page(html).words("fit-largest_batch").endswith(words)
 
 
 def test_the_fewest_gpus_answer_links_to_a_plan_that_fits(client):
