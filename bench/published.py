@@ -97,8 +97,10 @@ CASE_NOTES = {
     "LIT-1": "litgpt computes the LM head and loss in 128-token chunks (the planner holds the full logits); LoRA weights bf16 (planned fp32)",
     "LIT-2": "litgpt chunked LM head and loss; bnb.nf4 through litgpt's precision plugin (which Linear layers it leaves in bf16 is not published)",
     "LIT-3": "litgpt chunked LM head and loss; LoRA weights bf16 (planned fp32)",
-    "FMS-6": "double quantization and the dtype of the non-quantized parameters not published (the source's own second loader held 4 GiB less)",
-    "FMS-7": "MoE: the planner keeps the experts' fused 3-D weights in 16 bit (issue 12 asks whether bitsandbytes quantizes them)",
+    "FMS-6": "double quantization and the dtype of the non-quantized parameters not published (the source's own second loader held 4 GiB less); "
+             "bitsandbytes 0.43 dates it to transformers 4, whose in-model loss kept an fp32 upcast of the logits and a shifted copy (likely most of the gap)",
+    "FMS-7": "MoE: under transformers 5 bitsandbytes leaves the fused 3-D expert tensors in 16 bit, and so does the plan (tests/test_static_exact.py); "
+             "this run, under transformers 4 with one nn.Linear per expert, had them quantized",
 }
 
 

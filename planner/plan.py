@@ -227,6 +227,12 @@ def _assumptions(options: TrainingOptions) -> list[str]:
         out.append(f"weights loaded in {options.effective_weights_dtype} (the compute precision), not given")
     if options.trainer == "trl" and options.weights_dtype is None:
         out.append(f"TRL loads a model given by name in float32 unless model_init_kwargs sets dtype; planned for dtype={options.effective_weights_dtype} passed by the launcher")
+    if options.precision != "fp32":
+        if options.effective_autocast:
+            out.append(f"the forward runs under {options.precision} autocast, as the transformers Trainer, TRL and accelerate run it"
+                       + ("; a plain loop over 16-bit weights without it is autocast false" if "autocast" not in given else ""))
+        else:
+            out.append(f"no autocast: a plain loop over {options.effective_weights_dtype} weights (PEFT's fp32 adapters save fp32 copies of their inputs)")
     if options.generates:
         out.append(f"{options.stage}: seq len {options.seq_len} is the prompt; {options.max_new_tokens} new tokens per completion")
     return out

@@ -220,6 +220,13 @@ class _SavedTensor:
         self.tensor = tensor
 
 
+def _autocast(on: bool):
+    """bf16 autocast as the trainers run it, or none: a plain loop over bf16 weights."""
+    import contextlib
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
 def saved_activation_bytes(model, run_forward) -> int:
     """Bytes autograd holds for backward after `run_forward()`, deduplicated by storage.
 
@@ -270,7 +277,8 @@ def apply_method(model, method: str, lora_r: int, checkpointing: bool):
     return model
 
 
-def measure_saved_forward(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8, trainer: str = "hf") -> int:
+def measure_saved_forward(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8, trainer: str = "hf",
+                          autocast: bool = True) -> int:
     """Saved-for-backward bytes of one real forward with labels under bf16 autocast, as trainers run it.
 
     trainer "hf" is a plain forward with labels; "trl" goes through TRL's fused LM head, as its
@@ -288,14 +296,15 @@ def measure_saved_forward(config: dict, method: str, attention: str, checkpointi
     ids = torch.randint(3, config["vocab_size"], (sequences, seq_len))
 
     def forward():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast(autocast):
             return model(input_ids=ids, labels=ids, **extra)
 
     saved, _ = saved_activation_bytes(model, forward)
     return saved
 
 
-def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stage: str, batch_size: int, seq_len: int, lora_r: int = 8, trainer: str = "hf") -> int:
+def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stage: str, batch_size: int, seq_len: int, lora_r: int = 8, trainer: str = "hf",
+                    autocast: bool = True) -> int:
     """The planner's saved-activation terms for the same run: activations (without the layer
     recomputed in backward, which is not saved in forward) plus the saved logits."""
     from planner.activations import activation_components, training_tokens
@@ -305,14 +314,14 @@ def predicted_saved(spec, method: str, attention: str, checkpointing: bool, stag
     options = TrainingOptions(
         method=method, stage=stage, weights_dtype="bf16", precision="bf16", attention=attention,
         gradient_checkpointing=checkpointing, batch_size=batch_size, seq_len=seq_len, trainer=trainer, lora_r=lora_r,
-        lora_dropout=0.0, precompute_ref_log_probs=True, gpu_memory_gib=80,
+        lora_dropout=0.0, precompute_ref_log_probs=True, gpu_memory_gib=80, autocast=autocast,
     )
     parts = activation_components(spec, options) + logits_components(spec, options, training_tokens(options))
     return sum(c.bytes for c in parts if c.name != "activations.recompute" and not c.name.startswith("temporary"))
 
 
 def measure_step_peak(config: dict, method: str, attention: str, checkpointing: bool, sequences: int, seq_len: int, lora_r: int = 8, trainer: str = "hf",
-                      optimizer: str = "adamw") -> int:
+                      optimizer: str = "adamw", autocast: bool = True) -> int:
     """Peak CPU memory of one whole training step (forward with labels under bf16 autocast,
     backward, AdamW step, zero_grad), from PyTorch's memory profiler timeline.
 
@@ -335,7 +344,7 @@ def measure_step_peak(config: dict, method: str, attention: str, checkpointing: 
     ids = torch.randint(3, config["vocab_size"], (sequences, seq_len))
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast(autocast):
             loss = model(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         del loss
@@ -361,7 +370,8 @@ def profiled_peak(step) -> int:
     return max(sum(categories) for categories in sizes)
 
 
-def predicted_step_peak(spec, method: str, attention: str, checkpointing: bool, batch_size: int, seq_len: int, lora_r: int = 8, trainer: str = "hf", optimizer: str = "adamw"):
+def predicted_step_peak(spec, method: str, attention: str, checkpointing: bool, batch_size: int, seq_len: int, lora_r: int = 8, trainer: str = "hf", optimizer: str = "adamw",
+                        autocast: bool = True):
     """The plan's peak for the same step, without the CUDA-only runtime components."""
     from planner.options import TrainingOptions
     from planner.plan import build_plan
@@ -369,6 +379,7 @@ def predicted_step_peak(spec, method: str, attention: str, checkpointing: bool, 
     options = TrainingOptions(
         method=method, weights_dtype="bf16", precision="bf16", attention=attention, gradient_checkpointing=checkpointing,
         batch_size=batch_size, seq_len=seq_len, trainer=trainer, lora_r=lora_r, lora_dropout=0.0, gpu_memory_gib=80, optimizer=optimizer,
+        autocast=autocast,
     )
     plan = build_plan(spec, options)
     return sum(c.bytes for c in plan.components if c.family != "runtime"), plan.peak_phase

@@ -71,6 +71,9 @@ def test_gpus_and_models(client):
         ({"model": MODEL, "gpu": "toaster 9000"}, "gpu"),
         ({"model": MODEL, "lora_targets": "nonexistent_proj"}, "lora_targets"),
         ({"model": MODEL, "unknown_option": 1}, "unknown_option"),
+        # fp32 weights with bf16 compute is autocast: it cannot be off
+        ({"model": MODEL, "weights_dtype": "fp32", "precision": "bf16", "autocast": False}, "autocast"),
+        ({"model": MODEL, "autocast": "no"}, "autocast"),
         ({"config_json": "{not json"}, "config_json"),
         ({"config_json": json.dumps({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "x.Y"}, "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 10})}, "config_json"),
         ({"config_json": json.dumps({"model_type": "llama", "hidden_size": 10**9, "num_hidden_layers": 1, "vocab_size": 10})}, "config_json"),

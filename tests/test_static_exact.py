@@ -1,6 +1,7 @@
 """Static memory equals, to the byte, what the real stack holds on CPU after one optimizer step."""
 
 import pytest
+import torch
 
 from planner.options import TrainingOptions
 from planner.static_memory import static_components
@@ -103,3 +104,23 @@ def test_fused_expert_pair_must_be_targeted_together(tiny_specs):
 
     with pytest.raises(PlanInputError, match="fused"):
         parameter_counts(tiny_specs["qwen3_moe"], _options("lora", "bf16", "adamw", "none", True, lora_targets=["gate_proj"]))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_bitsandbytes_leaves_fused_3d_experts_in_16_bit(arch):
+    """Issue 12 asked whether 4-bit loading now quantizes transformers 5's fused expert tensors
+    (a published Mixtral QLoRA run under transformers 4, with one nn.Linear per expert, held 40 GiB
+    against the plan's 101). It does not: only nn.Linear weights become Params4bit, and the plan
+    keeps the experts in 16 bit, as the load really does."""
+    from bitsandbytes.nn import Params4bit
+
+    from planner.introspect import spec_from_config
+    from tests.realstack import build_model
+
+    model = build_model(TINY[arch], "bf16", quantization="nf4")
+    experts = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    assert experts and all(not isinstance(p, Params4bit) and p.dtype == torch.bfloat16 and p.dim() == 3 for p in experts.values())
+    assert any(isinstance(p, Params4bit) for n, p in model.named_parameters() if "q_proj" in n)
+    expert_bytes = sum(p.numel() * 2 for p in experts.values())
+    plan_base = next(c for c in static_components(spec_from_config(dict(TINY[arch]), arch), TrainingOptions(method="qlora")) if c.name == "weights.base")
+    assert plan_base.bytes > expert_bytes  # the 16-bit experts are inside the planned base weights

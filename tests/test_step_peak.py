@@ -44,3 +44,18 @@ def test_multi_tensor_adamw_step_holds_a_second_moment_sized_buffer(arch, method
     planned, phase = predicted_step_peak(spec_from_config(dict(TINY[arch]), arch), method, "sdpa", True, 1, 4, optimizer="adamw_foreach")
     assert phase == "optimizer_step"
     assert -0.02 <= (planned - measured) / measured <= 0.05, (planned, measured)
+
+
+# Wide layers and a small vocabulary: the loss is cheap, so the peak is inside a decoder layer's
+# backward (its gradients on top of what it saved), where the plan's temporary.layer_backward lives.
+WIDE = dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize("method,ckpt,autocast", [("lora", True, True), ("lora", False, True), ("lora", True, False), ("full", False, True), ("full", True, True)])
+def test_step_peak_inside_a_layers_backward(method, ckpt, autocast):
+    measured = measure_step_peak(WIDE, method, "sdpa", ckpt, sequences=2, seq_len=256, autocast=autocast)
+    planned, phase = predicted_step_peak(spec_from_config(dict(WIDE), "wide"), method, "sdpa", ckpt, 2, 256, autocast=autocast)
+    assert phase in ("backward_layers", "backward_end")
+    error = (planned - measured) / measured
+    assert -0.05 <= error <= 0.10, (planned, measured, f"{error:+.1%}", phase)
