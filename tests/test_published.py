@@ -50,3 +50,20 @@ def test_the_committed_results_are_what_the_script_gives_now():
     text_json, text_md = published.render(published.results())
     assert json.loads(published.RESULTS_JSON.read_text()) == json.loads(text_json)
     assert published.RESULTS_MD.read_text() == text_md
+
+
+def test_the_accuracy_page_and_the_readmes_summary_are_what_validate_writes():
+    """docs/accuracy.md holds every row; README.md a summary of them and a link (issue 12, item 6).
+    Both must be what bench/validate.py makes from the committed results now: the GPU rows from the
+    calibration's leave-one-out file, the CPU rows from the committed CPU measurement."""
+    import validate
+
+    cpu = sorted(ROOT.glob("bench/results/cpu-20*.json"))[-1]
+    committed = json.loads(cpu.read_text())
+    rows = validate.process_peak_rows() + validate.calibration_rows() + committed["cpu_step_peak"] + committed["cpu"]
+    assert validate.ACCURACY_DOC.read_text() == validate.accuracy_doc(rows)
+    readme = (ROOT / "README.md").read_text()
+    summary = validate.readme_table(rows)
+    assert summary in readme and "docs/accuracy.md" in summary
+    # the summary is short: the whole table lives in the docs
+    assert summary.count("\n| ") < 10 and validate.accuracy_doc(rows).count("\n| ") > 100

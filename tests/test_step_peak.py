@@ -52,7 +52,10 @@ WIDE = dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_hid
             num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-@pytest.mark.parametrize("method,ckpt,autocast", [("lora", True, True), ("lora", False, True), ("lora", True, False), ("full", False, True), ("full", True, True)])
+WIDE_CASES = [("lora", True, True), ("lora", False, True), ("lora", True, False), ("full", False, True), ("full", True, True)]
+
+
+@pytest.mark.parametrize("method,ckpt,autocast", WIDE_CASES)
 def test_step_peak_inside_a_layers_backward(method, ckpt, autocast):
     measured = measure_step_peak(WIDE, method, "sdpa", ckpt, sequences=2, seq_len=256, autocast=autocast)
     planned, phase = predicted_step_peak(spec_from_config(dict(WIDE), "wide"), method, "sdpa", ckpt, 2, 256, autocast=autocast)
