@@ -286,9 +286,9 @@ def band_report(result: dict) -> str:
             "The width goal is not met, and cannot be with the central figure as it is: the band is as wide as",
             f"the central figure's own leave-one-out errors, which run from {-band['peak_low']:.1%} over the peak",
             f"({_described(result, band['low_from'])}) to {band['dynamic_high']:.1%} of the dynamic part under",
-            f"({_described(result, band['high_from'])}). The tensors the plan counts are within"
-            f" {min(r['allocated_error'] for r in result['per_run']):+.1%} to {max(r['allocated_error'] for r in result['per_run']):+.1%}"
-            " of `max_memory_allocated` on every run, so what is left of those errors is",
+            (f"({_described(result, band['high_from'])}). The tensors the plan counts are within"
+             f" {min(r['allocated_error'] for r in result['per_run']):+.1%} to {max(r['allocated_error'] for r in result['per_run']):+.1%}"
+             " of `max_memory_allocated` on every run, so what is left of those errors is"),
             "the allocator's reserve (reserved minus allocated), which the fit's three terms follow only roughly. A",
             "narrower band needs a better reserve model, or runs with `expandable_segments:True`, which leave",
             "little reserve; not a narrower rule. The low end",

@@ -8,8 +8,9 @@
   planner's activation + logits terms.
 - Calibration: every committed GPU measurement in bench/results/*calibration*.json against the
   planned peak (allocated, and NVML's total including the CUDA context).
-- GPU (when CUDA is available): real training steps of small catalog architectures with random
-  weights; max_memory_allocated, max_memory_reserved and NVML used against the plan.
+- GPU (when CUDA is available): bench/gpu_runs.py's first runs (small catalog architectures with
+  random weights, a fresh process each); max_memory_allocated, and max_memory_reserved plus what
+  NVML sees outside the allocator, against the plan.
 Results go to bench/results/<device>-<date>.json.
 """
 
@@ -136,62 +137,34 @@ def process_peak_rows() -> list[dict]:
 
 
 def gpu_rows() -> list[dict]:
-    """Real peaks on a CUDA GPU. Runs only where one is present."""
+    """Real peaks on a CUDA GPU, where one is present: bench/gpu_runs.py's first runs, each in a
+    fresh process, against their plans (allocated, and the process peak with its band)."""
     import torch
 
     if not torch.cuda.is_available():
         return []
-    from planner.catalog import load_catalog_spec, CONFIGS_DIR, file_stem
+    from bench.gpu_runs import MATRIX, QUICK, run_in_process
+    from planner.catalog import resolve_model
     from planner.options import TrainingOptions
     from planner.plan import build_plan
-    from tests.realstack import apply_method, build_model
 
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        nvml_used = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used  # noqa: E731
-    except Exception:
-        nvml_used = lambda: None  # noqa: E731
     rows = []
-    for model_id in ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-1.5B"):
-        config = json.loads((CONFIGS_DIR / f"{file_stem(model_id)}.json").read_text())
-        config.pop("architectures", None)
-        config.pop("torch_dtype", None)
-        for method in ("full", "lora", "dora"):
-            for seq_len in (512, 2048):
-                for ckpt in (False, True):
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    model = apply_method(build_model(config, "bf16", attention="sdpa").cuda(), method, 16, ckpt)
-                    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-                    ids = torch.randint(3, config["vocab_size"], (1, seq_len), device="cuda")
-                    for _ in range(3):
-                        with torch.autocast("cuda", dtype=torch.bfloat16):
-                            loss = model(input_ids=ids, labels=ids).loss
-                        loss.backward()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.synchronize()
-                    allocated = torch.cuda.max_memory_allocated() / GIB
-                    used = nvml_used()
-                    # the process peak: the allocator's peak reservation plus what NVML sees outside it
-                    process = (torch.cuda.max_memory_reserved() + (used - torch.cuda.memory_reserved())) / GIB if used else None
-                    options = TrainingOptions(method=method, weights_dtype="bf16", seq_len=seq_len, batch_size=1,
-                                              gradient_checkpointing=ckpt, trainer="hf", lora_dropout=0.0, gpu_memory_gib=80)
-                    plan = build_plan(load_catalog_spec(model_id), options)
-                    predicted = sum(c.bytes for c in plan.components if not c.name.startswith("runtime")) / GIB
-                    name = f"{torch.cuda.get_device_name()}: {model_id}, {method}, seq {seq_len}, ckpt {'on' if ckpt else 'off'}"
-                    rows.append({"config": name, "source": GPU_SOURCE, "quantity": "peak allocated (GiB)", "predicted": round(predicted, 2),
-                                 "measured": round(allocated, 2), "error": round((predicted - allocated) / allocated, 4),
-                                 "reserved": round(torch.cuda.max_memory_reserved() / GIB, 2),
-                                 "nvml_used": round(used / GIB, 2) if used else None})
-                    if process is not None:
-                        rows.append({"config": name, "source": GPU_SOURCE, "quantity": "process peak (GiB)", "predicted": round(plan.peak_bytes / GIB, 2),
-                                     "measured": round(process, 2), "error": round((plan.peak_bytes / GIB - process) / process, 4),
-                                     **_band(plan, process)})
-                    del model, optimizer
+    gpu = torch.cuda.get_device_name(0)
+    for run in MATRIX[:QUICK]:
+        measured, why = run_in_process(run, timeout=180)
+        if measured is None:
+            print(f"{run.name}: not measured ({why})", file=sys.stderr)
+            continue
+        plan = build_plan(resolve_model(run.model), TrainingOptions(gpu_memory_gib=4096, **run.options))
+        predicted = sum(c.bytes for c in plan.components if c.family != "runtime") / GIB
+        allocated = measured["peak_allocated"] / GIB
+        name = f"{gpu}: {run.name}"
+        rows.append({"config": name, "source": GPU_SOURCE, "quantity": "peak allocated (GiB)", "predicted": round(predicted, 2),
+                     "measured": round(allocated, 2), "error": round((predicted - allocated) / allocated, 4)})
+        if measured["outside_allocator"] is not None:
+            process = (measured["peak_reserved"] + measured["outside_allocator"]) / GIB
+            rows.append({"config": name, "source": GPU_SOURCE, "quantity": "process peak (GiB)", "predicted": round(plan.peak_bytes / GIB, 2),
+                         "measured": round(process, 2), "error": round((plan.peak_bytes / GIB - process) / process, 4), **_band(plan, process)})
     return rows
 
 

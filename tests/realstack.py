@@ -67,13 +67,14 @@ def _state_tensors(value):
 _saved: dict[str, str] = {}
 
 
-def build_model(config: dict, weights_dtype: str, quantization: str = "none", double_quant: bool = True, attention: str | None = None):
+def build_model(config: dict, weights_dtype: str, quantization: str = "none", double_quant: bool = True, attention: str | None = None,
+                device: str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     hf_config = AutoConfig.for_model(**config)
     torch.manual_seed(0)
     if quantization == "none":
-        return AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[weights_dtype], attn_implementation=attention)
+        return AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[weights_dtype], attn_implementation=attention).to(device)
     key = repr(sorted(config.items()))
     if key not in _saved:
         path = Path(tempfile.mkdtemp(prefix="vramplan-tiny-"))
@@ -88,7 +89,8 @@ def build_model(config: dict, weights_dtype: str, quantization: str = "none", do
             bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=TORCH_DTYPES[weights_dtype],
         )
-    return AutoModelForCausalLM.from_pretrained(_saved[key], quantization_config=qconf, dtype=TORCH_DTYPES[weights_dtype], device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(_saved[key], quantization_config=qconf, dtype=TORCH_DTYPES[weights_dtype], device_map=device,
+                                                attn_implementation=attention)
 
 
 def peft_config(method: str, r: int, targets, num_virtual_tokens: int):
@@ -220,11 +222,11 @@ class _SavedTensor:
         self.tensor = tensor
 
 
-def _autocast(on: bool):
+def _autocast(on: bool, device: str = "cpu"):
     """bf16 autocast as the trainers run it, or none: a plain loop over bf16 weights."""
     import contextlib
 
-    return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
 def saved_activation_bytes(model, run_forward) -> int:
