@@ -22,7 +22,7 @@ The matrix fills what the committed H100 runs lack:
 - TRL's fused LM head, the default trainer, where the peak is inside a layer's backward;
 - autocast on, beside the committed runs without it;
 - QLoRA with the weights loaded by bitsandbytes on the GPU.
-`--quick` takes the first six runs, about three minutes on an H100.
+`--quick` takes the first six runs (estimated at three minutes; not yet timed on a GPU).
 
 Only torch, transformers and peft are needed on the GPU machine (trl for the fused-head runs,
 bitsandbytes for QLoRA); the planner is not imported there. Exit status: 0 when every run was
