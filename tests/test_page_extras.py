@@ -25,7 +25,7 @@ from tests.test_pages import Page
 FLAGSHIP = {"model": "meta-llama/Llama-2-13b-hf", "method": "qlora", "gpu": "RTX 4000 Ada"}
 # typed as a user would, with options away from their defaults: every one must reach the command
 UNUSUAL = {"model": "meta-llama/Llama-3.1-8B", "method": "QLoRA", "gpu": "rtx4000ada", "batch_size": "3", "seq_len": "3072",
-           "gradient_checkpointing": "off", "lora_r": "32", "lora_targets": "q_proj,v_proj", "optimizer": "paged AdamW 8bit"}
+           "gradient_checkpointing": "off", "lora_r": "32", "lora_targets": "q_proj,v_proj", "optimizer": "paged AdamW 8bit", "autocast": "off"}
 FAILING = {"model": "meta-llama/Llama-3.1-70B", "method": "full", "gpu": "RTX 4090"}
 
 
@@ -109,7 +109,7 @@ def test_the_shown_command_gives_the_pages_peak(client, params, capsys):
 def test_the_unusual_options_all_reach_the_command(client):
     command = Page(client.get("/", params=UNUSUAL).text).text["cli-command"]
     for flag in ("--method qlora", "--batch-size 3", "--seq-len 3072", "--no-gradient-checkpointing", "--lora-r 32",
-                 "--lora-targets q_proj,v_proj", "--optimizer paged_adamw_8bit", "--gpu 'NVIDIA RTX 4000 Ada Generation'"):
+                 "--lora-targets q_proj,v_proj", "--optimizer paged_adamw_8bit", "--no-autocast", "--gpu 'NVIDIA RTX 4000 Ada Generation'"):
         assert flag in command, (flag, command)
 
 
@@ -228,3 +228,14 @@ def test_each_page_says_once_which_unit_is_which(client, path):
     assert html.count('class="field-note units"') == 1
     note = Page(html).words("gpu-units" if path == "/" else "units-note")
     assert "maker's GB" in note and "GiB" in note and "79.6 GiB" in note
+
+
+def test_autocast_off_from_the_form_reaches_the_plan_and_says_so(client):
+    """A plain loop over bf16 weights: PEFT's fp32 adapters save fp32 input copies, so the same LoRA
+    plan is larger, and the page says which autocast it assumed."""
+    base = {"model": "meta-llama/Llama-3.2-1B", "method": "lora", "gradient_checkpointing": "off", "trainer": "hf", "gpu": "H100 SXM"}
+    on = client.get("/plan.json", params=base).json()["plan"]
+    off = client.get("/plan.json", params={**base, "autocast": "off"}).json()["plan"]
+    assert off["peak_bytes"] > 1.1 * on["peak_bytes"]
+    page = Page(client.get("/", params={**base, "autocast": "off"}).text)
+    assert "no autocast: a plain loop over bf16 weights" in page.words("assumptions")
