@@ -11,8 +11,8 @@ The peak is taken over the phases of a training step, because not everything is 
   memory with it counted here, -3.3% to +2.3% without);
 - `backward_layers`: the last decoder layer's backward, right after the loss's: every saved
   activation (or the checkpoints and the layer recomputed) and the gradients that layer's
-  backward holds at once. The gradients of the LM head and final norm, produced just before,
-  are not counted here (a full fine-tune's head gradient; `backward_end` has them all);
+  backward holds at once, with the gradients outside the layers (LM head, embeddings, final
+  norm), produced just before;
 - `recompute_forward` (DoRA): the same, while the first layer's forward is recomputed with its
   DoRA temporaries, before its backward's gradients exist;
 - `backward_end`: all gradients, with the first layer's checkpointed input (the others are freed by
@@ -73,7 +73,7 @@ PHASES = {
                        "logits", "temporary.loss_backward", "temporary.autocast_cache", "temporary.dequantized_layer",
                        "temporary.gathered_params", "gradients.ddp_buckets",
                        "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
-    "backward_layers": ("weights", "optimizer_state", "activations", "temporary.layer_backward", "temporary.fused_split_grad",
+    "backward_layers": ("weights", "optimizer_state", "gradients.outside_layers", "activations", "temporary.layer_backward", "temporary.fused_split_grad",
                         "temporary.autocast_cache", "temporary.dequantized_layer", "temporary.gathered_params", "gradients.ddp_buckets",
                         "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     # DoRA under checkpointing: the first layer's recomputed forward, its weight-norm temporaries

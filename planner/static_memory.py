@@ -8,9 +8,15 @@ it equal to the bytes a real tiny model holds on CPU.
 from __future__ import annotations
 
 import math
+import re
 
 from planner.components import Component
-from planner.dtypes import dtype_bytes, int8_constants_bytes, packed_4bit_bytes, quant_constants_4bit_bytes
+from planner.dtypes import (
+    dtype_bytes,
+    int8_constants_bytes,
+    packed_4bit_bytes,
+    quant_constants_4bit_bytes,
+)
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 from planner.precision import precision_mode
@@ -200,11 +206,34 @@ def static_components(spec: ModelSpec, options: TrainingOptions) -> list[Compone
     return list(spec.memoized(("static",) + key, lambda: tuple(_static_components(spec, options))))
 
 
+_LAYER_INDEX = re.compile(r"^(.*?\.\d+\.)")
+
+
+def _layer_prefix(name: str) -> str | None:
+    """'model.layers.3.' of 'model.layers.3.mlp.up_proj.lora_A': the name up to its first index."""
+    match = _LAYER_INDEX.match(name)
+    return match.group(1) if match else None
+
+
+def gradient_components(spec: ModelSpec, trainables) -> list[Component]:
+    """One gradient per trainable parameter, in two parts: the decoder layers', and the rest's
+    (embeddings, LM head, final norm, a prompt), which exist from the LM head's backward on,
+    before the layers' backward begins."""
+    prefixes = spec.memoized(("layer_prefixes",), lambda: frozenset(_layer_prefix(t.name) for t in spec.tensors if t.layer is not None))
+    inside = [t for t in trainables if _layer_prefix(t.name) in prefixes]
+    outside = [t for t in trainables if _layer_prefix(t.name) not in prefixes]
+    out = []
+    for name, part, where in (("gradients.layers", inside, "of the decoder layers"), ("gradients.outside_layers", outside, "outside the decoder layers (embeddings, LM head, final norm, prompt)")):
+        if part or (name == "gradients.layers" and not outside):
+            dtypes = "/".join(sorted({t.dtype for t in part})) or "-"
+            out.append(Component(name, gradient_bytes(part), f"one gradient per trainable parameter {where} ({sum(t.numel for t in part):,}) in {dtypes}"))
+    return out
+
+
 def _static_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
     trainables = trainable_tensors(spec, options)
     adapters = [t for t in trainables if not t.base]
     out = weights_components(spec, options, adapters)
-    dtypes = "/".join(sorted({t.dtype for t in trainables})) or "-"
-    out.append(Component("gradients", gradient_bytes(trainables), f"one gradient per trainable parameter ({sum(t.numel for t in trainables):,}) in {dtypes}"))
+    out.extend(gradient_components(spec, trainables))
     out.extend(optimizer_components(spec, options, trainables))
     return out
