@@ -1,6 +1,6 @@
 """Measure training peaks on a CUDA GPU, one fresh process a run, as calibration rows (issue 12).
 
-    python bench/gpu_runs.py [--quick] [--out FILE] [--timeout SECONDS]
+    python bench/gpu_runs.py [--quick | --only NAME,...] [--out FILE] [--timeout SECONDS]
 
 The device check for a session that is lent a GPU: each run of MATRIX starts its own Python
 process with `PYTORCH_CUDA_ALLOC_CONF` set as the run says. That has to happen before CUDA starts,
@@ -226,6 +226,7 @@ def run_in_process(run: Run, timeout: float) -> tuple[dict | None, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"the first {QUICK} runs only")
+    parser.add_argument("--only", default=None, metavar="NAME,...", help="these runs only (names as in MATRIX)")
     parser.add_argument("--out", type=Path, default=None, help="rows file (default bench/results/gpu-runs-<GPU>-<date>.jsonl)")
     parser.add_argument("--timeout", type=float, default=180, help="seconds a run may take (default 180)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child: measure one run, print its JSON
@@ -249,6 +250,12 @@ def main() -> int:
     found_versions = versions()
     out = args.out or RESULTS / f"gpu-runs-{gpu.replace(' ', '-')}-{date}.jsonl"
     runs = MATRIX[:QUICK] if args.quick else MATRIX
+    if args.only:
+        try:
+            runs = tuple(run_by_name(name.strip()) for name in args.only.split(",") if name.strip())
+        except KeyError as exc:
+            print(f"gpu_runs: no run named {exc.args[0]!r}; the runs are: {', '.join(run.name for run in MATRIX)}", file=sys.stderr)
+            return 2
     rows, failed = [], []
     for index, run in enumerate(runs, 1):
         measured, why = run_in_process(run, args.timeout)

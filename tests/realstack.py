@@ -74,11 +74,16 @@ def build_model(config: dict, weights_dtype: str, quantization: str = "none", do
     hf_config = AutoConfig.for_model(**config)
     torch.manual_seed(0)
     if quantization == "none":
-        return AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[weights_dtype], attn_implementation=attention).to(device)
+        # built where it runs: initialising a GPU run's weights on the GPU takes seconds, not minutes
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[weights_dtype], attn_implementation=attention)
     key = repr(sorted(config.items()))
     if key not in _saved:
         path = Path(tempfile.mkdtemp(prefix="vramplan-tiny-"))
-        AutoModelForCausalLM.from_config(hf_config).save_pretrained(path)
+        # the checkpoint bitsandbytes quantizes from, built on CPU so nothing of it stays cached on a
+        # GPU; for a GPU run in the compute dtype, half the bytes to write (the 4-bit load is the same)
+        save_dtype = torch.float32 if device == "cpu" else TORCH_DTYPES[weights_dtype]
+        AutoModelForCausalLM.from_config(hf_config, dtype=save_dtype).save_pretrained(path)
         _saved[key] = str(path)
     if quantization == "int8":
         qconf = BitsAndBytesConfig(load_in_8bit=True)
