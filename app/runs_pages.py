@@ -74,9 +74,9 @@ _BACKENDS_LOCK = threading.Lock()
 
 def _backends() -> list:
     """describe_backends(), kept 15 s: the plan page re-renders on every field change."""
-    from launcher.registry import _entry_points, describe_backends
+    from launcher.registry import backend_names, describe_backends
 
-    key = ",".join(sorted(_entry_points()))
+    key = ",".join(backend_names())
     with _BACKENDS_LOCK:
         hit = _BACKENDS.get(key)
         if hit and time.monotonic() - hit[0] < 15:
