@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import stat
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests import fake_backend
+from tests.live_server import serving
 
 TOKEN = "test-token-0123456789abcdef"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -307,22 +306,10 @@ def test_the_event_feed_replays_from_last_event_id(client, root):
 
 @pytest.fixture
 def live_server(root):
-    import uvicorn
-
     from app.main import create_app
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app()) as url:
+        yield url
 
 
 def test_a_client_that_drops_mid_run_gets_the_rest_on_reconnect(live_server, root):

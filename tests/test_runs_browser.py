@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -22,6 +19,7 @@ import pytest
 
 from tests import fake_backend
 from tests.conftest import TINY
+from tests.live_server import serving
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -34,8 +32,6 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    import uvicorn
-
     base = tmp_path_factory.mktemp("runs-browser")
     root = base / "root"
     model = root / "tiny-llama"
@@ -51,18 +47,8 @@ def site(tmp_path_factory):
     fake_backend.register(patch)
     from app.main import create_app
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "root": root, "model": model}
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app()) as url:
+        yield {"url": url, "root": root, "model": model}
     patch.undo()
 
 
