@@ -83,6 +83,11 @@ def _autocast_dtype(options: dict[str, Any]) -> str | None:
     return options["precision"]
 
 
+def _pure_16_bit(options: dict[str, Any]) -> bool:
+    """16-bit weights trained without autocast: the tools' own pure bf16/fp16 modes."""
+    return options["precision"] != "fp32" and _autocast_dtype(options) is None
+
+
 def _fsdp(spec: LaunchSpec) -> bool:
     return spec.resources.num_processes > 1 and spec.options["parallelism"] == "fsdp" and spec.resources.device == "cuda"
 
@@ -268,7 +273,7 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         config.update(optim_target_modules=[r".*attn.*", r".*mlp.*"], optim_args=f"rank={options['galore_rank']}")
     if options["optimizer"] == "sgd" and options.get("sgd_momentum"):
         config["optim_args"] = f"momentum={options['sgd_momentum']}"
-    if options["precision"] != "fp32" and _autocast_dtype(options) is None:
+    if _pure_16_bit(options):
         # axolotl's pure 16-bit load, without AMP
         config["bfloat16" if options["precision"] == "bf16" else "float16"] = True
     if rl:
@@ -340,7 +345,7 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
         "disable_gradient_checkpointing": not options["gradient_checkpointing"],
         "report_to": "none",
     }
-    if options["precision"] != "fp32" and _autocast_dtype(options) is None:
+    if _pure_16_bit(options):
         if options["precision"] != "bf16":
             raise ValueError("LLaMA-Factory trains fp16 only with autocast (AMP); export trl, or plan with autocast on")
         config["pure_bf16"] = True

@@ -220,14 +220,17 @@ def gradient_components(spec: ModelSpec, trainables) -> list[Component]:
     (embeddings, LM head, final norm, a prompt), which exist from the LM head's backward on,
     before the layers' backward begins."""
     prefixes = spec.memoized(("layer_prefixes",), lambda: frozenset(_layer_prefix(t.name) for t in spec.tensors if t.layer is not None))
-    inside = [t for t in trainables if _layer_prefix(t.name) in prefixes]
-    outside = [t for t in trainables if _layer_prefix(t.name) not in prefixes]
-    out = []
-    for name, part, where in (("gradients.layers", inside, "of the decoder layers"), ("gradients.outside_layers", outside, "outside the decoder layers (embeddings, LM head, final norm, prompt)")):
-        if part or (name == "gradients.layers" and not outside):
-            dtypes = "/".join(sorted({t.dtype for t in part})) or "-"
-            out.append(Component(name, gradient_bytes(part), f"one gradient per trainable parameter {where} ({sum(t.numel for t in part):,}) in {dtypes}"))
-    return out
+    inside, outside = [], []
+    for t in trainables:
+        (inside if _layer_prefix(t.name) in prefixes else outside).append(t)
+    parts = (("gradients.layers", inside, "of the decoder layers"),
+             ("gradients.outside_layers", outside, "outside the decoder layers (embeddings, LM head, final norm, prompt)"))
+    out = [
+        Component(name, gradient_bytes(part), f"one gradient per trainable parameter {where} ({sum(t.numel for t in part):,}) in {'/'.join(sorted({t.dtype for t in part}))}")
+        for name, part, where in parts
+        if part
+    ]
+    return out or [Component("gradients.layers", 0, "no trainable parameters")]
 
 
 def _static_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
