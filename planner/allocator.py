@@ -1,0 +1,155 @@
+"""PyTorch's CUDA caching allocator, replayed over a step's allocations (plain Python, no torch).
+
+What runs a GPU out of memory is what the allocator has reserved from the driver, not what live
+tensors hold. The gap comes from how it reuses memory (c10/cuda/CUDACachingAllocator.cpp, default
+settings, no expandable segments):
+
+- a request is rounded up to 512 bytes; requests up to 1 MiB come from a small pool, the rest
+  from a large pool;
+- a free cached block is reused best-fit (the smallest one that is large enough, in its pool);
+  what remains is split off as a free block if it is at least 512 bytes (small pool) or more
+  than 1 MiB (large pool);
+- when no cached block fits, a new segment is reserved: 2 MiB for a small request, 20 MiB for
+  a request under 10 MiB, else the request rounded up to 2 MiB;
+- a freed block merges with free neighbours of its segment, never across segments, and
+  segments are not returned (no `empty_cache`, and no out-of-memory retry on a large GPU).
+
+So a step whose short-lived blocks are freed and then asked for again in other sizes (recomputed
+layers, logits and their fp32 loss buffers) leaves free pieces that no later request fits, and
+reserves new segments beside them. `replay` follows one event list to the peaks of both figures.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from itertools import count
+
+MIN_BLOCK = 512
+SMALL_REQUEST = 1 << 20
+SMALL_SEGMENT = 2 << 20
+LARGE_SEGMENT = 20 << 20
+MIN_LARGE_ALLOCATION = 10 << 20
+LARGE_ROUNDING = 2 << 20
+
+
+@dataclass(frozen=True)
+class AllocatorPeaks:
+    peak_allocated: int  # max_memory_allocated: live blocks, each rounded to 512 bytes
+    peak_reserved: int  # max_memory_reserved: segments held from the driver
+    allocations: int  # requests replayed
+
+    @property
+    def reserve(self) -> int:
+        """What the allocator held above the live tensors at their peak."""
+        return self.peak_reserved - self.peak_allocated
+
+
+class _Block:
+    __slots__ = ("size", "address", "small", "previous", "next", "free", "order")
+
+    def __init__(self, size: int, address: int, small: bool, order: int):
+        self.size, self.address, self.small, self.order = size, address, small, order
+        self.previous: _Block | None = None
+        self.next: _Block | None = None
+        self.free = True
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.size, self.address, self.order)
+
+
+def rounded_size(nbytes: int) -> int:
+    return max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK)
+
+
+def segment_size(size: int) -> int:
+    if size <= SMALL_REQUEST:
+        return SMALL_SEGMENT
+    if size < MIN_LARGE_ALLOCATION:
+        return LARGE_SEGMENT
+    return -(-size // LARGE_ROUNDING) * LARGE_ROUNDING
+
+
+class CachingAllocator:
+    """One stream, one device: the allocator's block bookkeeping, without the memory."""
+
+    def __init__(self) -> None:
+        # free blocks per pool, sorted by (size, address): bisect finds the best fit
+        self._free: dict[bool, list[tuple[tuple[int, int, int], _Block]]] = {True: [], False: []}
+        self._live: dict[object, _Block] = {}
+        self._orders = count()
+        self._next_address = 0
+        self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
+        self.allocations = 0
+
+    def _insert(self, block: _Block) -> None:
+        bisect.insort(self._free[block.small], (block.key(), block))
+
+    def _remove(self, block: _Block) -> None:
+        pool = self._free[block.small]
+        del pool[bisect.bisect_left(pool, (block.key(),))]
+
+    def malloc(self, handle: object, nbytes: int) -> None:
+        size = rounded_size(nbytes)
+        small = size <= SMALL_REQUEST
+        pool = self._free[small]
+        index = bisect.bisect_left(pool, ((size, -1, -1),))
+        if index < len(pool):
+            block = pool.pop(index)[1]
+        else:
+            segment = segment_size(size)
+            block = _Block(segment, self._next_address, small, next(self._orders))
+            self._next_address += segment
+            self.reserved += segment
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        remaining = block.size - size
+        if remaining >= MIN_BLOCK if small else remaining > SMALL_REQUEST:
+            rest = _Block(remaining, block.address + size, small, next(self._orders))
+            rest.previous, rest.next = block, block.next
+            if block.next is not None:
+                block.next.previous = rest
+            block.next = rest
+            block.size = size
+            self._insert(rest)
+        block.free = False
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        self.allocations += 1
+        self._live[handle] = block
+
+    def free(self, handle: object) -> None:
+        block = self._live.pop(handle)
+        block.free = True
+        self.allocated -= block.size
+        before = block.previous
+        if before is not None and before.free:
+            self._remove(before)
+            before.size += block.size
+            before.next = block.next
+            if block.next is not None:
+                block.next.previous = before
+            block = before
+        after = block.next
+        if after is not None and after.free:
+            self._remove(after)
+            block.size += after.size
+            block.next = after.next
+            if after.next is not None:
+                after.next.previous = block
+        self._insert(block)
+
+    def is_live(self, handle: object) -> bool:
+        return handle in self._live
+
+
+def replay(events) -> AllocatorPeaks:
+    """Peaks of an event list: ("alloc", handle, nbytes) and ("free", handle), in program order.
+    A free of a handle never allocated (a storage that existed before the trace) is ignored."""
+    allocator = CachingAllocator()
+    for event in events:
+        if event[0] == "alloc":
+            if event[2] > 0:
+                allocator.malloc(event[1], event[2])
+        elif allocator.is_live(event[1]):
+            allocator.free(event[1])
+    return AllocatorPeaks(allocator.peak_allocated, allocator.peak_reserved, allocator.allocations)

@@ -1,0 +1,372 @@
+"""One training run's GPU allocations, traced on the meta device, and replayed through the allocator.
+
+`simulate_step` builds the model from its config on the meta device (no memory), applies the
+method with PEFT, and runs the steps a training run takes (forward with labels, backward, the
+optimizer's state on the first step, `zero_grad(set_to_none=True)`) under a dispatch mode that
+records every storage an op creates and, through a finalizer, when it dies. The allocation order
+is the real one: the same transformers, PEFT and autograd code runs, only without data. The event
+list then goes through planner/allocator.py, which gives the peaks of allocated and reserved
+memory a CUDA run of the same step would show.
+
+What runs differently on a GPU is stood in for, each in a few lines below:
+- attention: CUDA's SDPA runs the flash kernel (an output and an fp32 log-sum-exp per row; its
+  backward's fp32 dq accumulator), where meta would run the math fallback;
+- autocast: a CUDA autocast does not act on meta tensors, so linear layers and attention cast
+  their inputs to the compute dtype here, caching the casts of trainable leaves in the forward;
+- dropout: CUDA's fused dropout keeps a 1-byte mask; meta would keep a mask in the input dtype;
+- 4-bit bases (QLoRA): each quantized Linear holds bitsandbytes' packed weight and constants,
+  is loaded as a 16-bit weight that is quantized and freed, and dequantizes a 16-bit copy for
+  its matmul in forward and again in backward;
+- the optimizer: its states are allocated as torch's fused AdamW or bitsandbytes' AdamW8bit do
+  on the first step (the update itself allocates nothing).
+
+Nothing runs that a config names: no remote code, and the config only sizes transformers' own
+classes (planner/introspect.py builds them the same way).
+"""
+
+from __future__ import annotations
+
+import time
+import types
+import weakref
+from dataclasses import dataclass
+
+from planner.allocator import AllocatorPeaks, replay
+from planner.errors import PlanInputError
+from planner.options import TrainingOptions
+
+STEPS = 3  # as the measured runs: the first allocates the optimizer state, later ones repeat the second
+CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace on Hopper, taken from the caching allocator
+SIMULATED_METHODS = ("full", "lora", "qlora", "dora", "ia3")
+SIMULATED_OPTIMIZERS = ("adamw", "adamw_8bit")
+EIGHT_BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
+EIGHT_BIT_BLOCK = 256
+
+
+class SimulationUnsupported(Exception):
+    """The options ask for something the trace does not stand in for; the reason says what."""
+
+
+@dataclass(frozen=True)
+class SimulatedStep:
+    peaks: AllocatorPeaks
+    steps: int
+    seconds: float
+
+
+def unsupported_reason(options: TrainingOptions) -> str | None:
+    """Why this plan's step cannot be traced, or None."""
+    if options.stage != "sft":
+        return f"stage {options.stage}: only supervised fine-tuning steps are traced"
+    if options.num_gpus != 1 or options.offload != "none":
+        return "one GPU without offload only"
+    if options.method not in SIMULATED_METHODS:
+        return f"method {options.method}: traced methods are {', '.join(SIMULATED_METHODS)}"
+    if options.optimizer not in SIMULATED_OPTIMIZERS:
+        return f"optimizer {options.optimizer}: traced optimizers are {', '.join(SIMULATED_OPTIMIZERS)}"
+    if options.effective_quantization not in ("none", "nf4", "fp4") or (options.effective_quantization != "none" and options.method != "qlora"):
+        return "quantization other than QLoRA's 4-bit base"
+    if options.attention not in ("sdpa", "eager"):
+        return f"attention {options.attention}"
+    if options.allocator != "default":
+        return "expandable_segments maps memory in pages, a different allocator"
+    return None
+
+
+class _Tracer:
+    """A dispatch mode: every storage an op creates, and when it dies."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+                return tracer.dispatch(func, args, kwargs or {})
+
+        self.mode = Mode()
+        self.events: list[tuple] = []
+        self._handles: dict[int, int] = {}
+        self._next = 0
+
+    def _died(self, cdata: int, handle: int) -> None:
+        self.events.append(("free", handle))
+        if self._handles.get(cdata) == handle:
+            del self._handles[cdata]
+
+    def record(self, tensor) -> None:
+        # A storage's PyObject is kept alive with its StorageImpl, so the finalizer runs when the
+        # storage really dies (autograd's saved tensors included), not when a Python name goes.
+        storage = tensor.untyped_storage()
+        cdata = storage._cdata
+        if cdata in self._handles:
+            return
+        self._next += 1
+        self._handles[cdata] = self._next
+        self.events.append(("alloc", self._next, storage.nbytes()))
+        weakref.finalize(storage, self._died, cdata, self._next)
+
+    def dispatch(self, func, args, kwargs):
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # data-dependent checks (transformers' packed-sequence test): no padding, no packing
+            return True if args[0].dtype == torch.bool else 0
+        out = func(*args, **kwargs)
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor):
+                self.record(leaf)
+        return out
+
+
+def _flash_attention():
+    import torch
+
+    class FlashAttention(torch.autograd.Function):
+        """The allocations of CUDA's flash SDPA kernel (causal, no mask)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v):
+            batch, heads, seq, dim = q.shape
+            out = torch.empty(batch, seq, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+            log_sum_exp = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, log_sum_exp)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, _, _ = ctx.saved_tensors
+            batch, heads, seq, dim = q.shape
+            kv_heads = k.shape[1]
+            padded = -(-seq // 128) * 128
+            # FlashAttention-2's mha_bwd, in its order: the gradients, then its workspaces
+            dq = torch.empty(batch, seq, heads, dim, dtype=q.dtype, device=q.device)
+            dk = torch.empty(batch, seq, kv_heads, dim, dtype=q.dtype, device=q.device)
+            dv = torch.empty_like(dk)
+            softmax_d = torch.empty(batch, heads, padded, dtype=torch.float32, device=q.device)
+            dq_accum = torch.empty(batch, padded, heads, -(-dim // 32) * 32, dtype=torch.float32, device=q.device)
+            if kv_heads != heads:  # grouped queries: per-query-head dk/dv, then summed into dk/dv
+                expanded = (torch.empty(batch, seq, heads, dim, dtype=q.dtype, device=q.device), torch.empty(batch, seq, heads, dim, dtype=q.dtype, device=q.device))
+                del expanded
+            del softmax_d, dq_accum
+            return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+    return FlashAttention
+
+
+class _CudaStandIns:
+    """Autocast, fused dropout and flash attention as a CUDA run has them, patched into
+    torch.nn.functional for the trace: checkpointing recomputes layers on autograd's thread, where
+    a thread-local mode would not reach."""
+
+    def __init__(self, compute_dtype, autocast: bool):
+        self.compute_dtype, self.autocast = compute_dtype, autocast
+        self.cache: dict = {}
+        self.caching = True
+        self.flash = _flash_attention()
+
+    def cast(self, tensor):
+        if tensor is None or not tensor.is_floating_point() or tensor.dtype == self.compute_dtype or not self.autocast:
+            return tensor
+        if tensor.is_leaf and tensor.requires_grad and self.caching:
+            # autocast caches the casts of trainable leaves until the forward's context exits
+            if tensor not in self.cache:
+                self.cache[tensor] = tensor.to(self.compute_dtype)
+            return self.cache[tensor]
+        return tensor.to(self.compute_dtype)
+
+    def __enter__(self):
+        import torch
+        import torch.nn.functional as F
+
+        self.saved = (F.linear, F.dropout, F.scaled_dot_product_attention, torch.matmul)
+        linear, matmul = F.linear, torch.matmul
+
+        def cast_linear(x, weight, bias=None):
+            return linear(self.cast(x), self.cast(weight), self.cast(bias))
+
+        def cast_matmul(a, b):
+            return matmul(self.cast(a), self.cast(b))
+
+        def fused_dropout(x, p=0.5, training=True, inplace=False):
+            return torch.native_dropout(x, p, True)[0] if training and 0 < p < 1 else x
+
+        def flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            if attn_mask is not None:
+                raise SimulationUnsupported("an attention mask (the trace has no padding)")
+            return self.flash.apply(self.cast(q), self.cast(k), self.cast(v))
+
+        F.linear, F.dropout, F.scaled_dot_product_attention, torch.matmul = cast_linear, fused_dropout, flash_sdpa, cast_matmul
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        import torch.nn.functional as F
+
+        F.linear, F.dropout, F.scaled_dot_product_attention, torch.matmul = self.saved
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _four_bit_modules(model) -> list:
+    """What bitsandbytes replaces: exactly nn.Linear, not the LM head, not an adapter."""
+    import torch
+
+    return [module for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear and not name.endswith("lm_head") and ".lora_" not in name]
+
+
+def _four_bit(tracer: _Tracer, modules: list, compute_dtype) -> None:
+    """bitsandbytes' 4-bit Linear layers, by their allocations (double quantization)."""
+    import torch
+    import torch.nn.functional as F
+
+    class Dequantized(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, packed, module):
+            ctx.module = module
+            return F.linear(x, module.dequantize())
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad @ ctx.module.dequantize(), None, None
+
+    def dequantize(self):
+        absmax = torch.empty(self.quant_constants[0].numel(), dtype=torch.float32, device="meta")
+        weight = torch.empty(self.out_features, self.in_features, dtype=compute_dtype, device="meta")
+        del absmax
+        return weight
+
+    def forward(self, x):
+        return Dequantized.apply(x, self.weight, self)
+
+    for module in modules:
+        numel = module.weight.numel()
+        # loaded in 16 bit, quantized on the GPU, the 16-bit copy freed
+        loaded = torch.empty(numel, dtype=compute_dtype, device="meta")
+        tracer.record(loaded)
+        packed = torch.empty(numel // 2, dtype=torch.uint8, device="meta")
+        constants = (
+            torch.empty(numel // 64, dtype=torch.uint8, device="meta"),
+            torch.empty(-(-numel // 64 // 256), dtype=torch.float32, device="meta"),
+            torch.empty(256, dtype=torch.float32, device="meta"),
+        )
+        for tensor in (packed, *constants):
+            tracer.record(tensor)
+        del loaded
+        module.weight = torch.nn.Parameter(packed, requires_grad=False)
+        module.quant_constants = constants
+        module.dequantize = types.MethodType(dequantize, module)
+        module.forward = types.MethodType(forward, module)
+
+
+def _optimizer_state(param, optimizer: str, shared: dict) -> tuple:
+    import torch
+
+    if optimizer == "adamw_8bit" and param.numel() >= EIGHT_BIT_MIN_NUMEL:
+        if "quantile_maps" not in shared:
+            shared["quantile_maps"] = (torch.empty(256, device="meta"), torch.empty(256, device="meta"))
+        blocks = -(-param.numel() // EIGHT_BIT_BLOCK)
+        return (
+            torch.zeros(param.shape, dtype=torch.uint8, device="meta"),
+            torch.zeros(param.shape, dtype=torch.uint8, device="meta"),
+            torch.zeros(blocks, device="meta"),
+            torch.zeros(blocks, device="meta"),
+        )
+    if optimizer == "adamw_8bit":
+        return (torch.zeros_like(param, dtype=torch.float32), torch.zeros_like(param, dtype=torch.float32))
+    # fused AdamW: a step counter on the device, then exp_avg and exp_avg_sq per parameter
+    return (torch.zeros((), dtype=torch.float32, device="meta"), torch.zeros_like(param), torch.zeros_like(param))
+
+
+def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
+    import torch
+
+    from planner.introspect import _load_transformers, build_config
+
+    _load_transformers()
+    from transformers import AutoModelForCausalLM
+
+    hf_config = build_config(config)
+    hf_config.use_cache = False
+    weights_dtype = torch_dtype(options.effective_weights_dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=weights_dtype, attn_implementation=options.attention, trust_remote_code=False)
+    if options.trainer == "trl":
+        try:
+            from trl.trainer.utils import add_fused_lm_head
+        except ImportError:
+            raise SimulationUnsupported("trainer trl: TRL is not installed here") from None
+        add_fused_lm_head(model)
+    method = options.method
+    if method != "full":
+        from peft import IA3Config, LoraConfig, get_peft_model
+
+        if method == "ia3":
+            peft_config = IA3Config(task_type="CAUSAL_LM")
+        else:
+            peft_config = LoraConfig(r=options.lora_r, lora_alpha=options.effective_lora_alpha, target_modules=options.lora_targets,
+                                     lora_dropout=options.lora_dropout, use_dora=method == "dora", task_type="CAUSAL_LM")
+        model = get_peft_model(model, peft_config)
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    quantized = _four_bit_modules(model) if method == "qlora" else []
+    quantized_weights = {id(module.weight) for module in quantized}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in quantized_weights:
+            tracer.record(tensor)
+    _four_bit(tracer, quantized, torch_dtype(options.precision))
+    return model
+
+
+def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) -> SimulatedStep:
+    """The allocator's peaks over `steps` training steps of this plan's run."""
+    reason = unsupported_reason(options)
+    if reason is not None:
+        raise SimulationUnsupported(reason)
+    started = time.perf_counter()
+    import torch
+
+    tracer = _Tracer()
+    try:
+        model = _build(config, options, tracer)
+    except (SimulationUnsupported, PlanInputError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model the trace cannot build is reported, not raised
+        raise SimulationUnsupported(f"the model could not be built for the trace: {str(exc)[:200]}") from None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    extra = {"fused_lm_head": True} if options.trainer == "trl" else {}
+    stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast)
+    state: dict = {}
+    try:
+        with tracer.mode, stand_ins:
+            workspace = torch.empty(CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8, device="meta")
+            ids = torch.zeros(options.batch_size, options.seq_len, dtype=torch.long, device="meta")
+            tracer.record(ids)
+            for _ in range(steps):
+                stand_ins.caching = True
+                loss = model(input_ids=ids, labels=ids, **extra).loss
+                stand_ins.cache.clear()
+                stand_ins.caching = False
+                loss.backward()
+                del loss
+                for param in trainable:
+                    if param.grad is not None and param not in state:
+                        state[param] = _optimizer_state(param, options.optimizer, state)
+                for param in trainable:
+                    param.grad = None
+            del workspace
+    except SimulationUnsupported:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a model whose forward needs real data (MoE routing)
+        raise SimulationUnsupported(f"the step could not be traced: {str(exc)[:200]}") from None
+    return SimulatedStep(replay(tracer.events), steps, time.perf_counter() - started)
