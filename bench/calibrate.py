@@ -318,6 +318,33 @@ def band_report(result: dict) -> str:
         "- The CUDA context is taken as exact at its measured value; it differs between GPUs and drivers.",
         "",
     ]
+    if "simulated" in result:
+        sim = result["simulated"]
+        central, held = sim["central"], sim["band_leave_one_out"]
+        lines += [
+            "## With the allocator simulated (`simulate_allocator`)",
+            "",
+            "planner/step_trace.py traces each run's allocations on the meta device and replays them through a",
+            "model of PyTorch's caching allocator (planner/allocator.py). Nothing is fitted, so every error below is",
+            "on a run the simulation never saw; each run's band comes from the other runs' errors.",
+            "",
+            "| figure | measured | goal (issue 12) |",
+            "| --- | --- | --- |",
+            f"| median error of the central figure | {central['median_abs_error']:.1%} | <= 4% |",
+            f"| worst under / over | {central['worst_under']:+.1%} / {central['worst_over']:+.1%} | every run within 10% |",
+            f"| measured peak inside the band | {held['inside']} of {held['runs']} | >= 90% |",
+            f"| worst above the high end | {held['worst_above_high']:.1%} | <= 3% |",
+            f"| band width, median (widest) | {held['median_width_single_gpu']:.1%} ({held['widest_single_gpu']:.1%}) | <= 15% |",
+            "",
+            f"Band constants written: low {sim['band']['peak_low']:+.2%} of the central figure, high {sim['band']['dynamic_high']:+.2%} of the dynamic part."
+            + (f" Not simulated: {', '.join(sim['not_simulated'])}." if sim["not_simulated"] else ""),
+            "",
+            "| run | measured GiB | central | error | low | high | inside |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *[f"| {r['name']} | {r['measured']:.2f} | {r['central']:.2f} | {r['error']:+.1%} | {r['low']:.2f} | {r['high']:.2f} | {'yes' if r['inside'] else 'no'} |"
+              for r in sim["per_run"] if r["simulated"]],
+            "",
+        ]
     lines += ["## Per run", "", "| run | measured GiB | low | central | high | inside | width |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["band_per_run"]:
         lines.append(f"| {r['name']} | {r['measured_gib']:.2f} | {r['low_gib']:.2f} | {r['central_gib']:.2f} | {r['high_gib']:.2f} | "
@@ -378,6 +405,50 @@ def refit(rows: list[dict], name: str, date: str, sources: list[str]) -> dict:
     }
 
 
+def simulated_check(runs: list[dict]) -> dict:
+    """The plan with the allocator simulated (planner/step_trace.py) against each measured run.
+    Nothing is fitted, so every error is on a run the simulation never saw; the band's constants
+    for run i come from the other runs' errors."""
+    per_run = []
+    for run in runs:
+        options = {k: v for k, v in run["options"].items() if k not in ("gpu", "gpu_memory_gib")}
+        plan = build_plan(_spec(run), TrainingOptions(gpu_memory_gib=4096, simulate_allocator=True, **options), config=run.get("model_config"))
+        if plan.reserve_source != "simulated":
+            per_run.append({"name": run["name"], "simulated": False, "why": next(a for a in plan.assumptions if "no simulation" in a)})
+            continue
+        measured = run["measured"]
+        context = measured["outside_allocator"] if measured["outside_allocator"] is not None else calibration().cuda_context_bytes
+        process = measured["peak_reserved"] + context
+        central = plan.peak_bytes
+        exact = sum(c.bytes for c in plan.components if is_static(c))
+        per_run.append({"name": run["name"], "simulated": True, "measured": process, "central": central, "exact": exact,
+                        "error": (central - process) / process,
+                        "over": (process - central) / central, "under": (process - central) / (central - exact)})
+    done = [r for r in per_run if r["simulated"]]
+    for i, row in enumerate(done):
+        others = [r for j, r in enumerate(done) if j != i]
+        low, high = band_constants([r["over"] for r in others], [r["under"] for r in others])
+        dynamic = row["central"] - row["exact"]
+        low_bytes = max(row["exact"], row["central"] + math.floor(row["central"] * low))
+        high_bytes = row["central"] + math.ceil(dynamic * high)
+        row.update(low=low_bytes, high=high_bytes, inside=low_bytes <= row["measured"] <= high_bytes,
+                   above_high=max(0.0, (row["measured"] - high_bytes) / high_bytes), width=(high_bytes - low_bytes) / row["central"])
+    low, high = band_constants([r["over"] for r in done], [r["under"] for r in done])
+    return {
+        "band": {"peak_low": low, "dynamic_high": high, "runs": len(done)},
+        "central": summary([r["error"] for r in done]),
+        "band_leave_one_out": {
+            "runs": len(done), "inside": sum(r["inside"] for r in done),
+            "worst_above_high": round(max(r["above_high"] for r in done), 4),
+            "median_width_single_gpu": round(statistics.median(r["width"] for r in done), 4),
+            "widest_single_gpu": round(max(r["width"] for r in done), 4),
+        },
+        "per_run": [{k: (round(v / GIB, 2) if k in ("measured", "central", "exact", "low", "high") else round(v, 4) if isinstance(v, float) else v)
+                     for k, v in r.items()} for r in per_run],
+        "not_simulated": [r["name"] for r in per_run if not r["simulated"]],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", type=Path, default=[DEFAULT_RUNS])
@@ -385,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print, write nothing")
     parser.add_argument("--calibration-file", type=Path, default=CALIBRATION_FILE, help="where the planner's constants go")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results", help="where calibration-<date>.json and band-<date>.md go")
+    parser.add_argument("--no-simulate", action="store_true", help="skip the simulated allocator's check (a few seconds a run)")
     args = parser.parse_args(argv)
 
     rows = [plan_inputs(run) for run in load_runs(args.runs)]
@@ -395,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['name']:<36} measured {row['measured_process_gib']:6.2f} GiB  before {row['before_error']:+6.1%}  "
               f"after (left out) {row['after_error_left_out']:+6.1%}")
     print(json.dumps({k: result[k] for k in ("name", "constants", "before", "after_leave_one_out", "band", "band_leave_one_out")}, indent=2))
+    if not args.no_simulate:
+        print("simulating the allocator over each run's traced step...", file=sys.stderr, flush=True)
+        result["simulated"] = simulated_check(load_runs(args.runs))
+        for row in result["simulated"]["per_run"]:
+            print(f"{row['name']:<36} simulated " + (f"{row['error']:+6.1%}" if row["simulated"] else f"no: {row['why']}"))
+        print(json.dumps({k: v for k, v in result["simulated"].items() if k != "per_run"}, indent=2))
     if args.dry_run:
         return 0
     args.calibration_file.write_text(json.dumps({
@@ -404,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         "band": result["band"],
         "leave_one_out": result["after_leave_one_out"],
         "band_leave_one_out": {k: v for k, v in result["band_leave_one_out"].items() if k != "goals"},
+        **({"simulated_band": {**result["simulated"]["band"], "central": result["simulated"]["central"],
+                               "band_leave_one_out": result["simulated"]["band_leave_one_out"]}} if "simulated" in result else {}),
     }, indent=2) + "\n")
     out = args.results_dir / f"calibration-{date}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -68,6 +68,10 @@ class TrainingOptions(BaseModel):
     attention: Attention = "sdpa"
     # PYTORCH_CUDA_ALLOC_CONF: the default caching allocator, or expandable_segments:True
     allocator: Allocator = "default"
+    # the allocator's reserve from a replay of this run's traced allocations (planner/step_trace.py,
+    # seconds per plan) instead of the calibrated formula; where the trace cannot stand in for the
+    # run, the plan says why and keeps the formula
+    simulate_allocator: StrictBool = False
     num_generations: int = Field(default=8, ge=1, le=1024)
     max_new_tokens: int = Field(default=512, ge=1, le=1_000_000)
     headroom: float = Field(default=0.05, ge=0, lt=1)

@@ -46,7 +46,8 @@ from planner.logits import logits_components
 from planner.options import TrainingOptions, check_consistency
 from planner.parallel import SHARDS_OPTIMIZER, per_gpu_static
 from planner.precision import precision_mode
-from planner.runtime import band_bytes, calibration, reserve_inputs, runtime_components
+from planner.runtime import band_bytes, band_constants, calibration, reserve_inputs, runtime_components, simulated_runtime_components
+from planner.step_trace import SimulatedStep, simulated_for
 from planner.spec import ModelSpec
 from planner.stages import stage_components
 from planner.static_memory import static_components
@@ -111,6 +112,8 @@ class Plan:
     peak_phase: str
     phase_totals: dict[str, int]
     assumptions: tuple[str, ...] = field(default=())
+    # where the allocator's reserve came from: the calibrated "formula", or "simulated" (step_trace)
+    reserve_source: str = "formula"
 
     @property
     def peak_bytes(self) -> int:
@@ -122,7 +125,7 @@ class Plan:
 
     @cached_property
     def _band(self) -> tuple[int, int]:
-        return band_bytes(self.components)
+        return band_bytes(self.components, simulated=self.reserve_source == "simulated")
 
     @property
     def peak_low_bytes(self) -> int:
@@ -184,6 +187,7 @@ class Plan:
             "options": self.options.model_dump(mode="json"),
             "library_versions": dict(MODELLED_VERSIONS),
             "calibration": calibration().name,
+            "reserve_source": self.reserve_source,
         }
 
 
@@ -307,19 +311,23 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
     return out
 
 
-def _band_note(components: list[Component]) -> str:
+def _band_note(components: list[Component], simulated: bool) -> str:
     cal = calibration()
     if cal.band_runs == 0:
         return f"no band around the peak: calibration {cal.name} carries none (run bench/calibrate.py); the verdict uses the central figure"
-    low, high = band_bytes(components, cal)
+    band_low, band_high = band_constants(cal, simulated)
+    source = (f"the simulated reserve's largest errors on {cal.simulated_band_runs} measured runs" if simulated and cal.simulated_band_runs
+              else f"the largest errors of calibration {cal.name} on {cal.band_runs} measured runs, each predicted by a fit that left it out")
+    low, high = band_bytes(components, cal, simulated)
     return (f"band {low / GIB:.2f} to {high / GIB:.2f} GiB around the central {sum(c.bytes for c in components) / GIB:.2f} GiB: "
-            f"activations, logits, temporaries and the allocator's reserve up to {cal.band_high:.0%} more, the whole up to "
-            f"{-cal.band_low:.0%} less (never below the exact weights, gradients and optimizer state), the largest errors of "
-            f"calibration {cal.name} on {cal.band_runs} measured runs, each predicted by a fit that left it out; "
+            f"activations, logits, temporaries and the allocator's reserve up to {band_high:.0%} more, the whole up to "
+            f"{-band_low:.0%} less (never below the exact weights, gradients and optimizer state), {source}; "
             "the verdict uses the high end")
 
 
-def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
+def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = None) -> Plan:
+    """`config`, the dict the spec was built from, lets a pasted config's run be traced when
+    `simulate_allocator` asks (a catalog model's or a config file's is found from the spec)."""
     check_consistency(options)
     gpu, gpu_notes = resolve_gpu(options)
     options, hardware_notes = apply_hardware_rules(options, gpu.name, gpu.compute_capability, gpu.vendor)
@@ -332,16 +340,22 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
     dynamic = activation_components(spec, options) + logits_components(spec, options, tokens) + _temporaries(spec, options)
     everything = per_gpu + extras + dynamic
 
-    # the allocator's reserve is the step's, whichever phase peaks: it keeps what it cached
-    runtime = runtime_components(*reserve_inputs(everything), allocator=options.allocator)
-    phases: dict[str, list[Component]] = {}
+    tensors_by_phase: dict[str, list[Component]] = {}
     for phase, families in PHASES.items():
         if phase == "generation" and not any(c.name == "kv_cache" for c in everything):
             continue
         if phase in ("forward_end", "recompute_forward") and not any(c.name == "temporary.dora_weight_norm" for c in everything):
             continue  # without DoRA's forward temporaries, the start of backward holds more
-        members = [c for c in everything if any(c.name == f or c.name.startswith(f + ".") for f in families)]
-        phases[phase] = members + runtime
+        tensors_by_phase[phase] = [c for c in everything if any(c.name == f or c.name.startswith(f + ".") for f in families)]
+    simulated = simulated_for(spec, options, config) if options.simulate_allocator else None
+    if isinstance(simulated, SimulatedStep):
+        tensors_at_peak = max(sum(c.bytes for c in members) for members in tensors_by_phase.values())
+        peaks = simulated.peaks
+        runtime = simulated_runtime_components(peaks.peak_reserved, tensors_at_peak, peaks.allocations, simulated.steps)
+    else:
+        # the allocator's reserve is the step's, whichever phase peaks: it keeps what it cached
+        runtime = runtime_components(*reserve_inputs(everything), allocator=options.allocator)
+    phases = {phase: members + runtime for phase, members in tensors_by_phase.items()}
     totals = {phase: sum(c.bytes for c in members) for phase, members in phases.items()}
     peak_phase = max(totals, key=totals.get)
 
@@ -353,9 +367,14 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
         assumptions.insert(0, f"the config does not give {', '.join(spec.assumed_sizes)}: planned with transformers' {spec.model_type} defaults")
     if spec.attn_softcap and options.attention != "eager":
         assumptions.append(f"{spec.model_type} soft-caps attention scores, which SDPA cannot do: planned with eager attention")
-    assumptions.append(f"PyTorch's {'caching allocator with expandable_segments:True' if options.allocator == 'expandable_segments' else 'default caching allocator'}"
-                       f" (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}")
-    assumptions.append(_band_note(phases[peak_phase]))
+    allocator_name = "caching allocator with expandable_segments:True" if options.allocator == "expandable_segments" else "default caching allocator"
+    if isinstance(simulated, SimulatedStep):
+        assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), simulated over this run's allocations traced on the meta device "
+                           f"({simulated.peaks.allocations:,} in {simulated.steps} steps, {simulated.seconds:.1f} s); CUDA context from calibration {calibration().name}")
+    else:
+        why_not = f"; no simulation: {simulated}" if isinstance(simulated, str) else ""
+        assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}{why_not}")
+    assumptions.append(_band_note(phases[peak_phase], isinstance(simulated, SimulatedStep)))
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     return Plan(
         model_name=spec.name,
@@ -368,4 +387,5 @@ def build_plan(spec: ModelSpec, options: TrainingOptions) -> Plan:
         peak_phase=peak_phase,
         phase_totals=totals,
         assumptions=tuple(assumptions),
+        reserve_source="simulated" if isinstance(simulated, SimulatedStep) else "formula",
     )

@@ -52,6 +52,11 @@ class Calibration:
     band_low: float = 0.0
     band_high: float = 0.0
     band_runs: int = 0
+    # the band of plans whose reserve was simulated (planner/step_trace.py): the same two
+    # figures, from the simulation's errors on the measured runs
+    simulated_band_low: float = 0.0
+    simulated_band_high: float = 0.0
+    simulated_band_runs: int = 0
 
     def reserve_bytes(self, recompute_bytes: int, logits_bytes: int, allocator: str = "default") -> int:
         if allocator == "expandable_segments":
@@ -77,6 +82,9 @@ def calibration() -> Calibration:
         band_low=float(band.get("peak_low", 0.0)),
         band_high=float(band.get("dynamic_high", 0.0)),
         band_runs=int(band.get("runs", 0)),
+        simulated_band_low=float(data.get("simulated_band", {}).get("peak_low", 0.0)),
+        simulated_band_high=float(data.get("simulated_band", {}).get("dynamic_high", 0.0)),
+        simulated_band_runs=int(data.get("simulated_band", {}).get("runs", 0)),
     )
 
 
@@ -85,15 +93,23 @@ def is_static(component: Component) -> bool:
     return component.family in STATIC_FAMILIES or component.name == "runtime.cuda_context"
 
 
-def band_bytes(components, cal: Calibration | None = None) -> tuple[int, int]:
+def band_constants(cal: Calibration, simulated: bool) -> tuple[float, float]:
+    """(low, high) band constants: the simulated reserve's own, once a calibration has them."""
+    if simulated and cal.simulated_band_runs:
+        return cal.simulated_band_low, cal.simulated_band_high
+    return cal.band_low, cal.band_high
+
+
+def band_bytes(components, cal: Calibration | None = None, simulated: bool = False) -> tuple[int, int]:
     """(low, high) of a peak made of these components: the high end adds the calibration's largest
     under-prediction of the dynamic part; the low end takes off its largest over-prediction of the
     whole, down to the exact part at most."""
     cal = cal or calibration()
+    band_low, band_high = band_constants(cal, simulated)
     total = sum(c.bytes for c in components)
     exact = sum(c.bytes for c in components if is_static(c))
-    low = max(min(exact, total), total + math.floor(total * min(0.0, cal.band_low)))
-    return low, total + math.ceil((total - exact) * max(0.0, cal.band_high))
+    low = max(min(exact, total), total + math.floor(total * min(0.0, band_low)))
+    return low, total + math.ceil((total - exact) * max(0.0, band_high))
 
 
 def reserve_inputs(components: list[Component]) -> tuple[int, int]:
@@ -101,6 +117,18 @@ def reserve_inputs(components: list[Component]) -> tuple[int, int]:
     recompute = sum(c.bytes for c in components if c.name == "activations.recompute")
     logits = sum(c.bytes for c in components if c.family == "logits" or c.name == "temporary.loss_backward")
     return recompute, logits
+
+
+def simulated_runtime_components(peak_reserved: int, tensors_at_peak: int, allocations: int, steps: int, cal: Calibration | None = None) -> list[Component]:
+    """The CUDA context and the reserve that brings the plan's tensors up to the simulated reserved peak."""
+    cal = cal or calibration()
+    reserve = max(0, peak_reserved - tensors_at_peak)
+    return [
+        Component("runtime.cuda_context", cal.cuda_context_bytes, f"CUDA context and library workspaces (calibration {cal.name})"),
+        Component("runtime.allocator", reserve,
+                  f"caching-allocator reserve: PyTorch's allocator replayed over this run's {allocations:,} allocations in {steps} traced steps "
+                  f"reserves {peak_reserved / GIB:.2f} GiB at its peak, {reserve / GIB:.2f} GiB above the planned tensors"),
+    ]
 
 
 def runtime_components(recompute_bytes: int, logits_bytes: int, allocator: str = "default", cal: Calibration | None = None) -> list[Component]:

@@ -68,6 +68,9 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         return "quantization other than QLoRA's 4-bit base"
     if options.attention not in ("sdpa", "eager"):
         return f"attention {options.attention}"
+    if options.trainer == "trl":
+        # its Triton kernels fold each logits tile in place; on meta it would run torch ops instead
+        return "trainer trl: TRL's fused LM head (Triton kernels) is not stood in for yet; trainer hf is"
     if options.allocator != "default":
         return "expandable_segments maps memory in pages, a different allocator"
     return None
@@ -298,12 +301,6 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
     weights_dtype = torch_dtype(options.effective_weights_dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=weights_dtype, attn_implementation=options.attention, trust_remote_code=False)
-    if options.trainer == "trl":
-        try:
-            from trl.trainer.utils import add_fused_lm_head
-        except ImportError:
-            raise SimulationUnsupported("trainer trl: TRL is not installed here") from None
-        add_fused_lm_head(model)
     method = options.method
     if method != "full":
         from peft import IA3Config, LoraConfig, get_peft_model
@@ -344,7 +341,6 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
     except Exception as exc:  # noqa: BLE001 - a model the trace cannot build is reported, not raised
         raise SimulationUnsupported(f"the model could not be built for the trace: {str(exc)[:200]}") from None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    extra = {"fused_lm_head": True} if options.trainer == "trl" else {}
     stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast)
     state: dict = {}
     try:
@@ -354,7 +350,7 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
             tracer.record(ids)
             for _ in range(steps):
                 stand_ins.caching = True
-                loss = model(input_ids=ids, labels=ids, **extra).loss
+                loss = model(input_ids=ids, labels=ids).loss
                 stand_ins.cache.clear()
                 stand_ins.caching = False
                 loss.backward()
@@ -370,3 +366,37 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
     except Exception as exc:  # noqa: BLE001 - e.g. a model whose forward needs real data (MoE routing)
         raise SimulationUnsupported(f"the step could not be traced: {str(exc)[:200]}") from None
     return SimulatedStep(replay(tracer.events), steps, time.perf_counter() - started)
+
+
+def _config_for(spec) -> dict:
+    """The config a spec was built from: a catalog model's shipped config.json, or the local file
+    a path names. A pasted or hub config is not kept, so it cannot be traced."""
+    import json
+    from pathlib import Path
+
+    from planner.catalog import CONFIGS_DIR, catalog_ids, file_stem
+
+    catalog_id = catalog_ids().get(spec.name.lower())
+    if catalog_id is not None:
+        config = json.loads((CONFIGS_DIR / f"{file_stem(catalog_id)}.json").read_text())
+    elif Path(spec.name).expanduser().exists():
+        from planner.model_config import read_config_file
+
+        config = read_config_file(Path(spec.name).expanduser())
+    else:
+        raise SimulationUnsupported("only a catalog model or a local config file is traced (this config was not kept)")
+    return config
+
+
+def simulated_for(spec, options: TrainingOptions, config: dict | None = None) -> SimulatedStep | str:
+    """The simulation of this plan's run, or why there is none. Memoized on the spec: a page
+    re-plans the same options for its charts and exports."""
+
+    def compute():
+        try:
+            found = dict(config) if config is not None else _config_for(spec)
+            return simulate_step({k: v for k, v in found.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}, options)
+        except SimulationUnsupported as exc:
+            return str(exc)
+
+    return spec.memoized(("simulated_step", options.model_dump_json()), compute)
