@@ -98,7 +98,7 @@ MATRIX_GPUS = ("RTX 3080 10GB", "RTX 4090", "RTX 4000 Ada", "L4", "A100 40GB SXM
 # Form fields that are text inputs in the page but typed in the request model
 FORM_FIELDS = (
     "model", "gpu", "gpu_memory_gib", "num_gpus", "method", "stage", "batch_size", "seq_len", "gradient_checkpointing",
-    "optimizer", "precision", "weights_dtype", "autocast", "attention", "trainer", "parallelism", "offload", "lora_r", "lora_alpha",
+    "optimizer", "precision", "weights_dtype", "autocast", "simulate_allocator", "attention", "trainer", "parallelism", "offload", "lora_r", "lora_alpha",
     "lora_targets", "lora_dropout", "goal", "data_kind", "num_examples", "tokens_per_example", "tenants", "config_json",
 )
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"

@@ -34,6 +34,10 @@ VERDICT_HELP = ("fits: the band's high end is within the usable memory; tight: t
                 "does not fit: it is below the band's low end")
 
 
+RESERVE_SOURCE_HELP = ("where the allocator's reserve came from: the calibration's formula, or simulated from the run's traced "
+                       "allocations (option simulate_allocator), which has its own, narrower band")
+
+
 class PlanResponse(BaseModel):
     model: ModelOut
     gpu: GpuOut
@@ -54,6 +58,7 @@ class PlanResponse(BaseModel):
     options: dict[str, Any] = Field(description="every option the plan used, defaults filled in")
     library_versions: dict[str, str] = Field(description="the library releases whose code paths the memory model describes")
     calibration: str = Field(description="the runtime calibration (CUDA context, allocator reserve) the plan used")
+    reserve_source: Literal["formula", "simulated"] = Field(description=RESERVE_SOURCE_HELP)
 
 
 class CheckResponse(BaseModel):
@@ -66,6 +71,7 @@ class CheckResponse(BaseModel):
     headroom_bytes: int
     gpu: GpuOut
     model: str
+    reserve_source: Literal["formula", "simulated"] = Field(description=RESERVE_SOURCE_HELP)
 
 
 class ErrorItem(BaseModel):

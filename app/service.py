@@ -112,10 +112,12 @@ class QuickShapes:
     @staticmethod
     def shape(request: PlanRequest) -> tuple:
         targets = request.lora_targets if isinstance(request.lora_targets, str) else tuple(request.lora_targets)
-        return ((request.model or "").strip().lower(), request.method, request.stage, targets, request.quantization, request.parallelism, request.trainer)
+        # a simulated allocator traces a whole step (seconds): never on the loop
+        return ((request.model or "").strip().lower(), request.method, request.stage, targets, request.quantization, request.parallelism, request.trainer,
+                getattr(request, "simulate_allocator", False))
 
     def is_quick(self, shape: tuple) -> bool:
-        return shape in self._quick
+        return shape in self._quick and not shape[-1]
 
     def measured(self, shape: tuple, seconds: float) -> None:
         if seconds < self.INLINE_MAX_S:

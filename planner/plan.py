@@ -164,6 +164,7 @@ class Plan:
             "headroom_bytes": self.usable_bytes - self.peak_bytes,
             "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
             "model": self.model_name,
+            "reserve_source": self.reserve_source,
         }
 
     def to_dict(self) -> dict:

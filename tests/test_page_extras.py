@@ -239,3 +239,15 @@ def test_autocast_off_from_the_form_reaches_the_plan_and_says_so(client):
     assert off["peak_bytes"] > 1.1 * on["peak_bytes"]
     page = Page(client.get("/", params={**base, "autocast": "off"}).text)
     assert "no autocast: a plain loop over bf16 weights" in page.words("assumptions")
+
+
+def test_the_simulated_reserve_from_the_form_reaches_the_plan_and_says_so(client):
+    """Advanced > Allocator reserve: the same plan with its reserve from a traced step, and the page
+    says which one it used."""
+    base = {"model": "meta-llama/Llama-3.2-1B", "method": "lora", "batch_size": "2", "seq_len": "512", "trainer": "hf", "gpu": "H100 SXM"}
+    formula = client.get("/plan.json", params=base).json()["plan"]
+    simulated = client.get("/plan.json", params={**base, "simulate_allocator": "true"}).json()["plan"]
+    assert (formula["reserve_source"], simulated["reserve_source"]) == ("formula", "simulated")
+    assert simulated["peak_high_bytes"] - simulated["peak_low_bytes"] < formula["peak_high_bytes"] - formula["peak_low_bytes"]
+    page = Page(client.get("/", params={**base, "simulate_allocator": "true"}).text)
+    assert "simulated over this run's allocations traced on the meta device" in page.words("assumptions")
