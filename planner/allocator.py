@@ -46,7 +46,7 @@ class AllocatorPeaks:
 
 
 class _Block:
-    __slots__ = ("size", "address", "small", "previous", "next", "free", "order")
+    __slots__ = ("address", "free", "next", "order", "previous", "size", "small")
 
     def __init__(self, size: int, address: int, small: bool, order: int):
         self.size, self.address, self.small, self.order = size, address, small, order

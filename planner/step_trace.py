@@ -68,9 +68,6 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         return "quantization other than QLoRA's 4-bit base"
     if options.attention not in ("sdpa", "eager"):
         return f"attention {options.attention}"
-    if options.trainer == "trl":
-        # its Triton kernels fold each logits tile in place; on meta it would run torch ops instead
-        return "trainer trl: TRL's fused LM head (Triton kernels) is not stood in for yet; trainer hf is"
     if options.allocator != "default":
         return "expandable_segments maps memory in pages, a different allocator"
     return None
@@ -140,7 +137,7 @@ def _flash_attention():
 
         @staticmethod
         def backward(ctx, grad):
-            q, k, v, _, _ = ctx.saved_tensors
+            q, k, _v, _, _ = ctx.saved_tensors
             batch, heads, seq, dim = q.shape
             kv_heads = k.shape[1]
             padded = -(-seq // 128) * 128
@@ -159,13 +156,69 @@ def _flash_attention():
     return FlashAttention
 
 
+def _trl_fused_head(compute_dtype, autocast: bool):
+    import torch
+
+    token_tile = 4096  # TOKEN_CHUNK_SIZE in trl/kernels/chunked_logprob.py
+
+    def cast(tensor):
+        return tensor.to(compute_dtype) if autocast else tensor
+
+    class FusedHead(torch.autograd.Function):
+        """TRL's chunked log-prob LM head as a CUDA run has it: Triton folds each logits tile in
+        place and cuBLAS accumulates in fp32, so only its buffers and casts allocate."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, outputs=("log_probs",)):
+            tokens, vocab = hidden.shape[0], weight.shape[0]
+            fp32 = {"device": hidden.device, "dtype": torch.float32}
+            running_max, sum_exp = torch.empty(tokens, **fp32), torch.empty(tokens, **fp32)
+            statistics = [torch.empty(tokens, **fp32) for _ in range(4)]
+            target_logit = torch.empty(tokens, **fp32)
+            tile = torch.empty(min(tokens, token_tile), chunk_size, device=hidden.device, dtype=cast(hidden).dtype)
+            for token_start in range(0, tokens, token_tile):
+                hidden_chunk = cast(hidden[token_start:token_start + token_tile])
+                for start in range(0, vocab, chunk_size):
+                    cast(weight[start:start + chunk_size])
+                del hidden_chunk
+            del tile, statistics
+            log_z = running_max + torch.log(sum_exp)
+            log_probs = target_logit - log_z
+            ctx.save_for_backward(hidden, weight, bias, targets, log_z)
+            ctx.chunk_size = chunk_size
+            return log_probs, None, None, None, None
+
+        @staticmethod
+        def backward(ctx, grad_log_probs, *_):
+            hidden, weight, bias, _targets, _log_z = ctx.saved_tensors
+            needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+            tokens, vocab, chunk_size = hidden.shape[0], weight.shape[0], ctx.chunk_size
+            grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if needs_hidden else None
+            grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if needs_weight else None
+            grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if needs_bias else None
+            tile = torch.empty(min(tokens, token_tile), chunk_size, device=hidden.device, dtype=cast(hidden).dtype)
+            grad_log_probs = grad_log_probs.float().contiguous()
+            for token_start in range(0, tokens, token_tile):
+                hidden_chunk = cast(hidden[token_start:token_start + token_tile])
+                for start in range(0, vocab, chunk_size):
+                    cast(weight[start:start + chunk_size])
+                del hidden_chunk
+            del tile
+            return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
+                    grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                    grad_bias.to(bias.dtype) if grad_bias is not None else None,
+                    None, None, None, None, None, None)
+
+    return FusedHead
+
+
 class _CudaStandIns:
     """Autocast, fused dropout and flash attention as a CUDA run has them, patched into
     torch.nn.functional for the trace: checkpointing recomputes layers on autograd's thread, where
     a thread-local mode would not reach."""
 
-    def __init__(self, compute_dtype, autocast: bool):
-        self.compute_dtype, self.autocast = compute_dtype, autocast
+    def __init__(self, compute_dtype, autocast: bool, trl: bool):
+        self.compute_dtype, self.autocast, self.trl = compute_dtype, autocast, trl
         self.cache: dict = {}
         self.caching = True
         self.flash = _flash_attention()
@@ -202,13 +255,30 @@ class _CudaStandIns:
             return self.flash.apply(self.cast(q), self.cast(k), self.cast(v))
 
         F.linear, F.dropout, F.scaled_dot_product_attention, torch.matmul = cast_linear, fused_dropout, flash_sdpa, cast_matmul
+        import torch.fx.experimental._config as fx_config
+
+        # a boolean mask picks every position on meta (TRL's compact path; every label here is valid)
+        self.saved_nonzero = getattr(fx_config, "meta_nonzero_assume_all_nonzero", False)
+        fx_config.meta_nonzero_assume_all_nonzero = True
+        if self.trl:
+            import trl.trainer.utils as trl_utils
+
+            self.saved_trl = (trl_utils._ChunkedLogProbFunction, trl_utils._use_triton)
+            trl_utils._ChunkedLogProbFunction = _trl_fused_head(self.compute_dtype, self.autocast)
+            trl_utils._use_triton = lambda device: True
         return self
 
     def __exit__(self, *exc):
         import torch
+        import torch.fx.experimental._config as fx_config
         import torch.nn.functional as F
 
         F.linear, F.dropout, F.scaled_dot_product_attention, torch.matmul = self.saved
+        fx_config.meta_nonzero_assume_all_nonzero = self.saved_nonzero
+        if self.trl:
+            import trl.trainer.utils as trl_utils
+
+            trl_utils._ChunkedLogProbFunction, trl_utils._use_triton = self.saved_trl
 
 
 def torch_dtype(name: str):
@@ -301,6 +371,12 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
     weights_dtype = torch_dtype(options.effective_weights_dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=weights_dtype, attn_implementation=options.attention, trust_remote_code=False)
+    if options.trainer == "trl":
+        try:
+            from trl.trainer.utils import add_fused_lm_head
+        except ImportError:
+            raise SimulationUnsupported("trainer trl: TRL is not installed here") from None
+        add_fused_lm_head(model)  # before PEFT, as TRL's trainers add it
     method = options.method
     if method != "full":
         from peft import IA3Config, LoraConfig, get_peft_model
@@ -341,7 +417,8 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
     except Exception as exc:  # noqa: BLE001 - a model the trace cannot build is reported, not raised
         raise SimulationUnsupported(f"the model could not be built for the trace: {str(exc)[:200]}") from None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast)
+    stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast, options.trainer == "trl")
+    extra = {"fused_lm_head": True} if options.trainer == "trl" else {}
     state: dict = {}
     try:
         with tracer.mode, stand_ins:
@@ -350,7 +427,7 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
             tracer.record(ids)
             for _ in range(steps):
                 stand_ins.caching = True
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, **extra).loss
                 stand_ins.cache.clear()
                 stand_ins.caching = False
                 loss.backward()
