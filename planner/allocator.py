@@ -94,16 +94,9 @@ class CachingAllocator:
         small = size <= SMALL_REQUEST
         pool = self._free[small]
         index = bisect.bisect_left(pool, ((size, -1, -1),))
-        if index < len(pool):
-            block = pool.pop(index)[1]
-        else:
-            segment = segment_size(size)
-            block = _Block(segment, self._next_address, small, next(self._orders))
-            self._next_address += segment
-            self.reserved += segment
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        block = pool.pop(index)[1] if index < len(pool) else self._grow(size, small)
         remaining = block.size - size
-        if remaining >= MIN_BLOCK if small else remaining > SMALL_REQUEST:
+        if self._should_split(remaining, small):
             rest = _Block(remaining, block.address + size, small, next(self._orders))
             rest.previous, rest.next = block, block.next
             if block.next is not None:
@@ -116,6 +109,21 @@ class CachingAllocator:
         self.peak_allocated = max(self.peak_allocated, self.allocated)
         self.allocations += 1
         self._live[handle] = block
+
+    def _should_split(self, remaining: int, small: bool) -> bool:
+        return remaining >= MIN_BLOCK if small else remaining > SMALL_REQUEST
+
+    def _reserve(self, nbytes: int) -> None:
+        self.reserved += nbytes
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def _grow(self, size: int, small: bool) -> _Block:
+        """No cached block fits: a new segment from the driver."""
+        segment = segment_size(size)
+        block = _Block(segment, self._next_address, small, next(self._orders))
+        self._next_address += segment
+        self._reserve(segment)
+        return block
 
     def free(self, handle: object) -> None:
         block = self._live.pop(handle)
@@ -142,10 +150,67 @@ class CachingAllocator:
         return handle in self._live
 
 
-def replay(events) -> AllocatorPeaks:
+class ExpandableSegments(CachingAllocator):
+    """`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`: each pool is one segment of reserved
+    address space whose end is mapped to memory in pages (2 MiB for the small pool, 20 MiB for the
+    large) as it is needed. A request no free block fits extends the end, taking in a free block
+    that ends there, so freed blocks of other sizes are not stranded beside new segments; and any
+    remainder of at least 512 bytes is split off, in both pools."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tail: dict[bool, _Block | None] = {True: None, False: None}
+        self._ends = {True: 0, False: 1 << 60}  # the two pools' address ranges never meet
+
+    def _should_split(self, remaining: int, small: bool) -> bool:
+        return remaining >= MIN_BLOCK
+
+    def _grow(self, size: int, small: bool) -> _Block:
+        page = SMALL_SEGMENT if small else LARGE_SEGMENT
+        tail = self._tail[small]
+        if tail is not None and tail.free:
+            self._remove(tail)
+            mapped = -(-(size - tail.size) // page) * page
+            tail.size += mapped
+            self._ends[small] += mapped
+            self._reserve(mapped)
+            return tail
+        mapped = -(-size // page) * page
+        block = _Block(mapped, self._ends[small], small, next(self._orders))
+        self._ends[small] += mapped
+        self._reserve(mapped)
+        block.previous = tail
+        if tail is not None:
+            tail.next = block
+        self._tail[small] = block
+        return block
+
+    def malloc(self, handle: object, nbytes: int) -> None:
+        super().malloc(handle, nbytes)
+        self._follow_tail(self._live[handle].small)
+
+    def free(self, handle: object) -> None:
+        small = self._live[handle].small
+        super().free(handle)
+        self._follow_tail(small)
+
+    def _follow_tail(self, small: bool) -> None:
+        # splitting and merging move which block ends the mapped range
+        tail = self._tail[small]
+        while tail is not None and tail.next is not None:
+            tail = tail.next
+        while tail is not None and tail.previous is not None and tail.previous.next is not tail:
+            tail = tail.previous
+        self._tail[small] = tail
+
+
+ALLOCATORS = {"default": CachingAllocator, "expandable_segments": ExpandableSegments}
+
+
+def replay(events, allocator: str = "default") -> AllocatorPeaks:
     """Peaks of an event list: ("alloc", handle, nbytes) and ("free", handle), in program order.
     A free of a handle never allocated (a storage that existed before the trace) is ignored."""
-    allocator = CachingAllocator()
+    allocator = ALLOCATORS[allocator]()
     for event in events:
         if event[0] == "alloc":
             if event[2] > 0:

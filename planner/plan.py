@@ -325,9 +325,10 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
 
 
 def simulated_band_applies(reserve_source: str, options: TrainingOptions) -> bool:
-    """The simulated reserve's own band holds where its stand-ins were checked on measured runs:
-    the plain transformers loss (trainer hf); TRL's fused head is not measured yet."""
-    return reserve_source == "simulated" and options.trainer == "hf"
+    """The simulated reserve's own band holds where the simulation was checked on measured runs:
+    the plain transformers loss (trainer hf) under the default allocator; TRL's fused head and
+    expandable segments are not measured yet."""
+    return reserve_source == "simulated" and options.trainer == "hf" and options.allocator == "default"
 
 
 def _band_note(components: list[Component], simulated: bool) -> str:
@@ -395,7 +396,9 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}{why_not}")
     reserve_source = "simulated" if isinstance(simulated, SimulatedStep) else "formula"
     if reserve_source == "simulated" and not simulated_band_applies(reserve_source, options):
-        assumptions.append("TRL's fused LM head is stood in for from its code, not yet checked against a GPU run: the band is the formula's, wider")
+        unmeasured = [what for what, on in (("TRL's fused LM head", options.trainer == "trl"),
+                                            ("expandable segments", options.allocator == "expandable_segments")) if on]
+        assumptions.append(f"{' and '.join(unmeasured)} simulated from the code, not yet checked against a GPU run: the band is the formula's, wider")
     assumptions.append(_band_note(phases[peak_phase], simulated_band_applies(reserve_source, options)))
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     return Plan(

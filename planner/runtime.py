@@ -59,10 +59,9 @@ class Calibration:
     simulated_band_runs: int = 0
 
     def reserve_bytes(self, recompute_bytes: int, logits_bytes: int, allocator: str = "default") -> int:
-        if allocator == "expandable_segments":
-            # segments grow in place, so freed blocks of other sizes are not stranded; not yet
-            # measured, planned as the floor alone
-            return self.reserve_floor_bytes
+        # expandable segments get the default allocator's reserve until a GPU run measures them:
+        # replayed over the team's 15 runs (planner/allocator.py), they reserve within -6% to +3%
+        # of what the default allocator does, so planning them lower would risk "fits" for an OOM
         return int(self.reserve_floor_bytes + self.reserve_per_recompute_byte * recompute_bytes + self.reserve_per_logits_byte * logits_bytes)
 
 
@@ -134,13 +133,13 @@ def simulated_runtime_components(peak_reserved: int, tensors_at_peak: int, alloc
 def runtime_components(recompute_bytes: int, logits_bytes: int, allocator: str = "default", cal: Calibration | None = None) -> list[Component]:
     cal = cal or calibration()
     reserve = cal.reserve_bytes(recompute_bytes, logits_bytes, allocator)
+    how = (
+        f"{cal.reserve_floor_bytes / GIB:.2f} GiB + {cal.reserve_per_recompute_byte:.2f} x one recomputed layer's activations "
+        f"({recompute_bytes / GIB:.2f} GiB) + {cal.reserve_per_logits_byte:.2f} x logits and loss buffers ({logits_bytes / GIB:.2f} GiB)"
+    )
     if allocator == "expandable_segments":
-        how = f"with expandable_segments:True: the fitted floor, {reserve / GIB:.2f} GiB (this setting is not yet measured)"
-    else:
-        how = (
-            f"{cal.reserve_floor_bytes / GIB:.2f} GiB + {cal.reserve_per_recompute_byte:.2f} x one recomputed layer's activations "
-            f"({recompute_bytes / GIB:.2f} GiB) + {cal.reserve_per_logits_byte:.2f} x logits and loss buffers ({logits_bytes / GIB:.2f} GiB)"
-        )
+        how += (" (with expandable_segments:True planned as the default allocator until measured: replayed over the team's runs, "
+                "it reserves about as much)")
     return [
         Component("runtime.cuda_context", cal.cuda_context_bytes, f"CUDA context and library workspaces (calibration {cal.name})"),
         Component("runtime.allocator", reserve, f"caching-allocator reserve above allocated: {how}; calibration {cal.name}"),

@@ -68,8 +68,6 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         return "quantization other than QLoRA's 4-bit base"
     if options.attention not in ("sdpa", "eager"):
         return f"attention {options.attention}"
-    if options.allocator != "default":
-        return "expandable_segments maps memory in pages, a different allocator"
     return None
 
 
@@ -442,7 +440,7 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a model whose forward needs real data (MoE routing)
         raise SimulationUnsupported(f"the step could not be traced: {str(exc)[:200]}") from None
-    return SimulatedStep(replay(tracer.events), steps, time.perf_counter() - started)
+    return SimulatedStep(replay(tracer.events, options.allocator), steps, time.perf_counter() - started)
 
 
 def _config_for(spec) -> dict:

@@ -105,7 +105,7 @@ def test_trl_s_fused_head_is_simulated_but_keeps_the_formula_s_band_until_measur
     formula = build_plan(spec, TrainingOptions(**options))
     plan = build_plan(spec, TrainingOptions(simulate_allocator=True, **options))
     assert plan.reserve_source == "simulated"
-    assert any("TRL's fused LM head is stood in for from its code" in a for a in plan.assumptions)
+    assert any("TRL's fused LM head simulated from the code, not yet checked" in a for a in plan.assumptions)
     # the same relative band as the formula's plan, not the simulated runs' narrower one
     dynamic = plan.peak_bytes - sum(c.bytes for c in plan.components if c.family in ("weights", "gradients", "optimizer_state") or c.name == "runtime.cuda_context")
     formula_dynamic = formula.peak_bytes - sum(c.bytes for c in formula.components if c.family in ("weights", "gradients", "optimizer_state") or c.name == "runtime.cuda_context")
