@@ -60,7 +60,7 @@ class Calibration:
 
     def reserve_bytes(self, recompute_bytes: int, logits_bytes: int, allocator: str = "default") -> int:
         # expandable segments get the default allocator's reserve until a GPU run measures them:
-        # replayed over the team's 15 runs (planner/allocator.py), they reserve within -6% to +3%
+        # replayed over the team's 15 runs (planner/allocator.py), they reserve within -9% to +4%
         # of what the default allocator does, so planning them lower would risk "fits" for an OOM
         return int(self.reserve_floor_bytes + self.reserve_per_recompute_byte * recompute_bytes + self.reserve_per_logits_byte * logits_bytes)
 
