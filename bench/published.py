@@ -214,6 +214,27 @@ def options_for(case: dict) -> TrainingOptions:
     return TrainingOptions(**fields)
 
 
+# Sources whose runs are the stack the step trace reproduces: a transformers forward with labels
+# and PEFT adapters, one GPU, the allocator's reserved metric (but many steps of variable length)
+TRACED_STACKS = ("peft_mc",)
+
+
+def calibration_rows(cases: list[dict] | None = None) -> list[dict]:
+    """The published runs of a traced stack, in bench/calibrate.py's form: they join the
+    simulated allocator's check (and its band) as runs of variable-length data."""
+    rows = []
+    for case in cases if cases is not None else load_cases():
+        if case["source"]["key"] not in TRACED_STACKS or skip_reason(case) is not None or metric_of(case) != "reserved":
+            continue
+        model, _ = catalog_model(case)
+        options = options_for(case).model_dump(mode="json", exclude_defaults=True)
+        options.pop("gpu", None)
+        rows.append({"name": f"published {case['id']}", "model": model, "options": options, "gpu": case["gpu"],
+                     "measured": {"peak_allocated": None, "peak_reserved": measured_bytes(case), "outside_allocator": None},
+                     "source": case["source"]["key"], "variable_length": True})
+    return rows
+
+
 def _prediction(plan, metric: str) -> tuple[int, int | None, int | None]:
     """(central, band low, band high) of the plan for a metric; allocated has no band."""
     context = sum(c.bytes for c in plan.components if c.name == "runtime.cuda_context")

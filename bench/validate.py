@@ -136,7 +136,8 @@ def process_peak_rows() -> list[dict]:
     simulated_source = f"{newest[-1].relative_to(ROOT)} (bench/calibrate.py, allocator simulated, nothing fitted)"
     for run in data.get("simulated", {}).get("per_run", []):
         if run["simulated"]:
-            rows.append({"config": f"H100 run {run['name']}", "quantity": "process peak, allocator simulated (GiB)", "predicted": run["central"],
+            where = run["name"] if run["name"].startswith("published") else f"H100 run {run['name']}"
+            rows.append({"config": where, "quantity": "process peak, allocator simulated (GiB)", "predicted": run["central"],
                          "measured": run["measured"], "error": run["error"], "source": simulated_source,
                          "band": [run["low"], run["high"]], "inside": run["inside"], "band_note": "band made without this run"})
     return rows
@@ -188,8 +189,9 @@ The first GPU rows are the 22 H100 runs of the runtime calibration: the plan's p
 process peak (`max_memory_reserved` plus memory outside the allocator), each predicted by a
 reserve fit that left that run out (`bench/calibrate.py`). The same 22 runs follow with the
 allocator simulated (`simulate_allocator`: the run's step traced on the meta device and replayed
-through a model of PyTorch's caching allocator, planner/step_trace.py); nothing in it is fitted,
-and each run's band comes from the other runs' errors. The next rows are the 7 hand-taken runs
+through a model of PyTorch's caching allocator, planner/step_trace.py), with the published runs of
+the same stack (PEFT's method-comparison benchmark, variable-length data); nothing in it is
+fitted, and each run's band comes from the other runs' errors. The next rows are the 7 hand-taken runs
 of `bench/results/h100-calibration-2026-11-22.json` again, allocated and NVML, in-sample (they are
 among the 22 the constants were fitted on). The last column says whether the measured process
 peak fell inside the plan's band: for the 22 runs, a band made without that run; for the
@@ -207,7 +209,7 @@ Published runs from other projects are compared in `bench/results/published-*.md
 # row groups of the README's summary: (label, which rows)
 SUMMARY_GROUPS = (
     ("GPU, process peak, held out (H100)", lambda r: r["quantity"].startswith("process peak, fit left it out")),
-    ("GPU, process peak, allocator simulated (H100)", lambda r: r["quantity"].startswith("process peak, allocator simulated") and r.get("source") != GPU_SOURCE),
+    ("GPU, process peak, allocator simulated (H100, published)", lambda r: r["quantity"].startswith("process peak, allocator simulated") and r.get("source") != GPU_SOURCE),
     ("GPU, in-sample (H100, hand-taken)", lambda r: r["quantity"] in ("peak allocated (GiB)", "NVML used (GiB)") and r.get("source") != GPU_SOURCE),
     ("GPU, bench/validate.py", lambda r: r.get("source") == GPU_SOURCE),
     ("CPU, whole-step peak", lambda r: r["quantity"].startswith("whole-step peak")),

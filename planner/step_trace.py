@@ -38,7 +38,9 @@ from planner.options import TrainingOptions
 STEPS = 3  # as the measured runs: the first allocates the optimizer state, later ones repeat the second
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace on Hopper, taken from the caching allocator
 SIMULATED_METHODS = ("full", "lora", "qlora", "dora", "ia3")
-SIMULATED_OPTIMIZERS = ("adamw", "adamw_8bit")
+SIMULATED_OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_8bit", "sgd", "adafactor")
+# run as themselves on meta tensors: their steps' temporaries are what the trace should see
+REAL_OPTIMIZERS = ("adamw_foreach", "sgd", "adafactor")
 EIGHT_BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
 EIGHT_BIT_BLOCK = 256
 
@@ -96,6 +98,8 @@ class _Tracer:
     def record(self, tensor) -> None:
         # A storage's PyObject is kept alive with its StorageImpl, so the finalizer runs when the
         # storage really dies (autograd's saved tensors included), not when a Python name goes.
+        if tensor.device.type != "meta":
+            return  # a CPU scalar (an optimizer's step count, a Python number made a tensor)
         storage = tensor.untyped_storage()
         cdata = storage._cdata
         if cdata in self._handles:
@@ -109,7 +113,7 @@ class _Tracer:
         import torch
         from torch.utils._pytree import tree_flatten
 
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
             # data-dependent checks (transformers' packed-sequence test): no padding, no packing
             return True if args[0].dtype == torch.bool else 0
         out = func(*args, **kwargs)
@@ -337,6 +341,22 @@ def _four_bit(tracer: _Tracer, modules: list, compute_dtype) -> None:
         module.forward = types.MethodType(forward, module)
 
 
+def _real_optimizer(options: TrainingOptions, trainable: list):
+    """The optimizers that run on meta tensors as they are (foreach kernels fall back to per-tensor
+    ops with the same outputs); fused AdamW and bitsandbytes' are stood in for by their states."""
+    import torch
+
+    if options.optimizer == "adamw_foreach":
+        return torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=1e-5, momentum=options.sgd_momentum, foreach=True)
+    if options.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(trainable, lr=1e-5, scale_parameter=False, relative_step=False)
+    return None
+
+
 def _optimizer_state(param, optimizer: str, shared: dict) -> tuple:
     import torch
 
@@ -418,6 +438,7 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
     stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast, options.trainer == "trl")
     extra = {"fused_lm_head": True} if options.trainer == "trl" else {}
     state: dict = {}
+    optimizer = _real_optimizer(options, trainable)
     try:
         with tracer.mode, stand_ins:
             workspace = torch.empty(CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8, device="meta")
@@ -430,9 +451,12 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
                 stand_ins.caching = False
                 loss.backward()
                 del loss
-                for param in trainable:
-                    if param.grad is not None and param not in state:
-                        state[param] = _optimizer_state(param, options.optimizer, state)
+                if optimizer is not None:
+                    optimizer.step()
+                else:
+                    for param in trainable:
+                        if param.grad is not None and param not in state:
+                            state[param] = _optimizer_state(param, options.optimizer, state)
                 for param in trainable:
                     param.grad = None
             del workspace
