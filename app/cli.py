@@ -97,6 +97,9 @@ def _plan(args):
 
     options = _parse_options(args)
     spec = resolve_model(args.model)
+    if options.simulate_allocator and sys.stderr.isatty():
+        # seconds of tracing: say so, where a person is watching
+        print("tracing three training steps on the meta device to simulate the allocator...", file=sys.stderr, flush=True)
     return spec, options, build_plan(spec, options)
 
 

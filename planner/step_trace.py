@@ -498,4 +498,6 @@ def simulated_for(spec, options: TrainingOptions, config: dict | None = None) ->
         except SimulationUnsupported as exc:
             return str(exc)
 
-    return spec.memoized(("simulated_step", options.model_dump_json()), compute)
+    # the GPU and the headroom do not change the step: a cheapest-GPU search traces it once
+    traced = options.model_dump_json(exclude={"gpu", "gpu_memory_gib", "headroom"})
+    return spec.memoized(("simulated_step", traced, repr(sorted(config.items())) if config else None), compute)
