@@ -137,7 +137,8 @@ class Plan:
 
     @cached_property
     def _band(self) -> tuple[int, int]:
-        return band_bytes(self.components, simulated=simulated_band_applies(self.reserve_source, self.options))
+        gradients = sum(c.bytes for c in self.all_components if c.family == "gradients")
+        return band_bytes(self.components, simulated=simulated_band_applies(self.reserve_source, self.options), gradients_bytes=gradients)
 
     @property
     def peak_low_bytes(self) -> int:
@@ -331,16 +332,18 @@ def simulated_band_applies(reserve_source: str, options: TrainingOptions) -> boo
     return reserve_source == "simulated" and options.trainer == "hf" and options.allocator == "default"
 
 
-def _band_note(components: list[Component], simulated: bool) -> str:
+def _band_note(components: list[Component], simulated: bool, gradients_bytes: int) -> str:
     cal = calibration()
     if cal.band_runs == 0:
         return f"no band around the peak: calibration {cal.name} carries none (run bench/calibrate.py); the verdict uses the central figure"
     band_low, band_high = band_constants(cal, simulated)
     source = (f"the simulated reserve's largest errors on {cal.simulated_band_runs} measured runs" if simulated and cal.simulated_band_runs
               else f"the largest errors of calibration {cal.name} on {cal.band_runs} measured runs, each predicted by a fit that left it out")
-    low, high = band_bytes(components, cal, simulated)
+    low, high = band_bytes(components, cal, simulated, gradients_bytes)
+    gradients = (f" plus {cal.band_high_gradients:.0%} of the gradients ({gradients_bytes / GIB:.2f} GiB, which fragment the allocator's pool)"
+                 if not (simulated and cal.simulated_band_runs) and cal.band_high_gradients and gradients_bytes >= GIB // 16 else "")
     return (f"band {low / GIB:.2f} to {high / GIB:.2f} GiB around the central {sum(c.bytes for c in components) / GIB:.2f} GiB: "
-            f"activations, logits, temporaries and the allocator's reserve up to {band_high:.0%} more, the whole up to "
+            f"activations, logits, temporaries and the allocator's reserve up to {band_high:.0%} more{gradients}, the whole up to "
             f"{-band_low:.0%} less (never below the exact weights, gradients and optimizer state), {source}; "
             "the verdict uses the high end")
 
@@ -399,7 +402,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         unmeasured = [what for what, on in (("TRL's fused LM head", options.trainer == "trl"),
                                             ("expandable segments", options.allocator == "expandable_segments")) if on]
         assumptions.append(f"{' and '.join(unmeasured)} simulated from the code, not yet checked against a GPU run: the band is the formula's, wider")
-    assumptions.append(_band_note(phases[peak_phase], simulated_band_applies(reserve_source, options)))
+    assumptions.append(_band_note(phases[peak_phase], simulated_band_applies(reserve_source, options),
+                                  sum(c.bytes for c in everything if c.family == "gradients")))
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     return Plan(
         model_name=spec.name,

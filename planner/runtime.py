@@ -51,6 +51,9 @@ class Calibration:
     # (activations, logits, temporaries, KV cache, allocator reserve; >= 0)
     band_low: float = 0.0
     band_high: float = 0.0
+    # full fine-tuning's gradients fragment the allocator's pool beside the recomputed layers:
+    # its high end adds this share of the gradients too (0 for the simulated band, which sees it)
+    band_high_gradients: float = 0.0
     band_runs: int = 0
     # the band of plans whose reserve was simulated (planner/step_trace.py): the same two
     # figures, from the simulation's errors on the measured runs
@@ -80,6 +83,7 @@ def calibration() -> Calibration:
         # a calibration written before bench/calibrate.py fitted a band has none: low = high = central
         band_low=float(band.get("peak_low", 0.0)),
         band_high=float(band.get("dynamic_high", 0.0)),
+        band_high_gradients=float(band.get("gradients_high", 0.0)),
         band_runs=int(band.get("runs", 0)),
         simulated_band_low=float(data.get("simulated_band", {}).get("peak_low", 0.0)),
         simulated_band_high=float(data.get("simulated_band", {}).get("dynamic_high", 0.0)),
@@ -99,16 +103,18 @@ def band_constants(cal: Calibration, simulated: bool) -> tuple[float, float]:
     return cal.band_low, cal.band_high
 
 
-def band_bytes(components, cal: Calibration | None = None, simulated: bool = False) -> tuple[int, int]:
+def band_bytes(components, cal: Calibration | None = None, simulated: bool = False, gradients_bytes: int = 0) -> tuple[int, int]:
     """(low, high) of a peak made of these components: the high end adds the calibration's largest
-    under-prediction of the dynamic part; the low end takes off its largest over-prediction of the
-    whole, down to the exact part at most."""
+    under-prediction of the dynamic part, and for the formula a share of the step's gradients
+    (`gradients_bytes`, whichever phase peaks); the low end takes off its largest over-prediction
+    of the whole, down to the exact part at most."""
     cal = cal or calibration()
     band_low, band_high = band_constants(cal, simulated)
+    gradients_share = 0.0 if simulated and cal.simulated_band_runs else cal.band_high_gradients
     total = sum(c.bytes for c in components)
     exact = sum(c.bytes for c in components if is_static(c))
     low = max(min(exact, total), total + math.floor(total * min(0.0, band_low)))
-    return low, total + math.ceil((total - exact) * max(0.0, band_high))
+    return low, total + math.ceil((total - exact) * max(0.0, band_high)) + math.ceil(gradients_bytes * max(0.0, gradients_share))
 
 
 def reserve_inputs(components: list[Component]) -> tuple[int, int]:
