@@ -150,6 +150,8 @@ def cmd_check(args) -> int:
         _write_json(plan.check_dict())
     else:
         why = {"fits": "", "tight": ": inside the band, it may run out of memory", "does not fit": ""}[plan.verdict]
+        if plan.verdict == "tight" and plan.could_simulate:
+            why += " (--simulate-allocator narrows the band, in seconds)"
         _write(
             f"{plan.verdict}: {plan.model_name} needs {plan.peak_bytes / GIB:.2f} GiB per GPU "
             f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}); "

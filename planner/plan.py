@@ -151,6 +151,13 @@ class Plan:
         return self._band[1]
 
     @property
+    def could_simulate(self) -> bool:
+        """The formula gave the reserve, and the trace could simulate it for a narrower band."""
+        from planner.step_trace import unsupported_reason
+
+        return self.reserve_source == "formula" and unsupported_reason(self.options) is None
+
+    @property
     def verdict(self) -> str:
         """"fits" (the high end is within the usable memory), "tight" (the usable memory falls
         inside the band) or "does not fit" (it is below the low end)."""

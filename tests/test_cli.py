@@ -306,6 +306,8 @@ def test_check_says_tight_with_the_band_and_exits_1(where):
     out = vramplan("check", EDGE_MODEL, *EDGE, "--gpu-memory-gib", memory)
     assert out.returncode == 1, out.stderr
     assert out.stdout.startswith("tight: ") and "it may run out of memory" in out.stdout
+    # a tight formula plan points at the narrower, simulated band (QLoRA on one GPU can be traced)
+    assert "--simulate-allocator narrows the band" in out.stdout
     data = json.loads(vramplan("check", EDGE_MODEL, *EDGE, "--gpu-memory-gib", memory, "--json").stdout)
     assert data["verdict"] == "tight" and data["fits"] is False
     assert data["peak_low_bytes"] <= data["usable_bytes"] < data["peak_high_bytes"]

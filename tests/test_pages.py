@@ -335,6 +335,7 @@ def test_a_tight_plan_says_tight_with_the_band(client):
     assert plan.verdict == "tight"
     assert f"band {plan.peak_low_bytes / GIB:.2f}–{plan.peak_high_bytes / GIB:,.2f} GiB" in words
     assert "it may run out of memory" in words and "headroom" not in words
+    assert "Allocator reserve › simulated narrows the band" in words  # the way to a narrower band
     box = _element(response.text, "verdict")
     assert 'class="verdict tight"' in box and 'data-verdict="tight"' in box
     # the htmx fragment says the same
