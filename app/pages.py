@@ -227,15 +227,19 @@ def _result(request_model: AdviseRequest, roots: list | None = None, base_url: s
     spec = resolve_web_model(request_model.model, request_model.config_json, roots=roots)
     options = request_model.options()
     plan = build_plan(spec, options)
-    # the fit searches and the fixes: the very object POST /api/v1/fit returns
-    fit = fit_report(spec, options)
+    # the fit searches and the fixes: the very object POST /api/v1/fit returns. A simulated
+    # allocator traces each candidate for seconds (an 8B search: over a minute), so the page
+    # searches with the formula's band, and says so; `vramplan fit --simulate-allocator` does not
+    searched = options.model_copy(update={"simulate_allocator": False})
+    fit = fit_report(spec, searched)
     plan_dict = plan.to_dict()
     result = {
         "plan": plan_dict,
         "chart": memory_bar_svg(plan),
         "fit": fit,
+        "fit_with_formula": options.simulate_allocator,
         "fixes": None if plan.fits else fit["fixes"],
-        "advice": advise(spec, request_model.task(), options).to_dict(),
+        "advice": advise(spec, request_model.task(), searched).to_dict(),
         "pasted": bool(request_model.config_json and request_model.config_json.strip()),
     }
     result["reproduce"] = reproduce(request_model, plan_dict, base_url)

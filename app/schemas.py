@@ -59,6 +59,7 @@ class PlanResponse(BaseModel):
     library_versions: dict[str, str] = Field(description="the library releases whose code paths the memory model describes")
     calibration: str = Field(description="the runtime calibration (CUDA context, allocator reserve) the plan used")
     reserve_source: Literal["formula", "simulated"] = Field(description=RESERVE_SOURCE_HELP)
+    could_simulate: bool = Field(description="the reserve came from the formula, and simulate_allocator would give this run a narrower band")
 
 
 class CheckResponse(BaseModel):

@@ -209,6 +209,7 @@ class Plan:
             "library_versions": dict(MODELLED_VERSIONS),
             "calibration": calibration().name,
             "reserve_source": self.reserve_source,
+            "could_simulate": self.could_simulate,
         }
 
 

@@ -251,3 +251,5 @@ def test_the_simulated_reserve_from_the_form_reaches_the_plan_and_says_so(client
     assert simulated["peak_high_bytes"] - simulated["peak_low_bytes"] < formula["peak_high_bytes"] - formula["peak_low_bytes"]
     page = Page(client.get("/", params={**base, "simulate_allocator": "true"}).text)
     assert "simulated over this run's allocations traced on the meta device" in page.words("assumptions")
+    # the searches say they used the formula (one trace per candidate would take minutes)
+    assert "use the calibrated formula's reserve and band" in page.words("fit-formula")
