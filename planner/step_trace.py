@@ -26,6 +26,7 @@ classes (planner/introspect.py builds them the same way).
 
 from __future__ import annotations
 
+import threading
 import time
 import types
 import weakref
@@ -43,6 +44,12 @@ SIMULATED_OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_8bit", "sgd", "adafacto
 REAL_OPTIMIZERS = ("adamw_foreach", "sgd", "adafactor")
 EIGHT_BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
 EIGHT_BIT_BLOCK = 256
+
+
+# The stand-ins patch torch.nn.functional for the whole process while a trace runs, and a
+# storage's free is recorded when Python collects it, which another thread's work can move:
+# a server's planning threads take turns, build and trace alike
+_TRACE_LOCK = threading.Lock()
 
 
 class SimulationUnsupported(Exception):
@@ -424,6 +431,11 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
     reason = unsupported_reason(options)
     if reason is not None:
         raise SimulationUnsupported(reason)
+    with _TRACE_LOCK:
+        return _simulate(config, options, steps)
+
+
+def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedStep:
     started = time.perf_counter()
     import torch
 

@@ -129,3 +129,26 @@ def test_the_committed_simulated_band_is_what_the_committed_runs_give():
     # the 22 shared runs and the published PEFT-benchmark runs (bench/published.py TRACED_STACKS)
     assert committed["runs"] == 27 and committed["central"]["within_10_percent"] == 27
     assert -0.10 < committed["peak_low"] < 0 < committed["dynamic_high"] < 0.15
+
+
+def test_simulations_in_two_threads_take_turns_and_leave_torch_as_it_was():
+    """A server plans in threads; the trace patches torch.nn.functional while it runs."""
+    import threading
+
+    import torch.nn.functional as F
+
+    run = _measured_run("l1b-full-bf16-b4s1024-gc")
+    config = json.loads((CONFIGS_DIR / f"{file_stem(run['model'])}.json").read_text())
+    original = (F.linear, F.scaled_dot_product_attention, F.dropout)
+    results = []
+
+    def simulate():
+        results.append(simulate_step(config, TrainingOptions(**run["options"])).peaks)
+
+    threads = [threading.Thread(target=simulate) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and results[0] == results[1]
+    assert (F.linear, F.scaled_dot_product_attention, F.dropout) == original
