@@ -17,8 +17,11 @@ What runs differently on a GPU is stood in for, each in a few lines below:
 - 4-bit bases (QLoRA): each quantized Linear holds bitsandbytes' packed weight and constants,
   is loaded as a 16-bit weight that is quantized and freed, and dequantizes a 16-bit copy for
   its matmul in forward and again in backward;
-- the optimizer: its states are allocated as torch's fused AdamW or bitsandbytes' AdamW8bit do
-  on the first step (the update itself allocates nothing).
+- the optimizer: fused AdamW's and bitsandbytes' AdamW8bit's states are allocated as they
+  allocate them on the first step (their update allocates nothing); foreach AdamW, SGD and
+  Adafactor run as themselves, temporaries included;
+- TRL's fused LM head: its buffers, fp32 gradient accumulators and casts (its Triton kernels fold
+  each logits tile in place).
 
 Nothing runs that a config names: no remote code, and the config only sizes transformers' own
 classes (planner/introspect.py builds them the same way).
@@ -40,8 +43,6 @@ STEPS = 3  # as the measured runs: the first allocates the optimizer state, late
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace on Hopper, taken from the caching allocator
 SIMULATED_METHODS = ("full", "lora", "qlora", "dora", "ia3")
 SIMULATED_OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_8bit", "sgd", "adafactor")
-# run as themselves on meta tensors: their steps' temporaries are what the trace should see
-REAL_OPTIMIZERS = ("adamw_foreach", "sgd", "adafactor")
 EIGHT_BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
 EIGHT_BIT_BLOCK = 256
 
