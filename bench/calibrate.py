@@ -358,8 +358,8 @@ def band_report(result: dict) -> str:
             "model of PyTorch's caching allocator (planner/allocator.py). Nothing is fitted, so every error below is",
             "on a run the simulation never saw; each run's band comes from the other runs' errors. Beside the 22",
             "fixed-shape runs are the published runs of the same stack (`published ...`: PEFT's method-comparison",
-            "benchmark, a transformers forward with PEFT adapters over many steps of variable length, whose reserve",
-            "grows past a fixed-shape step's), so the band holds for real data too.",
+            "benchmark, a transformers forward with PEFT adapters over many steps of variable-length data), so the",
+            "band is held to real data too.",
             "",
             "| figure | measured | goal (issue 12) |",
             "| --- | --- | --- |",
@@ -523,8 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         print("simulating the allocator over each run's traced step...", file=sys.stderr, flush=True)
         from published import calibration_rows
 
-        # published runs of the stack the trace reproduces (many variable-length steps) join the
-        # fixed-shape ones: the band must hold for real data too
+        # published runs of the stack the trace reproduces (many steps of variable-length data)
+        # join the fixed-shape ones: the band is held to real data too
         result["simulated"] = simulated_check(load_runs(args.runs) + calibration_rows())
         for row in result["simulated"]["per_run"]:
             print(f"{row['name']:<36} simulated " + (f"{row['error']:+6.1%}" if row["simulated"] else f"no: {row['why']}"))

@@ -67,7 +67,7 @@ GPUS = {
 # description of its harness): the loss path, the attention kernel, and the dtypes.
 STACKS = {
     # hand-written loop, model(labels=...); weights bf16 without autocast; PEFT's fp32 adapters
-    "peft_mc": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
+    "peft_mc": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16", "autocast": False},
     # HF Trainer, use_flash_attn=True, torch_dtype bf16
     "fms": {"trainer": "hf", "attention": "flash", "precision": "bf16", "weights_dtype": "bf16"},
     # torchtune recipes: own loop over full logits, pure bf16 (LoRA weights too: not expressible, a few MiB)
@@ -215,7 +215,7 @@ def options_for(case: dict) -> TrainingOptions:
 
 
 # Sources whose runs are the stack the step trace reproduces: a transformers forward with labels
-# and PEFT adapters, one GPU, the allocator's reserved metric (but many steps of variable length)
+# and PEFT adapters, one GPU, the allocator's reserved metric (over many steps of variable length)
 TRACED_STACKS = ("peft_mc",)
 
 
