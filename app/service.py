@@ -114,7 +114,7 @@ class QuickShapes:
         targets = request.lora_targets if isinstance(request.lora_targets, str) else tuple(request.lora_targets)
         # a simulated allocator traces a whole step (seconds): never on the loop
         return ((request.model or "").strip().lower(), request.method, request.stage, targets, request.quantization, request.parallelism, request.trainer,
-                getattr(request, "simulate_allocator", False))
+                request.simulate_allocator)
 
     def is_quick(self, shape: tuple) -> bool:
         return shape in self._quick and not shape[-1]

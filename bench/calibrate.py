@@ -400,10 +400,11 @@ def refit(rows: list[dict], name: str, date: str, sources: list[str], simulated_
     """The constants, the band and their errors on runs the fit left out, from planned runs."""
     context = int(statistics.median(row["outside_allocator"] for row in rows))
     coef = fit_reserve(rows)
-    before_errors, after_errors, table, under, over = [], [], [], [], []
+    before_errors, after_errors, table, under, over, held_out_fits = [], [], [], [], [], []
     for i, row in enumerate(rows):
         # each run's "after" comes from a fit that never saw it
         held_out = _calibration(name, context, fit_reserve(rows[:i] + rows[i + 1:]))
+        held_out_fits.append((row, held_out))
         measured = row["measured_process"]
         before = (row["peak_before"] - measured) / measured
         loo = (predicted_process(row, held_out) - measured) / measured
@@ -421,7 +422,7 @@ def refit(rows: list[dict], name: str, date: str, sources: list[str], simulated_
     simulated_errors = [(predicted_process(row, final) - row["measured_process"]) / row["measured_process"] for row in simulated_rows]
     all_over = over + [central_residual(row, final) for row in simulated_rows]
     named = list(rows) + list(simulated_rows)
-    fits = [(row, _calibration(name, context, fit_reserve(rows[:i] + rows[i + 1:]))) for i, row in enumerate(rows)] + [(row, final) for row in simulated_rows]
+    fits = held_out_fits + [(row, final) for row in simulated_rows]
     # the dynamic term from the measured runs and the adapter rows; full fine-tuning's excess, which
     # follows its gradients, goes to the gradients term
     all_under = under + [dynamic_residual(row, final) if row.get("method") != "full" else -1.0 for row in simulated_rows]

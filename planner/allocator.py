@@ -129,25 +129,23 @@ class CachingAllocator:
         block = self._live.pop(handle)
         block.free = True
         self.allocated -= block.size
-        before = block.previous
-        if before is not None and before.free:
-            self._remove(before)
-            before.size += block.size
-            before.next = block.next
-            if block.next is not None:
-                block.next.previous = before
-            block = before
-        after = block.next
-        if after is not None and after.free:
-            self._remove(after)
-            block.size += after.size
-            block.next = after.next
-            if after.next is not None:
-                after.next.previous = block
+        for neighbour in (block.previous, block.next):
+            if neighbour is not None and neighbour.free:
+                self._remove(neighbour)
+                block = _merged(neighbour, block) if neighbour is block.previous else _merged(block, neighbour)
         self._insert(block)
 
     def is_live(self, handle: object) -> bool:
         return handle in self._live
+
+
+def _merged(first: _Block, second: _Block) -> _Block:
+    """`second` joined onto its neighbour `first`, in one segment."""
+    first.size += second.size
+    first.next = second.next
+    if second.next is not None:
+        second.next.previous = first
+    return first
 
 
 class ExpandableSegments(CachingAllocator):

@@ -220,6 +220,16 @@ def build_meta_model(config: dict):
     return model
 
 
+def bitsandbytes_linears(model) -> list:
+    """The modules bitsandbytes replaces when it loads `model` quantized: exactly nn.Linear, less
+    what transformers keeps unconverted (the LM head, keep-in-fp32 modules)."""
+    from torch import nn
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skips = _quantization_skips(model)
+    return [module for name, module in model.named_modules() if type(module) is nn.Linear and should_convert_module(name, skips)]
+
+
 def _quantization_skips(model) -> list[str]:
     from transformers.quantizers.base import get_keys_to_not_convert
 
@@ -261,10 +271,9 @@ def spec_from_model(model, name: str) -> ModelSpec:
     """Read every parameter of a built model (meta or real) into a ModelSpec."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.quantizers_utils import should_convert_module
 
     text_config = model.config.get_text_config()
-    skips = _quantization_skips(model)
+    quantized = {id(module) for module in bitsandbytes_linears(model)}
     input_emb = model.get_input_embeddings()
     output_emb = model.get_output_embeddings()
     tied = output_emb is not None and input_emb is not None and output_emb.weight is input_emb.weight
@@ -289,7 +298,7 @@ def spec_from_model(model, name: str) -> ModelSpec:
                     role=role,
                     layer=int(layer_match.group(1)) if layer_match else None,
                     peft_linear=is_linear,
-                    quantizable=type(module) is nn.Linear and leaf == "weight" and should_convert_module(module_name, skips),
+                    quantizable=id(module) in quantized and leaf == "weight",
                 )
             )
 

@@ -344,12 +344,12 @@ def _band_note(components: list[Component], simulated: bool, gradients_bytes: in
     cal = calibration()
     if cal.band_runs == 0:
         return f"no band around the peak: calibration {cal.name} carries none (run bench/calibrate.py); the verdict uses the central figure"
-    band_low, band_high = band_constants(cal, simulated)
+    band_low, band_high, gradients_share = band_constants(cal, simulated)
     source = (f"the simulated reserve's largest errors on {cal.simulated_band_runs} measured runs" if simulated and cal.simulated_band_runs
               else f"the largest errors of calibration {cal.name} on {cal.band_runs} measured runs, each predicted by a fit that left it out")
     low, high = band_bytes(components, cal, simulated, gradients_bytes)
-    gradients = (f" plus {cal.band_high_gradients:.0%} of the gradients ({gradients_bytes / GIB:.2f} GiB, which fragment the allocator's pool)"
-                 if not (simulated and cal.simulated_band_runs) and cal.band_high_gradients and gradients_bytes >= GIB // 16 else "")
+    gradients = (f" plus {gradients_share:.0%} of the gradients ({gradients_bytes / GIB:.2f} GiB, which fragment the allocator's pool)"
+                 if gradients_share and gradients_bytes >= GIB // 16 else "")
     return (f"band {low / GIB:.2f} to {high / GIB:.2f} GiB around the central {sum(c.bytes for c in components) / GIB:.2f} GiB: "
             f"activations, logits, temporaries and the allocator's reserve up to {band_high:.0%} more{gradients}, the whole up to "
             f"{-band_low:.0%} less (never below the exact weights, gradients and optimizer state), {source}; "

@@ -96,11 +96,12 @@ def is_static(component: Component) -> bool:
     return component.family in STATIC_FAMILIES or component.name == "runtime.cuda_context"
 
 
-def band_constants(cal: Calibration, simulated: bool) -> tuple[float, float]:
-    """(low, high) band constants: the simulated reserve's own, once a calibration has them."""
+def band_constants(cal: Calibration, simulated: bool) -> tuple[float, float, float]:
+    """(low, high, share of the gradients) band constants: the simulated reserve's own, once a
+    calibration has them (the simulation sees the gradients' fragmentation: no share of them)."""
     if simulated and cal.simulated_band_runs:
-        return cal.simulated_band_low, cal.simulated_band_high
-    return cal.band_low, cal.band_high
+        return cal.simulated_band_low, cal.simulated_band_high, 0.0
+    return cal.band_low, cal.band_high, cal.band_high_gradients
 
 
 def band_bytes(components, cal: Calibration | None = None, simulated: bool = False, gradients_bytes: int = 0) -> tuple[int, int]:
@@ -109,8 +110,7 @@ def band_bytes(components, cal: Calibration | None = None, simulated: bool = Fal
     (`gradients_bytes`, whichever phase peaks); the low end takes off its largest over-prediction
     of the whole, down to the exact part at most."""
     cal = cal or calibration()
-    band_low, band_high = band_constants(cal, simulated)
-    gradients_share = 0.0 if simulated and cal.simulated_band_runs else cal.band_high_gradients
+    band_low, band_high, gradients_share = band_constants(cal, simulated)
     total = sum(c.bytes for c in components)
     exact = sum(c.bytes for c in components if is_static(c))
     low = max(min(exact, total), total + math.floor(total * min(0.0, band_low)))

@@ -169,10 +169,19 @@ def _flash_attention():
 def _trl_fused_head(compute_dtype, autocast: bool):
     import torch
 
-    token_tile = 4096  # TOKEN_CHUNK_SIZE in trl/kernels/chunked_logprob.py
+    from planner.logits import TRL_TOKEN_TILE as token_tile
 
     def cast(tensor):
         return tensor.to(compute_dtype) if autocast else tensor
+
+    def cast_tiles(hidden, weight, chunk_size):
+        # each token tile of the hidden states, and each vocabulary slice of the head, in the
+        # compute dtype for its matmul (copies only where autocast casts)
+        for token_start in range(0, hidden.shape[0], token_tile):
+            hidden_chunk = cast(hidden[token_start:token_start + token_tile])
+            for start in range(0, weight.shape[0], chunk_size):
+                cast(weight[start:start + chunk_size])
+            del hidden_chunk
 
     class FusedHead(torch.autograd.Function):
         """TRL's chunked log-prob LM head as a CUDA run has it: Triton folds each logits tile in
@@ -180,17 +189,13 @@ def _trl_fused_head(compute_dtype, autocast: bool):
 
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, outputs=("log_probs",)):
-            tokens, vocab = hidden.shape[0], weight.shape[0]
+            tokens = hidden.shape[0]
             fp32 = {"device": hidden.device, "dtype": torch.float32}
             running_max, sum_exp = torch.empty(tokens, **fp32), torch.empty(tokens, **fp32)
             statistics = [torch.empty(tokens, **fp32) for _ in range(4)]
             target_logit = torch.empty(tokens, **fp32)
             tile = torch.empty(min(tokens, token_tile), chunk_size, device=hidden.device, dtype=cast(hidden).dtype)
-            for token_start in range(0, tokens, token_tile):
-                hidden_chunk = cast(hidden[token_start:token_start + token_tile])
-                for start in range(0, vocab, chunk_size):
-                    cast(weight[start:start + chunk_size])
-                del hidden_chunk
+            cast_tiles(hidden, weight, chunk_size)
             del tile, statistics
             log_z = running_max + torch.log(sum_exp)
             log_probs = target_logit - log_z
@@ -202,17 +207,13 @@ def _trl_fused_head(compute_dtype, autocast: bool):
         def backward(ctx, grad_log_probs, *_):
             hidden, weight, bias, _targets, _log_z = ctx.saved_tensors
             needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-            tokens, vocab, chunk_size = hidden.shape[0], weight.shape[0], ctx.chunk_size
+            tokens, chunk_size = hidden.shape[0], ctx.chunk_size
             grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if needs_hidden else None
             grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if needs_weight else None
             grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if needs_bias else None
             tile = torch.empty(min(tokens, token_tile), chunk_size, device=hidden.device, dtype=cast(hidden).dtype)
             grad_log_probs = grad_log_probs.float().contiguous()
-            for token_start in range(0, tokens, token_tile):
-                hidden_chunk = cast(hidden[token_start:token_start + token_tile])
-                for start in range(0, vocab, chunk_size):
-                    cast(weight[start:start + chunk_size])
-                del hidden_chunk
+            cast_tiles(hidden, weight, chunk_size)
             del tile
             return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
                     grad_weight.to(weight.dtype) if grad_weight is not None else None,
@@ -297,14 +298,6 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _four_bit_modules(model) -> list:
-    """What bitsandbytes replaces: exactly nn.Linear, not the LM head, not an adapter."""
-    import torch
-
-    return [module for name, module in model.named_modules()
-            if type(module) is torch.nn.Linear and not name.endswith("lm_head") and ".lora_" not in name]
-
-
 def _four_bit(tracer: _Tracer, modules: list, compute_dtype) -> None:
     """bitsandbytes' 4-bit Linear layers, by their allocations (double quantization)."""
     import torch
@@ -387,7 +380,11 @@ def _optimizer_state(param, optimizer: str, shared: dict) -> tuple:
 def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
     import torch
 
-    from planner.introspect import _load_transformers, build_config
+    from planner.introspect import (
+        _load_transformers,
+        bitsandbytes_linears,
+        build_config,
+    )
 
     _load_transformers()
     from transformers import AutoModelForCausalLM
@@ -404,6 +401,8 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
             raise SimulationUnsupported("trainer trl: TRL is not installed here") from None
         add_fused_lm_head(model)  # before PEFT, as TRL's trainers add it
     method = options.method
+    # which Linear layers bitsandbytes would quantize, named as in the model it loads (before PEFT)
+    quantized = bitsandbytes_linears(model) if method == "qlora" else []
     if method != "full":
         from peft import IA3Config, LoraConfig, get_peft_model
 
@@ -418,7 +417,6 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
         if method != "full":
             model.enable_input_require_grads()
     model.train()
-    quantized = _four_bit_modules(model) if method == "qlora" else []
     quantized_weights = {id(module.weight) for module in quantized}
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in quantized_weights:

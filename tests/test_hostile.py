@@ -3,7 +3,6 @@ must not hold the server: one test per cause found by an attacker's and a new us
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 from app.main import app
 from app.model_builder import BuildLimits, SpecBuilder
 from planner.errors import PlanInputError
+from tests.live_server import serving
 
 MODEL = "meta-llama/Llama-3.1-8B"
 SMALL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -224,25 +224,11 @@ def test_the_config_cache_is_bounded_by_bytes():
 @pytest.fixture()
 def live_server(monkeypatch):
     """The real app under uvicorn, with a fresh build worker (cold: it must start and import torch)."""
-    import uvicorn
-
     from app import service
 
     monkeypatch.setattr(service, "BUILDER", SpecBuilder())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield base
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as base:
+        yield base
     service.BUILDER.shutdown()
 
 
