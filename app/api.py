@@ -17,19 +17,24 @@ from planner.advisor import advise
 from planner.catalog import catalog_ids, load_catalog_spec
 from planner.fit import fit_report
 from planner.plan import build_plan
+from planner.step_trace import single_plan_options
 
 router = APIRouter(prefix="/api/v1")
 
 
+def single_plan(spec, options):
+    return build_plan(spec, single_plan_options(spec, options))
+
+
 @router.post("/plan", summary="The memory plan, component by component", response_model=PlanResponse, responses=ERROR_RESPONSES)
 async def plan(request: PlanRequest) -> JSONResponse:
-    result = await with_spec(request, build_plan, request.options(), inline_if_quick=True)
+    result = await with_spec(request, single_plan, request.options(), inline_if_quick=True)
     return JSONResponse(result.to_dict())
 
 
 @router.post("/check", summary="Does it fit? 200 either way, with `verdict` (fits, tight, does not fit), `fits` and the band around `peak_bytes`", response_model=CheckResponse, responses=ERROR_RESPONSES)
 async def check(request: PlanRequest) -> JSONResponse:
-    result = await with_spec(request, build_plan, request.options(), inline_if_quick=True)
+    result = await with_spec(request, single_plan, request.options(), inline_if_quick=True)
     return JSONResponse(result.check_dict())
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import types
 import typing
 
 from pydantic import ValidationError
@@ -62,12 +63,22 @@ def _write_json(data) -> None:
     _write(json.dumps(data, allow_nan=False))
 
 
+def _is_bool(annotation) -> bool:
+    """bool, or an optional bool (None: not given, the default decides): --flag / --no-flag."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if annotation is bool:
+        return True
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1 and _is_bool(args[0])
+
+
 def _option_flags(parser: argparse.ArgumentParser, model=TrainingOptions, title: str = "plan options (JSON fields use underscores)") -> None:
     group = parser.add_argument_group(title)
     for name, info in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         annotation = info.annotation
-        if annotation is bool:
+        if _is_bool(annotation):
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
             continue
         choices = None
@@ -94,12 +105,13 @@ def _validation_message(exc: ValidationError) -> str:
 def _plan(args):
     from planner.catalog import resolve_model
     from planner.plan import build_plan
+    from planner.step_trace import single_plan_options
 
-    options = _parse_options(args)
     spec = resolve_model(args.model)
+    options = single_plan_options(spec, _parse_options(args))
     if options.simulate_allocator and sys.stderr.isatty():
         # seconds of tracing: say so, where a person is watching
-        print("tracing three training steps on the meta device to simulate the allocator...", file=sys.stderr, flush=True)
+        print("tracing two training steps on the meta device to simulate the allocator...", file=sys.stderr, flush=True)
     return spec, options, build_plan(spec, options)
 
 

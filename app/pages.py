@@ -34,6 +34,7 @@ from planner.errors import PlanInputError
 from planner.fit import fit_report
 from planner.options import TrainingOptions
 from planner.plan import DEFAULT_GPU, GIB, build_plan, resolve_gpu
+from planner.step_trace import single_plan_options
 
 ROOT = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=ROOT / "templates")
@@ -221,16 +222,22 @@ def _gpu_groups(selected: str) -> tuple[list[dict], str | None]:
 # -- planning -------------------------------------------------------------------------------------
 
 
-def _result(request_model: AdviseRequest, roots: list | None = None, base_url: str = "http://127.0.0.1:8000") -> dict:
+def _result(request_model: AdviseRequest, roots: list | None = None, base_url: str = "http://127.0.0.1:8000", defer_simulation: bool = False) -> dict:
+    """The page's result. `defer_simulation` (the live update as fields change): a plan that would
+    simulate by default uses the formula now and says `refine`, so the page asks again for the
+    simulated plan once the fields settle, instead of tracing a step for every keystroke."""
     # the planner's assumptions already say which card a line name meant and which base spec
     # an instruct variant used; a signed-in user may also plan a model directory inside the roots
     spec = resolve_web_model(request_model.model, request_model.config_json, roots=roots)
-    options = request_model.options()
+    options = single_plan_options(spec, request_model.options())
+    deferred = defer_simulation and request_model.simulate_allocator is None and options.simulate_allocator
+    if deferred:
+        options = options.model_copy(update={"simulate_allocator": False})
     plan = build_plan(spec, options)
     # the fit searches and the fixes: the very object POST /api/v1/fit returns. A simulated
     # allocator traces each candidate for seconds (an 8B search: over a minute), so the page
     # searches with the formula's band, and says so; `vramplan fit --simulate-allocator` does not
-    searched = options.model_copy(update={"simulate_allocator": False})
+    searched = options.model_copy(update={"simulate_allocator": None if request_model.simulate_allocator is None else False})
     fit = fit_report(spec, searched)
     plan_dict = plan.to_dict()
     result = {
@@ -241,6 +248,7 @@ def _result(request_model: AdviseRequest, roots: list | None = None, base_url: s
         "fixes": None if plan.fits else fit["fixes"],
         "advice": advise(spec, request_model.task(), searched).to_dict(),
         "pasted": bool(request_model.config_json and request_model.config_json.strip()),
+        "refine": bool(deferred and plan.could_simulate),
     }
     result["reproduce"] = reproduce(request_model, plan_dict, base_url)
     result["markdown"] = markdown_summary(result)
@@ -291,14 +299,16 @@ def markdown_summary(result: dict) -> str:
 
 
 def _render_index(request: Request, params: dict, fragment: bool, status_code: int | None = None) -> HTMLResponse:
-    """The form page, or (fragment) the result alone with the bits of the page it updates."""
+    """The form page, or (fragment) the result alone with the bits of the page it updates. A fragment
+    asked for as fields change is planned with the formula and refined after (`refine=1`)."""
     from app.runs_pages import launch_block, local_roots
 
+    refining = params.pop("refine", None) == "1"
     parsed, raw, errors = _request_from(params)
     result = None
     if parsed is not None:
         try:
-            result = _result(parsed, local_roots(request), str(request.base_url))
+            result = _result(parsed, local_roots(request), str(request.base_url), defer_simulation=fragment and not refining)
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
     shown = _shown(raw)
@@ -443,9 +453,16 @@ async def index_post(request: Request):
 # -- compare and matrix -------------------------------------------------------------------------
 
 
+def _formula_unless_asked(options: TrainingOptions) -> TrainingOptions:
+    """A view of many plans (compare, matrix) takes the calibrated formula's reserve unless the
+    simulation was asked for: a trace per cell would take minutes. It is said in the options, so
+    each cell is what the API returns for them."""
+    return options if options.simulate_allocator is not None else options.model_copy(update={"simulate_allocator": False})
+
+
 def _compare_rows(parsed: AdviseRequest) -> list[dict]:
     spec = resolve_web_model(parsed.model, parsed.config_json)
-    options = parsed.options()
+    options = _formula_unless_asked(parsed.options())
     # every method plans on the same card: a name that matches none (or several) is one error
     # for the page, raised here, not the same message in each method's row
     resolve_gpu(options)
@@ -493,7 +510,8 @@ def _compare_data(params: dict) -> tuple[list[dict], dict, list[dict]]:
 
 @router.get("/compare.json", include_in_schema=False)
 def compare_json(request: Request):
-    """/compare's JSON twin: each method's plan, as POST /api/v1/plan returns it with that method."""
+    """/compare's JSON twin: each method's plan, as POST /api/v1/plan returns it with that method (and
+    simulate_allocator false unless the page was asked to simulate)."""
     rows, raw, errors = _compare_data(dict(request.query_params))
     if errors:
         return _json_errors(errors)
@@ -520,7 +538,7 @@ def _matrix_data(params: dict) -> tuple[list[dict], list[dict], dict, list[dict]
     table = []
     gpus = [{"label": label, "name": find_gpu(label).name} for label in MATRIX_GPUS]
     if parsed is not None:
-        options = parsed.options()
+        options = _formula_unless_asked(parsed.options())
         for model_id in MATRIX_MODELS:
             spec = load_catalog_spec(model_id)
             cells = []
@@ -537,7 +555,8 @@ def _matrix_data(params: dict) -> tuple[list[dict], list[dict], dict, list[dict]
 
 @router.get("/matrix.json", include_in_schema=False)
 def matrix_json(request: Request):
-    """/matrix's JSON twin: for each model and GPU, what POST /api/v1/check returns for it."""
+    """/matrix's JSON twin: for each model and GPU, what POST /api/v1/check returns for it (with
+    simulate_allocator false unless the page was asked to simulate)."""
     table, gpus, raw, errors, _ = _matrix_data(dict(request.query_params))
     if errors:
         return _json_errors(errors)

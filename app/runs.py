@@ -263,6 +263,7 @@ class RunsRuntime:
         """(plan, Prepared): the dry run. Blocks (builds a model, loads a backend): call from a thread."""
         from launcher.registry import UnknownBackend
         from planner.plan import build_plan
+        from planner.step_trace import single_plan_options
 
         allowed = self.roots()
         model_arg, spec = resolve_launch_model(request.model, allowed)
@@ -273,7 +274,7 @@ class RunsRuntime:
         if request.reward_model is not None:
             changes["reward_model"] = _path_or_hub("reward_model", request.reward_model, allowed)
         settings = request.settings(**changes)
-        plan = build_plan(spec, request.options(device))
+        plan = build_plan(spec, single_plan_options(spec, request.options(device)))
         try:
             prepared = self.supervisor().prepare(plan, model_arg, settings, backend=request.backend, backend_options=request.backend_options,
                                                  device=device, gpus=tuple(request.gpus))

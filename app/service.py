@@ -13,12 +13,13 @@ import time
 
 from pydantic import ConfigDict, Field, model_validator
 
+from app.model_builder import BuildLimits, SpecBuilder
 from planner.advisor import Task
 from planner.catalog import closest_ids, find_catalog_model
 from planner.errors import PlanInputError
-from app.model_builder import BuildLimits, SpecBuilder
 from planner.options import TrainingOptions
 from planner.spec import ModelSpec
+from planner.step_trace import simulation_by_default
 
 MAX_CONFIG_TEXT = 40 * 1024  # published config.json files are 1-6 KiB
 # A plan request is a few hundred bytes. The body may hold the longest config text even with
@@ -112,9 +113,11 @@ class QuickShapes:
     @staticmethod
     def shape(request: PlanRequest) -> tuple:
         targets = request.lora_targets if isinstance(request.lora_targets, str) else tuple(request.lora_targets)
-        # a simulated allocator traces a whole step (seconds): never on the loop
+        # a simulated allocator traces a whole step (seconds), and its batch and sequence change the
+        # trace: a plan that may simulate (asked, or not asked and on by default) is never on the loop
+        may_simulate = request.simulate_allocator is True or (request.simulate_allocator is None and simulation_by_default())
         return ((request.model or "").strip().lower(), request.method, request.stage, targets, request.quantization, request.parallelism, request.trainer,
-                request.simulate_allocator)
+                may_simulate)
 
     def is_quick(self, shape: tuple) -> bool:
         return shape in self._quick and not shape[-1]

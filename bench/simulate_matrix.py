@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from planner.catalog import CONFIGS_DIR, file_stem, load_catalog_spec
     from planner.options import TrainingOptions
-    from planner.step_trace import SimulationUnsupported, simulate_step
+    from planner.step_trace import STEPS, SimulationUnsupported, simulate_step
 
     rows, started = [], time.perf_counter()
     todo = matrix()
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             "name": f"sim {model.split('/')[-1]} {options['method']} {'gc' if options['gradient_checkpointing'] else 'no-gc'} {options['batch_size']}x{options['seq_len']}",
             "model": model, "options": options, "simulated": True,
             "measured": {"peak_allocated": simulated.peaks.peak_allocated, "peak_reserved": simulated.peaks.peak_reserved, "outside_allocator": None},
-            "metric": "planner/step_trace.py: the caching-allocator model over 3 traced steps (no GPU)",
+            "metric": f"planner/step_trace.py: the caching-allocator model over {STEPS} traced steps (no GPU)",
             "date": date,
         })
         print(f"[{index}/{len(todo)} {time.perf_counter() - started:.0f} s] {rows[-1]['name']}: reserved {simulated.peaks.peak_reserved / (1 << 30):.2f} GiB",

@@ -29,6 +29,7 @@ classes (planner/introspect.py builds them the same way).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import types
@@ -39,7 +40,7 @@ from planner.allocator import AllocatorPeaks, replay
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 
-STEPS = 3  # as the measured runs: the first allocates the optimizer state, later ones repeat the second
+STEPS = 2  # the first allocates the optimizer state; a third repeats the second (148 catalog steps: identical peaks, bench/results/simulated-matrix-2026-11-28.jsonl)
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace on Hopper, taken from the caching allocator
 SIMULATED_METHODS = ("full", "lora", "qlora", "dora", "ia3")
 SIMULATED_OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_8bit", "sgd", "adafactor")
@@ -51,6 +52,26 @@ EIGHT_BIT_BLOCK = 256
 # storage's free is recorded when Python collects it, which another thread's work can move:
 # a server's planning threads take turns, build and trace alike
 _TRACE_LOCK = threading.Lock()
+
+# Set to "off" on a server or in a shell where single plans should use the formula by default
+SIMULATE_ENV = "VRAMPLAN_SIMULATE_ALLOCATOR"
+# A single plan simulates by default up to this many layers: the trace's cost grows with the layers
+# (bench/simulate_cost.py); a larger model's plan can still ask for it
+AUTO_MAX_LAYERS = 100
+
+
+def simulation_by_default() -> bool:
+    return os.environ.get(SIMULATE_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def single_plan_options(spec, options: TrainingOptions) -> TrainingOptions:
+    """A single plan's options: where simulate_allocator was not given, it is on (the narrower
+    band is worth seconds for one plan), unless SIMULATE_ENV turns it off or the model has more
+    than AUTO_MAX_LAYERS layers. Searches and advice keep the formula: they plan too many
+    candidates to trace each."""
+    if options.simulate_allocator is not None:
+        return options
+    return options.model_copy(update={"simulate_allocator": simulation_by_default() and spec.num_layers <= AUTO_MAX_LAYERS})
 
 
 class SimulationUnsupported(Exception):

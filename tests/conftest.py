@@ -4,6 +4,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Starlette's test client sends Host: testserver; the app answers only to names it is given
 os.environ.setdefault("VRAMPLAN_ALLOWED_HOSTS", "localhost,127.0.0.1,::1,testserver")
+# A single plan simulates the allocator by default (seconds each): the suite plans hundreds, so it
+# uses the formula unless a test asks; tests of the default unset this (tests/test_simulate_default.py)
+os.environ.setdefault("VRAMPLAN_SIMULATE_ALLOCATOR", "off")
 # the app makes its token and run store in the data dir at start: never the developer's own
 import tempfile  # noqa: E402
 

@@ -10,6 +10,7 @@ from app.service import MAX_BODY_BYTES
 from planner.catalog import load_catalog_spec
 from planner.options import TrainingOptions
 from planner.plan import build_plan
+from planner.step_trace import single_plan_options
 
 MODEL = "meta-llama/Llama-3.1-8B"
 
@@ -28,7 +29,9 @@ def test_plan_is_the_planners_plan(client):
     body = {"model": MODEL, "method": "qlora", "gpu": "RTX 4000 Ada", "seq_len": 1024}
     response = client.post("/api/v1/plan", json=body)
     assert response.status_code == 200
-    expected = build_plan(load_catalog_spec(MODEL), TrainingOptions(method="qlora", gpu="RTX 4000 Ada", seq_len=1024)).to_dict()
+    spec = load_catalog_spec(MODEL)
+    # a single plan's defaults (the allocator simulated unless VRAMPLAN_SIMULATE_ALLOCATOR=off, as here)
+    expected = build_plan(spec, single_plan_options(spec, TrainingOptions(method="qlora", gpu="RTX 4000 Ada", seq_len=1024))).to_dict()
     assert response.json() == json.loads(json.dumps(expected))
     assert response.json()["peak_bytes"] == sum(c["bytes"] for c in response.json()["components"])
 

@@ -274,3 +274,26 @@ def test_axe_finds_nothing_serious_in_the_dark_theme(server, browser, name):
     bad = serious_axe_findings(context.new_page(), server + AXE_PAGES[name])
     context.close()
     assert not bad, "\n".join(f"{v['impact']} {v['id']} ({v['help']}): {v['nodes']}" for v in bad)
+
+
+def test_the_live_form_answers_at_once_then_refines_with_the_simulated_allocator(server, browser, monkeypatch):
+    """A plan simulates the allocator by default (seconds): as fields change, the page shows the
+    formula's plan at once, says the simulation is coming, then swaps the simulated plan in; a
+    change made meanwhile wins over the refinement of the fields before it."""
+    monkeypatch.delenv("VRAMPLAN_SIMULATE_ALLOCATOR", raising=False)
+    simulated = "simulated over this run's allocations"
+    page = browser.new_page(viewport={"width": 1200, "height": 1400})
+    page.goto(f"{server}/?" + urlencode({"model": "Qwen/Qwen2.5-0.5B", "method": "lora", "trainer": "hf", "gpu": "L4", "batch_size": "2", "seq_len": "256"}))
+    page.wait_for_function("() => window.htmx !== undefined", timeout=10_000)
+    assert simulated in page.locator("#assumptions").inner_text()
+    page.fill("#f-seq_len", "512")
+    page.wait_for_function("() => document.querySelector('#refining') !== null", timeout=15_000)
+    assert simulated not in page.locator("#assumptions").inner_text()
+    page.fill("#f-seq_len", "1024")
+    page.wait_for_function("() => location.search.includes('seq_len=1024')", timeout=15_000)
+    page.wait_for_function("() => document.querySelector('#refining') === null && "
+                           "document.querySelector('#assumptions').innerText.includes(\"simulated over this run's allocations\")", timeout=60_000)
+    page.wait_for_timeout(1500)  # a late answer for 512 tokens would land now
+    assert "--seq-len 1024" in page.locator("#cli-command").inner_text()
+    assert simulated in page.locator("#assumptions").inner_text() and page.locator("#refining").count() == 0
+    page.close()

@@ -159,22 +159,28 @@ def test_the_plan_pages_json_twin_is_the_apis_objects(client):
 
 def test_the_compare_pages_json_twin_is_the_apis_plans(client):
     params = {"model": "meta-llama/Llama-3.1-8B", "gpu": "RTX 4090"}
-    link = Page(client.get("/compare", params=params).text).attrs["json-link"]["href"]
+    page = Page(client.get("/compare", params=params).text)
+    link = page.attrs["json-link"]["href"]
     assert link == "/compare.json?model=meta-llama/Llama-3.1-8B&gpu=RTX+4090"
+    assert "reserve and band come from the calibrated formula" in page.words("compare-formula")
     twin = client.get(link).json()
     assert [m["method"] for m in twin["methods"]] == list(pages.COMPARE_METHODS)
     for row in twin["methods"]:
-        assert row["plan"] == client.post("/api/v1/plan", json=params | {"method": row["method"]}).json()
+        # a view of four plans uses the formula (a trace each would take long), and says so in each plan
+        assert row["plan"]["options"]["simulate_allocator"] is False and row["plan"]["could_simulate"] is True
+        assert row["plan"] == client.post("/api/v1/plan", json=params | {"method": row["method"], "simulate_allocator": False}).json()
 
 
 def test_the_matrix_pages_json_twin_is_the_apis_checks(client):
-    link = Page(client.get("/matrix", params={"method": "qlora"}).text).attrs["json-link"]["href"]
+    page = Page(client.get("/matrix", params={"method": "qlora"}).text)
+    link = page.attrs["json-link"]["href"]
+    assert "Reserves and bands from the calibrated formula" in page.words("matrix-formula")
     assert link.startswith("/matrix.json?") and "method=qlora" in link
     twin = client.get(link).json()
     assert [row["model"] for row in twin["models"]] == list(pages.MATRIX_MODELS)
     for row in (twin["models"][0], twin["models"][-1]):
         for cell in (row["checks"][0], row["checks"][-1]):
-            api = client.post("/api/v1/check", json={"model": row["model"], "method": "qlora", "gpu": cell["gpu"]["name"]}).json()
+            api = client.post("/api/v1/check", json={"model": row["model"], "method": "qlora", "gpu": cell["gpu"]["name"], "simulate_allocator": False}).json()
             assert cell == api
 
 

@@ -1,0 +1,105 @@
+"""A single plan simulates the allocator by default (planner/step_trace.single_plan_options): the
+API's plan and check, the CLI's plan and check, the page and a launch. Searches and advice keep the
+formula, and VRAMPLAN_SIMULATE_ALLOCATOR=off turns the default off (the rest of the suite runs so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from planner.catalog import load_catalog_spec
+from planner.options import TrainingOptions
+from planner.plan import build_plan
+from planner.step_trace import AUTO_MAX_LAYERS, SIMULATE_ENV, single_plan_options
+
+# imported here, not in a test: it imports conftest, whose setdefault must not run after a fixture
+from tests.test_pages import Page
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = {"model": "Qwen/Qwen2.5-0.5B", "method": "lora", "batch_size": 2, "seq_len": 256, "trainer": "hf", "gpu": "L4"}
+SIMULATED_NOTE = "simulated over this run's allocations traced on the meta device"
+
+
+@pytest.fixture
+def default_on(monkeypatch):
+    monkeypatch.delenv(SIMULATE_ENV, raising=False)
+
+
+@pytest.fixture
+def client():
+    from app.main import app
+
+    with TestClient(app) as c:
+        yield c
+
+
+def test_the_option_left_unset_simulates_one_plan_but_not_the_planner_core(default_on):
+    spec = load_catalog_spec(SMALL["model"])
+    given = TrainingOptions(**{k: v for k, v in SMALL.items() if k != "model"})
+    assert given.simulate_allocator is None
+    assert single_plan_options(spec, given).simulate_allocator is True
+    # what the user said wins, either way
+    assert single_plan_options(spec, given.model_copy(update={"simulate_allocator": False})).simulate_allocator is False
+    # searches and advice call build_plan with the option unset: the formula, one plan per candidate
+    assert build_plan(spec, given).reserve_source == "formula"
+
+
+def test_the_largest_models_and_the_environment_keep_the_formula(default_on, monkeypatch):
+    spec = load_catalog_spec("meta-llama/Llama-3.1-405B")
+    assert spec.num_layers > AUTO_MAX_LAYERS
+    assert single_plan_options(spec, TrainingOptions(method="qlora")).simulate_allocator is False
+    assert single_plan_options(spec, TrainingOptions(method="qlora", simulate_allocator=True)).simulate_allocator is True
+    monkeypatch.setenv(SIMULATE_ENV, "off")
+    assert single_plan_options(load_catalog_spec(SMALL["model"]), TrainingOptions()).simulate_allocator is False
+
+
+def test_the_api_check_simulates_by_default_with_the_narrower_band(default_on, client):
+    simulated = client.post("/api/v1/check", json=SMALL).json()
+    formula = client.post("/api/v1/check", json={**SMALL, "simulate_allocator": False}).json()
+    assert (simulated["reserve_source"], formula["reserve_source"]) == ("simulated", "formula")
+    width = simulated["peak_high_bytes"] - simulated["peak_low_bytes"]
+    assert width < 0.6 * (formula["peak_high_bytes"] - formula["peak_low_bytes"])
+    assert width <= 0.15 * simulated["peak_bytes"]
+    plan = client.post("/api/v1/plan", json=SMALL).json()
+    assert plan["reserve_source"] == "simulated" and plan["options"]["simulate_allocator"] is True and plan["could_simulate"] is False
+    assert client.post("/api/v1/plan", json={**SMALL, "simulate_allocator": False}).json()["could_simulate"] is True
+    assert any(SIMULATED_NOTE in a for a in plan["assumptions"])
+
+
+def test_a_plan_the_trace_cannot_stand_in_for_says_why_and_keeps_the_formula(default_on, client):
+    plan = client.post("/api/v1/plan", json={**SMALL, "num_gpus": 2, "parallelism": "zero3"}).json()
+    assert plan["reserve_source"] == "formula"
+    assert any("no simulation: one GPU without offload only" in a for a in plan["assumptions"])
+
+
+def test_the_cli_simulates_by_default_and_no_simulate_allocator_turns_it_off(default_on):
+    env = {k: v for k, v in os.environ.items() if k != SIMULATE_ENV}
+    args = [sys.executable, "-m", "app.cli", "plan", SMALL["model"], "--method", "lora", "--batch-size", "2", "--seq-len", "256",
+            "--trainer", "hf", "--gpu", "L4", "--json"]
+    simulated = json.loads(subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout)
+    formula = json.loads(subprocess.run([*args, "--no-simulate-allocator"], capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout)
+    assert (simulated["reserve_source"], formula["reserve_source"]) == ("simulated", "formula")
+
+
+def test_the_page_simulates_and_its_live_update_refines_after_a_formula_answer(default_on, client):
+    params = {k: str(v) for k, v in SMALL.items()}
+    # without JavaScript the submitted form is one request: it simulates
+    page = Page(client.get("/", params=params).text)
+    assert SIMULATED_NOTE in page.words("assumptions")
+    # as fields change, htmx gets the formula's plan at once and a request for the simulated one
+    live = client.get("/result", params=params, headers={"HX-Request": "true"}).text
+    assert "refine=1" in live and SIMULATED_NOTE not in Page(live).words("assumptions")
+    assert "until then the reserve and the band are the calibrated formula" in Page(live).words("refining")
+    refined = client.get("/result", params={**params, "refine": "1"}, headers={"HX-Request": "true"})
+    assert 'id="refining"' not in refined.text and SIMULATED_NOTE in Page(refined.text).words("assumptions")
+    assert "refine" not in refined.headers["HX-Push-Url"]
+    # a formula asked for is not refined
+    asked = client.get("/result", params={**params, "simulate_allocator": "false"}, headers={"HX-Request": "true"}).text
+    assert 'id="refining"' not in asked and SIMULATED_NOTE not in Page(asked).words("assumptions")
