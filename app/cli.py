@@ -166,7 +166,7 @@ def cmd_check(args) -> int:
             why += " (--simulate-allocator narrows the band, in seconds)"
         _write(
             f"{plan.verdict}: {plan.model_name} needs {plan.peak_bytes / GIB:.2f} GiB per GPU "
-            f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}); "
+            f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}{', allocator simulated' if plan.reserve_source == 'simulated' else ''}); "
             f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.name} "
             f"({plan.options.headroom:.0%} headroom kept){why}"
         )

@@ -29,6 +29,8 @@ classes (planner/introspect.py builds them the same way).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import threading
 import time
@@ -99,7 +101,17 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         return "quantization other than QLoRA's 4-bit base"
     if options.attention not in ("sdpa", "eager"):
         return f"attention {options.attention}"
+    missing = [name for name in ("torch", "transformers", "peft", *(("trl",) if options.trainer == "trl" else ())) if not _installed(name)]
+    if missing:
+        extra = "launch" if "trl" in missing else "introspect"
+        return f"{', '.join(missing)} not installed here (pip install 'vramplan[{extra}]')"
     return None
+
+
+@functools.cache
+def _installed(package: str) -> bool:
+    # found, not imported: a plan without the trace must not pay for importing torch
+    return importlib.util.find_spec(package) is not None
 
 
 class _Tracer:

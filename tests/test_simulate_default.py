@@ -64,6 +64,9 @@ def test_the_api_check_simulates_by_default_with_the_narrower_band(default_on, c
     simulated = client.post("/api/v1/check", json=SMALL).json()
     formula = client.post("/api/v1/check", json={**SMALL, "simulate_allocator": False}).json()
     assert (simulated["reserve_source"], formula["reserve_source"]) == ("simulated", "formula")
+    line = subprocess.run([*args[:3], "check", *args[4:-1]], capture_output=True, text=True, cwd=ROOT, env=env).stdout
+    low, high = (f"{simulated[k] / 2**30:.2f}" for k in ("peak_low_bytes", "peak_high_bytes"))
+    assert f"(band {low}-{high}, allocator simulated)" in line
     width = simulated["peak_high_bytes"] - simulated["peak_low_bytes"]
     assert width < 0.6 * (formula["peak_high_bytes"] - formula["peak_low_bytes"])
     assert width <= 0.15 * simulated["peak_bytes"]
