@@ -62,7 +62,7 @@ from planner.runtime import (
 from planner.spec import ModelSpec
 from planner.stages import stage_components
 from planner.static_memory import static_components
-from planner.step_trace import SimulatedStep, simulated_for
+from planner.step_trace import SimulatedStep, model_unsupported_reason, simulated_for
 from planner.trainable import parameter_counts, trainable_tensors
 from planner.versions import MODELLED_VERSIONS
 
@@ -126,6 +126,8 @@ class Plan:
     assumptions: tuple[str, ...] = field(default=())
     # where the allocator's reserve came from: the calibrated "formula", or "simulated" (step_trace)
     reserve_source: str = "formula"
+    # the model can be traced (not a mixture of experts): with supported options, it could be simulated
+    model_traceable: bool = True
 
     @property
     def peak_bytes(self) -> int:
@@ -155,7 +157,7 @@ class Plan:
         """The formula gave the reserve, and the trace could simulate it for a narrower band."""
         from planner.step_trace import unsupported_reason
 
-        return self.reserve_source == "formula" and unsupported_reason(self.options) is None
+        return self.reserve_source == "formula" and self.model_traceable and unsupported_reason(self.options) is None
 
     @property
     def verdict(self) -> str:
@@ -425,4 +427,5 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         phase_totals=totals,
         assumptions=tuple(assumptions),
         reserve_source=reserve_source,
+        model_traceable=model_unsupported_reason(spec) is None,
     )

@@ -69,11 +69,12 @@ def simulation_by_default() -> bool:
 def single_plan_options(spec, options: TrainingOptions) -> TrainingOptions:
     """A single plan's options: where simulate_allocator was not given, it is on (the narrower
     band is worth seconds for one plan), unless SIMULATE_ENV turns it off or the model has more
-    than AUTO_MAX_LAYERS layers. Searches and advice keep the formula: they plan too many
-    candidates to trace each."""
+    than AUTO_MAX_LAYERS layers or cannot be traced (model_unsupported_reason). Searches and advice
+    keep the formula: they plan too many candidates to trace each."""
     if options.simulate_allocator is not None:
         return options
-    return options.model_copy(update={"simulate_allocator": simulation_by_default() and spec.num_layers <= AUTO_MAX_LAYERS})
+    return options.model_copy(update={"simulate_allocator": simulation_by_default() and spec.num_layers <= AUTO_MAX_LAYERS
+                                      and model_unsupported_reason(spec) is None})
 
 
 class SimulationUnsupported(Exception):
@@ -105,6 +106,15 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
     if missing:
         extra = "launch" if "trl" in missing else "introspect"
         return f"{', '.join(missing)} not installed here (pip install 'vramplan[{extra}]')"
+    return None
+
+
+def model_unsupported_reason(spec) -> str | None:
+    """Why this model's step cannot be traced whatever the options, or None."""
+    if spec.num_experts:
+        # on the meta device there are no router scores to pick experts with (tried: the step
+        # fails after seconds, in the experts' index ops)
+        return "a mixture-of-experts model: which experts take each token depends on real router scores, which the meta device has none of"
     return None
 
 
@@ -295,7 +305,11 @@ class _CudaStandIns:
 
         def flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
             if attn_mask is not None:
-                raise SimulationUnsupported("an attention mask (the trace has no padding)")
+                # the trace has no padding: a mask comes from a sliding window no longer than the
+                # sequence. SDPA then runs a masked kernel (memory-efficient or cuDNN on CUDA, which
+                # of them not known here) and keeps a converted mask for backward: unmeasured
+                raise SimulationUnsupported("an attention mask, from a sliding window no longer than the sequence: SDPA's masked kernels "
+                                            "have no stand-in yet (not measured on a GPU)")
             return self.flash.apply(self.cast(q), self.cast(k), self.cast(v))
 
         F.linear, F.dropout, F.scaled_dot_product_attention, torch.matmul = cast_linear, fused_dropout, flash_sdpa, cast_matmul
@@ -534,6 +548,10 @@ def _config_for(spec) -> dict:
 def simulated_for(spec, options: TrainingOptions, config: dict | None = None) -> SimulatedStep | str:
     """The simulation of this plan's run, or why there is none. Memoized on the spec: a page
     re-plans the same options for its charts and exports."""
+
+    refused = model_unsupported_reason(spec)
+    if refused is not None:
+        return refused
 
     def compute():
         try:

@@ -106,3 +106,12 @@ def test_the_page_simulates_and_its_live_update_refines_after_a_formula_answer(d
     # a formula asked for is not refined
     asked = client.get("/result", params={**params, "simulate_allocator": "false"}, headers={"HX-Request": "true"}).text
     assert 'id="refining"' not in asked and SIMULATED_NOTE not in Page(asked).words("assumptions")
+
+
+def test_a_mixture_of_experts_keeps_the_formula_at_once_and_says_why(default_on):
+    spec = load_catalog_spec("Qwen/Qwen3-30B-A3B")
+    options = TrainingOptions(method="qlora", lora_dropout=0.0, batch_size=1, seq_len=1024)
+    assert single_plan_options(spec, options).simulate_allocator is False
+    plan = build_plan(spec, options.model_copy(update={"simulate_allocator": True}))
+    assert plan.reserve_source == "formula" and plan.could_simulate is False
+    assert any("no simulation: a mixture-of-experts model" in a for a in plan.assumptions)
