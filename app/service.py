@@ -18,8 +18,9 @@ from planner.advisor import Task
 from planner.catalog import closest_ids, find_catalog_model
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
+from planner.plan import plan_is_quick
 from planner.spec import ModelSpec
-from planner.step_trace import simulation_by_default
+from planner.step_trace import single_plan_options
 
 MAX_CONFIG_TEXT = 40 * 1024  # published config.json files are 1-6 KiB
 # A plan request is a few hundred bytes. The body may hold the longest config text even with
@@ -113,14 +114,10 @@ class QuickShapes:
     @staticmethod
     def shape(request: PlanRequest) -> tuple:
         targets = request.lora_targets if isinstance(request.lora_targets, str) else tuple(request.lora_targets)
-        # a simulated allocator traces a whole step (seconds), and its batch and sequence change the
-        # trace: a plan that may simulate (asked, or not asked and on by default) is never on the loop
-        may_simulate = request.simulate_allocator is True or (request.simulate_allocator is None and simulation_by_default())
-        return ((request.model or "").strip().lower(), request.method, request.stage, targets, request.quantization, request.parallelism, request.trainer,
-                may_simulate)
+        return ((request.model or "").strip().lower(), request.method, request.stage, targets, request.quantization, request.parallelism, request.trainer)
 
     def is_quick(self, shape: tuple) -> bool:
-        return shape in self._quick and not shape[-1]
+        return shape in self._quick
 
     def measured(self, shape: tuple, seconds: float) -> None:
         if seconds < self.INLINE_MAX_S:
@@ -135,8 +132,9 @@ QUICK_SHAPES = QuickShapes()
 async def with_spec(request: PlanRequest, func, *args, inline_if_quick: bool = False):
     """`func(spec, *args)` for the request's model, off the loop: a catalog spec is looked up in
     the planning thread itself; a pasted config is built by the worker first, waited for on a
-    thread of its own. With `inline_if_quick` (plan and check), a catalog plan of a shape
-    measured quick runs on the loop (QuickShapes)."""
+    thread of its own. With `inline_if_quick` (plan and check: `func(spec, options)`), a catalog
+    plan of a shape measured quick runs on the loop (QuickShapes), unless it would trace a step:
+    a simulation's batch and sequence change the trace, so only one already memoized is quick."""
     if request.config_json and request.config_json.strip():
         spec = await off_loop(resolve_web_model, None, request.config_json, executor=BUILD_THREADS)
         return await off_loop(func, spec, *args)
@@ -144,7 +142,9 @@ async def with_spec(request: PlanRequest, func, *args, inline_if_quick: bool = F
         return await off_loop(lambda: func(resolve_web_model(request.model), *args))
     shape = QUICK_SHAPES.shape(request)
     if QUICK_SHAPES.is_quick(shape):
-        return func(resolve_web_model(request.model), *args)
+        spec = resolve_web_model(request.model)
+        if plan_is_quick(spec, single_plan_options(spec, args[0])):
+            return func(spec, *args)
 
     def timed():
         spec = resolve_web_model(request.model)

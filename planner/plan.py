@@ -62,7 +62,12 @@ from planner.runtime import (
 from planner.spec import ModelSpec
 from planner.stages import stage_components
 from planner.static_memory import static_components
-from planner.step_trace import SimulatedStep, model_unsupported_reason, simulated_for
+from planner.step_trace import (
+    SimulatedStep,
+    model_unsupported_reason,
+    simulated_for,
+    simulation_memoized,
+)
 from planner.trainable import parameter_counts, trainable_tensors
 from planner.versions import MODELLED_VERSIONS
 
@@ -358,13 +363,26 @@ def _band_note(components: list[Component], simulated: bool, gradients_bytes: in
             "the verdict uses the high end")
 
 
-def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = None) -> Plan:
-    """`config`, the dict the spec was built from, lets a pasted config's run be traced when
-    `simulate_allocator` asks (a catalog model's or a config file's is found from the spec)."""
+def _on_hardware(options: TrainingOptions) -> tuple[TrainingOptions, GpuTarget, list[str]]:
+    """The options as the GPU changes them (precision, attention), the GPU, and notes saying so."""
     check_consistency(options)
     gpu, gpu_notes = resolve_gpu(options)
     options, hardware_notes = apply_hardware_rules(options, gpu.name, gpu.compute_capability, gpu.vendor)
-    gpu_notes += hardware_notes
+    return options, gpu, gpu_notes + hardware_notes
+
+
+def plan_is_quick(spec: ModelSpec, options: TrainingOptions, config: dict | None = None) -> bool:
+    """build_plan will not trace a step: no simulation asked, or it is memoized (or refused at
+    once). Raises what build_plan raises for options it refuses."""
+    if not options.simulate_allocator:
+        return True
+    return simulation_memoized(spec, _on_hardware(options)[0], config)
+
+
+def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = None) -> Plan:
+    """`config`, the dict the spec was built from, lets a pasted config's run be traced when
+    `simulate_allocator` asks (a catalog model's or a config file's is found from the spec)."""
+    options, gpu, gpu_notes = _on_hardware(options)
     static = static_components(spec, options)
     per_gpu = per_gpu_static(static, spec, options)
     trained_static = sum(c.bytes for c in per_gpu if c.family in ("weights", "gradients", "optimizer_state"))

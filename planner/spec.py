@@ -126,6 +126,9 @@ class ModelSpec:
             memo[key] = compute()
         return memo[key]
 
+    def is_memoized(self, key: tuple) -> bool:
+        return key in self.__dict__.get("_memo", {})
+
     @property
     def total_params(self) -> int:
         return self.memoized(("total_params",), lambda: sum(t.numel for t in self.tensors))

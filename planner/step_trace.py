@@ -560,6 +560,16 @@ def simulated_for(spec, options: TrainingOptions, config: dict | None = None) ->
         except SimulationUnsupported as exc:
             return str(exc)
 
+    return spec.memoized(_simulation_key(options, config), compute)
+
+
+def _simulation_key(options: TrainingOptions, config: dict | None) -> tuple:
     # the GPU and the headroom do not change the step: a cheapest-GPU search traces it once
     traced = options.model_dump_json(exclude={"gpu", "gpu_memory_gib", "headroom"})
-    return spec.memoized(("simulated_step", traced, repr(sorted(config.items())) if config else None), compute)
+    return ("simulated_step", traced, repr(sorted(config.items())) if config else None)
+
+
+def simulation_memoized(spec, options: TrainingOptions, config: dict | None = None) -> bool:
+    """simulated_for returns at once: the trace was memoized, or is refused before it starts."""
+    return (model_unsupported_reason(spec) is not None or unsupported_reason(options) is not None
+            or spec.is_memoized(_simulation_key(options, config)))

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from planner.catalog import load_catalog_spec
 from planner.options import TrainingOptions
-from planner.plan import build_plan
+from planner.plan import build_plan, plan_is_quick
 from planner.step_trace import AUTO_MAX_LAYERS, SIMULATE_ENV, single_plan_options
 
 # imported here, not in a test: it imports conftest, whose setdefault must not run after a fixture
@@ -64,9 +64,6 @@ def test_the_api_check_simulates_by_default_with_the_narrower_band(default_on, c
     simulated = client.post("/api/v1/check", json=SMALL).json()
     formula = client.post("/api/v1/check", json={**SMALL, "simulate_allocator": False}).json()
     assert (simulated["reserve_source"], formula["reserve_source"]) == ("simulated", "formula")
-    line = subprocess.run([*args[:3], "check", *args[4:-1]], capture_output=True, text=True, cwd=ROOT, env=env).stdout
-    low, high = (f"{simulated[k] / 2**30:.2f}" for k in ("peak_low_bytes", "peak_high_bytes"))
-    assert f"(band {low}-{high}, allocator simulated)" in line
     width = simulated["peak_high_bytes"] - simulated["peak_low_bytes"]
     assert width < 0.6 * (formula["peak_high_bytes"] - formula["peak_low_bytes"])
     assert width <= 0.15 * simulated["peak_bytes"]
@@ -89,6 +86,10 @@ def test_the_cli_simulates_by_default_and_no_simulate_allocator_turns_it_off(def
     simulated = json.loads(subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout)
     formula = json.loads(subprocess.run([*args, "--no-simulate-allocator"], capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout)
     assert (simulated["reserve_source"], formula["reserve_source"]) == ("simulated", "formula")
+    # the one-line check says the band is the simulated plan's
+    line = subprocess.run([*args[:3], "check", *args[4:-1]], capture_output=True, text=True, cwd=ROOT, env=env, check=False).stdout
+    low, high = (f"{simulated[k] / 2**30:.2f}" for k in ("peak_low_bytes", "peak_high_bytes"))
+    assert f"(band {low}-{high}, allocator simulated)" in line
 
 
 def test_the_page_simulates_and_its_live_update_refines_after_a_formula_answer(default_on, client):
@@ -115,3 +116,27 @@ def test_a_mixture_of_experts_keeps_the_formula_at_once_and_says_why(default_on)
     plan = build_plan(spec, options.model_copy(update={"simulate_allocator": True}))
     assert plan.reserve_source == "formula" and plan.could_simulate is False
     assert any("no simulation: a mixture-of-experts model" in a for a in plan.assumptions)
+
+
+def test_a_simulated_plan_is_quick_only_once_its_trace_is_memoized(default_on):
+    """The API runs a plan on the event loop only when it is quick (app/service.py QuickShapes):
+    a simulation not yet traced must go to a thread, whatever its shape's earlier plans cost."""
+    spec = load_catalog_spec(SMALL["model"])
+    options = single_plan_options(spec, TrainingOptions(method="lora", batch_size=3, seq_len=192, trainer="hf", gpu="L4"))
+    assert options.simulate_allocator and not plan_is_quick(spec, options)
+    assert plan_is_quick(spec, options.model_copy(update={"simulate_allocator": False}))
+    build_plan(spec, options)
+    assert plan_is_quick(spec, options)
+    # another card does not change the step, another batch does
+    assert plan_is_quick(spec, options.model_copy(update={"gpu": "H100 SXM"}))
+    assert not plan_is_quick(spec, options.model_copy(update={"batch_size": 4}))
+
+
+def test_a_tight_live_answer_says_the_simulation_is_narrowing_its_band(default_on, client):
+    spec = load_catalog_spec(SMALL["model"])
+    formula = build_plan(spec, TrainingOptions(**{k: v for k, v in SMALL.items() if k not in ("model", "gpu")}, gpu_memory_gib=80, simulate_allocator=False))
+    usable_gib = (formula.peak_low_bytes + formula.peak_high_bytes) / 2 / (1 - formula.options.headroom) / 2**30
+    params = {**{k: str(v) for k, v in SMALL.items() if k != "gpu"}, "gpu_memory_gib": repr(usable_gib)}
+    words = Page(client.get("/result", params=params, headers={"HX-Request": "true"}).text).words("verdict")
+    assert words.startswith("⚠ Tight") and "simulating the allocator to narrow the band" in words
+    assert "Allocator reserve › simulated narrows the band" not in words
