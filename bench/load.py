@@ -229,6 +229,16 @@ def _cpu() -> str:
     return platform.processor()
 
 
+def _timed_plan(port: int) -> float:
+    """Seconds for one POST of BODY on a fresh connection (any worker may take it)."""
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection.request("POST", "/api/v1/plan", body=json.dumps(BODY), headers={"Content-Type": "application/json"})
+    connection.getresponse().read()
+    connection.close()
+    return time.perf_counter() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=15)
@@ -251,6 +261,11 @@ def main() -> int:
         warm = Hostile(server.port)
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: warm.post_once(), range(16)))
+            # a plan simulates the allocator by default: each worker traces BODY's step once
+            # (seconds, with torch's import), then answers it from memory
+            deadline = time.time() + 180
+            while max(pool.map(lambda _: _timed_plan(server.port), range(8))) > 1.0 and time.time() < deadline:
+                pass
         wrk(server.url, script.name, 8, 3, args.threads)
         if "c32" in wanted:
             scenarios["c32"] = {"connections": 32, **wrk(server.url, script.name, 32, args.seconds, args.threads)}

@@ -128,6 +128,9 @@ def _usual(hits: list[GPU]) -> GPU:
     return by_name.get(usual) or max(hits, key=lambda g: g.memory_mib)
 
 
+# a plan resolves its GPU's name every time (the API's hot path: a fifth of a quick plan);
+# bounded, since the names are user input
+@lru_cache(maxsize=512)
 def lookup_gpu(query: str) -> GpuMatch:
     """Exact name or alias first (spaces, hyphens and case aside); then the cards whose names hold
     every word of the query: one card is the answer, one line of cards gives its usual variant
