@@ -54,6 +54,12 @@ EIGHT_BIT_BLOCK = 256
 # storage's free is recorded when Python collects it, which another thread's work can move:
 # a server's planning threads take turns, build and trace alike
 _TRACE_LOCK = threading.Lock()
+# A trace holds its planning thread for seconds while the others wait their turn: past this many
+# traces running or waiting, a plan keeps the formula at once (not memoized: the next ask traces)
+# rather than queue, so a server's planning threads are never all waiting on traces
+MAX_TRACES_IN_LINE = 3
+_in_line = 0
+_in_line_lock = threading.Lock()
 
 # Set to "off" on a server or in a shell where single plans should use the formula by default
 SIMULATE_ENV = "VRAMPLAN_SIMULATE_ALLOCATOR"
@@ -79,6 +85,10 @@ def single_plan_options(spec, options: TrainingOptions) -> TrainingOptions:
 
 class SimulationUnsupported(Exception):
     """The options ask for something the trace does not stand in for; the reason says what."""
+
+
+class TracesBusy(Exception):
+    """Too many traces are running or waiting in this process (MAX_TRACES_IN_LINE)."""
 
 
 @dataclass(frozen=True)
@@ -474,11 +484,20 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
 
 def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) -> SimulatedStep:
     """The allocator's peaks over `steps` training steps of this plan's run."""
+    global _in_line
     reason = unsupported_reason(options)
     if reason is not None:
         raise SimulationUnsupported(reason)
-    with _TRACE_LOCK:
-        return _simulate(config, options, steps)
+    with _in_line_lock:
+        if _in_line >= MAX_TRACES_IN_LINE:
+            raise TracesBusy(f"{_in_line} other plans are being traced here: the formula's reserve for now; ask again in a few seconds")
+        _in_line += 1
+    try:
+        with _TRACE_LOCK:
+            return _simulate(config, options, steps)
+    finally:
+        with _in_line_lock:
+            _in_line -= 1
 
 
 def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedStep:
@@ -560,7 +579,10 @@ def simulated_for(spec, options: TrainingOptions, config: dict | None = None) ->
         except SimulationUnsupported as exc:
             return str(exc)
 
-    return spec.memoized(_simulation_key(options, config), compute)
+    try:
+        return spec.memoized(_simulation_key(options, config), compute)
+    except TracesBusy as exc:
+        return str(exc)
 
 
 def _simulation_key(options: TrainingOptions, config: dict | None) -> tuple:

@@ -140,3 +140,19 @@ def test_a_tight_live_answer_says_the_simulation_is_narrowing_its_band(default_o
     words = Page(client.get("/result", params=params, headers={"HX-Request": "true"}).text).words("verdict")
     assert words.startswith("⚠ Tight") and "simulating the allocator to narrow the band" in words
     assert "Allocator reserve › simulated narrows the band" not in words
+
+
+def test_past_the_traces_in_line_a_plan_keeps_the_formula_at_once_and_the_next_ask_traces(monkeypatch):
+    """A server's planning threads must not all wait on traces: a plan that would queue behind
+    MAX_TRACES_IN_LINE others answers with the formula, says why, and is not remembered so."""
+    from planner import step_trace
+
+    spec = load_catalog_spec(SMALL["model"])
+    options = TrainingOptions(method="lora", batch_size=5, seq_len=96, trainer="hf", gpu="L4", simulate_allocator=True)
+    monkeypatch.setattr(step_trace, "_in_line", step_trace.MAX_TRACES_IN_LINE)
+    busy = build_plan(spec, options)
+    assert busy.reserve_source == "formula"
+    assert any(f"no simulation: {step_trace.MAX_TRACES_IN_LINE} other plans are being traced here" in a for a in busy.assumptions)
+    monkeypatch.setattr(step_trace, "_in_line", 0)
+    assert build_plan(spec, options).reserve_source == "simulated"
+    assert step_trace._in_line == 0  # every trace leaves the line, traced or refused
