@@ -103,7 +103,7 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 def _plan(args):
-    from planner.catalog import resolve_model
+    from planner.catalog import local_config, resolve_model
     from planner.plan import build_plan
     from planner.step_trace import single_plan_options
 
@@ -112,7 +112,7 @@ def _plan(args):
     if options.simulate_allocator and sys.stderr.isatty():
         # seconds of tracing: say so, where a person is watching
         print("tracing two training steps on the meta device to simulate the allocator...", file=sys.stderr, flush=True)
-    return spec, options, build_plan(spec, options)
+    return spec, options, build_plan(spec, options, config=local_config(args.model))
 
 
 def cmd_params(args) -> int:

@@ -61,10 +61,11 @@ def _plan(args, device: str, detect_here: bool | None = None):
 
     if detect_here is None:
         detect_here = getattr(args, "backend", "local") == "local"
+    from planner.catalog import local_config
     from planner.step_trace import single_plan_options
 
     spec = resolve_model(args.model)
-    return build_plan(spec, single_plan_options(spec, _launch_options(args, device, local=detect_here)))
+    return build_plan(spec, single_plan_options(spec, _launch_options(args, device, local=detect_here)), config=local_config(args.model))
 
 
 def _device(args) -> str:

@@ -113,6 +113,17 @@ def closest_ids(query: str, n: int = 3) -> list[str]:
     return list(dict.fromkeys(found))[:n]
 
 
+def local_config(model: str) -> dict | None:
+    """The config a local path names, as resolve_model builds its spec from it (the allocator's
+    trace needs the config too); None for a catalog id or anything else."""
+    model = model.strip()
+    if catalog_ids().get(model.lower()) is not None or not Path(model).expanduser().exists():
+        return None
+    from planner.model_config import read_config_file
+
+    return read_config_file(Path(model).expanduser())
+
+
 def resolve_model(model: str) -> ModelSpec:
     """A ModelSpec for MODEL. Catalog ids never import torch; other sources introspect."""
     if not isinstance(model, str) or not model.strip():

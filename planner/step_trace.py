@@ -545,23 +545,17 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
 
 
 def _config_for(spec) -> dict:
-    """The config a spec was built from: a catalog model's shipped config.json, or the local file
-    a path names. A pasted or hub config is not kept, so it cannot be traced."""
+    """The catalog config a catalog model's spec was built from. Anything else is traced only from
+    the config its caller passes (the CLI's config file): a spec's name is the user's to choose (a
+    pasted config may call itself a catalog id or a path on the server), so it is never looked up."""
     import json
-    from pathlib import Path
 
-    from planner.catalog import CONFIGS_DIR, catalog_ids, file_stem
+    from planner.catalog import CONFIGS_DIR, catalog_ids, file_stem, load_catalog_spec
 
     catalog_id = catalog_ids().get(spec.name.lower())
-    if catalog_id is not None:
-        config = json.loads((CONFIGS_DIR / f"{file_stem(catalog_id)}.json").read_text())
-    elif Path(spec.name).expanduser().exists():
-        from planner.model_config import read_config_file
-
-        config = read_config_file(Path(spec.name).expanduser())
-    else:
-        raise SimulationUnsupported("only a catalog model or a local config file is traced (this config was not kept)")
-    return config
+    if catalog_id is None or load_catalog_spec(catalog_id) != spec:
+        raise SimulationUnsupported("only a catalog model or a config file given to the CLI is traced (a pasted config is not kept)")
+    return json.loads((CONFIGS_DIR / f"{file_stem(catalog_id)}.json").read_text())
 
 
 def simulated_for(spec, options: TrainingOptions, config: dict | None = None) -> SimulatedStep | str:

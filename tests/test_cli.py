@@ -265,7 +265,7 @@ def test_non_finite_number_in_json_output_is_a_bug_not_invalid_json(monkeypatch,
         def to_dict(self):
             return {"peak_bytes": float("nan")}
 
-    monkeypatch.setattr(planner.plan, "build_plan", lambda spec, options: NanPlan())
+    monkeypatch.setattr(planner.plan, "build_plan", lambda spec, options, config=None: NanPlan())
     assert main(["plan", CATALOG_MODEL, "--json"]) == 3
     out = capsys.readouterr()
     assert out.out == "" and "internal error: ValueError" in out.err

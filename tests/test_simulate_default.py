@@ -20,6 +20,7 @@ from planner.plan import build_plan, plan_is_quick
 from planner.step_trace import AUTO_MAX_LAYERS, SIMULATE_ENV, single_plan_options
 
 # imported here, not in a test: it imports conftest, whose setdefault must not run after a fixture
+from tests.conftest import TINY
 from tests.test_pages import Page
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,3 +157,25 @@ def test_past_the_traces_in_line_a_plan_keeps_the_formula_at_once_and_the_next_a
     monkeypatch.setattr(step_trace, "_in_line", 0)
     assert build_plan(spec, options).reserve_source == "simulated"
     assert step_trace._in_line == 0  # every trace leaves the line, traced or refused
+
+
+@pytest.mark.parametrize("name", ["meta-llama/Llama-3.1-8B", "/etc/hostname", "/nonexistent/config.json"])
+def test_a_pasted_config_is_never_traced_as_whatever_it_calls_itself(default_on, client, name):
+    """A pasted config's name is the user's: named like a catalog model it must not be traced as
+    that model (a 2-layer toy planned at 8B's reserve), and named like a path it must not make the
+    server read that file (whose error would say it exists)."""
+    config = {**TINY["llama"], "_name_or_path": name}
+    response = client.post("/api/v1/plan", json={"config_json": json.dumps(config), "method": "lora", "trainer": "hf"})
+    assert response.status_code == 200, response.text
+    plan = response.json()
+    assert plan["reserve_source"] == "formula" and plan["peak_bytes"] < 4 * 2**30
+    assert any("no simulation: only a catalog model or a config file given to the CLI is traced" in a for a in plan["assumptions"])
+
+
+def test_the_cli_traces_a_config_file_it_is_given(default_on, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY["llama"], "architectures": ["LlamaForCausalLM"]}))
+    env = {k: v for k, v in os.environ.items() if k != SIMULATE_ENV}
+    out = subprocess.run([sys.executable, "-m", "app.cli", "plan", str(path), "--method", "lora", "--trainer", "hf", "--gpu", "L4", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout
+    assert json.loads(out)["reserve_source"] == "simulated"
