@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.schemas import ERROR_RESPONSES, CheckResponse, PlanResponse
-from app.service import AdviseRequest, PlanRequest, with_spec
+from app.service import AdviseRequest, PlanRequest, pasted_tracing, with_spec
 from gpu_catalog.catalog import all_gpus
 from gpu_catalog.detect import detect
 from planner.advisor import advise
@@ -22,19 +22,25 @@ from planner.step_trace import single_plan_options
 router = APIRouter(prefix="/api/v1")
 
 
-def single_plan(spec, options):
-    return build_plan(spec, single_plan_options(spec, options))
+def _single_plan(request: PlanRequest):
+    """plan(spec, options) for the request: a single plan's defaults, and a pasted config traced
+    in the build worker."""
+
+    def plan(spec, options):
+        return build_plan(spec, single_plan_options(spec, options), **pasted_tracing(request.config_json))
+
+    return plan
 
 
 @router.post("/plan", summary="The memory plan, component by component", response_model=PlanResponse, responses=ERROR_RESPONSES)
 async def plan(request: PlanRequest) -> JSONResponse:
-    result = await with_spec(request, single_plan, request.options(), inline_if_quick=True)
+    result = await with_spec(request, _single_plan(request), request.options(), inline_if_quick=True)
     return JSONResponse(result.to_dict())
 
 
 @router.post("/check", summary="Does it fit? 200 either way, with `verdict` (fits, tight, does not fit), `fits` and the band around `peak_bytes`", response_model=CheckResponse, responses=ERROR_RESPONSES)
 async def check(request: PlanRequest) -> JSONResponse:
-    result = await with_spec(request, single_plan, request.options(), inline_if_quick=True)
+    result = await with_spec(request, _single_plan(request), request.options(), inline_if_quick=True)
     return JSONResponse(result.check_dict())
 
 

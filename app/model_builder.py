@@ -67,6 +67,22 @@ def _build_in_worker(config: dict, name: str) -> tuple[str, str]:
         return "error", "this config nests too deeply to build"
 
 
+def _trace_in_worker(config: dict, options_json: str) -> tuple[str, object]:
+    """("ok", SimulatedStep) or ("unsupported", reason): the allocator's trace of a pasted config,
+    in the worker process, under the build's limits."""
+    from planner.options import TrainingOptions
+    from planner.step_trace import SimulationUnsupported, simulate_step
+
+    try:
+        return "ok", simulate_step(config, TrainingOptions.model_validate_json(options_json))
+    except SimulationUnsupported as exc:
+        return "unsupported", str(exc)
+    except MemoryError:
+        return "memory", ""
+    except RecursionError:
+        return "unsupported", "this config nests too deeply to trace"
+
+
 class SpecBuilder:
     """Builds ModelSpecs from config text in one worker process. `build` blocks: call it from a
     thread, never on the event loop."""
@@ -171,12 +187,33 @@ class SpecBuilder:
         self._remember(key, reason, len(reason) + 64)
         raise PlanInputError("config_json", reason)
 
-    def _run(self, config: dict, name: str) -> tuple[str, str]:
+    def trace(self, config: dict, options):
+        """The allocator's simulation of a pasted config's step (planner.step_trace.simulated_for's
+        tracer), in the worker under the build's limits: a trace past them is refused with the
+        reason, never left running in the server."""
+        from planner.step_trace import SimulationUnsupported, TracesBusy
+
+        if not self._waiting.acquire(blocking=False):
+            raise TracesBusy(f"{self.limits.max_waiting + 1} pasted configs are being built or traced: the formula's reserve for now; ask again in a few seconds")
         try:
-            future = self._executor().submit(_build_in_worker, config, name)
+            with self._running:
+                kind, payload = self._run(config, options.model_dump_json(), work=_trace_in_worker)
+        finally:
+            self._waiting.release()
+        if kind == "ok":
+            return payload
+        raise SimulationUnsupported({
+            "memory": f"tracing this model needs more than the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
+            "timeout": f"tracing this model took longer than the {self.limits.timeout_s:g} s a build may take",
+            "crashed": f"the trace's process stopped, most likely over the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
+        }.get(kind, payload))
+
+    def _run(self, *args, work=_build_in_worker) -> tuple[str, object]:
+        try:
+            future = self._executor().submit(work, *args)
         except (BrokenProcessPool, RuntimeError):
             self._discard_worker()
-            future = self._executor().submit(_build_in_worker, config, name)
+            future = self._executor().submit(work, *args)
         try:
             return future.result(timeout=self.limits.timeout_s)
         except concurrent.futures.TimeoutError:

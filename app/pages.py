@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.charts import band_swatch_uri, family_totals, line_swatch_uri, memory_bar_svg, swatch_uri
-from app.service import MAX_CONFIG_TEXT, AdviseRequest, resolve_web_model
+from app.service import MAX_CONFIG_TEXT, AdviseRequest, pasted_tracing, resolve_web_model
 from gpu_catalog.catalog import all_gpus, find_gpu, lookup_gpu
 from gpu_catalog.detect import detect
 from planner.advisor import advise
@@ -233,7 +233,7 @@ def _result(request_model: AdviseRequest, roots: list | None = None, base_url: s
     deferred = defer_simulation and request_model.simulate_allocator is None and options.simulate_allocator
     if deferred:
         options = options.model_copy(update={"simulate_allocator": False})
-    plan = build_plan(spec, options)
+    plan = build_plan(spec, options, **pasted_tracing(request_model.config_json))
     # the fit searches and the fixes: the very object POST /api/v1/fit returns. A simulated
     # allocator traces each candidate for seconds (an 8B search: over a minute), so the page
     # searches with the formula's band, and says so; `vramplan fit --simulate-allocator` does not

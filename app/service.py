@@ -17,6 +17,7 @@ from app.model_builder import BuildLimits, SpecBuilder
 from planner.advisor import Task
 from planner.catalog import closest_ids, find_catalog_model
 from planner.errors import PlanInputError
+from planner.model_config import parse_config_text
 from planner.options import TrainingOptions
 from planner.plan import plan_is_quick
 from planner.spec import ModelSpec
@@ -158,3 +159,12 @@ async def with_spec(request: PlanRequest, func, *args, inline_if_quick: bool = F
 
 # one per server process; its worker starts with the first pasted config
 BUILDER = SpecBuilder()
+
+
+def pasted_tracing(config_json: str | None) -> dict:
+    """build_plan's keyword arguments for a pasted config: its dict, traced in the build worker
+    under the build's limits (never in the server process). Call after the spec was built: the
+    text has passed the same checks then."""
+    if not (config_json and config_json.strip()):
+        return {}
+    return {"config": parse_config_text(config_json.strip()), "tracer": BUILDER.trace}

@@ -379,9 +379,9 @@ def plan_is_quick(spec: ModelSpec, options: TrainingOptions, config: dict | None
     return simulation_memoized(spec, _on_hardware(options)[0], config)
 
 
-def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = None) -> Plan:
-    """`config`, the dict the spec was built from, lets a pasted config's run be traced when
-    `simulate_allocator` asks (a catalog model's or a config file's is found from the spec)."""
+def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = None, tracer=None) -> Plan:
+    """`config`, the dict the spec was built from, lets a run other than a catalog model's be
+    traced when `simulate_allocator` asks; `tracer` traces in place of step_trace.simulate_step."""
     options, gpu, gpu_notes = _on_hardware(options)
     static = static_components(spec, options)
     per_gpu = per_gpu_static(static, spec, options)
@@ -398,7 +398,7 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         if phase in ("forward_end", "recompute_forward") and not any(c.name == "temporary.dora_weight_norm" for c in everything):
             continue  # without DoRA's forward temporaries, the start of backward holds more
         tensors_by_phase[phase] = [c for c in everything if any(c.name == f or c.name.startswith(f + ".") for f in families)]
-    simulated = simulated_for(spec, options, config) if options.simulate_allocator else None
+    simulated = simulated_for(spec, options, config, tracer) if options.simulate_allocator else None
     if isinstance(simulated, SimulatedStep):
         tensors_at_peak = max(sum(c.bytes for c in members) for members in tensors_by_phase.values())
         peaks = simulated.peaks

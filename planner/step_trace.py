@@ -558,9 +558,10 @@ def _config_for(spec) -> dict:
     return json.loads((CONFIGS_DIR / f"{file_stem(catalog_id)}.json").read_text())
 
 
-def simulated_for(spec, options: TrainingOptions, config: dict | None = None) -> SimulatedStep | str:
+def simulated_for(spec, options: TrainingOptions, config: dict | None = None, tracer=None) -> SimulatedStep | str:
     """The simulation of this plan's run, or why there is none. Memoized on the spec: a page
-    re-plans the same options for its charts and exports."""
+    re-plans the same options for its charts and exports. `tracer(config, options)` traces in
+    place of simulate_step (the server traces a pasted config in its build worker)."""
 
     refused = model_unsupported_reason(spec)
     if refused is not None:
@@ -569,7 +570,7 @@ def simulated_for(spec, options: TrainingOptions, config: dict | None = None) ->
     def compute():
         try:
             found = dict(config) if config is not None else _config_for(spec)
-            return simulate_step({k: v for k, v in found.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}, options)
+            return (tracer or simulate_step)({k: v for k, v in found.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}, options)
         except SimulationUnsupported as exc:
             return str(exc)
 

@@ -160,16 +160,32 @@ def test_past_the_traces_in_line_a_plan_keeps_the_formula_at_once_and_the_next_a
 
 
 @pytest.mark.parametrize("name", ["meta-llama/Llama-3.1-8B", "/etc/hostname", "/nonexistent/config.json"])
-def test_a_pasted_config_is_never_traced_as_whatever_it_calls_itself(default_on, client, name):
+def test_a_pasted_config_is_traced_as_itself_whatever_it_calls_itself(default_on, client, name):
     """A pasted config's name is the user's: named like a catalog model it must not be traced as
     that model (a 2-layer toy planned at 8B's reserve), and named like a path it must not make the
-    server read that file (whose error would say it exists)."""
+    server read that file (whose error would say it exists). It is traced from its own text, in
+    the build worker."""
     config = {**TINY["llama"], "_name_or_path": name}
-    response = client.post("/api/v1/plan", json={"config_json": json.dumps(config), "method": "lora", "trainer": "hf"})
+    body = {"config_json": json.dumps(config), "method": "lora", "trainer": "hf", "gpu": "L4"}
+    response = client.post("/api/v1/plan", json=body)
     assert response.status_code == 200, response.text
     plan = response.json()
-    assert plan["reserve_source"] == "formula" and plan["peak_bytes"] < 4 * 2**30
-    assert any("no simulation: only a catalog model or a config file given to the CLI is traced" in a for a in plan["assumptions"])
+    assert plan["reserve_source"] == "simulated" and plan["peak_bytes"] < 2 * 2**30
+    # the trace's own figure: the same toy with the formula differs only by the reserve
+    formula = client.post("/api/v1/plan", json={**body, "simulate_allocator": False}).json()
+    assert abs(plan["peak_bytes"] - formula["peak_bytes"]) < 2**30
+
+
+def test_a_catalog_spec_is_traced_only_as_itself():
+    """planner-level guard: a spec that merely carries a catalog id as its name is refused."""
+    import dataclasses
+
+    from planner.step_trace import simulated_for
+
+    spec = load_catalog_spec(SMALL["model"])
+    impostor = dataclasses.replace(spec, num_layers=2)
+    reason = simulated_for(impostor, TrainingOptions(method="lora", trainer="hf", simulate_allocator=True))
+    assert reason == "only a catalog model or a config file given to the CLI is traced (a pasted config is not kept)"
 
 
 def test_the_cli_traces_a_config_file_it_is_given(default_on, tmp_path):
@@ -179,3 +195,23 @@ def test_the_cli_traces_a_config_file_it_is_given(default_on, tmp_path):
     out = subprocess.run([sys.executable, "-m", "app.cli", "plan", str(path), "--method", "lora", "--trainer", "hf", "--gpu", "L4", "--json"],
                          capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout
     assert json.loads(out)["reserve_source"] == "simulated"
+
+
+def test_the_page_traces_a_pasted_config_too(default_on, client):
+    config = {**TINY["qwen2"], "_name_or_path": "acme/tiny-qwen"}
+    params = {"config_json": json.dumps(config), "method": "lora", "trainer": "hf", "gpu": "L4"}
+    page = Page(client.get("/", params=params).text)
+    assert SIMULATED_NOTE in page.words("assumptions")
+
+
+def test_a_pasted_trace_past_the_build_deadline_is_refused_with_the_reason_and_the_worker_replaced():
+    from app.model_builder import BuildLimits, SpecBuilder
+    from planner.step_trace import SimulationUnsupported
+
+    builder = SpecBuilder(BuildLimits(timeout_s=0.5))
+    try:
+        with pytest.raises(SimulationUnsupported, match="tracing this model took longer than the 0.5 s a build may take"):
+            builder.trace(dict(TINY["llama"]), TrainingOptions(method="lora", trainer="hf", simulate_allocator=True))
+        assert builder._pool is None  # killed: a trace cannot be interrupted any other way
+    finally:
+        builder.shutdown()
