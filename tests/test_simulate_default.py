@@ -82,15 +82,16 @@ def test_a_plan_the_trace_cannot_stand_in_for_says_why_and_keeps_the_formula(def
 
 def test_the_cli_simulates_by_default_and_no_simulate_allocator_turns_it_off(default_on):
     env = {k: v for k, v in os.environ.items() if k != SIMULATE_ENV}
-    args = [sys.executable, "-m", "app.cli", "plan", SMALL["model"], "--method", "lora", "--batch-size", "2", "--seq-len", "256",
-            "--trainer", "hf", "--gpu", "L4", "--json"]
-    simulated = json.loads(subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout)
-    formula = json.loads(subprocess.run([*args, "--no-simulate-allocator"], capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout)
-    assert (simulated["reserve_source"], formula["reserve_source"]) == ("simulated", "formula")
-    # the one-line check says the band is the simulated plan's
-    line = subprocess.run([*args[:3], "check", *args[4:-1]], capture_output=True, text=True, cwd=ROOT, env=env, check=False).stdout
-    low, high = (f"{simulated[k] / 2**30:.2f}" for k in ("peak_low_bytes", "peak_high_bytes"))
-    assert f"(band {low}-{high}, allocator simulated)" in line
+    args = [sys.executable, "-m", "app.cli", "check", SMALL["model"], "--method", "lora", "--batch-size", "2", "--seq-len", "256",
+            "--trainer", "hf", "--gpu", "L4"]
+    # the one-line check gives the simulated plan's band, and says so
+    spec = load_catalog_spec(SMALL["model"])
+    simulated = build_plan(spec, single_plan_options(spec, TrainingOptions(method="lora", batch_size=2, seq_len=256, trainer="hf", gpu="L4")))
+    assert simulated.reserve_source == "simulated"
+    line = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, check=False).stdout
+    assert f"(band {simulated.peak_low_bytes / 2**30:.2f}-{simulated.peak_high_bytes / 2**30:.2f}, allocator simulated)" in line
+    formula = json.loads(subprocess.run([*args, "--no-simulate-allocator", "--json"], capture_output=True, text=True, cwd=ROOT, env=env, check=False).stdout)
+    assert formula["reserve_source"] == "formula"
 
 
 def test_the_page_simulates_and_its_live_update_refines_after_a_formula_answer(default_on, client):
