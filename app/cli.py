@@ -148,6 +148,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _simulated_words(plan) -> str:
+    if plan.reserve_source != "simulated":
+        return ""
+    if plan.band_source == "simulated":
+        return ", allocator simulated"
+    unmeasured = [what for what, on in (("TRL's fused head", plan.options.trainer == "trl"),
+                                        ("expandable segments", plan.options.allocator == "expandable_segments")) if on]
+    return ", allocator simulated; the formula's band until a GPU run measures " + " and ".join(unmeasured)
+
+
 def cmd_check(args) -> int:
     """One line: the verdict, the central peak with its band, the usable memory.
 
@@ -166,7 +176,7 @@ def cmd_check(args) -> int:
             why += " (--simulate-allocator narrows the band, in seconds)"
         _write(
             f"{plan.verdict}: {plan.model_name} needs {plan.peak_bytes / GIB:.2f} GiB per GPU "
-            f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}{', allocator simulated' if plan.reserve_source == 'simulated' else ''}); "
+            f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}{_simulated_words(plan)}); "
             f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.name} "
             f"({plan.options.headroom:.0%} headroom kept){why}"
         )

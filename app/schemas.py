@@ -35,7 +35,9 @@ VERDICT_HELP = ("fits: the band's high end is within the usable memory; tight: t
 
 
 RESERVE_SOURCE_HELP = ("where the allocator's reserve came from: the calibration's formula, or simulated from the run's traced "
-                       "allocations (option simulate_allocator), which has its own, narrower band")
+                       "allocations (option simulate_allocator; a single plan's default where the trace can stand in)")
+BAND_SOURCE_HELP = ("whose errors the band comes from: simulated (narrower; measured for trainer hf under the default allocator), or "
+                    "the formula's, also around a simulated figure whose parts no GPU run has checked yet (TRL's fused head, expandable segments)")
 
 
 class PlanResponse(BaseModel):
@@ -59,6 +61,7 @@ class PlanResponse(BaseModel):
     library_versions: dict[str, str] = Field(description="the library releases whose code paths the memory model describes")
     calibration: str = Field(description="the runtime calibration (CUDA context, allocator reserve) the plan used")
     reserve_source: Literal["formula", "simulated"] = Field(description=RESERVE_SOURCE_HELP)
+    band_source: Literal["formula", "simulated"] = Field(description=BAND_SOURCE_HELP)
     could_simulate: bool = Field(description="the reserve came from the formula, and simulate_allocator would give this run a narrower band")
 
 
@@ -73,6 +76,7 @@ class CheckResponse(BaseModel):
     gpu: GpuOut
     model: str
     reserve_source: Literal["formula", "simulated"] = Field(description=RESERVE_SOURCE_HELP)
+    band_source: Literal["formula", "simulated"] = Field(description=BAND_SOURCE_HELP)
 
 
 class ErrorItem(BaseModel):

@@ -145,7 +145,7 @@ class Plan:
     @cached_property
     def _band(self) -> tuple[int, int]:
         gradients = sum(c.bytes for c in self.all_components if c.family == "gradients")
-        return band_bytes(self.components, simulated=simulated_band_applies(self.reserve_source, self.options), gradients_bytes=gradients)
+        return band_bytes(self.components, simulated=self.band_source == "simulated", gradients_bytes=gradients)
 
     @property
     def peak_low_bytes(self) -> int:
@@ -156,6 +156,13 @@ class Plan:
     def peak_high_bytes(self) -> int:
         """The band's high end: the central peak plus the calibration's largest under-prediction."""
         return self._band[1]
+
+    @property
+    def band_source(self) -> str:
+        """Whose errors the band comes from: the simulation's (measured for the plain transformers
+        loss under the default allocator) or the formula's, also around a simulated central figure
+        whose parts (TRL's fused head, expandable segments) no GPU run has checked yet."""
+        return "simulated" if simulated_band_applies(self.reserve_source, self.options) else "formula"
 
     @property
     def could_simulate(self) -> bool:
@@ -192,6 +199,7 @@ class Plan:
             "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
             "model": self.model_name,
             "reserve_source": self.reserve_source,
+            "band_source": self.band_source,
         }
 
     def to_dict(self) -> dict:
@@ -216,6 +224,7 @@ class Plan:
             "library_versions": dict(MODELLED_VERSIONS),
             "calibration": calibration().name,
             "reserve_source": self.reserve_source,
+            "band_source": self.band_source,
             "could_simulate": self.could_simulate,
         }
 

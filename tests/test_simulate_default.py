@@ -99,6 +99,7 @@ def test_the_page_simulates_and_its_live_update_refines_after_a_formula_answer(d
     # without JavaScript the submitted form is one request: it simulates
     page = Page(client.get("/", params=params).text)
     assert SIMULATED_NOTE in page.words("assumptions")
+    assert "GiB, allocator simulated" in page.words("verdict")
     # as fields change, htmx gets the formula's plan at once and a request for the simulated one
     live = client.get("/result", params=params, headers={"HX-Request": "true"}).text
     assert "refine=1" in live and SIMULATED_NOTE not in Page(live).words("assumptions")
@@ -216,3 +217,14 @@ def test_a_pasted_trace_past_the_build_deadline_is_refused_with_the_reason_and_t
         assert builder._pool is None  # killed: a trace cannot be interrupted any other way
     finally:
         builder.shutdown()
+
+
+def test_a_simulated_trl_plan_says_its_band_is_still_the_formulas(default_on, client):
+    """TRL's fused head is simulated from the code but no GPU run has checked it: the plan, the
+    check, the page's verdict and the CLI say whose band it carries."""
+    body = {**SMALL, "trainer": "trl"}
+    check = client.post("/api/v1/check", json=body).json()
+    assert (check["reserve_source"], check["band_source"]) == ("simulated", "formula")
+    assert client.post("/api/v1/check", json=SMALL).json()["band_source"] == "simulated"
+    words = Page(client.get("/", params={k: str(v) for k, v in body.items()}).text).words("verdict")
+    assert "allocator simulated (the formula’s band until a GPU run measures TRL’s fused head)" in words
