@@ -6,10 +6,6 @@ formula, and VRAMPLAN_SIMULATE_ALLOCATOR=off turns the default off (the rest of 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -23,7 +19,6 @@ from planner.step_trace import AUTO_MAX_LAYERS, SIMULATE_ENV, single_plan_option
 from tests.conftest import TINY
 from tests.test_pages import Page
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"model": "Qwen/Qwen2.5-0.5B", "method": "lora", "batch_size": 2, "seq_len": 256, "trainer": "hf", "gpu": "L4"}
 SIMULATED_NOTE = "simulated over this run's allocations traced on the meta device"
 
@@ -33,8 +28,9 @@ def default_on(monkeypatch):
     monkeypatch.delenv(SIMULATE_ENV, raising=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client():
+    # one app for the module: its build worker (pasted configs are traced there) starts once
     from app.main import app
 
     with TestClient(app) as c:
@@ -80,18 +76,19 @@ def test_a_plan_the_trace_cannot_stand_in_for_says_why_and_keeps_the_formula(def
     assert any("no simulation: one GPU without offload only" in a for a in plan["assumptions"])
 
 
-def test_the_cli_simulates_by_default_and_no_simulate_allocator_turns_it_off(default_on):
-    env = {k: v for k, v in os.environ.items() if k != SIMULATE_ENV}
-    args = [sys.executable, "-m", "app.cli", "check", SMALL["model"], "--method", "lora", "--batch-size", "2", "--seq-len", "256",
-            "--trainer", "hf", "--gpu", "L4"]
+def test_the_cli_simulates_by_default_and_no_simulate_allocator_turns_it_off(default_on, capsys):
+    from app.cli import main
+
+    args = ["check", SMALL["model"], "--method", "lora", "--batch-size", "2", "--seq-len", "256", "--trainer", "hf", "--gpu", "L4"]
     # the one-line check gives the simulated plan's band, and says so
     spec = load_catalog_spec(SMALL["model"])
     simulated = build_plan(spec, single_plan_options(spec, TrainingOptions(method="lora", batch_size=2, seq_len=256, trainer="hf", gpu="L4")))
     assert simulated.reserve_source == "simulated"
-    line = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, check=False).stdout
+    main(args)
+    line = capsys.readouterr().out
     assert f"(band {simulated.peak_low_bytes / 2**30:.2f}-{simulated.peak_high_bytes / 2**30:.2f}, allocator simulated)" in line
-    formula = json.loads(subprocess.run([*args, "--no-simulate-allocator", "--json"], capture_output=True, text=True, cwd=ROOT, env=env, check=False).stdout)
-    assert formula["reserve_source"] == "formula"
+    main([*args, "--no-simulate-allocator", "--json"])
+    assert json.loads(capsys.readouterr().out)["reserve_source"] == "formula"
 
 
 def test_the_page_simulates_and_its_live_update_refines_after_a_formula_answer(default_on, client):
@@ -161,7 +158,7 @@ def test_past_the_traces_in_line_a_plan_keeps_the_formula_at_once_and_the_next_a
     assert step_trace._in_line == 0  # every trace leaves the line, traced or refused
 
 
-@pytest.mark.parametrize("name", ["meta-llama/Llama-3.1-8B", "/etc/hostname", "/nonexistent/config.json"])
+@pytest.mark.parametrize("name", ["meta-llama/Llama-3.1-8B", "/etc/hostname"])
 def test_a_pasted_config_is_traced_as_itself_whatever_it_calls_itself(default_on, client, name):
     """A pasted config's name is the user's: named like a catalog model it must not be traced as
     that model (a 2-layer toy planned at 8B's reserve), and named like a path it must not make the
@@ -190,13 +187,13 @@ def test_a_catalog_spec_is_traced_only_as_itself():
     assert reason == "only a catalog model or a config file given to the CLI is traced (a pasted config is not kept)"
 
 
-def test_the_cli_traces_a_config_file_it_is_given(default_on, tmp_path):
+def test_the_cli_traces_a_config_file_it_is_given(default_on, tmp_path, capsys):
+    from app.cli import main
+
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**TINY["llama"], "architectures": ["LlamaForCausalLM"]}))
-    env = {k: v for k, v in os.environ.items() if k != SIMULATE_ENV}
-    out = subprocess.run([sys.executable, "-m", "app.cli", "plan", str(path), "--method", "lora", "--trainer", "hf", "--gpu", "L4", "--json"],
-                         capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout
-    assert json.loads(out)["reserve_source"] == "simulated"
+    main(["plan", str(path), "--method", "lora", "--trainer", "hf", "--gpu", "L4", "--json"])
+    assert json.loads(capsys.readouterr().out)["reserve_source"] == "simulated"
 
 
 def test_the_page_traces_a_pasted_config_too(default_on, client):
