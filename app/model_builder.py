@@ -168,22 +168,13 @@ class SpecBuilder:
         except PlanInputError as exc:
             raise PlanInputError("config_json", exc.reason) from None
         name = str(config.get("_name_or_path") or config.get("model_type") or "pasted config")[:200]
-        if not self._waiting.acquire(blocking=False):
-            raise BuildBusy(f"{self.limits.max_waiting + 1} pasted configs are being built; try again in a few seconds")
-        try:
-            with self._running:
-                kind, payload = self._run(config, name)
-        finally:
-            self._waiting.release()
+        busy = BuildBusy(f"{self.limits.max_waiting + 1} pasted configs are being built; try again in a few seconds")
+        kind, payload = self._in_line(busy, _build_in_worker, config, name)
         if kind == "ok":
             spec = ModelSpec.from_dict(json.loads(payload))
             self._remember(key, spec, len(payload) + len(text))
             return spec
-        reason = {
-            "memory": f"building this model needs more than the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
-            "timeout": f"building this model took longer than the {self.limits.timeout_s:g} s a build may take",
-            "crashed": f"the build process stopped, most likely over the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
-        }.get(kind, payload)
+        reason = self._reason(kind, payload, "building", "the build process")
         self._remember(key, reason, len(reason) + 64)
         raise PlanInputError("config_json", reason)
 
@@ -193,22 +184,31 @@ class SpecBuilder:
         reason, never left running in the server."""
         from planner.step_trace import SimulationUnsupported, TracesBusy
 
-        if not self._waiting.acquire(blocking=False):
-            raise TracesBusy(f"{self.limits.max_waiting + 1} pasted configs are being built or traced: the formula's reserve for now; ask again in a few seconds")
-        try:
-            with self._running:
-                kind, payload = self._run(config, options.model_dump_json(), work=_trace_in_worker)
-        finally:
-            self._waiting.release()
+        busy = TracesBusy(f"{self.limits.max_waiting + 1} pasted configs are being built or traced: the formula's reserve for now; ask again in a few seconds")
+        kind, payload = self._in_line(busy, _trace_in_worker, config, options.model_dump_json())
         if kind == "ok":
             return payload
-        raise SimulationUnsupported({
-            "memory": f"tracing this model needs more than the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
-            "timeout": f"tracing this model took longer than the {self.limits.timeout_s:g} s a build may take",
-            "crashed": f"the trace's process stopped, most likely over the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
-        }.get(kind, payload))
+        raise SimulationUnsupported(self._reason(kind, payload, "tracing", "the trace's process"))
 
-    def _run(self, *args, work=_build_in_worker) -> tuple[str, object]:
+    def _in_line(self, busy: Exception, work, *args) -> tuple[str, object]:
+        """`work(*args)` in the worker, one at a time; `busy` is raised when too many wait."""
+        if not self._waiting.acquire(blocking=False):
+            raise busy
+        try:
+            with self._running:
+                return self._run(work, *args)
+        finally:
+            self._waiting.release()
+
+    def _reason(self, kind: str, payload, doing: str, process: str) -> str:
+        """Why the worker gave no answer, in the limits' words; the worker's own reason otherwise."""
+        return {
+            "memory": f"{doing} this model needs more than the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
+            "timeout": f"{doing} this model took longer than the {self.limits.timeout_s:g} s a build may take",
+            "crashed": f"{process} stopped, most likely over the {self.limits.memory_bytes / GIB:.1f} GiB a build may use",
+        }.get(kind, payload)
+
+    def _run(self, work, *args) -> tuple[str, object]:
         try:
             future = self._executor().submit(work, *args)
         except (BrokenProcessPool, RuntimeError):

@@ -45,6 +45,7 @@ from planner.runtime import (
     calibration,
     is_static,
     reserve_inputs,
+    step_gradients_bytes,
 )
 
 GIB = 1 << 30
@@ -92,7 +93,7 @@ def plan_inputs(run: dict) -> dict:
         # the exact part of the allocated peak (weights, gradients, optimizer state)
         "static": sum(c.bytes for c in plan.components if c.family != "runtime" and is_static(c)),
         # the step's gradients, whichever phase peaks: the band's second term (planner/runtime.band_bytes)
-        "gradients": sum(c.bytes for c in plan.all_components if c.family == "gradients"),
+        "gradients": step_gradients_bytes(plan.all_components),
         "recompute": recompute,
         "logits": logits,
         "peak_before": plan.peak_bytes,

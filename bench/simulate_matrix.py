@@ -55,21 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"simulated-matrix-{date}.jsonl")
     args = parser.parse_args(argv)
-    from planner.catalog import CONFIGS_DIR, file_stem, load_catalog_spec
+    from planner.catalog import load_catalog_spec
     from planner.options import TrainingOptions
-    from planner.step_trace import STEPS, SimulationUnsupported, simulate_step
+    from planner.step_trace import STEPS, simulated_for
 
     rows, started = [], time.perf_counter()
     todo = matrix()
     for index, (model, options) in enumerate(todo, 1):
-        config = json.loads((CONFIGS_DIR / f"{file_stem(model)}.json").read_text())
-        config = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}
-        try:
-            simulated = simulate_step(config, TrainingOptions(**options))
-        except SimulationUnsupported as exc:
-            print(f"{model} {options}: not simulated ({exc})", file=sys.stderr)
+        # the catalog's spec (so the id is valid for bench/calibrate.py) and the trace a plan makes of it
+        simulated = simulated_for(load_catalog_spec(model), TrainingOptions(**options))
+        if isinstance(simulated, str):
+            print(f"{model} {options}: not simulated ({simulated})", file=sys.stderr)
             continue
-        load_catalog_spec(model)  # the catalog id is valid for bench/calibrate.py
         rows.append({
             "name": f"sim {model.split('/')[-1]} {options['method']} {'gc' if options['gradient_checkpointing'] else 'no-gc'} {options['batch_size']}x{options['seq_len']}",
             "model": model, "options": options, "simulated": True,

@@ -58,6 +58,7 @@ from planner.runtime import (
     reserve_inputs,
     runtime_components,
     simulated_runtime_components,
+    step_gradients_bytes,
 )
 from planner.spec import ModelSpec
 from planner.stages import stage_components
@@ -67,6 +68,7 @@ from planner.step_trace import (
     model_unsupported_reason,
     simulated_for,
     simulation_memoized,
+    unsupported_reason,
 )
 from planner.trainable import parameter_counts, trainable_tensors
 from planner.versions import MODELLED_VERSIONS
@@ -144,8 +146,7 @@ class Plan:
 
     @cached_property
     def _band(self) -> tuple[int, int]:
-        gradients = sum(c.bytes for c in self.all_components if c.family == "gradients")
-        return band_bytes(self.components, simulated=self.band_source == "simulated", gradients_bytes=gradients)
+        return band_bytes(self.components, simulated=self.band_source == "simulated", gradients_bytes=step_gradients_bytes(self.all_components))
 
     @property
     def peak_low_bytes(self) -> int:
@@ -167,8 +168,6 @@ class Plan:
     @property
     def could_simulate(self) -> bool:
         """The formula gave the reserve, and the trace could simulate it for a narrower band."""
-        from planner.step_trace import unsupported_reason
-
         return self.reserve_source == "formula" and self.model_traceable and unsupported_reason(self.options) is None
 
     @property
@@ -440,7 +439,7 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
                                             ("expandable segments", options.allocator == "expandable_segments")) if on]
         assumptions.append(f"{' and '.join(unmeasured)} simulated from the code, not yet checked against a GPU run: the band is the formula's, wider")
     assumptions.append(_band_note(phases[peak_phase], simulated_band_applies(reserve_source, options),
-                                  sum(c.bytes for c in everything if c.family == "gradients")))
+                                  step_gradients_bytes(everything)))
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     return Plan(
         model_name=spec.name,

@@ -104,6 +104,11 @@ def band_constants(cal: Calibration, simulated: bool) -> tuple[float, float, flo
     return cal.band_low, cal.band_high, cal.band_high_gradients
 
 
+def step_gradients_bytes(components) -> int:
+    """The step's gradients among these components (pass every phase's): the band's second term."""
+    return sum(c.bytes for c in components if c.family == "gradients")
+
+
 def band_bytes(components, cal: Calibration | None = None, simulated: bool = False, gradients_bytes: int = 0) -> tuple[int, int]:
     """(low, high) of a peak made of these components: the high end adds the calibration's largest
     under-prediction of the dynamic part, and for the formula a share of the step's gradients
