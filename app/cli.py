@@ -151,11 +151,10 @@ def cmd_plan(args) -> int:
 def _simulated_words(plan) -> str:
     if plan.reserve_source != "simulated":
         return ""
-    if plan.band_source == "simulated":
+    if not plan.unmeasured_parts:
         return ", allocator simulated"
-    unmeasured = [what for what, on in (("TRL's fused head", plan.options.trainer == "trl"),
-                                        ("expandable segments", plan.options.allocator == "expandable_segments")) if on]
-    return ", allocator simulated; the formula's band until a GPU run measures " + " and ".join(unmeasured)
+    return (f", allocator simulated; the high end allows {plan.unmeasured_allowance_bytes / GIB:.2f} GiB for "
+            f"{' and '.join(plan.unmeasured_parts)} until a GPU run measures {'it' if len(plan.unmeasured_parts) == 1 else 'them'}")
 
 
 def cmd_check(args) -> int:

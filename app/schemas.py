@@ -36,8 +36,9 @@ VERDICT_HELP = ("fits: the band's high end is within the usable memory; tight: t
 
 RESERVE_SOURCE_HELP = ("where the allocator's reserve came from: the calibration's formula, or simulated from the run's traced "
                        "allocations (option simulate_allocator; a single plan's default where the trace can stand in)")
-BAND_SOURCE_HELP = ("whose errors the band comes from: simulated (narrower; measured for trainer hf under the default allocator), or "
-                    "the formula's, also around a simulated figure whose parts no GPU run has checked yet (TRL's fused head, expandable segments)")
+BAND_SOURCE_HELP = "whose errors the band comes from: the simulated allocator's (narrower), or the formula's"
+UNMEASURED_HELP = ("parts of a simulated step no GPU run has checked yet (TRL's fused LM head, expandable segments); "
+                   "unmeasured_allowance_bytes, added to the band's high end, allows for them")
 
 
 class PlanResponse(BaseModel):
@@ -62,6 +63,8 @@ class PlanResponse(BaseModel):
     calibration: str = Field(description="the runtime calibration (CUDA context, allocator reserve) the plan used")
     reserve_source: Literal["formula", "simulated"] = Field(description=RESERVE_SOURCE_HELP)
     band_source: Literal["formula", "simulated"] = Field(description=BAND_SOURCE_HELP)
+    unmeasured_parts: list[str] = Field(description=UNMEASURED_HELP)
+    unmeasured_allowance_bytes: int = Field(description="bytes the band's high end adds for the unmeasured parts (0 when there are none)")
     could_simulate: bool = Field(description="the reserve came from the formula, and simulate_allocator would give this run a narrower band")
 
 
@@ -77,6 +80,8 @@ class CheckResponse(BaseModel):
     model: str
     reserve_source: Literal["formula", "simulated"] = Field(description=RESERVE_SOURCE_HELP)
     band_source: Literal["formula", "simulated"] = Field(description=BAND_SOURCE_HELP)
+    unmeasured_parts: list[str] = Field(description=UNMEASURED_HELP)
+    unmeasured_allowance_bytes: int = Field(description="bytes the band's high end adds for the unmeasured parts (0 when there are none)")
 
 
 class ErrorItem(BaseModel):

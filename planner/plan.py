@@ -135,6 +135,8 @@ class Plan:
     reserve_source: str = "formula"
     # the model can be traced (not a mixture of experts): with supported options, it could be simulated
     model_traceable: bool = True
+    # added to the band's high end for simulated parts no GPU run has checked (unmeasured_parts)
+    unmeasured_allowance_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -146,7 +148,8 @@ class Plan:
 
     @cached_property
     def _band(self) -> tuple[int, int]:
-        return band_bytes(self.components, simulated=self.band_source == "simulated", gradients_bytes=step_gradients_bytes(self.all_components))
+        return band_bytes(self.components, simulated=self.band_source == "simulated", gradients_bytes=step_gradients_bytes(self.all_components),
+                          allowance_bytes=self.unmeasured_allowance_bytes)
 
     @property
     def peak_low_bytes(self) -> int:
@@ -160,10 +163,12 @@ class Plan:
 
     @property
     def band_source(self) -> str:
-        """Whose errors the band comes from: the simulation's (measured for the plain transformers
-        loss under the default allocator) or the formula's, also around a simulated central figure
-        whose parts (TRL's fused head, expandable segments) no GPU run has checked yet."""
-        return "simulated" if simulated_band_applies(self.reserve_source, self.options) else "formula"
+        """Whose errors the band comes from: the simulation's, or the formula's."""
+        return "simulated" if self.reserve_source == "simulated" else "formula"
+
+    @property
+    def unmeasured_parts(self) -> list[str]:
+        return unmeasured_parts(self.reserve_source, self.options)
 
     @property
     def could_simulate(self) -> bool:
@@ -199,6 +204,8 @@ class Plan:
             "model": self.model_name,
             "reserve_source": self.reserve_source,
             "band_source": self.band_source,
+            "unmeasured_parts": self.unmeasured_parts,
+            "unmeasured_allowance_bytes": self.unmeasured_allowance_bytes,
         }
 
     def to_dict(self) -> dict:
@@ -224,6 +231,8 @@ class Plan:
             "calibration": calibration().name,
             "reserve_source": self.reserve_source,
             "band_source": self.band_source,
+            "unmeasured_parts": self.unmeasured_parts,
+            "unmeasured_allowance_bytes": self.unmeasured_allowance_bytes,
             "could_simulate": self.could_simulate,
         }
 
@@ -348,25 +357,43 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
     return out
 
 
-def simulated_band_applies(reserve_source: str, options: TrainingOptions) -> bool:
-    """The simulated reserve's own band holds where the simulation was checked on measured runs:
-    the plain transformers loss (trainer hf) under the default allocator; TRL's fused head and
-    expandable segments are not measured yet."""
-    return reserve_source == "simulated" and options.trainer == "hf" and options.allocator == "default"
+def unmeasured_parts(reserve_source: str, options: TrainingOptions) -> list[str]:
+    """Parts of a simulated step that no GPU run has checked yet (the simulated band was measured
+    for the plain transformers loss under the default allocator)."""
+    if reserve_source != "simulated":
+        return []
+    return [what for what, on in (("TRL's fused LM head", options.trainer == "trl"),
+                                  ("expandable segments", options.allocator == "expandable_segments")) if on]
 
 
-def _band_note(components: list[Component], simulated: bool, gradients_bytes: int) -> str:
+def unmeasured_allowance_bytes(simulated: SimulatedStep, options: TrainingOptions, components: list[Component]) -> int:
+    """What the band's high end adds for the unmeasured parts: the whole of the fused head's
+    backward buffers (as if the trace had missed them), and what the default allocator would reserve
+    beyond expandable segments' model. A few percent of the peak, where the formula's band instead
+    would add about twice the simulated band's width."""
+    allowance = 0
+    if options.trainer == "trl":
+        allowance += sum(c.bytes for c in components if c.name == "temporary.loss_backward")
+    if options.allocator == "expandable_segments" and simulated.default_peaks is not None:
+        allowance += max(0, simulated.default_peaks.peak_reserved - simulated.peaks.peak_reserved)
+    return allowance
+
+
+def _band_note(components: list[Component], simulated: bool, gradients_bytes: int, unmeasured: list[str] = (), allowance_bytes: int = 0) -> str:
     cal = calibration()
     if cal.band_runs == 0:
         return f"no band around the peak: calibration {cal.name} carries none (run bench/calibrate.py); the verdict uses the central figure"
     band_low, band_high, gradients_share = band_constants(cal, simulated)
     source = (f"the simulated reserve's largest errors on {cal.simulated_band_runs} measured runs" if simulated and cal.simulated_band_runs
               else f"the largest errors of calibration {cal.name} on {cal.band_runs} measured runs, each predicted by a fit that left it out")
-    low, high = band_bytes(components, cal, simulated, gradients_bytes)
+    low, high = band_bytes(components, cal, simulated, gradients_bytes, allowance_bytes)
     gradients = (f" plus {gradients_share:.0%} of the gradients ({gradients_bytes / GIB:.2f} GiB, which fragment the allocator's pool)"
                  if gradients_share and gradients_bytes >= GIB // 16 else "")
+    allowance = (f" plus {allowance_bytes / GIB:.2f} GiB for {' and '.join(unmeasured)}, simulated from the code and not yet checked against a "
+                 "GPU run (the fused head's whole backward buffers; what the default allocator would reserve beyond expandable segments)"
+                 if unmeasured else "")
     return (f"band {low / GIB:.2f} to {high / GIB:.2f} GiB around the central {sum(c.bytes for c in components) / GIB:.2f} GiB: "
-            f"activations, logits, temporaries and the allocator's reserve up to {band_high:.0%} more{gradients}, the whole up to "
+            f"activations, logits, temporaries and the allocator's reserve up to {band_high:.0%} more{gradients}{allowance}, the whole up to "
             f"{-band_low:.0%} less (never below the exact weights, gradients and optimizer state), {source}; "
             "the verdict uses the high end")
 
@@ -434,12 +461,9 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         why_not = f"; no simulation: {simulated}" if isinstance(simulated, str) else ""
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}{why_not}")
     reserve_source = "simulated" if isinstance(simulated, SimulatedStep) else "formula"
-    if reserve_source == "simulated" and not simulated_band_applies(reserve_source, options):
-        unmeasured = [what for what, on in (("TRL's fused LM head", options.trainer == "trl"),
-                                            ("expandable segments", options.allocator == "expandable_segments")) if on]
-        assumptions.append(f"{' and '.join(unmeasured)} simulated from the code, not yet checked against a GPU run: the band is the formula's, wider")
-    assumptions.append(_band_note(phases[peak_phase], simulated_band_applies(reserve_source, options),
-                                  step_gradients_bytes(everything)))
+    unmeasured = unmeasured_parts(reserve_source, options)
+    allowance = unmeasured_allowance_bytes(simulated, options, everything) if isinstance(simulated, SimulatedStep) else 0
+    assumptions.append(_band_note(phases[peak_phase], reserve_source == "simulated", step_gradients_bytes(everything), unmeasured, allowance))
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     return Plan(
         model_name=spec.name,
@@ -454,4 +478,5 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         assumptions=tuple(assumptions),
         reserve_source=reserve_source,
         model_traceable=model_unsupported_reason(spec) is None,
+        unmeasured_allowance_bytes=allowance,
     )

@@ -109,17 +109,19 @@ def step_gradients_bytes(components) -> int:
     return sum(c.bytes for c in components if c.family == "gradients")
 
 
-def band_bytes(components, cal: Calibration | None = None, simulated: bool = False, gradients_bytes: int = 0) -> tuple[int, int]:
+def band_bytes(components, cal: Calibration | None = None, simulated: bool = False, gradients_bytes: int = 0,
+               allowance_bytes: int = 0) -> tuple[int, int]:
     """(low, high) of a peak made of these components: the high end adds the calibration's largest
-    under-prediction of the dynamic part, and for the formula a share of the step's gradients
-    (`gradients_bytes`, whichever phase peaks); the low end takes off its largest over-prediction
-    of the whole, down to the exact part at most."""
+    under-prediction of the dynamic part, for the formula a share of the step's gradients
+    (`gradients_bytes`, whichever phase peaks), and `allowance_bytes` for simulated parts no GPU run
+    has checked; the low end takes off its largest over-prediction of the whole, down to the exact
+    part at most."""
     cal = cal or calibration()
     band_low, band_high, gradients_share = band_constants(cal, simulated)
     total = sum(c.bytes for c in components)
     exact = sum(c.bytes for c in components if is_static(c))
     low = max(min(exact, total), total + math.floor(total * min(0.0, band_low)))
-    return low, total + math.ceil((total - exact) * max(0.0, band_high)) + math.ceil(gradients_bytes * max(0.0, gradients_share))
+    return low, total + math.ceil((total - exact) * max(0.0, band_high)) + math.ceil(gradients_bytes * max(0.0, gradients_share)) + allowance_bytes
 
 
 def reserve_inputs(components: list[Component]) -> tuple[int, int]:

@@ -35,6 +35,7 @@ import os
 import threading
 import time
 import types
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -96,6 +97,9 @@ class SimulatedStep:
     peaks: AllocatorPeaks
     steps: int
     seconds: float
+    # the same events under the default allocator, for a plan with expandable segments: until a GPU
+    # run measures them, the band's high end allows for whichever of the two reserves more
+    default_peaks: AllocatorPeaks | None = None
 
 
 def unsupported_reason(options: TrainingOptions) -> str | None:
@@ -470,7 +474,11 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
                                      lora_dropout=options.lora_dropout, use_dora=method == "dora", task_type="CAUSAL_LM")
         model = get_peft_model(model, peft_config)
     if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # the new name where transformers has it (the old one warns on the CLI's stderr)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method != "full":
             model.enable_input_require_grads()
     model.train()
@@ -493,7 +501,10 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
             raise TracesBusy(f"{_in_line} other plans are being traced here: the formula's reserve for now; ask again in a few seconds")
         _in_line += 1
     try:
-        with _TRACE_LOCK:
+        with _TRACE_LOCK, warnings.catch_warnings():
+            # transformers 5 deprecates names PEFT and TRL still read (is_gradient_checkpointing):
+            # each plan would print their FutureWarning on the CLI's stderr
+            warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
             return _simulate(config, options, steps)
     finally:
         with _in_line_lock:
@@ -541,7 +552,8 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a model whose forward needs real data (MoE routing)
         raise SimulationUnsupported(f"the step could not be traced: {str(exc)[:200]}") from None
-    return SimulatedStep(replay(tracer.events, options.allocator), steps, time.perf_counter() - started)
+    default_peaks = replay(tracer.events, "default") if options.allocator != "default" else None
+    return SimulatedStep(replay(tracer.events, options.allocator), steps, time.perf_counter() - started, default_peaks)
 
 
 def _config_for(spec) -> dict:

@@ -101,21 +101,36 @@ def test_a_plan_that_asks_for_the_simulation_uses_it_and_its_band():
     assert simulated.to_dict()["reserve_source"] == "simulated"
 
 
-def test_trl_s_fused_head_is_simulated_but_keeps_the_formula_s_band_until_measured():
+def test_trl_s_fused_head_gets_the_simulated_band_plus_its_whole_buffers_until_measured():
     spec = load_catalog_spec("meta-llama/Llama-3.2-1B")
     options = {"gpu_memory_gib": 80, "trainer": "trl", "batch_size": 2, "seq_len": 512}
     formula = build_plan(spec, TrainingOptions(**options))
     plan = build_plan(spec, TrainingOptions(simulate_allocator=True, **options))
-    assert plan.reserve_source == "simulated"
-    assert any("TRL's fused LM head simulated from the code, not yet checked" in a for a in plan.assumptions)
-    # the formula's band constants around the simulated central figure, not the simulated runs' narrower ones
+    assert (plan.reserve_source, plan.band_source, plan.unmeasured_parts) == ("simulated", "simulated", ["TRL's fused LM head"])
+    # the simulated runs' constants, and on top the fused head's backward buffers as if the trace had missed them all
+    fused_head = sum(c.bytes for c in plan.all_components if c.name == "temporary.loss_backward")
+    assert plan.unmeasured_allowance_bytes == fused_head > 0
     cal = calibration()
     exact = sum(c.bytes for c in plan.components if c.family in ("weights", "gradients", "optimizer_state") or c.name == "runtime.cuda_context")
-    gradients = sum(c.bytes for c in plan.all_components if c.family == "gradients")
-    expected = plan.peak_bytes + math.ceil((plan.peak_bytes - exact) * cal.band_high) + math.ceil(gradients * cal.band_high_gradients)
-    assert plan.peak_high_bytes == expected
-    assert cal.band_high > cal.simulated_band_high
-    assert formula.reserve_source == "formula"
+    assert plan.peak_high_bytes == plan.peak_bytes + math.ceil((plan.peak_bytes - exact) * cal.simulated_band_high) + fused_head
+    assert any(f"plus {fused_head / GIB:.2f} GiB for TRL's fused LM head, simulated from the code and not yet checked" in a for a in plan.assumptions)
+    assert plan.peak_high_bytes - plan.peak_low_bytes < formula.peak_high_bytes - formula.peak_low_bytes
+    assert formula.reserve_source == "formula" and formula.unmeasured_allowance_bytes == 0
+
+
+def test_expandable_segments_band_allows_for_the_default_allocator_until_measured():
+    from planner.step_trace import simulated_for
+
+    spec = load_catalog_spec("Qwen/Qwen2.5-0.5B")
+    options = TrainingOptions(gpu_memory_gib=80, trainer="hf", method="lora", batch_size=4, seq_len=1024, allocator="expandable_segments",
+                              simulate_allocator=True)
+    plan = build_plan(spec, options)
+    step = simulated_for(spec, options)
+    assert step.default_peaks is not None and step.default_peaks.peak_reserved > step.peaks.peak_reserved
+    assert plan.unmeasured_parts == ["expandable segments"]
+    assert plan.unmeasured_allowance_bytes == step.default_peaks.peak_reserved - step.peaks.peak_reserved
+    default = build_plan(spec, options.model_copy(update={"allocator": "default"}))
+    assert default.unmeasured_allowance_bytes == 0 and default.unmeasured_parts == []
 
 
 def test_a_run_the_trace_cannot_stand_in_for_keeps_the_formula_and_says_why():

@@ -276,7 +276,8 @@ def test_check_json_matches_the_api_shape(args, code):
     out = vramplan("check", CATALOG_MODEL, *args, "--json")
     assert out.returncode == code, out.stderr
     data = json.loads(out.stdout)
-    assert set(data) == {"fits", "verdict", "peak_bytes", "peak_low_bytes", "peak_high_bytes", "usable_bytes", "headroom_bytes", "gpu", "model", "reserve_source", "band_source"}
+    assert set(data) == {"fits", "verdict", "peak_bytes", "peak_low_bytes", "peak_high_bytes", "usable_bytes", "headroom_bytes", "gpu", "model", "reserve_source", "band_source",
+                         "unmeasured_parts", "unmeasured_allowance_bytes"}
     assert data["fits"] is (code == 0) and data["verdict"] == ("fits" if code == 0 else "does not fit")
     assert data["peak_low_bytes"] <= data["peak_bytes"] <= data["peak_high_bytes"]
     assert data["headroom_bytes"] == data["usable_bytes"] - data["peak_bytes"]

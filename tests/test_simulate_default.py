@@ -216,12 +216,19 @@ def test_a_pasted_trace_past_the_build_deadline_is_refused_with_the_reason_and_t
         builder.shutdown()
 
 
-def test_a_simulated_trl_plan_says_its_band_is_still_the_formulas(default_on, client):
+def test_a_simulated_trl_plan_says_what_its_band_allows_for_the_unmeasured_fused_head(default_on, client, capsys):
     """TRL's fused head is simulated from the code but no GPU run has checked it: the plan, the
-    check, the page's verdict and the CLI say whose band it carries."""
+    check, the page's verdict and the CLI say what the band's high end allows for it."""
     body = {**SMALL, "trainer": "trl"}
     check = client.post("/api/v1/check", json=body).json()
-    assert (check["reserve_source"], check["band_source"]) == ("simulated", "formula")
-    assert client.post("/api/v1/check", json=SMALL).json()["band_source"] == "simulated"
+    assert (check["reserve_source"], check["band_source"], check["unmeasured_parts"]) == ("simulated", "simulated", ["TRL's fused LM head"])
+    allowance = check["unmeasured_allowance_bytes"]
+    assert allowance > 0
+    plain = client.post("/api/v1/check", json=SMALL).json()
+    assert (plain["unmeasured_parts"], plain["unmeasured_allowance_bytes"]) == ([], 0)
     words = Page(client.get("/", params={k: str(v) for k, v in body.items()}).text).words("verdict")
-    assert "allocator simulated (the formula’s band until a GPU run measures TRL’s fused head)" in words
+    assert f"allocator simulated (the high end allows {allowance / 2**30:.2f} GiB for TRL’s fused LM head until a GPU run measures it)" in words
+    from app.cli import main
+
+    main(["check", SMALL["model"], "--method", "lora", "--batch-size", "2", "--seq-len", "256", "--trainer", "trl", "--gpu", "L4"])
+    assert f"allocator simulated; the high end allows {allowance / 2**30:.2f} GiB for TRL's fused LM head until a GPU run measures it" in capsys.readouterr().out
