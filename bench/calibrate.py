@@ -372,10 +372,12 @@ def band_report(result: dict) -> str:
             "",
             f"Band constants written: low {sim['band']['peak_low']:+.2%} of the central figure, high {sim['band']['dynamic_high']:+.2%} of the dynamic part."
             + (f" Not simulated: {', '.join(sim['not_simulated'])}." if sim["not_simulated"] else ""),
+            *([""] + [f"Left out: published {r['id']}: {r['why']}." for r in sim["published_skipped"]] if sim.get("published_skipped") else []),
             "",
-            "| run | measured GiB | central | error | low | high | inside |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-            *[f"| {r['name']} | {r['measured']:.2f} | {r['central']:.2f} | {r['error']:+.1%} | {r['low']:.2f} | {r['high']:.2f} | {'yes' if r['inside'] else 'no'} |"
+            "| run | measured GiB | central | error | low | high | inside | width |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            *[f"| {r['name']} | {r['measured']:.2f} | {r['central']:.2f} | {r['error']:+.1%} | {r['low']:.2f} | {r['high']:.2f} | "
+              f"{'yes' if r['inside'] else 'no'} | {r['width']:.1%} |"
               for r in sim["per_run"] if r["simulated"]],
             "",
         ]
@@ -523,11 +525,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: result[k] for k in ("name", "constants", "before", "after_leave_one_out", "band", "band_leave_one_out")}, indent=2))
     if not args.no_simulate:
         print("simulating the allocator over each run's traced step...", file=sys.stderr, flush=True)
-        from published import calibration_rows
+        from published import calibration_rows, skipped_traced_cases
 
         # published runs of the stack the trace reproduces (many steps of variable-length data)
         # join the fixed-shape ones: the band is held to real data too
         result["simulated"] = simulated_check(load_runs(args.runs) + calibration_rows())
+        result["simulated"]["published_skipped"] = [{"id": case_id, "why": why} for case_id, why in skipped_traced_cases()]
         for row in result["simulated"]["per_run"]:
             print(f"{row['name']:<36} simulated " + (f"{row['error']:+6.1%}" if row["simulated"] else f"no: {row['why']}"))
         print(json.dumps({k: v for k, v in result["simulated"].items() if k != "per_run"}, indent=2))

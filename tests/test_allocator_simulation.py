@@ -129,8 +129,6 @@ def test_expandable_segments_band_allows_for_the_default_allocator_until_measure
     assert step.default_peaks is not None and step.default_peaks.peak_reserved > step.peaks.peak_reserved
     assert plan.unmeasured_parts == ["expandable segments"]
     assert plan.unmeasured_allowance_bytes == step.default_peaks.peak_reserved - step.peaks.peak_reserved
-    default = build_plan(spec, options.model_copy(update={"allocator": "default"}))
-    assert default.unmeasured_allowance_bytes == 0 and default.unmeasured_parts == []
 
 
 def test_a_run_the_trace_cannot_stand_in_for_keeps_the_formula_and_says_why():
@@ -140,9 +138,15 @@ def test_a_run_the_trace_cannot_stand_in_for_keeps_the_formula_and_says_why():
 
 
 def test_the_committed_simulated_band_is_what_the_committed_runs_give():
+    from published import calibration_rows, skipped_traced_cases
+
     committed = json.loads((ROOT / "planner" / "calibration.json").read_text())["simulated_band"]
-    # the 22 shared runs and the published PEFT-benchmark runs (bench/published.py TRACED_STACKS)
-    assert committed["runs"] == 27 and committed["central"]["within_10_percent"] == 27
+    # the 22 shared runs and the published PEFT-benchmark runs bench/published.py maps (TRACED_STACKS):
+    # a calibration made before a case was left out (or mapped) would count it differently
+    published_runs = calibration_rows()
+    assert committed["runs"] == 22 + len(published_runs) and committed["central"]["within_10_percent"] == committed["runs"]
+    assert "published PMC-5" not in {row["name"] for row in published_runs}
+    assert "TinyLoRA" in dict(skipped_traced_cases())["PMC-5"]
     assert -0.10 < committed["peak_low"] < 0 < committed["dynamic_high"] < 0.15
 
 
