@@ -366,6 +366,12 @@ def unmeasured_parts(reserve_source: str, options: TrainingOptions) -> list[str]
                                   ("expandable segments", options.allocator == "expandable_segments")) if on]
 
 
+ALLOWANCE_FOR = {
+    "TRL's fused LM head": "the fused head's whole backward buffers, as if the trace had missed them",
+    "expandable segments": "what the default allocator would reserve beyond expandable segments' model",
+}
+
+
 def unmeasured_allowance_bytes(simulated: SimulatedStep, options: TrainingOptions, components: list[Component]) -> int:
     """What the band's high end adds for the unmeasured parts: the whole of the fused head's
     backward buffers (as if the trace had missed them), and what the default allocator would reserve
@@ -390,8 +396,7 @@ def _band_note(components: list[Component], simulated: bool, gradients_bytes: in
     gradients = (f" plus {gradients_share:.0%} of the gradients ({gradients_bytes / GIB:.2f} GiB, which fragment the allocator's pool)"
                  if gradients_share and gradients_bytes >= GIB // 16 else "")
     allowance = (f" plus {allowance_bytes / GIB:.2f} GiB for {' and '.join(unmeasured)}, simulated from the code and not yet checked against a "
-                 "GPU run (the fused head's whole backward buffers; what the default allocator would reserve beyond expandable segments)"
-                 if unmeasured else "")
+                 f"GPU run ({'; '.join(ALLOWANCE_FOR[part] for part in unmeasured)})" if unmeasured else "")
     return (f"band {low / GIB:.2f} to {high / GIB:.2f} GiB around the central {sum(c.bytes for c in components) / GIB:.2f} GiB: "
             f"activations, logits, temporaries and the allocator's reserve up to {band_high:.0%} more{gradients}{allowance}, the whole up to "
             f"{-band_low:.0%} less (never below the exact weights, gradients and optimizer state), {source}; "
