@@ -18,6 +18,7 @@ from planner.fit import fewest_gpus, largest_batch, smallest_fixes
 from planner.options import TrainingOptions
 from planner.plan import GIB, Plan, build_plan
 from planner.spec import ModelSpec
+from planner.trainable import split_moe_targets
 
 Goal = Literal["style", "format", "domain", "knowledge", "alignment", "reasoning"]
 DataKind = Literal["instructions", "preference_pairs", "thumbs", "verifiable_prompts", "raw_text"]
@@ -190,7 +191,9 @@ def decide_settings(spec: ModelSpec, task: Task, method: str, stage: str) -> tup
     light = task.goal in ("style", "format")
     linear_leaves = {lin.name.rsplit(".", 1)[-1] for lin in spec.linears()}
     targets: list[str] | str = ["q_proj", "v_proj"] if light and {"q_proj", "v_proj"} <= linear_leaves else "all-linear"
-    dropout = 0.1 if task.num_examples < SMALL_DATA_EXAMPLES else 0.05
+    # PEFT's LoRA on fused MoE experts takes no dropout (planner.trainable.fused_expert_dropout)
+    experts_adapted = method in ("lora", "qlora") and bool(split_moe_targets(spec, targets)[1])
+    dropout = 0.0 if experts_adapted else 0.1 if task.num_examples < SMALL_DATA_EXAMPLES else 0.05
     epochs = 3 if task.num_examples <= 5_000 else 2 if task.num_examples <= 50_000 else 1
     family = "sft" if stage == "sft" else "rl" if stage in ("grpo", "rloo", "ppo") else "preference"
     lr = LEARNING_RATE[(family, "full" if method in ("full", "freeze") else "adapter")]
@@ -201,7 +204,8 @@ def decide_settings(spec: ModelSpec, task: Task, method: str, stage: str) -> tup
         reasons.append(
             f"Rank {rank} for {'an' if task.goal[0] in 'aeiou' else 'a'} {task.goal} goal (alpha {2 * rank}), "
             + ("q_proj and v_proj only for a light style change" if targets != "all-linear" else "all linear layers")
-            + f", dropout {dropout}" + (" for a small dataset" if dropout > 0.05 else "") + f", learning rate {lr:g}."
+            + f", dropout {dropout:g}" + (" for a small dataset" if dropout > 0.05 else " (PEFT's LoRA on fused experts takes none)" if experts_adapted else "")
+            + f", learning rate {lr:g}."
         )
     else:
         reasons.append(f"Learning rate {lr:g} for {method} training.")

@@ -70,7 +70,7 @@ from planner.step_trace import (
     simulation_memoized,
     unsupported_reason,
 )
-from planner.trainable import parameter_counts, trainable_tensors
+from planner.trainable import fused_expert_dropout, parameter_counts, trainable_tensors
 from planner.versions import MODELLED_VERSIONS
 
 GIB = 1 << 30
@@ -423,6 +423,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
     """`config`, the dict the spec was built from, lets a run other than a catalog model's be
     traced when `simulate_allocator` asks; `tracer` traces in place of step_trace.simulate_step."""
     options, gpu, gpu_notes = _on_hardware(options)
+    options, model_notes = fused_expert_dropout(spec, options)
+    gpu_notes = gpu_notes + model_notes
     static = static_components(spec, options)
     per_gpu = per_gpu_static(static, spec, options)
     trained_static = sum(c.bytes for c in per_gpu if c.family in ("weights", "gradients", "optimizer_state"))

@@ -111,6 +111,23 @@ def _trainable_key(options: TrainingOptions) -> tuple:
     )
 
 
+def fused_expert_dropout(spec: ModelSpec, options: TrainingOptions) -> tuple[TrainingOptions, list[str]]:
+    """PEFT's LoRA on fused MoE expert parameters (lora.ParamWrapper) refuses any dropout, so a run
+    with it fails before its first step: the default dropout becomes 0 (and the plan says so), a
+    dropout the user asked for is refused with the way out."""
+    if options.method not in ("lora", "qlora") or options.lora_dropout == 0:
+        return options, []
+    _, fused = split_moe_targets(spec, options.lora_targets)
+    if not fused:
+        return options, []
+    names = ", ".join(sorted({".".join(t.name.split(".")[-2:]) for t, _ in fused}))  # experts.gate_up_proj, gate.weight
+    if "lora_dropout" in options.model_fields_set:
+        raise PlanInputError("lora_dropout", f"PEFT's LoRA on fused MoE expert parameters ({names}) takes no dropout "
+                                             "(lora.ParamWrapper refuses lora_dropout != 0): set lora_dropout 0, or leave the experts out of lora_targets")
+    return (options.model_copy(update={"lora_dropout": 0.0}),
+            [f"lora_dropout 0, not the default {options.lora_dropout:g}: PEFT's LoRA on the fused MoE expert parameters ({names}) takes no dropout"])
+
+
 def _trainable_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
     method = options.method
     weights_dtype = options.effective_weights_dtype

@@ -107,6 +107,17 @@ def test_small_data_gets_more_dropout_and_more_epochs():
     assert small.settings["epochs"] > large.settings["epochs"]
 
 
+def test_lora_on_a_moe_model_s_fused_experts_is_advised_without_dropout():
+    """PEFT's LoRA on fused expert parameters refuses dropout: advice with it would not run."""
+    moe = load_catalog_spec("Qwen/Qwen3-30B-A3B")
+    advice = advise(moe, Task(goal="domain", num_examples=800), H100)
+    assert advice.method in ("lora", "qlora") and advice.settings["lora_targets"] == "all-linear"
+    assert advice.settings["lora_dropout"] == 0
+    assert any("dropout 0 (PEFT's LoRA on fused experts takes none)" in r for r in advice.reasons)
+    # both adapters stay among the ways to run it (a dropout PEFT refuses would drop one)
+    assert {"lora sft", "qlora sft"} <= {c.label for c in advice.alternatives} | {f"{advice.method} sft"}
+
+
 def test_latency_target_means_merging_the_adapter():
     advice = advise(QWEN_SMALL, Task(latency_target_ms=50), H100)
     assert any("merge the adapter" in r for r in advice.reasons)

@@ -124,3 +124,32 @@ def test_bitsandbytes_leaves_fused_3d_experts_in_16_bit(arch):
     expert_bytes = sum(p.numel() * 2 for p in experts.values())
     plan_base = next(c for c in static_components(spec_from_config(dict(TINY[arch]), arch), TrainingOptions(method="qlora")) if c.name == "weights.base")
     assert plan_base.bytes > expert_bytes  # the 16-bit experts are inside the planned base weights
+
+
+def test_lora_on_fused_experts_plans_without_dropout_as_peft_requires(tiny_specs):
+    """PEFT's LoRA on transformers 5's fused expert parameters refuses any dropout, so a run with
+    the default 0.05 would fail before its first step: the plan drops it (and says so), which PEFT
+    then accepts, and a dropout the user asked for is refused with the way out."""
+    from peft import LoraConfig, get_peft_model
+
+    from planner.errors import PlanInputError
+    from planner.plan import build_plan
+    from tests.realstack import build_model
+
+    spec = tiny_specs["mixtral"]
+    with pytest.raises(ValueError, match="does not work with lora_dropout != 0"):
+        get_peft_model(build_model(TINY["mixtral"], "bf16"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.05))
+
+    plan = build_plan(spec, TrainingOptions(method="lora", gpu_memory_gib=80))
+    assert plan.options.lora_dropout == 0
+    assert any("lora_dropout 0, not the default 0.05: PEFT's LoRA on the fused MoE expert parameters (experts.down_proj" in a for a in plan.assumptions)
+    peft_model = get_peft_model(build_model(TINY["mixtral"], "bf16"), LoraConfig(r=plan.options.lora_r, target_modules="all-linear",
+                                                                              lora_dropout=plan.options.lora_dropout))
+    assert parameter_counts(spec, plan.options)["trainable"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+    with pytest.raises(PlanInputError, match="takes no dropout .* set lora_dropout 0, or leave the experts out of lora_targets") as refused:
+        build_plan(spec, TrainingOptions(method="lora", gpu_memory_gib=80, lora_dropout=0.1))
+    assert refused.value.field == "lora_dropout"
+    # attention-only targets are plain Linears: their dropout stays
+    attention_only = build_plan(spec, TrainingOptions(method="lora", gpu_memory_gib=80, lora_dropout=0.1, lora_targets=["q_proj", "v_proj"]))
+    assert attention_only.options.lora_dropout == 0.1
