@@ -248,7 +248,9 @@ def _with_batch(spec: ModelSpec, options: TrainingOptions) -> tuple[Plan, dict, 
             else f" ({micro} is the largest that fits)."
         )
         + f" It needs {_needs(plan)} of {_gib(plan.usable_bytes)} usable."
-        + (f" Micro-batch {found.beyond_value} would need {found.beyond_peak_bytes / GIB:.1f} GiB (up to {found.beyond_peak_high_bytes / GIB:.1f}): {found.beyond_verdict}."
+        + (f" Micro-batch {found.beyond_value} would need {found.beyond_peak_bytes / GIB:.1f} GiB (up to {found.beyond_peak_high_bytes / GIB:.1f}): {found.beyond_verdict}"
+           + (f" by the formula's band, which searches use; a plan of micro-batch {found.beyond_value} alone simulates the allocator, "
+              "and its narrower band may fit." if found.beyond_verdict == "tight" and plan.could_simulate else ".")
            if found.beyond_value is not None else "")
     ]
     # checkpointing costs a third more compute: drop it when the same micro-batch fits without

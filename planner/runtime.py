@@ -131,15 +131,19 @@ def reserve_inputs(components: list[Component]) -> tuple[int, int]:
     return recompute, logits
 
 
-def simulated_runtime_components(peak_reserved: int, tensors_at_peak: int, allocations: int, steps: int, cal: Calibration | None = None) -> list[Component]:
-    """The CUDA context and the reserve that brings the plan's tensors up to the simulated reserved peak."""
+def simulated_runtime_components(peak_reserved: int, tensors_at_peak: int, allocations: int, steps: int, cal: Calibration | None = None,
+                                 outside_allocator_bytes: int = 0) -> list[Component]:
+    """The CUDA context and the reserve that brings the plan's tensors up to the simulated reserved
+    peak; `outside_allocator_bytes` of those tensors (paged optimizer state) are not in that pool."""
     cal = cal or calibration()
-    reserve = max(0, peak_reserved - tensors_at_peak)
+    reserve = max(0, peak_reserved - (tensors_at_peak - outside_allocator_bytes))
+    outside = (f"; {outside_allocator_bytes / GIB:.2f} GiB of paged optimizer state lives outside it, in CUDA managed memory, "
+               "counted as resident" if outside_allocator_bytes else "")
     return [
         Component("runtime.cuda_context", cal.cuda_context_bytes, f"CUDA context and library workspaces (calibration {cal.name})"),
         Component("runtime.allocator", reserve,
                   f"caching-allocator reserve: PyTorch's allocator replayed over this run's {allocations:,} allocations in {steps} traced steps "
-                  f"reserves {peak_reserved / GIB:.2f} GiB at its peak, {reserve / GIB:.2f} GiB above the planned tensors"),
+                  f"reserves {peak_reserved / GIB:.2f} GiB at its peak, {reserve / GIB:.2f} GiB above the planned tensors in it{outside}"),
     ]
 
 

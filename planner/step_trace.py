@@ -46,9 +46,12 @@ from planner.options import TrainingOptions
 STEPS = 2  # the first allocates the optimizer state; a third repeats the second (148 catalog steps: identical peaks, bench/results/simulated-matrix-2026-11-28.jsonl)
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace on Hopper, taken from the caching allocator
 SIMULATED_METHODS = ("full", "lora", "qlora", "dora", "ia3")
-SIMULATED_OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_8bit", "sgd", "adafactor")
+SIMULATED_OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor")
 EIGHT_BIT_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit states for smaller tensors
 EIGHT_BIT_BLOCK = 256
+# bitsandbytes' paged optimizers put the states of a parameter this large in CUDA managed memory,
+# outside PyTorch's caching allocator (Optimizer8bit.get_state_buffer); smaller ones stay in it
+PAGED_MIN_NUMEL = 100_000
 
 
 # The stand-ins patch torch.nn.functional for the whole process while a trace runs, and a
@@ -97,9 +100,14 @@ class SimulatedStep:
     peaks: AllocatorPeaks
     steps: int
     seconds: float
+    # paged optimizer states: resident GPU memory the caching allocator never sees
+    outside_allocator_bytes: int = 0
     # the same events under the default allocator, for a plan with expandable segments: until a GPU
     # run measures them, the band's high end allows for whichever of the two reserves more
     default_peaks: AllocatorPeaks | None = None
+    # the same events with the paged states in the pool, as if paging were no better than the
+    # non-paged optimizer: until a GPU run measures it, the band's high end allows for that
+    in_pool_peaks: AllocatorPeaks | None = None
 
 
 def unsupported_reason(options: TrainingOptions) -> str | None:
@@ -173,6 +181,10 @@ class _Tracer:
         self._handles[cdata] = self._next
         self.events.append(("alloc", self._next, storage.nbytes()))
         weakref.finalize(storage, self._died, cdata, self._next)
+
+    def handle_of(self, tensor) -> int:
+        """The event handle of a live recorded tensor's storage."""
+        return self._handles[tensor.untyped_storage()._cdata]
 
     def dispatch(self, func, args, kwargs):
         import torch
@@ -420,20 +432,23 @@ def _real_optimizer(options: TrainingOptions, trainable: list):
 
 
 def _optimizer_state(param, optimizer: str, shared: dict) -> tuple:
+    """A bitsandbytes or fused AdamW state as its first step allocates it; a paged optimizer's
+    large states are listed in shared["paged"], which the replay leaves out of the pool."""
     import torch
 
-    if optimizer == "adamw_8bit" and param.numel() >= EIGHT_BIT_MIN_NUMEL:
+    def state_buffers(dtype):
+        buffers = (torch.zeros(param.shape, dtype=dtype, device="meta"), torch.zeros(param.shape, dtype=dtype, device="meta"))
+        if optimizer.startswith("paged_") and param.numel() >= PAGED_MIN_NUMEL:
+            shared.setdefault("paged", []).extend(buffers)
+        return buffers
+
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit") and param.numel() >= EIGHT_BIT_MIN_NUMEL:
         if "quantile_maps" not in shared:
             shared["quantile_maps"] = (torch.empty(256, device="meta"), torch.empty(256, device="meta"))
         blocks = -(-param.numel() // EIGHT_BIT_BLOCK)
-        return (
-            torch.zeros(param.shape, dtype=torch.uint8, device="meta"),
-            torch.zeros(param.shape, dtype=torch.uint8, device="meta"),
-            torch.zeros(blocks, device="meta"),
-            torch.zeros(blocks, device="meta"),
-        )
-    if optimizer == "adamw_8bit":
-        return (torch.zeros_like(param, dtype=torch.float32), torch.zeros_like(param, dtype=torch.float32))
+        return (*state_buffers(torch.uint8), torch.zeros(blocks, device="meta"), torch.zeros(blocks, device="meta"))
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        return state_buffers(torch.float32)
     # fused AdamW: a step counter on the device, then exp_avg and exp_avg_sq per parameter
     return (torch.zeros((), dtype=torch.float32, device="meta"), torch.zeros_like(param), torch.zeros_like(param))
 
@@ -552,8 +567,15 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a model whose forward needs real data (MoE routing)
         raise SimulationUnsupported(f"the step could not be traced: {str(exc)[:200]}") from None
-    default_peaks = replay(tracer.events, "default") if options.allocator != "default" else None
-    return SimulatedStep(replay(tracer.events, options.allocator), steps, time.perf_counter() - started, default_peaks)
+    # a paged optimizer's large states live in CUDA managed memory: not in the pool
+    paged = {tracer.handle_of(buffer) for buffer in state.get("paged", ())}
+    events = [event for event in tracer.events if event[1] not in paged]
+    return SimulatedStep(
+        replay(events, options.allocator), steps, time.perf_counter() - started,
+        outside_allocator_bytes=sum(buffer.untyped_storage().nbytes() for buffer in state.get("paged", ())),
+        default_peaks=replay(events, "default") if options.allocator != "default" else None,
+        in_pool_peaks=replay(tracer.events, options.allocator) if paged else None,
+    )
 
 
 def _config_for(spec) -> dict:

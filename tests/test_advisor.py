@@ -130,6 +130,19 @@ def test_micro_batch_and_accumulation_give_the_effective_batch():
     assert advice.plan.options.batch_size == settings["batch_size"] and advice.plan.fits
 
 
+def test_a_micro_batch_tight_by_the_formula_points_to_the_simulated_plan():
+    """Searches use the formula's band; a single plan of the next micro-batch simulates the
+    allocator and may fit, so the advice says so where the trace covers the run (paged 8-bit AdamW
+    included), and not where it cannot."""
+    options = TrainingOptions(gpu="RTX 4000 Ada", seq_len=4096)
+    advice = advise(LLAMA13B, Task(goal="domain", num_examples=20_000), options)
+    assert advice.settings["optimizer"] == "paged_adamw_8bit" and advice.settings["batch_size"] == 1
+    assert any("Micro-batch 2 would need" in r and ": tight by the formula's band, which searches use; a plan of micro-batch 2 alone "
+               "simulates the allocator" in r for r in advice.reasons)
+    two_gpus = advise(LLAMA13B, Task(goal="domain", num_examples=20_000), options.model_copy(update={"num_gpus": 2, "parallelism": "ddp"}))
+    assert not any("simulates the allocator" in r for r in two_gpus.reasons)
+
+
 def test_flagship_micro_batch_fits_at_the_high_end():
     """Llama-2-13B QLoRA on an RTX 4000 Ada (issue 12): the advice once said micro-batch 4 at a
     central 15.4 GiB "and up to 6 would fit", where a measured run of the same tokens held

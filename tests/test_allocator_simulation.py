@@ -131,6 +131,36 @@ def test_expandable_segments_band_allows_for_the_default_allocator_until_measure
     assert plan.unmeasured_allowance_bytes == step.default_peaks.peak_reserved - step.peaks.peak_reserved
 
 
+def test_a_paged_optimizer_s_large_states_live_outside_the_pool_and_the_band_allows_for_them_in_it():
+    """bitsandbytes puts a paged optimizer's states of 100,000 values or more in CUDA managed
+    memory, outside PyTorch's caching allocator; until a GPU run measures that, the high end allows
+    for what the step would hold were they in the pool (the non-paged optimizer's trace)."""
+    import inspect
+
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+
+    from planner.step_trace import PAGED_MIN_NUMEL
+
+    assert "p.numel() < 1e5" in inspect.getsource(Optimizer8bit.get_state_buffer) and PAGED_MIN_NUMEL == 100_000
+    spec = load_catalog_spec("HuggingFaceTB/SmolLM2-135M")
+    config = json.loads((CONFIGS_DIR / f"{file_stem('HuggingFaceTB/SmolLM2-135M')}.json").read_text())
+    options = {"method": "full", "trainer": "hf", "batch_size": 2, "seq_len": 512, "gpu_memory_gib": 80}
+    paged = simulate_step(config, TrainingOptions(optimizer="paged_adamw_8bit", **options))
+    in_pool = simulate_step(config, TrainingOptions(optimizer="adamw_8bit", **options))
+    large = sum(t.numel for t in spec.tensors if t.numel >= PAGED_MIN_NUMEL)
+    assert paged.outside_allocator_bytes == 2 * large > 0  # two uint8 states a value
+    assert paged.in_pool_peaks == in_pool.peaks and paged.peaks.peak_reserved < in_pool.peaks.peak_reserved
+
+    plan = build_plan(spec, TrainingOptions(optimizer="paged_adamw_8bit", simulate_allocator=True, **options))
+    assert plan.unmeasured_parts == ["paged optimizer state"]
+    assert plan.unmeasured_allowance_bytes == max(0, in_pool.peaks.peak_reserved - paged.peaks.peak_reserved - paged.outside_allocator_bytes)
+    context = calibration().cuda_context_bytes
+    # the central figure: the pool's peak plus the paged states, counted as resident
+    assert plan.peak_bytes == paged.peaks.peak_reserved + paged.outside_allocator_bytes + context
+    assert plan.peak_high_bytes >= in_pool.peaks.peak_reserved + context
+    assert any("of paged optimizer state lives outside it, in CUDA managed memory" in c.note for c in plan.components)
+
+
 def test_a_run_the_trace_cannot_stand_in_for_keeps_the_formula_and_says_why():
     spec = load_catalog_spec("meta-llama/Llama-3.2-1B")
     plan = build_plan(spec, TrainingOptions(gpu_memory_gib=80, num_gpus=2, parallelism="zero3", simulate_allocator=True, trainer="hf"))
