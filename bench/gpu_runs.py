@@ -82,6 +82,9 @@ MATRIX = (
     _run("l1b-full-b4s1024-gc-trl", L1B, method="full", batch_size=4, seq_len=1024, gradient_checkpointing=True, trainer="trl"),
     _run("l1b-full-b4s1024-gc-trl-exp", L1B, method="full", batch_size=4, seq_len=1024, gradient_checkpointing=True, trainer="trl",
          allocator="expandable_segments"),
+    # bitsandbytes' paged 8-bit AdamW (QLoRA's usual optimizer): its large states outside the pool
+    _run("l1b-full-b4s1024-gc-hf-paged8bit", L1B, method="full", batch_size=4, seq_len=1024, gradient_checkpointing=True, trainer="hf",
+         optimizer="paged_adamw_8bit"),
     # a committed run (l1b-lora16all-b8s2048-gc, no autocast) again under autocast, and with expandable segments
     _run("l1b-lora16all-b8s2048-gc-hf-autocast", L1B, method="lora", batch_size=8, seq_len=2048, gradient_checkpointing=True, trainer="hf"),
     _run("l1b-lora16all-b8s2048-gc-hf-autocast-exp", L1B, method="lora", batch_size=8, seq_len=2048, gradient_checkpointing=True, trainer="hf",
@@ -95,7 +98,7 @@ MATRIX = (
     _run("l1b-qlora16all-b2s2048-gc-trl", L1B, method="qlora", batch_size=2, seq_len=2048, gradient_checkpointing=True, trainer="trl"),
     _run("l1b-dora16all-b4s1024-gc-trl", L1B, method="dora", batch_size=4, seq_len=1024, gradient_checkpointing=True, trainer="trl"),
 )
-QUICK = 6
+QUICK = 7
 
 
 def run_by_name(name: str) -> Run:
@@ -130,8 +133,14 @@ def train_steps(run: Run, device: str = "cuda", config: dict | None = None) -> f
         extra["fused_lm_head"] = True
     model = apply_method(model, options["method"], LORA_R, options["gradient_checkpointing"])
     model.train()
-    # fused AdamW, the plan's adamw (CPU has a fused kernel too)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if options["optimizer"] == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW8bit(trainable, lr=1e-5)
+    else:
+        # fused AdamW, the plan's adamw (CPU has a fused kernel too)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     ids = torch.randint(3, config["vocab_size"], (options["batch_size"], options["seq_len"]), device=device)
     started = time.perf_counter()
     for _ in range(STEPS):

@@ -22,6 +22,7 @@ def test_run_names_are_unique_and_the_quick_set_covers_what_the_committed_runs_l
     assert any(o.get("allocator") == "expandable_segments" for o in quick)
     assert any(o["trainer"] == "trl" for o in quick)
     assert any(o.get("autocast", True) and o["trainer"] == "hf" for o in quick)
+    assert any(o["optimizer"] == "paged_adamw_8bit" for o in quick)
 
 
 @pytest.mark.parametrize("run", gpu_runs.MATRIX, ids=lambda run: run.name)
@@ -43,7 +44,7 @@ def test_without_a_gpu_the_script_says_so_in_one_line_and_exits_2():
 
 
 @pytest.mark.parametrize("name", ["l1b-lora16all-b4s2048-gc-trl", "l1b-lora16all-b8s2048-gc-hf-autocast", "l1b-qlora16all-b2s2048-gc-trl",
-                                  "l1b-dora16all-b4s1024-gc-trl", "l1b-lora16all-b2s2048-trl"])
+                                  "l1b-dora16all-b4s1024-gc-trl", "l1b-lora16all-b2s2048-trl", "l1b-full-b4s1024-gc-hf-paged8bit"])
 def test_the_training_steps_run_on_cpu_with_a_tiny_model_of_the_same_family(name):
     """The code a GPU session would run, end to end on CPU (the model shrunk, the batch one short
     sequence): a broken step costs here seconds, there a share of fifteen minutes."""
