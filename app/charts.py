@@ -76,7 +76,8 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
     parts = family_totals(plan)
     scale_max = max(plan.peak_high_bytes, plan.gpu.memory_bytes, scale_bytes or 0) or 1
     bar_y, bar_h = 22, 28
-    legend_rows = 0 if compact else (len(parts) + 1) // 2
+    legend_entries = len(parts) + (1 if plan.unmeasured_allowance_bytes else 0)
+    legend_rows = 0 if compact else (legend_entries + 1) // 2
     height = bar_y + bar_h + 22 + legend_rows * 18
     prefix = f"m{abs(hash((plan.model_name, plan.options.method, plan.peak_bytes))) % 10**8}"
     defs = [_pattern_def(family, f"{prefix}-{family}") for family, _ in parts]
@@ -94,12 +95,22 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
     verdict = plan.verdict
     low_x, high_x = _pct(plan.peak_low_bytes, scale_max), min(_pct(plan.peak_high_bytes, scale_max), 99.8)
     band = f"band {plan.peak_low_bytes / GIB:.2f} to {plan.peak_high_bytes / GIB:.2f} GiB"
+    # the high end's allowance for parts no GPU run has measured is drawn dashed: the part of the
+    # band that is a hedge, not a measured error
+    allowance = plan.unmeasured_allowance_bytes
+    measured_x = _pct(plan.peak_high_bytes - allowance, scale_max) if allowance else high_x
     shapes.append(
         f'<g stroke="currentColor" stroke-width="1.5"><title>{band}</title>'
-        f'<line x1="{low_x:.2f}%" y1="{bar_y - 3}" x2="{high_x:.2f}%" y2="{bar_y - 3}"/>'
+        f'<line x1="{low_x:.2f}%" y1="{bar_y - 3}" x2="{measured_x:.2f}%" y2="{bar_y - 3}"/>'
         f'<line x1="{low_x:.2f}%" y1="{bar_y - 6}" x2="{low_x:.2f}%" y2="{bar_y}"/>'
         f'<line x1="{high_x:.2f}%" y1="{bar_y - 6}" x2="{high_x:.2f}%" y2="{bar_y}"/></g>'
     )
+    if allowance:
+        shapes.append(
+            f'<line class="allowance" x1="{measured_x:.2f}%" y1="{bar_y - 3}" x2="{high_x:.2f}%" y2="{bar_y - 3}" stroke="currentColor" '
+            f'stroke-width="1.5" stroke-dasharray="3 2"><title>{allowance / GIB:.2f} GiB allowed for {escape(" and ".join(plan.unmeasured_parts))} '
+            "until a GPU run measures it</title></line>"
+        )
     shapes.append(f'<line x1="{usable_x:.2f}%" y1="{bar_y - 6}" x2="{usable_x:.2f}%" y2="{bar_y + bar_h + 6}" stroke="currentColor" stroke-width="2" stroke-dasharray="4 2"/>')
     shapes.append(f'<line x1="{min(total_x, 99.8):.2f}%" y1="{bar_y - 6}" x2="{min(total_x, 99.8):.2f}%" y2="{bar_y + bar_h + 6}" stroke="currentColor" stroke-width="1"/>')
     # the label sits on the side of the line with room for it (about 170 px of text)
@@ -116,6 +127,12 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
             shapes.append(f'<rect x="{column}" y="{ly}" width="14" height="12" fill="{_fill(family, prefix)}" stroke="currentColor"/>')
             # 20 px past the swatch, whatever the width
             shapes.append(f'<text x="{column}" dx="20" y="{ly + 10}" font-size="12" fill="currentColor">{escape(family.replace("_", " "))}: {size / GIB:.2f} GiB</text>')
+        if allowance:
+            column = "0%" if len(parts) % 2 == 0 else "50%"
+            ly = bar_y + bar_h + 26 + (len(parts) // 2) * 18
+            shapes.append(f'<svg x="{column}" y="{ly}" width="14" height="12" overflow="visible"><line x1="0" y1="6" x2="14" y2="6" stroke="currentColor" '
+                          'stroke-width="1.5" stroke-dasharray="3 2"/></svg>')
+            shapes.append(f'<text x="{column}" dx="20" y="{ly + 10}" font-size="12" fill="currentColor">unmeasured allowance: {allowance / GIB:.2f} GiB</text>')
     title = f"Memory per GPU: {plan.peak_bytes / GIB:.2f} GiB predicted ({band}), {plan.usable_bytes / GIB:.2f} GiB usable ({verdict})"
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="100%" height="{height}" role="img" aria-label="{escape(title)}">'

@@ -226,8 +226,13 @@ def test_a_simulated_trl_plan_says_what_its_band_allows_for_the_unmeasured_fused
     assert allowance > 0
     plain = client.post("/api/v1/check", json=SMALL).json()
     assert (plain["unmeasured_parts"], plain["unmeasured_allowance_bytes"]) == ([], 0)
-    words = Page(client.get("/", params={k: str(v) for k, v in body.items()}).text).words("verdict")
+    html = client.get("/", params={k: str(v) for k, v in body.items()}).text
+    words = Page(html).words("verdict")
     assert f"allocator simulated (the high end allows {allowance / 2**30:.2f} GiB for TRL’s fused LM head until a GPU run measures it)" in words
+    # the chart's band bracket draws the allowance dashed, with what it is for
+    assert 'class="allowance"' in html and f"{allowance / 2**30:.2f} GiB allowed for TRL" in html
+    assert f"unmeasured allowance: {allowance / 2**30:.2f} GiB" in html  # its legend entry
+    assert 'class="allowance"' not in client.get("/", params={k: str(v) for k, v in SMALL.items()}).text
     from app.cli import main
 
     main(["check", SMALL["model"], "--method", "lora", "--batch-size", "2", "--seq-len", "256", "--trainer", "trl", "--gpu", "L4"])
