@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["VRAMPLAN_TRACE_CACHE"] = "off"  # a trace read from the disk cache would time nothing
     from planner.catalog import load_catalog_spec
     from planner.options import TrainingOptions
     from planner.plan import build_plan

@@ -17,6 +17,7 @@ import argparse
 import datetime
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"simulated-matrix-{date}.jsonl")
     args = parser.parse_args(argv)
+    os.environ["VRAMPLAN_TRACE_CACHE"] = "off"  # every row traced now, with its own seconds
     from planner.catalog import load_catalog_spec
     from planner.options import TrainingOptions
     from planner.step_trace import STEPS, simulated_for

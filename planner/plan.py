@@ -469,7 +469,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
     allocator_name = "caching allocator with expandable_segments:True" if options.allocator == "expandable_segments" else "default caching allocator"
     if isinstance(simulated, SimulatedStep):
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), simulated over this run's allocations traced on the meta device "
-                           f"({simulated.peaks.allocations:,} in {simulated.steps} steps, {simulated.seconds:.1f} s); CUDA context from calibration {calibration().name}")
+                           f"({simulated.peaks.allocations:,} in {simulated.steps} steps, {simulated.seconds:.1f} s"
+                           + (", kept in the trace cache" if simulated.cached else "") + f"); CUDA context from calibration {calibration().name}")
     else:
         why_not = f"; no simulation: {simulated}" if isinstance(simulated, str) else ""
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}{why_not}")

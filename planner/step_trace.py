@@ -29,6 +29,7 @@ classes (planner/introspect.py builds them the same way).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -39,6 +40,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 
+from planner import trace_cache
 from planner.allocator import AllocatorPeaks, replay
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
@@ -108,6 +110,19 @@ class SimulatedStep:
     # the same events with the paged states in the pool, as if paging were no better than the
     # non-paged optimizer: until a GPU run measures it, the band's high end allows for that
     in_pool_peaks: AllocatorPeaks | None = None
+    # read from the disk cache (planner/trace_cache.py), not traced in this process
+    cached: bool = False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"cached": False}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SimulatedStep:
+        def peaks(value):
+            return AllocatorPeaks(**value) if value is not None else None
+
+        return cls(peaks(data["peaks"]), data["steps"], data["seconds"], data["outside_allocator_bytes"],
+                   peaks(data["default_peaks"]), peaks(data["in_pool_peaks"]), cached=True)
 
 
 def unsupported_reason(options: TrainingOptions) -> str | None:
@@ -604,7 +619,10 @@ def simulated_for(spec, options: TrainingOptions, config: dict | None = None, tr
     def compute():
         try:
             found = dict(config) if config is not None else _config_for(spec)
-            return (tracer or simulate_step)({k: v for k, v in found.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}, options)
+            traced = {k: v for k, v in found.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}
+            if tracer is not None:  # a pasted config, traced in the server's build worker: kept in memory only
+                return tracer(traced, options)
+            return _traced_or_cached(traced, options)
         except SimulationUnsupported as exc:
             return str(exc)
 
@@ -614,10 +632,26 @@ def simulated_for(spec, options: TrainingOptions, config: dict | None = None, tr
         return str(exc)
 
 
-def _simulation_key(options: TrainingOptions, config: dict | None) -> tuple:
+def _traced_or_cached(config: dict, options: TrainingOptions) -> SimulatedStep:
+    key = trace_cache.trace_key(config, _traced_options(options))
+    found = trace_cache.load(key)
+    if found is not None:
+        try:
+            return SimulatedStep.from_json(found)
+        except (KeyError, TypeError):
+            pass  # an entry of another shape: trace again
+    step = simulate_step(config, options)
+    trace_cache.store(key, step.to_json())
+    return step
+
+
+def _traced_options(options: TrainingOptions) -> str:
     # the GPU and the headroom do not change the step: a cheapest-GPU search traces it once
-    traced = options.model_dump_json(exclude={"gpu", "gpu_memory_gib", "headroom"})
-    return ("simulated_step", traced, repr(sorted(config.items())) if config else None)
+    return options.model_dump_json(exclude={"gpu", "gpu_memory_gib", "headroom"})
+
+
+def _simulation_key(options: TrainingOptions, config: dict | None) -> tuple:
+    return ("simulated_step", _traced_options(options), repr(sorted(config.items())) if config else None)
 
 
 def simulation_memoized(spec, options: TrainingOptions, config: dict | None = None) -> bool:

@@ -7,6 +7,8 @@ os.environ.setdefault("VRAMPLAN_ALLOWED_HOSTS", "localhost,127.0.0.1,::1,testser
 # A single plan simulates the allocator by default (seconds each): the suite plans hundreds, so it
 # uses the formula unless a test asks; tests of the default unset this (tests/test_simulate_default.py)
 os.environ.setdefault("VRAMPLAN_SIMULATE_ALLOCATOR", "off")
+# traces are not kept on disk between tests (nor in the developer's cache); tests/test_trace_cache.py asks
+os.environ.setdefault("VRAMPLAN_TRACE_CACHE", "off")
 # the app makes its token and run store in the data dir at start: never the developer's own
 import tempfile  # noqa: E402
 
