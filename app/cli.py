@@ -105,14 +105,15 @@ def _validation_message(exc: ValidationError) -> str:
 def _plan(args):
     from planner.catalog import local_config, resolve_model
     from planner.plan import build_plan
-    from planner.step_trace import single_plan_options
+    from planner.step_trace import single_plan_options, trace_pending
 
     spec = resolve_model(args.model)
     options = single_plan_options(spec, _parse_options(args))
-    if options.simulate_allocator and sys.stderr.isatty():
-        # seconds of tracing: say so, where a person is watching
-        print("tracing two training steps on the meta device to simulate the allocator...", file=sys.stderr, flush=True)
-    return spec, options, build_plan(spec, options, config=local_config(args.model))
+    config = local_config(args.model)
+    if sys.stderr.isatty() and trace_pending(spec, options, config):
+        # seconds of tracing: say so, where a person is watching (not for a trace kept from before)
+        print("tracing two training steps on the meta device to simulate the allocator (kept for the next check)...", file=sys.stderr, flush=True)
+    return spec, options, build_plan(spec, options, config=config)
 
 
 def cmd_params(args) -> int:

@@ -619,7 +619,7 @@ def simulated_for(spec, options: TrainingOptions, config: dict | None = None, tr
     def compute():
         try:
             found = dict(config) if config is not None else _config_for(spec)
-            traced = {k: v for k, v in found.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}
+            traced = _traced_config(found)
             if tracer is not None:  # a pasted config, traced in the server's build worker: kept in memory only
                 return tracer(traced, options)
             return _traced_or_cached(traced, options)
@@ -652,6 +652,22 @@ def _traced_options(options: TrainingOptions) -> str:
 
 def _simulation_key(options: TrainingOptions, config: dict | None) -> tuple:
     return ("simulated_step", _traced_options(options), repr(sorted(config.items())) if config else None)
+
+
+def trace_pending(spec, options: TrainingOptions, config: dict | None = None) -> bool:
+    """simulated_for would trace now (seconds): not memoized, not refused, not in the disk cache."""
+    if not options.simulate_allocator or simulation_memoized(spec, options, config):
+        return False
+    try:
+        found = dict(config) if config is not None else _config_for(spec)
+    except SimulationUnsupported:
+        return False
+    return trace_cache.load(trace_cache.trace_key(_traced_config(found), _traced_options(options))) is None
+
+
+def _traced_config(config: dict) -> dict:
+    # what only names the checkpoint's classes and dtype: the trace builds its own
+    return {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}
 
 
 def simulation_memoized(spec, options: TrainingOptions, config: dict | None = None) -> bool:

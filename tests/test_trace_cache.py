@@ -91,3 +91,22 @@ def test_the_cli_run_twice_traces_once(tmp_path):
     assert first["peak_bytes"] == second["peak_bytes"] and first["reserve_source"] == "simulated"
     assert any("kept in the trace cache" in a for a in second["assumptions"])
     assert not any("kept in the trace cache" in a for a in first["assumptions"])
+
+
+def test_the_cli_says_it_is_tracing_only_when_a_trace_will_run(cache, tmp_path, monkeypatch, capsys):
+    from app.cli import main
+
+    monkeypatch.setenv("VRAMPLAN_SIMULATE_ALLOCATOR", "on")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(_config()))
+    args = ["check", str(config), "--method", "lora", "--batch-size", "2", "--seq-len", "64", "--trainer", "hf", "--gpu-memory-gib", "24"]
+    main(args)
+    assert "tracing two training steps on the meta device" in capsys.readouterr().err
+    main(args)
+    assert "tracing" not in capsys.readouterr().err
+    # a new process (a fresh spec, nothing memoized) finds the trace on disk: nothing pending
+    options = TrainingOptions(method="lora", batch_size=2, seq_len=64, trainer="hf", simulate_allocator=True)
+    assert not step_trace.trace_pending(spec_from_config(_config(), "tiny"), options, _config())
+    monkeypatch.setenv("VRAMPLAN_TRACE_CACHE", "off")
+    assert step_trace.trace_pending(spec_from_config(_config(), "tiny"), options, _config())
