@@ -205,6 +205,7 @@ def test_the_markdown_summary_says_model_gpu_verdict_band_and_components(client)
     for component in plan["components"]:
         assert f"| `{component['name']}` | {component['bytes'] / GIB:.2f} |" in text
     assert twin["reproduce"]["cli"] in text
+    assert f"- Allocator reserve: from the calibrated formula ({plan['calibration']})" in text
     download = client.get(page.attrs["markdown-link"]["href"])
     assert download.text.strip() == text.strip()
     assert download.headers["content-type"].startswith("text/markdown")

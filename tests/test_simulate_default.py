@@ -232,6 +232,8 @@ def test_a_simulated_trl_plan_says_what_its_band_allows_for_the_unmeasured_fused
     # the chart's band bracket draws the allowance dashed, with what it is for
     assert 'class="allowance"' in html and f"{allowance / 2**30:.2f} GiB allowed for TRL" in html
     assert f"unmeasured allowance: {allowance / 2**30:.2f} GiB" in html  # its legend entry
+    assert (f"- Allocator reserve: simulated over the run's traced allocations; the band's high end allows {allowance / 2**30:.2f} GiB "
+            "for TRL's fused LM head until a GPU run measures it") in Page(html).text["markdown-summary"]
     assert 'class="allowance"' not in client.get("/", params={k: str(v) for k, v in SMALL.items()}).text
     from app.cli import main
 
