@@ -20,8 +20,9 @@ What runs differently on a GPU is stood in for, each in a few lines below:
 - the optimizer: fused AdamW's and bitsandbytes' AdamW8bit's states are allocated as they
   allocate them on the first step (their update allocates nothing); foreach AdamW, SGD and
   Adafactor run as themselves, temporaries included;
-- TRL's fused LM head: its buffers, fp32 gradient accumulators and casts (its Triton kernels fold
-  each logits tile in place).
+- TRL's fused LM head: TRL's own autograd function runs, with the kernels CUDA runs in place (the
+  Triton folds of each logits tile, cuBLAS's fp32-output addmm) allocating nothing, and autocast
+  answered for meta tensors.
 
 Nothing runs that a config names: no remote code, and the config only sizes transformers' own
 classes (planner/introspect.py builds them the same way).
@@ -46,6 +47,8 @@ from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 
 STEPS = 2  # the first allocates the optimizer state; a third repeats the second (148 catalog steps: identical peaks, bench/results/simulated-matrix-2026-11-28.jsonl)
+# what TRL 1.16's SFTTrainer asks its fused LM head for (entropy and is_top1 feed its metrics)
+SFT_FUSED_OUTPUTS = ("log_probs", "entropy", "is_top1")
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace on Hopper, taken from the caching allocator
 SIMULATED_METHODS = ("full", "lora", "qlora", "dora", "ia3")
 SIMULATED_OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor")
@@ -250,61 +253,27 @@ def _flash_attention():
     return FlashAttention
 
 
-def _trl_fused_head(compute_dtype, autocast: bool):
-    import torch
+def _in_place(*args, **kwargs) -> None:
+    """A kernel that works in place on CUDA: it allocates nothing."""
 
-    from planner.logits import TRL_TOKEN_TILE as token_tile
 
-    def cast(tensor):
-        return tensor.to(compute_dtype) if autocast else tensor
+class _AutocastOnMeta:
+    """The `torch` TRL's fused head sees during a trace: CUDA's autocast does not act on meta
+    tensors, so it answers for the run's autocast (TRL asks it for the dtype of its tiles)."""
 
-    def cast_tiles(hidden, weight, chunk_size):
-        # each token tile of the hidden states, and each vocabulary slice of the head, in the
-        # compute dtype for its matmul (copies only where autocast casts)
-        for token_start in range(0, hidden.shape[0], token_tile):
-            hidden_chunk = cast(hidden[token_start:token_start + token_tile])
-            for start in range(0, weight.shape[0], chunk_size):
-                cast(weight[start:start + chunk_size])
-            del hidden_chunk
+    def __init__(self, autocast: bool, compute_dtype):
+        import torch
 
-    class FusedHead(torch.autograd.Function):
-        """TRL's chunked log-prob LM head as a CUDA run has it: Triton folds each logits tile in
-        place and cuBLAS accumulates in fp32, so only its buffers and casts allocate."""
+        self._torch, self._autocast, self._dtype = torch, autocast, compute_dtype
 
-        @staticmethod
-        def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, outputs=("log_probs",)):
-            tokens = hidden.shape[0]
-            fp32 = {"device": hidden.device, "dtype": torch.float32}
-            running_max, sum_exp = torch.empty(tokens, **fp32), torch.empty(tokens, **fp32)
-            statistics = [torch.empty(tokens, **fp32) for _ in range(4)]
-            target_logit = torch.empty(tokens, **fp32)
-            tile = torch.empty(min(tokens, token_tile), chunk_size, device=hidden.device, dtype=cast(hidden).dtype)
-            cast_tiles(hidden, weight, chunk_size)
-            del tile, statistics
-            log_z = running_max + torch.log(sum_exp)
-            log_probs = target_logit - log_z
-            ctx.save_for_backward(hidden, weight, bias, targets, log_z)
-            ctx.chunk_size = chunk_size
-            return log_probs, None, None, None, None
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
 
-        @staticmethod
-        def backward(ctx, grad_log_probs, *_):
-            hidden, weight, bias, _targets, _log_z = ctx.saved_tensors
-            needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-            tokens, chunk_size = hidden.shape[0], ctx.chunk_size
-            grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if needs_hidden else None
-            grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if needs_weight else None
-            grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if needs_bias else None
-            tile = torch.empty(min(tokens, token_tile), chunk_size, device=hidden.device, dtype=cast(hidden).dtype)
-            grad_log_probs = grad_log_probs.float().contiguous()
-            cast_tiles(hidden, weight, chunk_size)
-            del tile
-            return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
-                    grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                    grad_bias.to(bias.dtype) if grad_bias is not None else None,
-                    None, None, None, None, None, None)
+    def is_autocast_enabled(self, *args):
+        return self._autocast if args and args[0] == "meta" else self._torch.is_autocast_enabled(*args)
 
-    return FusedHead
+    def get_autocast_dtype(self, device_type):
+        return self._dtype if device_type == "meta" else self._torch.get_autocast_dtype(device_type)
 
 
 class _CudaStandIns:
@@ -360,11 +329,16 @@ class _CudaStandIns:
         self.saved_nonzero = getattr(fx_config, "meta_nonzero_assume_all_nonzero", False)
         fx_config.meta_nonzero_assume_all_nonzero = True
         if self.trl:
+            import trl.kernels.chunked_logprob as chunked
             import trl.trainer.utils as trl_utils
 
-            self.saved_trl = (trl_utils._ChunkedLogProbFunction, trl_utils._use_triton)
-            trl_utils._ChunkedLogProbFunction = _trl_fused_head(self.compute_dtype, self.autocast)
-            trl_utils._use_triton = lambda device: True
+            # TRL's own ChunkedLogProbFunction runs, its buffers and casts allocated by its own code;
+            # what CUDA does in place allocates nothing: the Triton folds of each logits tile into
+            # the running statistics, and cuBLAS's addmm with fp32 output into the gradients
+            self.saved_trl = (trl_utils._use_triton, chunked.torch, chunked._forward_tile, chunked._backward_tile, chunked._addmm_fp32)
+            trl_utils._use_triton = lambda device: True  # CUDA's compact path: only labelled positions are scored
+            chunked.torch = _AutocastOnMeta(self.autocast, self.compute_dtype)
+            chunked._forward_tile = chunked._backward_tile = chunked._addmm_fp32 = _in_place
         return self
 
     def __exit__(self, *exc):
@@ -375,9 +349,10 @@ class _CudaStandIns:
         F.linear, F.dropout, F.scaled_dot_product_attention, torch.matmul = self.saved
         fx_config.meta_nonzero_assume_all_nonzero = self.saved_nonzero
         if self.trl:
+            import trl.kernels.chunked_logprob as chunked
             import trl.trainer.utils as trl_utils
 
-            trl_utils._ChunkedLogProbFunction, trl_utils._use_triton = self.saved_trl
+            trl_utils._use_triton, chunked.torch, chunked._forward_tile, chunked._backward_tile, chunked._addmm_fp32 = self.saved_trl
 
 
 def torch_dtype(name: str):
@@ -490,7 +465,7 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
             from trl.trainer.utils import add_fused_lm_head
         except ImportError:
             raise SimulationUnsupported("trainer trl: TRL is not installed here") from None
-        add_fused_lm_head(model)  # before PEFT, as TRL's trainers add it
+        add_fused_lm_head(model, outputs=SFT_FUSED_OUTPUTS)  # before PEFT, as TRL's trainers add it
     method = options.method
     # which Linear layers bitsandbytes would quantize, named as in the model it loads (before PEFT)
     quantized = bitsandbytes_linears(model) if method == "qlora" else []

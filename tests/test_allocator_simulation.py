@@ -118,6 +118,44 @@ def test_trl_s_fused_head_gets_the_simulated_band_plus_its_whole_buffers_until_m
     assert formula.reserve_source == "formula" and formula.unmeasured_allowance_bytes == 0
 
 
+def test_the_trace_runs_trl_s_own_fused_head_with_only_its_in_place_kernels_stubbed(monkeypatch):
+    """TRL's ChunkedLogProbFunction itself runs in the trace (a TRL release that allocates more is
+    traced as it is); only what CUDA does in place is stubbed, and everything is put back."""
+    import torch
+    import trl.kernels.chunked_logprob as chunked
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    from planner.logits import TRL_TOKEN_TILE, TRL_VOCAB_TILE
+    from planner.step_trace import _simulate
+
+    # the formula's tile is TRL's
+    assert (TRL_TOKEN_TILE, TRL_VOCAB_TILE) == (chunked.TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)
+    # and the outputs the trace asks of it are the SFT trainer's
+    import inspect
+
+    from trl.trainer import sft_trainer
+
+    from planner.step_trace import SFT_FUSED_OUTPUTS
+
+    assert f"outputs={SFT_FUSED_OUTPUTS!r}" in inspect.getsource(sft_trainer).replace('"', "'")
+    calls = []
+    real_forward = chunked.ChunkedLogProbFunction.forward
+
+    def forward(ctx, hidden, weight, *args):
+        calls.append((hidden.device.type, chunked._forward_tile.__name__, chunked.torch.is_autocast_enabled("meta")))
+        return real_forward(ctx, hidden, weight, *args)
+
+    monkeypatch.setattr(chunked.ChunkedLogProbFunction, "forward", staticmethod(forward))
+    before = (trl_utils._ChunkedLogProbFunction, trl_utils._use_triton, chunked.torch, chunked._forward_tile, chunked._addmm_fp32)
+    config = dict(json.loads((CONFIGS_DIR / f"{file_stem('HuggingFaceTB/SmolLM2-135M')}.json").read_text()))
+    step = _simulate(config, TrainingOptions(method="lora", trainer="trl", batch_size=2, seq_len=256), 1)
+    assert calls == [("meta", "_in_place", True)]  # under the run's autocast, as on CUDA
+    assert (trl_utils._ChunkedLogProbFunction, trl_utils._use_triton, chunked.torch, chunked._forward_tile, chunked._addmm_fp32) == before
+    assert chunked.torch is torch and trl_utils._ChunkedLogProbFunction is chunked.ChunkedLogProbFunction
+    assert step.peaks.peak_reserved > 0
+
+
 def test_expandable_segments_band_allows_for_the_default_allocator_until_measured():
     from planner.step_trace import simulated_for
 
