@@ -6,7 +6,7 @@ transformers, PEFT, TRL and bitsandbytes, and vramplan's planner code, and the k
 them, so an upgrade or an edit never reads an old entry. Entries are JSON this module writes (no
 pickle: nothing read from the cache runs); an unreadable or foreign entry is ignored and traced
 again. `VRAMPLAN_TRACE_CACHE=off` turns the cache off; `VRAMPLAN_CACHE_DIR` moves it (default
-`$XDG_CACHE_HOME/vramplan`, else `~/.cache/vramplan`).
+`$XDG_CACHE_HOME/vramplan`, else `~/.cache/vramplan`); it keeps the newest MAX_ENTRIES traces.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 FORMAT = 1
+# a server planning many variants keeps at most this many (about 500 bytes each); past it, the
+# oldest go. Storing follows a trace of seconds, so listing the folder then costs nothing noticeable
+MAX_ENTRIES = 5000
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
 PLANNER_DIR = Path(__file__).resolve().parent
 
@@ -74,5 +77,15 @@ def store(key: str, step: dict) -> None:
         with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as out:
             json.dump({"key": key, "step": step}, out)
         os.replace(out.name, directory / f"{key}.json")
+        _prune(directory)
     except OSError:
         return
+
+
+def _prune(directory: Path) -> None:
+    entries = list(directory.glob("*.json"))
+    if len(entries) <= MAX_ENTRIES:
+        return
+    by_age = sorted(entries, key=lambda path: path.stat().st_mtime)
+    for path in by_age[: len(entries) - MAX_ENTRIES]:
+        path.unlink(missing_ok=True)

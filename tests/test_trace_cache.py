@@ -62,6 +62,15 @@ def test_an_unreadable_or_foreign_entry_is_traced_again_and_replaced(cache):
     assert step_trace._traced_or_cached(_config(), OPTIONS).cached
 
 
+def test_past_its_size_the_cache_drops_the_oldest_traces(cache, monkeypatch):
+    monkeypatch.setattr(trace_cache, "MAX_ENTRIES", 3)
+    for index in range(5):
+        trace_cache.store(f"{index:064x}", {"n": index})
+        os.utime(cache / f"{index:064x}.json", (1_000_000 + index, 1_000_000 + index))
+    assert sorted(path.stem for path in cache.glob("*.json")) == [f"{index:064x}" for index in (2, 3, 4)]
+    assert trace_cache.load(f"{4:064x}") == {"n": 4} and trace_cache.load(f"{0:064x}") is None
+
+
 def test_off_keeps_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("VRAMPLAN_TRACE_CACHE", "off")
     monkeypatch.setenv("VRAMPLAN_CACHE_DIR", str(tmp_path))
