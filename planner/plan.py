@@ -357,37 +357,46 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
     return out
 
 
+def _fused_head_buffers(simulated: SimulatedStep, components: list[Component]) -> int:
+    # the fused head's whole backward buffers, as if the trace had missed them
+    return sum(c.bytes for c in components if c.name == "temporary.loss_backward")
+
+
+def _default_allocator_beyond(simulated: SimulatedStep, components: list[Component]) -> int:
+    return max(0, simulated.default_peaks.peak_reserved - simulated.peaks.peak_reserved) if simulated.default_peaks else 0
+
+
+def _paged_states_in_pool(simulated: SimulatedStep, components: list[Component]) -> int:
+    if simulated.in_pool_peaks is None:
+        return 0
+    return max(0, simulated.in_pool_peaks.peak_reserved - simulated.peaks.peak_reserved - simulated.outside_allocator_bytes)
+
+
+# Parts of a simulated step no GPU run has checked yet (the simulated band was measured for the
+# plain transformers loss under the default allocator): (name, applies to these options, what the
+# band's high end allows for it, its bytes)
+UNMEASURED_PARTS = (
+    ("TRL's fused LM head", lambda options: options.trainer == "trl",
+     "the fused head's whole backward buffers, as if the trace had missed them", _fused_head_buffers),
+    ("expandable segments", lambda options: options.allocator == "expandable_segments",
+     "what the default allocator would reserve beyond expandable segments' model", _default_allocator_beyond),
+    ("paged optimizer state", lambda options: options.optimizer.startswith("paged_"),
+     "what the step would hold with the paged states in the caching allocator's pool", _paged_states_in_pool),
+)
+ALLOWANCE_FOR = {name: why for name, _, why, _ in UNMEASURED_PARTS}
+
+
 def unmeasured_parts(reserve_source: str, options: TrainingOptions) -> list[str]:
-    """Parts of a simulated step that no GPU run has checked yet (the simulated band was measured
-    for the plain transformers loss under the default allocator)."""
     if reserve_source != "simulated":
         return []
-    return [what for what, on in (("TRL's fused LM head", options.trainer == "trl"),
-                                  ("expandable segments", options.allocator == "expandable_segments"),
-                                  ("paged optimizer state", options.optimizer.startswith("paged_"))) if on]
-
-
-ALLOWANCE_FOR = {
-    "TRL's fused LM head": "the fused head's whole backward buffers, as if the trace had missed them",
-    "expandable segments": "what the default allocator would reserve beyond expandable segments' model",
-    "paged optimizer state": "what the step would hold with the paged states in the caching allocator's pool",
-}
+    return [name for name, applies, _, _ in UNMEASURED_PARTS if applies(options)]
 
 
 def unmeasured_allowance_bytes(simulated: SimulatedStep, options: TrainingOptions, components: list[Component]) -> int:
-    """What the band's high end adds for the unmeasured parts: the whole of the fused head's
-    backward buffers (as if the trace had missed them), what the default allocator would reserve
-    beyond expandable segments' model, and what a paged optimizer's step would hold were its states
-    in the pool (for a 13B QLoRA at 2 x 4096 tokens under TRL, 0.41 GiB: 2.4%
-    of the central figure; its band is 12.8% of the central figure wide, the formula's 21.8%)."""
-    allowance = 0
-    if options.trainer == "trl":
-        allowance += sum(c.bytes for c in components if c.name == "temporary.loss_backward")
-    if options.allocator == "expandable_segments" and simulated.default_peaks is not None:
-        allowance += max(0, simulated.default_peaks.peak_reserved - simulated.peaks.peak_reserved)
-    if simulated.in_pool_peaks is not None:
-        allowance += max(0, simulated.in_pool_peaks.peak_reserved - simulated.peaks.peak_reserved - simulated.outside_allocator_bytes)
-    return allowance
+    """What the band's high end adds for the unmeasured parts (for a 13B QLoRA at 2 x 4096 tokens
+    under TRL, 0.41 GiB: 2.4% of the central figure; its band is 12.8% of the central figure wide,
+    the formula's 21.8%)."""
+    return sum(allowance(simulated, components) for _, applies, _, allowance in UNMEASURED_PARTS if applies(options))
 
 
 def _band_note(components: list[Component], simulated: bool, gradients_bytes: int, unmeasured: list[str] = (), allowance_bytes: int = 0) -> str:

@@ -593,8 +593,7 @@ def simulated_for(spec, options: TrainingOptions, config: dict | None = None, tr
 
     def compute():
         try:
-            found = dict(config) if config is not None else _config_for(spec)
-            traced = _traced_config(found)
+            traced = _config_to_trace(spec, config)
             if tracer is not None:  # a pasted config, traced in the server's build worker: kept in memory only
                 return tracer(traced, options)
             return _traced_or_cached(traced, options)
@@ -634,15 +633,17 @@ def trace_pending(spec, options: TrainingOptions, config: dict | None = None) ->
     if not options.simulate_allocator or simulation_memoized(spec, options, config):
         return False
     try:
-        found = dict(config) if config is not None else _config_for(spec)
+        traced = _config_to_trace(spec, config)
     except SimulationUnsupported:
         return False
-    return trace_cache.load(trace_cache.trace_key(_traced_config(found), _traced_options(options))) is None
+    return trace_cache.load(trace_cache.trace_key(traced, _traced_options(options))) is None
 
 
-def _traced_config(config: dict) -> dict:
-    # what only names the checkpoint's classes and dtype: the trace builds its own
-    return {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}
+def _config_to_trace(spec, config: dict | None) -> dict:
+    """The given config, or the catalog's for a catalog spec, less what only names the
+    checkpoint's classes and dtype (the trace builds its own)."""
+    found = config if config is not None else _config_for(spec)
+    return {k: v for k, v in found.items() if k not in ("architectures", "torch_dtype", "dtype", "auto_map")}
 
 
 def simulation_memoized(spec, options: TrainingOptions, config: dict | None = None) -> bool:
