@@ -5,8 +5,9 @@ WORKDIR /assets
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev
 
-FROM python:3.11-slim
-WORKDIR /srv/vramplan
+# the wheel, built from the source without build isolation, so setuptools is the pinned one
+FROM python:3.11-slim AS wheel
+WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY app ./app
 COPY planner ./planner
@@ -14,10 +15,21 @@ COPY gpu_catalog ./gpu_catalog
 COPY launcher ./launcher
 COPY templates ./templates
 COPY static ./static
-COPY --from=assets /assets/node_modules ./node_modules
-# editable, so the app finds templates/ and node_modules/ beside its package; pinned versions.
-# This image plans; to launch runs from it, install the `launch` extra too (torch, TRL: several GB).
-RUN pip install --no-cache-dir -c constraints.txt -e '.[web]'
+RUN pip install --no-cache-dir -c constraints.txt build setuptools \
+    && python -m build --wheel --no-isolation --outdir /dist
+
+FROM python:3.11-slim
+WORKDIR /srv/vramplan
+# the wheel, not the source: it carries the templates and static files (app/templates,
+# app/static); pinned versions. This image plans; to launch runs from it, install the `launch`
+# extra too (torch, TRL: several GB).
+COPY constraints.txt /tmp/constraints.txt
+COPY --from=wheel /dist/ /tmp/dist/
+RUN pip install --no-cache-dir -c /tmp/constraints.txt "$(ls /tmp/dist/vramplan-*.whl)[web]" \
+    && rm -rf /tmp/dist /tmp/constraints.txt
+# htmx, its SSE extension and Swagger UI from the Node stage; app/templating.py looks here first
+COPY --from=assets /assets/node_modules /opt/vramplan/node_modules
+ENV VRAMPLAN_NODE_MODULES=/opt/vramplan/node_modules
 # Inside a container the server must listen on 0.0.0.0 to be reachable through -p; it still
 # answers only to the Host names below (add yours, e.g. -e VRAMPLAN_ALLOWED_HOSTS=plan.example.org)
 # and refuses cross-site posts. Publish the port on loopback (-p 127.0.0.1:8000:8000) unless
