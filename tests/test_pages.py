@@ -225,8 +225,10 @@ def test_an_instruct_variant_plans_with_its_base_spec(client):
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_cites_only_files_in_the_repository():
-    cited = re.findall(r"`(?:python )?([\w.-]+(?:/[\w.<>*-]+)+/?)`", (ROOT / "README.md").read_text())
+def test_readme_and_docs_cite_only_files_in_the_repository():
+    # paths in the docs pages are written from the repository's top level too
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    cited = re.findall(r"`(?:python )?([\w.-]+(?:/[\w.<>*-]+)+/?)`", text)
     # a path starts at the repository's top level, or outside it (model ids and flags also hold "/")
     roots = {p.name for p in ROOT.iterdir()} | {"..", "shared"}
     paths = [c for c in cited if c.split("/")[0] in roots and not re.search(r"[<>*]", c)]

@@ -53,7 +53,7 @@ def test_the_committed_results_are_what_the_script_gives_now():
 
 
 def test_the_accuracy_page_and_the_readmes_summary_are_what_validate_writes():
-    """docs/accuracy.md holds every row; README.md a summary of them and a link (issue 12, item 6).
+    """docs/accuracy.md holds every row; README.md a summary of them and a link.
     Both must be what bench/validate.py makes from the committed results now: the GPU rows from the
     calibration's leave-one-out file, the CPU rows from the committed CPU measurement."""
     import validate
