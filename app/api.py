@@ -6,53 +6,42 @@ a 422 with `{"detail": [{"loc", "msg"}]}` (app/main.py turns PlanInputError into
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from app.runs import signed_in_roots
 from app.schemas import ERROR_RESPONSES, CheckResponse, PlanResponse
-from app.service import AdviseRequest, PlanRequest, pasted_tracing, with_spec
+from app.service import AdviseRequest, PlanRequest, spec_of, web_plan, with_source
 from gpu_catalog.catalog import all_gpus
 from gpu_catalog.detect import detect
 from planner.advisor import advise
 from planner.catalog import catalog_ids, load_catalog_spec
 from planner.fit import fit_report
-from planner.plan import build_plan
-from planner.step_trace import single_plan_options
 
 router = APIRouter(prefix="/api/v1")
 
 
-def _single_plan(request: PlanRequest):
-    """plan(spec, options) for the request: a single plan's defaults, and a pasted config traced
-    in the build worker."""
-
-    def plan(spec, options):
-        return build_plan(spec, single_plan_options(spec, options), **pasted_tracing(request.config_json))
-
-    return plan
-
-
 @router.post("/plan", summary="The memory plan, component by component", response_model=PlanResponse, responses=ERROR_RESPONSES)
-async def plan(request: PlanRequest) -> JSONResponse:
-    result = await with_spec(request, _single_plan(request), request.options(), inline_if_quick=True)
+async def plan(request: PlanRequest, http: Request) -> JSONResponse:
+    result = await with_source(request, web_plan, request.options(), roots=signed_in_roots(http), inline_if_quick=True)
     return JSONResponse(result.to_dict())
 
 
 @router.post("/check", summary="Does it fit? 200 either way, with `verdict` (fits, tight, does not fit), `fits` and the band around `peak_bytes`", response_model=CheckResponse, responses=ERROR_RESPONSES)
-async def check(request: PlanRequest) -> JSONResponse:
-    result = await with_spec(request, _single_plan(request), request.options(), inline_if_quick=True)
+async def check(request: PlanRequest, http: Request) -> JSONResponse:
+    result = await with_source(request, web_plan, request.options(), roots=signed_in_roots(http), inline_if_quick=True)
     return JSONResponse(result.check_dict())
 
 
 @router.post("/advise", summary="Approach, stage, method and settings, with reasons and alternatives", responses=ERROR_RESPONSES)
-async def advise_route(request: AdviseRequest) -> JSONResponse:
-    advice = await with_spec(request, advise, request.task(), request.options())
+async def advise_route(request: AdviseRequest, http: Request) -> JSONResponse:
+    advice = await with_source(request, spec_of(advise), request.task(), request.options(), roots=signed_in_roots(http))
     return JSONResponse(advice.to_dict())
 
 
 @router.post("/fit", summary="Largest batch, longest sequence, fewest GPUs, cheapest GPU, smallest fix", responses=ERROR_RESPONSES)
-async def fit(request: PlanRequest) -> JSONResponse:
-    return JSONResponse(await with_spec(request, fit_report, request.options()))
+async def fit(request: PlanRequest, http: Request) -> JSONResponse:
+    return JSONResponse(await with_source(request, spec_of(fit_report), request.options(), roots=signed_in_roots(http)))
 
 
 @router.get("/gpus", summary="Detected GPUs and the GPU catalog")

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
@@ -31,15 +30,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import auth
 from app.api import router as api_router
 from app.model_builder import BuildBusy
-from app.runs import LaunchProblem, follow_forever
+from app.runs import LaunchProblem, runtime
 from app.runs_api import router as runs_router
 from app.server import DEFAULT_ALLOWED_HOSTS
 from app.service import MAX_BODY_BYTES
+from app.templating import SWAGGER_UI
+from launcher.runtime import follow_forever
 from launcher.supervisor import RunNotFound
 from planner.errors import PlanInputError
 
 log = logging.getLogger("vramplan")
-SWAGGER_UI = Path(__file__).resolve().parent.parent / "node_modules" / "swagger-ui-dist"
 SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 MAX_JSON_DEPTH = 32  # a plan request nests two levels; deep nesting only costs the parser
 # Only this server's own scripts and styles (no inline ones, no eval), images from here or data:
@@ -235,7 +235,7 @@ def _ensure_token() -> None:
 async def _lifespan(app: FastAPI):
     await asyncio.to_thread(_ensure_token)
     # the runs this server (or an earlier one) started: re-attached at once, then followed
-    follower = asyncio.create_task(follow_forever(app))
+    follower = asyncio.create_task(follow_forever(lambda: runtime(app)))
     try:
         yield
     finally:

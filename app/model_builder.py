@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from planner.errors import PlanInputError
 from planner.model_config import parse_config_text
+from planner.request import pasted_name
 from planner.spec import ModelSpec
 
 GIB = 1 << 30
@@ -155,8 +156,10 @@ class SpecBuilder:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def build(self, text: str, source: str = "the pasted config.json") -> ModelSpec:
-        key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    def build(self, text: str, source: str = "the pasted config.json", name: str | None = None) -> ModelSpec:
+        """planner.request.ConfigBuilder's build, in the worker. `name`: the spec's (a model
+        directory's path); by default the config's own name."""
+        key = hashlib.sha256(f"{name}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
         hit = self._cached(key)
         if isinstance(hit, ModelSpec):
             return hit
@@ -167,7 +170,7 @@ class SpecBuilder:
             config = parse_config_text(text, source)
         except PlanInputError as exc:
             raise PlanInputError("config_json", exc.reason) from None
-        name = str(config.get("_name_or_path") or config.get("model_type") or "pasted config")[:200]
+        name = name or pasted_name(config)
         busy = BuildBusy(f"{self.limits.max_waiting + 1} pasted configs are being built; try again in a few seconds")
         kind, payload = self._in_line(busy, _build_in_worker, config, name)
         if kind == "ok":

@@ -12,20 +12,31 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import typing
-from pathlib import Path
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
-from fastapi.templating import Jinja2Templates
-from markupsafe import Markup, escape
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+)
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from app.charts import band_swatch_uri, family_totals, line_swatch_uri, memory_bar_svg, swatch_uri
-from app.service import MAX_CONFIG_TEXT, AdviseRequest, pasted_tracing, resolve_web_model
+from app.charts import (
+    band_swatch_uri,
+    family_totals,
+    line_swatch_uri,
+    memory_bar_svg,
+    swatch_uri,
+)
+from app.forms import FORM_FIELDS, form_booleans, normalize_choices, query_string
+from app.runs import signed_in_roots
+from app.runs_pages import launch_block
+from app.service import MAX_CONFIG_TEXT, AdviseRequest, web_plan, web_source
+from app.templating import ASSETS, HTMX, templates
 from gpu_catalog.catalog import all_gpus, find_gpu, lookup_gpu
 from gpu_catalog.detect import detect
 from planner.advisor import advise
@@ -34,60 +45,8 @@ from planner.errors import PlanInputError
 from planner.fit import fit_report
 from planner.options import TrainingOptions
 from planner.plan import DEFAULT_GPU, GIB, build_plan, resolve_gpu
-from planner.step_trace import single_plan_options
+from planner.request import single_plan_options
 
-ROOT = Path(__file__).resolve().parent.parent
-templates = Jinja2Templates(directory=ROOT / "templates")
-templates.env.filters["gib"] = lambda n: f"{n / GIB:,.2f} GiB" if n is not None else "-"
-
-
-def _break_after(text: str, separator: str) -> Markup:
-    """Escaped text with a line-break opportunity after each separator, so a long dotted or
-    slashed name wraps at its parts ("activations.<wbr>checkpoints"), never inside a word."""
-    return Markup(f"{separator}<wbr>").join(escape(part) for part in str(text).split(separator))
-
-
-# a Markdown table cell: one line, pipes escaped
-templates.env.filters["md_cell"] = lambda text: " ".join(str(text).split()).replace("|", "\\|")
-templates.env.filters["break_dots"] = lambda text: _break_after(text, ".")
-templates.env.filters["break_slash"] = lambda text: _break_after(text, "/")
-HTMX = ROOT / "node_modules" / "htmx.org" / "dist" / "htmx.min.js"
-# htmx's server-sent-events extension (npm htmx-ext-sse): the run page's live updates
-SSE_EXT = ROOT / "node_modules" / "htmx-ext-sse" / "dist" / "sse.min.js"
-STATIC = ROOT / "static"
-# what /static/NAME serves: the npm packages' files and the app's own; nothing else
-ASSETS = {
-    "htmx.min.js": (HTMX, "text/javascript", "htmx not installed: run npm ci"),
-    "htmx-ext-sse.js": (SSE_EXT, "text/javascript", "htmx-ext-sse not installed: run npm ci"),
-    "app.css": (STATIC / "app.css", "text/css", "missing"),
-    "swagger-init.js": (STATIC / "swagger-init.js", "text/javascript", "missing"),
-    "copy.js": (STATIC / "copy.js", "text/javascript", "missing"),
-}
-
-
-def _asset_version() -> str:
-    import hashlib
-
-    path = STATIC / "app.css"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:10] if path.is_file() else "0"
-
-
-def signed_in(request: Request) -> bool:
-    """The request carries this server's sign-in cookie or token (app/main.py's guard read it)."""
-    return bool((request.scope.get("state") or {}).get("vramplan_auth"))
-
-
-templates.env.globals["asset_version"] = _asset_version()  # a new stylesheet is fetched anew, never a stale cached one
-templates.env.globals["signed_in"] = signed_in
-
-
-def _units_example() -> str:
-    """How a marketed GB size reads in GiB, for the one line that says which unit is which."""
-    h100 = find_gpu("H100 SXM")
-    return f"an “80GB” H100 has {h100.memory_mib:,} MiB = {h100.memory_mib / 1024:.1f} GiB"
-
-
-templates.env.globals["units_example"] = _units_example()
 router = APIRouter()
 
 COMPARE_METHODS = ("full", "lora", "qlora", "dora")
@@ -96,82 +55,22 @@ MATRIX_MODELS = (
     "mistralai/Mistral-7B-v0.3", "meta-llama/Llama-2-13b-hf", "Qwen/Qwen2.5-32B", "meta-llama/Llama-3.1-70B",
 )
 MATRIX_GPUS = ("RTX 3080 10GB", "RTX 4090", "RTX 4000 Ada", "L4", "A100 40GB SXM", "A100 80GB SXM", "H100 SXM", "H200")
-# Form fields that are text inputs in the page but typed in the request model
-FORM_FIELDS = (
-    "model", "gpu", "gpu_memory_gib", "num_gpus", "method", "stage", "batch_size", "seq_len", "gradient_checkpointing",
-    "optimizer", "precision", "weights_dtype", "autocast", "simulate_allocator", "attention", "trainer", "parallelism", "offload", "lora_r", "lora_alpha",
-    "lora_targets", "lora_dropout", "goal", "data_kind", "num_examples", "tokens_per_example", "tenants", "config_json",
-)
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
 # The GPU list's groups, in the order a user scans them (the detected card goes first)
 GPU_GROUPS = (("datacenter", "nvidia", "Data centre"), ("workstation", "nvidia", "Workstation"), ("consumer", "nvidia", "Consumer (GeForce)"), (None, "amd", "AMD"))
 NO_GPU_HINT = "No GPU detected on this server; pick one from the list."
 
 
-# -- the form's text -> the request model ------------------------------------------------------
-
-
-def _literal_choices(annotation) -> tuple[str, ...]:
-    if typing.get_origin(annotation) is typing.Literal:
-        return tuple(a for a in typing.get_args(annotation) if isinstance(a, str))
-    return tuple(c for arg in typing.get_args(annotation) for c in _literal_choices(arg))
-
-
-def _choice_key(text: str) -> str:
-    return re.sub(r"[\s_-]+", "", text.lower())
-
-
-# field -> {"qlora": "qlora", "pagedadamw8bit": "paged_adamw_8bit", ...}
-_CHOICES = {
-    name: {_choice_key(c): c for c in choices}
-    for name, info in AdviseRequest.model_fields.items()
-    if (choices := _literal_choices(info.annotation))
-}
-
-
-def _normalize_choices(raw: dict) -> dict:
-    """People type "QLoRA", "ZeRO-3", "paged AdamW 8bit": the API takes the exact names, so the
-    page maps case, spaces, hyphens and underscores onto them before validation."""
-    return {name: _CHOICES.get(name, {}).get(_choice_key(value), value) for name, value in raw.items()}
-
-
 def _request_from(params: dict) -> tuple[AdviseRequest | None, dict, list[dict]]:
     """(request, the raw values for refilling the form, errors as {field, msg})."""
     raw = {k: v.strip() for k, v in params.items() if k in FORM_FIELDS and isinstance(v, str) and v.strip()}
     raw.setdefault("model", DEFAULT_MODEL)
-    raw = _normalize_choices(raw)
+    raw = normalize_choices(raw)
     try:
-        return AdviseRequest.model_validate(_form_booleans(raw)), raw, []
+        return AdviseRequest.model_validate(form_booleans(raw)), raw, []
     except ValidationError as exc:
         errors = [{"field": ".".join(str(p) for p in e["loc"]) or "form", "msg": str(e["msg"]).removeprefix("Value error, ")} for e in exc.errors()]
         return None, raw, errors
-
-
-_FORM_TRUE, _FORM_FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
-
-
-def _mentions_bool(annotation) -> bool:
-    return annotation is bool or any(_mentions_bool(arg) for arg in typing.get_args(annotation))
-
-
-_BOOL_FIELDS = frozenset(name for name, info in AdviseRequest.model_fields.items() if _mentions_bool(info.annotation))
-
-
-def _form_booleans(raw: dict) -> dict:
-    """A form sends text; the JSON API takes only true/false, so the form's words become
-    booleans here rather than loosening the shared model."""
-    out = dict(raw)
-    for name in _BOOL_FIELDS & out.keys():
-        word = out[name].lower()
-        out[name] = True if word in _FORM_TRUE else False if word in _FORM_FALSE else out[name]
-    return out
-
-
-def _query(raw: dict, **changes: str) -> str:
-    """The query string of a page state: given fields only, in the form's order, so the address
-    is short and the same state always has the same address."""
-    state = {**raw, **changes}
-    return urlencode([(name, state[name]) for name in FORM_FIELDS if state.get(name)], safe="/")  # model ids stay legible
 
 
 # -- what the form shows ------------------------------------------------------------------------
@@ -187,7 +86,7 @@ def _shown(raw: dict) -> dict:
     """Every field's value as the plan used it: what was given, else the request model's default.
     The selects show these, so an untouched form never contradicts its result."""
     defaults = {name: _as_text(info.get_default()) for name, info in AdviseRequest.model_fields.items() if name in FORM_FIELDS}
-    given = {name: _as_text(value) for name, value in _form_booleans(raw).items()}  # "off" shows as "false"
+    given = {name: _as_text(value) for name, value in form_booleans(raw).items()}  # "off" shows as "false"
     return {**defaults, **given, "gpu": _shown_gpu(raw.get("gpu"))}
 
 
@@ -228,12 +127,13 @@ def _result(request_model: AdviseRequest, roots: list | None = None, base_url: s
     simulated plan once the fields settle, instead of tracing a step for every keystroke."""
     # the planner's assumptions already say which card a line name meant and which base spec
     # an instruct variant used; a signed-in user may also plan a model directory inside the roots
-    spec = resolve_web_model(request_model.model, request_model.config_json, roots=roots)
+    source = web_source(request_model.model, request_model.config_json, roots=roots)
+    spec = source.spec
     options = single_plan_options(spec, request_model.options())
     deferred = defer_simulation and request_model.simulate_allocator is None and options.simulate_allocator
     if deferred:
         options = options.model_copy(update={"simulate_allocator": False})
-    plan = build_plan(spec, options, **pasted_tracing(request_model.config_json))
+    plan = web_plan(source, options)
     # the fit searches and the fixes: the very object POST /api/v1/fit returns. A simulated
     # allocator traces each candidate for seconds (an 8B search: over a minute), so the page
     # searches with the formula's band, and says so; `vramplan fit --simulate-allocator` does not
@@ -301,14 +201,13 @@ def markdown_summary(result: dict) -> str:
 def _render_index(request: Request, params: dict, fragment: bool, status_code: int | None = None) -> HTMLResponse:
     """The form page, or (fragment) the result alone with the bits of the page it updates. A fragment
     asked for as fields change is planned with the formula and refined after (`refine=1`)."""
-    from app.runs_pages import launch_block, local_roots
 
     refining = params.pop("refine", None) == "1"
     parsed, raw, errors = _request_from(params)
     result = None
     if parsed is not None:
         try:
-            result = _result(parsed, local_roots(request), str(request.base_url), defer_simulation=fragment and not refining)
+            result = _result(parsed, signed_in_roots(request), str(request.base_url), defer_simulation=fragment and not refining)
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
     shown = _shown(raw)
@@ -323,9 +222,9 @@ def _render_index(request: Request, params: dict, fragment: bool, status_code: i
         "gpu_hint": gpu_hint,
         "models": sorted(catalog_ids().values()),
         "htmx": HTMX.is_file(),
-        "query": _query(raw),
+        "query": query_string(raw),
         "oob": fragment,
-        "launch": launch_block(request, raw, result, _query(raw)),
+        "launch": launch_block(request, raw, result, query_string(raw)),
         "fit_links": _fit_links(raw, result),
     }
     if status_code is None:
@@ -345,7 +244,7 @@ def _fit_links(raw: dict, result: dict | None) -> dict:
     fit, links = result["fit"], {}
     for key in ("largest_batch", "longest_sequence", "fewest_gpus"):
         if fit[key]["value"] is not None:
-            links[key] = _query(raw, **{fit[key]["option"]: str(fit[key]["value"])})
+            links[key] = query_string(raw, **{fit[key]["option"]: str(fit[key]["value"])})
     if fit["fewest_gpus"]["value"] is not None:
         # the search shards across several GPUs (planner/fit.py's own choice) and uses ddp on one;
         # its dict names only the count, so the link asks the planner which layout that is
@@ -353,10 +252,10 @@ def _fit_links(raw: dict, result: dict | None) -> dict:
 
         count = fit["fewest_gpus"]["value"]
         layout = _sharded(TrainingOptions.model_validate(result["plan"]["options"])).parallelism if count > 1 else "ddp"
-        links["fewest_gpus"] = _query(raw, num_gpus=str(count), parallelism=layout)
+        links["fewest_gpus"] = query_string(raw, num_gpus=str(count), parallelism=layout)
     if fit["cheapest_gpu"]:
         c = fit["cheapest_gpu"]
-        links["cheapest_gpu"] = _query(raw, gpu=c["gpu"], num_gpus=str(c["count"]), parallelism=c["parallelism"], gpu_memory_gib="")
+        links["cheapest_gpu"] = query_string(raw, gpu=c["gpu"], num_gpus=str(c["count"]), parallelism=c["parallelism"], gpu_memory_gib="")
     return links
 
 
@@ -402,16 +301,15 @@ def _json_errors(errors: list[dict]) -> JSONResponse:
 
 
 def _plan_twin(request: Request, params: dict) -> dict | JSONResponse:
-    from app.runs_pages import local_roots
 
     parsed, raw, errors = _request_from(params)
     if parsed is None:
         return _json_errors(errors)
     try:
-        result = _result(parsed, local_roots(request), str(request.base_url))
+        result = _result(parsed, signed_in_roots(request), str(request.base_url))
     except PlanInputError as exc:
         return _json_errors([{"field": exc.field, "msg": exc.reason}])
-    return {"page": f"/?{_query(raw)}", "plan": result["plan"], "fit": result["fit"], "advice": result["advice"],
+    return {"page": f"/?{query_string(raw)}", "plan": result["plan"], "fit": result["fit"], "advice": result["advice"],
             "reproduce": result["reproduce"], "markdown": result["markdown"]}
 
 
@@ -460,8 +358,8 @@ def _formula_unless_asked(options: TrainingOptions) -> TrainingOptions:
     return options if options.simulate_allocator is not None else options.model_copy(update={"simulate_allocator": False})
 
 
-def _compare_rows(parsed: AdviseRequest) -> list[dict]:
-    spec = resolve_web_model(parsed.model, parsed.config_json)
+def _compare_rows(parsed: AdviseRequest, roots: list | None = None) -> list[dict]:
+    spec = web_source(parsed.model, parsed.config_json, roots).spec
     options = _formula_unless_asked(parsed.options())
     # every method plans on the same card: a name that matches none (or several) is one error
     # for the page, raised here, not the same message in each method's row
@@ -497,12 +395,12 @@ def _compare_legend(rows: list[dict]) -> list[dict]:
     return items
 
 
-def _compare_data(params: dict) -> tuple[list[dict], dict, list[dict]]:
+def _compare_data(params: dict, roots: list | None = None) -> tuple[list[dict], dict, list[dict]]:
     parsed, raw, errors = _request_from(params)
     rows = []
     if parsed is not None:
         try:
-            rows = _compare_rows(parsed)
+            rows = _compare_rows(parsed, roots)
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
     return rows, raw, errors
@@ -512,19 +410,19 @@ def _compare_data(params: dict) -> tuple[list[dict], dict, list[dict]]:
 def compare_json(request: Request):
     """/compare's JSON twin: each method's plan, as POST /api/v1/plan returns it with that method (and
     simulate_allocator false unless the page was asked to simulate)."""
-    rows, raw, errors = _compare_data(dict(request.query_params))
+    rows, raw, errors = _compare_data(dict(request.query_params), signed_in_roots(request))
     if errors:
         return _json_errors(errors)
-    return JSONResponse({"page": f"/compare?{_query(raw)}", "methods": [
+    return JSONResponse({"page": f"/compare?{query_string(raw)}", "methods": [
         {"method": r["method"], "plan": r["plan"]} if "plan" in r else {"method": r["method"], "error": r["error"]} for r in rows]})
 
 
 @router.get("/compare", response_class=HTMLResponse, include_in_schema=False)
 def compare(request: Request):
-    rows, raw, errors = _compare_data(dict(request.query_params))
+    rows, raw, errors = _compare_data(dict(request.query_params), signed_in_roots(request))
     context = {
-        "request": request, "form": raw, "errors": errors, "rows": rows, "query": _query(raw), "htmx": HTMX.is_file(),
-        "links": {m: _query(raw, method=m) for m in COMPARE_METHODS},
+        "request": request, "form": raw, "errors": errors, "rows": rows, "query": query_string(raw), "htmx": HTMX.is_file(),
+        "links": {m: query_string(raw, method=m) for m in COMPARE_METHODS},
         # the other fields ride along when the model or GPU is changed here
         "carried": {k: v for k, v in raw.items() if k not in ("model", "gpu", "method")},
         "gpu_used": next((r["plan"]["gpu"]["name"] for r in rows if "plan" in r), _shown_gpu(raw.get("gpu"))),
@@ -560,7 +458,7 @@ def matrix_json(request: Request):
     table, gpus, raw, errors, _ = _matrix_data(dict(request.query_params))
     if errors:
         return _json_errors(errors)
-    return JSONResponse({"page": f"/matrix?{_query(raw)}", "gpus": [g["name"] for g in gpus], "models": [
+    return JSONResponse({"page": f"/matrix?{query_string(raw)}", "gpus": [g["name"] for g in gpus], "models": [
         {"model": row["model"], "checks": [{"gpu": g["name"], **(c["check"] if "check" in c else {"error": c["error"]})} for g, c in zip(gpus, row["cells"])]}
         for row in table]})
 
@@ -568,5 +466,5 @@ def matrix_json(request: Request):
 @router.get("/matrix", response_class=HTMLResponse, include_in_schema=False)
 def matrix(request: Request):
     table, gpus, raw, errors, parsed = _matrix_data(dict(request.query_params))
-    context = {"request": request, "form": raw, "shown": _shown(raw), "errors": errors, "gpus": gpus, "table": table, "htmx": HTMX.is_file(), "query": _query(raw)}
+    context = {"request": request, "form": raw, "shown": _shown(raw), "errors": errors, "gpus": gpus, "table": table, "htmx": HTMX.is_file(), "query": query_string(raw)}
     return templates.TemplateResponse(request, "matrix.html", context, status_code=422 if errors else 200)

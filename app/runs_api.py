@@ -14,16 +14,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 
-from app.runs import (
-    LOG_CHUNK,
-    Cursor,
-    LaunchRequest,
-    ResumeRequest,
-    event_stream,
-    metric_dict,
-    run_dict,
-    runtime,
-)
+from app.run_feed import LOG_CHUNK, Cursor, event_stream
+from app.runs import LaunchRequest, ResumeRequest, metric_dict, run_dict, runtime
 from app.schemas import (
     RUN_ERRORS,
     BackendsOut,
@@ -70,8 +62,8 @@ async def create_run(request: Request, body: LaunchRequest,
 @router.post("/runs/dry-run", summary="What a launch would do: files, command, admission against free memory now; starts nothing",
              response_model=DryRunOut, responses=RUN_ERRORS)
 async def dry_run(request: Request, body: LaunchRequest) -> JSONResponse:
-    plan, prepared = await run_in_threadpool(runtime(request.app).prepare, body)
-    return JSONResponse({**prepared.dry_run_dict(), "plan": plan.check_dict()})
+    _, prepared = await run_in_threadpool(runtime(request.app).prepare, body)
+    return JSONResponse(prepared.dry_run_dict())
 
 
 @router.get("/runs/dry-run", include_in_schema=False)

@@ -26,19 +26,10 @@ from pydantic import ValidationError
 
 from app import auth
 from app.charts import loss_chart_svg, memory_chart_svg
+from app.forms import FORM_FIELDS, form_booleans, normalize_choices, query_string
 from app.model_builder import BuildBusy
-from app.pages import (
-    FORM_FIELDS,
-    HTMX,
-    SSE_EXT,
-    _form_booleans,
-    _normalize_choices,
-    _query,
-    signed_in,
-    templates,
-)
+from app.run_feed import Cursor
 from app.runs import (
-    Cursor,
     LaunchProblem,
     LaunchRequest,
     loss_per_step,
@@ -46,6 +37,7 @@ from app.runs import (
     run_dict,
     runtime,
 )
+from app.templating import HTMX, SSE_EXT, signed_in, templates
 from launcher.supervisor import RunNotFound
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
@@ -59,11 +51,6 @@ RUN_ID = re.compile(r"^[0-9a-f]{4,32}$")
 KEY = re.compile(r"^[!-~]{1,200}$")
 LOG_TAIL = 16 * 1024
 REFRESH_S = 5
-
-
-def local_roots(request: Request) -> list[Path] | None:
-    """The directories a signed-in user's model paths may be in (None: only catalog ids)."""
-    return runtime(request.app).roots() if signed_in(request) else None
 
 
 # -- the plan page's launch button ---------------------------------------------------------------
@@ -197,7 +184,7 @@ def _launch_request_from(form) -> tuple[LaunchRequest | None, dict, list[dict]]:
     on_short = str(form.get("on_short") or "refuse")
     force, queue = ON_SHORT.get(on_short, (False, False))
     raw = {**plan, **run, **lists, "on_short": on_short if on_short in ON_SHORT else "refuse"}
-    data = {**_form_booleans(_normalize_choices(plan)), **run, "force": force, "queue": queue}
+    data = {**form_booleans(normalize_choices(plan)), **run, "force": force, "queue": queue}
     data.update({k: v for k, v in lists.items() if v})
     try:
         return LaunchRequest.model_validate(data), raw, []
@@ -221,7 +208,7 @@ def _render_launch(request: Request, raw: dict, errors: list[dict], dry: dict | 
         "backends": [{"name": i.name, "detail": i.detail, "available": i.available} for i in infos],
         "devices": devices, "gpus": gpus, "device": raw.get("device") or default_device,
         "rewards": _rewards(str(raw.get("stage") or "sft")), "key": secrets.token_urlsafe(18),
-        "plan_query": _query({k: raw[k] for k in PLAN_FIELDS if raw.get(k)}),
+        "plan_query": query_string({k: raw[k] for k in PLAN_FIELDS if raw.get(k)}),
     }
     return templates.TemplateResponse(request, "launch.html", context, status_code=status)
 

@@ -205,7 +205,7 @@ class DryRunOut(BaseModel):
     admission: AdmissionOut = Field(description="the check against the GPUs' free memory now")
     predicted_peak_bytes: int
     predicted_high_bytes: int
-    plan: CheckResponse = Field(description="the plan the run would follow (with the launch defaults: expandable segments, the detected GPU)")
+    plan: PlanResponse = Field(description="the plan the run would follow (with the launch defaults: expandable segments, the detected GPU), as POST /api/v1/plan gives it")
 
 
 class BackendOut(BaseModel):

@@ -15,13 +15,17 @@ from pydantic import ConfigDict, Field, model_validator
 
 from app.model_builder import BuildLimits, SpecBuilder
 from planner.advisor import Task
-from planner.catalog import closest_ids, find_catalog_model
 from planner.errors import PlanInputError
-from planner.model_config import parse_config_text
 from planner.options import TrainingOptions
 from planner.plan import plan_is_quick
-from planner.spec import ModelSpec
-from planner.step_trace import single_plan_options
+from planner.request import (
+    NO_PATHS,
+    LaunchTarget,
+    ModelSource,
+    plan_source,
+    resolve_source,
+    single_plan_options,
+)
 
 MAX_CONFIG_TEXT = 40 * 1024  # published config.json files are 1-6 KiB
 # A plan request is a few hundred bytes. The body may hold the longest config text even with
@@ -60,23 +64,18 @@ class AdviseRequest(PlanRequest, Task):
         return Task.model_validate(self.model_dump(include=self.model_fields_set & set(Task.model_fields)))
 
 
-def resolve_web_model(model: str | None, config_json: str | None = None, roots: list | None = None) -> ModelSpec:
-    """A catalog id, or a config.json given as text. Paths are refused (the server's files are
-    not the user's to name) unless `roots` is given: a signed-in user may name a model directory
-    inside them (app/runs.py). Blocks while a config builds: call it from a thread."""
-    if config_json and config_json.strip():
-        return BUILDER.build(config_json.strip())
-    model = (model or "").strip()
-    match = find_catalog_model(model) if model else None
-    if match is None and roots and model:
-        from app.runs import resolve_launch_model
+def web_source(model: str | None, config_json: str | None = None, roots: list | None = None) -> ModelSource:
+    """The model a web request names: a catalog id, or a config.json given as text; a model
+    directory only inside `roots`, which a signed-in user has (app/runs.py signed_in_roots): the
+    server's files are not an anonymous user's to name. Configs build in the worker, under its
+    limits. Blocks while a config builds: call it from a thread."""
+    return resolve_source(model, config_json, roots=roots or NO_PATHS, builder=BUILDER)
 
-        return resolve_launch_model(model, roots)[1]
-    if match is None:
-        hint = closest_ids(model)
-        suggestion = f"; did you mean {', '.join(hint)}?" if hint else ""
-        raise PlanInputError("model", f"unknown model {model!r}: give a catalog id or paste its config.json{suggestion}")
-    return match.spec
+
+def web_plan(source: ModelSource, options: TrainingOptions, launch: LaunchTarget | None = None):
+    """The single plan the page, the API and the runs API give: planner/request.py's recipe, with
+    configs traced in the build worker."""
+    return plan_source(source, options, launch=launch, builder=BUILDER)
 
 
 # A plan is pure Python holding the GIL: more threads than cores only make them take turns.
@@ -130,41 +129,38 @@ class QuickShapes:
 QUICK_SHAPES = QuickShapes()
 
 
-async def with_spec(request: PlanRequest, func, *args, inline_if_quick: bool = False):
-    """`func(spec, *args)` for the request's model, off the loop: a catalog spec is looked up in
-    the planning thread itself; a pasted config is built by the worker first, waited for on a
-    thread of its own. With `inline_if_quick` (plan and check: `func(spec, options)`), a catalog
-    plan of a shape measured quick runs on the loop (QuickShapes), unless it would trace a step:
-    a simulation's batch and sequence change the trace, so only one already memoized is quick."""
-    if request.config_json and request.config_json.strip():
-        spec = await off_loop(resolve_web_model, None, request.config_json, executor=BUILD_THREADS)
-        return await off_loop(func, spec, *args)
+async def with_source(request: PlanRequest, func, *args, roots: list | None = None, inline_if_quick: bool = False):
+    """`func(source, *args)` for the request's model, off the loop: a catalog model is looked up
+    in the planning thread itself; a pasted config or a model directory is built by the worker
+    first, waited for on a thread of its own. With `inline_if_quick` (plan and check:
+    `func(source, options)`), a catalog plan of a shape measured quick runs on the loop
+    (QuickShapes), unless it would trace a step: a simulation's batch and sequence change the
+    trace, so only one already memoized is quick."""
+    if (request.config_json and request.config_json.strip()) or roots:
+        source = await off_loop(web_source, request.model, request.config_json, roots, executor=BUILD_THREADS)
+        return await off_loop(func, source, *args)
     if not inline_if_quick:
-        return await off_loop(lambda: func(resolve_web_model(request.model), *args))
+        return await off_loop(lambda: func(web_source(request.model), *args))
     shape = QUICK_SHAPES.shape(request)
     if QUICK_SHAPES.is_quick(shape):
-        spec = resolve_web_model(request.model)
-        if plan_is_quick(spec, single_plan_options(spec, args[0])):
-            return func(spec, *args)
+        source = web_source(request.model)
+        if plan_is_quick(source.spec, single_plan_options(source.spec, args[0])):
+            return func(source, *args)
 
     def timed():
-        spec = resolve_web_model(request.model)
+        source = web_source(request.model)
         started = time.perf_counter()
-        result = func(spec, *args)
+        result = func(source, *args)
         QUICK_SHAPES.measured(shape, time.perf_counter() - started)
         return result
 
     return await off_loop(timed)
 
 
+def spec_of(func):
+    """`func(spec, ...)` as with_source's `func(source, ...)`: advice and searches plan the spec."""
+    return lambda source, *args: func(source.spec, *args)
+
+
 # one per server process; its worker starts with the first pasted config
 BUILDER = SpecBuilder()
-
-
-def pasted_tracing(config_json: str | None) -> dict:
-    """build_plan's keyword arguments for a pasted config: its dict, traced in the build worker
-    under the build's limits (never in the server process). Call after the spec was built: the
-    text has passed the same checks then."""
-    if not (config_json and config_json.strip()):
-        return {}
-    return {"config": parse_config_text(config_json.strip()), "tracer": BUILDER.trace}

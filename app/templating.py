@@ -123,3 +123,12 @@ def _units_example() -> str:
 
 
 templates.env.globals["units_example"] = _units_example()
+
+
+def _query_only_fields() -> tuple[str, ...]:
+    from app.forms import QUERY_ONLY_FIELDS
+
+    return QUERY_ONLY_FIELDS
+
+
+templates.env.globals["query_only_fields"] = _query_only_fields

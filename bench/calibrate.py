@@ -67,7 +67,7 @@ def load_runs(paths: list[Path]) -> list[dict]:
 def _spec(run: dict):
     if "model" in run:
         # a catalog id, or (in rows from `vramplan runs export`) the launched model's directory or hub id
-        from planner.catalog import resolve_model
+        from planner.request import resolve_model
 
         return resolve_model(run["model"])
     from planner.introspect import spec_from_config

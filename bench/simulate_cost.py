@@ -5,7 +5,7 @@
 Each model's QLoRA plan (checkpointing, 1 x 2048 tokens, trainer hf) is built once with the
 formula and once with the allocator simulated (planner/step_trace.py), in one process after a
 warm-up plan, so imports are not counted. The time grows with the layers traced, which is why a
-single plan simulates by default only up to step_trace.AUTO_MAX_LAYERS layers.
+single plan simulates by default only up to planner/request.AUTO_MAX_LAYERS layers.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def gpu_rows() -> list[dict]:
     if not torch.cuda.is_available():
         return []
     from bench.gpu_runs import MATRIX, QUICK, run_in_process
-    from planner.catalog import resolve_model
+    from planner.request import resolve_model
     from planner.options import TrainingOptions
     from planner.plan import build_plan
 

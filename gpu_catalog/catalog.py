@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
-from planner.errors import PlanInputError
+from gpu_catalog.errors import InputError
 
 DATA = Path(__file__).with_name("gpus.json")
 MIB = 1 << 20
@@ -137,7 +137,7 @@ def lookup_gpu(query: str) -> GpuMatch:
     with a note, cards of several lines are ambiguous."""
     wanted = _norm(query)
     if not wanted:
-        raise PlanInputError("gpu", "give a GPU name, e.g. 'RTX 4090' or 'H100'")
+        raise InputError("gpu", "give a GPU name, e.g. 'RTX 4090' or 'H100'")
     for gpu in all_gpus():
         if _compact(wanted) in map(_compact, _keys(gpu)):
             return GpuMatch(gpu)
@@ -152,8 +152,8 @@ def lookup_gpu(query: str) -> GpuMatch:
         note = f"GPU {query.strip()!r} covers {len(hits)} cards: planned on {pick.name} ({why}); name {choice} to plan on it instead"
         return GpuMatch(pick, note)
     if hits:
-        raise PlanInputError("gpu", f"{query!r} is ambiguous: {', '.join(g.name for g in hits)}")
-    raise PlanInputError("gpu", f"unknown GPU {query!r}; closest: {', '.join(closest_gpus(query))} (vramplan gpus lists them all)")
+        raise InputError("gpu", f"{query!r} is ambiguous: {', '.join(g.name for g in hits)}")
+    raise InputError("gpu", f"unknown GPU {query!r}; closest: {', '.join(closest_gpus(query))} (vramplan gpus lists them all)")
 
 
 def find_gpu(query: str) -> GPU:

@@ -9,6 +9,7 @@ one without an exit record `lost`. Nothing is ever re-run silently.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from launcher.store import RunRecord, RunStore
 
 MAX_EVENT_LINE = 65_536
 GIB = 1 << 30
+LIVE_STATES = ("queued", "starting", "running", "cancelling")
+log = logging.getLogger("vramplan")
 
 
 def default_data_dir() -> Path:
@@ -86,6 +89,7 @@ class Prepared:
             "admission": self.admission.to_dict(),
             "predicted_peak_bytes": self.spec.predicted_peak_bytes,
             "predicted_high_bytes": self.spec.predicted_high_bytes,
+            "plan": self.spec.plan,
         }
 
 
@@ -236,7 +240,7 @@ class Supervisor:
             return self._try_admit(record)
         self._ingest(record)
         record = self.store.get(record.id)
-        handle = _handle(record)
+        handle = handle_of(record)
         if handle is None:  # written STARTING, died before the process was recorded
             if time.time() - record.created_at > 60:
                 return self.store.transition(record.id, RunState.LOST, str(Reason.LAUNCH_FAILED), "the launcher stopped before the run's process was recorded")
@@ -379,9 +383,18 @@ class Supervisor:
         updates["alloc_retries"] = max(int(event.get("alloc_retries") or 0), updates.get("alloc_retries") or record.alloc_retries or 0)
         updates["error_pct"] = round(100 * (record.predicted_peak_bytes - best) / best, 2)
 
-    def refresh_all(self) -> list[RunRecord]:
-        """Reconcile every unfinished run: re-attach the live, close the dead, admit the queued."""
-        return [self.refresh(r.id) for r in self.store.list(states=("queued", "starting", "running", "cancelling"))]
+    def follow_live(self) -> bool:
+        """Reconcile every unfinished run: re-attach the live, close the dead, admit the queued;
+        True while some run is still live. A run whose backend fails is logged and left as it is,
+        so one broken backend does not stop the others being followed."""
+        live = False
+        for record in self.store.list(states=LIVE_STATES):
+            try:
+                record = self.refresh(record.id)
+            except Exception:
+                log.exception("refreshing run %s failed", record.id[:8])
+            live = live or record.state in LIVE_STATES
+        return live
 
     def wait(self, run_id: str, interval: float = 0.5, timeout: float | None = None, on_update=None) -> RunRecord:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -407,7 +420,7 @@ class Supervisor:
         if record.state != RunState.CANCELLING:
             record = self.store.transition(record.id, RunState.CANCELLING, str(Reason.CANCELLED_BY_USER), "stop asked: the run saves a checkpoint and exits",
                                            cancel_requested_at=time.time())
-        handle = _handle(record)
+        handle = handle_of(record)
         if handle is not None:
             load_backend(record.backend).cancel(handle, Path(record.run_dir))
         return record
@@ -434,7 +447,7 @@ class Supervisor:
 
     def logs(self, run_id: str, offset: int = 0, limit: int = 65_536):
         record = self.get(run_id)
-        return load_backend(record.backend).read_logs(_handle(record), Path(record.run_dir), offset, limit)
+        return load_backend(record.backend).read_logs(handle_of(record), Path(record.run_dir), offset, limit)
 
     def calibration_rows(self) -> list[dict]:
         """Finished runs with a measured peak, in the form of bench/results/calibration-runs.jsonl, so
@@ -466,7 +479,7 @@ class Supervisor:
         return rows
 
 
-def _handle(record: RunRecord) -> Handle | None:
+def handle_of(record: RunRecord) -> Handle | None:
     if not record.handle_json:
         return None
     data = json.loads(record.handle_json)

@@ -1,16 +1,14 @@
-"""Resolving MODEL: a catalog id (offline, no torch), a local config.json, or a hub id."""
+"""The model catalog: the configs and precomputed specs shipped for offline planning, their ids and variants, and the hub lookup (planner/request.py resolves what a request names)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
 
-from planner.errors import PlanInputError
 from planner.spec import ModelSpec
 
 CATALOG_DIR = Path(__file__).with_name("catalog")
@@ -113,43 +111,6 @@ def closest_ids(query: str, n: int = 3) -> list[str]:
     return list(dict.fromkeys(found))[:n]
 
 
-def local_config(model: str) -> dict | None:
-    """The config a local path names, as resolve_model builds its spec from it (the allocator's
-    trace needs the config too); None for a catalog id or anything else."""
-    model = model.strip()
-    if catalog_ids().get(model.lower()) is not None or not Path(model).expanduser().exists():
-        return None
-    from planner.model_config import read_config_file
-
-    return read_config_file(Path(model).expanduser())
-
-
-def resolve_model(model: str) -> ModelSpec:
-    """A ModelSpec for MODEL. Catalog ids never import torch; other sources introspect."""
-    if not isinstance(model, str) or not model.strip():
-        raise PlanInputError("model", "give a catalog id, a directory or a config.json path")
-    model = model.strip()
-    catalog_id = catalog_ids().get(model.lower())
-    if catalog_id is not None:
-        return load_catalog_spec(catalog_id)
-    path = Path(model).expanduser()
-    if path.exists():
-        from planner.introspect import spec_from_config
-        from planner.model_config import read_config_file
-
-        return spec_from_config(read_config_file(path), name=str(path))
-    variant = find_catalog_model(model)  # before the hub: a known base needs no network
-    if variant is not None:
-        return variant.spec
-    if os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True") and model.count("/") == 1:
-        spec = _from_hub(model)
-        if spec is not None:
-            return spec
-    hint = closest_ids(model)
-    suggestion = f"; did you mean {', '.join(hint)}?" if hint else "; `vramplan models` lists the catalog"
-    raise PlanInputError("model", f"unknown model {model!r} (not in the catalog, not a local path){suggestion}")
-
-
 def _hub_reachable(timeout: float = 2.0) -> bool:
     """One quick connection attempt, so an offline machine answers at once instead of retrying."""
     import socket
@@ -161,7 +122,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def _from_hub(model_id: str) -> ModelSpec | None:
+def from_hub(model_id: str) -> ModelSpec | None:
     """Fetch only config.json from the hub (never code) and introspect it."""
     if not _hub_reachable():
         return None

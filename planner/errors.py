@@ -1,13 +1,6 @@
-"""The one error type the shells translate: bad input, with the field it concerns."""
+"""The one error type the shells translate: bad input, with the field it concerns
+(gpu_catalog/errors.py defines it, below every layer that raises it)."""
 
+from gpu_catalog.errors import InputError as PlanInputError
 
-class PlanInputError(ValueError):
-    """Input that cannot be planned. `field` names the option (or `model`), `reason` says why.
-
-    The CLI prints it as one line and exits 2; the API answers 422 with `loc` and `msg`.
-    """
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
+__all__ = ["PlanInputError"]

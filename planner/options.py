@@ -72,7 +72,7 @@ class TrainingOptions(BaseModel):
     # seconds per plan) instead of the calibrated formula; where the trace cannot stand in for the
     # run, the plan says why and keeps the formula. None (not asked): the planner uses the formula,
     # and a single plan's entry (CLI plan/check, API plan/check, the page, a launch) turns it on
-    # (step_trace.single_plan_options): searches and advice plan too many candidates to trace each
+    # (request.single_plan_options): searches and advice plan too many candidates to trace each
     simulate_allocator: StrictBool | None = None
     num_generations: int = Field(default=8, ge=1, le=1024)
     max_new_tokens: int = Field(default=512, ge=1, le=1_000_000)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import os
 import threading
 import time
 import types
@@ -69,28 +68,6 @@ _TRACE_LOCK = threading.Lock()
 MAX_TRACES_IN_LINE = 3
 _in_line = 0
 _in_line_lock = threading.Lock()
-
-# Set to "off" on a server or in a shell where single plans should use the formula by default
-SIMULATE_ENV = "VRAMPLAN_SIMULATE_ALLOCATOR"
-# A single plan simulates by default up to this many layers: the trace's cost grows with the layers
-# (bench/simulate_cost.py); a larger model's plan can still ask for it
-AUTO_MAX_LAYERS = 100
-
-
-def simulation_by_default() -> bool:
-    return os.environ.get(SIMULATE_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
-
-
-def single_plan_options(spec, options: TrainingOptions) -> TrainingOptions:
-    """A single plan's options: where simulate_allocator was not given, it is on (the narrower
-    band is worth seconds for one plan), unless SIMULATE_ENV turns it off or the model has more
-    than AUTO_MAX_LAYERS layers or cannot be traced (model_unsupported_reason). Searches and advice
-    keep the formula: they plan too many candidates to trace each."""
-    if options.simulate_allocator is not None:
-        return options
-    return options.model_copy(update={"simulate_allocator": simulation_by_default() and spec.num_layers <= AUTO_MAX_LAYERS
-                                      and model_unsupported_reason(spec) is None})
-
 
 class SimulationUnsupported(Exception):
     """The options ask for something the trace does not stand in for; the reason says what."""

@@ -10,7 +10,7 @@ from app.service import MAX_BODY_BYTES
 from planner.catalog import load_catalog_spec
 from planner.options import TrainingOptions
 from planner.plan import build_plan
-from planner.step_trace import single_plan_options
+from planner.request import single_plan_options
 
 MODEL = "meta-llama/Llama-3.1-8B"
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from planner.catalog import CONFIGS_DIR, SPECS_DIR, catalog_ids, file_stem, find_catalog_model, load_catalog_spec, resolve_model, spec_note
+from planner.catalog import CONFIGS_DIR, SPECS_DIR, catalog_ids, file_stem, find_catalog_model, load_catalog_spec, spec_note
+from planner.request import resolve_model
 from planner.catalog_build import config_json, load_entries, published_matches
 from planner.errors import PlanInputError
 from planner.introspect import spec_from_config

@@ -1,4 +1,4 @@
-"""A single plan simulates the allocator by default (planner/step_trace.single_plan_options): the
+"""A single plan simulates the allocator by default (planner/request.single_plan_options): the
 API's plan and check, the CLI's plan and check, the page and a launch. Searches and advice keep the
 formula, and VRAMPLAN_SIMULATE_ALLOCATOR=off turns the default off (the rest of the suite runs so).
 """
@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from planner.catalog import load_catalog_spec
 from planner.options import TrainingOptions
 from planner.plan import build_plan, plan_is_quick
-from planner.step_trace import AUTO_MAX_LAYERS, SIMULATE_ENV, single_plan_options
+from planner.request import AUTO_MAX_LAYERS, SIMULATE_ENV, single_plan_options
 
 # imported here, not in a test: it imports conftest, whose setdefault must not run after a fixture
 from tests.conftest import TINY

@@ -13,20 +13,18 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-GIB = 1 << 30
+from app.cli.output import (
+    GIB,
+    UsageError,
+    option_flags,
+    parse_options,
+    validation_message,
+    write,
+    write_json,
+)
+from app.cli.plan import single_plan
+
 EXIT_BY_STATE = {"succeeded": 0, "failed": 4, "cancelled": 5, "lost": 6}
-RUN_SUMMARY_KEYS = ("id", "state", "reason", "message", "model", "method", "stage", "backend", "attempt", "predicted_peak_bytes",
-                    "predicted_high_bytes", "measured_peak_bytes", "error_pct", "final_loss", "last_step", "total_steps", "output_dir", "run_dir")
-
-
-class LaunchInputError(Exception):
-    """Bad input found by the launcher (not by pydantic): exit 2 with this line."""
-
-
-def _cli():
-    from app import cli
-
-    return cli
 
 
 def _supervisor(args):
@@ -38,45 +36,20 @@ def _supervisor(args):
 def _settings(args):
     from launcher.spec import RunSettings
 
-    return _cli()._parse_options(args, RunSettings)
+    return parse_options(args, RunSettings)
 
 
-def _launch_options(args, device: str, local: bool = True):
-    """The plan's options, with the launch defaults: the GPUs detected here, and expandable segments
-    (what a launched run sets, so what its plan must assume)."""
-    from planner.options import TrainingOptions
+def _plan(args, for_export: bool = False):
+    """(ModelSource, Plan, LaunchTarget) for a launch or, `for_export`, a file for another machine:
+    planner/request.py's recipe with the launch defaults."""
+    from planner.request import launch_target
 
-    given = {k: v for k, v in vars(args).items() if k in TrainingOptions.model_fields}
-    given.setdefault("allocator", "expandable_segments")
-    if local and device == "cuda" and "gpu" not in given and "gpu_memory_gib" not in given:
-        given["gpu"] = "auto"
-    return TrainingOptions.model_validate(given)
-
-
-def _plan(args, device: str, detect_here: bool | None = None):
-    """The plan for a launch (detect_here: plan for this machine's GPUs when none is named; by default
-    only for the local backend), or for an export, which is a file for another machine."""
-    from planner.catalog import resolve_model
-    from planner.plan import build_plan
-
-    if detect_here is None:
-        detect_here = getattr(args, "backend", "local") == "local"
-    from planner.catalog import local_config
-    from planner.step_trace import single_plan_options
-
-    spec = resolve_model(args.model)
-    return build_plan(spec, single_plan_options(spec, _launch_options(args, device, local=detect_here)), config=local_config(args.model))
-
-
-def _device(args) -> str:
     device = getattr(args, "device", None) or "auto"
-    if device != "auto":
-        return device
-    if args.backend != "local":
-        return "cuda"  # a cluster's GPUs, not this machine's: nothing to detect here
-    from gpu_catalog.detect import detect
-
-    return "cuda" if detect().gpus else "cpu_unasked"
+    if for_export:
+        device = "cpu" if device == "cpu" else "cuda"
+    target = launch_target(device, getattr(args, "backend", "local"), for_export=for_export)
+    source, plan = single_plan(args.model, parse_options(args), launch=target)
+    return source, plan, target
 
 
 def _record_text(record) -> str:
@@ -99,58 +72,53 @@ def _record_text(record) -> str:
 
 
 def cmd_launch(args) -> int:
-    cli = _cli()
     from launcher.backend import LaunchError
     from launcher.supervisor import LaunchRefused
 
-    device = _device(args)
-    if device == "cpu_unasked":
-        from gpu_catalog.detect import detect
-
-        raise LaunchInputError(f"{detect().reason}; pass --device cpu to run on the CPU (slow; for small models and tests)")
     settings = _settings(args)
-    plan = _plan(args, device)
+    source, plan, target = _plan(args)
+    device = target.device
     supervisor = _supervisor(args)
     gpus = tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip())
     backend_options = _backend_options(args)
     try:
-        prepared = supervisor.prepare(plan, args.model, settings, backend=args.backend, device=device, gpus=gpus, backend_options=backend_options)
+        prepared = supervisor.prepare(plan, source.argument, settings, backend=args.backend, device=device, gpus=gpus, backend_options=backend_options)
     except ValidationError as exc:
-        raise LaunchInputError(f"backend option {cli._validation_message(exc)}") from exc
+        raise UsageError(f"backend option {validation_message(exc)}") from exc
     except ValueError as exc:  # an unknown or broken backend
-        raise LaunchInputError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     if args.dry_run:
         prepared.run_dir.mkdir(parents=True, exist_ok=True)
         for name, text in prepared.rendered.files.items():
             (prepared.run_dir / name).write_text(text)
         data = prepared.dry_run_dict()
         if args.json:
-            cli._write_json(data)
+            write_json(data)
         else:
-            cli._write(f"dry run: {prepared.rendered.summary}")
-            cli._write(f"admission: {'ok' if prepared.admission.ok else 'refused'}: {prepared.admission.message}")
-            cli._write(f"files in {prepared.run_dir}: {', '.join(prepared.rendered.files)}")
-            cli._write("command: " + " ".join(prepared.rendered.argv))
+            write(f"dry run: {prepared.rendered.summary}")
+            write(f"admission: {'ok' if prepared.admission.ok else 'refused'}: {prepared.admission.message}")
+            write(f"files in {prepared.run_dir}: {', '.join(prepared.rendered.files)}")
+            write("command: " + " ".join(prepared.rendered.argv))
         return 0
     try:
         record = supervisor.launch(prepared, force=args.force, queue=args.queue)
     except LaunchRefused as exc:
         if args.json:
-            cli._write_json({"refused": True, "message": str(exc), **exc.numbers})
+            write_json({"refused": True, "message": str(exc), **exc.numbers})
         else:
             print(f"vramplan: {exc}", file=sys.stderr)
         return 1
     except LaunchError as exc:
-        raise LaunchInputError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     if not args.json:
         print(f"run {record.id} {record.state}: {prepared.rendered.summary}; predicted peak {record.predicted_peak_bytes / GIB:.2f} GiB per GPU "
               f"(up to {record.predicted_high_bytes / GIB:.2f})", file=sys.stderr)
     if not args.wait:
         if args.json:
-            cli._write_json(record.to_dict())
+            write_json(record.to_dict())
         return 0
     record = supervisor.wait(record.id, on_update=None if args.json else _Progress())
-    return _finish(cli, args, record)
+    return _finish(args, record)
 
 
 class _Progress:
@@ -174,23 +142,22 @@ def _backend_options(args) -> dict:
     for item in args.backend_option:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise LaunchInputError(f"--backend-option {item!r}: write KEY=VALUE")
+            raise UsageError(f"--backend-option {item!r}: write KEY=VALUE")
         options[key.strip().replace("-", "_")] = value.strip()
     if args.grace_period is not None:
         options["grace_period_s"] = args.grace_period
     return options
 
 
-def _finish(cli, args, record) -> int:
+def _finish(args, record) -> int:
     if args.json:
-        cli._write_json(record.to_dict())
+        write_json(record.to_dict())
     else:
-        cli._write(_record_text(record))
+        write(_record_text(record))
     return EXIT_BY_STATE.get(record.state, 0)
 
 
 def cmd_export(args) -> int:
-    cli = _cli()
     from launcher.exports import render
     from launcher.spec import RunSettings, launch_spec
 
@@ -198,36 +165,34 @@ def cmd_export(args) -> int:
     given.setdefault("dataset", "your-org/your-dataset")
     given.setdefault("output_dir", "output")
     settings = RunSettings.model_validate(given)
-    device = "cpu" if getattr(args, "device", "auto") == "cpu" else "cuda"
-    plan = _plan(args, device, detect_here=False)
-    spec = launch_spec(plan, args.model, settings, device=device, for_export=True)
+    source, plan, target = _plan(args, for_export=True)
+    spec = launch_spec(plan, source.argument, settings, device=target.device, for_export=True)
     try:
         text = render(spec, args.format)
     except ValueError as exc:
-        raise LaunchInputError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out} ({args.format})", file=sys.stderr)
     else:
-        cli._write(text.rstrip("\n"))
+        write(text.rstrip("\n"))
     return 0
 
 
 def cmd_runs(args) -> int:
-    cli = _cli()
     supervisor = _supervisor(args)
     action = args.action
     if action == "list":
         records = [supervisor.refresh(r.id) for r in supervisor.store.list()]
         if args.json:
-            cli._write_json([r.to_dict() for r in records])
+            write_json([r.to_dict() for r in records])
         elif not records:
-            cli._write("no runs yet (vramplan launch MODEL --dataset FILE starts one)")
+            write("no runs yet (vramplan launch MODEL --dataset FILE starts one)")
         else:
             for r in records:
                 started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at or r.created_at))
                 measured = f"{r.measured_peak_bytes / GIB:.2f}" if r.measured_peak_bytes is not None else "-"
-                cli._write(f"{r.id[:8]}  {r.state:<10} {r.method:<5} {r.stage:<6} {r.model:<32} {started}  "
+                write(f"{r.id[:8]}  {r.state:<10} {r.method:<5} {r.stage:<6} {r.model:<32} {started}  "
                            f"predicted {r.predicted_peak_bytes / GIB:.2f} GiB  measured {measured} GiB")
         return 0
     if action == "export":
@@ -237,10 +202,10 @@ def cmd_runs(args) -> int:
             Path(args.out).write_text(text + ("\n" if text else ""))
             print(f"wrote {len(rows)} run(s) to {args.out}", file=sys.stderr)
         elif text:
-            cli._write(text)
+            write(text)
         return 0
     if not args.run_id:
-        raise LaunchInputError(f"runs {action} needs a run id")
+        raise UsageError(f"runs {action} needs a run id")
     from launcher.backend import LaunchError
     from launcher.supervisor import RunNotFound
 
@@ -248,12 +213,12 @@ def cmd_runs(args) -> int:
         if action == "show":
             record = supervisor.refresh(args.run_id)
             if args.json:
-                cli._write_json({**record.to_dict(), "transitions": supervisor.store.transitions(record.id),
+                write_json({**record.to_dict(), "transitions": supervisor.store.transitions(record.id),
                                  "metrics": supervisor.store.metrics(record.id)})
             else:
-                cli._write(_record_text(record))
+                write(_record_text(record))
                 for t in supervisor.store.transitions(record.id):
-                    cli._write(f"  {time.strftime('%H:%M:%S', time.localtime(t['at']))} {t['from_state'] or '':>10} -> {t['to_state']}"
+                    write(f"  {time.strftime('%H:%M:%S', time.localtime(t['at']))} {t['from_state'] or '':>10} -> {t['to_state']}"
                                + (f" ({t['reason']})" if t["reason"] else "") + (f": {t['message']}" if t["message"] else ""))
             return EXIT_BY_STATE.get(record.state, 0) if record.terminal else 0
         if action == "logs":
@@ -277,35 +242,33 @@ def cmd_runs(args) -> int:
             record = supervisor.cancel(args.run_id)
             if not record.terminal and args.wait:
                 record = supervisor.wait(record.id)
-            return _finish(cli, args, record) if record.terminal else (cli._write(_record_text(record)) or 0)
+            return _finish(args, record) if record.terminal else (write(_record_text(record)) or 0)
         if action == "resume":
             record = supervisor.resume(args.run_id, force=args.force)
             if args.wait:
                 record = supervisor.wait(record.id, on_update=None if args.json else _Progress())
-                return _finish(cli, args, record)
-            return _finish(cli, args, record) if record.terminal else (cli._write_json(record.to_dict()) if args.json else cli._write(_record_text(record))) or 0
+                return _finish(args, record)
+            return _finish(args, record) if record.terminal else (write_json(record.to_dict()) if args.json else write(_record_text(record))) or 0
     except RunNotFound as exc:
-        raise LaunchInputError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     except LaunchError as exc:
-        raise LaunchInputError(str(exc)) from exc
-    raise LaunchInputError(f"unknown action {action}")
+        raise UsageError(str(exc)) from exc
+    raise UsageError(f"unknown action {action}")
 
 
 def cmd_backends(args) -> int:
-    cli = _cli()
     from launcher.registry import describe_backends
 
     infos = describe_backends()
     if args.json:
-        cli._write_json([i.to_dict() for i in infos])
+        write_json([i.to_dict() for i in infos])
     else:
         for info in infos:
-            cli._write(f"{info.name:<10} {'available' if info.available else 'unavailable':<12} {info.detail}")
+            write(f"{info.name:<10} {'available' if info.available else 'unavailable':<12} {info.detail}")
     return 0
 
 
-def add_commands(sub, option_flags) -> None:
-    """Register the launcher's commands on the main parser's subparsers."""
+def add_commands(sub) -> None:
     from launcher.exports import FORMATS
     from launcher.spec import RunSettings
 
