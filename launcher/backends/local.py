@@ -31,62 +31,30 @@ from launcher.backend import (
     Rendered,
     RunState,
 )
-from launcher.exports import accelerate_config, trl_config
-from launcher.spec import ENV_ALLOWLIST, SECRET_ENV, LaunchSpec
-
-LOG_FILE = "train.log"
-EXIT_FILE = "exit.json"
-MARKER = "VRAMPLAN_RUN_ID"
-EXIT_OOM = 3
+from launcher.exports import accelerate_config
+from launcher.run_files import (
+    EXIT_FILE,
+    EXIT_OOM,
+    LOG_FILE,
+    MARKER,
+    STOP_FILE,
+    accelerate_argv,
+    entry_argv,
+    read_log_file,
+    rendered_spec,
+    run_environment,
+    run_files,
+    shim_argv,
+    shown_environment,
+    write_files,
+    yaml_text,
+)
+from launcher.spec import LaunchSpec
 
 
 class LocalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     grace_period_s: float = Field(default=120.0, ge=1, le=3600, description="seconds a cancelled run has to checkpoint and exit before it is killed")
-
-
-def _yaml(data) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-def run_files(spec: LaunchSpec) -> dict[str, str]:
-    """The files every backend writes into a run directory: the spec and the TRL file it runs."""
-    return {"spec.json": spec.model_dump_json(indent=2), "trl.yaml": _yaml(trl_config(spec))}
-
-
-def shown_environment(env: dict[str, str]) -> dict[str, str]:
-    """The environment as a dry run shows it: secrets masked."""
-    return {k: ("***" if k in SECRET_ENV else v) for k, v in env.items()}
-
-
-def read_log_file(run_dir: Path, offset: int, limit: int) -> LogChunk:
-    """A run's train.log from a byte offset (backends whose log lands in the run directory)."""
-    path = run_dir / LOG_FILE
-    if not path.exists():
-        return LogChunk("", offset, True)
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read(limit)
-    return LogChunk(data.decode("utf-8", "replace"), offset + len(data), len(data) < limit)
-
-
-def run_environment(spec: LaunchSpec, source: dict[str, str] | None = None) -> dict[str, str]:
-    source = dict(os.environ if source is None else source)
-    env = {k: v for k, v in source.items() if k in ENV_ALLOWLIST}
-    env[MARKER] = spec.run_id
-    env["PYTHONUNBUFFERED"] = "1"
-    if spec.alloc_conf():
-        env["PYTORCH_CUDA_ALLOC_CONF"] = spec.alloc_conf()
-    if spec.resources.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    elif spec.resources.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.resources.gpus)  # CUDA takes UUIDs here too
-    # the run runs from its own directory; the project must stay importable when it is not installed
-    project_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def _alive(handle: Handle) -> bool:
@@ -130,16 +98,14 @@ class LocalBackend:
 
     def render(self, spec: LaunchSpec, run_dir: Path, options: BaseModel) -> Rendered:
         files = run_files(spec)
-        entry = (sys.executable, "-m", "launcher.entry", str(run_dir))
         accel = accelerate_config(spec)
         if accel is not None:
-            files["accelerate.yaml"] = _yaml(accel)
+            files["accelerate.yaml"] = yaml_text(accel)
             # torchrun's rendezvous port: a free one, so two runs on one machine never collide
-            trainer = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run_dir / "accelerate.yaml"),
-                       "--main_process_port", str(_free_port()), "-m", "launcher.entry", str(run_dir))
+            trainer = accelerate_argv(sys.executable, run_dir / "accelerate.yaml", run_dir, "--main_process_port", str(_free_port()))
         else:
-            trainer = entry
-        argv = (sys.executable, "-m", "launcher.shim", str(run_dir), "--", *trainer)
+            trainer = entry_argv(sys.executable, run_dir)
+        argv = shim_argv(sys.executable, run_dir, trainer)
         env = run_environment(spec)
         shown = shown_environment(env)
         processes = spec.resources.num_processes
@@ -148,12 +114,8 @@ class LocalBackend:
         return Rendered(files=files, argv=argv, env=shown, summary=summary)
 
     def submit(self, rendered: Rendered, run_dir: Path) -> Handle:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in rendered.files.items():
-            path = run_dir / name
-            path.write_text(text)
-            os.chmod(path, 0o600)
-        spec = LaunchSpec.model_validate_json(rendered.files["spec.json"])
+        write_files(run_dir, rendered.files, 0o600)
+        spec = rendered_spec(rendered)
         env = run_environment(spec)  # the real values: Rendered.env hides secrets
         log = open(run_dir / LOG_FILE, "ab")
         try:
@@ -188,7 +150,7 @@ class LocalBackend:
 
     def cancel(self, handle: Handle, run_dir: Path) -> None:
         # every rank checks the stop file after each step and all ranks agree before stopping
-        (run_dir / "STOP").write_text(str(time.time()))
+        (run_dir / STOP_FILE).write_text(str(time.time()))
 
     def kill(self, handle: Handle, run_dir: Path) -> None:
         procs = run_processes(str(handle.data.get("marker")))

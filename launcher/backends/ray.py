@@ -29,19 +29,27 @@ from launcher.backend import (
     Rendered,
     RunState,
 )
-from launcher.backends.local import (
-    _yaml,
+from launcher.exports import accelerate_config
+from launcher.run_files import (
+    EVENT_LOG_PREFIX,
+    EVENTS_FILE,
+    EVENTS_TO_LOG_ENV,
+    EXIT_OOM,
+    LOG_FILE,
+    accelerate_argv,
+    entry_argv,
     read_log_file,
+    rendered_spec,
     run_environment,
     run_files,
+    shim_argv,
     shown_environment,
+    write_files,
+    yaml_text,
 )
-from launcher.exports import accelerate_config
 from launcher.spec import LaunchSpec
 
 INSTALL = "pip install 'vramplan[ray]'"
-EVENT_PREFIX = "VRAMPLAN_EVENT "
-EXIT_OOM = 3
 STATES = {
     "PENDING": (RunState.STARTING, None),
     "RUNNING": (RunState.RUNNING, None),
@@ -90,11 +98,12 @@ class RayBackend:
         assert isinstance(options, RayOptions)
         files = run_files(spec)
         accel = accelerate_config(spec)
-        entry = f"{options.python} -m launcher.entry ."
+        # the job's working directory is the run's files: paths relative to it (Options.python has no spaces)
+        trainer = entry_argv(options.python, ".")
         if accel is not None:
-            files["accelerate.yaml"] = _yaml(accel)
-            entry = f"{options.python} -m accelerate.commands.launch --config_file accelerate.yaml -m launcher.entry ."
-        entrypoint = f"{options.python} -m launcher.shim . -- {entry}"
+            files["accelerate.yaml"] = yaml_text(accel)
+            trainer = accelerate_argv(options.python, "accelerate.yaml", ".")
+        entrypoint = " ".join(shim_argv(options.python, ".", trainer))
         shown = shown_environment(_job_env(spec, int(options.grace_period_s)))
         summary = (f"{spec.method} {spec.stage} of {spec.model.location} as a Ray Job at {options.address} "
                    f"({spec.resources.num_processes} {'GPU' if spec.resources.device == 'cuda' else 'CPU process'}(es)); output in {spec.output_dir}")
@@ -104,10 +113,8 @@ class RayBackend:
                         env=shown, summary=summary)
 
     def submit(self, rendered: Rendered, run_dir: Path) -> Handle:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in rendered.files.items():
-            (run_dir / name).write_text(text)
-        spec = LaunchSpec.model_validate_json(rendered.files["spec.json"])
+        write_files(run_dir, rendered.files)
+        spec = rendered_spec(rendered)
         job = json.loads(rendered.files["ray-job.json"])
         env = _job_env(spec, int(rendered.env["RAY_JOB_STOP_WAIT_TIME_S"]))  # the real values: Rendered.env hides secrets
         client = _client(job["address"])
@@ -138,7 +145,7 @@ class RayBackend:
         except Exception as exc:
             return Observation(None, Reason.BACKEND_UNREACHABLE, message=f"Ray did not answer: {type(exc).__name__}")
         _mirror_events(logs, run_dir)
-        (run_dir / "train.log").write_text("\n".join(line for line in logs.splitlines() if not line.startswith(EVENT_PREFIX)) + "\n")
+        (run_dir / LOG_FILE).write_text("\n".join(line for line in logs.splitlines() if not line.startswith(EVENT_LOG_PREFIX)) + "\n")
         state, reason = STATES.get(status, (RunState.RUNNING, None))
         if state == RunState.FAILED and _had_oom(run_dir):
             return Observation(RunState.FAILED, Reason.OOM, EXIT_OOM, "CUDA out of memory")
@@ -163,14 +170,14 @@ def _job_env(spec: LaunchSpec, grace_s: int) -> dict[str, str]:
     """The job's variables: the run's, less this machine's paths (the cluster has its own), with the
     events sent through the log and Ray's stop wait raised to the grace period."""
     env = {k: v for k, v in run_environment(spec).items() if k not in ("PATH", "HOME", "USER", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR")}
-    env.update(VRAMPLAN_EVENTS_TO_LOG="1", RAY_JOB_STOP_WAIT_TIME_S=str(grace_s))
+    env.update({EVENTS_TO_LOG_ENV: "1", "RAY_JOB_STOP_WAIT_TIME_S": str(grace_s)})
     return env
 
 
 def _mirror_events(logs: str, run_dir: Path) -> None:
     """Append the events not yet copied: the job's log is the whole log each time, in order."""
-    events = [line[len(EVENT_PREFIX):] for line in logs.splitlines() if line.startswith(EVENT_PREFIX)]
-    path = run_dir / "events.jsonl"
+    events = [line[len(EVENT_LOG_PREFIX):] for line in logs.splitlines() if line.startswith(EVENT_LOG_PREFIX)]
+    path = run_dir / EVENTS_FILE
     have = sum(1 for _ in open(path, "rb")) if path.exists() else 0
     if len(events) > have:
         with open(path, "a") as fh:
@@ -178,5 +185,5 @@ def _mirror_events(logs: str, run_dir: Path) -> None:
 
 
 def _had_oom(run_dir: Path) -> bool:
-    path = run_dir / "events.jsonl"
+    path = run_dir / EVENTS_FILE
     return path.exists() and '"kind": "oom"' in path.read_text()

@@ -10,7 +10,6 @@ accounting exist) and after `scontrol` has forgotten the job.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
@@ -33,19 +32,26 @@ from launcher.backend import (
     Rendered,
     RunState,
 )
-from launcher.backends.local import (
+from launcher.exports import accelerate_config
+from launcher.run_files import (
+    ACCELERATE_MODULE,
+    ENTRY_MODULE,
+    EXIT_OOM,
     LOG_FILE,
-    _yaml,
+    SHIM_MODULE,
+    STOP_FILE,
+    read_exit,
     read_log_file,
+    rendered_spec,
     run_environment,
     run_files,
     shown_environment,
+    write_files,
+    yaml_text,
 )
-from launcher.exports import accelerate_config
 from launcher.spec import SECRET_ENV, LaunchSpec
 
 COMMAND_TIMEOUT_S = 30
-EXIT_OOM = 3
 RENDEZVOUS_PORT = 29500
 # Slurm's job states (squeue %T / scontrol JobState) -> the run's state and reason
 STATES: dict[str, tuple[RunState, Reason | None]] = {
@@ -128,7 +134,7 @@ def job_script(spec: LaunchSpec, run_dir: Path, options: SlurmOptions, env: dict
             lines.append(f"#SBATCH --{flag}={value}")
     lines += ["", "set -euo pipefail", f"cd {run}"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items()) if name not in SECRET_ENV and name != "CUDA_VISIBLE_DEVICES"]
-    entry = f"-m launcher.entry {run}"
+    entry = f"-m {ENTRY_MODULE} {run}"
     if nodes == 1 and per_node == 1:
         trainer = f"{python} {entry}"
     else:
@@ -136,11 +142,11 @@ def job_script(spec: LaunchSpec, run_dir: Path, options: SlurmOptions, env: dict
             # exported: each node's `bash -c` below reads it
             'export head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         ]
-        trainer = (f"{python} -m accelerate.commands.launch --config_file {run}/accelerate.yaml --num_machines {nodes} "
+        trainer = (f"{python} -m {ACCELERATE_MODULE} --config_file {run}/accelerate.yaml --num_machines {nodes} "
                    f"--num_processes {nodes * per_node} --machine_rank \"$SLURM_NODEID\" --main_process_ip \"$head_node\" "
                    f"--main_process_port {RENDEZVOUS_PORT} {entry}")
     # one task per node; bash -c so that each node expands its own SLURM_NODEID
-    inner = f"exec {python} -m launcher.shim {run} -- {trainer}"
+    inner = f"exec {python} -m {SHIM_MODULE} {run} -- {trainer}"
     lines += ["", f"srun --kill-on-bad-exit=1 --export=ALL bash -c {shlex.quote(inner)}", ""]
     return "\n".join(lines)
 
@@ -171,7 +177,7 @@ class SlurmBackend:
         if nodes * per_node > 1:
             accel = accelerate_config(spec) or {}
             accel.update(num_machines=nodes, num_processes=nodes * per_node, rdzv_backend="static", same_network=False)
-            files["accelerate.yaml"] = _yaml(accel)
+            files["accelerate.yaml"] = yaml_text(accel)
         env = run_environment(spec)
         files["job.sbatch"] = job_script(spec, run_dir, options, env)
         shown = shown_environment(env)
@@ -180,11 +186,9 @@ class SlurmBackend:
         return Rendered(files=files, argv=("sbatch", "--parsable", str(run_dir / "job.sbatch")), env=shown, summary=summary)
 
     def submit(self, rendered: Rendered, run_dir: Path) -> Handle:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in rendered.files.items():
-            (run_dir / name).write_text(text)
+        write_files(run_dir, rendered.files)
         (run_dir / "job.sbatch").chmod(0o700)
-        spec = LaunchSpec.model_validate_json(rendered.files["spec.json"])
+        spec = rendered_spec(rendered)
         env = {**run_environment(spec)}  # secrets reach sbatch's environment (--export=ALL), never the script
         try:
             result = _run(list(rendered.argv), env=env, cwd=run_dir)
@@ -211,7 +215,7 @@ class SlurmBackend:
 
     def poll(self, handle: Handle, run_dir: Path) -> Observation:
         state = self._slurm_state(str(handle.data["job_id"]))
-        exit_record = _read_exit(run_dir)
+        exit_record = read_exit(run_dir)
         if state == "UNREACHABLE":
             return Observation(None, Reason.BACKEND_UNREACHABLE, message="squeue did not answer")
         if state is None:  # past MinJobAge, no accounting: the run's own record decides
@@ -230,7 +234,7 @@ class SlurmBackend:
     def cancel(self, handle: Handle, run_dir: Path) -> None:
         # the stop file, and SIGTERM to the job's steps (not the batch shell): the trainer checkpoints,
         # exits 0 and the job completes; the supervisor knows it was a stop from the run's events
-        (run_dir / "STOP").write_text(str(time.time()))
+        (run_dir / STOP_FILE).write_text(str(time.time()))
         try:
             _run(["scancel", "--signal=TERM", str(handle.data["job_id"])])
         except (OSError, subprocess.TimeoutExpired):
@@ -244,13 +248,6 @@ class SlurmBackend:
 
     def read_logs(self, handle: Handle | None, run_dir: Path, offset: int, limit: int) -> LogChunk:
         return read_log_file(run_dir, offset, limit)  # sbatch --output is the run directory's train.log
-
-
-def _read_exit(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "exit.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _from_exit(record: dict) -> Observation:

@@ -1,6 +1,9 @@
 """An example third-party backend: runs the trainer entry on this machine with `nohup`, no
 admission, no multi-GPU. It shows what a plugin must provide: the class attributes, bounded Options,
-and the seven methods; everything else (store, supervisor, CLI, pages) comes from vramplan."""
+and the seven methods; everything else (store, supervisor, CLI, pages) comes from vramplan.
+
+It builds on vramplan's public pieces only: the LocalBackend class and launcher.run_files (what every
+backend shares: the run's files, environment, argv and log), never a private helper."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from launcher.backend import API_VERSION, Handle, Health, LogChunk, Observation, Rendered
 from launcher.backends.local import LocalBackend
+from launcher.run_files import read_log_file
 from launcher.spec import LaunchSpec
 
 
@@ -49,7 +53,7 @@ class NohupBackend:
         self._local.kill(handle, run_dir)
 
     def read_logs(self, handle: Handle | None, run_dir: Path, offset: int, limit: int) -> LogChunk:
-        return self._local.read_logs(handle, run_dir, offset, limit)
+        return read_log_file(run_dir, offset, limit)  # the shim's log is RUN_DIR/train.log
 
 
 class FutureBackend(NohupBackend):
