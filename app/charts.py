@@ -119,7 +119,15 @@ def memory_bar_svg(plan: Plan, compact: bool = False, scale_bytes: int | None = 
         f'<text x="{usable_x:.2f}%" y="{bar_y - 9}" font-size="12" text-anchor="{anchor}" fill="currentColor">'
         f"usable {plan.usable_bytes / GIB:.1f} GiB of {plan.gpu.memory_bytes / GIB:.1f} GiB</text>"
     )
-    shapes.append(f'<text x="0" y="{bar_y + bar_h + 17}" font-size="12" fill="currentColor">peak {plan.peak_bytes / GIB:.2f} GiB per GPU ({band}): {verdict}</text>')
+    runs_within = ""
+    if plan.allocator_release_bytes:
+        # a smaller card runs the step too: the allocator releases its cache before running out
+        within_x = _pct(plan.runs_within_bytes, scale_max)
+        runs_within = f"; runs within {plan.runs_within_bytes / GIB:.2f} GiB"
+        shapes.append(f'<line class="runs-within" x1="{within_x:.2f}%" y1="{bar_y}" x2="{within_x:.2f}%" y2="{bar_y + bar_h}" stroke="currentColor" '
+                      f'stroke-width="2" stroke-dasharray="1 2"><title>runs within {plan.runs_within_bytes / GIB:.2f} GiB: on a smaller card the allocator '
+                      f"releases {plan.allocator_release_bytes / GIB:.2f} GiB of its cache and retries</title></line>")
+    shapes.append(f'<text x="0" y="{bar_y + bar_h + 17}" font-size="12" fill="currentColor">peak {plan.peak_bytes / GIB:.2f} GiB per GPU ({band}){runs_within}: {verdict}</text>')
     if not compact:
         for index, (family, size) in enumerate(parts):
             column = "0%" if index % 2 == 0 else "50%"

@@ -15,7 +15,7 @@ from planner.options import TrainingOptions
 
 # Form fields that are text inputs in the page but typed in the request model
 FORM_FIELDS = (
-    "model", "gpu", "gpu_memory_gib", "num_gpus", "method", "stage", "batch_size", "seq_len", "gradient_checkpointing",
+    "model", "gpu", "gpu_memory_gib", "num_gpus", "method", "stage", "batch_size", "gradient_accumulation_steps", "seq_len", "gradient_checkpointing",
     "optimizer", "precision", "weights_dtype", "autocast", "simulate_allocator", "attention", "trainer", "parallelism", "offload", "lora_r", "lora_alpha",
     "lora_targets", "lora_dropout", "goal", "data_kind", "num_examples", "tokens_per_example", "tenants", "config_json", "allocator",
 )

@@ -78,6 +78,7 @@ class WebRuns(RunsRuntime):
         """(plan, Prepared): the dry run. Blocks (builds a model, loads a backend): call from a thread."""
         from app.service import web_plan, web_source
         from launcher.paths import path_or_hub
+        from launcher.backend import LaunchError
         from launcher.registry import UnknownBackend
         from planner.request import confine, launch_target
 
@@ -96,6 +97,8 @@ class WebRuns(RunsRuntime):
                                                  device=target.device, gpus=tuple(request.gpus))
         except UnknownBackend as exc:
             raise PlanInputError("backend", str(exc)) from None
+        except LaunchError as exc:  # the backend cannot place this run (say, GPUs that do not split into nodes)
+            raise PlanInputError("backend_options", str(exc)) from None
         except PydanticValidationError as exc:  # the backend's Options refused them
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])

@@ -30,8 +30,8 @@ class GpuOut(BaseModel):
 
 
 Verdict = Literal["fits", "tight", "does not fit"]
-VERDICT_HELP = ("fits: the band's high end is within the usable memory; tight: the usable memory falls inside the band; "
-                "does not fit: it is below the band's low end")
+VERDICT_HELP = ("does the step run within the usable memory: fits when the high end of the least memory it runs in "
+                "(runs_within_high_bytes) is within it; tight when the usable memory falls inside that band; does not fit when it is below its low end")
 
 
 RESERVE_SOURCE_HELP = ("where the allocator's reserve came from: the calibration's formula, or simulated from the run's traced "
@@ -41,18 +41,26 @@ UNMEASURED_HELP = ("parts of a simulated step no GPU run has checked yet (TRL's 
                    "unmeasured_allowance_bytes, added to the band's high end, allows for them")
 
 
-class PlanResponse(BaseModel):
+class RunsWithin(BaseModel):
+    runs_within_bytes: int = Field(description="the least memory per GPU the step runs in: peak_bytes less what the allocator releases and retries "
+                                               "with on a card too small for its reserved peak")
+    runs_within_low_bytes: int
+    runs_within_high_bytes: int = Field(description="the verdict uses it: fits when it is within the usable memory")
+    allocator_release_bytes: int = Field(description="what the allocator gives back by releasing its cached segments (0 without a simulated step)")
+
+
+class PlanResponse(RunsWithin):
     model: ModelOut
     gpu: GpuOut
     peak_bytes: int = Field(description="predicted peak per GPU; the components sum to it")
     peak_gib: float
     peak_low_bytes: int = Field(description="the band's low end: the central peak less the calibration's largest over-prediction")
-    peak_high_bytes: int = Field(description="the band's high end: the central peak plus the calibration's largest under-prediction; the verdict uses it")
+    peak_high_bytes: int = Field(description="the band's high end: the central peak plus the calibration's largest under-prediction; what a card with room to spare reserves")
     peak_phase: str
     phase_totals: dict[str, int]
     usable_bytes: int
     headroom_bytes: int
-    fits: bool = Field(description="true only when the verdict is fits: the band's high end is within the usable memory")
+    fits: bool = Field(description="true only when the verdict is fits: runs_within_high_bytes is within the usable memory")
     verdict: Verdict = Field(description=VERDICT_HELP)
     precision_mode: str
     components: list[ComponentOut] = Field(description="the peak phase's components")
@@ -68,7 +76,7 @@ class PlanResponse(BaseModel):
     could_simulate: bool = Field(description="the reserve came from the formula, and simulate_allocator would give this run a narrower band")
 
 
-class CheckResponse(BaseModel):
+class CheckResponse(RunsWithin):
     fits: bool = Field(description="true only when the verdict is fits")
     verdict: Verdict = Field(description=VERDICT_HELP)
     peak_bytes: int = Field(description="the central figure")

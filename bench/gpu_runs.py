@@ -21,8 +21,14 @@ The matrix fills what the committed H100 runs lack:
 - `expandable_segments:True`, which launched runs plan for;
 - TRL's fused LM head, the default trainer, where the peak is inside a layer's backward;
 - autocast on, beside the committed runs without it;
-- QLoRA with the weights loaded by bitsandbytes on the GPU.
-`--quick` takes the first six runs (estimated at three minutes; not yet timed on a GPU).
+- QLoRA with the weights loaded by bitsandbytes on the GPU;
+- gradient accumulation 2, whose gradients stay through the second micro-batch (the plan's
+  `gradient_accumulation_steps`);
+- the allocator's release-and-retry: a run capped with `torch.cuda.set_per_process_memory_fraction`
+  at 102% and at 95% of the least pool the planner's replay says the step runs in (`cap`): the
+  first should survive (at a reserved peak under the cap), the second run out of memory. Its row
+  says `survived` either way.
+`--quick` takes the first seven runs (estimated at three minutes; not yet timed on a GPU).
 
 Only torch, transformers and peft are needed on the GPU machine (trl for the fused-head runs,
 bitsandbytes for QLoRA); the planner is not imported there. Exit status: 0 when every run was
@@ -56,6 +62,8 @@ class Run:
     name: str
     model: str  # catalog id; its config.json is in planner/catalog/configs
     options: dict = field(default_factory=dict)  # plan options, as bench/calibrate.py reads them
+    # the allocator's cap, as a multiple of the least pool the planner's replay says the step runs in
+    cap: float | None = None
 
     @property
     def config_file(self) -> Path:
@@ -66,11 +74,11 @@ class Run:
         return CONFIGS / f"{file_stem(self.model)}.json"
 
 
-def _run(name: str, model: str, **options) -> Run:
+def _run(name: str, model: str, cap: float | None = None, **options) -> Run:
     base = {"weights_dtype": "bf16", "precision": "bf16", "optimizer": "adamw", "attention": "sdpa", "lora_dropout": 0.0}
     if options.get("method") in ("lora", "qlora", "dora"):
         base |= {"lora_r": LORA_R, "lora_targets": ALL_LINEAR}
-    return Run(name, model, base | options)
+    return Run(name, model, base | options, cap)
 
 
 L1B, Q15 = "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-1.5B"
@@ -97,6 +105,14 @@ MATRIX = (
     # QLoRA loaded on the GPU by bitsandbytes (its loading is inside the measured peak)
     _run("l1b-qlora16all-b2s2048-gc-trl", L1B, method="qlora", batch_size=2, seq_len=2048, gradient_checkpointing=True, trainer="trl"),
     _run("l1b-dora16all-b4s1024-gc-trl", L1B, method="dora", batch_size=4, seq_len=1024, gradient_checkpointing=True, trainer="trl"),
+    # accumulation: the first micro-batch's gradients through the second's forward and backward
+    _run("l1b-full-b4s1024-gc-trl-ga2", L1B, method="full", batch_size=4, seq_len=1024, gradient_checkpointing=True, trainer="trl",
+         gradient_accumulation_steps=2),
+    # full fp32 logits leave cached segments: capped above and below the replay's least pool
+    _run("l1b-lora16all-b8s2048-gc-hf-autocast-cap102", L1B, cap=1.02, method="lora", batch_size=8, seq_len=2048, gradient_checkpointing=True,
+         trainer="hf"),
+    _run("l1b-lora16all-b8s2048-gc-hf-autocast-cap095", L1B, cap=0.95, method="lora", batch_size=8, seq_len=2048, gradient_checkpointing=True,
+         trainer="hf"),
 )
 QUICK = 7
 
@@ -144,10 +160,11 @@ def train_steps(run: Run, device: str = "cuda", config: dict | None = None) -> f
     ids = torch.randint(3, config["vocab_size"], (options["batch_size"], options["seq_len"]), device=device)
     started = time.perf_counter()
     for _ in range(STEPS):
-        with _autocast(options.get("autocast", True), device=device):
-            loss = model(input_ids=ids, labels=ids, **extra).loss
-        loss.backward()
-        del loss
+        for _ in range(options.get("gradient_accumulation_steps", 1)):
+            with _autocast(options.get("autocast", True), device=device):
+                loss = model(input_ids=ids, labels=ids, **extra).loss
+            loss.backward()
+            del loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if device == "cuda":
@@ -156,11 +173,21 @@ def train_steps(run: Run, device: str = "cuda", config: dict | None = None) -> f
 
 
 def measure(run: Run) -> dict:
-    """The run on GPU 0 in this process; the figures bench/calibrate.py reads."""
+    """The run on GPU 0 in this process; the figures bench/calibrate.py reads. A capped run
+    (VRAMPLAN_POOL_CAP_BYTES from the parent) that runs out of memory says so instead."""
     import torch
 
-    seconds = train_steps(run, "cuda")
-    return {
+    cap = os.environ.get("VRAMPLAN_POOL_CAP_BYTES")
+    if cap:
+        torch.cuda.set_per_process_memory_fraction(int(cap) / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        seconds = train_steps(run, "cuda")
+    except torch.OutOfMemoryError:
+        if not cap:
+            raise
+        return {"survived": False, "cap_bytes": int(cap), "peak_allocated": torch.cuda.max_memory_allocated(),
+                "peak_reserved": torch.cuda.max_memory_reserved(), "outside_allocator": None}
+    return {"survived": True, "cap_bytes": int(cap) if cap else None,
         "peak_allocated": torch.cuda.max_memory_allocated(),
         "peak_reserved": torch.cuda.max_memory_reserved(),
         "outside_allocator": _outside_allocator(torch.cuda.memory_reserved()),
@@ -206,6 +233,7 @@ def calibration_row(run: Run, measured: dict, gpu: str, found_versions: dict, da
         "options": dict(run.options),
         "gpu": gpu,
         "measured": {k: measured[k] for k in ("peak_allocated", "peak_reserved", "outside_allocator")},
+        **({"cap_bytes": measured["cap_bytes"], "survived": measured["survived"]} if measured.get("cap_bytes") else {}),
         "metric": f"max_memory_allocated / max_memory_reserved over {STEPS} steps in a fresh process; outside_allocator = NVML used - reserved after the run",
         "versions": found_versions,
         "step_seconds": measured.get("step_seconds"),
@@ -214,9 +242,27 @@ def calibration_row(run: Run, measured: dict, gpu: str, found_versions: dict, da
     }
 
 
+def predicted_least_pool(run: Run) -> int:
+    """The least pool the planner's replay says this run's step runs in (the planner runs here, in
+    the parent; the child only trains)."""
+    from planner.catalog import load_catalog_spec
+    from planner.options import TrainingOptions
+    from planner.step_trace import simulated_for
+
+    options = {k: v for k, v in run.options.items() if k in TrainingOptions.model_fields}
+    options["lora_targets"] = options["lora_targets"].split(",") if isinstance(options.get("lora_targets"), str) else options.get("lora_targets", "all-linear")
+    step = simulated_for(load_catalog_spec(run.model), TrainingOptions(simulate_allocator=True, gpu_memory_gib=4096, **options))
+    if isinstance(step, str):
+        raise RuntimeError(f"{run.name}: the planner cannot trace it: {step}")
+    return step.peaks.smallest_capacity
+
+
 def run_in_process(run: Run, timeout: float) -> tuple[dict | None, str]:
     """(measured figures, or None and why) from a fresh Python process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env.pop("VRAMPLAN_POOL_CAP_BYTES", None)
+    if run.cap is not None:
+        env["VRAMPLAN_POOL_CAP_BYTES"] = str(int(run.cap * predicted_least_pool(run)))
     if run.options.get("allocator") == "expandable_segments":
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     else:
@@ -273,8 +319,9 @@ def main() -> int:
             print(f"[{index}/{len(runs)}] {run.name}: failed ({why})", flush=True)
             continue
         rows.append(calibration_row(run, measured, gpu, found_versions, date))
+        capped = f", capped at {measured['cap_bytes'] / 2**30:.2f} GiB: {'survived' if measured['survived'] else 'out of memory'}" if measured.get("cap_bytes") else ""
         print(f"[{index}/{len(runs)}] {run.name}: allocated {measured['peak_allocated'] / 2**30:.2f} GiB, "
-              f"reserved {measured['peak_reserved'] / 2**30:.2f} GiB", flush=True)
+              f"reserved {measured['peak_reserved'] / 2**30:.2f} GiB{capped}", flush=True)
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(f"wrote {len(rows)} rows to {out}" + (f"; {len(failed)} failed: " + json.dumps(failed) if failed else ""))
     return 1 if failed else 0

@@ -107,7 +107,7 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
         # the stage's config (a transformers TrainingArguments)
         "output_dir": spec.output_dir,
         "per_device_train_batch_size": options["batch_size"],
-        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "gradient_accumulation_steps": options.get("gradient_accumulation_steps", 1),
         "logging_steps": settings.logging_steps,
         "save_strategy": "steps",
         "save_steps": settings.save_steps or 500,
@@ -209,7 +209,7 @@ def accelerate_config(spec: LaunchSpec) -> dict[str, Any] | None:
             "offload_optimizer_device": "cpu" if offload in ("optimizer", "params") else "none",
             "offload_param_device": "cpu" if offload == "params" and parallelism == "zero3" else "none",
             "zero3_init_flag": parallelism == "zero3",
-            "gradient_accumulation_steps": spec.settings.gradient_accumulation_steps,
+            "gradient_accumulation_steps": spec.options.get("gradient_accumulation_steps", 1),
         }
     else:  # fsdp: FSDP2, full sharding
         config["distributed_type"] = "FSDP"
@@ -251,7 +251,7 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         "output_dir": spec.output_dir,
         "sequence_len": options["seq_len"],
         "micro_batch_size": options["batch_size"],
-        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "gradient_accumulation_steps": options.get("gradient_accumulation_steps", 1),
         "gradient_checkpointing": bool(options["gradient_checkpointing"]),
         "optimizer": TRL_OPTIMIZERS[options["optimizer"]],
         "bf16": _autocast_dtype(options) == "bf16",
@@ -334,7 +334,7 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
         "cutoff_len": options["seq_len"],
         "output_dir": spec.output_dir,
         "per_device_train_batch_size": options["batch_size"],
-        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "gradient_accumulation_steps": options.get("gradient_accumulation_steps", 1),
         "logging_steps": settings.logging_steps,
         "save_steps": settings.save_steps or 500,
         "bf16": _autocast_dtype(options) == "bf16",

@@ -55,7 +55,6 @@ class RunSettings(BaseModel):
     max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     epochs: float | None = Field(default=None, gt=0, le=10_000)
     learning_rate: float | None = Field(default=None, gt=0, le=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1, le=65536)
     save_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     logging_steps: int = Field(default=1, ge=1, le=1_000_000)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
@@ -63,6 +62,15 @@ class RunSettings(BaseModel):
     reward_funcs: list[Literal[BUILTIN_REWARDS]] = Field(default_factory=list, max_length=8)  # type: ignore[valid-type]
     reward_model: str | None = Field(default=None, max_length=4096)
     step_sleep_s: float = Field(default=0.0, ge=0, le=60, description="pause after each step (tests and demos: makes a tiny run long enough to watch)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accumulation_is_the_plans(cls, data):
+        # gradient_accumulation_steps moved to the plan's options (it moves memory): a run stored
+        # before still reads (LaunchSpec moves the value into its options)
+        if isinstance(data, dict) and "gradient_accumulation_steps" in data:
+            data = {k: v for k, v in data.items() if k != "gradient_accumulation_steps"}
+        return data
 
     @field_validator("reward_funcs", mode="before")
     @classmethod
@@ -103,6 +111,17 @@ class LaunchSpec(BaseModel):
     """One run, fully decided. Serialised as the run directory's spec.json."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accumulation_into_options(cls, data):
+        # a run stored when gradient_accumulation_steps was a run setting keeps its value, in the
+        # plan's options where it now lives
+        if isinstance(data, dict) and isinstance(data.get("settings"), dict) and "gradient_accumulation_steps" in data["settings"]:
+            options = dict(data.get("options") or {})
+            options.setdefault("gradient_accumulation_steps", data["settings"]["gradient_accumulation_steps"])
+            data = {**data, "options": options}
+        return data
 
     spec_version: int = SPEC_VERSION
     run_id: str

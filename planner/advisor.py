@@ -231,14 +231,17 @@ def _with_batch(spec: ModelSpec, options: TrainingOptions) -> tuple[Plan, dict, 
     target = TARGET_EFFECTIVE_BATCH
     # every GPU takes a micro-batch: the per-GPU micro-batch stays within target / GPUs
     per_gpu_target = max(1, target // options.num_gpus)
-    found = largest_batch(spec, options.model_copy(update={"batch_size": 1}), limit=per_gpu_target)
+    # searched as it will run: with accumulation, which keeps the gradients through the next
+    # micro-batches (any count past one holds the same memory)
+    accumulating = options.model_copy(update={"batch_size": 1, "gradient_accumulation_steps": 2 if target > options.num_gpus else 1})
+    found = largest_batch(spec, accumulating, limit=per_gpu_target)
     if found.value is None:
-        plan = build_plan(spec, options.model_copy(update={"batch_size": 1}))
+        plan = build_plan(spec, options.model_copy(update={"batch_size": 1, "gradient_accumulation_steps": target}))
         return plan, {"batch_size": 1, "gradient_accumulation_steps": target}, []
     # the largest micro-batch that divides the effective batch, so accumulation lands on it exactly
     micro = max(d for d in range(1, found.value + 1) if per_gpu_target % d == 0)
-    plan = found.plan if micro == found.value else build_plan(spec, options.model_copy(update={"batch_size": micro}))
-    accumulation = max(1, target // (micro * plan.gpu.count))
+    accumulation = max(1, target // (micro * found.plan.gpu.count))
+    plan = build_plan(spec, options.model_copy(update={"batch_size": micro, "gradient_accumulation_steps": accumulation}))
     reasons = [
         f"Micro-batch {micro} with gradient accumulation {accumulation}: effective batch {micro * accumulation * plan.gpu.count}"
         + (

@@ -17,6 +17,14 @@ settings, no expandable segments):
 So a step whose short-lived blocks are freed and then asked for again in other sizes (recomputed
 layers, logits and their fp32 loss buffers) leaves free pieces that no later request fits, and
 reserves new segments beside them. `replay` follows one event list to the peaks of both figures.
+
+On a card with room to spare nothing is ever given back. On a smaller one, a segment the driver
+cannot give makes the allocator release its cached segments that hold no live block and try again
+(release_cached_blocks, before it raises out of memory), so a step can run on less memory than the
+reserved peak a larger card shows. `replay(..., capacity=N)` follows that path and raises
+OutOfMemory when even the retry finds no room; `smallest_capacity` searches for the least pool a
+step runs in. With expandable segments only the free end of each pool is unmapped here (the
+allocator also unmaps free pages inside, which this model cannot place): a threshold on the safe side.
 """
 
 from __future__ import annotations
@@ -33,11 +41,18 @@ MIN_LARGE_ALLOCATION = 10 << 20
 LARGE_ROUNDING = 2 << 20
 
 
+class OutOfMemory(Exception):
+    """The replay needed a segment beyond its capacity even after releasing its cached ones."""
+
+
 @dataclass(frozen=True)
 class AllocatorPeaks:
     peak_allocated: int  # max_memory_allocated: live blocks, each rounded to 512 bytes
     peak_reserved: int  # max_memory_reserved: segments held from the driver
     allocations: int  # requests replayed
+    # the smallest pool the step runs in, the allocator releasing its cached segments and retrying
+    # where the driver has no more (smallest_capacity); None where it was not searched
+    smallest_capacity: int | None = None
 
     @property
     def reserve(self) -> int:
@@ -71,9 +86,12 @@ def segment_size(size: int) -> int:
 
 
 class CachingAllocator:
-    """One stream, one device: the allocator's block bookkeeping, without the memory."""
+    """One stream, one device: the allocator's block bookkeeping, without the memory. `capacity`:
+    the most it may reserve (None: as much as it asks for)."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self.retries = 0
         # free blocks per pool, sorted by (size, address): bisect finds the best fit
         self._free: dict[bool, list[tuple[tuple[int, int, int], _Block]]] = {True: [], False: []}
         self._live: dict[object, _Block] = {}
@@ -117,9 +135,32 @@ class CachingAllocator:
         self.reserved += nbytes
         self.peak_reserved = max(self.peak_reserved, self.reserved)
 
+    def _make_room(self, needed) -> None:
+        """Before reserving `needed()` bytes more: past the capacity, release the cached segments
+        and retry (asking again: with expandable segments a release changes what must be mapped)."""
+        if self.capacity is None or self.reserved + needed() <= self.capacity:
+            return
+        self.retries += 1
+        self._release_cached()
+        if self.reserved + needed() > self.capacity:
+            raise OutOfMemory(f"{self.reserved + needed():,} bytes asked of {self.capacity:,}")
+
+    def _release_cached(self) -> None:
+        """Segments that hold no live block go back to the driver."""
+        for small, pool in self._free.items():
+            kept = []
+            for entry in pool:
+                block = entry[1]
+                if block.previous is None and block.next is None:
+                    self.reserved -= block.size
+                else:
+                    kept.append(entry)
+            self._free[small] = kept
+
     def _grow(self, size: int, small: bool) -> _Block:
         """No cached block fits: a new segment from the driver."""
         segment = segment_size(size)
+        self._make_room(lambda: segment)
         block = _Block(segment, self._next_address, small, next(self._orders))
         self._next_address += segment
         self._reserve(segment)
@@ -155,15 +196,36 @@ class ExpandableSegments(CachingAllocator):
     that ends there, so freed blocks of other sizes are not stranded beside new segments; and any
     remainder of at least 512 bytes is split off, in both pools."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, capacity: int | None = None) -> None:
+        super().__init__(capacity)
         self._tail: dict[bool, _Block | None] = {True: None, False: None}
         self._ends = {True: 0, False: 1 << 60}  # the two pools' address ranges never meet
 
     def _should_split(self, remaining: int, small: bool) -> bool:
         return remaining >= MIN_BLOCK
 
+    def _mapped_for(self, size: int, small: bool) -> int:
+        page = SMALL_SEGMENT if small else LARGE_SEGMENT
+        tail = self._tail[small]
+        if tail is not None and tail.free:
+            return -(-(size - tail.size) // page) * page
+        return -(-size // page) * page
+
+    def _release_cached(self) -> None:
+        """The free end of each pool is unmapped."""
+        for small in (True, False):
+            tail = self._tail[small]
+            if tail is None or not tail.free:
+                continue
+            self._remove(tail)
+            self.reserved -= tail.size
+            self._ends[small] -= tail.size
+            self._tail[small] = tail.previous
+            if tail.previous is not None:
+                tail.previous.next = None
+
     def _grow(self, size: int, small: bool) -> _Block:
+        self._make_room(lambda: self._mapped_for(size, small))
         page = SMALL_SEGMENT if small else LARGE_SEGMENT
         tail = self._tail[small]
         if tail is not None and tail.free:
@@ -205,10 +267,11 @@ class ExpandableSegments(CachingAllocator):
 ALLOCATORS = {"default": CachingAllocator, "expandable_segments": ExpandableSegments}
 
 
-def replay(events, allocator: str = "default") -> AllocatorPeaks:
+def replay(events, allocator: str = "default", capacity: int | None = None) -> AllocatorPeaks:
     """Peaks of an event list: ("alloc", handle, nbytes) and ("free", handle), in program order.
-    A free of a handle never allocated (a storage that existed before the trace) is ignored."""
-    allocator = ALLOCATORS[allocator]()
+    A free of a handle never allocated (a storage that existed before the trace) is ignored.
+    With `capacity`, OutOfMemory where the step does not run in that much."""
+    allocator = ALLOCATORS[allocator](capacity)
     for event in events:
         if event[0] == "alloc":
             if event[2] > 0:
@@ -216,3 +279,25 @@ def replay(events, allocator: str = "default") -> AllocatorPeaks:
         elif allocator.is_live(event[1]):
             allocator.free(event[1])
     return AllocatorPeaks(allocator.peak_allocated, allocator.peak_reserved, allocator.allocations)
+
+
+def runs_within(events, allocator: str, capacity: int) -> bool:
+    try:
+        replay(events, allocator, capacity)
+    except OutOfMemory:
+        return False
+    return True
+
+
+def smallest_capacity(events, allocator: str = "default", peaks: AllocatorPeaks | None = None, resolution: int = LARGE_ROUNDING) -> int:
+    """The least pool, to `resolution`, in which the step runs: between the allocated peak (no
+    allocator runs in less) and the reserved peak (where it never needs to give anything back)."""
+    peaks = peaks or replay(events, allocator)
+    low, high = peaks.peak_allocated, peaks.peak_reserved  # `high` runs; below `low` nothing can
+    while high - low > resolution:
+        middle = (low + high) // 2
+        if runs_within(events, allocator, middle):
+            high = middle
+        else:
+            low = middle
+    return high

@@ -285,11 +285,15 @@ def _eight_bit_optimizer(spec: ModelSpec, options: TrainingOptions):
 def _smaller_batch(spec: ModelSpec, options: TrainingOptions):
     if options.batch_size == 1:
         return None
-    found = largest_batch(spec, options, limit=options.batch_size - 1)
+    # searched with accumulation, which keeps the gradients through the next micro-batches
+    found = largest_batch(spec, options.model_copy(update={"gradient_accumulation_steps": 2}), limit=options.batch_size - 1)
+    effective = options.batch_size * options.gradient_accumulation_steps
     if found.value is None:
-        return {"batch_size": 1}, f"micro-batch 1 with gradient accumulation {options.batch_size} (same effective batch)"
-    accumulation = -(-options.batch_size // found.value)
-    return {"batch_size": found.value}, f"micro-batch {found.value} with gradient accumulation {accumulation} (same effective batch or more)"
+        return ({"batch_size": 1, "gradient_accumulation_steps": effective},
+                f"micro-batch 1 with gradient accumulation {effective} (same effective batch)")
+    accumulation = -(-effective // found.value)
+    return ({"batch_size": found.value, "gradient_accumulation_steps": accumulation},
+            f"micro-batch {found.value} with gradient accumulation {accumulation} (same effective batch or more)")
 
 
 def _shorter_sequence(spec: ModelSpec, options: TrainingOptions):

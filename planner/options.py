@@ -1,6 +1,6 @@
 """TrainingOptions: the user's choices, validated once, with the field and reason on error.
 
-Option names are the contract (DESIGN.md): CLI flags use dashes, JSON fields underscores.
+Option names are the contract (docs/cli.md): CLI flags use dashes, JSON fields underscores.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class TrainingOptions(BaseModel):
     parallelism: Parallelism = "ddp"
     offload: Offload = "none"
     batch_size: int = Field(default=1, ge=1, le=65536)
+    # micro-batches per optimizer step (the Trainer's and TRL's name): from the second on, the
+    # gradients of the previous ones stay allocated through the forward and backward
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=65536)
     seq_len: int = Field(default=2048, ge=1, le=10_000_000)
     gradient_checkpointing: StrictBool = True
     precision: Dtype = "bf16"
@@ -64,6 +67,9 @@ class TrainingOptions(BaseModel):
     lora_targets: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_TARGET_NAME)]], Field(min_length=1, max_length=MAX_LORA_TARGETS)] | Literal["all-linear"] = "all-linear"
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     num_virtual_tokens: int = Field(default=20, ge=1, le=65536)
+    # IA3Config.feedforward_modules: the targets whose vector scales the input (in_features) rather
+    # than the output; None is PEFT's per-architecture default, which PEFT applies to named targets too
+    feedforward_modules: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_TARGET_NAME)]], Field(max_length=MAX_LORA_TARGETS)] | None = None
     freeze_trainable_layers: int = Field(default=2, ge=1, le=1024)
     attention: Attention = "sdpa"
     # PYTORCH_CUDA_ALLOC_CONF: the default caching allocator, or expandable_segments:True
@@ -102,6 +108,16 @@ class TrainingOptions(BaseModel):
             too_long = next((v for v in value if len(v) > MAX_TARGET_NAME), None)
             if too_long is not None:
                 raise ValueError(f"module name {too_long[:40]!r}... is over {MAX_TARGET_NAME} characters")
+        return value
+
+    @field_validator("feedforward_modules", mode="before")
+    @classmethod
+    def _split_feedforward(cls, value):
+        # a comma list as lora_targets takes; empty is PEFT's [] (no feed-forward modules)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = list(dict.fromkeys(v.strip() for v in value if v.strip()))
         return value
 
     # -- resolved choices --------------------------------------------------------------

@@ -20,10 +20,13 @@ The peak is taken over the phases of a training step, because not everything is 
 - `optimizer_step`: gradients and optimizer state, activations freed.
 The plan's components are those of the phase with the highest total, so they sum to the peak.
 
-That peak is the central figure. Around it a plan carries a band, `peak_low_bytes` to
-`peak_high_bytes`, from the calibration's leave-one-out errors (planner/runtime.py), and its
-verdict uses the high end: "fits" when even the high end is within the usable memory, "tight" when
-the usable memory falls inside the band, "does not fit" when it is below the low end. Errors are
+That peak is the central figure: what a card with room to spare reserves. Around it a plan
+carries a band, `peak_low_bytes` to `peak_high_bytes`, from the calibration's leave-one-out errors
+(planner/runtime.py). A smaller card can still run the step: before it raises out of memory, the
+allocator releases its cached segments and retries, so a simulated step also gives the least
+memory it runs in (`runs_within_*`: the peak less `allocator_release_bytes`). The verdict asks
+whether the step runs: "fits" when even the high end of that is within the usable memory, "tight"
+when the usable memory falls inside the band, "does not fit" when it is below the low end. Errors are
 not symmetric: an over-estimate wastes a little memory, an under-estimate is an out-of-memory
 error, so `fits` is true only for "fits".
 """
@@ -110,6 +113,17 @@ PHASES = {
 }
 
 
+# With gradient accumulation the gradients are set to None only after the optimizer step, so from
+# the second micro-batch on every gradient of the previous ones is alive through these phases
+ACCUMULATING_PHASES = ("forward_end", "backward_start", "backward_layers")
+
+
+def _phases(options: TrainingOptions) -> dict[str, tuple[str, ...]]:
+    if options.gradient_accumulation_steps <= 1:
+        return PHASES
+    return {phase: families + ("gradients",) if phase in ACCUMULATING_PHASES else families for phase, families in PHASES.items()}
+
+
 @dataclass(frozen=True)
 class GpuTarget:
     name: str
@@ -137,6 +151,9 @@ class Plan:
     model_traceable: bool = True
     # added to the band's high end for simulated parts no GPU run has checked (unmeasured_parts)
     unmeasured_allowance_bytes: int = 0
+    # what the allocator gives back on a card too small for its reserved peak, releasing its cached
+    # segments and retrying before it would run out of memory (the simulated step's replay)
+    allocator_release_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -176,12 +193,27 @@ class Plan:
         return self.reserve_source == "formula" and self.model_traceable and unsupported_reason(self.options) is None
 
     @property
+    def runs_within_bytes(self) -> int:
+        """The least memory the step runs in: the peak a larger card shows, less what the allocator
+        releases and retries with where the driver has no more."""
+        return self.peak_bytes - self.allocator_release_bytes
+
+    @property
+    def runs_within_low_bytes(self) -> int:
+        return self.peak_low_bytes - self.allocator_release_bytes
+
+    @property
+    def runs_within_high_bytes(self) -> int:
+        return self.peak_high_bytes - self.allocator_release_bytes
+
+    @property
     def verdict(self) -> str:
-        """"fits" (the high end is within the usable memory), "tight" (the usable memory falls
-        inside the band) or "does not fit" (it is below the low end)."""
-        if self.peak_high_bytes <= self.usable_bytes:
+        """Does the step run within the usable memory: "fits" (the high end of the least memory it
+        runs in is within it), "tight" (the usable memory falls inside that band) or "does not
+        fit" (it is below the low end). Without a simulated step that is the reserved peak's band."""
+        if self.runs_within_high_bytes <= self.usable_bytes:
             return "fits"
-        if self.peak_low_bytes <= self.usable_bytes:
+        if self.runs_within_low_bytes <= self.usable_bytes:
             return "tight"
         return "does not fit"
 
@@ -206,6 +238,15 @@ class Plan:
             "band_source": self.band_source,
             "unmeasured_parts": self.unmeasured_parts,
             "unmeasured_allowance_bytes": self.unmeasured_allowance_bytes,
+            **self._runs_within_dict(),
+        }
+
+    def _runs_within_dict(self) -> dict:
+        return {
+            "runs_within_bytes": self.runs_within_bytes,
+            "runs_within_low_bytes": self.runs_within_low_bytes,
+            "runs_within_high_bytes": self.runs_within_high_bytes,
+            "allocator_release_bytes": self.allocator_release_bytes,
         }
 
     def to_dict(self) -> dict:
@@ -234,6 +275,7 @@ class Plan:
             "unmeasured_parts": self.unmeasured_parts,
             "unmeasured_allowance_bytes": self.unmeasured_allowance_bytes,
             "could_simulate": self.could_simulate,
+            **self._runs_within_dict(),
         }
 
 
@@ -283,6 +325,9 @@ def _assumptions(options: TrainingOptions) -> list[str]:
                        + ("; a plain loop over 16-bit weights without it is autocast false" if "autocast" not in given else ""))
         else:
             out.append(f"no autocast: a plain loop over {options.effective_weights_dtype} weights (PEFT's fp32 adapters save fp32 copies of their inputs)")
+    if options.gradient_accumulation_steps > 1:
+        out.append(f"gradient accumulation {options.gradient_accumulation_steps}: from the second micro-batch on, the gradients of the "
+                   "previous ones stay allocated through the forward and backward (they are freed after the optimizer step)")
     if options.generates:
         out.append(f"{options.stage}: seq len {options.seq_len} is the prompt; {options.max_new_tokens} new tokens per completion")
     return out
@@ -448,7 +493,7 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
     everything = per_gpu + extras + dynamic
 
     tensors_by_phase: dict[str, list[Component]] = {}
-    for phase, families in PHASES.items():
+    for phase, families in _phases(options).items():
         if phase == "generation" and not any(c.name == "kv_cache" for c in everything):
             continue
         if phase in ("forward_end", "recompute_forward") and not any(c.name == "temporary.dora_weight_norm" for c in everything):
@@ -488,6 +533,13 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
     allowance = unmeasured_allowance_bytes(simulated, options, everything) if isinstance(simulated, SimulatedStep) else 0
     assumptions.append(_band_note(phases[peak_phase], reserve_source == "simulated", step_gradients_bytes(everything), unmeasured, allowance))
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
+    release = 0
+    if isinstance(simulated, SimulatedStep) and simulated.peaks.smallest_capacity is not None:
+        release = max(0, simulated.peaks.peak_reserved - simulated.peaks.smallest_capacity)
+        if release:
+            assumptions.append(f"on a card too small for its reserved peak the allocator releases its cached segments and retries: the step "
+                               f"runs in {release / GIB:.2f} GiB less (the replay's least pool; from PyTorch's release_cached_blocks, "
+                               "not yet measured on a GPU); the verdict asks whether it runs")
     return Plan(
         model_name=spec.name,
         params=parameter_counts(spec, options),
@@ -502,4 +554,5 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         reserve_source=reserve_source,
         model_traceable=model_unsupported_reason(spec) is None,
         unmeasured_allowance_bytes=allowance,
+        allocator_release_bytes=release,
     )

@@ -41,7 +41,7 @@ import weakref
 from dataclasses import dataclass
 
 from planner import trace_cache
-from planner.allocator import AllocatorPeaks, replay
+from planner.allocator import AllocatorPeaks, replay, smallest_capacity
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 
@@ -509,18 +509,21 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
     extra = {"fused_lm_head": True} if options.trainer == "trl" else {}
     state: dict = {}
     optimizer = _real_optimizer(options, trainable)
+    # with accumulation the second micro-batch runs beside the first's gradients; a third repeats it
+    micro_batches = min(options.gradient_accumulation_steps, 2)
     try:
         with tracer.mode, stand_ins:
             workspace = torch.empty(CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8, device="meta")
             ids = torch.zeros(options.batch_size, options.seq_len, dtype=torch.long, device="meta")
             tracer.record(ids)
             for _ in range(steps):
-                stand_ins.caching = True
-                loss = model(input_ids=ids, labels=ids, **extra).loss
-                stand_ins.cache.clear()
-                stand_ins.caching = False
-                loss.backward()
-                del loss
+                for _ in range(micro_batches):
+                    stand_ins.caching = True
+                    loss = model(input_ids=ids, labels=ids, **extra).loss
+                    stand_ins.cache.clear()
+                    stand_ins.caching = False
+                    loss.backward()
+                    del loss
                 if optimizer is not None:
                     optimizer.step()
                 else:
@@ -537,8 +540,10 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
     # a paged optimizer's large states live in CUDA managed memory: not in the pool
     paged = {tracer.handle_of(buffer) for buffer in state.get("paged", ())}
     events = [event for event in tracer.events if event[1] not in paged]
+    peaks = replay(events, options.allocator)
+    peaks = dataclasses.replace(peaks, smallest_capacity=smallest_capacity(events, options.allocator, peaks))
     return SimulatedStep(
-        replay(events, options.allocator), steps, time.perf_counter() - started,
+        peaks, steps, time.perf_counter() - started,
         outside_allocator_bytes=sum(buffer.untyped_storage().nbytes() for buffer in state.get("paged", ())),
         default_peaks=replay(events, "default") if options.allocator != "default" else None,
         in_pool_peaks=replay(tracer.events, options.allocator) if paged else None,
@@ -597,8 +602,10 @@ def _traced_or_cached(config: dict, options: TrainingOptions) -> SimulatedStep:
 
 
 def _traced_options(options: TrainingOptions) -> str:
-    # the GPU and the headroom do not change the step: a cheapest-GPU search traces it once
-    return options.model_dump_json(exclude={"gpu", "gpu_memory_gib", "headroom"})
+    # the GPU and the headroom do not change the step: a cheapest-GPU search traces it once; nor
+    # does accumulation past two micro-batches (the trace runs two)
+    accumulating = options.model_copy(update={"gradient_accumulation_steps": min(options.gradient_accumulation_steps, 2)})
+    return accumulating.model_dump_json(exclude={"gpu", "gpu_memory_gib", "headroom"})
 
 
 def _simulation_key(options: TrainingOptions, config: dict | None) -> tuple:

@@ -5,6 +5,7 @@ The allocator model is held to the rules of PyTorch's CUDA caching allocator; th
 max_memory_reserved measured on an H100 for runs it never saw, and a plan that asks for it says so.
 """
 
+import dataclasses
 import json
 import math
 import sys
@@ -187,7 +188,8 @@ def test_a_paged_optimizer_s_large_states_live_outside_the_pool_and_the_band_all
     in_pool = simulate_step(config, TrainingOptions(optimizer="adamw_8bit", **options))
     large = sum(t.numel for t in spec.tensors if t.numel >= PAGED_MIN_NUMEL)
     assert paged.outside_allocator_bytes == 2 * large > 0  # two uint8 states a value
-    assert paged.in_pool_peaks == in_pool.peaks and paged.peaks.peak_reserved < in_pool.peaks.peak_reserved
+    # (the least pool is searched for the plan's own replay only)
+    assert paged.in_pool_peaks == dataclasses.replace(in_pool.peaks, smallest_capacity=None) and paged.peaks.peak_reserved < in_pool.peaks.peak_reserved
 
     plan = build_plan(spec, TrainingOptions(optimizer="paged_adamw_8bit", simulate_allocator=True, **options))
     assert plan.unmeasured_parts == ["paged optimizer state"]

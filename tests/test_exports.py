@@ -134,8 +134,8 @@ def test_trl_export_parses_with_trls_parser_and_carries_the_plan(tmp_path, stage
 
 
 def test_trl_export_with_a_local_file_and_run_settings(tmp_path, jsonl):
-    spec = make_spec(stage="sft", method="lora", optimizer="adamw_8bit", attention="eager", dataset=jsonl,
-                     settings={"max_steps": 7, "learning_rate": 3e-4, "gradient_accumulation_steps": 4, "save_steps": 5, "seed": 7})
+    spec = make_spec(stage="sft", method="lora", optimizer="adamw_8bit", attention="eager", dataset=jsonl, gradient_accumulation_steps=4,
+                     settings={"max_steps": 7, "learning_rate": 3e-4, "save_steps": 5, "seed": 7})
     _, config, model, data = trl_parse(write(tmp_path, spec, "trl"), "sft")
     assert (config.max_steps, config.learning_rate, config.gradient_accumulation_steps, config.save_steps, config.seed) == (7, 3e-4, 4, 5, 7)
     assert config.optim == "adamw_bnb_8bit" and model.attn_implementation == "eager"
@@ -177,7 +177,7 @@ def test_accelerate_export_loads_with_accelerates_loader(tmp_path, parallelism, 
     )
     from accelerate.utils import DistributedType
 
-    spec = make_spec(method="lora", num_gpus=num_gpus, parallelism=parallelism, offload=offload, settings={"gradient_accumulation_steps": 3})
+    spec = make_spec(method="lora", num_gpus=num_gpus, parallelism=parallelism, offload=offload, gradient_accumulation_steps=3)
     path = write(tmp_path, spec, "accelerate")
     config = load_config_from_file(str(path))  # refuses unknown top-level keys
     assert isinstance(config, ClusterConfig)

@@ -44,7 +44,8 @@ def test_without_a_gpu_the_script_says_so_in_one_line_and_exits_2():
 
 
 @pytest.mark.parametrize("name", ["l1b-lora16all-b4s2048-gc-trl", "l1b-lora16all-b8s2048-gc-hf-autocast", "l1b-qlora16all-b2s2048-gc-trl",
-                                  "l1b-dora16all-b4s1024-gc-trl", "l1b-lora16all-b2s2048-trl", "l1b-full-b4s1024-gc-hf-paged8bit"])
+                                  "l1b-dora16all-b4s1024-gc-trl", "l1b-lora16all-b2s2048-trl", "l1b-full-b4s1024-gc-hf-paged8bit",
+                                  "l1b-full-b4s1024-gc-trl-ga2"])
 def test_the_training_steps_run_on_cpu_with_a_tiny_model_of_the_same_family(name):
     """The code a GPU session would run, end to end on CPU (the model shrunk, the batch one short
     sequence): a broken step costs here seconds, there a share of fifteen minutes."""
@@ -55,3 +56,20 @@ def test_the_training_steps_run_on_cpu_with_a_tiny_model_of_the_same_family(name
     run = gpu_runs.run_by_name(name)
     small = replace(run, options=dict(run.options, batch_size=1, seq_len=16))
     assert gpu_runs.train_steps(small, "cpu", config=dict(TINY["llama"])) > 0
+
+
+def test_the_capped_runs_sit_either_side_of_the_least_pool_the_replay_predicts():
+    """The release-and-retry check: one run capped just above the least pool the planner's replay
+    gives (it should survive), one below (it should run out of memory), where the reserved peak a
+    larger card shows is above both."""
+    from planner.catalog import load_catalog_spec
+    from planner.options import TrainingOptions
+    from planner.step_trace import simulated_for
+
+    above, below = (gpu_runs.run_by_name(f"l1b-lora16all-b8s2048-gc-hf-autocast-cap{n}") for n in ("102", "095"))
+    assert above.cap > 1 > below.cap and above.options == below.options
+    least = gpu_runs.predicted_least_pool(above)
+    options = {k: v for k, v in above.options.items() if k in TrainingOptions.model_fields} | {"lora_targets": above.options["lora_targets"].split(",")}
+    step = simulated_for(load_catalog_spec(above.model), TrainingOptions(simulate_allocator=True, gpu_memory_gib=4096, **options))
+    assert step.peaks.peak_allocated <= least < step.peaks.peak_reserved
+    assert above.cap * least < step.peaks.peak_reserved

@@ -74,9 +74,9 @@ def test_dbrx_experts_under_ffn_config_are_planned_as_experts(client):
               "ffn_config": {"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2},
               "attn_config": {"kv_n_heads": 2, "rope_theta": 10000}}
     plan = client.post("/api/v1/plan", json={"config_json": json.dumps(config), "gpu": "H100"}).json()
-    from app.service import resolve_web_model
+    from app.service import web_source
 
-    spec = resolve_web_model(None, json.dumps(config))
+    spec = web_source(None, json.dumps(config)).spec
     assert (spec.num_experts, spec.experts_per_token, spec.moe_intermediate_size) == (4, 2, 96)
     assert plan["peak_bytes"] > 0
 

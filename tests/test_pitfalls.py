@@ -1,4 +1,4 @@
-"""One test per static-memory pitfall in DESIGN.md, on real architectures' shapes."""
+"""One test per static-memory pitfall that has cost someone an OOM (GQA's k/v sizes, tied embeddings, what QLoRA leaves unquantized...), on real architectures' shapes."""
 
 import pytest
 

@@ -48,7 +48,8 @@ def cmd_plan(args) -> int:
         return 0
     write(
         f"{data['model']['name']} on {data['gpu']['name']}: peak {data['peak_bytes'] / GIB:.2f} GiB "
-        f"(band {data['peak_low_bytes'] / GIB:.2f}-{data['peak_high_bytes'] / GIB:.2f}), {data['verdict']} "
+        f"(band {data['peak_low_bytes'] / GIB:.2f}-{data['peak_high_bytes'] / GIB:.2f}"
+        + (f"; runs within {data['runs_within_bytes'] / GIB:.2f}" if data["allocator_release_bytes"] else "") + f"), {data['verdict']} "
         f"in {data['usable_bytes'] / GIB:.2f} GiB usable"
     )
     for c in data["components"]:
@@ -70,9 +71,9 @@ def _simulated_words(plan) -> str:
 def cmd_check(args) -> int:
     """One line: the verdict, the central peak with its band, the usable memory.
 
-    The verdict uses the band's high end (planner/plan.py): "fits" only when even the high end is
-    within the usable memory, "tight" when the usable memory falls inside the band, "does not fit"
-    when it is below the low end. Exit 0 only for "fits"; "tight" exits 1 like "does not fit":
+    The verdict asks whether the step runs (planner/plan.py): "fits" only when even the high end of
+    the least memory it runs in is within the usable memory, "tight" when the usable memory falls
+    inside that band, "does not fit" when it is below the low end. Exit 0 only for "fits"; "tight" exits 1 like "does not fit":
     the contract's 0 means it fits, and a tight plan may run out of memory. `--json` prints
     Plan.check_dict(), whose "verdict" tells tight from does not fit.
     """
@@ -86,7 +87,9 @@ def cmd_check(args) -> int:
         write(
             f"{plan.verdict}: {plan.model_name} needs {plan.peak_bytes / GIB:.2f} GiB per GPU "
             f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}{_simulated_words(plan)}); "
-            f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.name} "
+            + (f"runs within {plan.runs_within_bytes / GIB:.2f} (up to {plan.runs_within_high_bytes / GIB:.2f}), the allocator releasing its cache; "
+               if plan.allocator_release_bytes else "")
+            + f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.name} "
             f"({plan.options.headroom:.0%} headroom kept){why}"
         )
     return 0 if plan.fits else 1

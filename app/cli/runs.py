@@ -85,7 +85,7 @@ def cmd_launch(args) -> int:
         prepared = supervisor.prepare(plan, source.argument, settings, backend=args.backend, device=device, gpus=gpus, backend_options=backend_options)
     except ValidationError as exc:
         raise UsageError(f"backend option {validation_message(exc)}") from exc
-    except ValueError as exc:  # an unknown or broken backend
+    except (ValueError, LaunchError) as exc:  # an unknown or broken backend, or a layout it cannot place
         raise UsageError(str(exc)) from exc
     if args.dry_run:
         prepared.run_dir.mkdir(parents=True, exist_ok=True)
