@@ -23,6 +23,13 @@ real forward passes to autograd (tests/test_activations.py holds the model to th
   with dropout, though, PEFT recomputes the base output against a copy of the whole base
   weight that autograd keeps (in x out per Linear).
 - Under autocast every adapted Linear also keeps 16-bit copies of its adapter matrices.
+- IA3 (vectors in fp32): per targeted Linear the base output it scales (e out), or for a
+  feed-forward module its input cast to fp32 (4 in), and per layer the fp32 copy of the vector.
+- Prompt tuning: every layer, the final norm and the logits see seq_len + num_virtual_tokens
+  positions (PEFT prepends the virtual tokens to the input embeddings and pads the labels).
+- Prefix tuning: keys and values are seq_len + num_virtual_tokens long in every layer. SDPA then
+  gets an explicit causal mask, which it saves in the compute dtype (e s (s + tokens) per layer
+  and sequence), and transformers expands grouped-query keys and values to all heads before it.
 - Gradient checkpointing keeps each layer's input (e h) and recomputes one layer at a time; the
   backward frees each input once it has recomputed that layer.
 """
@@ -35,7 +42,7 @@ from planner.components import Component
 from planner.dtypes import dtype_bytes
 from planner.options import ADAPTER_METHODS, TrainingOptions
 from planner.spec import ModelSpec
-from planner.trainable import resolve_targets, split_moe_targets
+from planner.trainable import ia3_linears, ia3_modules, resolve_targets, split_moe_targets
 
 # bytes of the token ids the embedding saves (int64)
 TOKEN_ID_BYTES = 8
@@ -48,6 +55,7 @@ class ActivationTerms:
     layer_input_per_token: int  # what checkpointing keeps per layer and token
     outside_layers_per_token: int  # embedding ids, final norm, lm_head input
     notes: tuple[str, ...] = ()
+    per_layer_per_sequence: int = 0  # bytes per layer and sequence that do not scale with its tokens (a prefix's keys and values)
 
 
 def compute_bytes(options: TrainingOptions) -> int:
@@ -83,7 +91,11 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     w = dtype_bytes(options.effective_weights_dtype)
     h, q, kv, heads = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.kv_dim, spec.num_attention_heads
     i = spec.intermediate_size
-    s = options.seq_len + (options.max_new_tokens if options.generates else 0)
+    s = sequence_length(options)
+    # prefix tuning's keys and values: its virtual tokens, then the sequence's
+    prefix = options.num_virtual_tokens if options.method == "prefix_tuning" else 0
+    keys = s + prefix
+    per_sequence = 0
     base_trains = options.method in ("full", "freeze")
     adapted = _adapted(spec, options)
     r = options.lora_r
@@ -104,9 +116,20 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
         linear_inputs = 0
     if options.attention == "eager" or spec.attn_softcap:
         # soft-capping saves the tanh of the scores too
-        attention = 4 * e * q + (6 + (e if spec.attn_softcap else 0)) * heads * s
+        # q, k and v expanded to all heads, and a contiguous copy of the output that o_proj saves
+        # when it trains or carries LoRA; a frozen o_proj under IA3 or a prompt method saves none
+        copies = 4 if options.method in ("full", "freeze") or options.method in ADAPTER_METHODS else 3
+        attention = copies * e * q + (6 + (e if spec.attn_softcap else 0)) * heads * keys
+        per_sequence += 2 * e * q * prefix  # the prefix's keys and values, expanded to all heads
+    elif prefix and options.attention == "sdpa":
+        # keys longer than queries: no is_causal, an explicit mask (saved in the compute dtype), and
+        # with a mask transformers expands grouped-query keys and values to all heads
+        width = q if kv < q else kv
+        attention = e * (q + 2 * width) + e * q + 4 * heads + e * keys
+        per_sequence += 2 * e * width * prefix
     else:
         attention = e * (q + 2 * kv) + e * q + 4 * heads
+        per_sequence += 2 * e * kv * prefix
     if spec.num_experts:
         mlp = moe_bytes_per_token(spec, e)
     else:
@@ -136,6 +159,18 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
                 fixed += adapter_elem * fan_in * fan_out
     if adapted:
         notes.append(f"{len(adapted)} adapted Linear(s) per layer save a copy of their input")
+    if options.method == "ia3":
+        for lin, feedforward in ia3_linears(spec, options):
+            if lin.layer not in (0, None):
+                continue
+            if feedforward:
+                # x.to(fp32) * vector: the fp32 input, kept for the vector's gradient
+                per_token += 4 * lin.in_features
+                fixed += 4 * lin.in_features
+            else:
+                # base output * vector: the base output, kept for the vector's gradient
+                per_token += e * lin.out_features
+                fixed += 4 * lin.out_features
     if spec.num_experts:
         notes.append(f"MoE: {spec.experts_per_token} of {spec.num_experts} experts per token")
         if options.method in ADAPTER_METHODS:
@@ -147,7 +182,7 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     # int64 ids when the embedding trains
     head_input_saved = base_trains or options.trainer == "trl"
     outside = norm + (e * h if head_input_saved else 0) + (TOKEN_ID_BYTES if base_trains else 0)
-    return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes))
+    return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes), per_sequence)
 
 
 def dora_weight_norm_bytes(spec: ModelSpec, options: TrainingOptions) -> int:
@@ -220,14 +255,24 @@ def moe_bytes_per_token(spec: ModelSpec, e: int) -> int:
     return router + k * per_routed
 
 
+def sequence_length(options: TrainingOptions) -> int:
+    """Positions per sequence in the training forward: prompt plus completion for the stages that
+    generate; prompt tuning's virtual tokens come first in every sequence."""
+    s = options.seq_len + (options.max_new_tokens if options.generates else 0)
+    return s + (options.num_virtual_tokens if options.method == "prompt_tuning" else 0)
+
+
+def training_sequences(options: TrainingOptions) -> int:
+    """Sequences in one training forward: pairs for preference stages (and KTO's KL batch)."""
+    if not options.generates and options.stage in ("dpo", "orpo", "simpo", "reward", "kto"):
+        return 2 * options.batch_size
+    return options.batch_size
+
+
 def training_tokens(options: TrainingOptions) -> int:
     """Tokens in one training forward: pairs for preference stages (and KTO's KL batch), prompt
-    plus completion for the stages that generate."""
-    if options.generates:
-        return options.batch_size * (options.seq_len + options.max_new_tokens)
-    if options.stage in ("dpo", "orpo", "simpo", "reward", "kto"):
-        return 2 * options.batch_size * options.seq_len
-    return options.batch_size * options.seq_len
+    plus completion for the stages that generate, with prompt tuning's virtual tokens."""
+    return training_sequences(options) * sequence_length(options)
 
 
 def trained_layers(spec: ModelSpec, options: TrainingOptions) -> int:
@@ -240,6 +285,8 @@ def trained_layers(spec: ModelSpec, options: TrainingOptions) -> int:
 def activation_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
     terms = activation_terms(spec, options)
     tokens = training_tokens(options)
+    # per layer, whatever does not scale with tokens: adapter copies, a prefix's keys and values
+    fixed = terms.per_layer_fixed + training_sequences(options) * terms.per_layer_per_sequence
     layers = trained_layers(spec, options)
     out = []
     if options.gradient_checkpointing:
@@ -263,19 +310,60 @@ def activation_components(spec: ModelSpec, options: TrainingOptions) -> list[Com
         out.append(
             Component(
                 "activations.recompute",
-                tokens * terms.per_layer_per_token + terms.per_layer_fixed,
-                "one layer's full activations while it is recomputed in backward",
+                tokens * terms.per_layer_per_token + fixed,
+                "one layer's full activations while it is recomputed in backward" + _method_note(options),
             )
         )
     else:
         out.append(
             Component(
                 "activations.layers",
-                layers * (tokens * terms.per_layer_per_token + terms.per_layer_fixed),
+                layers * (tokens * terms.per_layer_per_token + fixed),
                 f"{layers} layers x {tokens:,} tokens x {terms.per_layer_per_token:,} bytes saved per token"
-                + (f" + {terms.per_layer_fixed:,} bytes per layer that do not scale with tokens (adapter weight copies, DoRA norms)" if terms.per_layer_fixed else "")
-                + f" ({options.attention} attention)",
+                + (f" + {fixed:,} bytes per layer that do not scale with tokens (adapter weight copies, DoRA norms, prefix keys and values)" if fixed else "")
+                + f" ({options.attention} attention)" + _method_note(options),
             )
         )
     out.append(Component("activations.outside_layers", tokens * terms.outside_layers_per_token, "token ids, final norm and the lm_head input"))
+    return out
+
+
+def _method_note(options: TrainingOptions) -> str:
+    if options.method == "prompt_tuning":
+        return f"; each sequence is {options.num_virtual_tokens} virtual tokens + {options.seq_len:,}"
+    if options.method == "prefix_tuning":
+        return (f"; keys and values are {options.num_virtual_tokens} prefix tokens + the sequence long"
+                + ("; prefix tuning fails under gradient checkpointing with transformers 5: the run needs gradient_checkpointing false"
+                   if options.gradient_checkpointing else ""))
+    return ""
+
+
+def peft_method_notes(spec: ModelSpec, options: TrainingOptions) -> list[str]:
+    """What the plan assumes of a PEFT method beyond LoRA, and what it cannot plan faithfully:
+    lines for the plan's assumptions."""
+    method, n = options.method, options.num_virtual_tokens
+    out: list[str] = []
+    if method == "ia3":
+        targets, feedforward, default_targets = ia3_modules(spec, options)
+        named = ", ".join(targets) if isinstance(targets, list) else targets
+        out.append(f"IA3 on {named}" + (" (PEFT's default for " + spec.model_type + ")" if default_targets else "")
+                   + f"; feed-forward (input-scaled): {', '.join(feedforward) or 'none'}"
+                   + (" (PEFT's default)" if options.feedforward_modules is None and spec.peft_defaults.ia3_feedforward else ""))
+        if options.feedforward_modules is None and not spec.peft_defaults.ia3_feedforward:
+            out.append(f"PEFT has no default IA3 feedforward_modules for {spec.model_type} and refuses to run without them: planned with none; "
+                       "set feedforward_modules ([] for none)")
+        if options.lora_targets == "all-linear" and not spec.peft_defaults.ia3_targets:
+            out.append(f"PEFT has no default IA3 target modules for {spec.model_type}: planned on every Linear (target_modules='all-linear')")
+    elif method == "prompt_tuning":
+        out.append(f"prompt tuning: PEFT prepends {n} virtual tokens, so every layer, the final norm and the logits see "
+                   f"{options.seq_len:,} + {n} positions per sequence")
+    elif method == "prefix_tuning":
+        out.append(f"prefix tuning: every layer attends to {n} prefix keys and values + the sequence's (prefix_projection false, PEFT's default); "
+                   "with SDPA that takes an explicit causal mask, saved per layer, and grouped-query keys and values expanded to all heads; "
+                   "the past-key-value cache also holds every layer's keys and values until the forward's output is dropped (not planned)")
+        if options.gradient_checkpointing:
+            out.append("prefix tuning fails under gradient checkpointing with transformers 5 (the causal mask is built for the sequence, "
+                       "not sequence + prefix): the run needs gradient_checkpointing false; planned as if it ran")
+        if options.attention == "flash":
+            out.append("prefix tuning with flash attention: planned with unexpanded keys and values and no mask, not measured")
     return out

@@ -3,7 +3,8 @@
 PEFT names and shapes (checked against `get_nb_trainable_parameters` in tests):
 - LoRA: per targeted Linear, lora_A (r, in) and lora_B (out, r); no bias.
 - DoRA: LoRA plus a magnitude vector (out,) per targeted Linear.
-- IA3: a vector per targeted Linear: (1, in) for feed-forward modules, (out, 1) otherwise.
+- IA3: a vector per targeted Linear: (1, in) for feed-forward modules, (out, 1) otherwise; PEFT's
+  per-architecture feed-forward default applies to targets the user names, unless feedforward_modules is given.
 - Prompt tuning: an embedding (virtual tokens, hidden).
 - Prefix tuning: an embedding (virtual tokens, layers x 2 x kv_heads x head_dim): the per-layer
   keys and values, sized for grouped-query attention.
@@ -92,6 +93,34 @@ def resolve_targets(spec: ModelSpec, targets: list[str] | str, field: str = "lor
     return chosen
 
 
+def ia3_modules(spec: ModelSpec, options: TrainingOptions) -> tuple[list[str] | str, list[str], bool]:
+    """(target_modules, feedforward_modules, targets are PEFT's default) as PEFT's IA3Model settles them.
+
+    lora_targets all-linear stands for IA3Config's target_modules=None: PEFT's default for the
+    architecture, or every Linear where it has none. feedforward_modules None is PEFT's default for
+    the architecture, applied to named targets too (IA3Model._prepare_adapter_config fills it
+    whenever it is None); an architecture without one gets none here, where PEFT would refuse.
+    """
+    default_targets = options.lora_targets == "all-linear" and bool(spec.peft_defaults.ia3_targets)
+    targets = list(spec.peft_defaults.ia3_targets) if default_targets else options.lora_targets
+    feedforward = list(spec.peft_defaults.ia3_feedforward) if options.feedforward_modules is None else list(options.feedforward_modules)
+    if options.feedforward_modules is not None and isinstance(options.lora_targets, list):
+        # IA3Config.__post_init__: both given as lists, feed-forward must be a subset of the targets
+        extra = [f for f in feedforward if f not in options.lora_targets]
+        if extra:
+            raise PlanInputError("feedforward_modules", f"{', '.join(extra)} is not in lora_targets; PEFT's IA3 requires feedforward_modules to be a subset of the target modules")
+    return targets, feedforward, default_targets
+
+
+def ia3_linears(spec: ModelSpec, options: TrainingOptions) -> list[tuple[LinearSpec, bool]]:
+    """IA3's targeted Linears, each with whether PEFT treats it as feed-forward (its vector then
+    scales the input: in_features values, else out_features). PEFT's feed-forward test is a plain
+    suffix match on the module's full name (IA3Model._check_target_module_feedforward)."""
+    targets, feedforward, default_targets = ia3_modules(spec, options)
+    chosen = resolve_targets(spec, targets, strict=not default_targets)
+    return [(lin, any(lin.name.endswith(f) for f in feedforward)) for lin in chosen]
+
+
 def adapter_dtype(options: TrainingOptions) -> str:
     if options.parallelism == "zero3" and options.effective_quantization == "none":
         return options.effective_weights_dtype
@@ -108,6 +137,7 @@ def _trainable_key(options: TrainingOptions) -> tuple:
     return (
         options.method, options.effective_weights_dtype, adapter_dtype(options), targets,
         options.lora_r, options.num_virtual_tokens, options.freeze_trainable_layers,
+        None if options.feedforward_modules is None else tuple(options.feedforward_modules),
     )
 
 
@@ -157,13 +187,9 @@ def _trainable_tensors(spec: ModelSpec, options: TrainingOptions) -> list[Traina
             out.append(TrainableTensor(f"{tensor.name}.lora_B", (out_features, rank * experts), dtype, False))
         return out
     if method == "ia3":
-        # IA3 follows PEFT's per-architecture defaults unless the user named modules.
-        use_defaults = options.lora_targets == "all-linear" and spec.peft_defaults.ia3_targets
-        targets = list(spec.peft_defaults.ia3_targets) if use_defaults else options.lora_targets
-        feedforward = set(spec.peft_defaults.ia3_feedforward) if use_defaults else set()
         out = []
-        for lin in resolve_targets(spec, targets, strict=not use_defaults):
-            if any(_matches(lin.name, f) for f in feedforward):
+        for lin, feedforward in ia3_linears(spec, options):
+            if feedforward:
                 out.append(TrainableTensor(f"{lin.name}.ia3_l", (1, lin.in_features), dtype, False))
             else:
                 out.append(TrainableTensor(f"{lin.name}.ia3_l", (lin.out_features, 1), dtype, False))
