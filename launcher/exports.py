@@ -45,6 +45,17 @@ TRAINERS = {
 }
 
 
+# The loss paths (planner/logits.py) axolotl runs through its plugins, with the key each plugin reads
+AXOLOTL_LOSS_PLUGINS = {
+    "liger": ("axolotl.integrations.liger.LigerPlugin", "liger_fused_linear_cross_entropy"),
+    "cut_cross_entropy": ("axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin", "cut_cross_entropy"),
+}
+
+
+def _loss_implementation(options: dict[str, Any]) -> str:
+    return options.get("loss_implementation") or "auto"
+
+
 def _version_tuple(package: str) -> tuple[int, ...]:
     try:
         text = metadata.version(package)
@@ -96,6 +107,14 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
     """TRL/transformers field names (ScriptArguments, the stage's config, ModelConfig, DatasetMixtureConfig)."""
     options, settings = spec.options, spec.settings
     method, stage = spec.method, spec.stage
+    loss = _loss_implementation(options)
+    if loss not in ("auto", "trl_fused"):
+        # TRL 1.16's trainers always patch in their fused LM head; with use_liger_kernel they apply
+        # Liger's layer kernels only and refuse its fused linear cross-entropy
+        elsewhere = {"liger": "export axolotl or llamafactory", "cut_cross_entropy": "export axolotl",
+                     "fp32_upcast": "export axolotl or llamafactory, whose SFT trainers run transformers' loss"}.get(loss, "no export format here expresses it")
+        raise ValueError(f"loss_implementation {loss} cannot be expressed in the trl file: TRL 1.16's trainers compute the loss with their "
+                         f"fused LM head (use_liger_kernel there applies Liger's layer kernels only); {elsewhere}, or plan loss_implementation trl_fused")
     weights_dtype = TORCH_DTYPES[options.get("weights_dtype") or options["precision"]]
     config: dict[str, Any] = {
         # ModelConfig
@@ -280,6 +299,15 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         config["rl"] = rl
         if options.get("beta") is not None:
             config["rl_beta"] = options["beta"]
+    loss = _loss_implementation(options)
+    if loss in AXOLOTL_LOSS_PLUGINS:
+        if loss == "cut_cross_entropy" and _autocast_dtype(options) is None:
+            raise ValueError("axolotl runs Cut Cross-Entropy only with bf16 or fp16 mixed precision on; plan with autocast on")
+        plugin, key = AXOLOTL_LOSS_PLUGINS[loss]
+        config.update(plugins=[plugin], **{key: True})  # the loss alone: none of Liger's layer kernels, which the plan does not model
+    elif loss in ("no_upcast", "trl_fused"):
+        raise ValueError(f"axolotl has no key for loss_implementation {loss} (its SFT loss is transformers', fp32_upcast); export trl"
+                         + (" for TRL's fused head" if loss == "trl_fused" else ", or plan another loss path"))
     if spec.stage == "kto":
         config["remove_unused_columns"] = False  # axolotl refuses KTO without it
     if spec.stage == "grpo":
@@ -356,6 +384,13 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
         config.update(optim="adamw_torch", use_galore=True, galore_target="all", galore_rank=options["galore_rank"])
     if options["optimizer"] == "sgd" and options.get("sgd_momentum"):
         config["optim_args"] = f"momentum={options['sgd_momentum']}"
+    loss = _loss_implementation(options)
+    if loss == "liger":
+        # LLaMA-Factory applies Liger's fused linear cross-entropy for sft (and Liger's layer kernels with it)
+        config["enable_liger_kernel"] = True
+    elif loss not in ("auto", "fp32_upcast"):
+        raise ValueError(f"LLaMA-Factory has no key for loss_implementation {loss} (its SFT loss is transformers', fp32_upcast); "
+                         + ("export trl" if loss == "trl_fused" else "export axolotl" if loss == "cut_cross_entropy" else "plan another loss path"))
     if spec.stage in ("orpo", "simpo"):
         config["pref_loss"] = spec.stage
     if options.get("beta") is not None and spec.stage in ("dpo", "kto", "orpo", "simpo"):

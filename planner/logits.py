@@ -1,4 +1,5 @@
-"""Logits and loss buffers, which differ by training stack (`trainer`).
+"""Logits and loss buffers, which differ by loss path (`loss_implementation`; auto is the
+trainer's own: `trl_fused` for `trainer trl`, `fp32_upcast` for `trainer hf`).
 
 - `hf`: a plain transformers forward with `labels` (hand-written loops, the transformers
   Trainer). lm_head returns full logits in the compute dtype; the loss upcasts them to fp32 and
@@ -13,6 +14,30 @@
   chosen + rejected batch returns full logits in the compute dtype, kept for the log-prob
   backward; ORPO adds an NLL on the chosen half (a contiguous copy of its logits and an fp32
   log-softmax). SimPO is CPO with the NLL weight at 0, so it has no NLL term.
+
+The paths a trainer can be told to take for sft's cross-entropy (BT tokens, h the hidden size, V
+the vocabulary, e the compute dtype's bytes, w the weights' and so the hidden states' bytes):
+- `fp32_upcast`: the `hf` path above (transformers' ForCausalLMLoss: `logits.float()`).
+- `no_upcast`: cross-entropy on the compute-dtype logits: log_softmax saves its output in that
+  dtype (e per logit, plus the tanh of soft-capped logits), and its backward holds the gradient
+  in and out (2e per logit). This is what runs outside autocast (pure 16-bit training, a loss
+  computed after the autocast forward); under a CUDA autocast log_softmax runs in fp32 whatever
+  the trainer writes, which is `fp32_upcast`'s memory.
+- `liger`: Liger-Kernel's LigerFusedLinearCrossEntropyFunction (ops/fused_linear_cross_entropy.py)
+  computes the gradients in the forward, chunk by chunk: chunks of next_power_of_2(ceil(BT /
+  ceil(V / h))) tokens (at most BT), one chunk x V logits buffer in the matmul's dtype, into which
+  its Triton kernel writes the logits' gradient in place; it saves for backward grad_input
+  (zeros_like the hidden states, BT x h x w) and, when lm_head trains, grad_weight (zeros_like the
+  weight); the int64 shifted labels, an fp32 loss per token and a bool mask live while it runs.
+  The hidden states themselves are not saved. Under autocast over fp32 weights each chunk's
+  matmul casts lm_head to the compute dtype (one V x h copy alive).
+- `cut_cross_entropy`: Apple's Cut Cross-Entropy (cut_cross_entropy/cce.py) saves the hidden
+  states and the classifier (nothing new but the lm_head input), an fp32 log-sum-exp per token,
+  the int64 indices of the valid tokens, and an fp32 average logit per vocabulary entry
+  (filter_eps "auto"); its backward (cce_backward.py) allocates de (zeros_like the hidden
+  states), dc when lm_head trains (zeros_like the weight), and sorts the vocabulary (int64
+  argsort, int32 order); no logits are materialized.
+- `trl_fused`: the `trl` path above.
 """
 
 from __future__ import annotations
@@ -28,6 +53,31 @@ TRL_TOKEN_TILE = 4096
 TRL_VOCAB_TILE = 32768
 TRL_SAVED_PER_TOKEN = LABEL_BYTES + 4  # int64 target and fp32 log-normalizer, saved for backward
 TRL_FORWARD_FP32_PER_TOKEN = 5  # running sums while the tiles stream
+# Cut Cross-Entropy's saved tensors per token: fp32 lse and the int64 valid-token indices
+CCE_SAVED_PER_TOKEN = 4 + 8
+CCE_VOCAB_ORDER_PER_ENTRY = 8 + 4  # argsort's int64 result and its int32 copy, in backward
+LIGER_FORWARD_PER_TOKEN = 4 + 1  # the fp32 loss per token and the bool mask of valid targets
+
+
+def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
+    """Liger's chunk rule: inc_factor = ceil(V / h), chunk = next_power_of_2(ceil(BT / inc_factor)),
+    at most BT (chunk_mem_const 1, its default)."""
+    inc_factor = -(-vocab // hidden)
+    per = -(-tokens // inc_factor)
+    return min(1 << (per - 1).bit_length(), tokens)
+
+
+def saves_head_input(options: TrainingOptions) -> bool:
+    """Whether the loss path keeps the lm_head's input for its backward (TRL's head and Cut
+    Cross-Entropy do); a trained lm_head keeps it too, which planner/activations.py counts."""
+    return options.effective_loss_implementation in ("trl_fused", "cut_cross_entropy")
+
+
+def _head_input_bytes(spec: ModelSpec, options: TrainingOptions, tokens: int) -> int:
+    """The lm_head input a path saves where planner/activations.py does not already count it (it
+    counts it when the base trains or the trainer is trl)."""
+    counted = options.method in ("full", "freeze") or options.trainer == "trl"
+    return tokens * spec.hidden_size * dtype_bytes(options.precision) if saves_head_input(options) and not counted else 0
 
 
 def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
@@ -35,7 +85,14 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
     if options.stage == "reward":
         # a sequence classifier: one score per sequence, no vocabulary-sized logits
         return [Component("logits", tokens * LABEL_BYTES, "reward model: a scalar score per sequence; no vocabulary logits")]
-    if options.trainer == "hf":
+    path = options.effective_loss_implementation
+    if path == "no_upcast":
+        return _no_upcast_logits(spec, options, tokens)
+    if path == "liger":
+        return _liger_logits(spec, options, tokens)
+    if path == "cut_cross_entropy":
+        return _cce_logits(spec, options, tokens)
+    if path == "fp32_upcast":
         softcap = vocab * dtype_bytes(options.precision) if spec.final_logit_softcap else 0
         return [
             Component(
@@ -56,11 +113,13 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
     tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * e + slice_copy
     lm_head_trains = options.method == "full"
     lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if lm_head_trains else 0
+    head_input = _head_input_bytes(spec, options, tokens)
     return [
         Component(
             "logits",
-            tokens * TRL_SAVED_PER_TOKEN,
-            "TRL's fused LM head saves a target and an fp32 log-normalizer per token; full logits are never materialized",
+            tokens * TRL_SAVED_PER_TOKEN + head_input,
+            "TRL's fused LM head saves a target and an fp32 log-normalizer per token; full logits are never materialized"
+            + (", and the lm_head input (which a plain hf loop with a frozen lm_head keeps none of)" if head_input else ""),
         ),
         Component(
             "temporary.loss_backward",
@@ -85,5 +144,63 @@ def _experimental_trl_logits(vocab: int, e: int, tokens: int, with_nll: bool) ->
             "temporary.loss_backward",
             tokens * vocab * e + nll_tokens * vocab * 8,
             "the gradient of the full logits" + (" and the NLL's fp32 gradient in and out" if with_nll else ""),
+        ),
+    ]
+
+
+def _no_upcast_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
+    vocab, e = spec.vocab_size, dtype_bytes(options.precision)
+    softcap = vocab * e if spec.final_logit_softcap else 0
+    return [
+        Component(
+            "logits",
+            tokens * (vocab * e + LABEL_BYTES + softcap),
+            f"log-softmax of {tokens:,} x {vocab:,} logits kept in {options.precision} ({e} bytes each, no fp32 upcast) by cross-entropy, "
+            "and int64 labels" + (" plus the tanh of the soft-capped logits" if softcap else ""),
+        ),
+        Component("temporary.loss_backward", tokens * vocab * 2 * e,
+                  f"cross-entropy backward in {options.precision}: the gradient in and out ({2 * e} bytes per logit)"),
+    ]
+
+
+def _liger_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
+    vocab, h = spec.vocab_size, spec.hidden_size
+    e, w = dtype_bytes(options.precision), dtype_bytes(options.effective_weights_dtype)
+    chunk = liger_chunk_tokens(tokens, vocab, h)
+    lm_head_grad = vocab * h * w if options.method == "full" else 0
+    weight_cast = vocab * h * e if options.effective_autocast and w != e else 0
+    return [
+        Component(
+            "logits",
+            tokens * (h * w + LABEL_BYTES) + lm_head_grad,
+            "Liger's fused linear cross-entropy computes the gradients in the forward and keeps them for backward: grad_input "
+            f"({tokens:,} x {h:,}, {w} bytes)" + (", grad_weight (lm_head's size)" if lm_head_grad else "") + ", with the int64 shifted labels",
+        ),
+        Component(
+            "temporary.loss_backward",
+            chunk * vocab * e + tokens * LIGER_FORWARD_PER_TOKEN + weight_cast,
+            f"Liger's logits buffer for one chunk of {chunk:,} tokens (next_power_of_2(ceil(BT / ceil(V / h)))) x {vocab:,} ({e} bytes, "
+            "its gradient written in place), an fp32 loss and a mask per token" + (", and lm_head cast to the compute dtype" if weight_cast else ""),
+        ),
+    ]
+
+
+def _cce_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
+    vocab, h = spec.vocab_size, spec.hidden_size
+    w = dtype_bytes(options.effective_weights_dtype)
+    head_input = _head_input_bytes(spec, options, tokens)
+    lm_head_grad = vocab * h * w if options.method == "full" else 0
+    return [
+        Component(
+            "logits",
+            tokens * CCE_SAVED_PER_TOKEN + vocab * 4 + head_input,
+            "Cut Cross-Entropy saves an fp32 log-sum-exp and an int64 index per valid token and an fp32 average logit per vocabulary entry"
+            + (", and the lm_head input" if head_input else "") + "; no logits are materialized",
+        ),
+        Component(
+            "temporary.loss_backward",
+            tokens * h * w + lm_head_grad + vocab * CCE_VOCAB_ORDER_PER_ENTRY,
+            f"Cut Cross-Entropy's backward: the hidden states' gradient ({tokens:,} x {h:,}, {w} bytes)"
+            + (", lm_head's gradient" if lm_head_grad else "") + " and the sorted vocabulary order",
         ),
     ]

@@ -19,6 +19,9 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw_foreach", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd", "galore"]
 Attention = Literal["sdpa", "flash", "eager"]
 Trainer = Literal["trl", "hf"]
+# how the loss is computed from the last hidden states: auto is the trainer's own (TRL's fused LM
+# head for trl, transformers' fp32-upcast loss for hf); the rest name a library's or a path's
+LossImplementation = Literal["auto", "fp32_upcast", "no_upcast", "liger", "cut_cross_entropy", "trl_fused"]
 Quantization = Literal["none", "int8", "nf4", "fp4"]
 Allocator = Literal["default", "expandable_segments"]
 
@@ -59,6 +62,10 @@ class TrainingOptions(BaseModel):
     quantization: Quantization | None = None
     double_quant: StrictBool = True
     trainer: Trainer = "trl"
+    # the loss path, a trainer setting (planner/logits.py): fp32_upcast is transformers' loss,
+    # no_upcast cross-entropy on compute-dtype logits, liger Liger's fused linear cross-entropy
+    # (the Trainer's use_liger_kernel), cut_cross_entropy Apple's Cut Cross-Entropy, trl_fused TRL's head
+    loss_implementation: LossImplementation = "auto"
     optimizer: Optimizer = "adamw"
     sgd_momentum: float = Field(default=0.0, ge=0, lt=1)
     galore_rank: int = Field(default=128, ge=1, le=65536)
@@ -142,6 +149,13 @@ class TrainingOptions(BaseModel):
         return STAGE_DEFAULT_BETA.get(self.stage, 0.0)
 
     @property
+    def effective_loss_implementation(self) -> str:
+        """The loss path: the one asked for, or the trainer's own (auto)."""
+        if self.loss_implementation != "auto":
+            return self.loss_implementation
+        return "fp32_upcast" if self.trainer == "hf" else "trl_fused"
+
+    @property
     def effective_autocast(self) -> bool:
         """Whether the forward runs under autocast: only a 16-bit compute dtype has one."""
         return self.autocast and self.precision != "fp32"
@@ -169,5 +183,13 @@ def check_consistency(options: TrainingOptions) -> None:
         raise PlanInputError("autocast", f"fp32 weights with {options.precision} compute is autocast; turn it on, or load the weights in {options.precision}")
     if options.precision == "fp32" and options.effective_weights_dtype != "fp32":
         raise PlanInputError("precision", f"fp32 compute needs fp32 weights, not {options.effective_weights_dtype}")
+    loss = options.loss_implementation
+    if loss != "auto" and options.stage != "sft":
+        own = "a score per sequence" if options.stage == "reward" else "from log-probs, in its own trainer's code"
+        raise PlanInputError("loss_implementation", f"stage {options.stage} computes its own loss ({own}); loss_implementation names "
+                             "the cross-entropy of sft: leave it auto")
+    if loss == "cut_cross_entropy" and (options.effective_weights_dtype == "fp32" or options.precision == "fp32"):
+        raise PlanInputError("loss_implementation", "Cut Cross-Entropy's backward takes bf16 or fp16 hidden states and lm_head weights; "
+                             "load the weights in bf16 or fp16, or pick another loss path")
     if options.num_gpus == 1 and options.parallelism != "ddp":
         raise PlanInputError("parallelism", f"{options.parallelism} shards across GPUs; set num_gpus above 1")
