@@ -198,7 +198,9 @@ def resolve_model_ref(model: str, spec_name: str) -> ModelRef:
     return ModelRef(kind="hub", location=hub_id)
 
 
-def check_launchable(options: dict[str, Any], settings: RunSettings) -> None:
+def check_launchable(options: dict[str, Any], settings: RunSettings, for_export: bool = False) -> None:
+    """Refuses, naming the field, what the launcher cannot run; `for_export`: a file for another
+    tool (axolotl, LLaMA-Factory), which may express more loss paths than TRL's trainers run."""
     stage, method = options["stage"], options["method"]
     if stage == "ppo":
         raise PlanInputError("stage", "ppo cannot be launched: TRL 1.16 has no PPO trainer (it was removed); use grpo or rloo, or run OpenRLHF/veRL with the exported plan")
@@ -208,6 +210,9 @@ def check_launchable(options: dict[str, Any], settings: RunSettings) -> None:
         raise PlanInputError("method", f"{method} is planned but not launched (TRL's model options express {', '.join(LAUNCHABLE_METHODS)}); export the plan and run it with PEFT directly")
     if options.get("trainer") == "hf":
         raise PlanInputError("trainer", "launched runs use TRL's trainers; plan with trainer trl")
+    if not for_export and options.get("loss_implementation", "auto") not in ("auto", "trl_fused"):
+        raise PlanInputError("loss_implementation", f"launched runs use TRL's fused LM head; {options['loss_implementation']} is planned but not launched "
+                                                    "(export the plan for axolotl or llamafactory)")
     if stage in ("grpo", "rloo") and not settings.reward_funcs and not settings.reward_model:
         raise PlanInputError("reward_funcs", f"{stage} needs a reward: name a built-in ({', '.join(BUILTIN_REWARDS)}) or a reward model")
     if stage not in ("grpo", "rloo") and (settings.reward_funcs or settings.reward_model):
@@ -221,7 +226,7 @@ def launch_spec(plan, model: str, settings: RunSettings, *, run_id: str | None =
     exists only on the machine the exported file is for."""
     plan_dict = plan.to_dict()
     options = plan_dict["options"]
-    check_launchable(options, settings)
+    check_launchable(options, settings, for_export)
     run_id = run_id or new_run_id()
     if settings.output_dir is not None and for_export:
         output_dir = settings.output_dir  # as given, relative paths included: the file runs elsewhere

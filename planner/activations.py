@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from planner.components import Component
 from planner.dtypes import dtype_bytes
+from planner.logits import saves_head_input
 from planner.options import ADAPTER_METHODS, TrainingOptions
 from planner.spec import ModelSpec
 from planner.trainable import ia3_linears, ia3_modules, resolve_targets, split_moe_targets
@@ -178,9 +179,9 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
             _, params = split_moe_targets(spec, options.lora_targets)
             fixed += sum(t.numel for t, _ in params if t.layer == 0) * e
 
-    # final norm; the lm_head input (saved by lm_head when it trains, always by TRL's fused head);
-    # int64 ids when the embedding trains
-    head_input_saved = base_trains or options.trainer == "trl"
+    # final norm; the lm_head input (saved by lm_head when it trains, always by a loss path that
+    # keeps it: TRL's fused head, Cut Cross-Entropy); int64 ids when the embedding trains
+    head_input_saved = base_trains or saves_head_input(options)
     outside = norm + (e * h if head_input_saved else 0) + (TOKEN_ID_BYTES if base_trains else 0)
     return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes), per_sequence)
 

@@ -69,15 +69,8 @@ def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
 
 def saves_head_input(options: TrainingOptions) -> bool:
     """Whether the loss path keeps the lm_head's input for its backward (TRL's head and Cut
-    Cross-Entropy do); a trained lm_head keeps it too, which planner/activations.py counts."""
+    Cross-Entropy do; a trained lm_head keeps it too): planner/activations.py counts it."""
     return options.effective_loss_implementation in ("trl_fused", "cut_cross_entropy")
-
-
-def _head_input_bytes(spec: ModelSpec, options: TrainingOptions, tokens: int) -> int:
-    """The lm_head input a path saves where planner/activations.py does not already count it (it
-    counts it when the base trains or the trainer is trl)."""
-    counted = options.method in ("full", "freeze") or options.trainer == "trl"
-    return tokens * spec.hidden_size * dtype_bytes(options.precision) if saves_head_input(options) and not counted else 0
 
 
 def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
@@ -113,13 +106,12 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
     tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * e + slice_copy
     lm_head_trains = options.method == "full"
     lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if lm_head_trains else 0
-    head_input = _head_input_bytes(spec, options, tokens)
     return [
         Component(
             "logits",
-            tokens * TRL_SAVED_PER_TOKEN + head_input,
-            "TRL's fused LM head saves a target and an fp32 log-normalizer per token; full logits are never materialized"
-            + (", and the lm_head input (which a plain hf loop with a frozen lm_head keeps none of)" if head_input else ""),
+            tokens * TRL_SAVED_PER_TOKEN,
+            "TRL's fused LM head saves a target and an fp32 log-normalizer per token (the lm_head input it keeps is in "
+            "activations.outside_layers); full logits are never materialized",
         ),
         Component(
             "temporary.loss_backward",
@@ -188,14 +180,13 @@ def _liger_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> lis
 def _cce_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
     vocab, h = spec.vocab_size, spec.hidden_size
     w = dtype_bytes(options.effective_weights_dtype)
-    head_input = _head_input_bytes(spec, options, tokens)
     lm_head_grad = vocab * h * w if options.method == "full" else 0
     return [
         Component(
             "logits",
-            tokens * CCE_SAVED_PER_TOKEN + vocab * 4 + head_input,
-            "Cut Cross-Entropy saves an fp32 log-sum-exp and an int64 index per valid token and an fp32 average logit per vocabulary entry"
-            + (", and the lm_head input" if head_input else "") + "; no logits are materialized",
+            tokens * CCE_SAVED_PER_TOKEN + vocab * 4,
+            "Cut Cross-Entropy saves an fp32 log-sum-exp and an int64 index per valid token and an fp32 average logit per vocabulary entry "
+            "(the lm_head input it keeps is in activations.outside_layers); no logits are materialized",
         ),
         Component(
             "temporary.loss_backward",

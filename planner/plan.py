@@ -43,6 +43,7 @@ from planner.activations import (
     dora_weight_norm_bytes,
     fused_split_grad_bytes,
     layer_backward_bytes,
+    peft_method_notes,
     training_tokens,
 )
 from planner.catalog import spec_note
@@ -421,7 +422,7 @@ def _paged_states_in_pool(simulated: SimulatedStep, components: list[Component])
 # plain transformers loss under the default allocator): (name, applies to these options, what the
 # band's high end allows for it, its bytes)
 UNMEASURED_PARTS = (
-    ("TRL's fused LM head", lambda options: options.trainer == "trl",
+    ("TRL's fused LM head", lambda options: options.effective_loss_implementation == "trl_fused",
      "the fused head's whole backward buffers, as if the trace had missed them", _fused_head_buffers),
     ("expandable segments", lambda options: options.allocator == "expandable_segments",
      "what the default allocator would reserve beyond expandable segments' model", _default_allocator_beyond),
@@ -512,7 +513,7 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
     totals = {phase: sum(c.bytes for c in members) for phase, members in phases.items()}
     peak_phase = max(totals, key=totals.get)
 
-    assumptions = _assumptions(options) + gpu_notes + stage_notes
+    assumptions = _assumptions(options) + gpu_notes + stage_notes + peft_method_notes(spec, options)
     variant_note = spec_note(spec)
     if variant_note:
         assumptions.insert(0, variant_note)

@@ -191,7 +191,7 @@ def optimizer_components(spec: ModelSpec, options: TrainingOptions, trainables: 
 _NOT_STATIC = frozenset({
     "batch_size", "seq_len", "gradient_checkpointing", "attention", "num_generations", "max_new_tokens", "headroom",
     "gpu", "gpu_memory_gib", "num_gpus", "offload", "stage", "trainer", "beta", "precompute_ref_log_probs",
-    "use_vllm", "vllm_gpu_memory_utilization",
+    "use_vllm", "vllm_gpu_memory_utilization", "gradient_accumulation_steps", "loss_implementation",
 })
 
 

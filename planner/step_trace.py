@@ -119,7 +119,12 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         return "quantization other than QLoRA's 4-bit base"
     if options.attention not in ("sdpa", "eager"):
         return f"attention {options.attention}"
-    missing = [name for name in ("torch", "transformers", "peft", *(("trl",) if options.trainer == "trl" else ())) if not _installed(name)]
+    loss = options.effective_loss_implementation
+    if loss in ("liger", "cut_cross_entropy"):
+        kernel = "Liger's fused linear cross-entropy" if loss == "liger" else "Cut Cross-Entropy"
+        return (f"loss_implementation {loss}: {kernel} runs Triton kernels, which do not run on the meta device; "
+                "its buffers are planned from its source (planner/logits.py)")
+    missing = [name for name in ("torch", "transformers", "peft", *(("trl",) if loss == "trl_fused" else ())) if not _installed(name)]
     if missing:
         extra = "launch" if "trl" in missing else "introspect"
         return f"{', '.join(missing)} not installed here (pip install 'vramplan[{extra}]')"
@@ -437,7 +442,7 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
     weights_dtype = torch_dtype(options.effective_weights_dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=weights_dtype, attn_implementation=options.attention, trust_remote_code=False)
-    if options.trainer == "trl":
+    if options.effective_loss_implementation == "trl_fused":
         try:
             from trl.trainer.utils import add_fused_lm_head
         except ImportError:
@@ -450,7 +455,9 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
         from peft import IA3Config, LoraConfig, get_peft_model
 
         if method == "ia3":
-            peft_config = IA3Config(task_type="CAUSAL_LM")
+            # the targets the plan counts (planner/trainable.py): PEFT's defaults unless named
+            peft_config = IA3Config(target_modules=None if options.lora_targets == "all-linear" else options.lora_targets,
+                                    feedforward_modules=options.feedforward_modules, task_type="CAUSAL_LM")
         else:
             peft_config = LoraConfig(r=options.lora_r, lora_alpha=options.effective_lora_alpha, target_modules=options.lora_targets,
                                      lora_dropout=options.lora_dropout, use_dora=method == "dora", task_type="CAUSAL_LM")
@@ -505,8 +512,9 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
     except Exception as exc:  # noqa: BLE001 - a model the trace cannot build is reported, not raised
         raise SimulationUnsupported(f"the model could not be built for the trace: {str(exc)[:200]}") from None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast, options.trainer == "trl")
-    extra = {"fused_lm_head": True} if options.trainer == "trl" else {}
+    loss_path = options.effective_loss_implementation
+    stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast, loss_path == "trl_fused")
+    extra = {"fused_lm_head": True} if loss_path == "trl_fused" else {}
     state: dict = {}
     optimizer = _real_optimizer(options, trainable)
     # with accumulation the second micro-batch runs beside the first's gradients; a third repeats it
@@ -519,7 +527,10 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
             for _ in range(steps):
                 for _ in range(micro_batches):
                     stand_ins.caching = True
-                    loss = model(input_ids=ids, labels=ids, **extra).loss
+                    if loss_path == "no_upcast":
+                        loss = _loss_without_upcast(model(input_ids=ids).logits, ids)
+                    else:
+                        loss = model(input_ids=ids, labels=ids, **extra).loss
                     stand_ins.cache.clear()
                     stand_ins.caching = False
                     loss.backward()
@@ -548,6 +559,15 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
         default_peaks=replay(events, "default") if options.allocator != "default" else None,
         in_pool_peaks=replay(tracer.events, options.allocator) if paged else None,
     )
+
+
+def _loss_without_upcast(logits, labels):
+    """transformers' ForCausalLMLoss without its `logits.float()`: cross-entropy on the logits in
+    the compute dtype (on meta no autocast acts, as outside one on CUDA)."""
+    import torch.nn.functional as F
+
+    shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=-100)
 
 
 def _config_for(spec) -> dict:

@@ -150,10 +150,6 @@ class FakeBackend:
         _KILLED.add(str(handle.data.get("marker")))
 
     def read_logs(self, handle: Handle | None, run_dir: Path, offset: int, limit: int) -> LogChunk:
-        path = run_dir / "train.log"
-        if not path.exists():
-            return LogChunk("", offset, True)
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(limit)
-        return LogChunk(data.decode("utf-8", "replace"), offset + len(data), len(data) < limit)
+        from launcher.run_files import read_log_file
+
+        return read_log_file(run_dir, offset, limit)

@@ -265,7 +265,7 @@ def test_non_finite_number_in_json_output_is_a_bug_not_invalid_json(monkeypatch,
         def to_dict(self):
             return {"peak_bytes": float("nan")}
 
-    monkeypatch.setattr(planner.plan, "build_plan", lambda spec, options, config=None: NanPlan())
+    monkeypatch.setattr(planner.plan, "build_plan", lambda spec, options, config=None, tracer=None: NanPlan())
     assert main(["plan", CATALOG_MODEL, "--json"]) == 3
     out = capsys.readouterr()
     assert out.out == "" and "internal error: ValueError" in out.err
@@ -277,7 +277,9 @@ def test_check_json_matches_the_api_shape(args, code):
     assert out.returncode == code, out.stderr
     data = json.loads(out.stdout)
     assert set(data) == {"fits", "verdict", "peak_bytes", "peak_low_bytes", "peak_high_bytes", "usable_bytes", "headroom_bytes", "gpu", "model", "reserve_source", "band_source",
-                         "unmeasured_parts", "unmeasured_allowance_bytes"}
+                         "unmeasured_parts", "unmeasured_allowance_bytes", "runs_within_bytes", "runs_within_low_bytes", "runs_within_high_bytes",
+                         "allocator_release_bytes"}
+    assert data["runs_within_bytes"] == data["peak_bytes"] - data["allocator_release_bytes"]
     assert data["fits"] is (code == 0) and data["verdict"] == ("fits" if code == 0 else "does not fit")
     assert data["peak_low_bytes"] <= data["peak_bytes"] <= data["peak_high_bytes"]
     assert data["headroom_bytes"] == data["usable_bytes"] - data["peak_bytes"]

@@ -39,7 +39,7 @@ METHODS = ("full", "lora", "qlora", "dora")
 GENERATING = ("grpo", "rloo")
 
 
-def make_spec(*, device: str = "cuda", dataset: str = "your-org/your-dataset", settings: dict | None = None, **options):
+def make_spec(*, device: str = "cuda", dataset: str = "your-org/your-dataset", settings: dict | None = None, for_export: bool = False, **options):
     """The LaunchSpec of a plan for MODEL with these options (an 80 GiB GPU, so nothing is refused)."""
     from launcher.spec import RunSettings, launch_spec
     from planner.catalog import load_catalog_spec
@@ -55,7 +55,7 @@ def make_spec(*, device: str = "cuda", dataset: str = "your-org/your-dataset", s
     if options.get("stage") in GENERATING:
         run.setdefault("reward_funcs", ["accuracy_reward"])
     plan = build_plan(load_catalog_spec(MODEL), TrainingOptions(**options))
-    return launch_spec(plan, MODEL, RunSettings(**run), device=device)
+    return launch_spec(plan, MODEL, RunSettings(**run), device=device, for_export=for_export)
 
 
 def write(tmp_path: Path, spec, fmt: str) -> Path:

@@ -188,7 +188,7 @@ def test_api_field_plans_the_path():
 def export_spec(**options):
     from tests.test_exports import make_spec
 
-    return make_spec(**options)
+    return make_spec(for_export=True, **options)
 
 
 def test_exports_write_each_tools_key_or_refuse():
@@ -238,3 +238,13 @@ def test_documented_keys_the_exports_use():
     llamafactory = json.loads((data / "llamafactory_keys.json").read_text())["classes"]
     assert "plugins" in axolotl  # the plugins' own keys (LigerArgs, CutCrossEntropyArgs) join the schema when the plugin loads
     assert "enable_liger_kernel" in llamafactory["ModelArguments"]
+
+
+def test_a_loss_path_trls_trainers_do_not_run_is_exported_but_not_launched():
+    from planner.errors import PlanInputError
+    from tests.test_exports import make_spec
+
+    with pytest.raises(PlanInputError) as refused:
+        make_spec(stage="sft", method="lora", loss_implementation="liger")
+    assert refused.value.field == "loss_implementation" and "export the plan" in refused.value.reason
+    assert make_spec(stage="sft", method="lora", loss_implementation="liger", for_export=True).options["loss_implementation"] == "liger"
