@@ -34,7 +34,7 @@ from planner.runtime import calibration
 
 GIB = 1 << 30
 MIB = 1 << 20
-DATE = "2026-11-29"
+DATE = "2026-12-05"
 CASES_FILE = ROOT / "bench" / "results" / "published-cases.json"
 RESULTS_JSON = ROOT / "bench" / "results" / f"published-{DATE}.json"
 RESULTS_MD = ROOT / "bench" / "results" / f"published-{DATE}.md"
