@@ -1,1 +1,1 @@
-"""vramplan's shells: the CLI here, the web app in a later issue. They translate, never compute."""
+"""vramplan's shells: the command line (app/cli/) and the web app (the pages, the JSON API, the runs API). They translate, never compute."""

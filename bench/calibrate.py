@@ -51,7 +51,7 @@ from planner.runtime import (
 GIB = 1 << 30
 DEFAULT_RUNS = ROOT / "bench" / "results" / "calibration-runs.jsonl"
 FEATURES = ("floor", "recompute", "logits")
-# The issue's goals for the band, on runs the fit never saw (issue 12)
+# The goals for the band, on runs the fit never saw
 BAND_GOALS = {"coverage": 0.90, "worst_above_high": 0.03, "median_width_single_gpu": 0.15}
 
 
@@ -304,7 +304,7 @@ def band_report(result: dict) -> str:
         "both), its central figure from a fit that left it out; then the measured process peak",
         "(`max_memory_reserved` + memory outside the allocator) is compared with that band.",
         "",
-        "| figure | measured | goal (issue 12) | |",
+        "| figure | measured | goal | |",
         "| --- | --- | --- | --- |",
         f"| measured peak inside the band | {check['inside']} of {check['runs']} ({check['coverage']:.1%}) | {goals['coverage']['goal']} | {yes(goals['coverage']['met'])} |",
         f"| worst above the high end | {check['worst_above_high']:.1%} | {goals['worst_above_high']['goal']} | {yes(goals['worst_above_high']['met'])} |",
@@ -362,7 +362,7 @@ def band_report(result: dict) -> str:
             "benchmark, a transformers forward with PEFT adapters over many steps of variable-length data), so the",
             "band is held to real data too.",
             "",
-            "| figure | measured | goal (issue 12) |",
+            "| figure | measured | goal |",
             "| --- | --- | --- |",
             f"| median error of the central figure | {central['median_abs_error']:.1%} | <= 4% |",
             f"| worst under / over | {central['worst_under']:+.1%} / {central['worst_over']:+.1%} | every run within 10% |",

@@ -1,4 +1,4 @@
-"""Measure training peaks on a CUDA GPU, one fresh process a run, as calibration rows (issue 12).
+"""Measure training peaks on a CUDA GPU, one fresh process a run, as calibration rows.
 
     python bench/gpu_runs.py [--quick | --only NAME,...] [--out FILE] [--timeout SECONDS]
 

@@ -144,7 +144,7 @@ def test_a_micro_batch_tight_by_the_formula_points_to_the_simulated_plan():
 
 
 def test_flagship_micro_batch_fits_at_the_high_end():
-    """Llama-2-13B QLoRA on an RTX 4000 Ada (issue 12): the advice once said micro-batch 4 at a
+    """Llama-2-13B QLoRA on an RTX 4000 Ada: the advice once said micro-batch 4 at a
     central 15.4 GiB "and up to 6 would fit", where a measured run of the same tokens held
     18.4 GiB. Neither the micro-batch chosen nor the largest it says would fit may have a high
     end above the usable memory."""

@@ -210,7 +210,7 @@ def serious_axe_findings(page, url: str) -> list[dict]:
     return [v for v in violations if v["impact"] in ("serious", "critical")]
 
 
-# -- the plan page's extras: copy buttons, dark theme (issue 14) --------------------------------------
+# -- the plan page's extras: copy buttons, dark theme ------------------------------------------------
 
 
 def test_copy_buttons_copy_the_command_and_are_hidden_without_javascript(server, browser):

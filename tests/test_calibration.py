@@ -151,7 +151,7 @@ def test_expandable_segments_grow_one_segment_where_the_default_reserves_anew():
 
 
 def test_runs_a_team_launched_refit_the_model(tmp_path, capsys):
-    """`vramplan runs export` rows join the committed runs in `bench/calibrate.py` (issue 12, refit from real runs)."""
+    """`vramplan runs export` rows join the committed runs in `bench/calibrate.py` (refit from real runs)."""
     from app.cli import main
     from tests.test_launcher_store import _row
     from launcher.supervisor import Supervisor

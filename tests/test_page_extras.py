@@ -1,4 +1,4 @@
-"""The plan page's extras (issue 14, "what users expect and do not find"): the fit searches, the
+"""The plan page's extras (what users expect and do not find): the fit searches, the
 command line and curl call that give the same result, the JSON twin of every page, the Markdown
 summary, and GiB said where memory is shown. Each test reads the element the user reads and
 compares it with what the API or the CLI returns for the same options."""
