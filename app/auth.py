@@ -132,8 +132,8 @@ class Credentials:
 
     def identify(self, headers: dict[str, str], host: str, bearer: bool = True) -> str | None:
         """"bearer", "cookie", "bad_bearer" (a wrong token was sent) or None (nothing sent).
-        `bearer`: look at the Authorization header too (the guarded routes); elsewhere only the
-        cookie counts, for what a page shows. The token is only read when something was presented,
+        `bearer`: look at the Authorization header too (the guarded routes, and any request that
+        sends one). The token is only read when something was presented,
         so a server nobody signs in to never touches the data directory."""
         authorization = headers.get("authorization", "") if bearer else ""
         cookie = _cookies(headers.get("cookie", "")).get(cookie_name(host))

@@ -125,8 +125,10 @@ class RequestGuard:
         if unsafe and fetch_site in ("cross-site", "same-site"):
             return await _error(["header", "sec-fetch-site"], f"the browser says this request comes from another site ({fetch_site}); "
                                 "a page of another site may not post to this server", 403, "origin_refused")(scope, receive, send)
-        # credentials are checked where needed, and read where a page shows what they allow (the plan page's launch button)
-        who = auth.CREDENTIALS.identify(headers, host, bearer=guarded) if guarded or "cookie" in headers else None
+        # credentials are checked where needed, and read where they change what a route allows: the
+        # plan page's launch button, and a model directory a signed-in client (cookie or Bearer) may plan
+        presented = "cookie" in headers or "authorization" in headers
+        who = auth.CREDENTIALS.identify(headers, host, bearer=guarded or "authorization" in headers) if guarded or presented else None
         scope.setdefault("state", {})["vramplan_auth"] = who if who in ("bearer", "cookie") else None
         if guarded:
             refusal = _auth_refusal(scope, headers, host, who, unsafe)

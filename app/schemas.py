@@ -74,6 +74,7 @@ class PlanResponse(RunsWithin):
     unmeasured_parts: list[str] = Field(description=UNMEASURED_HELP)
     unmeasured_allowance_bytes: int = Field(description="bytes the band's high end adds for the unmeasured parts (0 when there are none)")
     could_simulate: bool = Field(description="the reserve came from the formula, and simulate_allocator would give this run a narrower band")
+    trace: dict[str, Any] | None = Field(default=None, description="how this plan's traced step was had: seconds, kept_in_trace_cache (null for a formula plan); not the plan's content")
 
 
 class CheckResponse(RunsWithin):

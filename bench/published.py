@@ -6,7 +6,8 @@ Reads bench/results/published-cases.json (the facts of 40 published runs, each w
 maps every case that can be planned faithfully to TrainingOptions, builds its plan, and compares
 the measured value with what the plan predicts for the case's own metric:
 
-    max_memory_reserved   the plan's peak less runtime.cuda_context (the band likewise)
+    max_memory_reserved   the plan's peak less what lies outside the allocator (the CUDA context,
+                          NCCL's buffers; the band likewise)
     max_memory_allocated  the plan's non-runtime components (torchtune's "active" bytes count here)
     NVML / nvidia-smi     the plan's whole peak, the band as it is
 
@@ -247,9 +248,9 @@ def calibration_rows(cases: list[dict] | None = None) -> list[dict]:
 
 def _prediction(plan, metric: str) -> tuple[int, int | None, int | None]:
     """(central, band low, band high) of the plan for a metric; allocated has no band."""
-    context = sum(c.bytes for c in plan.components if c.name == "runtime.cuda_context")
+    context = sum(c.bytes for c in plan.components if c.outside_allocator)
     if metric == "allocated":
-        return sum(c.bytes for c in plan.components if c.family != "runtime"), None, None
+        return sum(c.bytes for c in plan.components if c.family != "runtime" and not c.outside_allocator), None, None
     if metric == "reserved":
         return plan.peak_bytes - context, plan.peak_low_bytes - context, plan.peak_high_bytes - context
     return plan.peak_bytes, plan.peak_low_bytes, plan.peak_high_bytes

@@ -181,6 +181,14 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
         config["load_in_8bit"] = True
     if stage in ("sft", "dpo", "kto", "reward", "orpo", "simpo"):
         config["max_length"] = options["seq_len"]
+    if stage == "sft" and options.get("packing"):
+        config.update(packing=True, packing_strategy=options.get("packing_strategy") or "bfd")
+    if stage == "sft" and options.get("padding_free"):
+        if not options.get("packing"):
+            # SFTTrainer raises on padding_free without packing while max_length is set (it would not truncate)
+            raise ValueError("TRL 1.16 refuses padding_free without packing while max_length is set; plan packing (strategy bfd, which "
+                             "turns padding_free on) for the trl file")
+        config["padding_free"] = True
     if stage in ("dpo", "kto", "orpo", "simpo", "grpo", "rloo"):
         beta = options.get("beta")
         if beta is not None:
@@ -244,9 +252,19 @@ def accelerate_config(spec: LaunchSpec) -> dict[str, Any] | None:
     return config
 
 
-def deepspeed_json(zero_stage: int, offload: str) -> dict[str, Any]:
+# the plan's DeepSpeed settings (planner/parallel.py), written under DeepSpeed's own names where given;
+# left out, DeepSpeed's defaults apply, as the plan assumes
+DEEPSPEED_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "stage3_prefetch_bucket_size",
+                  "stage3_param_persistence_threshold", "stage3_max_live_parameters")
+
+
+def deepspeed_json(zero_stage: int, offload: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A DeepSpeed config for the plan's ZeRO stage and offload, with the rest left to the trainer ("auto")."""
     zero: dict[str, Any] = {"stage": zero_stage}
+    for key in DEEPSPEED_KEYS:
+        value = (options or {}).get(key)
+        if value is not None and (zero_stage == 3 or not key.startswith("stage3_")):
+            zero[key] = value  # "auto" is filled in by transformers' HfTrainerDeepSpeedConfig from hidden_size
     if offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload == "params" and zero_stage == 3:
@@ -295,6 +313,12 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
     if _pure_16_bit(options):
         # axolotl's pure 16-bit load, without AMP
         config["bfloat16" if options["precision"] == "bf16" else "float16"] = True
+    if options.get("packing") or options.get("padding_free"):
+        # axolotl's padding-free batching is its multipack sampler (varlen flash attention); it has no wrapped strategy
+        if options.get("packing_strategy", "bfd") == "wrapped" or not options.get("packing"):
+            raise ValueError("axolotl expresses packed batches as sample_packing (best-fit, padding-free) only; export trl for "
+                             "wrapped packing or padding_free without packing")
+        config["sample_packing"] = True
     if rl:
         config["rl"] = rl
         if options.get("beta") is not None:
@@ -337,7 +361,7 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         if parallelism.startswith("zero"):
             # inline (the key takes a path or the JSON itself): axolotl's deepspeed_configs/ has no file
             # for most stage and offload pairs (its zero2.json offloads the optimizer)
-            config["deepspeed"] = deepspeed_json(int(parallelism[-1]), offload)
+            config["deepspeed"] = deepspeed_json(int(parallelism[-1]), offload, options)
         elif parallelism == "fsdp":
             if config["optimizer"] == "adamw_bnb_8bit":
                 config["optimizer"] = "adamw_torch_8bit"  # axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2
@@ -373,6 +397,8 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
         "disable_gradient_checkpointing": not options["gradient_checkpointing"],
         "report_to": "none",
     }
+    if options.get("packing") or options.get("padding_free"):
+        raise ValueError("LLaMA-Factory's packing and neat_packing are not TRL's packing or padding_free (not planned here); export trl")
     if _pure_16_bit(options):
         if options["precision"] != "bf16":
             raise ValueError("LLaMA-Factory trains fp16 only with autocast (AMP); export trl, or plan with autocast on")
@@ -414,7 +440,7 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
     if spec.resources.num_processes > 1 and options["parallelism"].startswith("zero"):
         # inline (transformers' `deepspeed` takes a path or the JSON itself): examples/deepspeed/ has no
         # ZeRO-1 file and no ZeRO-3 file that offloads the optimizer alone
-        config["deepspeed"] = deepspeed_json(int(options["parallelism"][-1]), options["offload"])
+        config["deepspeed"] = deepspeed_json(int(options["parallelism"][-1]), options["offload"], options)
     return config
 
 

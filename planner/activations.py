@@ -30,6 +30,22 @@ real forward passes to autograd (tests/test_activations.py holds the model to th
 - Prefix tuning: keys and values are seq_len + num_virtual_tokens long in every layer. SDPA then
   gets an explicit causal mask, which it saves in the compute dtype (e s (s + tokens) per layer
   and sequence), and transformers expands grouped-query keys and values to all heads before it.
+- Padded batches (padding longest): rows padded to the longest keep the collator's attention
+  mask, and transformers 5 (masking_utils.sdpa_mask) then builds a boolean causal-and-padding mask,
+  batch x 1 x s x s, once per forward, instead of SDPA's is_causal. With a mask, its SDPA
+  integration expands grouped-query keys and values to all heads (repeat_kv; enable_gqa only
+  without a mask) and SDPA's masked kernel keeps the mask converted to the compute dtype, per
+  layer: e (q + 2 q) + e q + 4 H + e s per token (measured: tests/test_padding.py). Under
+  checkpointing the boolean mask (s s bytes per sequence) stays referenced by every layer's
+  checkpoint until the backward ends. Eager attention builds its mask in any case: unchanged. Flash
+  (transformers' unpad path, from the code: flash-attn does not run on CPU) gathers the real tokens
+  of q, k and v and scatters the output back: one more e q output copy and int64 indices per token.
+- Padding-free (padding_free, or packing with a bfd strategy): the batch is one row of
+  batch x seq_len tokens with position_ids restarting per sequence and no mask. Flash's varlen
+  kernel keeps what the fixed-length case keeps. Without flash, transformers 5 finds the packed
+  sequences in position_ids and builds a block-diagonal mask over the whole row: under SDPA the
+  masked terms above with s the row's length (batch x seq_len: quadratic in the batch), under
+  eager a row-long softmax.
 - Gradient checkpointing keeps each layer's input (e h) and recomputes one layer at a time; the
   backward frees each input once it has recomputed that layer.
 """
@@ -93,6 +109,9 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     h, q, kv, heads = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.kv_dim, spec.num_attention_heads
     i = spec.intermediate_size
     s = sequence_length(options)
+    layout = options.batch_layout
+    # how far each query's mask and scores reach: the padded row, or the padding-free row
+    row = attention_row(options)
     # prefix tuning's keys and values: its virtual tokens, then the sequence's
     prefix = options.num_virtual_tokens if options.method == "prefix_tuning" else 0
     keys = s + prefix
@@ -120,8 +139,19 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
         # q, k and v expanded to all heads, and a contiguous copy of the output that o_proj saves
         # when it trains or carries LoRA; a frozen o_proj under IA3 or a prompt method saves none
         copies = 4 if options.method in ("full", "freeze") or options.method in ADAPTER_METHODS else 3
-        attention = copies * e * q + (6 + (e if spec.attn_softcap else 0)) * heads * keys
+        attention = copies * e * q + (6 + (e if spec.attn_softcap else 0)) * heads * (row if layout == "padding_free" else keys)
         per_sequence += 2 * e * q * prefix  # the prefix's keys and values, expanded to all heads
+    elif layout != "fixed" and options.attention == "sdpa":
+        # a padding or block-diagonal packed mask: no is_causal, keys and values expanded to all
+        # heads, the mask saved per layer in the compute dtype (a prefix's keys lengthen it)
+        width = q if kv < q else kv
+        attention = e * (q + 2 * width) + e * q + 4 * heads + e * (row + prefix)
+        per_sequence += 2 * e * width * prefix
+    elif layout == "padded" and options.attention == "flash":
+        # transformers' unpad path: gathered q, k, v and the flash output, the output scattered
+        # back to the padded rows (o_proj's input), int64 token indices
+        attention = e * (q + 2 * kv) + 2 * e * q + 4 * heads + TOKEN_ID_BYTES
+        per_sequence += 2 * e * kv * prefix
     elif prefix and options.attention == "sdpa":
         # keys longer than queries: no is_causal, an explicit mask (saved in the compute dtype), and
         # with a mask transformers expands grouped-query keys and values to all heads
@@ -263,6 +293,59 @@ def sequence_length(options: TrainingOptions) -> int:
     return s + (options.num_virtual_tokens if options.method == "prompt_tuning" else 0)
 
 
+def attention_row(options: TrainingOptions) -> int:
+    """Positions one attention row spans: a sequence, or under padding-free batching the whole
+    flattened batch (the block-diagonal mask and eager's scores are that wide)."""
+    if options.batch_layout == "padding_free":
+        return training_tokens(options)
+    return sequence_length(options)
+
+
+def attention_mask_bytes(options: TrainingOptions) -> int:
+    """The boolean 4D mask transformers builds once per forward for SDPA when the batch is padded
+    or packed padding-free (1 byte per query and key position of each row). Without checkpointing
+    it is gone when the forward returns; under it every layer's checkpoint keeps it for the
+    recompute until the backward ends (measured: tests/test_padding.py)."""
+    if options.batch_layout == "fixed" or options.attention != "sdpa" or not options.gradient_checkpointing:
+        return 0
+    row = attention_row(options)
+    rows = 1 if options.batch_layout == "padding_free" else training_sequences(options)
+    return rows * row * row
+
+
+def batch_layout_notes(options: TrainingOptions) -> list[str]:
+    """Which batch layout the plan assumed, and what it cannot plan: lines for its assumptions."""
+    layout, attention = options.batch_layout, options.attention
+    if layout == "fixed":
+        if not options.packing:
+            return []  # the default: fixed-length rows without padding, as every plan before the option (docs/plan.md says so)
+        return [f"batches: packing with strategy wrapped cuts fixed-length rows of {options.seq_len:,} tokens without padding (their all-ones mask is dropped: "
+                "SDPA runs its causal flash kernel)"]
+    if layout == "padded":
+        out = [f"batches padded to the longest sequence (up to {options.seq_len:,} tokens), with an attention mask: planned at "
+               f"{options.seq_len:,} tokens every step, pads computed like tokens"]
+        if attention == "sdpa":
+            out.append("with a padding mask SDPA leaves its flash kernel: each layer keeps the mask in the compute dtype and "
+                       "grouped-query keys and values expanded to every query head (transformers 5's repeat_kv)")
+        elif attention == "flash":
+            out.append("flash attention unpads each layer's q, k and v and pads its output back (planned from transformers' code, "
+                       "not measured)")
+        out.append("lengths that vary from step to step leave cached blocks of many sizes in the allocator: the reserve over "
+                   "many steps can exceed the two fixed-length steps planned (not planned)")
+        return out
+    source = "packing (strategy " + options.packing_strategy + ") turns padding_free on" if options.packing else "padding_free"
+    out = [f"padding-free batches ({source}): one row of up to {training_tokens(options):,} tokens, position_ids per sequence, no mask"]
+    if attention == "flash":
+        out.append("flash attention's varlen kernel per sequence: the fixed-length terms (planned from the code; flash-attn does not "
+                   "run on CPU or the meta device)")
+    else:
+        out.append(f"padding-free without flash attention (TRL supports it with FlashAttention 2 or 3 only): transformers 5 builds a "
+                   f"block-diagonal mask over the whole row, {training_tokens(options):,} x {training_tokens(options):,} positions"
+                   + (", kept per layer in the compute dtype with keys and values expanded to every head" if attention == "sdpa" else
+                      ", and eager attention's scores span the row") + "; use attention flash")
+    return out
+
+
 def training_sequences(options: TrainingOptions) -> int:
     """Sequences in one training forward: pairs for preference stages (and KTO's KL batch)."""
     if not options.generates and options.stage in ("dpo", "orpo", "simpo", "reward", "kto"):
@@ -326,6 +409,11 @@ def activation_components(spec: ModelSpec, options: TrainingOptions) -> list[Com
             )
         )
     out.append(Component("activations.outside_layers", tokens * terms.outside_layers_per_token, "token ids, final norm and the lm_head input"))
+    mask = attention_mask_bytes(options)
+    if mask:
+        out.append(Component("activations.attention_mask", mask,
+                             "the boolean attention mask transformers builds for a " + options.batch_layout.replace("_", "-")
+                             + " batch, kept by every layer's checkpoint until the backward ends"))
     return out
 
 
@@ -341,7 +429,8 @@ def _method_note(options: TrainingOptions) -> str:
 
 def peft_method_notes(spec: ModelSpec, options: TrainingOptions) -> list[str]:
     """What the plan assumes of a PEFT method beyond LoRA, and what it cannot plan faithfully:
-    lines for the plan's assumptions."""
+    lines for the plan's assumptions; then the batch layout's (batch_layout_notes), which reach the
+    assumptions through here."""
     method, n = options.method, options.num_virtual_tokens
     out: list[str] = []
     if method == "ia3":
@@ -367,4 +456,4 @@ def peft_method_notes(spec: ModelSpec, options: TrainingOptions) -> list[str]:
                        "not sequence + prefix): the run needs gradient_checkpointing false; planned as if it ran")
         if options.attention == "flash":
             out.append("prefix tuning with flash attention: planned with unexpanded keys and values and no mask, not measured")
-    return out
+    return out + batch_layout_notes(options)

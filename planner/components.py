@@ -16,3 +16,12 @@ class Component:
     @property
     def family(self) -> str:
         return self.name.split(".", 1)[0]
+
+    @property
+    def outside_allocator(self) -> bool:
+        """Held outside PyTorch's caching allocator, so in no max_memory_reserved/allocated figure."""
+        return self.name in OUTSIDE_ALLOCATOR
+
+
+# the CUDA context and library workspaces; NCCL's channel and proxy buffers
+OUTSIDE_ALLOCATOR = ("runtime.cuda_context", "sharding.nccl")

@@ -24,6 +24,11 @@ Trainer = Literal["trl", "hf"]
 LossImplementation = Literal["auto", "fp32_upcast", "no_upcast", "liger", "cut_cross_entropy", "trl_fused"]
 Quantization = Literal["none", "int8", "nf4", "fp4"]
 Allocator = Literal["default", "expandable_segments"]
+PackingStrategy = Literal["bfd", "bfd_split", "wrapped"]
+Padding = Literal["none", "longest"]
+# what a batch looks like to the model: fixed-length rows without padding (no mask), rows padded
+# to the longest with an attention mask, or one padding-free row of packed sequences
+BatchLayout = Literal["fixed", "padded", "padding_free"]
 
 ADAPTER_METHODS = ("lora", "qlora", "dora")
 # TRL 1.16 config defaults: GRPO and RLOO drop the reference model at beta 0.
@@ -31,6 +36,9 @@ STAGE_DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0, "grpo":
 MAX_LORA_TARGETS = 64
 MAX_TARGET_NAME = 200
 PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
+# the DeepSpeed keys transformers' HfTrainerDeepSpeedConfig and accelerate fill in when "auto"
+DEEPSPEED_AUTO_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+MAX_DEEPSPEED_COUNT = 10**15
 
 
 class TrainingOptions(BaseModel):
@@ -79,6 +87,16 @@ class TrainingOptions(BaseModel):
     feedforward_modules: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_TARGET_NAME)]], Field(max_length=MAX_LORA_TARGETS)] | None = None
     freeze_trainable_layers: int = Field(default=2, ge=1, le=1024)
     attention: Attention = "sdpa"
+    # how a batch's sequences are laid out (planner/activations.py plans each; the plan's assumptions
+    # say which). TRL's SFTConfig names: packing (with packing_strategy) and padding_free; packing
+    # with bfd or bfd_split turns padding_free on, as TRL does: one flattened row, position_ids per
+    # sequence, no attention mask. padding names the data, which no trainer setting does: "none" (the
+    # default) is every sequence seq_len long, so the collator's mask is all ones and transformers
+    # drops it; "longest" pads each batch to its longest sequence, and the mask stays
+    packing: StrictBool = False
+    packing_strategy: PackingStrategy = "bfd"
+    padding_free: StrictBool = False
+    padding: Padding = "none"
     # PYTORCH_CUDA_ALLOC_CONF: the default caching allocator, or expandable_segments:True
     allocator: Allocator = "default"
     # the allocator's reserve from a replay of this run's traced allocations (planner/step_trace.py,
@@ -87,6 +105,18 @@ class TrainingOptions(BaseModel):
     # and a single plan's entry (CLI plan/check, API plan/check, the page, a launch) turns it on
     # (request.single_plan_options): searches and advice plan too many candidates to trace each
     simulate_allocator: StrictBool | None = None
+    # DeepSpeed's zero_optimization settings, by DeepSpeed's names (planner/parallel.py): None is
+    # DeepSpeed's own default (what accelerate's config without a DeepSpeed file runs), "auto" the
+    # value transformers' and accelerate's integration fills in from the model's hidden_size
+    # (reduce_bucket_size hidden^2, stage3_prefetch_bucket_size 0.9 hidden^2,
+    # stage3_param_persistence_threshold 10 hidden); a number is a count of elements
+    reduce_bucket_size: int | str | None = None
+    allgather_bucket_size: int | str | None = None
+    # None is DeepSpeed's default: on for ZeRO-3, off for ZeRO-1 and 2
+    overlap_comm: StrictBool | None = None
+    stage3_prefetch_bucket_size: int | str | None = None
+    stage3_param_persistence_threshold: int | str | None = None
+    stage3_max_live_parameters: int | str | None = None
     num_generations: int = Field(default=8, ge=1, le=1024)
     max_new_tokens: int = Field(default=512, ge=1, le=1_000_000)
     headroom: float = Field(default=0.05, ge=0, lt=1)
@@ -116,6 +146,32 @@ class TrainingOptions(BaseModel):
             if too_long is not None:
                 raise ValueError(f"module name {too_long[:40]!r}... is over {MAX_TARGET_NAME} characters")
         return value
+
+    @field_validator("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                     "stage3_max_live_parameters", mode="before")
+    @classmethod
+    def _deepspeed_count(cls, value, info):
+        # a count of elements, as DeepSpeed takes it (5e8 included), or "auto" where the HF
+        # integration fills the key in
+        if value is None:
+            return None
+        auto = info.field_name in DEEPSPEED_AUTO_KEYS
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                if not auto:
+                    raise ValueError("transformers and accelerate fill in only reduce_bucket_size, stage3_prefetch_bucket_size and "
+                                     "stage3_param_persistence_threshold from the model; give a number of elements")
+                return "auto"
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError("a number of elements" + (" or auto" if auto else "")) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("a number of elements" + (" or auto" if auto else ""))
+        if value < 0 or value != int(value) or value > MAX_DEEPSPEED_COUNT:
+            raise ValueError(f"a whole number of elements from 0 to {MAX_DEEPSPEED_COUNT:.0e}")
+        return int(value)
 
     @field_validator("feedforward_modules", mode="before")
     @classmethod
@@ -156,6 +212,17 @@ class TrainingOptions(BaseModel):
         return "fp32_upcast" if self.trainer == "hf" else "trl_fused"
 
     @property
+    def batch_layout(self) -> str:
+        """fixed, padded or padding_free: what the collator hands the model (TRL 1.16's
+        SFTTrainer: padding_free, or packing with a bfd strategy, flattens the batch; wrapped
+        packing cuts fixed-length rows; otherwise rows padded to the longest, with a mask)."""
+        if self.padding_free or (self.packing and self.packing_strategy != "wrapped"):
+            return "padding_free"
+        if self.packing or self.padding == "none":
+            return "fixed"
+        return "padded"
+
+    @property
     def effective_autocast(self) -> bool:
         """Whether the forward runs under autocast: only a 16-bit compute dtype has one."""
         return self.autocast and self.precision != "fp32"
@@ -191,5 +258,11 @@ def check_consistency(options: TrainingOptions) -> None:
     if loss == "cut_cross_entropy" and (options.effective_weights_dtype == "fp32" or options.precision == "fp32"):
         raise PlanInputError("loss_implementation", "Cut Cross-Entropy's backward takes bf16 or fp16 hidden states and lm_head weights; "
                              "load the weights in bf16 or fp16, or pick another loss path")
+    if (options.packing or options.padding_free) and options.stage != "sft":
+        field = "packing" if options.packing else "padding_free"
+        raise PlanInputError(field, f"{field} is a setting of TRL's SFTConfig; stage {options.stage} batches its own way: leave it off "
+                             "(padding longest plans padded batches)")
+    if options.padding != "none" and (options.packing or options.padding_free):
+        raise PlanInputError("padding", "packed or padding-free batches carry no padding: leave padding none")
     if options.num_gpus == 1 and options.parallelism != "ddp":
         raise PlanInputError("parallelism", f"{options.parallelism} shards across GPUs; set num_gpus above 1")

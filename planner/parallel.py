@@ -1,15 +1,44 @@
-"""Per-GPU shares of static memory under DDP, ZeRO-1/2/3, FSDP and CPU offload.
+"""Per-GPU memory under DDP, ZeRO-1/2/3, FSDP2 and CPU offload: the shares, and each strategy's buffers.
 
 - DDP replicates everything and, with PyTorch's default `gradient_as_bucket_view=False`, keeps
   its gradient buckets as a second copy of the gradients.
 - ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 and FSDP (FULL_SHARD) also
-  parameters, gathering about two layers at a time (the one computing and the prefetched next).
+  parameters.
 - Offload moves optimizer state (and, with `params`, the parameter shards) to host memory.
+
+Beyond the shares, each strategy's own buffers, from its code (DeepSpeed at edaa722, 2026-08-22;
+torch 2.13's FSDP2), named by where they live (plan.py's SHARDED_PHASES):
+- DeepSpeed ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py): `setup_buckets` allocates the
+  reduce (ipg) bucket, `reduce_bucket_size` elements in the 16-bit dtype, at each backward's start,
+  and a second one when `overlap_comm` is on ("double buffers"); `_release_ipg_buffers` frees them
+  after the backward. At the step, `single_grad_partition`: this rank's gradient partition in
+  fp32, made from the flat 16-bit one. The 16-bit parameters are all-gathered after the step with
+  `all_gather_into_tensor` into the flat buffer itself (runtime/utils.py all_gather_dp_groups), so
+  `allgather_bucket_size` allocates nothing on NCCL.
+- DeepSpeed ZeRO-3 (deepspeed/runtime/zero/stage3.py): the ipg bucket is allocated once at init
+  and kept; `initialize_optimizer_states` keeps a fp32 gradient buffer of the largest sub-group
+  (`sub_group_size`, 1e9 elements) as the fp32 partition's `.grad`; parameters of at most
+  `stage3_param_persistence_threshold` elements stay whole on every rank; each module's
+  parameters are gathered for its forward and backward with up to `stage3_prefetch_bucket_size`
+  elements prefetched ahead (within `stage3_max_live_parameters`); a bucket's reduce-scatter
+  flattens its gradients into one more bucket-sized buffer, and with `overlap_comm` it runs on its
+  own stream while the next bucket fills (the gradients of one more bucket in flight).
+- FSDP2 (`fully_shard` per decoder layer and at the root, as the export sets it up), from a
+  fake-process-group trace of one rank (planner/sharded_trace.py, tests/test_sharded.py): the
+  root's parameters (embeddings, LM head, final norm) stay unsharded from the forward to the end
+  of the backward (FSDP2 does not reshard the root after forward); three decoder layers' parameters
+  at a time: the one computing, the next one's all-gather output and its copy into the unsharded
+  parameters (in backward the reduce-scatter input of a layer's gradients takes that place); and
+  in backward one layer's unsharded gradients before their reduce-scatter.
+- NCCL's buffers outside PyTorch's allocator, for every multi-GPU strategy: NVIDIA/nccl#964
+  measured 544 MB per GPU for a communicator of 2 GPUs and 688 MB above 2 (4 x A100, NVLink, one
+  all-reduce); it grows with channels and peers (nccl#1685), so it is one measurement, not a bound.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from planner.components import Component
 from planner.dtypes import dtype_bytes
@@ -19,7 +48,64 @@ from planner.spec import ModelSpec
 SHARDS_OPTIMIZER = ("zero1", "zero2", "zero3", "fsdp")
 SHARDS_GRADIENTS = ("zero2", "zero3", "fsdp")
 SHARDS_PARAMS = ("zero3", "fsdp")
-GATHERED_LAYERS = 2
+ZERO_STAGES = ("zero1", "zero2", "zero3")
+GATHERED_LAYERS = 2  # FSDP2: the layer computing and the next one's all-gather output
+FSDP_COPY_LAYERS = 1  # FSDP2: the all-gather's flat output while it is copied out (backward: the reduce-scatter input)
+
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py)
+DEEPSPEED_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "allgather_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+}
+DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000
+MASTER_BYTES = 4  # DeepSpeed's master_weights_and_grads_dtype: fp32
+# NCCL's own device memory per GPU (NVIDIA/nccl#964: 4 x A100 with NVLink, one communicator)
+NCCL_TWO_GPUS_BYTES = 544 * 1000**2
+NCCL_BYTES = 688 * 1000**2
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    reduce_bucket_size: int
+    allgather_bucket_size: int
+    overlap_comm: bool
+    prefetch_bucket_size: int
+    param_persistence_threshold: int
+    max_live_parameters: int
+    sources: tuple[str, ...]  # "reduce_bucket_size 16,777,216 (auto: hidden_size^2)", one per setting
+
+
+def auto_values(hidden_size: int) -> dict[str, int]:
+    """What transformers' HfTrainerDeepSpeedConfig.trainer_config_finalize (and accelerate's
+    _prepare_deepspeed) fill in for "auto" (transformers 5.24, integrations/deepspeed.py)."""
+    return {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+
+
+def deepspeed_settings(spec: ModelSpec, options: TrainingOptions) -> DeepSpeedSettings:
+    auto = auto_values(spec.hidden_size)
+    values, sources = {}, []
+    for key, default in DEEPSPEED_DEFAULTS.items():
+        given = getattr(options, key)
+        if given is None:
+            values[key], why = default, "DeepSpeed's default"
+        elif given == "auto":
+            values[key] = auto[key]
+            why = {"reduce_bucket_size": "auto: hidden_size^2", "stage3_prefetch_bucket_size": "auto: 0.9 x hidden_size^2",
+                   "stage3_param_persistence_threshold": "auto: 10 x hidden_size"}[key]
+        else:
+            values[key], why = given, "given"
+        sources.append(f"{key} {values[key]:,} ({why})")
+    overlap = options.overlap_comm if options.overlap_comm is not None else options.parallelism == "zero3"
+    sources.append(f"overlap_comm {str(overlap).lower()} ({'given' if options.overlap_comm is not None else 'DeepSpeed default: on for ZeRO-3 only'})")
+    return DeepSpeedSettings(values["reduce_bucket_size"], values["allgather_bucket_size"], overlap, values["stage3_prefetch_bucket_size"],
+                             values["stage3_param_persistence_threshold"], values["stage3_max_live_parameters"], tuple(sources))
 
 
 def _shard(component: Component, n: int, why: str) -> Component:
@@ -34,6 +120,113 @@ def largest_layer_params(spec: ModelSpec) -> int:
         if t.layer is not None:
             per_layer[t.layer] = per_layer.get(t.layer, 0) + t.numel
     return max(per_layer.values(), default=0)
+
+
+def root_params(spec: ModelSpec) -> int:
+    """The parameters outside the decoder layers: FSDP2's root unit (embeddings, LM head, final norm)."""
+    return sum(t.numel for t in spec.tensors if t.layer is None)
+
+
+def _trainable(spec: ModelSpec, options: TrainingOptions):
+    from planner.trainable import trainable_tensors
+
+    return trainable_tensors(spec, options)
+
+
+def _largest_layer_gradient_bytes(spec: ModelSpec, options: TrainingOptions) -> int:
+    from planner.static_memory import _layer_prefix
+
+    per_layer: dict[str, int] = {}
+    for t in _trainable(spec, options):
+        prefix = _layer_prefix(t.name)
+        if prefix is not None:
+            per_layer[prefix] = per_layer.get(prefix, 0) + t.numel * dtype_bytes(t.dtype)
+    return max(per_layer.values(), default=0)
+
+
+def nccl_component(n: int) -> Component:
+    size = NCCL_TWO_GPUS_BYTES if n == 2 else NCCL_BYTES
+    return Component("sharding.nccl", size,
+                     f"NCCL's channel and proxy buffers, allocated by NCCL outside PyTorch's allocator: {size / 1e6:.0f} MB per GPU measured "
+                     f"for one communicator of {'2' if n == 2 else 'more than 2'} GPUs (NVIDIA/nccl#964, 4 x A100 with NVLink); more channels "
+                     "or communicators take more (nccl#1685), so this is one measurement, not a bound")
+
+
+def _deepspeed_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
+    n, stage = options.num_gpus, options.parallelism
+    ds = deepspeed_settings(spec, options)
+    settings = "; ".join(ds.sources)
+    low = dtype_bytes(options.effective_weights_dtype)
+    trainable = sum(t.numel for t in _trainable(spec, options))
+    share = math.ceil(trainable / n)
+    out: list[Component] = []
+    if stage in ("zero1", "zero2"):
+        buckets = 2 if ds.overlap_comm else 1
+        out.append(Component("temporary.grad_reduce", buckets * ds.reduce_bucket_size * low,
+                             f"DeepSpeed's reduce (ipg) bucket{'s' if buckets > 1 else ''}: {buckets} x reduce_bucket_size elements in "
+                             f"{options.effective_weights_dtype}, allocated at each backward's start (stage_1_and_2.py setup_buckets"
+                             f"{', double buffers for overlap_comm' if buckets > 1 else ''}) and freed after it; {settings}"))
+        if options.offload == "none":
+            out.append(Component("temporary.zero_step", share * MASTER_BYTES,
+                                 f"at the step, this GPU's gradient partition in fp32 ({share:,} elements; stage_1_and_2.py single_grad_partition); "
+                                 "the 16-bit parameters are then all-gathered into their flat buffer in place (all_gather_into_tensor), "
+                                 f"so allgather_bucket_size ({ds.allgather_bucket_size:,}) allocates nothing"))
+        return out
+    # ZeRO-3
+    out.append(Component("sharding.ipg_bucket", ds.reduce_bucket_size * low,
+                         f"DeepSpeed ZeRO-3's reduce (ipg) bucket: reduce_bucket_size elements in {options.effective_weights_dtype}, allocated "
+                         f"once at init and kept (stage3.py); {settings}"))
+    # a bucket holds at most the trainable parameters' gradients (LoRA's are few)
+    in_flight = (2 if ds.overlap_comm else 1) * min(ds.reduce_bucket_size, trainable) * low
+    out.append(Component("temporary.grad_reduce", in_flight,
+                         "a bucket's reduce-scatter flattens its gradients into one more bucket-sized buffer (reduce_scatter_coalesced)"
+                         + ("; with overlap_comm it runs on its own stream while the next bucket's gradients pile up: one bucket more in flight"
+                            if ds.overlap_comm else "")))
+    if options.offload == "none":
+        fp32_grads = min(share, DEEPSPEED_SUB_GROUP_SIZE) * MASTER_BYTES
+        out.append(Component("sharding.fp32_grad_partition", fp32_grads,
+                             f"DeepSpeed ZeRO-3's fp32 gradient buffer for the largest optimizer sub-group (min of this GPU's {share:,} trainable "
+                             f"elements and sub_group_size {DEEPSPEED_SUB_GROUP_SIZE:.0e}), kept from init (stage3.py initialize_optimizer_states)"))
+    if options.offload != "params":
+        persistent = [t for t in spec.tensors if t.numel <= ds.param_persistence_threshold]
+        whole = sum(t.numel for t in persistent)
+        extra = whole * low - math.ceil(whole / n) * low
+        if extra > 0:
+            out.append(Component("sharding.persistent_params", extra,
+                                 f"{len(persistent):,} parameters of at most stage3_param_persistence_threshold "
+                                 f"({ds.param_persistence_threshold:,}) elements ({whole:,} in all) stay whole on every GPU (beyond their 1/{n} share)"))
+    candidates = [t.numel for t in spec.tensors if t.numel > ds.param_persistence_threshold]
+    largest = max(candidates, default=0)
+    total = sum(candidates)
+    live = min(total, max(largest, min(largest + ds.prefetch_bucket_size, ds.max_live_parameters)))
+    out.append(Component("temporary.gathered_params", live * low,
+                         f"ZeRO-3 gathers each module's parameters for its forward and backward: the largest ({largest:,} elements) and up to "
+                         f"stage3_prefetch_bucket_size ({ds.prefetch_bucket_size:,}) prefetched ahead, within stage3_max_live_parameters "
+                         f"({ds.max_live_parameters:,}) and the model's {total:,} partitioned elements"))
+    return out
+
+
+def _fsdp_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
+    low = dtype_bytes(options.effective_weights_dtype)
+    layer = largest_layer_params(spec)
+    root = root_params(spec)
+    out = [
+        Component("temporary.gathered_params", GATHERED_LAYERS * layer * low,
+                  f"FSDP2: {GATHERED_LAYERS} decoder layers' parameters unsharded at a time (the one computing and the next one's all-gather output; "
+                  "traced, planner/sharded_trace.py)"),
+        Component("temporary.gather_copy", FSDP_COPY_LAYERS * layer * low,
+                  "FSDP2: one more layer's worth while an all-gather's flat output is copied into the unsharded parameters, and in backward "
+                  "the reduce-scatter input of a layer's gradients (traced)"),
+        Component("temporary.gathered_root", root * low,
+                  f"FSDP2's root unit ({root:,} parameters: embeddings, LM head, final norm) stays unsharded from the forward to the end of the "
+                  "backward: the root is not resharded after forward (traced)"),
+    ]
+    grads = _largest_layer_gradient_bytes(spec, options)
+    if grads:
+        out.append(Component("temporary.grad_reduce", grads,
+                             "FSDP2: one decoder layer's unsharded gradients, from its backward until foreach_reduce has copied them into the "
+                             "reduce-scatter input"))
+    return out
 
 
 def per_gpu_static(components: list[Component], spec: ModelSpec, options: TrainingOptions) -> list[Component]:
@@ -55,16 +248,14 @@ def per_gpu_static(components: list[Component], spec: ModelSpec, options: Traini
                 out.append(_shard(c, n, f"{strategy} shards parameters"))
         else:
             out.append(c)
-    if strategy in SHARDS_PARAMS and n > 1:
-        gathered = GATHERED_LAYERS * largest_layer_params(spec) * dtype_bytes(options.effective_weights_dtype)
-        out.append(
-            Component(
-                "temporary.gathered_params",
-                gathered,
-                f"{GATHERED_LAYERS} full layers gathered at a time ({strategy}: the layer computing and the one prefetched)",
-            )
-        )
-    if strategy == "ddp" and n > 1:
+    if n <= 1:
+        return out
+    if strategy in ZERO_STAGES:
+        out.extend(_deepspeed_components(spec, options))
+    elif strategy == "fsdp":
+        out.extend(_fsdp_components(spec, options))
+    elif strategy == "ddp":
         grads = sum(c.bytes for c in components if c.family == "gradients")
         out.append(Component("gradients.ddp_buckets", grads, "DDP's all-reduce buckets: a second copy of the gradients (gradient_as_bucket_view=False)"))
+    out.append(nccl_component(n))
     return out

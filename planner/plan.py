@@ -119,10 +119,26 @@ PHASES = {
 ACCUMULATING_PHASES = ("forward_end", "backward_start", "backward_layers")
 
 
+# A sharded run's buffers (planner/parallel.py): "sharding" (NCCL's, ZeRO-3's kept ones) in every
+# phase; FSDP2's root and all-gather copy while parameters are in use; the gradient reduction's
+# buckets and unsharded gradients in backward; ZeRO-1/2's fp32 gradient partition at the step
+_GATHERING = ("sharding", "temporary.gathered_root", "temporary.gather_copy")
+SHARDED_PHASES = {
+    "generation": ("sharding",),
+    "forward_end": _GATHERING,
+    "backward_start": _GATHERING,
+    "backward_layers": _GATHERING + ("temporary.grad_reduce",),
+    "recompute_forward": _GATHERING + ("temporary.grad_reduce",),
+    "backward_end": _GATHERING + ("temporary.grad_reduce",),
+    "optimizer_step": ("sharding", "temporary.zero_step"),
+}
+
+
 def _phases(options: TrainingOptions) -> dict[str, tuple[str, ...]]:
+    phases = {phase: families + SHARDED_PHASES[phase] for phase, families in PHASES.items()}
     if options.gradient_accumulation_steps <= 1:
-        return PHASES
-    return {phase: families + ("gradients",) if phase in ACCUMULATING_PHASES else families for phase, families in PHASES.items()}
+        return phases
+    return {phase: families + ("gradients",) if phase in ACCUMULATING_PHASES else families for phase, families in phases.items()}
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,9 @@ class Plan:
     # what the allocator gives back on a card too small for its reserved peak, releasing its cached
     # segments and retrying before it would run out of memory (the simulated step's replay)
     allocator_release_bytes: int = 0
+    # how this plan's trace was had (seconds, read from the trace cache): not the plan's content, so
+    # two doors that traced the same step at different times give the same plan beside it
+    trace: dict | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -277,6 +296,7 @@ class Plan:
             "unmeasured_allowance_bytes": self.unmeasured_allowance_bytes,
             "could_simulate": self.could_simulate,
             **self._runs_within_dict(),
+            "trace": self.trace,
         }
 
 
@@ -524,8 +544,7 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
     allocator_name = "caching allocator with expandable_segments:True" if options.allocator == "expandable_segments" else "default caching allocator"
     if isinstance(simulated, SimulatedStep):
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), simulated over this run's allocations traced on the meta device "
-                           f"({simulated.peaks.allocations:,} in {simulated.steps} steps, {simulated.seconds:.1f} s"
-                           + (", kept in the trace cache" if simulated.cached else "") + f"); CUDA context from calibration {calibration().name}")
+                           f"({simulated.peaks.allocations:,} in {simulated.steps} steps); CUDA context from calibration {calibration().name}")
     else:
         why_not = f"; no simulation: {simulated}" if isinstance(simulated, str) else ""
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}{why_not}")
@@ -556,4 +575,5 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         model_traceable=model_unsupported_reason(spec) is None,
         unmeasured_allowance_bytes=allowance,
         allocator_release_bytes=release,
+        trace={"seconds": round(simulated.seconds, 2), "kept_in_trace_cache": simulated.cached} if isinstance(simulated, SimulatedStep) else None,
     )

@@ -192,6 +192,10 @@ _NOT_STATIC = frozenset({
     "batch_size", "seq_len", "gradient_checkpointing", "attention", "num_generations", "max_new_tokens", "headroom",
     "gpu", "gpu_memory_gib", "num_gpus", "offload", "stage", "trainer", "beta", "precompute_ref_log_probs",
     "use_vllm", "vllm_gpu_memory_utilization", "gradient_accumulation_steps", "loss_implementation",
+    "padding", "packing", "packing_strategy", "padding_free",
+    # sharding's buffers and gathers are planner/parallel.py's, on top of these unsharded states
+    "reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
 })
 
 

@@ -117,6 +117,9 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         return f"optimizer {options.optimizer}: traced optimizers are {', '.join(SIMULATED_OPTIMIZERS)}"
     if options.effective_quantization not in ("none", "nf4", "fp4") or (options.effective_quantization != "none" and options.method != "qlora"):
         return "quantization other than QLoRA's 4-bit base"
+    if options.batch_layout == "padding_free" and options.attention == "flash":
+        return ("padding-free batches under flash attention: flash-attn's varlen kernels do not run on the meta device (nor on CPU); "
+                "planned from the formula (planner/activations.py)")
     if options.attention not in ("sdpa", "eager"):
         return f"attention {options.attention}"
     loss = options.effective_loss_implementation
@@ -149,8 +152,12 @@ def _installed(package: str) -> bool:
 class _Tracer:
     """A dispatch mode: every storage an op creates, and when it dies."""
 
-    def __init__(self):
+    def __init__(self, masked: bool = False):
         from torch.utils._python_dispatch import TorchDispatchMode
+
+        # a padded or packed batch: transformers' data-dependent checks (is the mask all ones? is
+        # there one sequence per row?) answer no, as the real batch would
+        self.masked = masked
 
         tracer = self
 
@@ -192,7 +199,7 @@ class _Tracer:
 
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
             # data-dependent checks (transformers' packed-sequence test): no padding, no packing
-            return True if args[0].dtype == torch.bool else 0
+            return (not self.masked) if args[0].dtype == torch.bool else 0
         out = func(*args, **kwargs)
         for leaf in tree_flatten(out)[0]:
             if isinstance(leaf, torch.Tensor):
@@ -235,6 +242,36 @@ def _flash_attention():
     return FlashAttention
 
 
+def _masked_attention():
+    import torch
+
+    class MaskedAttention(torch.autograd.Function):
+        """SDPA with a boolean mask on CUDA, from aten's source (not measured on a GPU): the mask
+        converted to the compute dtype, which the memory-efficient kernel keeps for backward with
+        its output and fp32 log-sum-exp (rows rounded up to 32); keys and values arrive expanded to
+        every head (transformers' repeat_kv), so their gradients are per query head."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, mask):
+            batch, heads, seq, dim = q.shape
+            bias = torch.empty(mask.shape[0], 1, mask.shape[-2], -(-mask.shape[-1] // 16) * 16, dtype=q.dtype, device=q.device)
+            out = torch.empty(batch, seq, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+            log_sum_exp = torch.empty(batch, heads, -(-seq // 32) * 32, dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, log_sum_exp, bias)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, _, _, _ = ctx.saved_tensors
+            batch, heads, seq, dim = q.shape
+            grads = torch.empty(3, batch, seq, heads, dim, dtype=q.dtype, device=q.device)
+            delta = torch.empty(batch, heads, -(-seq // 32) * 32, dtype=torch.float32, device=q.device)
+            del delta
+            return grads[0].transpose(1, 2), grads[1].transpose(1, 2), grads[2].transpose(1, 2), None
+
+    return MaskedAttention
+
+
 def _in_place(*args, **kwargs) -> None:
     """A kernel that works in place on CUDA: it allocates nothing."""
 
@@ -263,11 +300,13 @@ class _CudaStandIns:
     torch.nn.functional for the trace: checkpointing recomputes layers on autograd's thread, where
     a thread-local mode would not reach."""
 
-    def __init__(self, compute_dtype, autocast: bool, trl: bool):
+    def __init__(self, compute_dtype, autocast: bool, trl: bool, layout: str = "fixed"):
         self.compute_dtype, self.autocast, self.trl = compute_dtype, autocast, trl
+        self.layout = layout  # a padded or padding-free batch's mask goes to the masked kernel's stand-in
         self.cache: dict = {}
         self.caching = True
         self.flash = _flash_attention()
+        self.masked = _masked_attention()
 
     def cast(self, tensor):
         if tensor is None or not tensor.is_floating_point() or tensor.dtype == self.compute_dtype or not self.autocast:
@@ -296,6 +335,8 @@ class _CudaStandIns:
             return torch.native_dropout(x, p, True)[0] if training and 0 < p < 1 else x
 
         def flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            if attn_mask is not None and self.layout != "fixed":
+                return self.masked.apply(self.cast(q), self.cast(k), self.cast(v), attn_mask)
             if attn_mask is not None:
                 # the trace has no padding: a mask comes from a sliding window no longer than the
                 # sequence. SDPA then runs a masked kernel (memory-efficient or cuDNN on CUDA, which
@@ -504,7 +545,7 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
     started = time.perf_counter()
     import torch
 
-    tracer = _Tracer()
+    tracer = _Tracer(masked=options.batch_layout != "fixed")
     try:
         model = _build(config, options, tracer)
     except (SimulationUnsupported, PlanInputError):
@@ -513,7 +554,7 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
         raise SimulationUnsupported(f"the model could not be built for the trace: {str(exc)[:200]}") from None
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss_path = options.effective_loss_implementation
-    stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast, loss_path == "trl_fused")
+    stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast, loss_path == "trl_fused", options.batch_layout)
     extra = {"fused_lm_head": True} if loss_path == "trl_fused" else {}
     state: dict = {}
     optimizer = _real_optimizer(options, trainable)
@@ -522,15 +563,15 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
     try:
         with tracer.mode, stand_ins:
             workspace = torch.empty(CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8, device="meta")
-            ids = torch.zeros(options.batch_size, options.seq_len, dtype=torch.long, device="meta")
+            ids, batch = _traced_batch(options)
             tracer.record(ids)
             for _ in range(steps):
                 for _ in range(micro_batches):
                     stand_ins.caching = True
                     if loss_path == "no_upcast":
-                        loss = _loss_without_upcast(model(input_ids=ids).logits, ids)
+                        loss = _loss_without_upcast(model(input_ids=ids, **batch).logits, ids)
                     else:
-                        loss = model(input_ids=ids, labels=ids, **extra).loss
+                        loss = model(input_ids=ids, labels=ids, **batch, **extra).loss
                     stand_ins.cache.clear()
                     stand_ins.caching = False
                     loss.backward()
@@ -559,6 +600,23 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
         default_peaks=replay(events, "default") if options.allocator != "default" else None,
         in_pool_peaks=replay(tracer.events, options.allocator) if paged else None,
     )
+
+
+def _traced_batch(options: TrainingOptions):
+    """The token ids and what the collator adds (TRL 1.16's DataCollatorForLanguageModeling):
+    fixed-length rows alone (an all-ones mask is dropped by transformers); padded rows with their
+    attention mask; padding-free, one flattened row with position_ids restarting per sequence."""
+    import torch
+
+    layout = options.batch_layout
+    if layout == "padding_free":
+        ids = torch.zeros(1, options.batch_size * options.seq_len, dtype=torch.long, device="meta")
+        positions = torch.arange(options.seq_len, device="meta").repeat(options.batch_size)[None]
+        extra = {"position_ids": positions}
+    else:
+        ids = torch.zeros(options.batch_size, options.seq_len, dtype=torch.long, device="meta")
+        extra = {"attention_mask": torch.ones(options.batch_size, options.seq_len, dtype=torch.long, device="meta")} if layout == "padded" else {}
+    return ids, extra
 
 
 def _loss_without_upcast(logits, labels):

@@ -93,8 +93,15 @@ def test_lora_can_save_more_activations_than_full_fine_tuning():
 @SETTINGS
 @given(model=st.sampled_from(MODELS), gpus=st.integers(2, 64), method=st.sampled_from(["full", "lora"]), ckpt=st.booleans(), batch=st.integers(1, 4))
 def test_more_sharding_never_costs_more_per_gpu(model, gpus, method, ckpt, batch):
-    per_gpu = {
-        s: plan(model, method=method, num_gpus=gpus, parallelism=s, gradient_checkpointing=ckpt, batch_size=batch).peak_bytes
-        for s in ("ddp", "zero1", "zero2", "zero3")
-    }
-    assert per_gpu["zero3"] <= per_gpu["zero2"] <= per_gpu["zero1"] <= per_gpu["ddp"]
+    """Across DeepSpeed's stages the states a GPU keeps (weights, gradients, optimizer state) never
+    grow with more sharding, nor does the peak from ZeRO-1 to ZeRO-2. Not against DDP: DeepSpeed
+    keeps fp32 master weights and states (2 + 2 + 12 bytes a parameter) where a bf16 DDP run keeps
+    bf16 ones, and its reduce bucket (5e8 values by default) is allocated whole even for a LoRA
+    run's few gradients; nor ZeRO-3's peak, whose buckets in flight can outweigh what a small
+    model's sharded states save (tests/test_sharded.py pins those buffers)."""
+    plans = {s: plan(model, method=method, num_gpus=gpus, parallelism=s, gradient_checkpointing=ckpt, batch_size=batch)
+             for s in ("zero1", "zero2", "zero3")}
+    states = {s: sum(c.bytes for c in p.all_components if c.family in ("weights", "gradients", "optimizer_state") and c.name != "gradients.ddp_buckets")
+              for s, p in plans.items()}
+    assert states["zero3"] <= states["zero2"] <= states["zero1"]
+    assert plans["zero2"].peak_bytes <= plans["zero1"].peak_bytes

@@ -56,6 +56,8 @@ def cmd_plan(args) -> int:
         write(f"  {c['name']:<32} {c['bytes'] / GIB:>9.3f} GiB  {c['note']}")
     for a in data["assumptions"]:
         write(f"  assumed: {a}")
+    if data["trace"] is not None:
+        write("  traced: " + ("kept in the trace cache" if data["trace"]["kept_in_trace_cache"] else f"{data['trace']['seconds']:.1f} s"))
     return 0
 
 
