@@ -432,3 +432,40 @@ def test_compare_says_a_gpu_error_once(client, gpu, says):
     assert re.search(r"<li><code>gpu</code>: ", response.text)
     assert "compare" not in page.attrs and "legend" not in page.attrs  # no rows repeating it
     assert page.attrs["c-gpu"]["value"] == gpu  # left as typed, to correct
+
+
+# -- the upload form and the options the form has no input for ----------------------------------
+
+
+def _hidden_inputs(html: str, container_id: str) -> dict[str, str]:
+    """name -> value of the hidden inputs inside the element with this id."""
+    block = re.search(rf'<div id="{container_id}"[^>]*>(.*?)</div>', html, re.S)
+    assert block is not None, f"no #{container_id} on the page"
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', block.group(1)))
+
+
+def test_the_upload_form_carries_the_plans_fields(client):
+    """An uploaded config.json is planned with the method and sizes the form shows (it once sent
+    only the GPU, so QLoRA became LoRA); the htmx fragment refreshes the copy out of band."""
+    params = {"model": MODEL, "method": "qlora", "gpu": "NVIDIA GeForce RTX 4090", "seq_len": "1024"}
+    page = client.get("/", params=params)
+    carried = _hidden_inputs(page.text, "upload-fields")
+    assert carried == {"gpu": "NVIDIA GeForce RTX 4090", "method": "qlora", "seq_len": "1024"}
+    fragment = client.get("/result", params={**params, "method": "dora"}, headers=HTMX)
+    assert _hidden_inputs(fragment.text, "upload-fields")["method"] == "dora"
+    upload = client.post("/", data={k: v for k, v in carried.items()},
+                         files={"config_file": ("config.json", json.dumps(TINY["llama"]), "application/json")})
+    assert upload.status_code == 200
+    assert "(qlora, sft)" in Page(upload.text).words("model-line")
+
+
+def test_an_option_the_form_has_no_input_for_is_planned_and_kept(client):
+    """Every plan option is read from the address, as the CLI and the API take it, and rides along
+    in the form: the page plans what a link from them says."""
+    params = {"model": MODEL, "method": "qlora", "gpu": "NVIDIA GeForce RTX 4090", "headroom": "0.2", "allocator": "expandable_segments",
+              "simulate_allocator": "false"}
+    twin = client.get("/plan.json", params=params).json()["plan"]
+    assert twin["options"]["headroom"] == 0.2 and twin["options"]["allocator"] == "expandable_segments"
+    page = client.get("/", params=params)
+    assert re.search(r'<input type="hidden" name="headroom" value="0.2">', page.text)
+    assert Page(page.text).selected["f-allocator"] == "expandable_segments"
