@@ -24,7 +24,6 @@ from launcher.spec import RunSettings
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 
-GIB = 1 << 30
 BackendOptionValue = StrictBool | int | float | Annotated[str, Field(max_length=1000)]
 
 
@@ -77,8 +76,8 @@ class WebRuns(RunsRuntime):
     def prepare(self, request: LaunchRequest):
         """(plan, Prepared): the dry run. Blocks (builds a model, loads a backend): call from a thread."""
         from app.service import web_plan, web_source
-        from launcher.paths import path_or_hub
         from launcher.backend import LaunchError
+        from launcher.paths import path_or_hub
         from launcher.registry import UnknownBackend
         from planner.request import confine, launch_target
 

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 
+from app.forms import QUERY_ONLY_FIELDS
 from gpu_catalog.catalog import find_gpu
 from planner.plan import GIB
 
@@ -124,11 +125,5 @@ def _units_example() -> str:
 
 templates.env.globals["units_example"] = _units_example()
 
-
-def _query_only_fields() -> tuple[str, ...]:
-    from app.forms import QUERY_ONLY_FIELDS
-
-    return QUERY_ONLY_FIELDS
-
-
-templates.env.globals["query_only_fields"] = _query_only_fields
+# the plan options the form shows no input for: index.html keeps the given ones as hidden fields
+templates.env.globals["query_only_fields"] = QUERY_ONLY_FIELDS

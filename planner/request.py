@@ -258,11 +258,3 @@ def plan_source(source: ModelSource, options: TrainingOptions, *, launch: Launch
 
     settled = single_plan_options(source.spec, options, launch)
     return build_plan(source.spec, settled, config=source.config, tracer=builder.trace if source.config is not None else None)
-
-
-def plan_request(model: str | None, options: TrainingOptions, *, config_text: str | None = None,
-                 roots: AnyPath | Sequence[Path] = ANY_PATH, builder: ConfigBuilder = IN_PROCESS,
-                 launch: LaunchTarget | None = None):
-    """(ModelSource, Plan): the whole recipe in one call."""
-    source = resolve_source(model, config_text, roots=roots, builder=builder)
-    return source, plan_source(source, options, launch=launch, builder=builder)
