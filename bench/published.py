@@ -15,18 +15,31 @@ A case is skipped, with a one-line reason, when its metric is not stated, its mo
 with the same shapes) is not in the catalog, or it uses something the planner cannot express
 (chunked loss with torch.compile, activation offloading, GPTQ, GaLore). Writes
 bench/results/published-<DATE>.json and .md; --check only compares with the committed files.
+
+It also writes bench/results/published-by-stack-<DATE>.json and .md: the same comparisons grouped
+by stack (single GPU, DDP, ZeRO-2/3, FSDP1/FSDP2, CPU offload), method and stage, each group's
+median and worst errors, band coverage and verdicts, before (the planner at the first HISTORY
+commit) and after (the planner now), what each later commit moved, and what the fixes that are
+plan options would move set as each source published them. --history re-takes the earlier
+commits' figures in temporary git worktrees outside the checkout (VRAMPLAN_PLANNER_ROOT points
+this file at an older planner); without it they are read from the committed report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# the planner to plan with: this checkout's, or (for the by-stack report's history) an older
+# commit's checked out elsewhere; the cases and their mapping are always this file's
+sys.path.insert(0, str(Path(os.environ.get("VRAMPLAN_PLANNER_ROOT", ROOT)).resolve()))
 
 from planner.catalog import find_catalog_model, load_catalog_spec
 from planner.options import TrainingOptions
@@ -39,6 +52,8 @@ DATE = "2026-12-05"
 CASES_FILE = ROOT / "bench" / "results" / "published-cases.json"
 RESULTS_JSON = ROOT / "bench" / "results" / f"published-{DATE}.json"
 RESULTS_MD = ROOT / "bench" / "results" / f"published-{DATE}.md"
+BY_STACK_JSON = ROOT / "bench" / "results" / f"published-by-stack-{DATE}.json"
+BY_STACK_MD = ROOT / "bench" / "results" / f"published-by-stack-{DATE}.md"
 UNITS = {"bytes": 1, "GiB": GIB, "GB": 10**9}
 
 # Not in the catalog under their own id, but the same shapes as a catalog model.
@@ -246,11 +261,16 @@ def calibration_rows(cases: list[dict] | None = None) -> list[dict]:
     return rows
 
 
+def _outside_allocator(component) -> bool:
+    # a planner older than Component.outside_allocator held only the CUDA context outside it
+    return getattr(component, "outside_allocator", component.name == "runtime.cuda_context")
+
+
 def _prediction(plan, metric: str) -> tuple[int, int | None, int | None]:
     """(central, band low, band high) of the plan for a metric; allocated has no band."""
-    context = sum(c.bytes for c in plan.components if c.outside_allocator)
+    context = sum(c.bytes for c in plan.components if _outside_allocator(c))
     if metric == "allocated":
-        return sum(c.bytes for c in plan.components if c.family != "runtime" and not c.outside_allocator), None, None
+        return sum(c.bytes for c in plan.components if c.family != "runtime" and not _outside_allocator(c)), None, None
     if metric == "reserved":
         return plan.peak_bytes - context, plan.peak_low_bytes - context, plan.peak_high_bytes - context
     return plan.peak_bytes, plan.peak_low_bytes, plan.peak_high_bytes
@@ -285,14 +305,25 @@ def _row(case: dict, plan, metric: str, measured: int, row_id: str, model_note: 
 
 
 def evaluate(cases: list[dict]) -> tuple[list[dict], list[dict]]:
-    rows, skipped = [], []
+    rows, skipped, _ = _evaluate(cases)
+    return rows, skipped
+
+
+def _evaluate(cases: list[dict], adjust=None) -> tuple[list[dict], list[dict], dict]:
+    """(rows, skipped, {case id: plan}); adjust(case, fields) -> fields or None re-plans a case
+    with changed options (None: as mapped)."""
+    rows, skipped, plans = [], [], {}
     for case in cases:
         reason = skip_reason(case)
         if reason is not None:
             skipped.append({"id": case["id"], "grade": case["rel"], "model": case["model"], "reason": reason, "source": case["source"]})
             continue
         model, model_note = catalog_model(case)
-        plan = build_plan(_spec(model), options_for(case))
+        options = options_for(case)
+        if adjust is not None and (fields := adjust(case, options.model_dump(exclude_defaults=True))) is not None:
+            options = TrainingOptions(**fields)
+        plan = build_plan(_spec(model), options)
+        plans[case["id"]] = plan
         metric = metric_of(case)
         rows.append(_row(case, plan, metric, measured_bytes(case), case["id"], model_note))
         # a second metric the same source published for the same run
@@ -301,7 +332,7 @@ def evaluate(cases: list[dict]) -> tuple[list[dict], list[dict]]:
             rows.append(_row(case, plan, "nvml", alt["nvidia_smi_MiB"] * MIB, f"{case['id']}/nvml", model_note))
         if "peak_allocated_GiB" in alt:
             rows.append(_row(case, plan, "allocated", round(alt["peak_allocated_GiB"] * GIB), f"{case['id']}/allocated", model_note))
-    return rows, skipped
+    return rows, skipped, plans
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -350,6 +381,226 @@ def results(cases_file: Path = CASES_FILE) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# By stack: the same comparisons grouped by how each run was trained, with the plan's verdict,
+# for the planner now and (from the committed history) for the planner at earlier commits.
+
+# Each step of the planner's history the by-stack report is taken at: (commit, what it changed).
+# The first is the planner before the work on the runs users launch; each later one is what that
+# commit's change moved on the published cases (figures taken with this file's mapping and report).
+HISTORY = (
+    ("2efa107", "before: the planner before gradient accumulation, the allocator's release-and-retry, the PEFT methods, the loss path, padding and the DeepSpeed/FSDP2 buffers"),
+    ("5e9227c", "gradient accumulation planned; the verdict on the least memory the step runs in (the allocator's release-and-retry)"),
+    ("4f55f23", "PEFT methods beyond LoRA (IA3's feed-forward modules, prompt and prefix tuning)"),
+    ("156d732", "loss path as a plan option (loss_implementation)"),
+    ("f469e3a", "the loss-path work wired in: the lm_head input counted once, by activations, for every loss path that keeps it"),
+    ("fbc64d8", "calibration refit (reserve floor 909 -> 914 MB, band high +20.4% -> +20.6%, low -10.2% -> -10.0% of the dynamic part)"),
+    ("7ea921b", "padding and packing; DeepSpeed's buffers, FSDP2's gathered layers, copy-out and unsharded gradients, NCCL's buffers outside the allocator"),
+)
+STAGES_NOTE = ("Every published case is a supervised next-token training step (SFT; GL-1 is pre-training from random init, the same "
+               "step): the file holds no measurement of an alignment stage (DPO, KTO, ORPO, reward, PPO, GRPO), so no stage other "
+               "than SFT can be checked on it.")
+
+
+def stack_of(case: dict) -> str:
+    """How the run is spread over its GPUs, from the case's own words: single GPU, DDP, ZeRO-2,
+    ZeRO-3, FSDP1 / FSDP2 where the case says which, else FSDP (version not stated)."""
+    text = case["sharding"].lower()
+    if "deepspeed" in text or "zero" in text:
+        return "ZeRO-3" if "zero-3" in text or "stage3" in text or "zero3" in text else "ZeRO-2" if "zero-2" in text else "ZeRO-1"
+    if "fsdp2" in text:
+        return "FSDP2"
+    if "fsdp1" in text:
+        return "FSDP1"
+    if "fsdp" in text:
+        return "FSDP (version not stated)"
+    return "DDP" if case["n_gpus"] > 1 else "single GPU"
+
+
+def offloads(case: dict) -> bool:
+    text = case["sharding"].lower()
+    return "offload" in text and "no offload" not in text and "no cpu offload" not in text
+
+
+def method_of(case: dict) -> str:
+    text = case["method"].lower()
+    if text.startswith("full"):
+        return "full"
+    if "tinylora" in text or "ia3" in text or "prompt" in text or "prefix" in text:
+        return "other PEFT"
+    if "qlora" in text or "q-lora" in text:
+        return "QLoRA"
+    if "dora" in text or (case.get("lora") or {}).get("use_dora"):
+        return "DoRA"
+    if "lora" in text:
+        return "LoRA"
+    return "other PEFT"
+
+
+STACK_ORDER = ("single GPU", "DDP", "ZeRO-2", "ZeRO-3", "FSDP1", "FSDP2", "FSDP (version not stated)", "CPU offload", "all multi-GPU")
+METHOD_ORDER = ("full", "LoRA", "QLoRA", "DoRA", "other PEFT")
+
+
+def groupings(cases: list[dict]) -> dict[str, dict[str, set[str]]]:
+    """{grouping: {group: case ids}}. Stacks are disjoint but for "CPU offload" and "all multi-GPU",
+    which gather cases across them."""
+    by_stack = {name: set() for name in STACK_ORDER}
+    by_method = {name: set() for name in METHOD_ORDER}
+    for case in cases:
+        by_stack[stack_of(case)].add(case["id"])
+        if offloads(case):
+            by_stack["CPU offload"].add(case["id"])
+        if case["n_gpus"] > 1:
+            by_stack["all multi-GPU"].add(case["id"])
+        by_method[method_of(case)].add(case["id"])
+    return {"all": {"all": {c["id"] for c in cases}}, "stack": by_stack, "method": by_method,
+            "stage": {"SFT": {c["id"] for c in cases}}}
+
+
+def _verdict(plan) -> dict:
+    """The plan's verdict on the case's own GPU, and what it was judged on: the least memory the step
+    runs in where the planner has it (runs_within_*), the reserved peak's band before."""
+    high = getattr(plan, "runs_within_high_bytes", plan.peak_high_bytes)
+    return {"verdict": plan.verdict, "judged_high_bytes": high, "usable_bytes": plan.usable_bytes,
+            "release_bytes": getattr(plan, "allocator_release_bytes", 0), "reserve_source": plan.reserve_source}
+
+
+def group_figures(rows: list[dict], verdicts: dict[str, dict], ids: set[str]) -> dict:
+    """One group's figures: cases planned and skipped, the comparisons' median |error|, worst under and
+    over, band coverage, how many measurements lay more than 3% above the band's high end (the goal:
+    the band never more than 3% below the measurement) or below its low end, and the verdicts (every
+    published run ran, so "does not fit" is wrong and "tight" is not a "fits")."""
+    mine = [r for r in rows if r["case"] in ids]
+    planned = sorted({r["case"] for r in mine})
+    out = {"cases": len(ids), "planned": len(planned), "skipped": len(ids) - len(planned), "rows": len(mine)}
+    if not mine:
+        return out
+    under = min(mine, key=lambda r: r["error"])
+    over = max(mine, key=lambda r: r["error"])
+    banded = [r for r in mine if r["in_band"] is not None]
+    said = [verdicts[i]["verdict"] for i in planned]
+    out.update({
+        "median_abs_error": round(statistics.median(abs(r["error"]) for r in mine), 4),
+        "worst_under": {"id": under["id"], "error": under["error"]},
+        "worst_over": {"id": over["id"], "error": over["error"]},
+        "within_10pct": sum(abs(r["error"]) <= 0.10 for r in mine),
+        "band_rows": len(banded),
+        "in_band": sum(bool(r["in_band"]) for r in banded),
+        "above_high_over_3pct": sum(r["above_high"] > 0.03 for r in banded),
+        "below_low": sum(r["measured_bytes"] < r["low_bytes"] for r in banded),
+        "worst_above_high": max((r["above_high"] for r in banded), default=None),
+        "verdicts": {v: said.count(v) for v in ("fits", "tight", "does not fit") if v in said},
+        "wrong_verdicts": sorted(i for i in planned if verdicts[i]["verdict"] == "does not fit"),
+        "tight_verdicts": sorted(i for i in planned if verdicts[i]["verdict"] == "tight"),
+    })
+    return out
+
+
+def figures(cases: list[dict] | None = None, adjust=None) -> dict:
+    """The by-stack figures of the planner on the import path: every grouping's figures, and each
+    comparison's and verdict's own values (so a later step's moves can be told row by row)."""
+    cases = cases if cases is not None else load_cases()
+    rows, _, plans = _evaluate(cases, adjust)
+    verdicts = {case_id: _verdict(plan) for case_id, plan in plans.items()}
+    return {
+        "groups": {name: {group: group_figures(rows, verdicts, ids) for group, ids in groups.items()}
+                   for name, groups in groupings(cases).items()},
+        "rows": {r["id"]: {"error": r["error"], "central_bytes": r["central_bytes"], "low_bytes": r["low_bytes"],
+                           "high_bytes": r["high_bytes"], "in_band": r["in_band"]} for r in rows},
+        "verdicts": verdicts,
+    }
+
+
+def _has_option(name: str) -> bool:
+    return name in TrainingOptions.model_fields
+
+
+def _with(**changes):
+    """An adjust for figures(): the given per-case option changes, where the case's own settings call
+    for them (a change function returns None to leave a case as mapped)."""
+    def adjust(case, fields):
+        changed = dict(fields)
+        moved = False
+        for name, change in changes.items():
+            value = change(case, fields)
+            if value is not None and _has_option(name):
+                changed[name] = value
+                moved = True
+        return changed if moved else None
+    return adjust
+
+
+def _accumulation(case, fields):
+    steps = case.get("grad_accum")
+    return steps if isinstance(steps, int) and steps > 1 else None
+
+
+def _padding(case, fields):
+    return "longest" if "dynamic padding" in (case.get("seq_mode") or "") else None
+
+
+def _litgpt_loss(case, fields):
+    # litgpt's chunked cross-entropy: bf16 logit chunks, no fp32 upcast (all chunks kept for the backward)
+    return "no_upcast" if case["source"]["key"] == "litgpt" else None
+
+
+# The fixes that are plan options, each turned to what the case's source published (the mapping
+# above leaves them at their defaults, the planner's behaviour before they existed): how far each
+# would move the figures. The release-and-retry verdict and the sharded buffers are not options.
+TOGGLES = (
+    ("gradient_accumulation_steps", "gradient accumulation as published (TT-1 64, TT-2 16, LIT-1/2 4, LIT-3 8; the mapping plans 1)",
+     _with(gradient_accumulation_steps=_accumulation)),
+    ("padding", "padding longest for the runs the source says are dynamically padded (PMC-1..4, TT-1/2, LIT-1..3; the mapping plans fixed-length rows)",
+     _with(padding=_padding)),
+    ("loss_implementation", "no_upcast for litgpt's chunked bf16 cross-entropy (LIT-1..3; the mapping plans transformers' fp32 upcast)",
+     _with(loss_implementation=_litgpt_loss)),
+)
+
+
+def toggles(cases: list[dict]) -> list[dict]:
+    out = []
+    for name, what, adjust in TOGGLES:
+        if not _has_option(name):
+            continue
+        out.append({"option": name, "what": what, "figures": figures(cases, adjust)})
+    return out
+
+
+def _history_figures(commit: str, python: str) -> dict:
+    """figures() of the planner at a commit: checked out in a temporary worktree outside this
+    checkout, planned with this file's mapping and report, the worktree removed after."""
+    with tempfile.TemporaryDirectory(prefix="vramplan-published-") as tmp:
+        tree = Path(tmp) / commit
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), commit], check=True)
+        try:
+            env = dict(os.environ, VRAMPLAN_PLANNER_ROOT=str(tree), HF_HUB_OFFLINE="1")
+            done = subprocess.run([python, str(Path(__file__).resolve()), "--figures"], env=env, cwd=tree,
+                                  check=True, capture_output=True, text=True)
+            return json.loads(done.stdout)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
+
+
+def by_stack(history: list[dict] | None = None) -> dict:
+    """The by-stack report: the planner now, each HISTORY step's figures (from `history`, else the
+    committed report's), and the option toggles."""
+    cases = load_cases()
+    if history is None:
+        history = json.loads(BY_STACK_JSON.read_text())["history"] if BY_STACK_JSON.exists() else []
+    return {
+        "about": "Plans against published measured runs, grouped by stack, method and stage; the comparisons of "
+                 f"published-{DATE}.json (same mapping, same metrics). 'history' holds the same figures for the planner at earlier "
+                 "commits, planned with this mapping (python bench/published.py --history); 'after' is the planner now; 'toggles' re-plan "
+                 "with one option set as the case's source published it.",
+        "date": DATE,
+        "calibration": calibration().name,
+        "stages": STAGES_NOTE,
+        "case_groups": {name: {group: sorted(ids) for group, ids in groups.items()} for name, groups in groupings(cases).items()},
+        "history": history,
+        "after": figures(cases),
+        "toggles": toggles(cases),
+    }
+
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{x * 100:+.1f}%"
 
@@ -392,6 +643,174 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cover(g: dict) -> str:
+    return f"{g['in_band']}/{g['band_rows']}" if g.get("band_rows") else "n/a"
+
+
+def _worst(g: dict, side: str) -> str:
+    return f"{g[side]['id']} {_pct(g[side]['error'])}" if side in g else ""
+
+
+def _verdict_cell(g: dict) -> str:
+    if "verdicts" not in g:
+        return ""
+    wrong, tight = g["wrong_verdicts"], g["tight_verdicts"]
+    return (f"{len(wrong)} wrong" + (f" ({', '.join(wrong)})" if wrong else "")
+            + (f", {len(tight)} tight ({', '.join(tight)})" if tight else ""))
+
+
+def _ba(before: str, after: str) -> str:
+    return after if before == after else f"{before} → {after}"
+
+
+def _group_table(before: dict, after: dict, order) -> list[str]:
+    lines = ["| group | cases | planned | skipped | median abs error | worst under | worst over | within 10% | band coverage | >3% above band high | below band low | verdicts (of planned) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        a, b = after[name], before.get(name, {})
+        if not a["cases"]:
+            lines.append(f"| {name} | 0 | | | | | | | | | | |")
+            continue
+        if not a["rows"]:
+            lines.append(f"| {name} | {a['cases']} | 0 | {a['skipped']} | (none planned) | | | | | | | |")
+            continue
+        median = lambda g: f"{g['median_abs_error'] * 100:.1f}%" if g.get("rows") else "n/a"
+        count = lambda g, k: str(g[k]) if g.get("band_rows") else "n/a"
+        within = lambda g: f"{g['within_10pct']}/{g['rows']}" if g.get("rows") else "n/a"
+        lines.append(f"| {name} | {a['cases']} | {a['planned']} | {a['skipped']} | {_ba(median(b), median(a))} | {_ba(_worst(b, 'worst_under'), _worst(a, 'worst_under'))} | "
+                     f"{_ba(_worst(b, 'worst_over'), _worst(a, 'worst_over'))} | {_ba(within(b), within(a))} | {_ba(_cover(b), _cover(a))} | "
+                     f"{_ba(count(b, 'above_high_over_3pct'), count(a, 'above_high_over_3pct'))} | {_ba(count(b, 'below_low'), count(a, 'below_low'))} | "
+                     f"{_ba(_verdict_cell(b), _verdict_cell(a))} |")
+    return lines
+
+
+def moves(before: dict, after: dict) -> dict:
+    """What changed between two figures(): each comparison whose central figure moved (its error
+    before and after), each verdict that changed, and the overall figures."""
+    moved = [{"id": i, "before": before["rows"][i]["error"], "after": r["error"]}
+             for i, r in after["rows"].items() if i in before["rows"] and before["rows"][i]["central_bytes"] != r["central_bytes"]]
+    banded = [i for i, r in after["rows"].items() if i in before["rows"] and before["rows"][i]["in_band"] != r["in_band"]]
+    verdicts = [{"case": i, "before": before["verdicts"][i]["verdict"], "after": v["verdict"]}
+                for i, v in after["verdicts"].items() if i in before["verdicts"] and before["verdicts"][i]["verdict"] != v["verdict"]]
+    return {"rows_moved": sorted(moved, key=lambda m: -abs(m["after"] - m["before"])), "band_changed": banded, "verdicts_changed": verdicts}
+
+
+def _moves_line(step: dict) -> tuple[str, str, str]:
+    rows = step["rows_moved"]
+    if not rows:
+        moved = "nothing"
+    else:
+        shown = ", ".join(f"{m['id']} {_pct(m['before'])} → {_pct(m['after'])}" for m in rows[:8])
+        moved = f"{len(rows)}: {shown}" + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
+    band = ", ".join(step["band_changed"]) or "none"
+    verdicts = ", ".join(f"{v['case']} {v['before']} → {v['after']}" for v in step["verdicts_changed"]) or "none"
+    return moved, band, verdicts
+
+
+def _overall(g: dict) -> str:
+    if not g.get("rows"):
+        return "n/a"
+    return (f"{g['median_abs_error'] * 100:.1f}%, {_pct(g['worst_under']['error'])} / {_pct(g['worst_over']['error'])}, "
+            f"band {_cover(g)}, {len(g['wrong_verdicts'])} wrong")
+
+
+GOALS = ("every run within 10%", "median within 3%", "band covers at least 90%", "band high never more than 3% below the measurement", "no wrong verdict")
+
+
+def goals_met(g: dict) -> dict:
+    if not g.get("rows"):
+        return {}
+    return {
+        GOALS[0]: g["within_10pct"] == g["rows"],
+        GOALS[1]: g["median_abs_error"] <= 0.03,
+        GOALS[2]: None if not g["band_rows"] else g["in_band"] / g["band_rows"] >= 0.90,
+        GOALS[3]: None if not g["band_rows"] else g["above_high_over_3pct"] == 0,
+        GOALS[4]: not g["wrong_verdicts"],
+    }
+
+
+def by_stack_markdown(res: dict) -> str:
+    after = res["after"]
+    before = res["history"][0]["figures"] if res["history"] else after
+    first = res["history"][0]["commit"] if res["history"] else "now"
+    ga, gb = after["groups"]["all"]["all"], before["groups"]["all"]["all"]
+    lines = [
+        f"# Published runs by stack, before and after ({res['date']})",
+        "",
+        (f"The comparisons of `published-{res['date']}.md` (the same {ga['cases']} published cases, the same mapping to plan options "
+         f"and the same metric per case: reserved, allocated or NVML), grouped by how each run was trained. Before is the planner at "
+         f"{first}, after the planner now (calibration {res['calibration']}); both planned with this mapping, so a difference is the "
+         "planner's. Cells read before → after where they differ. Error is (central - measured) / measured; the band applies to the "
+         "reserved and NVML comparisons. A verdict is the plan's on the case's own GPU: every published run ran, so \"does not fit\" "
+         "is wrong, and \"tight\" (the usable memory inside the band) is not a \"fits\". Regenerate with `python bench/published.py` "
+         "(the planner now) and `python bench/published.py --history` (each earlier commit, in a temporary worktree)."),
+        "",
+        "## Overall",
+        "",
+        "| figure | before | after |",
+        "|---|---|---|",
+        f"| cases planned (of {ga['cases']}) | {gb['planned']} | {ga['planned']} |",
+        f"| comparisons | {gb['rows']} | {ga['rows']} |",
+        f"| median abs error | {gb['median_abs_error'] * 100:.1f}% | {ga['median_abs_error'] * 100:.1f}% |",
+        f"| worst under | {_worst(gb, 'worst_under')} | {_worst(ga, 'worst_under')} |",
+        f"| worst over | {_worst(gb, 'worst_over')} | {_worst(ga, 'worst_over')} |",
+        f"| within 10% | {gb['within_10pct']}/{gb['rows']} | {ga['within_10pct']}/{ga['rows']} |",
+        f"| band coverage | {_cover(gb)} | {_cover(ga)} |",
+        f"| measurement more than 3% above the band's high end | {gb['above_high_over_3pct']} (worst {_pct(gb['worst_above_high'])}) | "
+        f"{ga['above_high_over_3pct']} (worst {_pct(ga['worst_above_high'])}) |",
+        f"| measurement below the band's low end | {gb['below_low']} | {ga['below_low']} |",
+        f"| verdicts | {_verdict_cell(gb)} | {_verdict_cell(ga)} |",
+        "",
+    ]
+    titles = {"stack": ("By stack", STACK_ORDER), "method": ("By method", METHOD_ORDER), "stage": ("By stage", ("SFT",))}
+    for name, (title, order) in titles.items():
+        lines += [f"## {title}", ""]
+        if name == "stack":
+            lines += ["Stacks as each case states them; \"CPU offload\" and \"all multi-GPU\" gather cases across the others. "
+                      "Where a case does not say FSDP1 or FSDP2 it is \"FSDP (version not stated)\"; the planner has one FSDP model.", ""]
+        if name == "stage":
+            lines += [res["stages"], ""]
+        lines += _group_table(before["groups"][name], after["groups"][name], order) + [""]
+    lines += ["## Goals, after", "",
+              "| group | " + " | ".join(GOALS) + " |", "|---|" + "---|" * len(GOALS)]
+    show = lambda v: "n/a" if v is None else ("yes" if v else "**no**")
+    for name, (_, order) in (("all", (None, ("all",))), *titles.items()):
+        for group in order:
+            met = goals_met(after["groups"][name][group])
+            if met:
+                lines.append(f"| {group} | " + " | ".join(show(met[goal]) for goal in GOALS) + " |")
+    lines += ["", "## What each fix moved", "",
+              "Each step is the planner at a commit against the step before it (the last against the planner now); figures are all "
+              "comparisons: median abs error, worst under / over, band coverage, wrong verdicts.", "",
+              "| commit | change | comparisons whose plan moved | band changed | verdicts changed | all, after the step |",
+              "|---|---|---|---|---|---|"]
+    steps = res["history"] + [{"commit": "now", "what": "later commits, to the planner now", "figures": after}]
+    lines.append(f"| {steps[0]['commit']} | {steps[0]['what']} | | | | {_overall(steps[0]['figures']['groups']['all']['all'])} |")
+    for prev, step in zip(steps, steps[1:]):
+        moved, band, verdicts = _moves_line(moves(prev["figures"], step["figures"]))
+        lines.append(f"| {step['commit']} | {step['what']} | {moved} | {band} | {verdicts} | {_overall(step['figures']['groups']['all']['all'])} |")
+    sources = [v["reserve_source"] for v in after["verdicts"].values()]
+    released = sum(v["release_bytes"] > 0 for v in after["verdicts"].values())
+    lines += ["", (f"Reserve source of the {len(sources)} plans now: " + ", ".join(f"{sources.count(k)} {k}" for k in sorted(set(sources)))
+                   + f"; {released} give back cached segments before running out (allocator_release_bytes > 0). The release-and-retry "
+                   "verdict comes from the simulated allocator, so on formula plans it leaves the verdict on the band's high end as before."),
+              "",
+              "The FSDP runs planned here (Answer.AI's fsdp_qlora train.py, FMS's accelerate FSDP under torch 2.4) wrap the model with "
+              "FSDP1's FullyShardedDataParallel, though the cases do not say so; the planner has one FSDP model, whose gathered layers, "
+              "copy-out and unsharded gradients 7ea921b fitted to an FSDP2 trace. That step is what moved the multi-GPU figures."]
+    lines += ["", "### The fixes that are options, set as the sources published them", "",
+              "The mapping leaves each new option at its default, which plans as the planner did before it existed. Set per case as "
+              "the source describes its run, against the planner now:", "",
+              "| option | set for | comparisons whose plan moved | band changed | verdicts changed | all, with it |",
+              "|---|---|---|---|---|---|"]
+    for toggle in res["toggles"]:
+        moved, band, verdicts = _moves_line(moves(after, toggle["figures"]))
+        lines.append(f"| {toggle['option']} | {toggle['what']} | {moved} | {band} | {verdicts} | {_overall(toggle['figures']['groups']['all']['all'])} |")
+    lines += ["", "What-ifs only: the committed comparisons keep the mapping as it is. Dynamic padding is planned at the published cap "
+              "(seq_len), not the longest batch, so padding longest adds a mask and expanded keys/values to rows already planned long."]
+    return "\n".join(lines) + "\n"
+
+
 def render(res: dict) -> tuple[str, str]:
     return json.dumps(res, indent=1) + "\n", markdown(res)
 
@@ -399,15 +818,27 @@ def render(res: dict) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed results instead of writing them")
+    parser.add_argument("--history", action="store_true",
+                        help="also re-take the by-stack figures at each earlier commit of HISTORY (temporary git worktrees outside the checkout)")
+    parser.add_argument("--figures", action="store_true", help="print the by-stack figures of the planner on the path as JSON (what --history runs)")
     args = parser.parse_args(argv)
+    if args.figures:
+        print(json.dumps(figures()))
+        return 0
     res = results()
     text_json, text_md = render(res)
+    history = None
+    if args.history:
+        history = [{"commit": commit, "what": what, "figures": _history_figures(commit, sys.executable)} for commit, what in HISTORY]
+    stack = by_stack(history)
+    stack_json, stack_md = json.dumps(stack, indent=1) + "\n", by_stack_markdown(stack)
+    outputs = {RESULTS_JSON: text_json, RESULTS_MD: text_md, BY_STACK_JSON: stack_json, BY_STACK_MD: stack_md}
     if args.check:
-        same = RESULTS_JSON.read_text() == text_json and RESULTS_MD.read_text() == text_md
+        same = all(path.exists() and path.read_text() == text for path, text in outputs.items())
         print("committed results are current" if same else "committed results differ: run python bench/published.py")
         return 0 if same else 1
-    RESULTS_JSON.write_text(text_json)
-    RESULTS_MD.write_text(text_md)
+    for path, text in outputs.items():
+        path.write_text(text)
     for name, s in res["summary"].items():
         print(name, json.dumps(s))
     return 0

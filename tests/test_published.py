@@ -67,3 +67,43 @@ def test_the_accuracy_page_and_the_readmes_summary_are_what_validate_writes():
     assert summary in readme and "docs/accuracy.md" in summary
     # the summary is short: the whole table lives in the docs
     assert summary.count("\n| ") < 10 and validate.accuracy_doc(rows).count("\n| ") > 100
+
+
+def test_cases_are_grouped_by_the_stack_and_method_they_state():
+    cases = _cases()
+    assert published.stack_of(cases["PMC-1"]) == "single GPU"
+    assert published.stack_of(cases["QW-3"]) == "ZeRO-2" and published.stack_of(cases["PD-2"]) == "ZeRO-3"
+    assert published.stack_of(cases["TT-4"]) == "FSDP1" and published.stack_of(cases["TT-7"]) == "FSDP2"
+    assert published.stack_of(cases["AAI-1"]) == "FSDP (version not stated)"
+    assert published.offloads(cases["AAI-4"]) and published.offloads(cases["TT-7"]) and not published.offloads(cases["AAI-1"])
+    assert [published.method_of(cases[i]) for i in ("PMC-3", "PMC-1", "PMC-2", "AAI-1", "PMC-5")] == ["full", "LoRA", "DoRA", "QLoRA", "other PEFT"]
+    groups = published.groupings(list(cases.values()))
+    # the stacks (but the two gathering groups) and the methods each partition the cases
+    stacks = [ids for name, ids in groups["stack"].items() if name not in ("CPU offload", "all multi-GPU")]
+    assert sum(map(len, stacks)) == len(cases) == len(set().union(*stacks))
+    assert sum(map(len, groups["method"].values())) == len(cases)
+    assert groups["stage"] == {"SFT": set(cases)}
+
+
+def test_a_group_counts_verdicts_and_band_misses_from_its_rows():
+    rows = [{"id": "A", "case": "A", "error": -0.05, "in_band": False, "above_high": 0.04, "measured_bytes": 105, "low_bytes": 90, "high_bytes": 101},
+            {"id": "A/allocated", "case": "A", "error": 0.02, "in_band": None, "above_high": None, "measured_bytes": 100, "low_bytes": None, "high_bytes": None},
+            {"id": "B", "case": "B", "error": 0.20, "in_band": False, "above_high": 0.0, "measured_bytes": 80, "low_bytes": 90, "high_bytes": 110}]
+    verdicts = {"A": {"verdict": "fits"}, "B": {"verdict": "does not fit"}}
+    g = published.group_figures(rows, verdicts, {"A", "B", "C"})
+    assert (g["cases"], g["planned"], g["skipped"], g["rows"]) == (3, 2, 1, 3)
+    assert (g["median_abs_error"], g["worst_under"]["id"], g["worst_over"]["id"], g["within_10pct"]) == (0.05, "A", "B", 2)
+    assert (g["band_rows"], g["in_band"], g["above_high_over_3pct"], g["below_low"]) == (2, 0, 1, 1)
+    assert g["wrong_verdicts"] == ["B"] and g["tight_verdicts"] == []
+    assert published.goals_met(g) == dict.fromkeys(published.GOALS, False)
+
+
+def test_the_committed_by_stack_report_is_current_and_starts_before_the_fixes():
+    """The planner now ('after') and the option what-ifs are recomputed; the earlier commits'
+    figures are the committed ones (python bench/published.py --history re-takes them)."""
+    res = published.by_stack()
+    committed = json.loads(published.BY_STACK_JSON.read_text())
+    assert committed == json.loads(json.dumps(res))
+    assert published.BY_STACK_MD.read_text() == published.by_stack_markdown(res)
+    assert [step["commit"] for step in committed["history"]] == [commit for commit, _ in published.HISTORY]
+    assert committed["history"][0]["commit"] == "2efa107"
