@@ -811,6 +811,49 @@ def by_stack_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def accuracy_section(res: dict | None = None) -> list[str]:
+    """docs/accuracy.md's published section (bench/validate.py writes it there): the by-stack table
+    of the planner now and the headline figures before and after, from the committed by-stack report."""
+    res = res if res is not None else json.loads(BY_STACK_JSON.read_text())
+    after = res["after"]["groups"]
+    before = res["history"][0] if res["history"] else None
+    report = BY_STACK_MD.relative_to(ROOT)
+    a = after["all"]["all"]
+    lines = ["## Published runs from other projects, by stack", "",
+             (f"{a['planned']} of the {a['cases']} published runs in `bench/results/published-cases.json` can be planned faithfully "
+              f"({a['rows']} comparisons, each on the run's own metric: `bench/results/published-{res['date']}.md`). Grouped by how they "
+              f"were trained, with the plan's verdict on the run's own GPU (every one of them ran, so \"does not fit\" is wrong); "
+              f"`{report}` has the same by method and stage, the planner at earlier commits and what each change moved. "
+              "All of them are SFT steps: no alignment-stage run is among them."), "",
+             "| group | planned of cases | median abs error | worst under | worst over | within 10% | band coverage | verdicts |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for grouping, order in (("all", ("all",)), ("stack", STACK_ORDER), ("method", METHOD_ORDER)):
+        for name in order:
+            g = after[grouping][name]
+            if not g["cases"]:
+                continue
+            if not g["rows"]:
+                lines.append(f"| {name} | 0 of {g['cases']} | | | | | | |")
+                continue
+            lines.append(f"| {name} | {g['planned']} of {g['cases']} | {g['median_abs_error'] * 100:.1f}% | {_worst(g, 'worst_under')} | "
+                         f"{_worst(g, 'worst_over')} | {g['within_10pct']}/{g['rows']} | {_cover(g)} | {_verdict_cell(g)} |")
+    lines += ["", f"A group with none planned holds runs that do not state their metric or whose model is not in the catalog "
+              f"(`bench/results/published-{res['date']}.md` says why each is skipped); no DDP run is among them."
+              if not after["stack"]["DDP"]["cases"] else
+              f"A group with none planned holds runs that do not state their metric or whose model is not in the catalog "
+              f"(`bench/results/published-{res['date']}.md` says why each is skipped)."]
+    if before is not None:
+        b = before["figures"]["groups"]["all"]["all"]
+        lines += ["", (f"All comparisons, the planner at {before['commit']} → now: median abs error {b['median_abs_error'] * 100:.1f}% → "
+                       f"{a['median_abs_error'] * 100:.1f}%, worst under {_worst(b, 'worst_under')} → {_worst(a, 'worst_under')}, worst over "
+                       f"{_worst(b, 'worst_over')} → {_worst(a, 'worst_over')}, within 10% {b['within_10pct']} → {a['within_10pct']} of {a['rows']}, "
+                       f"band coverage {_cover(b)} → {_cover(a)}, wrong verdicts {len(b['wrong_verdicts'])} → {len(a['wrong_verdicts'])} "
+                       f"({', '.join(a['wrong_verdicts']) or 'none'}).")]
+    met = goals_met(a)
+    lines += ["", "Goals on these runs: " + "; ".join(f"{goal}: {'met' if ok else 'not met' if ok is not None else 'n/a'}" for goal, ok in met.items()) + "."]
+    return lines
+
+
 def render(res: dict) -> tuple[str, str]:
     return json.dumps(res, indent=1) + "\n", markdown(res)
 

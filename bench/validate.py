@@ -246,7 +246,15 @@ def accuracy_doc(all_rows: list[dict]) -> str:
     band = _band_line(all_rows)
     if band:
         lines.append(band)
+    lines += ["", *published_section()]
     return "\n".join(lines) + "\n"
+
+
+def published_section() -> list[str]:
+    """The published runs' part of docs/accuracy.md: bench/published.py's summary of its committed by-stack report."""
+    import published
+
+    return published.accuracy_section()
 
 
 def readme_table(all_rows: list[dict]) -> str:
