@@ -78,6 +78,7 @@ class WebRuns(RunsRuntime):
         from app.service import web_plan, web_source
         from launcher.backend import LaunchError
         from launcher.paths import path_or_hub
+        from launcher.preflight import preflight
         from launcher.registry import UnknownBackend
         from planner.request import confine, launch_target
 
@@ -90,10 +91,12 @@ class WebRuns(RunsRuntime):
         if request.reward_model is not None:
             changes["reward_model"] = path_or_hub("reward_model", request.reward_model, allowed)
         settings = request.settings(**changes)
+        # the dataset is read before the plan is built: a bad one is a 422 on `dataset` at once
+        dataset_check = preflight(settings, request.plan_options().model_dump(mode="json"), source.argument)
         plan = web_plan(source, request.plan_options(), launch=target)
         try:
             prepared = self.supervisor().prepare(plan, source.argument, settings, backend=request.backend, backend_options=request.backend_options,
-                                                 device=target.device, gpus=tuple(request.gpus))
+                                                 device=target.device, gpus=tuple(request.gpus), dataset_check=dataset_check)
         except UnknownBackend as exc:
             raise PlanInputError("backend", str(exc)) from None
         except LaunchError as exc:  # the backend cannot place this run (say, GPUs that do not split into nodes)

@@ -203,6 +203,19 @@ class AdmissionOut(BaseModel):
     needed_bytes: int
 
 
+class DatasetCheckOut(BaseModel):
+    dataset: str
+    checked: bool = Field(description="false: a hub dataset, not read before the run")
+    rows: int | None = None
+    fields: list[str] = Field(description="the fields the stage's TRL trainer will read")
+    longest_row: str | None = Field(default=None, description='where the longest row is: "line 12" (JSONL, CSV) or "row 3"')
+    longest_chars: int | None = None
+    longest_tokens: int | None = None
+    tokens_counted: bool = Field(description="true: the model's tokenizer counted them (with its chat template); false: estimated from characters")
+    warnings: list[str] = Field(description="e.g. the longest row over the planned seq_len: the trainer truncates it")
+    summary: str = Field(description="one line: rows, fields, the longest row")
+
+
 class DryRunOut(BaseModel):
     run_id: str = Field(description="the id the run would get; a launch makes a new one")
     run_dir: str
@@ -215,6 +228,7 @@ class DryRunOut(BaseModel):
     predicted_peak_bytes: int
     predicted_high_bytes: int
     plan: PlanResponse = Field(description="the plan the run would follow (with the launch defaults: expandable segments, the detected GPU), as POST /api/v1/plan gives it")
+    dataset_check: DatasetCheckOut | None = Field(default=None, description="the dataset read before planning: rows, fields, the longest row against seq_len")
 
 
 class BackendOut(BaseModel):

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class Prepared:
     run_dir: Path
     backend: str
     backend_options: dict = field(default_factory=dict)
+    dataset_check: dict | None = None  # launcher.preflight's DatasetCheck, as the door that read the dataset saw it
 
     def dry_run_dict(self) -> dict:
         return {
@@ -90,6 +91,7 @@ class Prepared:
             "predicted_peak_bytes": self.spec.predicted_peak_bytes,
             "predicted_high_bytes": self.spec.predicted_high_bytes,
             "plan": self.spec.plan,
+            "dataset_check": self.dataset_check,
         }
 
 
@@ -157,14 +159,16 @@ class Supervisor:
     # -- starting ----------------------------------------------------------------------------
     def prepare(self, plan, model: str, settings: RunSettings, *, backend: str = "local", backend_options: dict | None = None,
                 device: str = "auto", gpus: tuple[str, ...] = (), resume_from: str | None = None, attempt: int = 1,
-                run_id: str | None = None) -> Prepared:
-        """Everything up to, not including, starting the run: the spec, the files, the argv, the admission."""
+                run_id: str | None = None, dataset_check=None) -> Prepared:
+        """Everything up to, not including, starting the run: the spec, the files, the argv, the admission.
+        `dataset_check`: the preflight's DatasetCheck (launcher/preflight.py), which the doors run before planning."""
         impl = load_backend(backend)
         options_model = impl.Options.model_validate(backend_options or {})
         if device == "auto":
             device = settings.device if settings.device != "auto" else "cuda"
         spec = launch_spec(plan, model, settings, run_id=run_id, runs_root=self.runs_root, device=device, resume_from=resume_from, attempt=attempt)
-        return self._place(backend, impl, spec, options_model, gpus)
+        prepared = self._place(backend, impl, spec, options_model, gpus)
+        return replace(prepared, dataset_check=dataset_check.to_dict()) if dataset_check is not None else prepared
 
     def _place(self, backend: str, impl, spec: LaunchSpec, options_model, wanted: tuple[str, ...] = ()) -> Prepared:
         """Admission (where the backend admits), the GPUs it chose written into the spec, and the render."""

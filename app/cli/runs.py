@@ -52,6 +52,17 @@ def _plan(args, for_export: bool = False):
     return source, plan, target
 
 
+def _preflight(args, settings, for_export: bool = False):
+    """launcher/preflight.py's check of the dataset, before anything is planned; its warnings on stderr."""
+    from launcher.preflight import preflight
+
+    options = parse_options(args).model_dump(mode="json")
+    check = preflight(settings, options, args.model, for_export=for_export)
+    for warning in check.warnings if check is not None else ():
+        print(f"vramplan: warning: dataset {check.dataset}: {warning}", file=sys.stderr)
+    return check
+
+
 def _record_text(record) -> str:
     data = record.to_dict() if hasattr(record, "to_dict") else record
     parts = [f"run {data['id'][:8]} {data['state']}"]
@@ -76,13 +87,15 @@ def cmd_launch(args) -> int:
     from launcher.supervisor import LaunchRefused
 
     settings = _settings(args)
+    dataset_check = _preflight(args, settings)  # before the plan: a dataset typo is answered at once
     source, plan, target = _plan(args)
     device = target.device
     supervisor = _supervisor(args)
     gpus = tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip())
     backend_options = _backend_options(args)
     try:
-        prepared = supervisor.prepare(plan, source.argument, settings, backend=args.backend, device=device, gpus=gpus, backend_options=backend_options)
+        prepared = supervisor.prepare(plan, source.argument, settings, backend=args.backend, device=device, gpus=gpus, backend_options=backend_options,
+                                      dataset_check=dataset_check)
     except ValidationError as exc:
         raise UsageError(f"backend option {validation_message(exc)}") from exc
     except (ValueError, LaunchError) as exc:  # an unknown or broken backend, or a layout it cannot place
@@ -96,6 +109,7 @@ def cmd_launch(args) -> int:
             write_json(data)
         else:
             write(f"dry run: {prepared.rendered.summary}")
+            write(dataset_check.summary())
             write(f"admission: {'ok' if prepared.admission.ok else 'refused'}: {prepared.admission.message}")
             write(f"files in {prepared.run_dir}: {', '.join(prepared.rendered.files)}")
             write("command: " + " ".join(prepared.rendered.argv))
@@ -165,6 +179,7 @@ def cmd_export(args) -> int:
     given.setdefault("dataset", "your-org/your-dataset")
     given.setdefault("output_dir", "output")
     settings = RunSettings.model_validate(given)
+    _preflight(args, settings, for_export=True)  # a dataset here is read; one for another machine is not
     source, plan, target = _plan(args, for_export=True)
     spec = launch_spec(plan, source.argument, settings, device=target.device, for_export=True)
     try:
