@@ -120,8 +120,10 @@ class RunOut(BaseModel):
     id: str = Field(description="32 hex digits; the API also takes an unambiguous prefix of 4 or more")
     state: RunStateName
     terminal: bool = Field(description="succeeded, failed, cancelled or lost: the state will not change again")
-    reason: str | None = Field(description="why it is in this state: oom, cancelled_by_user, exit_nonzero, killed_after_grace, ...")
-    message: str | None
+    reason: str | None = Field(description="why it is in this state: oom, host_oom, data_error, missing_package, nan_loss, cancelled_by_user, "
+                                           "exit_nonzero, killed_after_grace, ...")
+    message: str | None = Field(description="one line: what happened, in the trainer's words where it said (a data error names the file and line)")
+    hint: str | None = Field(default=None, description="what to do about a failure (the pip line for a missing package, what to lower after an OOM)")
     exit_code: int | None
     model: str
     stage: str

@@ -58,6 +58,9 @@ class Reason(StrEnum):
     SERVER_RESTART = "server_restart"
     BACKEND_UNREACHABLE = "backend_unreachable"
     DOES_NOT_FIT = "does_not_fit"
+    DATA_ERROR = "data_error"  # the dataset, named by the entry with its file and line
+    MISSING_PACKAGE = "missing_package"  # an ImportError, with the pip line in the hint
+    NAN_LOSS = "nan_loss"  # the loss became NaN or infinite
 
 
 class LaunchError(Exception):

@@ -4,6 +4,11 @@ It reads RUN_DIR/spec.json and RUN_DIR/trl.yaml (parsed by TRL's own TrlParser, 
 `vramplan export --format trl` writes), builds the stage's TRL trainer with PEFT and bitsandbytes as
 the plan says, and reports through events.jsonl. Exit codes: 0 done (or stopped on request, with a
 checkpoint), 3 CUDA out of memory, 1 any other error.
+
+What ends a run is said in its error event in the user's terms (`explain`): a reason (oom,
+host_oom, data_error, missing_package, nan_loss; none for another error), a one-line summary and a
+hint, which the supervisor keeps as the run's reason, message and hint. A data error is located by
+reading the dataset again with launcher/preflight.py, which names the file, the line and the fix.
 """
 
 from __future__ import annotations
@@ -11,12 +16,20 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import re
 import signal
 import sys
 import traceback
 from pathlib import Path
 
 EXIT_OOM = 3
+GIB = 1 << 30
+# import names whose pip package is named otherwise
+PIP_NAMES = {"flash_attn": "flash-attn", "liger_kernel": "liger-kernel", "sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow",
+             "google": "protobuf", "sentencepiece": "sentencepiece", "deepspeed": "deepspeed", "bitsandbytes": "bitsandbytes"}
+# the exceptions `datasets`, pyarrow and a trainer's preprocessing raise for rows they cannot take
+DATA_ERRORS = ("DatasetGenerationError", "ArrowInvalid", "ArrowTypeError", "JSONDecodeError", "KeyError", "DatasetNotFoundError",
+               "EmptyDatasetError", "SchemaInferenceError", "CastError", "StopIteration", "IndexError", "TypeError", "ValueError")
 
 
 def _environment(spec: dict) -> None:
@@ -76,15 +89,19 @@ def _dataset(script_args, dataset_args):
     return load_dataset(script_args.dataset_name, name=script_args.dataset_config)[script_args.dataset_train_split]
 
 
-def build_trainer(spec: dict, run_dir: Path, callbacks: list):
+def build_trainer(spec: dict, run_dir: Path, callbacks: list, phase: list | None = None):
     from trl import get_peft_config, get_quantization_config
 
+    phase = phase if phase is not None else ["setup"]  # what is being done: the entry names a failure by it
     stage = spec["stage"]
     trainer_cls, script_args, training_args, model_args, dataset_args = _parse(stage, run_dir / "trl.yaml")
+    phase[0] = "data"
+    train_dataset = _dataset(script_args, dataset_args)
+    phase[0] = "trainer"
     kwargs = {
         "model": model_args.model_name_or_path,
         "args": training_args,
-        "train_dataset": _dataset(script_args, dataset_args),
+        "train_dataset": train_dataset,
         "peft_config": get_peft_config(model_args),
         "callbacks": callbacks,
     }
@@ -101,9 +118,104 @@ def build_trainer(spec: dict, run_dir: Path, callbacks: list):
 
 
 def _is_oom(exc: BaseException) -> bool:
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # torch itself is what is missing
+        return False
     return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def _root_import_error(exc: BaseException) -> ImportError:
+    """The ImportError that started it: transformers re-raises a missing package as "Could not import module X"."""
+    seen, chain = set(), exc
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, ModuleNotFoundError) and chain.name:
+            return chain
+        chain = chain.__cause__ or chain.__context__
+    return exc  # type: ignore[return-value]
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _missing_package(exc: ImportError) -> str:
+    """The pip package an ImportError asks for."""
+    text = str(exc)
+    module = (exc.name or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+    if not module:
+        if "FlashAttention2" in text or "flash_attn" in text:
+            module = "flash_attn"
+        elif found := re.search(r"pip install (?:-U )?['\"`]?([A-Za-z0-9_.\-\[\]]+)", text):
+            return found.group(1)
+        elif found := re.search(r"requires the ([A-Za-z0-9_\-]+) library", text) or re.search(r"No module named '([A-Za-z0-9_]+)", text):
+            module = found.group(1)
+        elif found := re.search(r"\b(bitsandbytes|peft|deepspeed|liger[_-]kernel|accelerate|trl|datasets)\b", text):
+            module = found.group(1)
+    module = module or (exc.name or "").split(".")[0]
+    return PIP_NAMES.get(module, module.replace("_", "-")) if module else ""
+
+
+def _data_problem(spec: dict) -> str | None:
+    """The dataset's first problem as launcher/preflight.py words it (file, line, fix), or None when it finds none."""
+    from launcher.preflight import check_dataset
+    from planner.errors import PlanInputError
+
+    dataset = spec.get("dataset") or {}
+    try:
+        check_dataset(dataset.get("location", ""), spec["stage"], kind=dataset.get("kind"), model=(spec.get("model") or {}).get("location"),
+                      split=spec["settings"].get("dataset_split", "train"))
+    except PlanInputError as exc:
+        return f"dataset {exc.reason}"
+    except Exception:  # the check itself failed: the trainer's own words stand
+        return None
+    return None
+
+
+def explain(exc: BaseException, phase: str, spec: dict, sample: dict | None = None) -> dict:
+    """What ended the run, for its error event: {"reason", "summary", "hint"} (reason None: another error).
+    `phase`: what the entry was doing (data, trainer, train); `sample`: the MemoryProbe's numbers then."""
+    try:
+        from launcher.events import NonFiniteLoss
+    except ImportError:  # what is missing may be what events.py imports (torch, transformers)
+        NonFiniteLoss = ()  # noqa: N806
+
+    sample = sample or {}
+    logs = "the run's log has the traceback (vramplan runs logs ID)"
+    if _is_oom(exc):
+        tried = re.search(r"Tried to allocate ([0-9.]+ [KMGT]i?B)", str(exc))
+        measured = sample.get("max_memory_reserved")
+        predicted = spec.get("predicted_peak_bytes")
+        parts = [f"CUDA out of memory{f' (tried to allocate {tried.group(1)})' if tried else ''}"]
+        if measured is not None and predicted:
+            parts.append(f"{measured / GIB:.2f} GiB reserved when it failed, against the plan's {predicted / GIB:.2f} GiB")
+        return {"reason": "oom", "summary": ": ".join(parts),
+                "hint": "lower --batch-size or --seq-len (raise --gradient-accumulation-steps to keep the batch), turn on --gradient-checkpointing, "
+                        "or plan for a larger GPU; the failure is kept beside its prediction (vramplan runs export)"}
+    if isinstance(exc, MemoryError):
+        return {"reason": "host_oom", "summary": "the machine ran out of CPU memory",
+                "hint": "give the run a machine with more RAM, offload less (--offload none), or plan a smaller batch"}
+    if isinstance(exc, ImportError):
+        exc = _root_import_error(exc)
+        package = _missing_package(exc)
+        return {"reason": "missing_package", "summary": f"a package is missing: {package or _first_line(exc)}" + (f" ({_first_line(exc, 200)})" if package else ""),
+                "hint": f"pip install {package} in the run's environment, then launch again" if package else f"install what it names; {logs}"}
+    if isinstance(exc, NonFiniteLoss):
+        rate = f" (now {exc.learning_rate:g})" if exc.learning_rate else ""
+        return {"reason": "nan_loss", "summary": str(exc) + ("" if exc.what == "loss" else ": the loss is no longer a number"),
+                "hint": f"lower the learning rate{rate}, train in bf16 rather than fp16, keep gradient clipping on (max_grad_norm), "
+                        "and check the data for empty or broken rows"}
+    if phase == "data" or (phase in ("trainer", "train") and type(exc).__name__ in DATA_ERRORS):
+        located = _data_problem(spec)
+        if located is not None:
+            return {"reason": "data_error", "summary": located, "hint": "fix the dataset, then launch again (vramplan launch --dry-run checks it first)"}
+        if phase == "data":
+            return {"reason": "data_error", "summary": f"the dataset could not be loaded: {type(exc).__name__}: {_first_line(exc)}",
+                    "hint": f"check the dataset's path, format and split; {logs}"}
+    return {"reason": None, "summary": f"{type(exc).__name__}: {_first_line(exc)}" if str(exc).strip() else type(exc).__name__, "hint": logs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,17 +227,26 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     _environment(spec)
 
-    from launcher.events import EventWriter, LaunchCallback, MemoryProbe, StopFlag
+    try:
+        from launcher.events import EventWriter, LaunchCallback, MemoryProbe, StopFlag
+    except BaseException as exc:  # torch or transformers (or what they import) is missing: say so without them
+        said = explain(exc, "setup", spec)
+        traceback.print_exc()
+        print(f"vramplan: the run failed: {said['summary']}\nvramplan: hint: {said['hint']}", file=sys.stderr, flush=True)
+        _emit_plain(run_dir, spec["run_id"], "error", kind="exception", type=type(exc).__name__, message=str(exc)[:2000], phase="setup", **said)
+        return 1
 
     writer = EventWriter(run_dir, spec["run_id"])
     probe = None
+    phase = ["setup"]
     try:
 
         probe = MemoryProbe()
         stop = StopFlag(run_dir)
         writer.emit("start", pid=os.getpid(), stage=spec["stage"], method=spec["method"], attempt=spec.get("attempt", 1), versions=_versions())
         callback = LaunchCallback(writer, probe, stop, spec["settings"].get("step_sleep_s", 0.0))
-        trainer, training_args = build_trainer(spec, run_dir, [callback])
+        trainer, training_args = build_trainer(spec, run_dir, [callback], phase)
+        phase[0] = "train"
         trainer.train(resume_from_checkpoint=spec.get("resume_from"))
         if not callback.stopping:
             trainer.save_model(training_args.output_dir)
@@ -135,8 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         oom = _is_oom(exc)
         sample = probe.sample() if probe is not None and not isinstance(exc, KeyboardInterrupt) else {}
-        writer.emit("error", kind="oom" if oom else "exception", type=type(exc).__name__, message=str(exc)[:2000], **sample)
+        said = {}
+        if not isinstance(exc, KeyboardInterrupt | SystemExit):
+            try:
+                said = explain(exc, phase[0], spec, sample)
+            except Exception:  # explaining must never hide the error itself
+                said = {}
         traceback.print_exc()
+        if said:
+            print(f"vramplan: the run failed: {said['summary']}\nvramplan: hint: {said['hint']}", file=sys.stderr, flush=True)
+        writer.emit("error", kind="oom" if oom else "exception", type=type(exc).__name__, message=str(exc)[:2000], phase=phase[0], **said, **sample)
         code = EXIT_OOM if oom else 1
     try:
         import torch.distributed as dist
@@ -147,6 +276,20 @@ def main(argv: list[str] | None = None) -> int:
         pass
     _leave_if_distributed(code)
     return code
+
+
+def _emit_plain(run_dir: Path, run_id: str, event: str, **fields) -> None:
+    """One event line without launcher/events.py (which needs torch): for a run that could not import it."""
+    import time
+
+    line = json.dumps({"t": time.time(), "run_id": run_id, "rank": int(os.environ.get("RANK", "0")), "event": event, **fields}, default=str)
+    fd = os.open(run_dir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+    if os.environ.get("VRAMPLAN_EVENTS_TO_LOG") == "1":
+        print(f"VRAMPLAN_EVENT {line}", flush=True)
 
 
 def _versions() -> dict:

@@ -143,6 +143,14 @@ def _rank_is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run ends here, since every step after it trains on garbage."""
+
+    def __init__(self, step: int, value: float, learning_rate: float | None, what: str = "loss"):
+        super().__init__(f"the {what} became {value} at step {step}")
+        self.step, self.value, self.learning_rate, self.what = step, value, learning_rate, what
+
+
 class LaunchCallback(TrainerCallback):
     def __init__(self, writer: EventWriter, probe: MemoryProbe, stop: StopFlag, step_sleep_s: float = 0.0):
         self.writer = writer
@@ -178,6 +186,13 @@ class LaunchCallback(TrainerCallback):
                 fields[key] = logs.pop(key)
         fields["extra"] = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
         self.writer.emit("log", **fields, **self.probe.sample())
+        # the Trainer logs a NaN loss as the mean of the ones before (logging_nan_inf_filter), so the
+        # gradient norm tells too; under fp16 an inf one is the loss scaler's skipped step, not a failure
+        for what, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
+            value = fields.get(key)
+            value = value.item() if isinstance(value, torch.Tensor) else value
+            if isinstance(value, (int, float)) and not math.isfinite(value) and not (key == "grad_norm" and getattr(args, "fp16", False)):
+                raise NonFiniteLoss(state.global_step, float(value), fields.get("learning_rate"), what)
 
     def on_save(self, args, state, control, **kwargs):
         self.writer.emit("checkpoint", step=state.global_step, path=f"checkpoint-{state.global_step}")

@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS runs (
   last_step INTEGER, total_steps INTEGER, final_loss REAL,
   measured_peak_bytes INTEGER, measured_allocated_bytes INTEGER, measured_load_peak_bytes INTEGER,
   measured_cuda_context_bytes INTEGER, alloc_retries INTEGER, error_pct REAL,
-  gpu_name TEXT, driver TEXT, versions_json TEXT
+  gpu_name TEXT, driver TEXT, versions_json TEXT, hint TEXT
 );
 CREATE TABLE IF NOT EXISTS run_metrics (
   run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -98,6 +98,7 @@ class RunRecord:
     gpu_name: str | None
     driver: str | None
     versions_json: str | None
+    hint: str | None = None  # what to do about a failure, from the trainer's error event
 
     @property
     def terminal(self) -> bool:
@@ -118,6 +119,7 @@ class RunRecord:
 
 
 COLUMNS = tuple(f.name for f in fields(RunRecord))
+ADDED_COLUMNS = (("hint", "TEXT"),)  # columns added after the first release of the schema
 METRIC_COLUMNS = ("t", "loss", "learning_rate", "grad_norm", "num_tokens", "max_reserved", "max_allocated", "nvml_process_used", "extra_json")
 
 
@@ -136,6 +138,14 @@ class RunStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(runs)")}
+        for name, kind in ADDED_COLUMNS:
+            if name not in columns:  # a store written before the column existed
+                try:
+                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
         os.chmod(path, 0o600)
 
     def close(self) -> None:

@@ -272,6 +272,9 @@ class Supervisor:
                 # torchrun exits 1 after a clean stop on SIGTERM, so the stop event decides, not the code
                 return self._finish(record, RunState.CANCELLED, str(Reason.CANCELLED_BY_USER),
                                     f"stopped at step {record.stopped_at_step} with a checkpoint", obs.exit_code)
+            if obs.state == RunState.FAILED and record.hint is not None and obs.reason in (Reason.EXIT_NONZERO, Reason.OOM, None):
+                # the trainer said what ended it: its words, not "the trainer exited with code 1"
+                return self._finish(record, RunState.FAILED, record.reason or (str(obs.reason) if obs.reason else None), record.message, obs.exit_code)
             if obs.state == RunState.FAILED and (record.reason == str(Reason.OOM) or obs.reason == Reason.OOM):
                 # the entry's error event says more than the exit code: what it tried to allocate
                 return self._finish(record, RunState.FAILED, str(Reason.OOM), record.message or "CUDA out of memory", obs.exit_code)
@@ -358,10 +361,17 @@ class Supervisor:
                 self._measure(record, event, updates)
             elif kind == "error":
                 self._measure(record, event, updates)
-                if event.get("kind") == "oom":
+                said = _said(event)
+                known = updates.get("hint", record.hint) is not None
+                # the first rank's words stand, unless a later one names the cause (an OOM on rank 1 ends rank 0 with a broken pipe)
+                if said is not None and (not known or (said[0] in ENTRY_REASONS and updates.get("reason", record.reason) not in ENTRY_REASONS)):
+                    updates["reason"], updates["message"], updates["hint"] = said
+                    if said[0] == str(Reason.OOM):
+                        updates["message"] = _oom_words(record, said[1], updates)
+                elif said is None and event.get("kind") == "oom":
                     updates["reason"] = str(Reason.OOM)
                     updates["message"] = f"CUDA out of memory: {str(event.get('message'))[:300]}"
-                else:
+                elif said is None and not known:
                     updates["message"] = f"{event.get('type')}: {str(event.get('message'))[:500]}"
         updates["events_offset"] = record.events_offset + end + 1
         if transition is not None:  # first: a transition sets its own reason and message, the events' come after
@@ -479,8 +489,36 @@ class Supervisor:
                 "predicted": {"peak_bytes": record.predicted_peak_bytes, "high_bytes": record.predicted_high_bytes,
                               "calibration": spec["plan"].get("calibration"), "error_pct": record.error_pct},
                 "alloc_retries": record.alloc_retries,
+                # a run that ran out of memory: its measured peak is what it held when an allocation failed, a lower bound
+                # of what the step needs; the plan's prediction beside it was too low (refits should treat it as such)
+                "oom": record.reason == str(Reason.OOM),
+                "failure": {"reason": record.reason, "message": record.message} if record.state == "failed" else None,
             })
         return rows
+
+
+# the reasons the trainer entry names (launcher/entry.py explain), kept over an exit code's
+ENTRY_REASONS = (str(Reason.OOM), str(Reason.HOST_OOM), str(Reason.DATA_ERROR), str(Reason.MISSING_PACKAGE), str(Reason.NAN_LOSS))
+
+
+def _said(event: dict) -> tuple[str | None, str, str] | None:
+    """(reason, one-line message, hint) from an error event of the entry that explains (launcher/entry.py), else None."""
+    summary, hint = event.get("summary"), event.get("hint")
+    if not isinstance(summary, str) or not isinstance(hint, str):
+        return None
+    reason = event.get("reason")
+    reason = reason if isinstance(reason, str) and reason in ENTRY_REASONS else None
+    return reason, " ".join(summary.split())[:500], " ".join(hint.split())[:500]
+
+
+def _oom_words(record: RunRecord, summary: str, updates: dict) -> str:
+    """An OOM's message with the measured peak (reserved plus the CUDA context, as every measured peak) against the plan's."""
+    measured = updates.get("measured_peak_bytes", record.measured_peak_bytes)
+    head = summary.split(": ", 1)[0]
+    if measured is None:
+        return f"{head}: the plan predicted {record.predicted_peak_bytes / GIB:.2f} GiB per GPU"
+    return (f"{head}: measured peak {measured / GIB:.2f} GiB per GPU when it failed, against the plan's {record.predicted_peak_bytes / GIB:.2f} GiB "
+            f"(up to {record.predicted_high_bytes / GIB:.2f})")
 
 
 def handle_of(record: RunRecord) -> Handle | None:

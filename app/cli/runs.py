@@ -79,6 +79,8 @@ def _record_text(record) -> str:
     line = ", ".join([" ".join(parts[:2])] + parts[2:]) if data.get("reason") else ", ".join(parts)
     if data.get("message"):
         line += f": {data['message']}"
+    if data.get("hint") and data.get("state") == "failed":
+        line += f"\n  hint: {data['hint']}"
     return line
 
 
