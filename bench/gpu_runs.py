@@ -1,6 +1,7 @@
 """Measure training peaks on a CUDA GPU, one fresh process a run, as calibration rows.
 
     python bench/gpu_runs.py [--quick | --only NAME,...] [--out FILE] [--timeout SECONDS]
+    python bench/gpu_runs.py --estimate [--quick]    (each run's estimated seconds; no GPU needed)
 
 The device check for a session that is lent a GPU: each run of MATRIX starts its own Python
 process with `PYTORCH_CUDA_ALLOC_CONF` set as the run says. That has to happen before CUDA starts,
@@ -9,11 +10,13 @@ model's architecture with random weights (NF4 through bitsandbytes for QLoRA), a
 checkpointing as the trainers do, and takes three steps: a plain forward with labels
 (`trainer hf`) or TRL's fused LM head (`trainer trl`), under bf16 autocast unless the run turns
 it off, then backward, fused AdamW, `zero_grad(set_to_none=True)`. It reports
-`max_memory_allocated`, `max_memory_reserved`, and NVML's used memory minus the allocator's
+`max_memory_allocated`, `max_memory_reserved` (over the whole process, the model's loading
+included, as the committed runs took them), and NVML's used memory minus the allocator's
 reserved memory (what lies outside the allocator).
 
 The rows go to bench/results/gpu-runs-<GPU>-<date>.jsonl in bench/calibrate.py's form, with the
-GPU, the versions and the date. `python bench/calibrate.py bench/results/calibration-runs.jsonl
+GPU, the versions and the date: `options` holds the planner's names for what the run did, so the
+planner plans the same case. `python bench/calibrate.py bench/results/calibration-runs.jsonl
 THAT_FILE` then refits the constants on them. Runs that fail (out of memory, a missing package)
 are listed with their reason and left out of the rows.
 
@@ -27,12 +30,43 @@ The matrix fills what the committed H100 runs lack:
 - the allocator's release-and-retry: a run capped with `torch.cuda.set_per_process_memory_fraction`
   at 102% and at 95% of the least pool the planner's replay says the step runs in (`cap`): the
   first should survive (at a reserved peak under the cap), the second run out of memory. Its row
-  says `survived` either way.
-`--quick` takes the first seven runs (estimated at three minutes; not yet timed on a GPU).
+  says `survived` either way;
+- the real trainers on a bare loop's config (`-trainer`, `-sfttrainer`, `-dpotrainer`):
+  transformers' `Trainer` beside l1b-lora16all-b8s2048-gc-hf-autocast, TRL's `SFTTrainer` and
+  `DPOTrainer` beside l1b-lora16all-b4s2048-gc-trl, three steps each on a tiny in-memory dataset of
+  fixed-length rows (a word-level tokenizer trained here, no hub; DPO's pairs chat-less). The row
+  says the trainer and its version (`trainer`) and the settings that move memory by the trainer's
+  own names (`trainer_settings`: per_device_train_batch_size, gradient_accumulation_steps,
+  activation/gradient_checkpointing, bf16, optim, max_length, packing, padding_free, beta,
+  precompute_ref_log_probs, ...), and the loss it returned; DPO's options say stage "dpo";
+- padded batches (`-padded40`): rows of random lengths (seeded) padded on the right to each
+  batch's longest, with the attention mask, over 40 steps (the plan's padding "longest", batch
+  layout padded, at seq_len the longest a row may be); the row keeps each batch's length. Beside
+  it the same config at the full length every step, also over 40 steps (`-fixed40`);
+- the allocator's memory history over two steps (`-history`): the pickle of
+  `torch.cuda.memory._dump_snapshot` (for PyTorch's memory viewer; tens of MB with Python stacks)
+  and events.json, the allocations and frees in the planner's form, in
+  <rows file>-files/<run>/; the row's `memory_history.comparison` holds them to the planner's
+  trace of the same steps (counts, bytes allocated, peak of live bytes, first diverging event;
+  `compare_events`, which runs anywhere);
+- the CUDA context with bitsandbytes' and Triton's kernels loaded (`-ctx`): NVML used minus
+  reserved after CUDA starts and after a 4-bit quantize round trip and a Triton kernel, in
+  `observed`, then the run of l1b-lora16all-b4s2048-gc-trl, whose figure after the run is the row's
+  `outside_allocator`.
+`--quick` takes the first seven runs (estimated at under three minutes).
 
-Only torch, transformers and peft are needed on the GPU machine (trl for the fused-head runs,
-bitsandbytes for QLoRA); the planner is not imported there. Exit status: 0 when every run was
-measured, 1 when some failed, 2 when no CUDA GPU is present.
+Time on one H100, estimated and not yet timed (`--estimate` prints each run's): a fresh process
+(imports, CUDA context, the model built, first kernels) about 15 s; the trainers 10 to 15 s more,
+the history 10 s (the snapshot, and the planner's trace in the parent), the library run 5 s,
+QLoRA's checkpoint 30 s, a cap's trace 10 s; the steps at 200 TFLOP/s (6 x parameters x tokens,
+4/3 of it with checkpointing, DPO's pairs and reference forward): a few seconds, 8 s for each
+40-step run; 30 s for the first run's cold Triton cache. The default set of 22 runs comes to about
+560 s (9.4 min), the quick set to 160 s.
+
+Only torch, transformers and peft are needed on the GPU machine (trl for the fused-head and TRL
+trainer runs, datasets for the trainers, bitsandbytes for QLoRA and the library run); the planner
+runs in the parent only (the caps' least pool, the history's comparison). Exit status: 0 when
+every run was measured, 1 when some failed, 2 when no CUDA GPU is present.
 """
 
 from __future__ import annotations
