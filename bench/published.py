@@ -95,6 +95,12 @@ STACKS = {
     "litgpt": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
 }
 
+# The FSDP each source's harness ran where its cases do not name it (a case saying FSDP1 or FSDP2
+# is planned as it says): Answer.AI's fsdp_qlora train.py wraps the model in torch's
+# FullyShardedDataParallel (FSDP1); fms-acceleration's runs go through accelerate's FSDP plugin,
+# whose default is fsdp_version 1 (and which had no FSDP2 before accelerate 1.6, after torch 2.4).
+FSDP_VERSIONS = {"aai": 1, "fms": 1}
+
 # Cases whose metric is known and model is plannable but that use what the planner cannot express.
 NOT_EXPRESSIBLE = {
     "TT-9": "torch.compile and chunked cross-entropy on a 128k vocabulary (the planner holds the full logits and their fp32 upcast)",
@@ -202,6 +208,12 @@ def _optimizer(case: dict) -> str:
     return "adamw_foreach"
 
 
+def fsdp_version_of(case: dict) -> int | None:
+    """The FSDP a sharded case ran: as the case says (FSDP1, FSDP2), else its source's harness's."""
+    sharding = case["sharding"].lower()
+    return 2 if "fsdp2" in sharding else 1 if "fsdp1" in sharding else FSDP_VERSIONS.get(case["source"]["key"])
+
+
 def options_for(case: dict) -> TrainingOptions:
     """The TrainingOptions of a plannable case: its own fields, plus its source's stack."""
     stack = STACKS[case["source"]["key"]]
@@ -221,6 +233,10 @@ def options_for(case: dict) -> TrainingOptions:
         if "fsdp" not in sharding:
             raise ValueError(f"{case['id']}: unmapped sharding {case['sharding']!r}")
         fields["parallelism"] = "fsdp"
+        version = fsdp_version_of(case)
+        # a planner from before the option (the report's history) has the one FSDP model
+        if version is not None and _has_option("fsdp_version"):
+            fields["fsdp_version"] = version
         if "offload" in sharding and "no offload" not in sharding and "no cpu offload" not in sharding:
             fields["offload"] = "params"
     lora = case.get("lora")
@@ -767,7 +783,8 @@ def by_stack_markdown(res: dict) -> str:
         lines += [f"## {title}", ""]
         if name == "stack":
             lines += ["Stacks as each case states them; \"CPU offload\" and \"all multi-GPU\" gather cases across the others. "
-                      "Where a case does not say FSDP1 or FSDP2 it is \"FSDP (version not stated)\"; the planner has one FSDP model.", ""]
+                      "Where a case does not say FSDP1 or FSDP2 it is \"FSDP (version not stated)\"; each is planned with the FSDP its "
+                      "source's harness ran (fsdp_version: FSDP_VERSIONS).", ""]
         if name == "stage":
             lines += [res["stages"], ""]
         lines += _group_table(before["groups"][name], after["groups"][name], order) + [""]
@@ -796,8 +813,9 @@ def by_stack_markdown(res: dict) -> str:
                    "verdict comes from the simulated allocator, so on formula plans it leaves the verdict on the band's high end as before."),
               "",
               "The FSDP runs planned here (Answer.AI's fsdp_qlora train.py, FMS's accelerate FSDP under torch 2.4) wrap the model with "
-              "FSDP1's FullyShardedDataParallel, though the cases do not say so; the planner has one FSDP model, whose gathered layers, "
-              "copy-out and unsharded gradients 7ea921b fitted to an FSDP2 trace. That step is what moved the multi-GPU figures."]
+              "FSDP1's FullyShardedDataParallel, though the cases do not say so. 7ea921b gave the planner one FSDP model, FSDP2's "
+              "(gathered layers, copy-out and unsharded gradients fitted to an FSDP2 trace), and that step is what moved the multi-GPU "
+              "figures; the planner now plans FSDP1 by its own terms (fsdp_version 1, its default) and these runs with it."]
     lines += ["", "### The fixes that are options, set as the sources published them", "",
               "The mapping leaves each new option at its default, which plans as the planner did before it existed. Set per case as "
               "the source describes its run, against the planner now:", "",

@@ -1,4 +1,4 @@
-"""Per-GPU memory under DDP, ZeRO-1/2/3, FSDP2 and CPU offload: the shares, and each strategy's buffers.
+"""Per-GPU memory under DDP, ZeRO-1/2/3, FSDP1, FSDP2 and CPU offload: the shares, and each strategy's buffers.
 
 - DDP replicates everything and, with PyTorch's default `gradient_as_bucket_view=False`, keeps
   its gradient buckets as a second copy of the gradients.
@@ -7,7 +7,7 @@
 - Offload moves optimizer state (and, with `params`, the parameter shards) to host memory.
 
 Beyond the shares, each strategy's own buffers, from its code (DeepSpeed at edaa722, 2026-08-22;
-torch 2.13's FSDP2), named by where they live (plan.py's SHARDED_PHASES):
+torch 2.13's FSDP1 and FSDP2), named by where they live (plan.py's SHARDED_PHASES):
 - DeepSpeed ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py): `setup_buckets` allocates the
   reduce (ipg) bucket, `reduce_bucket_size` elements in the 16-bit dtype, at each backward's start,
   and a second one when `overlap_comm` is on ("double buffers"); `_release_ipg_buffers` frees them
@@ -30,6 +30,22 @@ torch 2.13's FSDP2), named by where they live (plan.py's SHARDED_PHASES):
   at a time: the one computing, the next one's all-gather output and its copy into the unsharded
   parameters (in backward the reduce-scatter input of a layer's gradients takes that place); and
   in backward one layer's unsharded gradients before their reduce-scatter.
+- FSDP1 (`FullyShardedDataParallel`, `fsdp_version` 1: accelerate's FSDP plugin's and the HF
+  Trainer's default, and what Answer.AI's fsdp_qlora and fms-acceleration ran), as accelerate's
+  TRANSFORMER_BASED_WRAP sets it up (a unit per decoder layer, the rest in the root unit;
+  FULL_SHARD, BACKWARD_PRE, limit_all_gathers), from torch 2.13's fsdp/_runtime_utils.py and
+  _flat_param.py and a fake-process-group trace (planner/sharded_trace.py trace_fsdp1):
+  `FlatParamHandle.unshard` all-gathers a unit's flat shard straight into its padded unsharded flat
+  parameter (`_alloc_padded_unsharded_flat_param`, `_all_gather_flat_param`), with no copy-out;
+  `_post_forward_reshard` frees every unit after its forward but the root's; in backward
+  `_pre_backward_hook` unshards a unit and `_prefetch_handle` (BACKWARD_PRE) starts the next one's
+  all-gather, two units unsharded at a time (`limit_all_gathers` lets no more be in flight);
+  autograd concatenates a unit's parameter gradients into its unsharded flat gradient (the
+  views' split backward), which `_post_backward_hook` / `_reduce_grad` reduce-scatters into the
+  sharded gradient, and frees. The unsharded flat parameter is in the mixed-precision param_dtype
+  (`init_flat_param_attributes`: bf16 over fp32 shards with accelerate's policy), its shard cast
+  to it first (`_use_low_precision_shard`); with CPU offload the shard is copied to the GPU for
+  the all-gather (`pre_unshard` -> `flat_param_to`).
 - NCCL's buffers outside PyTorch's allocator, for every multi-GPU strategy: NVIDIA/nccl#964
   measured 544 MB per GPU for a communicator of 2 GPUs and 688 MB above 2 (4 x A100, NVLink, one
   all-reduce); it grows with channels and peers (nccl#1685), so it is one measurement, not a bound.
@@ -41,7 +57,7 @@ import math
 from dataclasses import dataclass
 
 from planner.components import Component
-from planner.dtypes import dtype_bytes
+from planner.dtypes import dtype_bytes, packed_4bit_bytes
 from planner.options import TrainingOptions
 from planner.spec import ModelSpec
 
@@ -51,6 +67,8 @@ SHARDS_PARAMS = ("zero3", "fsdp")
 ZERO_STAGES = ("zero1", "zero2", "zero3")
 GATHERED_LAYERS = 2  # FSDP2: the layer computing and the next one's all-gather output
 FSDP_COPY_LAYERS = 1  # FSDP2: the all-gather's flat output while it is copied out (backward: the reduce-scatter input)
+FSDP1_GATHERED_UNITS = 2  # FSDP1 in backward: the unit computing and the next one's (BACKWARD_PRE); one in forward
+FSDP1_GRADIENT_COPIES = 2  # FSDP1: a unit's parameter gradients and their concatenation into its flat gradient
 
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py)
 DEEPSPEED_DEFAULTS = {
@@ -212,7 +230,7 @@ def _fsdp_components(spec: ModelSpec, options: TrainingOptions) -> list[Componen
     root = root_params(spec)
     out = [
         Component("temporary.gathered_params", GATHERED_LAYERS * layer * low,
-                  f"FSDP2: {GATHERED_LAYERS} decoder layers' parameters unsharded at a time (the one computing and the next one's all-gather output; "
+                  f"FSDP2 (fsdp_version 2: fully_shard): {GATHERED_LAYERS} decoder layers' parameters unsharded at a time (the one computing and the next one's all-gather output; "
                   "traced, planner/sharded_trace.py)"),
         Component("temporary.gather_copy", FSDP_COPY_LAYERS * layer * low,
                   "FSDP2: one more layer's worth while an all-gather's flat output is copied into the unsharded parameters, and in backward "
@@ -227,6 +245,83 @@ def _fsdp_components(spec: ModelSpec, options: TrainingOptions) -> list[Componen
                              "FSDP2: one decoder layer's unsharded gradients, from its backward until foreach_reduce has copied them into the "
                              "reduce-scatter input"))
     return out
+
+
+def _fsdp1_unsharded_bytes(spec: ModelSpec, options: TrainingOptions, in_layers: bool) -> int:
+    """The padded unsharded flat parameter of the largest decoder-layer unit (in_layers) or of the
+    root unit, as FSDP1 holds it: the tensors as stored (bitsandbytes' 4-bit weights packed in their
+    quant_storage, int8 one byte each), the rest in the param_dtype."""
+    quant = options.effective_quantization
+    elem = dtype_bytes(fsdp1_param_dtype(options))
+    units: dict[int | None, int] = {}
+    for t in spec.tensors:
+        if (t.layer is not None) != in_layers:
+            continue
+        if quant in ("nf4", "fp4") and t.quantizable:
+            size = packed_4bit_bytes(t.numel)
+        elif quant == "int8" and t.quantizable:
+            size = t.numel
+        else:
+            size = t.numel * elem
+        units[t.layer] = units.get(t.layer, 0) + size
+    largest = max(units.values(), default=0)
+    # FlatParamHandle.shard pads the flat parameter to a multiple of the world size
+    return math.ceil(largest / options.num_gpus) * options.num_gpus
+
+
+def fsdp1_param_dtype(options: TrainingOptions) -> str:
+    """The dtype FSDP1 unshards in: accelerate's mixed-precision policy (set_mixed_precision) casts
+    fp32 shards to the 16-bit compute dtype; otherwise the weights' own."""
+    if options.effective_weights_dtype == "fp32" and options.precision != "fp32":
+        return options.precision
+    return options.effective_weights_dtype
+
+
+def _fsdp1_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
+    n = options.num_gpus
+    unit = _fsdp1_unsharded_bytes(spec, options, in_layers=True)
+    root = _fsdp1_unsharded_bytes(spec, options, in_layers=False)
+    param_dtype = fsdp1_param_dtype(options)
+    cast = param_dtype != options.effective_weights_dtype
+    why = ("FSDP1 (fsdp_version 1: FullyShardedDataParallel, accelerate's FSDP plugin's and the HF Trainer's default"
+           + ("" if "fsdp_version" in options.model_fields_set else ", not given") + ")")
+    out = [
+        Component("temporary.gathered_params", FSDP1_GATHERED_UNITS * unit,
+                  f"{why}: {FSDP1_GATHERED_UNITS} decoder-layer units' padded unsharded flat parameters in {param_dtype} at a time in "
+                  "backward, the one computing and the next one's all-gather (BACKWARD_PRE: _pre_backward_hook -> _prefetch_handle); "
+                  "one in forward (no forward prefetch); all-gathered straight into the flat parameter, no copy-out "
+                  "(_flat_param.py unshard; traced, planner/sharded_trace.py trace_fsdp1)"),
+        Component("temporary.gathered_root", root,
+                  f"FSDP1's root unit ({root_params(spec):,} parameters: embeddings, LM head, final norm) unsharded from the forward to "
+                  "the end of the backward: _post_forward_reshard does not free the root's (traced)"),
+    ]
+    staged = []
+    if options.offload == "params":
+        staged.append("the shard copied from the host (pre_unshard -> flat_param_to)")
+    if cast:
+        staged.append(f"the shard cast to {param_dtype} (_use_low_precision_shard)")
+    if staged:
+        out.append(Component("temporary.gather_copy", math.ceil(unit / n) * len(staged),
+                             f"FSDP1: the all-gather's input on the GPU, {' and '.join(staged)}: 1/{n} of a unit each, freed once gathered"))
+    grads = _largest_layer_gradient_bytes(spec, options)
+    if grads and cast:
+        grads = grads * dtype_bytes(param_dtype) // MASTER_BYTES
+    if grads:
+        out.append(Component("temporary.grad_reduce", FSDP1_GRADIENT_COPIES * grads,
+                             "FSDP1: one unit's parameter gradients and their concatenation into its unsharded flat gradient (the views' "
+                             "split backward), which _post_backward_hook reduce-scatters into the sharded gradient (_reduce_grad) and frees"))
+    return out
+
+
+def fsdp_assumption(options: TrainingOptions) -> str | None:
+    """Which FSDP a sharded plan assumed, and why: one line for the plan's assumptions."""
+    if options.parallelism != "fsdp" or options.num_gpus <= 1:
+        return None
+    given = "fsdp_version" in options.model_fields_set
+    if options.fsdp_version == 1:
+        return ("FSDP1 (FullyShardedDataParallel, flat parameters per unit)" + (", given" if given else
+                ": fsdp_version not given, and accelerate's FSDP plugin and the HF Trainer default to 1; fsdp_version 2 plans fully_shard"))
+    return "FSDP2 (fully_shard, per-parameter sharding), fsdp_version 2" + (", given" if given else "")
 
 
 def per_gpu_static(components: list[Component], spec: ModelSpec, options: TrainingOptions) -> list[Component]:
@@ -252,6 +347,8 @@ def per_gpu_static(components: list[Component], spec: ModelSpec, options: Traini
         return out
     if strategy in ZERO_STAGES:
         out.extend(_deepspeed_components(spec, options))
+    elif strategy == "fsdp" and options.fsdp_version == 1:
+        out.extend(_fsdp1_components(spec, options))
     elif strategy == "fsdp":
         out.extend(_fsdp_components(spec, options))
     elif strategy == "ddp":

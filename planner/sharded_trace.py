@@ -1,23 +1,33 @@
-"""One rank of a sharded (FSDP2) run, traced in one process over a fake process group.
+"""One rank of a sharded (FSDP2 or FSDP1) run, traced in one process over a fake process group.
 
-The way PyTorch's own FSDP2 memory tests and torchtitan's memory estimator do it: torch.distributed's
-fake process group (`FakeStore`, backend "fake") stands in for the other ranks, so `fully_shard`
-shards a real model as rank 0 of `world_size` and every collective returns at once without data.
-The step (forward with labels, backward, AdamW's step, `zero_grad(set_to_none=True)`) runs under
+The way PyTorch's own FSDP memory tests and torchtitan's memory estimator do it: torch.distributed's
+fake process group (`FakeStore`, backend "fake") stands in for the other ranks, so FSDP shards a
+real model as rank 0 of `world_size` and every collective returns at once without data. The step
+(forward with labels, backward, AdamW's step, `zero_grad(set_to_none=True)`) runs under
 planner/step_trace.py's dispatch mode, which records every storage an op creates and when it dies;
 each allocation is charged to FSDP when FSDP's own code made it (its all-gather outputs, the
 reduce-scatter input and output, the new sharded gradients), to the optimizer when torch.optim
 made it, and to the step otherwise.
 
-FSDP2 refuses parameters on the meta device (`_validate_no_meta_params`, torch 2.13), so the model
-is real and on the CPU: the trace is for small models, and what it shows fixes the formula's FSDP
-terms (planner/parallel.py), which plans use for any size. Nothing here is imported by a plan.
+- FSDP2 (`fully_shard` per decoder layer, then the root; trace_fsdp2) refuses parameters on the
+  meta device (`_validate_no_meta_params`, torch 2.13), so the model is real and on the CPU.
+- FSDP1 (`FullyShardedDataParallel` with a transformer auto-wrap policy per decoder layer, as
+  accelerate's FSDP plugin and the HF Trainer set it up; trace_fsdp1) runs on the CPU too:
+  `device_id` cpu, and the fake group's all_gather into the padded unsharded flat parameter's
+  chunks (`FlatParamHandle._all_gather_flat_param`'s CPU path).
+
+Both free an unsharded parameter by resizing its storage to 0 and gather it again into the same
+storage, which no op records; the trace records those as allocations and frees. The traces are for
+small models, and what they show fixes the formula's FSDP terms (planner/parallel.py), which plans
+use for any size. Nothing here is imported by a plan.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 FSDP_PATH = "torch/distributed/fsdp"
@@ -38,6 +48,8 @@ class ShardedTrace:
     optimizer_state_bytes: int
     # live bytes by what made them, at the FSDP buffers' peak
     at_fsdp_peak: dict[str, int] = field(default_factory=dict)
+    # FSDP1 only: the largest unit's unsharded flat gradient (autograd's, before its reduce-scatter)
+    unsharded_grad_peak_bytes: int = 0
 
 
 def _category() -> str:
@@ -45,6 +57,10 @@ def _category() -> str:
     while frame is not None:
         name = frame.f_code.co_filename.replace("\\", "/")
         if FSDP_PATH in name:
+            # FSDP1's FullyShardedDataParallel.forward runs the wrapped module inside it: what that
+            # module computes is the step's, not FSDP's (FSDP2 runs as hooks, with no such frame)
+            if frame.f_code.co_name == "forward" and name.endswith("fully_sharded_data_parallel.py"):
+                return "step"
             return "fsdp"
         if OPTIM_PATH in name:
             return "optimizer"
@@ -52,131 +68,253 @@ def _category() -> str:
     return "step"
 
 
-def trace_fsdp2(config: dict, world_size: int, weights_dtype: str = "bf16", batch_size: int = 1, seq_len: int = 16,
-                steps: int = 2) -> ShardedTrace:
-    """Rank 0 of `world_size` under FSDP2 as accelerate sets it up for the plan's export
-    (`fully_shard` per decoder layer, then the root; reshard_after_forward), with AdamW."""
-    import torch
+@contextmanager
+def _fake_group(world_size: int):
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.fsdp._fully_shard import _fsdp_param as fsdp_param
-    from torch.distributed.fsdp._fully_shard import (
-        _fsdp_param_group as fsdp_param_group,
-    )
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from planner.introspect import _load_transformers, build_config
-    from planner.step_trace import _Tracer, torch_dtype
-
-    _load_transformers()
-    from transformers import AutoModelForCausalLM
-
-    saved = (fsdp_param.alloc_storage, fsdp_param.free_storage)
     started_here = not dist.is_initialized()
     if started_here:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     elif dist.get_world_size() != world_size:
         raise RuntimeError(f"a process group of {dist.get_world_size()} ranks is already set up")
     try:
-        hf_config = build_config(dict(config))
-        hf_config.use_cache = False
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype(weights_dtype), attn_implementation="sdpa")
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        model.train()
-
-        tracer = _Tracer()
-        kinds: dict[int, str] = {}
-
-        def record(tensor, self=tracer):
-            # real CPU tensors here, not meta: every storage counts
-            storage = tensor.untyped_storage()
-            cdata = storage._cdata
-            if cdata in self._handles or storage.nbytes() == 0:
-                return
-            self._next += 1
-            self._handles[cdata] = self._next
-            self.events.append(("alloc", self._next, storage.nbytes()))
-            kinds[self._next] = _category()
-            weakref.finalize(storage, self._died, cdata, self._next)
-
-        tracer.record = record
-
-        # FSDP2 frees an unsharded parameter by resizing its storage to 0 and gathers it again into
-        # the same storage (_fsdp_param.free_storage / alloc_storage): on CUDA each is a free and
-        # an allocation of the caching allocator, but no op runs, so they are recorded here
-        def alloc_storage(tensor, _alloc=saved[0]):
-            _alloc(tensor)
-            storage = tensor.untyped_storage()
-            if storage._cdata not in tracer._handles and storage.nbytes():
-                tracer._next += 1
-                tracer._handles[storage._cdata] = tracer._next
-                tracer.events.append(("alloc", tracer._next, storage.nbytes()))
-                kinds[tracer._next] = "fsdp"
-
-        def free_storage(tensor, _free=saved[1]):
-            handle = tracer._handles.pop(tensor.untyped_storage()._cdata, None)
-            if handle is not None:
-                tracer.events.append(("free", handle))
-            _free(tensor)
-
-        fsdp_param.alloc_storage = fsdp_param_group.alloc_storage = alloc_storage
-        fsdp_param.free_storage = free_storage
-        for param in model.parameters():
-            record(param.to_local())
-        kinds.update({handle: "sharded_params" for handle in kinds})
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
-        ids = torch.randint(3, hf_config.vocab_size, (batch_size, seq_len))
-        with tracer.mode:
-            for _ in range(steps):
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                del loss
-                for param in model.parameters():
-                    if param.grad is not None:
-                        handle = tracer._handles.get(param.grad.to_local().untyped_storage()._cdata)
-                        if handle is not None:
-                            kinds[handle] = "sharded_grads"
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        def local_bytes(tensor) -> int:
-            tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-            return tensor.numel() * tensor.element_size()
-
-        param_bytes = sum(local_bytes(p) for p in model.parameters())
-        state_bytes = sum(local_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-        # a gradient per parameter, sharded like it (in the parameter dtype: no mixed-precision policy)
-        grad_bytes = param_bytes
-        events = list(tracer.events)
+        yield
     finally:
-        fsdp_param.alloc_storage = fsdp_param_group.alloc_storage = saved[0]
-        fsdp_param.free_storage = saved[1]
         if started_here:
             dist.destroy_process_group()
 
-    sizes: dict[int, int] = {}
-    live: dict[str, int] = {}
-    total = peak = fsdp_peak = 0
-    at_fsdp_peak: dict[str, int] = {}
-    for event in events:
-        if event[0] == "alloc":
-            _, handle, nbytes = event
-            sizes[handle] = nbytes
-            kind = kinds.get(handle, "step")
-            live[kind] = live.get(kind, 0) + nbytes
-            total += nbytes
-        else:
-            handle = event[1]
-            nbytes = sizes.pop(handle, 0)
-            kind = kinds.get(handle, "step")
-            live[kind] = live.get(kind, 0) - nbytes
-            total -= nbytes
-        peak = max(peak, total)
-        # FSDP's buffers beyond the sharded gradients it keeps (those are the plan's gradients)
-        held = live.get("fsdp", 0)
-        if held > fsdp_peak:
-            fsdp_peak, at_fsdp_peak = held, dict(live)
-    return ShardedTrace(world_size, peak, fsdp_peak, param_bytes, grad_bytes, state_bytes, at_fsdp_peak)
+
+def _model(config: dict, weights_dtype: str):
+    import torch
+
+    from planner.introspect import _load_transformers, build_config
+    from planner.step_trace import torch_dtype
+
+    _load_transformers()
+    from transformers import AutoModelForCausalLM
+
+    hf_config = build_config(dict(config))
+    hf_config.use_cache = False
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype(weights_dtype), attn_implementation="sdpa"), hf_config
+
+
+class _Recorder:
+    """planner/step_trace.py's tracer, recording real CPU storages, with what made each."""
+
+    def __init__(self):
+        from planner.step_trace import _Tracer
+
+        self.tracer = tracer = _Tracer()
+        self.kinds: dict[int, str] = {}
+        tracer.record = self.record
+
+    def record(self, tensor, kind: str | None = None) -> None:
+        # real CPU tensors here, not meta: every storage counts
+        tracer = self.tracer
+        storage = tensor.untyped_storage()
+        cdata = storage._cdata
+        if cdata in tracer._handles or storage.nbytes() == 0:
+            return
+        tracer._next += 1
+        tracer._handles[cdata] = tracer._next
+        tracer.events.append(("alloc", tracer._next, storage.nbytes()))
+        self.kinds[tracer._next] = kind or _category()
+        weakref.finalize(storage, tracer._died, cdata, tracer._next)
+
+    def resized(self, tensor) -> None:
+        """An unsharded parameter gathered again into its storage (resized from 0): an allocation."""
+        tracer = self.tracer
+        storage = tensor.untyped_storage()
+        if storage._cdata not in tracer._handles and storage.nbytes():
+            tracer._next += 1
+            tracer._handles[storage._cdata] = tracer._next
+            tracer.events.append(("alloc", tracer._next, storage.nbytes()))
+            self.kinds[tracer._next] = "fsdp"
+
+    def freed(self, tensor) -> None:
+        """An unsharded parameter's storage resized to 0: a free."""
+        handle = self.tracer._handles.pop(tensor.untyped_storage()._cdata, None)
+        if handle is not None:
+            self.tracer.events.append(("free", handle))
+
+    def tag(self, tensor, kind: str) -> None:
+        handle = self.tracer._handles.get(tensor.untyped_storage()._cdata)
+        if handle is not None:
+            self.kinds[handle] = kind
+
+    def replay(self) -> tuple[int, int, dict[str, int]]:
+        """(peak of everything, peak of FSDP's buffers, live bytes by kind at that peak)."""
+        sizes: dict[int, int] = {}
+        live: dict[str, int] = {}
+        total = peak = fsdp_peak = 0
+        at_fsdp_peak: dict[str, int] = {}
+        for event in list(self.tracer.events):
+            if event[0] == "alloc":
+                _, handle, nbytes = event
+                sizes[handle] = nbytes
+                sign = 1
+            else:
+                handle, sign = event[1], -1
+                nbytes = sizes.pop(handle, 0)
+            kind = self.kinds.get(handle, "step")
+            live[kind] = live.get(kind, 0) + sign * nbytes
+            total += sign * nbytes
+            peak = max(peak, total)
+            # FSDP's buffers beyond the sharded gradients it keeps (those are the plan's gradients)
+            held = live.get("fsdp", 0)
+            if held > fsdp_peak:
+                fsdp_peak, at_fsdp_peak = held, dict(live)
+        return peak, fsdp_peak, at_fsdp_peak
+
+
+def _local_bytes(tensor) -> int:
+    tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return tensor.numel() * tensor.element_size()
+
+
+def trace_fsdp2(config: dict, world_size: int, weights_dtype: str = "bf16", batch_size: int = 1, seq_len: int = 16,
+                steps: int = 2) -> ShardedTrace:
+    """Rank 0 of `world_size` under FSDP2 as accelerate sets it up for the plan's export
+    (`fully_shard` per decoder layer, then the root; reshard_after_forward), with AdamW."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard import _fsdp_param as fsdp_param
+    from torch.distributed.fsdp._fully_shard import (
+        _fsdp_param_group as fsdp_param_group,
+    )
+
+    saved = (fsdp_param.alloc_storage, fsdp_param.free_storage)
+    with _fake_group(world_size):
+        try:
+            model, hf_config = _model(config, weights_dtype)
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            model.train()
+            recorder = _Recorder()
+
+            # FSDP2 frees an unsharded parameter by resizing its storage to 0 and gathers it again
+            # into the same storage (_fsdp_param.free_storage / alloc_storage): on CUDA each is a
+            # free and an allocation of the caching allocator, but no op runs
+            def alloc_storage(tensor, _alloc=saved[0]):
+                _alloc(tensor)
+                recorder.resized(tensor)
+
+            def free_storage(tensor, _free=saved[1]):
+                recorder.freed(tensor)
+                _free(tensor)
+
+            fsdp_param.alloc_storage = fsdp_param_group.alloc_storage = alloc_storage
+            fsdp_param.free_storage = free_storage
+            for param in model.parameters():
+                recorder.record(param.to_local(), "sharded_params")
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+            ids = torch.randint(3, hf_config.vocab_size, (batch_size, seq_len))
+            with recorder.tracer.mode:
+                for _ in range(steps):
+                    loss = model(input_ids=ids, labels=ids).loss
+                    loss.backward()
+                    del loss
+                    for param in model.parameters():
+                        if param.grad is not None:
+                            recorder.tag(param.grad.to_local(), "sharded_grads")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+            param_bytes = sum(_local_bytes(p) for p in model.parameters())
+            state_bytes = sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+        finally:
+            fsdp_param.alloc_storage = fsdp_param_group.alloc_storage = saved[0]
+            fsdp_param.free_storage = saved[1]
+    # a gradient per parameter, sharded like it (in the parameter dtype: no mixed-precision policy)
+    peak, fsdp_peak, at_fsdp_peak = recorder.replay()
+    return ShardedTrace(world_size, peak, fsdp_peak, param_bytes, param_bytes, state_bytes, at_fsdp_peak)
+
+
+def trace_fsdp1(config: dict, world_size: int, weights_dtype: str = "bf16", batch_size: int = 1, seq_len: int = 16,
+                steps: int = 2, use_orig_params: bool = True) -> ShardedTrace:
+    """Rank 0 of `world_size` under FSDP1 as accelerate's FSDP plugin (fsdp_version 1) and the HF
+    Trainer set it up: FullyShardedDataParallel with TRANSFORMER_BASED_WRAP (a unit per decoder
+    layer, the rest in the root unit), FULL_SHARD, BACKWARD_PRE prefetch, no forward prefetch,
+    limit_all_gathers, use_orig_params (accelerate's default; Answer.AI's fsdp_qlora turns it off),
+    with AdamW."""
+    import torch
+    from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import _flat_param as flat_param_module
+    from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    saved = (flat_param_module._alloc_storage, flat_param_module._free_storage)
+    with _fake_group(world_size):
+        try:
+            model, hf_config = _model(config, weights_dtype)
+            policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={type(model.model.layers[0])})
+            model = FSDP(model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"),
+                         backward_prefetch=BackwardPrefetch.BACKWARD_PRE, forward_prefetch=False, limit_all_gathers=True,
+                         use_orig_params=use_orig_params)
+            model.train()
+            recorder = _Recorder()
+
+            # FSDP1 allocates the padded unsharded flat parameter by resizing its storage
+            # (_flat_param.py _alloc_padded_unsharded_flat_param -> _alloc_storage) and frees it
+            # by resizing to 0 (_free_unsharded_flat_param -> _free_storage)
+            def alloc_storage(tensor, size, _alloc=saved[0]):
+                _alloc(tensor, size)
+                recorder.resized(tensor)
+
+            def free_storage(tensor, _free=saved[1]):
+                recorder.freed(tensor)
+                _free(tensor)
+
+            flat_param_module._alloc_storage = alloc_storage
+            flat_param_module._free_storage = free_storage
+            handles = _get_fsdp_handles(model)
+            for handle in handles:
+                recorder.record(handle.flat_param, "sharded_params")
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+            ids = torch.randint(3, hf_config.vocab_size, (batch_size, seq_len))
+            unsharded_grads = []
+            original_reduce = _wrap_reduce_grad(unsharded_grads)
+            with recorder.tracer.mode:
+                for _ in range(steps):
+                    loss = model(input_ids=ids, labels=ids).loss
+                    loss.backward()
+                    del loss
+                    for handle in handles:
+                        if handle.flat_param.grad is not None:
+                            recorder.tag(handle.flat_param.grad, "sharded_grads")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            _unwrap_reduce_grad(original_reduce)
+
+            param_bytes = sum(_local_bytes(handle.flat_param) for handle in handles)
+            state_bytes = sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+        finally:
+            flat_param_module._alloc_storage, flat_param_module._free_storage = saved
+    peak, fsdp_peak, at_fsdp_peak = recorder.replay()
+    return ShardedTrace(world_size, peak, fsdp_peak, param_bytes, param_bytes, state_bytes, at_fsdp_peak, max(unsharded_grads, default=0))
+
+
+def _wrap_reduce_grad(sizes: list[int]):
+    """Note each unit's unsharded flat gradient as FSDP1's post-backward hook reduce-scatters it
+    (_runtime_utils._reduce_grad: flat_param.grad, the gradient autograd computed for the unit)."""
+    from torch.distributed.fsdp import _runtime_utils
+
+    original = _runtime_utils._reduce_grad
+
+    def reduce_grad(state, handle, _original=original):
+        grad = handle.flat_param.grad
+        sizes.append(grad.numel() * grad.element_size())
+        return _original(state, handle)
+
+    _runtime_utils._reduce_grad = reduce_grad
+    return original
+
+
+def _unwrap_reduce_grad(original) -> None:
+    from torch.distributed.fsdp import _runtime_utils
+
+    _runtime_utils._reduce_grad = original

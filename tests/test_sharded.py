@@ -1,5 +1,5 @@
-"""Sharded multi-GPU plans (issue 23, item 3): FSDP2's buffers held to a fake-process-group trace of
-one rank, DeepSpeed's buffers sized from its options and the HF integration's "auto" values."""
+"""Sharded multi-GPU plans (issue 23, item 3): FSDP1's and FSDP2's buffers held to a fake-process-group
+trace of one rank, DeepSpeed's buffers sized from its options and the HF integration's "auto" values."""
 
 from __future__ import annotations
 
@@ -31,13 +31,91 @@ def test_a_fake_process_group_trace_of_fsdp2_agrees_with_the_plan(world_size):
     traced = trace_fsdp2(FOUR_LAYERS, world_size, weights_dtype="bf16")
     spec = spec_from_config(dict(FOUR_LAYERS), "llama")
     plan = build_plan(spec, TrainingOptions(method="full", precision="bf16", weights_dtype="bf16", num_gpus=world_size,
-                                            parallelism="fsdp", gpu_memory_gib=80, simulate_allocator=False))
+                                            parallelism="fsdp", fsdp_version=2, gpu_memory_gib=80, simulate_allocator=False))
     planned = sum(_bytes(plan, name) for name in ("temporary.gathered_params", "temporary.gather_copy", "temporary.gathered_root"))
     assert abs(planned - traced.fsdp_buffer_peak_bytes) <= TOLERANCE * traced.fsdp_buffer_peak_bytes, (planned, traced)
     # the per-rank shares the trace holds are the plan's
     assert traced.sharded_param_bytes == sum(c.bytes for c in plan.all_components if c.family == "weights")
     # without the root term (the old two layers only) the plan is well under the trace
     assert _bytes(plan, "temporary.gathered_params") < 0.75 * traced.fsdp_buffer_peak_bytes
+
+
+def _fsdp_plan(spec, version: int | None, **options):
+    given = {} if version is None else {"fsdp_version": version}
+    base = dict(method="full", precision="bf16", weights_dtype="bf16", num_gpus=2, parallelism="fsdp", gpu_memory_gib=80,
+                simulate_allocator=False)
+    return build_plan(spec, TrainingOptions(**(base | options | given)))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_fake_process_group_trace_of_fsdp1_agrees_with_the_plan(world_size):
+    pytest.importorskip("torch.distributed.fsdp")
+    from planner.sharded_trace import trace_fsdp1
+
+    spec = spec_from_config(dict(FOUR_LAYERS), "llama")
+    plan = _fsdp_plan(spec, 1, num_gpus=world_size)
+    gathered = sum(_bytes(plan, name) for name in ("temporary.gathered_params", "temporary.gather_copy", "temporary.gathered_root"))
+    for use_orig_params in (True, False):  # accelerate's default, and Answer.AI's fsdp_qlora
+        traced = trace_fsdp1(FOUR_LAYERS, world_size, weights_dtype="bf16", use_orig_params=use_orig_params)
+        # the root and two decoder layers, gathered straight into their flat parameters: to the byte
+        assert gathered == traced.fsdp_buffer_peak_bytes, (gathered, traced)
+        assert traced.sharded_param_bytes == sum(c.bytes for c in plan.all_components if c.family == "weights")
+        # one unit's unsharded flat gradient at a time, which the plan counts beside the gradients it is made from
+        assert _bytes(plan, "temporary.grad_reduce") == 2 * traced.unsharded_grad_peak_bytes
+    # FSDP2's copy-out is no part of FSDP1: with it the plan would be a layer over the trace
+    fsdp2 = _fsdp_plan(spec, 2, num_gpus=world_size)
+    assert sum(_bytes(fsdp2, name) for name in ("temporary.gathered_params", "temporary.gather_copy", "temporary.gathered_root")) > \
+        1.3 * traced.fsdp_buffer_peak_bytes
+
+
+def test_fsdp1_is_the_default_and_the_plan_says_which_fsdp(tiny_specs):
+    from planner.parallel import fsdp_assumption
+
+    spec = spec_from_config(dict(FOUR_LAYERS), "llama")
+    default, one, two = _fsdp_plan(spec, None), _fsdp_plan(spec, 1), _fsdp_plan(spec, 2)
+    assert TrainingOptions().fsdp_version == 1
+    assert [c.bytes for c in default.all_components] == [c.bytes for c in one.all_components]
+    assert _bytes(one, "temporary.gather_copy") == 0 < _bytes(two, "temporary.gather_copy")
+    buffers = ("temporary.gathered_params", "temporary.gather_copy", "temporary.gathered_root", "temporary.grad_reduce")
+    # a full fine-tune's backward holds as much under both (FSDP2's third layer is the reduce-scatter
+    # input of the gradients FSDP1 concatenates); with LoRA's few gradients FSDP1 holds a layer of
+    # parameters less, and the gradients it concatenates
+    assert sum(_bytes(one, name) for name in buffers) == sum(_bytes(two, name) for name in buffers)
+    lora1, lora2 = _fsdp_plan(spec, 1, method="lora"), _fsdp_plan(spec, 2, method="lora")
+    layer = max(sum(t.numel for t in spec.tensors if t.layer == i) for i in range(4)) * 2
+    params = ("temporary.gathered_params", "temporary.gather_copy")
+    assert sum(_bytes(lora2, name) for name in params) - sum(_bytes(lora1, name) for name in params) == layer
+    assert _bytes(lora1, "temporary.grad_reduce") == 2 * _bytes(lora2, "temporary.grad_reduce") > 0
+    note = next(c.note for c in default.all_components if c.name == "temporary.gathered_params")
+    assert note.startswith("FSDP1 (fsdp_version 1") and "not given" in note
+    assert "FSDP2" in next(c.note for c in two.all_components if c.name == "temporary.gathered_params")
+    assert "not given" in fsdp_assumption(default.options)
+    assert fsdp_assumption(TrainingOptions(num_gpus=2, parallelism="fsdp", fsdp_version=2)).startswith("FSDP2")
+    assert fsdp_assumption(TrainingOptions(num_gpus=2, parallelism="zero3", fsdp_version=2)) is None
+    # like the stage3_* options under ZeRO-1/2, fsdp_version is DeepSpeed-blind: planned, not refused
+    zero3 = dict(method="full", num_gpus=2, parallelism="zero3", gpu_memory_gib=80, simulate_allocator=False)
+    assert build_plan(spec, TrainingOptions(**zero3, fsdp_version=2)).phase_totals == build_plan(spec, TrainingOptions(**zero3)).phase_totals
+    for bad in (0, 3, "two"):
+        with pytest.raises(ValueError):
+            TrainingOptions(fsdp_version=bad)
+
+
+def test_fsdp1_gathers_quantized_units_as_stored_and_casts_fp32_shards(tiny_specs):
+    spec = tiny_specs["llama"]
+    layer = next(t.layer for t in spec.tensors if t.layer is not None)
+    in_layer = [t for t in spec.tensors if t.layer == layer]
+    n = 2
+    # QLoRA: the decoder layer's 4-bit weights all-gathered packed (half a byte each), the rest in bf16
+    qlora = _fsdp_plan(spec, 1, method="qlora")
+    stored = sum((t.numel + 1) // 2 if t.quantizable else 2 * t.numel for t in in_layer)
+    assert _bytes(qlora, "temporary.gathered_params") == 2 * (-(-stored // n) * n)
+    assert _bytes(qlora, "temporary.gathered_params") < 0.5 * _bytes(_fsdp_plan(spec, 2, method="qlora"), "temporary.gathered_params")
+    # fp32 weights under bf16 compute: accelerate's MixedPrecision unshards in bf16, from a bf16 cast of the shard
+    mixed = _fsdp_plan(spec, 1, weights_dtype="fp32")
+    numel = sum(t.numel for t in in_layer)
+    assert _bytes(mixed, "temporary.gathered_params") == 2 * 2 * numel
+    assert _bytes(mixed, "temporary.gather_copy") == -(-2 * numel // n)
+    assert _bytes(_fsdp_plan(spec, 1, offload="params"), "temporary.gather_copy") == -(-2 * numel // n)
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
@@ -104,3 +182,22 @@ def test_exports_write_the_bucket_options_into_the_deepspeed_config():
     zero2 = deepspeed_json(2, "none", options)["zero_optimization"]
     assert "stage3_prefetch_bucket_size" not in zero2 and zero2["overlap_comm"] is True
     assert deepspeed_json(2, "none")["zero_optimization"] == {"stage": 2}
+
+
+def test_published_fsdp_cases_plan_with_the_fsdp_their_harness_ran():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import published
+
+    cases = {case["id"]: case for case in published.load_cases()}
+    # the case says which; else its source's harness: fsdp_qlora's and accelerate's FullyShardedDataParallel
+    expected = {"TT-4": 1, "TT-7": 2, "AAI-1": 1, "AAI-2": 1, "AAI-4": 1, "AAI-5": 1, "FMS-3": 1, "FMS-8": 1}
+    for case_id, version in expected.items():
+        assert published.fsdp_version_of(cases[case_id]) == version, case_id
+        if published.skip_reason(cases[case_id]):
+            continue  # TT-4 and TT-7 do not say which memory they measured
+        options = published.options_for(cases[case_id])
+        assert (options.parallelism, options.fsdp_version) == ("fsdp", version), case_id
+        assert "fsdp_version" in options.model_fields_set, case_id
