@@ -639,8 +639,9 @@ def preflight(settings, options: dict, model: str | Path | None, *, for_export: 
     """The doors' call, before the plan is built: the dataset path resolved (a typo is bad input at once)
     and read. `settings`: launcher.spec.RunSettings; `options`: the plan options as JSON (stage, seq_len).
     An export names a dataset for another machine: one not here is not read (None)."""
-    from launcher.spec import resolve_dataset
+    from launcher.spec import check_launchable, resolve_dataset
 
+    check_launchable(options, settings, for_export)  # what cannot run at all is said before what is wrong with its data
     ref = resolve_dataset(settings.dataset, must_exist=not for_export)
     if for_export and ref.kind != "hub" and not Path(ref.location).expanduser().exists():
         return None
