@@ -22,6 +22,7 @@ installed and skipped when not.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ NEEDS = {
     "grpo": "prompt", "rloo": "prompt",
 }
 TEXT_OR_MESSAGES = ("prompt", "completion", "chosen", "rejected")
+CHUNK_BYTES = 16 << 20  # a JSONL is proven in chunks of whole lines this large
 DEEP_ROWS = 2000  # rows of a Parquet, Arrow or CSV file checked one by one (the rest by their columns)
 CHARS_PER_TOKEN = 4  # without a tokenizer, the longest row's tokens are estimated from its characters
 
@@ -216,37 +218,40 @@ class _Found:
 
 def _scan_jsonl(path: Path, name: str, stage: str) -> _Found:
     """Line by line, stopping at the first bad line: the exact, slower reader."""
-    shape: tuple[str, ...] | None = None
-    first = ""
+    with open(path, "rb") as fh:
+        found = _scan_lines(fh, 1, name, stage, None, "")
+    if found.shape is None:
+        raise _problem(name, f"no rows; the {stage} trainer needs at least one row with {NEEDS[stage]}")
+    return found
+
+
+def _scan_lines(lines, start: int, name: str, stage: str, shape: tuple[str, ...] | None, first: str) -> _Found:
+    """Checks each line from line number `start`; raises at the first bad one. The shape: given, or the first row's."""
     rows = 0
     longest = (-1, 0, None)
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except UnicodeDecodeError:
-                raise _problem(f"{name} line {number}", "not UTF-8 text; save the file as UTF-8") from None
-            except ValueError as exc:
-                detail = f"{exc.msg}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
-                hint = "each line must be one JSON object"
-                if number == 1 and raw.strip().startswith(b"["):
-                    hint = "a JSONL file holds one JSON object per line, not a list (name a JSON list .json)"
-                raise _problem(f"{name} line {number}", f"not JSON ({detail}); {hint}") from None
-            try:
-                if shape is None:
-                    shape, first = _choose_shape(row, stage), f"line {number}"
-                _check_row(row, shape, first)
-            except _Bad as exc:
-                raise _problem(f"{name} line {number}", str(exc)) from None
-            rows += 1
-            if len(raw) > longest[0]:
-                longest = (len(raw), number, row)
-    if shape is None:
-        raise _problem(name, f"no rows; the {stage} trainer needs at least one row with {NEEDS[stage]}")
-    found = _Found(rows, shape, f"line {longest[1]}", longest[2])
-    return found
+    for number, raw in enumerate(lines, start=start):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except UnicodeDecodeError:
+            raise _problem(f"{name} line {number}", "not UTF-8 text; save the file as UTF-8") from None
+        except ValueError as exc:
+            detail = f"{exc.msg}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            hint = "each line must be one JSON object"
+            if number == 1 and raw.strip().startswith(b"["):
+                hint = "a JSONL file holds one JSON object per line, not a list (name a JSON list .json)"
+            raise _problem(f"{name} line {number}", f"not JSON ({detail}); {hint}") from None
+        try:
+            if shape is None:
+                shape, first = _choose_shape(row, stage), f"line {number}"
+            _check_row(row, shape, first)
+        except _Bad as exc:
+            raise _problem(f"{name} line {number}", str(exc)) from None
+        rows += 1
+        if len(raw) > longest[0]:
+            longest = (len(raw), number, row)
+    return _Found(rows, shape, f"line {longest[1]}", longest[2], longest[0] if longest[0] >= 0 else None)
 
 
 def _arrow_type_ok(column, name: str) -> bool:
@@ -286,25 +291,47 @@ def _gate(table, shape: tuple[str, ...]) -> bool:
 
 
 def _jsonl(path: Path, name: str, stage: str) -> _Found:
+    """In chunks of whole lines: pyarrow proves a chunk right column by column (the gate); a chunk it
+    cannot is read line by line, which names the first bad line. A late error costs one chunk of Python."""
     first = _first_row(path)
     shape = _choose_shape_quiet(first, stage) if isinstance(first, dict) else None
     if shape is None:
-        return _scan_jsonl(path, name, stage)  # stops at line 1 (or the first line, after blank ones) and says why
+        return _scan_jsonl(path, name, stage)  # stops at the first line and says why
     try:
         import pyarrow.json as pj
     except ImportError:
         return _scan_jsonl(path, name, stage)
+    first_at = "line 1"
+    rows, line, best = 0, 1, (-1, 0, b"")
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            if not chunk.endswith(b"\n"):
+                chunk += fh.readline()
+            lines = chunk.split(b"\n")
+            if lines[-1] == b"":
+                lines.pop()
+            try:
+                table = pj.read_json(io.BytesIO(chunk))
+                proven = _gate(table, shape)
+                count = table.num_rows
+                del table
+            except Exception:
+                proven = False
+            if not proven:
+                found = _scan_lines(lines, line, name, stage, shape, first_at)  # raises at the bad line
+                count = found.rows
+            longest = max(range(len(lines)), key=lambda i: len(lines[i]), default=None)
+            if longest is not None and len(lines[longest]) > best[0]:
+                best = (len(lines[longest]), line + longest, lines[longest])
+            rows += count
+            line += len(lines)
+    if not rows:
+        raise _problem(name, f"no rows; the {stage} trainer needs at least one row with {NEEDS[stage]}")
     try:
-        table = pj.read_json(path)
-    except Exception:
-        return _scan_jsonl(path, name, stage)  # names the line and says why
-    # the gate proves, column by column, that every row holds the first row's fields, well typed
-    if not _gate(table, shape):
-        return _scan_jsonl(path, name, stage)
-    rows = table.num_rows
-    del table
-    number, row, size = _longest_line(path)
-    return _Found(rows, shape, f"line {number}", row, size)
+        row = json.loads(best[2])
+    except ValueError:
+        row = None
+    return _Found(rows, shape, f"line {best[1]}", row if isinstance(row, dict) else None, best[0])
 
 
 def _first_row(path: Path):
@@ -323,21 +350,6 @@ def _choose_shape_quiet(row: dict, stage: str) -> tuple[str, ...] | None:
         return _choose_shape(row, stage)
     except _Bad:
         return None
-
-
-def _longest_line(path: Path) -> tuple[int, dict | None, int]:
-    best, number, at = -1, 0, 0
-    with open(path, "rb") as fh:
-        for i, raw in enumerate(fh, start=1):
-            if len(raw) > best:
-                best, number, at = len(raw), i, fh.tell() - len(raw)
-        fh.seek(at)
-        raw = fh.readline()
-    try:
-        row = json.loads(raw)
-    except ValueError:
-        row = None
-    return number, row if isinstance(row, dict) else None, best
 
 
 def _json(path: Path, name: str, stage: str) -> _Found:

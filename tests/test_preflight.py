@@ -193,3 +193,16 @@ def test_the_runs_api_and_the_page_refuse_a_bad_dataset_with_422_on_dataset(clie
     form = {"model": "Qwen/Qwen2.5-0.5B", "stage": "dpo", "dataset": str(root / "pairs.jsonl"), "device": "cpu", "backend": "fake", "max_steps": "2"}
     page = client.post("/launch", data=form, headers=ORIGIN)
     assert page.status_code == 422 and "pairs.jsonl line 2: no &#34;rejected&#34; field" in page.text
+
+
+def test_chunks_of_lines_count_every_row_and_name_the_line_across_boundaries(tmp_path, monkeypatch):
+    import launcher.preflight as preflight
+
+    monkeypatch.setattr(preflight, "CHUNK_BYTES", 1000)  # many chunks, each cut mid-line and completed
+    rows = [{"text": f"row {i} " + "x" * (i % 37)} for i in range(3000)]
+    rows[1234] = {"text": "the longest row " + "y" * 500}
+    path = jsonl(tmp_path / "rows.jsonl", rows)
+    check = check_dataset(str(path), "sft")
+    assert check.rows == 3000 and check.longest_row == "line 1235"
+    rows[2718] = {"txt": "moved"}
+    assert problem(str(jsonl(tmp_path / "rows.jsonl", rows)), "sft").startswith('rows.jsonl line 2719: no "text" field')
