@@ -117,7 +117,14 @@ class TrainingOptions(BaseModel):
     stage3_prefetch_bucket_size: int | str | None = None
     stage3_param_persistence_threshold: int | str | None = None
     stage3_max_live_parameters: int | str | None = None
+    # FSDP's implementation under parallelism fsdp (planner/parallel.py): 1 FullyShardedDataParallel
+    # (accelerate's FSDP plugin's and the HF Trainer's default), 2 fully_shard
+    fsdp_version: int = Field(default=1, ge=1, le=2)
     num_generations: int = Field(default=8, ge=1, le=1024)
+    # GRPOConfig's steps_per_generation: one generate call covers this many micro-batches
+    # (batch_size x steps_per_generation completions at once); None is TRL's default, the
+    # gradient accumulation steps
+    steps_per_generation: int | None = Field(default=None, ge=1, le=1024)
     max_new_tokens: int = Field(default=512, ge=1, le=1_000_000)
     headroom: float = Field(default=0.05, ge=0, lt=1)
     # alignment stages
@@ -198,6 +205,13 @@ class TrainingOptions(BaseModel):
         return "nf4" if self.method == "qlora" else "none"
 
     @property
+    def effective_steps_per_generation(self) -> int:
+        """Micro-batches one generation covers: TRL's GRPO and RLOO; 1 for the other stages."""
+        if self.stage not in ("grpo", "rloo"):
+            return 1
+        return self.steps_per_generation or self.gradient_accumulation_steps
+
+    @property
     def effective_beta(self) -> float:
         """The KL/temperature coefficient: TRL's default for the stage unless given."""
         if self.beta is not None:
@@ -262,6 +276,9 @@ def check_consistency(options: TrainingOptions) -> None:
         field = "packing" if options.packing else "padding_free"
         raise PlanInputError(field, f"{field} is a setting of TRL's SFTConfig; stage {options.stage} batches its own way: leave it off "
                              "(padding longest plans padded batches)")
+    if options.steps_per_generation is not None and options.stage not in ("grpo", "rloo"):
+        raise PlanInputError("steps_per_generation", f"steps_per_generation is a setting of TRL's GRPO and RLOO trainers; stage {options.stage} "
+                             "does not generate that way: leave it unset")
     if options.padding != "none" and (options.packing or options.padding_free):
         raise PlanInputError("padding", "packed or padding-free batches carry no padding: leave padding none")
     if options.num_gpus == 1 and options.parallelism != "ddp":

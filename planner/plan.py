@@ -53,7 +53,7 @@ from planner.errors import PlanInputError
 from planner.hardware import apply_hardware_rules
 from planner.logits import logits_components
 from planner.options import TrainingOptions, check_consistency
-from planner.parallel import SHARDS_OPTIMIZER, per_gpu_static
+from planner.parallel import SHARDS_OPTIMIZER, fsdp_assumption, per_gpu_static
 from planner.precision import precision_mode
 from planner.runtime import (
     band_bytes,
@@ -524,8 +524,10 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
     if isinstance(simulated, SimulatedStep):
         tensors_at_peak = max(sum(c.bytes for c in members) for members in tensors_by_phase.values())
         peaks = simulated.peaks
+        # colocated vLLM's reservation is not in the traced step (it generates in its own memory)
+        untraced = sum(c.bytes for c in everything if c.name == "kv_cache.vllm")
         runtime = simulated_runtime_components(peaks.peak_reserved, tensors_at_peak, peaks.allocations, simulated.steps,
-                                               outside_allocator_bytes=simulated.outside_allocator_bytes)
+                                               outside_allocator_bytes=simulated.outside_allocator_bytes + untraced)
     else:
         # the allocator's reserve is the step's, whichever phase peaks: it keeps what it cached
         runtime = runtime_components(*reserve_inputs(everything), allocator=options.allocator)
@@ -534,6 +536,9 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
     peak_phase = max(totals, key=totals.get)
 
     assumptions = _assumptions(options) + gpu_notes + stage_notes + peft_method_notes(spec, options)
+    sharding_note = fsdp_assumption(options)
+    if sharding_note:
+        assumptions.append(sharding_note)
     variant_note = spec_note(spec)
     if variant_note:
         assumptions.insert(0, variant_note)

@@ -134,11 +134,12 @@ def reserve_inputs(components: list[Component]) -> tuple[int, int]:
 def simulated_runtime_components(peak_reserved: int, tensors_at_peak: int, allocations: int, steps: int, cal: Calibration | None = None,
                                  outside_allocator_bytes: int = 0) -> list[Component]:
     """The CUDA context and the reserve that brings the plan's tensors up to the simulated reserved
-    peak; `outside_allocator_bytes` of those tensors (paged optimizer state) are not in that pool."""
+    peak; `outside_allocator_bytes` of those tensors (paged optimizer state, colocated vLLM's
+    reservation) are not in that pool."""
     cal = cal or calibration()
     reserve = max(0, peak_reserved - (tensors_at_peak - outside_allocator_bytes))
-    outside = (f"; {outside_allocator_bytes / GIB:.2f} GiB of paged optimizer state lives outside it, in CUDA managed memory, "
-               "counted as resident" if outside_allocator_bytes else "")
+    outside = (f"; {outside_allocator_bytes / GIB:.2f} GiB of the planned tensors lies outside the traced pool (a paged optimizer's state "
+               "in CUDA managed memory, colocated vLLM's reservation), counted as resident" if outside_allocator_bytes else "")
     return [
         Component("runtime.cuda_context", cal.cuda_context_bytes, f"CUDA context and library workspaces (calibration {cal.name})"),
         Component("runtime.allocator", reserve,

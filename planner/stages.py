@@ -67,12 +67,15 @@ def stage_components(spec: ModelSpec, options: TrainingOptions, weights: list[Co
                 )
             )
         else:
-            sequences = options.batch_size
+            # TRL generates once for steps_per_generation micro-batches (GRPO, RLOO)
+            sequences = options.batch_size * options.effective_steps_per_generation
             out.append(
                 Component(
                     "kv_cache",
                     kv_cache_bytes(spec, options, sequences),
-                    f"generation KV cache: {sequences} sequences x ({options.seq_len} prompt + {options.max_new_tokens} new tokens)",
+                    f"generation KV cache: {sequences} sequences x ({options.seq_len} prompt + {options.max_new_tokens} new tokens)"
+                    + (f", batch_size {options.batch_size} x steps_per_generation {options.effective_steps_per_generation}"
+                       if options.effective_steps_per_generation > 1 else ""),
                 )
             )
     return out, notes

@@ -44,10 +44,9 @@ from planner import trace_cache
 from planner.allocator import AllocatorPeaks, replay, smallest_capacity
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
+from planner.stage_steps import TRACED_STAGES, StageRun, fused_outputs, generation_batch, needs_reference_copy
 
 STEPS = 2  # the first allocates the optimizer state; a third repeats the second (148 catalog steps: identical peaks, bench/results/simulated-matrix-2026-11-28.jsonl)
-# what TRL 1.16's SFTTrainer asks its fused LM head for (entropy and is_top1 feed its metrics)
-SFT_FUSED_OUTPUTS = ("log_probs", "entropy", "is_top1")
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace on Hopper, taken from the caching allocator
 SIMULATED_METHODS = ("full", "lora", "qlora", "dora", "ia3")
 SIMULATED_OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor")
@@ -107,8 +106,10 @@ class SimulatedStep:
 
 def unsupported_reason(options: TrainingOptions) -> str | None:
     """Why this plan's step cannot be traced, or None."""
-    if options.stage != "sft":
-        return f"stage {options.stage}: only supervised fine-tuning steps are traced"
+    if options.stage not in TRACED_STAGES:
+        return f"stage {options.stage}: the traced stages are {', '.join(TRACED_STAGES)}; this one is planned from the formula"
+    if options.stage != "sft" and options.effective_loss_implementation != "trl_fused":
+        return f"stage {options.stage} runs in TRL's trainer: traced with trainer trl"
     if options.num_gpus != 1 or options.offload != "none":
         return "one GPU without offload only"
     if options.method not in SIMULATED_METHODS:
@@ -488,7 +489,7 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
             from trl.trainer.utils import add_fused_lm_head
         except ImportError:
             raise SimulationUnsupported("trainer trl: TRL is not installed here") from None
-        add_fused_lm_head(model, outputs=SFT_FUSED_OUTPUTS)  # before PEFT, as TRL's trainers add it
+        add_fused_lm_head(model, outputs=fused_outputs(options.stage))  # before PEFT, as TRL's trainers add it
     method = options.method
     # which Linear layers bitsandbytes would quantize, named as in the model it loads (before PEFT)
     quantized = bitsandbytes_linears(model) if method == "qlora" else []
@@ -520,6 +521,28 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
     return model
 
 
+def _build_reference(config: dict, options: TrainingOptions, tracer: _Tracer):
+    """The frozen reference copy TRL loads like the policy (same class and dtype), in eval mode,
+    with the fused head its trainer adds (log-probs only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from planner.introspect import build_config
+
+    hf_config = build_config(config)
+    hf_config.use_cache = False
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype(options.effective_weights_dtype),
+                                                     attn_implementation=options.attention, trust_remote_code=False)
+    reference.requires_grad_(False)
+    reference.eval()
+    add_fused_lm_head(reference)
+    for tensor in [*reference.parameters(), *reference.buffers()]:
+        tracer.record(tensor)
+    return reference
+
+
 def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) -> SimulatedStep:
     """The allocator's peaks over `steps` training steps of this plan's run."""
     global _in_line
@@ -545,17 +568,19 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
     started = time.perf_counter()
     import torch
 
-    tracer = _Tracer(masked=options.batch_layout != "fixed")
+    # GRPO's prompts are padded on the left and its completions on the right: always a mask
+    tracer = _Tracer(masked=options.batch_layout != "fixed" or options.stage == "grpo")
     try:
         model = _build(config, options, tracer)
+        reference = _build_reference(config, options, tracer) if needs_reference_copy(options) else None
     except (SimulationUnsupported, PlanInputError):
         raise
     except Exception as exc:  # noqa: BLE001 - a model the trace cannot build is reported, not raised
         raise SimulationUnsupported(f"the model could not be built for the trace: {str(exc)[:200]}") from None
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss_path = options.effective_loss_implementation
-    stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast, loss_path == "trl_fused", options.batch_layout)
-    extra = {"fused_lm_head": True} if loss_path == "trl_fused" else {}
+    layout = "padded" if options.stage == "grpo" else options.batch_layout
+    stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast, loss_path == "trl_fused", layout)
     state: dict = {}
     optimizer = _real_optimizer(options, trainable)
     # with accumulation the second micro-batch runs beside the first's gradients; a third repeats it
@@ -565,13 +590,13 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
             workspace = torch.empty(CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8, device="meta")
             ids, batch = _traced_batch(options)
             tracer.record(ids)
+            run = StageRun(model, options, ids, batch, loss_path, reference=reference, prompts=_traced_prompts(options))
             for _ in range(steps):
                 for _ in range(micro_batches):
+                    stand_ins.caching = False
+                    run.generate_if_due()
                     stand_ins.caching = True
-                    if loss_path == "no_upcast":
-                        loss = _loss_without_upcast(model(input_ids=ids, **batch).logits, ids)
-                    else:
-                        loss = model(input_ids=ids, labels=ids, **batch, **extra).loss
+                    loss = run.micro_batch()
                     stand_ins.cache.clear()
                     stand_ins.caching = False
                     loss.backward()
@@ -609,6 +634,11 @@ def _traced_batch(options: TrainingOptions):
     import torch
 
     layout = options.batch_layout
+    if options.stage == "dpo":
+        # DataCollatorForPreference: the chosen rows, then the rejected, padded to one length
+        ids = torch.zeros(2 * options.batch_size, options.seq_len, dtype=torch.long, device="meta")
+        extra = {"attention_mask": torch.ones_like(ids)} if layout == "padded" else {}
+        return ids, extra
     if layout == "padding_free":
         ids = torch.zeros(1, options.batch_size * options.seq_len, dtype=torch.long, device="meta")
         positions = torch.arange(options.seq_len, device="meta").repeat(options.batch_size)[None]
@@ -619,13 +649,14 @@ def _traced_batch(options: TrainingOptions):
     return ids, extra
 
 
-def _loss_without_upcast(logits, labels):
-    """transformers' ForCausalLMLoss without its `logits.float()`: cross-entropy on the logits in
-    the compute dtype (on meta no autocast acts, as outside one on CUDA)."""
-    import torch.nn.functional as F
+def _traced_prompts(options: TrainingOptions):
+    """GRPO's generation batch: prompts (left-padded to seq_len) and their mask; None otherwise."""
+    import torch
 
-    shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=-100)
+    if options.stage != "grpo" or options.use_vllm:
+        return None
+    prompts = torch.zeros(generation_batch(options), options.seq_len, dtype=torch.long, device="meta")
+    return prompts, torch.ones_like(prompts)
 
 
 def _config_for(spec) -> dict:

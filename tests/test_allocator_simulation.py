@@ -137,7 +137,7 @@ def test_the_trace_runs_trl_s_own_fused_head_with_only_its_in_place_kernels_stub
 
     from trl.trainer import sft_trainer
 
-    from planner.step_trace import SFT_FUSED_OUTPUTS
+    from planner.stage_steps import SFT_FUSED_OUTPUTS
 
     assert f"outputs={SFT_FUSED_OUTPUTS!r}" in inspect.getsource(sft_trainer).replace('"', "'")
     calls = []
@@ -198,7 +198,7 @@ def test_a_paged_optimizer_s_large_states_live_outside_the_pool_and_the_band_all
     # the central figure: the pool's peak plus the paged states, counted as resident
     assert plan.peak_bytes == paged.peaks.peak_reserved + paged.outside_allocator_bytes + context
     assert plan.peak_high_bytes >= in_pool.peaks.peak_reserved + context
-    assert any("of paged optimizer state lives outside it, in CUDA managed memory" in c.note for c in plan.components)
+    assert any("lies outside the traced pool (a paged optimizer's state in CUDA managed memory" in c.note for c in plan.components)
 
 
 def test_a_run_the_trace_cannot_stand_in_for_keeps_the_formula_and_says_why():
