@@ -238,17 +238,24 @@ def accelerate_config(spec: LaunchSpec) -> dict[str, Any] | None:
             "zero3_init_flag": parallelism == "zero3",
             "gradient_accumulation_steps": spec.options.get("gradient_accumulation_steps", 1),
         }
-    else:  # fsdp: FSDP2, full sharding
+    else:  # fsdp, full sharding, in the version the plan assumed (planner/parallel.py)
+        version = options.get("fsdp_version", 1)
         config["distributed_type"] = "FSDP"
         config["fsdp_config"] = {
-            "fsdp_version": 2,
+            "fsdp_version": version,
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_offload_params": offload != "none",
             "fsdp_cpu_ram_efficient_loading": True,
             "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-            "fsdp_reshard_after_forward": True,
+            # FSDP2 takes a bool, FSDP1 a sharding strategy (accelerate refuses the other form)
+            "fsdp_reshard_after_forward": True if version == 2 else "FULL_SHARD",
             "fsdp_activation_checkpointing": bool(options["gradient_checkpointing"]),
         }
+        if version == 1:
+            # the FSDP1 plan prefetches the next unit in backward; without the key accelerate
+            # prefetches nothing. A decoder layer mixes frozen and trained parameters under PEFT,
+            # which FSDP1's flat parameters take only with use_orig_params
+            config["fsdp_config"] |= {"fsdp_backward_prefetch": "BACKWARD_PRE", "fsdp_use_orig_params": True}
     return config
 
 
@@ -363,11 +370,16 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
             # for most stage and offload pairs (its zero2.json offloads the optimizer)
             config["deepspeed"] = deepspeed_json(int(parallelism[-1]), offload, options)
         elif parallelism == "fsdp":
-            if config["optimizer"] == "adamw_bnb_8bit":
-                config["optimizer"] = "adamw_torch_8bit"  # axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2
-            config["fsdp_version"] = 2
+            version = options.get("fsdp_version", 1)
+            config["fsdp_version"] = version
             config["fsdp_config"] = {"offload_params": options["offload"] != "none", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                     "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
+                                     "state_dict_type": "SHARDED_STATE_DICT"}
+            if version == 2:
+                if config["optimizer"] == "adamw_bnb_8bit":
+                    config["optimizer"] = "adamw_torch_8bit"  # axolotl refuses bitsandbytes' 8-bit AdamW under FSDP2
+                config["fsdp_config"]["reshard_after_forward"] = True
+            # FSDP1: axolotl 0.21's FSDPConfig has no prefetch or sharding-strategy key, so its
+            # defaults apply (full sharding, no backward prefetch: at most what the plan holds)
     return config
 
 

@@ -195,7 +195,9 @@ def test_accelerate_export_loads_with_accelerates_loader(tmp_path, parallelism, 
         assert ds["zero3_init_flag"] is (parallelism == "zero3")
     else:
         assert config.distributed_type == DistributedType.FSDP
-        assert config.fsdp_config["fsdp_version"] == 2
+        # the FSDP the plan assumed: FSDP1 unless fsdp_version says 2
+        assert config.fsdp_config["fsdp_version"] == 1
+        assert config.fsdp_config["fsdp_backward_prefetch"] == "BACKWARD_PRE"
         assert config.fsdp_config["fsdp_offload_params"] is (offload != "none")
 
     # `accelerate launch --config_file` copies each nested key onto its launch argument of that name
@@ -214,7 +216,8 @@ def test_accelerate_export_loads_with_accelerates_loader(tmp_path, parallelism, 
         assert (args.zero_stage, args.offload_optimizer_device, args.offload_param_device) == (int(parallelism[-1]), offload_optimizer, offload_params)
         assert args.gradient_accumulation_steps == 3
     if parallelism == "fsdp":
-        assert int(args.fsdp_version) == 2 and args.fsdp_offload_params is (offload != "none")
+        assert int(args.fsdp_version) == 1 and args.fsdp_offload_params is (offload != "none")
+        assert args.fsdp_reshard_after_forward == "FULL_SHARD" and args.fsdp_backward_prefetch == "BACKWARD_PRE"
 
 
 def test_a_plan_without_autocast_trains_in_pure_16_bit_everywhere(tmp_path):
@@ -366,7 +369,8 @@ def test_axolotl_export_uses_documented_keys(tmp_path, jsonl, axolotl_keys, inde
     if data.get("rl") == "kto":
         assert data["remove_unused_columns"] is False
     if "fsdp_config" in data:
-        assert data["optimizer"] not in ("adamw_8bit", "adamw_bnb_8bit") and data["fsdp_version"] == 2
+        assert data["fsdp_version"] == 1  # the plan's default: FSDP1
+
     if data.get("rl") == "grpo":
         assert data["micro_batch_size"] * data["gradient_accumulation_steps"] % data["trl"]["num_generations"] == 0
     assert not ("deepspeed" in data and "fsdp_config" in data)
@@ -465,3 +469,20 @@ def test_cli_export_of_a_stage_the_format_cannot_express_exits_2_with_one_line(t
     assert len(lines) == 1 and lines[0].startswith("vramplan: error: ") and "Traceback" not in captured.err
     assert stage in lines[0] and "export trl instead" in lines[0]
     assert captured.out == "" and not out.exists()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_fsdp_exports_run_the_fsdp_the_plan_assumed(tmp_path, version):
+    """FSDP1 and FSDP2 hold different buffers (planner/parallel.py): the exported run is the one planned."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    from launcher.exports import axolotl_config
+
+    spec = make_spec(method="lora", num_gpus=2, parallelism="fsdp", fsdp_version=version)
+    path = write(tmp_path, spec, "accelerate")
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "train.py"]))
+    assert int(args.fsdp_version) == version
+    # accelerate's plugin refuses a bool for FSDP1's reshard setting and a strategy for FSDP2's
+    assert args.fsdp_reshard_after_forward == ("FULL_SHARD" if version == 1 else True)
+    assert (args.fsdp_backward_prefetch == "BACKWARD_PRE") is (version == 1)
+    assert axolotl_config(spec)["fsdp_version"] == version
