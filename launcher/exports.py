@@ -201,6 +201,9 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
         config.setdefault("beta", 2.0)
     if stage in ("grpo", "rloo"):
         config.update(num_generations=options["num_generations"], max_completion_length=options["max_new_tokens"])
+        if options.get("steps_per_generation"):
+            # the generation batch the plan's KV cache holds (TRL's default: the accumulation steps)
+            config["steps_per_generation"] = options["steps_per_generation"]
         if options["use_vllm"]:
             config.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=options["vllm_gpu_memory_utilization"])
     return config
@@ -346,6 +349,9 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         config["trl"] = {"num_generations": options["num_generations"], "max_completion_length": options["max_new_tokens"],
                          "reward_funcs": [f"trl.rewards.{name}" for name in settings.reward_funcs if name != "completion_length"]
                          + ([settings.reward_model] if settings.reward_model else [])}
+        if options.get("steps_per_generation"):
+            # axolotl names the generation batch in completions across processes, as TRL's generation_batch_size
+            config["trl"]["generation_batch_size"] = options["batch_size"] * spec.resources.num_processes * options["steps_per_generation"]
     if spec.method in ("lora", "qlora", "dora"):
         targets = options["lora_targets"]
         config.update(adapter="qlora" if spec.method == "qlora" else "lora", lora_r=options["lora_r"],

@@ -239,12 +239,14 @@ def launch_spec(plan, model: str, settings: RunSettings, *, run_id: str | None =
     num_processes = plan.gpu.count if device == "cuda" else max(1, len(gpus) or plan.gpu.count)
     if options["stage"] in ("grpo", "rloo"):
         group = options["num_generations"]
-        completions = options["batch_size"] * num_processes
+        steps_per_generation = options.get("steps_per_generation") or options.get("gradient_accumulation_steps", 1)
+        completions = options["batch_size"] * num_processes * steps_per_generation
         if completions % group:
-            # TRL scores whole groups of completions per prompt; the plan's KV cache holds batch_size of them
+            # TRL scores whole groups of completions per prompt: its generation batch (batch_size x
+            # GPUs x steps_per_generation, which the plan's KV cache holds) must hold whole groups
             raise PlanInputError("batch_size", f"{options['stage']} scores num_generations ({group}) completions per prompt together, and TRL needs "
-                                 f"whole groups in a step: batch_size x GPUs ({completions}) must be a multiple of {group}; "
-                                 f"use --batch-size {group} or a smaller --num-generations (at least 2)")
+                                 f"whole groups in a generation batch: batch_size x GPUs x steps_per_generation ({completions}) must be a "
+                                 f"multiple of {group}; use --batch-size {group} or a smaller --num-generations (at least 2)")
     return LaunchSpec(
         run_id=run_id,
         stage=options["stage"],

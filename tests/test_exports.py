@@ -143,7 +143,17 @@ def test_trl_export_with_a_local_file_and_run_settings(tmp_path, jsonl):
 
 
 @pytest.mark.parametrize("stage", GENERATING)
-def test_generating_stage_with_incomplete_groups_is_refused_before_trl_sees_it(stage):
+def test_the_generation_batch_the_plan_holds_is_the_one_trl_generates(tmp_path, stage):
+    # batch_size 2 x steps_per_generation 4: one generate call over 8 completions, two groups of 4
+    spec = make_spec(stage=stage, method="lora", batch_size=2, steps_per_generation=4)
+    _, config, _, _ = trl_parse(write(tmp_path, spec, "trl"), stage)
+    assert config.steps_per_generation == 4 and config.generation_batch_size == 8
+    # TRL's rule is on the generation batch, not the micro-batch: without it, 2 completions are no group of 4
+    from planner.errors import PlanInputError
+
+    with pytest.raises(PlanInputError, match="multiple of 4"):
+        make_spec(stage=stage, method="lora", batch_size=2, steps_per_generation=1)
+
     # the plan's default micro-batch 1 with num_generations 8: TRL's GRPOConfig/RLOOConfig would refuse a
     # generation batch that is not whole groups; the launcher says so first, naming the option to change
     from launcher.spec import RunSettings, launch_spec
