@@ -347,14 +347,15 @@ def batch_layout_notes(options: TrainingOptions) -> list[str]:
 
 
 def training_sequences(options: TrainingOptions) -> int:
-    """Sequences in one training forward: pairs for preference stages (and KTO's KL batch)."""
-    if not options.generates and options.stage in ("dpo", "orpo", "simpo", "reward", "kto"):
+    """Sequences in one training forward: pairs for preference stages. KTO's KL batch runs under
+    no_grad before it (TRL 1.16's KTOTrainer), so it saves nothing: KTO trains on batch_size rows."""
+    if not options.generates and options.stage in ("dpo", "orpo", "simpo", "reward"):
         return 2 * options.batch_size
     return options.batch_size
 
 
 def training_tokens(options: TrainingOptions) -> int:
-    """Tokens in one training forward: pairs for preference stages (and KTO's KL batch), prompt
+    """Tokens in one training forward: pairs for preference stages, prompt
     plus completion for the stages that generate, with prompt tuning's virtual tokens."""
     return training_sequences(options) * sequence_length(options)
 

@@ -11,7 +11,10 @@ micro-batch does with it:
   forward under no_grad (a PEFT policy with its adapter disabled, otherwise a frozen copy loaded
   like the policy) while the policy's saved activations wait; the sigmoid loss on the summed
   log-probs; backward.
-- `grpo` (GRPOTrainer): once every `steps_per_generation` micro-batches, `generate` under
+- `kto` (KTOTrainer._compute_loss): the KL batch's forward under no_grad (as many mismatched rows
+  as the batch), the policy's forward over batch_size rows, the reference's KL and main forwards
+  under no_grad, the desirable and undesirable losses; backward.
+- `grpo` and `rloo` (GRPOTrainer, RLOOTrainer: the same generation and fused head): once every `steps_per_generation` micro-batches, `generate` under
   no_grad, gradient checkpointing off, over batch_size x steps_per_generation prompts, each
   `max_new_tokens` long (no EOS: the longest case), into a DynamicCache whose layers grow by
   `torch.cat` every token; with a non-zero beta the reference's log-probs for the whole generation
@@ -36,19 +39,22 @@ from planner.options import PEFT_METHODS, TrainingOptions
 # what TRL 1.16's trainers ask their fused LM head for
 SFT_FUSED_OUTPUTS = ("log_probs", "entropy", "is_top1")
 DPO_FUSED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
-GRPO_FUSED_OUTPUTS = ("log_probs", "entropy")
-TRACED_STAGES = ("sft", "dpo", "grpo")
+KTO_FUSED_OUTPUTS = ("log_probs", "entropy", "mean_logits")
+GRPO_FUSED_OUTPUTS = ("log_probs", "entropy")  # RLOO asks for the same
+TRACED_STAGES = ("sft", "dpo", "kto", "grpo", "rloo")
+GENERATING_STAGES = ("grpo", "rloo")
 
 
 def fused_outputs(stage: str) -> tuple[str, ...]:
-    return {"dpo": DPO_FUSED_OUTPUTS, "grpo": GRPO_FUSED_OUTPUTS}.get(stage, SFT_FUSED_OUTPUTS)
+    return {"dpo": DPO_FUSED_OUTPUTS, "kto": KTO_FUSED_OUTPUTS, "grpo": GRPO_FUSED_OUTPUTS, "rloo": GRPO_FUSED_OUTPUTS}.get(stage, SFT_FUSED_OUTPUTS)
 
 
 def traces_reference(options: TrainingOptions) -> bool:
-    """The stage runs a reference forward: DPO without precomputed log-probs, GRPO with beta."""
-    if options.stage == "dpo":
+    """The stage runs a reference forward: DPO and KTO without precomputed log-probs, GRPO and
+    RLOO with a non-zero beta."""
+    if options.stage in ("dpo", "kto"):
         return not options.precompute_ref_log_probs
-    if options.stage == "grpo":
+    if options.stage in GENERATING_STAGES:
         return options.effective_beta > 0
     return False
 
@@ -81,7 +87,7 @@ class StageRun:
     def generate_if_due(self) -> None:
         """GRPO's generation, before the first micro-batch it feeds (outside the forward's
         autocast: its casts are not cached for the training forward)."""
-        if self.options.stage == "grpo" and self.micro_batches_run % self.options.effective_steps_per_generation == 0:
+        if self.options.stage in GENERATING_STAGES and self.micro_batches_run % self.options.effective_steps_per_generation == 0:
             self.kept.clear()
             if not self.options.use_vllm:
                 self.kept.extend(self._generate())
@@ -90,10 +96,12 @@ class StageRun:
         """One micro-batch's loss, its graph alive; the caller runs backward."""
         stage = self.options.stage
         self.micro_batches_run += 1
-        if stage == "grpo":
+        if stage in GENERATING_STAGES:
             return self._grpo_loss()
         if stage == "dpo":
             return self._dpo_loss()
+        if stage == "kto":
+            return self._kto_loss()
         return self._sft_loss()
 
     def _sft_loss(self):
@@ -129,6 +137,28 @@ class StageRun:
         ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
         delta = (chosen - ref_chosen) - (rejected - ref_rejected)
         return -F.logsigmoid(beta * delta).mean()
+
+    def _kto_loss(self):
+        """KTOTrainer._compute_loss: the KL batch's log-probs under no_grad (mismatched prompt and
+        completion pairs, as many rows as the batch), the policy's forward, the reference's two
+        forwards under no_grad, the desirable and undesirable halves' losses."""
+        import torch
+
+        beta = self.options.effective_beta
+        with torch.no_grad():
+            kl_logps = self.model(input_ids=self.ids, labels=self.ids, use_cache=False, fused_lm_head=True, **self.batch).log_probs.sum(-1)
+        outputs = self.model(input_ids=self.ids, labels=self.ids, use_cache=False, fused_lm_head=True, **self.batch)
+        logps = outputs.log_probs.sum(-1)
+        if traces_reference(self.options):
+            ref_kl = self._reference_log_probs(self.ids, self.batch).sum(-1)
+            ref_logps = self._reference_log_probs(self.ids, self.batch).sum(-1)
+        else:  # precomputed with the dataset
+            ref_kl, ref_logps = kl_logps.clone(), logps.detach().clone()
+        kl = (kl_logps - ref_kl).mean().clamp(min=0)
+        half = logps.shape[0] // 2
+        desirable = 1 - torch.sigmoid(beta * (logps[:half] - ref_logps[:half] - kl))
+        undesirable = 1 - torch.sigmoid(beta * (kl - (logps[half:] - ref_logps[half:])))
+        return torch.cat([desirable, undesirable]).mean()
 
     def _generate(self) -> list:
         """generate's allocations for the generation batch; the tensors TRL keeps from it."""

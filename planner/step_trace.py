@@ -44,7 +44,7 @@ from planner import trace_cache
 from planner.allocator import AllocatorPeaks, replay, smallest_capacity
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
-from planner.stage_steps import TRACED_STAGES, StageRun, fused_outputs, generation_batch, needs_reference_copy
+from planner.stage_steps import GENERATING_STAGES, TRACED_STAGES, StageRun, fused_outputs, generation_batch, needs_reference_copy
 
 STEPS = 2  # the first allocates the optimizer state; a third repeats the second (148 catalog steps: identical peaks, bench/results/simulated-matrix-2026-11-28.jsonl)
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace on Hopper, taken from the caching allocator
@@ -312,7 +312,10 @@ class _CudaStandIns:
     def cast(self, tensor):
         if tensor is None or not tensor.is_floating_point() or tensor.dtype == self.compute_dtype or not self.autocast:
             return tensor
-        if tensor.is_leaf and tensor.requires_grad and self.caching:
+        import torch
+
+        if tensor.is_leaf and tensor.requires_grad and self.caching and torch.is_grad_enabled():
+            # (a cast made under no_grad, e.g. KTO's KL forward, is not kept for the graph's forward)
             # autocast caches the casts of trainable leaves until the forward's context exits
             if tensor not in self.cache:
                 self.cache[tensor] = tensor.to(self.compute_dtype)
@@ -568,8 +571,9 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
     started = time.perf_counter()
     import torch
 
-    # GRPO's prompts are padded on the left and its completions on the right: always a mask
-    tracer = _Tracer(masked=options.batch_layout != "fixed" or options.stage == "grpo")
+    # GRPO's and RLOO's prompts are padded on the left and their completions on the right: always a mask
+    generating = options.stage in GENERATING_STAGES
+    tracer = _Tracer(masked=options.batch_layout != "fixed" or generating)
     try:
         model = _build(config, options, tracer)
         reference = _build_reference(config, options, tracer) if needs_reference_copy(options) else None
@@ -579,7 +583,7 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
         raise SimulationUnsupported(f"the model could not be built for the trace: {str(exc)[:200]}") from None
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss_path = options.effective_loss_implementation
-    layout = "padded" if options.stage == "grpo" else options.batch_layout
+    layout = "padded" if generating else options.batch_layout
     stand_ins = _CudaStandIns(torch_dtype(options.precision), options.effective_autocast, loss_path == "trl_fused", layout)
     state: dict = {}
     optimizer = _real_optimizer(options, trainable)
@@ -650,10 +654,10 @@ def _traced_batch(options: TrainingOptions):
 
 
 def _traced_prompts(options: TrainingOptions):
-    """GRPO's generation batch: prompts (left-padded to seq_len) and their mask; None otherwise."""
+    """GRPO's and RLOO's generation batch: prompts (left-padded to seq_len) and their mask; None otherwise."""
     import torch
 
-    if options.stage != "grpo" or options.use_vllm:
+    if options.stage not in GENERATING_STAGES or options.use_vllm:
         return None
     prompts = torch.zeros(generation_batch(options), options.seq_len, dtype=torch.long, device="meta")
     return prompts, torch.ones_like(prompts)

@@ -89,9 +89,27 @@ def test_a_traced_alignment_plan_is_simulated_and_says_what_was_not():
     spec = load_catalog_spec("Qwen/Qwen2.5-0.5B")
     dpo = build_plan(spec, TrainingOptions(stage="dpo", method="lora", batch_size=1, seq_len=256, gpu="H100", simulate_allocator=True))
     assert dpo.reserve_source == "simulated"
-    kto = build_plan(spec, TrainingOptions(stage="kto", method="lora", batch_size=1, seq_len=256, gpu="H100", simulate_allocator=True))
-    assert kto.reserve_source == "formula"
-    assert any("no simulation: stage kto: the traced stages are sft, dpo, grpo" in a for a in kto.assumptions)
+    orpo = build_plan(spec, TrainingOptions(stage="orpo", method="lora", batch_size=1, seq_len=256, gpu="H100", simulate_allocator=True))
+    assert orpo.reserve_source == "formula"
+    assert any("no simulation: stage orpo: the traced stages are sft, dpo, kto, grpo, rloo" in a for a in orpo.assumptions)
     assert unsupported_reason(TrainingOptions(stage="dpo", trainer="hf")) == "stage dpo runs in TRL's trainer: traced with trainer trl"
     with pytest.raises(SimulationUnsupported):
         simulate_step(TINY, TrainingOptions(stage="ppo"))
+
+
+def test_kto_trains_on_batch_size_rows_its_kl_batch_under_no_grad():
+    # the KL batch's forward keeps nothing: a KTO step holds about what an SFT step of the same
+    # rows does, not what one of twice the rows does (the formula once planned it so)
+    kto = _step(stage="kto", precompute_ref_log_probs=True)
+    sft_same, sft_double = _step(stage="sft"), _step(stage="sft", batch_size=4)
+    assert kto.peak_allocated < sft_same.peak_allocated + 0.5 * (sft_double.peak_allocated - sft_same.peak_allocated)
+    spec = load_catalog_spec("Qwen/Qwen2.5-0.5B")
+    kto_plan, sft_plan = (build_plan(spec, TrainingOptions(stage=stage, method="lora", batch_size=2, seq_len=512, gpu="H100"))
+                          for stage in ("kto", "sft"))
+    activations = lambda plan: sum(c.bytes for c in plan.all_components if c.family == "activations")  # noqa: E731
+    assert activations(kto_plan) == activations(sft_plan)
+
+
+def test_rloo_generates_like_grpo():
+    options = {"batch_size": 1, "seq_len": 64, "max_new_tokens": 1024, "steps_per_generation": 64, "beta": 0.0}
+    assert _step(stage="rloo", **options) == _step(stage="grpo", **options)
