@@ -15,7 +15,7 @@ import sys
 
 from pydantic import ValidationError
 
-from app.cli import catalog, plan, runs, serve
+from app.cli import catalog, inference, merge, plan, runs, serve
 from app.cli.output import (
     OutputError,
     Parser,
@@ -30,7 +30,7 @@ from planner.errors import PlanInputError
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="vramplan", description="Plan GPU memory for fine-tuning a causal LM.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for group in (plan, serve, catalog, runs):
+    for group in (plan, serve, catalog, runs, inference, merge):
         group.add_commands(sub)
     return parser
 
