@@ -438,6 +438,11 @@ def _paged_states_in_pool(simulated: SimulatedStep, components: list[Component])
     return max(0, simulated.in_pool_peaks.peak_reserved - simulated.peaks.peak_reserved - simulated.outside_allocator_bytes)
 
 
+def _generation_cache(simulated: SimulatedStep, components: list[Component]) -> int:
+    # the cache once more, as if none of the blocks its growth frees were reused
+    return sum(c.bytes for c in components if c.name == "kv_cache")
+
+
 # Parts of a simulated step no GPU run has checked yet (the simulated band was measured for the
 # plain transformers loss under the default allocator): (name, applies to these options, what the
 # band's high end allows for it, its bytes)
@@ -448,6 +453,9 @@ UNMEASURED_PARTS = (
      "what the default allocator would reserve beyond expandable segments' model", _default_allocator_beyond),
     ("paged optimizer state", lambda options: options.optimizer.startswith("paged_"),
      "what the step would hold with the paged states in the caching allocator's pool", _paged_states_in_pool),
+    ("generation's KV cache", lambda options: options.generates and not options.use_vllm,
+     "the generation's KV cache once more, as if the allocator reused none of the blocks its growth frees (decode steps between "
+     "the first and the last are stood in for)", _generation_cache),
 )
 ALLOWANCE_FOR = {name: why for name, _, why, _ in UNMEASURED_PARTS}
 
