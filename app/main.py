@@ -1,8 +1,9 @@
 """The FastAPI application: the API, the pages, health, the guard, and the error contract.
 
-No input may produce a 500: validation errors and PlanInputError become 422 with the field and
-the reason; anything unexpected is logged and answered as a 422 naming the request, so a user
-sees one readable line and the server keeps serving.
+Input errors are 422 naming the field: validation errors and PlanInputError. What is not the
+request's fault is never answered as if it were (app/errors.py): a failure of the server's storage
+is a 503 saying what failed and what to do, anything else a 500 with an id in the log; the
+connection stays usable either way.
 
 Every request passes RequestGuard first: the Host must be one of this server's names (DNS
 rebinding), a state-changing request must not come from another site (Origin, Sec-Fetch-Site),
@@ -24,11 +25,18 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import auth
+from app import auth, health
 from app.api import router as api_router
+from app.errors import ErrorBoundary
 from app.model_builder import BuildBusy
 from app.runs import LaunchProblem, runtime
 from app.runs_api import router as runs_router
@@ -259,6 +267,7 @@ def create_app() -> FastAPI:
         docs_url=None, redoc_url=None,  # served below from the installed swagger-ui-dist: no CDN
         lifespan=_lifespan,
     )
+    app.add_middleware(ErrorBoundary)  # inside the guard: its answers get the security headers too
     app.add_middleware(RequestGuard)
 
     @app.exception_handler(PlanInputError)
@@ -301,14 +310,14 @@ def create_app() -> FastAPI:
             detail.append({"loc": [str(p) for p in err.get("loc", ())], "msg": msg, "type": str(err.get("type", "value_error"))})
         return JSONResponse({"detail": detail}, status_code=422)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
-        return _error(["body"], f"this input could not be planned ({type(exc).__name__}); the error is logged", kind="unexpected")
-
-    @app.get("/healthz", summary="Liveness: answers while plans are being built")
-    def healthz() -> dict:
-        return {"status": "ok"}
+    @app.get("/healthz", summary="Health: the server answers, the run store reads and the data directory takes writes (503 when not)",
+             responses={503: {"description": "the run store or the data directory's disk is failing: `store` and `disk` say what and what to do"}})
+    async def healthz(request: Request):
+        # on the event loop (never a thread behind the plans); the server answers it outside the
+        # work limit (app/server.py); cached for a second (app/health.py)
+        runs = getattr(request.app.state, "runs_runtime", None)
+        status, body = health.current(auth.data_dir(), runs.store_problem() if runs is not None else None)
+        return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     @app.get("/docs", include_in_schema=False)
     def docs():

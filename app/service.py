@@ -69,7 +69,17 @@ def web_source(model: str | None, config_json: str | None = None, roots: list | 
     directory only inside `roots`, which a signed-in user has (app/runs.py signed_in_roots): the
     server's files are not an anonymous user's to name. Configs build in the worker, under its
     limits. Blocks while a config builds: call it from a thread."""
-    return resolve_source(model, config_json, roots=roots or NO_PATHS, builder=BUILDER)
+    from launcher.paths import check_path_text
+    from planner.request import looks_like_path
+
+    if roots and isinstance(model, str) and not (config_json and config_json.strip()) and (looks_like_path(model.strip()) or "\0" in model):
+        check_path_text("model", model.strip())  # a NUL, a name too long, ~nosuchuser: the field's error, not an OSError
+    try:
+        return resolve_source(model, config_json, roots=roots or NO_PATHS, builder=BUILDER)
+    except RecursionError:
+        if config_json and config_json.strip():
+            raise PlanInputError("config_json", "the config.json nests too deeply to read (a config is a few levels deep)") from None
+        raise
 
 
 def web_plan(source: ModelSource, options: TrainingOptions, launch: LaunchTarget | None = None):

@@ -25,9 +25,40 @@ def server_roots(data_dir: Path) -> list[Path]:
     return [*found, data_dir] if data_dir not in found else found
 
 
+NAME_MAX = 255  # bytes in one name of a path (Linux, macOS)
+PATH_MAX = 4096
+
+
+def check_path_text(field: str, text: str) -> None:
+    """PlanInputError naming `field` for a path no file system can hold or no user has: a NUL
+    byte, a name over NAME_MAX bytes, a path over PATH_MAX, `~user` for a user this server does
+    not have. Checked before the path is used, so none of them surfaces as an OSError."""
+    if "\0" in text:
+        raise PlanInputError(field, "a path cannot hold a NUL byte (\\0)")
+    try:
+        encoded = os.fsencode(text)
+    except UnicodeEncodeError:
+        raise PlanInputError(field, "the path holds a character no file name can (a lone UTF-16 surrogate)") from None
+    if len(encoded) > PATH_MAX:
+        raise PlanInputError(field, f"the path is {len(encoded):,} bytes; a path may have at most {PATH_MAX:,}")
+    longest = max(len(part) for part in encoded.split(b"/"))
+    if longest > NAME_MAX:
+        raise PlanInputError(field, f"a name in the path is {longest:,} bytes; a file or directory name may have at most {NAME_MAX}")
+    if text.startswith("~"):
+        user = text[1:].split("/", 1)[0]
+        try:
+            expanded = os.path.expanduser(text)
+        except (KeyError, RuntimeError):
+            expanded = text
+        if expanded.startswith("~"):
+            who = f"user {user!r}" if user else "home directory for its own user"
+            raise PlanInputError(field, f"{text[:100]}: this server has no {who}, so ~{user} names no directory; give the path itself")
+
+
 def path_or_hub(field: str, text: str, allowed: list[Path]) -> str:
     """A dataset or reward model: a path inside the roots (made absolute), or a hub id."""
     text = text.strip()
+    check_path_text(field, text)
     relative = allowed[0] / text
     if looks_like_path(text) or Path(text).suffix.lower() in DATASET_SUFFIXES or relative.exists() or Path(text).exists():
         return str(confine(field, text, allowed))

@@ -41,6 +41,7 @@ class RunsRuntime:
         self._reader = None
         self._leader_fd: int | None = None
         self.poked = False  # something changed (a launch, a cancel): follow now, not after the pause
+        self._store_seen = False  # a store was opened here: its disappearance is a fault, not "no runs yet"
 
     @property
     def db_path(self) -> Path:
@@ -48,22 +49,60 @@ class RunsRuntime:
 
     def supervisor(self):
         with self.lock:
+            if self._supervisor is not None and self._fresh(self._supervisor.store):
+                self._supervisor.close()
+                self._supervisor = None
             if self._supervisor is None:
                 from launcher.supervisor import Supervisor
 
+                self._missing_store()
                 self._supervisor = Supervisor(self.data_dir)
+                self._store_seen = True
             return self._supervisor
 
     def read(self, func, *args):
         """func(store, *args) on the reading connection; None when no run was ever stored."""
         with self._read_lock:
+            if self._reader is not None and self._fresh(self._reader):
+                self._reader.close()
+                self._reader = None
             if self._reader is None:
                 if not self.db_path.exists():
+                    self._missing_store()
                     return None
                 from launcher.store import RunStore
 
                 self._reader = RunStore(self.db_path)
+                self._store_seen = True
             return func(self._reader, *args)
+
+    def _fresh(self, store) -> bool:
+        """True when `store`'s file was replaced by another (reopen it: a restored backup); raises
+        StoreUnavailable when it was deleted."""
+        problem = store.file_problem()
+        if problem is None:
+            return False
+        if self.db_path.exists():
+            log.warning("the run store %s %s: opening the file now there", self.db_path, problem)
+            return True
+        store.check()  # raises, saying what happened and what to do
+        return False
+
+    def _missing_store(self) -> None:
+        """A store this process used is gone: refuse, rather than start an empty one unseen."""
+        if self._store_seen and not self.db_path.exists():
+            from launcher.store import StoreUnavailable
+
+            raise StoreUnavailable(self.db_path, "was deleted while the server was using it",
+                                   "restore it from a backup, or restart the server to begin an empty store "
+                                   "(the runs' directories stay under the data directory)")
+
+    def store_problem(self) -> str | None:
+        """The store this process used was deleted under it, or None (a replaced one is reopened at
+        its next use). No locks: for /healthz."""
+        if self._store_seen and not self.db_path.exists():
+            return f"the run store {self.db_path} was deleted while the server was using it"
+        return None
 
     def roots(self) -> list[Path]:
         return server_roots(self.data_dir)

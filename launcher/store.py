@@ -127,12 +127,69 @@ class TransitionError(ValueError):
     pass
 
 
+class StoreUnavailable(Exception):
+    """The run store cannot be used: what failed (`what`) and what to do (`todo`). A server
+    answers it 503: it is the server's storage, never the request's fault."""
+
+    def __init__(self, path: Path, what: str, todo: str):
+        super().__init__(f"the run store {path} {what}; {todo}")
+        self.path, self.what, self.todo = path, what, todo
+
+
+def storage_todo(exc: BaseException) -> str:
+    """What to do about a SQLite or OS error on the store or the data directory."""
+    text = str(exc).lower()
+    if "full" in text or getattr(exc, "errno", None) in (28, 122):  # ENOSPC, EDQUOT
+        return "the disk of the data directory is full: free some space (old runs' checkpoints), then retry"
+    if "readonly" in text or "read-only" in text or getattr(exc, "errno", None) == 30:  # EROFS
+        return "the data directory is read-only: make it writable by the server's user (or point VRAMPLAN_DATA_DIR elsewhere), then restart the server"
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return "the file is damaged: stop the server, move the file aside (restore a backup if there is one) and start the server again"
+    if "locked" in text or "busy" in text:
+        return "another process holds it locked: retry in a few seconds"
+    if "unable to open" in text or "permission" in text or getattr(exc, "errno", None) in (1, 13):
+        return "the server cannot open it: check that the data directory and the file exist and belong to the server's user"
+    return "see the server's log; retry, and if it persists move the file aside and restart the server"
+
+
 class RunStore:
+    """One connection to the store. The file it opened is remembered (device and inode): a store
+    deleted or replaced while it is open is refused (StoreUnavailable) on the next use, never
+    written on unseen (SQLite would go on writing the unlinked file)."""
+
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()  # one writer per process; SQLite's lock orders processes
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            self._open()
+        except BaseException:
+            self._db.close()
+            raise
+        stat = os.stat(path)
+        self.identity = (stat.st_dev, stat.st_ino)
+
+    def file_problem(self) -> str | None:
+        """Why the file at `path` is no longer the one this connection has open, or None."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return "was deleted while the server was using it"
+        except OSError as exc:
+            return f"cannot be looked at ({exc.strerror or exc})"
+        if (stat.st_dev, stat.st_ino) != self.identity:
+            return "was replaced by another file while the server was using it"
+        return None
+
+    def check(self) -> None:
+        """StoreUnavailable when the file was deleted or replaced under this connection."""
+        problem = self.file_problem()
+        if problem is not None:
+            raise StoreUnavailable(self.path, problem, "restart the server: it opens the store found then (restore the file from a backup "
+                                                       "first if it was deleted by mistake; the runs' directories are kept under the data directory)")
+
+    def _open(self) -> None:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -146,26 +203,30 @@ class RunStore:
                 except sqlite3.OperationalError as exc:  # another process added it first
                     if "duplicate column" not in str(exc):
                         raise
-        os.chmod(path, 0o600)
+        os.chmod(self.path, 0o600)
 
     def close(self) -> None:
         self._db.close()
 
     # -- reading ---------------------------------------------------------------------------
     def get(self, run_id: str) -> RunRecord | None:
+        self.check()
         row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return RunRecord(**dict(row)) if row else None
 
     def find(self, prefix: str) -> RunRecord | None:
         """A run by its id or an unambiguous prefix of it (as `git` takes commits)."""
+        self.check()
         rows = self._db.execute("SELECT * FROM runs WHERE id LIKE ? LIMIT 2", (prefix.replace("%", "").replace("_", "") + "%",)).fetchall()
         return RunRecord(**dict(rows[0])) if len(rows) == 1 else None
 
     def by_idempotency_key(self, key: str) -> RunRecord | None:
+        self.check()
         row = self._db.execute("SELECT * FROM runs WHERE idempotency_key = ?", (key,)).fetchone()
         return RunRecord(**dict(row)) if row else None
 
     def list(self, states: tuple[str, ...] | None = None) -> list[RunRecord]:
+        self.check()
         if states:
             rows = self._db.execute(f"SELECT * FROM runs WHERE state IN ({','.join('?' * len(states))}) ORDER BY created_at", states).fetchall()
         else:
@@ -173,15 +234,18 @@ class RunStore:
         return [RunRecord(**dict(r)) for r in rows]
 
     def metrics(self, run_id: str, after_step: int = -1) -> list[dict]:
+        self.check()
         rows = self._db.execute("SELECT * FROM run_metrics WHERE run_id = ? AND step > ? ORDER BY step, rank", (run_id, after_step)).fetchall()
         return [dict(r) for r in rows]
 
     def transitions(self, run_id: str) -> list[dict]:
+        self.check()
         rows = self._db.execute("SELECT at, from_state, to_state, reason, message FROM run_transitions WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()
         return [dict(r) for r in rows]
 
     # -- writing ---------------------------------------------------------------------------
     def create(self, values: dict[str, Any]) -> RunRecord:
+        self.check()
         values = {"created_at": time.time(), **values}
         unknown = set(values) - set(COLUMNS)
         if unknown:
@@ -199,6 +263,7 @@ class RunStore:
         return self.get(values["id"])
 
     def update(self, run_id: str, **values: Any) -> None:
+        self.check()
         if not values:
             return
         if "state" in values:
@@ -208,6 +273,7 @@ class RunStore:
 
     def transition(self, run_id: str, to_state: RunState, reason: str | None = None, message: str | None = None, **values: Any) -> RunRecord:
         """Move a run to `to_state`, with the reason, in one transaction; refuses a move the state machine forbids."""
+        self.check()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -231,6 +297,7 @@ class RunStore:
         return self.get(run_id)
 
     def add_metrics(self, run_id: str, rows: list[dict]) -> None:
+        self.check()
         if not rows:
             return
         with self._lock:

@@ -22,7 +22,9 @@ def client():
 
 
 def test_healthz(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["store"]["ok"] and health.json()["disk"]["ok"]
 
 
 def test_plan_is_the_planners_plan(client):
