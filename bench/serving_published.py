@@ -1,0 +1,126 @@
+"""Serving plans against published vLLM start-up logs.
+
+Each case is a start-up someone posted, with its source: the model, the GPU memory CUDA reported
+(or the GPU, where the log does not print it), gpu_memory_utilization, max_model_len, tensor
+parallelism, and what vLLM logged. Two checks per case, as far as the log allows:
+
+- end to end: the plan from the model, GPU and flags alone (weights, profile run, non-torch memory
+  estimated), against the logged weights, KV blocks/tokens and concurrency;
+- KV arithmetic: tokens and concurrency from the logged "Available KV cache memory" (exact rules,
+  the only error the log's rounding to 0.01 GiB).
+
+    python bench/serving_published.py            # prints the table, writes bench/results/serving-DATE.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from planner.catalog import load_catalog_spec  # noqa: E402
+from planner.serving import GIB, ServingOptions, catalog_config, kv_from_available, plan_serving  # noqa: E402
+
+CASES = [
+    {
+        "id": "llama31-8b-3090-20k",
+        "source": "https://github.com/vllm-project/vllm/issues/10517",
+        "model": "meta-llama/Llama-3.1-8B", "logged_model": "meta-llama/Llama-3.1-8B-Instruct",
+        "gpu": "RTX 3090", "cuda_total_gib": 23.58, "engine_version": "0.6.4",
+        "options": {"gpu_memory_utilization": 0.9, "max_model_len": 20000},
+        "logged": {"weights_gib": 14.9888, "kv_cache_gib": 3.81, "blocks": 1952, "max_concurrency": 1.56},
+        "fitted": True,  # the activation coefficient was set from this log's profile peak
+    },
+    {
+        "id": "llama31-8b-3090-29k",
+        "source": "https://github.com/vllm-project/vllm/issues/10517",
+        "model": "meta-llama/Llama-3.1-8B", "logged_model": "meta-llama/Llama-3.1-8B-Instruct",
+        "gpu": "RTX 3090", "cuda_total_gib": 23.58, "engine_version": "0.6.4",
+        "options": {"gpu_memory_utilization": 0.9, "max_model_len": 29000},
+        "logged": {"weights_gib": 14.9888, "kv_cache_gib": 2.89, "blocks": 1478, "max_concurrency": 0.82, "serves": False},
+        "fitted": True,
+    },
+    {
+        "id": "llama31-70b-w8a8-2k",
+        "source": "https://github.com/vllm-project/vllm/pull/12569",
+        "model": "meta-llama/Llama-3.1-70B", "logged_model": "neuralmagic/Meta-Llama-3.1-70B-Instruct-quantized.w8a8",
+        "gpu": "H100 (not stated in the log: assumed)", "cuda_total_gib": 79.19, "engine_version": "0.7.1",
+        "options": {"gpu_memory_utilization": 0.98, "max_model_len": 2048, "quantization": "w8a8"},
+        "logged": {"weights_gib": 67.7229, "blocks": 1381, "max_concurrency": 10.79},
+        "fitted": False,
+    },
+    {
+        "id": "r1-distill-qwen-14b-tp2-4090",
+        "source": "https://github.com/vllm-project/vllm/issues/13061",
+        "model": "Qwen/Qwen2.5-14B", "logged_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B (Qwen2.5-14B's architecture)",
+        "gpu": "RTX 4090 x2", "cuda_total_gib": 23.65, "engine_version": "0.7.2",
+        "options": {"gpu_memory_utilization": 0.98, "tensor_parallel_size": 2},
+        "logged": {"weights_gib": 13.9476, "tokens_min_over_ranks": 81536, "serves": False},
+        "fitted": False,
+    },
+    {
+        "id": "qwen3-14b-kv-only",
+        "source": "https://github.com/LMCache/LMCache/issues/1739",
+        "model": "Qwen/Qwen3-14B", "engine_version": "0.11.0",
+        "options": {"max_model_len": 32768},
+        "logged": {"available_kv_gib": 6.51, "tokens": 42656, "max_concurrency": 1.30},
+    },
+]
+
+
+def _err(pred, logged):
+    return None if logged in (None, 0) else round(100 * (pred / logged - 1), 2)
+
+
+def run_case(case: dict) -> dict:
+    spec = load_catalog_spec(case["model"])
+    options = ServingOptions(engine_version=case["engine_version"], **case["options"])
+    logged = case["logged"]
+    out = {k: case[k] for k in ("id", "source", "model", "logged_model", "gpu", "engine_version", "options", "logged") if k in case}
+    out["fitted"] = case.get("fitted", False)
+    if "available_kv_gib" in logged:
+        tokens, conc = kv_from_available(spec, options, int(logged["available_kv_gib"] * GIB), options.max_model_len)
+        out["kv_only"] = {"tokens": tokens, "max_concurrency": round(conc, 2), "tokens_error_pct": _err(tokens, logged["tokens"]),
+                          "concurrency_error_pct": _err(conc, logged["max_concurrency"])}
+        return out
+    plan = plan_serving(spec, options, case["gpu"], int(case["cuda_total_gib"] * GIB), catalog_config(spec.name))
+    pred = {"weights_gib": round(plan.weights_bytes / GIB, 4), "kv_cache_gib": round(plan.kv_cache_bytes / GIB, 3),
+            "blocks": plan.kv_cache_blocks, "tokens": plan.kv_cache_tokens, "max_concurrency": round(plan.max_concurrency, 2),
+            "serves": plan.fits}
+    out["predicted"] = pred
+    out["errors_pct"] = {
+        "weights": _err(pred["weights_gib"], logged.get("weights_gib")),
+        "kv_cache": _err(pred["kv_cache_gib"], logged.get("kv_cache_gib")),
+        "blocks": _err(pred["blocks"], logged.get("blocks")),
+        "tokens": _err(pred["tokens"], logged.get("tokens_min_over_ranks")),
+        "max_concurrency": _err(pred["max_concurrency"], logged.get("max_concurrency")),
+    }
+    if "serves" in logged:
+        out["verdict_agrees"] = pred["serves"] == logged["serves"]
+    return out
+
+
+def main() -> int:
+    rows = [run_case(c) for c in CASES]
+    for r in rows:
+        if "kv_only" in r:
+            print(f"{r['id']:<32} KV only: tokens {r['kv_only']['tokens']:,} ({r['kv_only']['tokens_error_pct']:+.2f}%), "
+                  f"concurrency {r['kv_only']['max_concurrency']} ({r['kv_only']['concurrency_error_pct']:+.2f}%)")
+        else:
+            e = {k: v for k, v in r["errors_pct"].items() if v is not None}
+            print(f"{r['id']:<32} " + ", ".join(f"{k} {v:+.2f}%" for k, v in e.items())
+                  + (f", verdict {'agrees' if r['verdict_agrees'] else 'DISAGREES'}" if "verdict_agrees" in r else "")
+                  + (" (fitted)" if r["fitted"] else ""))
+    date = datetime.date.today().isoformat()
+    path = ROOT / "bench" / "results" / f"serving-{date}.json"
+    path.write_text(json.dumps({"date": date, "engine_rules": "planner/serving.py", "cases": rows}, indent=1) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
