@@ -16,8 +16,9 @@ import urllib.request
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from launcher.allowlists import cluster_address, python_interpreter
 from launcher.backend import (
     API_VERSION,
     Handle,
@@ -65,6 +66,16 @@ class RayOptions(BaseModel):
                          description="the Ray dashboard's address (the Jobs API)")
     python: str = Field(default="python", pattern=r"^[A-Za-z0-9_./\-]{1,512}$", description="the Python on the cluster that has vramplan installed")
     grace_period_s: float = Field(default=120.0, ge=1, le=3600, description="Ray's stop wait: seconds between SIGTERM and SIGKILL")
+
+    @field_validator("python")
+    @classmethod
+    def _a_python(cls, value: str) -> str:
+        return python_interpreter(value)  # the job's entrypoint execs it
+
+    @field_validator("address")
+    @classmethod
+    def _a_cluster(cls, value: str) -> str:
+        return cluster_address(value)  # the server sends it requests: never a metadata service
 
 
 def _client(address: str):

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from launcher.allowlists import python_interpreter
 from launcher.backend import (
     API_VERSION,
     Handle,
@@ -97,6 +98,11 @@ class SlurmOptions(BaseModel):
     grace_period_s: float = Field(default=120.0, ge=1, le=3600)
     python: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_./\-]{1,512}$",
                                description="the nodes' Python with vramplan installed (default: this one, on a shared filesystem)")
+
+    @field_validator("python")
+    @classmethod
+    def _a_python(cls, value: str | None) -> str | None:
+        return None if value is None else python_interpreter(value)  # never /bin/sh: the sbatch line execs it
 
 
 def _run(argv: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
