@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import Request
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from pydantic import ValidationError as PydanticValidationError
 
 from launcher.runtime import IdempotencyConflict, RunsRuntime
-from launcher.spec import RunSettings
+from launcher.spec import RunSettings, with_advice
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 
@@ -93,7 +94,10 @@ class WebRuns(RunsRuntime):
         settings = request.settings(**changes)
         # the dataset is read before the plan is built: a bad one is a 422 on `dataset` at once
         dataset_check = preflight(settings, request.plan_options().model_dump(mode="json"), source.argument)
-        plan = web_plan(source, request.plan_options(), launch=target)
+        # what the user left unset runs with the advice's values for the method and stage
+        options, settings, advised = with_advice(source.spec, request.plan_options(), settings,
+                                                 dataset_check.rows if dataset_check is not None else None)
+        plan = web_plan(source, options, launch=target)
         try:
             prepared = self.supervisor().prepare(plan, source.argument, settings, backend=request.backend, backend_options=request.backend_options,
                                                  device=target.device, gpus=tuple(request.gpus), dataset_check=dataset_check)
@@ -109,7 +113,7 @@ class WebRuns(RunsRuntime):
             raise
         except ValueError as exc:  # a backend that failed to import or start
             raise PlanInputError("backend", str(exc)) from None
-        return plan, prepared
+        return plan, replace(prepared, spec=prepared.spec.with_advised(advised))
 
     def launch(self, request: LaunchRequest, idempotency_key: str | None, force: bool | None = None, queue: bool | None = None):
         """(record, replayed): starts the run, or returns the run this key already started."""

@@ -38,6 +38,7 @@ from app.runs import (
     runtime,
 )
 from app.templating import HTMX, SSE_EXT, signed_in, templates
+from launcher.spec import LR_SCHEDULERS
 from launcher.supervisor import RunNotFound
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
@@ -45,7 +46,11 @@ from planner.plan import GIB
 
 router = APIRouter(include_in_schema=False)
 PLAN_FIELDS = tuple(f for f in FORM_FIELDS if f in TrainingOptions.model_fields or f == "model")
-RUN_TEXT_FIELDS = ("dataset", "output_dir", "max_steps", "epochs", "backend", "device")
+RUN_TEXT_FIELDS = ("dataset", "output_dir", "max_steps", "epochs", "backend", "device", "learning_rate", "warmup_steps", "lr_scheduler_type")
+# the advice's values the launch page shows as fields, filled in by the dry run (launcher.spec.with_advice)
+ADVISED_FIELDS = (("learning_rate", "Learning rate"), ("warmup_steps", "Warmup (steps, or a fraction below 1)"),
+                  ("lr_scheduler_type", "Schedule"), ("gradient_accumulation_steps", "Gradient accumulation"),
+                  ("lora_alpha", "LoRA alpha"), ("lora_dropout", "LoRA dropout"))
 ON_SHORT = {"refuse": (False, False), "queue": (False, True), "force": (True, False)}
 RUN_ID = re.compile(r"^[0-9a-f]{4,32}$")
 KEY = re.compile(r"^[!-~]{1,200}$")
@@ -195,19 +200,38 @@ def _launch_request_from(form) -> tuple[LaunchRequest | None, dict, list[dict]]:
 
 
 def _dry_view(plan, prepared) -> dict:
+    from launcher.spec import advised_words
+
     data = prepared.dry_run_dict()
-    return {**data, "command": shlex.join(data["argv"]), "plan": plan.to_dict()}
+    spec = prepared.spec
+    values = {**spec.options, **spec.settings.model_dump(mode="json")}
+    # the values this run takes, for the form's fields (LoRA's only for an adapter)
+    shown = {k: values.get(k) for k, _ in ADVISED_FIELDS if spec.method in ("lora", "qlora", "dora") or not k.startswith("lora_")}
+    if spec.method in ("lora", "qlora", "dora") and shown.get("lora_alpha") is None:
+        shown["lora_alpha"] = 2 * spec.options["lora_r"]
+    return {**data, "command": shlex.join(data["argv"]), "plan": plan.to_dict(), "values": shown, "epochs": spec.settings.epochs,
+            "advised": spec.advised, "advised_words": advised_words(spec.advised, spec.method, spec.stage)}
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _render_launch(request: Request, raw: dict, errors: list[dict], dry: dict | None, status: int, refused: dict | None = None) -> HTMLResponse:
     infos = _backends()
     devices, gpus, default_device = _device_choices()
+    # the advice's values as fields: what the user typed, else what the dry run settled
+    settled = dry["values"] if dry else {}
+    inputs = [{"name": k, "label": label, "value": raw.get(k) or _number(settled.get(k))}
+              for k, label in ADVISED_FIELDS if k in raw or k in settled]
     context = {
         "request": request, "htmx": False, "query": "", "raw": raw, "errors": errors, "dry": dry, "refused": refused,
-        "plan_fields": {k: raw[k] for k in PLAN_FIELDS if raw.get(k)},
+        "plan_fields": {k: raw[k] for k in PLAN_FIELDS if raw.get(k) and k not in {i["name"] for i in inputs}},
+        "advised_inputs": inputs,
         "backends": [{"name": i.name, "detail": i.detail, "available": i.available} for i in infos],
         "devices": devices, "gpus": gpus, "device": raw.get("device") or default_device,
         "rewards": _rewards(str(raw.get("stage") or "sft")), "key": secrets.token_urlsafe(18),
+        "schedulers": LR_SCHEDULERS,
         "plan_query": query_string({k: raw[k] for k in PLAN_FIELDS if raw.get(k)}),
     }
     return templates.TemplateResponse(request, "launch.html", context, status_code=status)

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from launcher.spec import LaunchSpec
+from launcher.spec import LaunchSpec, advised_words
 
 FORMATS = ("trl", "accelerate", "axolotl", "llamafactory")
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -145,6 +145,10 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
     }
     if settings.learning_rate is not None:
         config["learning_rate"] = settings.learning_rate
+    if settings.warmup_steps is not None:
+        config["warmup_steps"] = settings.warmup_steps  # transformers 5: below 1, a fraction of the steps
+    if settings.lr_scheduler_type is not None:
+        config["lr_scheduler_type"] = settings.lr_scheduler_type
     if spec.dataset.kind == "hub":
         config["dataset_name"] = spec.dataset.location
     elif spec.dataset.kind == "file":
@@ -284,6 +288,17 @@ def deepspeed_json(zero_stage: int, offload: str, options: dict[str, Any] | None
             "train_micro_batch_size_per_gpu": "auto", "zero_allow_untested_optimizer": True}
 
 
+def _warmup_and_schedule(settings, scheduler_key: str) -> dict[str, Any]:
+    """Warmup and schedule for tools on transformers 4's names (axolotl, LLaMA-Factory): a fraction
+    is warmup_ratio there, whole steps warmup_steps."""
+    out: dict[str, Any] = {}
+    if settings.warmup_steps is not None:
+        out["warmup_ratio" if settings.warmup_steps < 1 else "warmup_steps"] = settings.warmup_steps if settings.warmup_steps < 1 else int(settings.warmup_steps)
+    if settings.lr_scheduler_type is not None:
+        out[scheduler_key] = settings.lr_scheduler_type
+    return out
+
+
 def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
     """Axolotl's documented keys (its input config schema, axolotl 0.21: utils/schemas/*.py)."""
     options, settings = spec.options, spec.settings
@@ -316,6 +331,7 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         config["num_epochs"] = settings.epochs or 1.0
     if settings.save_steps is not None:
         config["save_steps"] = settings.save_steps
+    config.update(_warmup_and_schedule(settings, "lr_scheduler"))
     if options["optimizer"] == "galore":  # transformers' GaLore needs its target modules
         config.update(optim_target_modules=[r".*attn.*", r".*mlp.*"], optim_args=f"rank={options['galore_rank']}")
     if options["optimizer"] == "sgd" and options.get("sgd_momentum"):
@@ -442,6 +458,7 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
     config.update(_length_settings(spec))  # transformers' names, as in the trl file
     if settings.learning_rate is not None:
         config["learning_rate"] = settings.learning_rate
+    config.update(_warmup_and_schedule(settings, "lr_scheduler_type"))
     if spec.method in ("lora", "qlora", "dora"):
         targets = options["lora_targets"]
         config.update(lora_rank=options["lora_r"], lora_alpha=int(options["lora_alpha"]) if options.get("lora_alpha") else 2 * options["lora_r"],
@@ -462,8 +479,28 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
     return config
 
 
-def render(spec: LaunchSpec, fmt: str) -> str:
-    """The YAML text of one export format."""
+# The dataset an export names when none was given: an example, said as such in the file
+PLACEHOLDER_DATASET = "your-org/your-dataset"
+# where each format names its dataset, for the placeholder's note
+DATASET_KEYS = {"trl": "dataset_name", "axolotl": "datasets[0].path", "llamafactory": "dataset"}
+
+
+def export_notes(spec: LaunchSpec, fmt: str, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """What the file holds that nobody chose for it: placeholders to replace ("placeholder: set
+    dataset_name ..."), assumptions (the precision when none was given: bf16) and the advice's
+    values. `given`: the plan options and run settings its user named."""
+    notes = []
+    if spec.dataset.location == PLACEHOLDER_DATASET and fmt in DATASET_KEYS:
+        notes.append(f"placeholder: set {DATASET_KEYS[fmt]} ({PLACEHOLDER_DATASET} is an example; give --dataset)")
+    if "precision" not in given and spec.options["precision"] == "bf16":
+        notes.append("assumed: bf16 compute (no precision given); a GPU without bf16 (before Ampere) needs --precision fp16")
+    if spec.advised:
+        notes.append(f"advised: {advised_words(spec.advised, spec.method, spec.stage)} (a flag sets another)")
+    return notes
+
+
+def render(spec: LaunchSpec, fmt: str, notes: list[str] | tuple[str, ...] = ()) -> str:
+    """The YAML text of one export format; `notes` (export_notes) as comment lines under the header."""
     if fmt == "trl":
         data = trl_config(spec)
     elif fmt == "accelerate":
@@ -480,4 +517,4 @@ def render(spec: LaunchSpec, fmt: str) -> str:
         f"# vramplan {fmt} export: {spec.plan['model']['name']}, {spec.method} {spec.stage}, "
         f"predicted peak {spec.predicted_peak_bytes / (1 << 30):.2f} GiB per GPU (calibration {spec.plan.get('calibration')})\n"
     )
-    return header + yaml.safe_dump(data, sort_keys=False)
+    return header + "".join(f"# {note}\n" for note in notes) + yaml.safe_dump(data, sort_keys=False)

@@ -42,6 +42,12 @@ ENV_ALLOWLIST = (
     "LD_LIBRARY_PATH", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "VIRTUAL_ENV", "PYTHONPATH",
 )
 SECRET_ENV = ("HF_TOKEN",)
+# transformers' schedulers that need no arguments of their own
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+# What a run takes from the advice (planner.advisor.run_defaults) where its user gave none: plan
+# options (they move memory, so they are settled before the plan) and run settings
+ADVISED_OPTIONS = ("gradient_accumulation_steps", "lora_alpha", "lora_dropout")
+ADVISED_SETTINGS = ("learning_rate", "epochs", "warmup_steps", "lr_scheduler_type")
 
 
 class RunSettings(BaseModel):
@@ -54,7 +60,9 @@ class RunSettings(BaseModel):
     output_dir: str | None = Field(default=None, max_length=4096, description="default: the run directory's output/")
     max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     epochs: float | None = Field(default=None, gt=0, le=10_000)
-    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    learning_rate: float | None = Field(default=None, gt=0, le=1, description="default: the advice's for the method and stage (LoRA SFT 2e-4)")
+    warmup_steps: float | None = Field(default=None, ge=0, le=10_000_000, description="steps, or below 1 a fraction of the steps (transformers' warmup_steps); default: the advice's 0.03")
+    lr_scheduler_type: Literal[LR_SCHEDULERS] | None = Field(default=None, description="default: the advice's cosine")  # type: ignore[valid-type]
     save_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     logging_steps: int = Field(default=1, ge=1, le=1_000_000)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
@@ -68,7 +76,8 @@ class RunSettings(BaseModel):
     def _accumulation_is_the_plans(cls, data):
         # gradient_accumulation_steps moved to the plan's options (it moves memory): a run stored
         # before still reads (LaunchSpec moves the value into its options)
-        if isinstance(data, dict) and "gradient_accumulation_steps" in data:
+        # (RunSettings' own: a launch request, which holds the plan options too, keeps the value)
+        if cls is RunSettings and isinstance(data, dict) and "gradient_accumulation_steps" in data:
             data = {k: v for k, v in data.items() if k != "gradient_accumulation_steps"}
         return data
 
@@ -140,6 +149,10 @@ class LaunchSpec(BaseModel):
     output_dir: str
     resume_from: str | None = None  # a checkpoint directory inside output_dir
     attempt: int = 1
+    advised: dict[str, Any] = Field(default_factory=dict)  # name -> value the advice set (its user gave none); the doors show them
+
+    def with_advised(self, advised: dict[str, Any]) -> LaunchSpec:
+        return self.model_copy(update={"advised": dict(advised)})
 
     @field_validator("run_id")
     @classmethod
@@ -217,6 +230,32 @@ def check_launchable(options: dict[str, Any], settings: RunSettings, for_export:
         raise PlanInputError("reward_funcs", f"{stage} needs a reward: name a built-in ({', '.join(BUILTIN_REWARDS)}) or a reward model")
     if stage not in ("grpo", "rloo") and (settings.reward_funcs or settings.reward_model):
         raise PlanInputError("reward_funcs", f"{stage} takes no reward functions")
+
+
+def with_advice(model_spec, options, settings: RunSettings, rows: int | None = None):
+    """(options, settings, advised): every advised value its user did not give, from the advice for
+    the run's method and stage (planner.advisor.run_defaults; `rows`: the dataset's, when read),
+    and the name -> value of what the advice set, for the doors to show. A value the user gave stays.
+    `model_spec`: the planner's ModelSpec; `options`: its TrainingOptions."""
+    from planner.advisor import run_defaults
+    from planner.options import TrainingOptions
+
+    defaults = run_defaults(model_spec, options, rows)
+    advised_options = {k: defaults[k] for k in ADVISED_OPTIONS if k in defaults and k not in options.model_fields_set}
+    advised_settings = {k: defaults[k] for k in ADVISED_SETTINGS if k in defaults and k not in settings.model_fields_set}
+    if settings.max_steps is not None:
+        advised_settings.pop("epochs", None)  # steps given: the run's length is the user's
+    if advised_options:
+        options = TrainingOptions.model_validate({**options.model_dump(include=options.model_fields_set), **advised_options})
+    if advised_settings:
+        settings = RunSettings.model_validate({**settings.model_dump(include=settings.model_fields_set), **advised_settings})
+    return options, settings, {**advised_settings, **advised_options}
+
+
+def advised_words(advised: dict[str, Any], method: str, stage: str) -> str:
+    """One line for the doors: "from the advice for lora sft: learning_rate 0.0002, ..."."""
+    shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in advised.items())
+    return f"from the advice for {method} {stage}: {shown}" if shown else ""
 
 
 def launch_spec(plan, model: str, settings: RunSettings, *, run_id: str | None = None, runs_root: Path | None = None,

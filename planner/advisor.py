@@ -47,6 +47,12 @@ LEARNING_RATE = {
     ("preference", "adapter"): 5e-6, ("preference", "full"): 1e-6,
     ("rl", "adapter"): 1e-5, ("rl", "full"): 1e-6,
 }
+# The schedule: a short warmup (3% of the steps; transformers reads a warmup_steps below 1 as that
+# fraction) then cosine decay, as TRL's SFT examples and most LoRA recipes run; TRL's own default
+# (linear decay, no warmup) takes the first steps at the full rate.
+WARMUP_FRACTION = 0.03
+LR_SCHEDULER = "cosine"
+RL_STAGES = ("grpo", "rloo", "ppo")
 CHAT_MARKERS = ("instruct", "chat", "-it", "distill")
 
 
@@ -186,18 +192,54 @@ def decide_stage(spec: ModelSpec, task: Task, chosen: str | None = None) -> tupl
     return stage, out
 
 
+def learning_rate(method: str, stage: str) -> float:
+    family = "sft" if stage == "sft" else "rl" if stage in RL_STAGES else "preference"
+    return LEARNING_RATE[(family, "full" if method in ("full", "freeze") else "adapter")]
+
+
+def epochs_for(num_examples: int) -> int:
+    return 3 if num_examples <= 5_000 else 2 if num_examples <= 50_000 else 1
+
+
+def lora_dropout_for(spec: ModelSpec, method: str, targets, num_examples: int) -> float:
+    # PEFT's LoRA on fused MoE experts takes no dropout (planner.trainable.fused_expert_dropout)
+    experts_adapted = method in ("lora", "qlora") and bool(split_moe_targets(spec, targets)[1])
+    return 0.0 if experts_adapted else 0.1 if num_examples < SMALL_DATA_EXAMPLES else 0.05
+
+
+def accumulation_for(batch_size: int, num_gpus: int) -> int:
+    """Gradient accumulation up to the target effective batch (as _with_batch settles it)."""
+    return max(1, TARGET_EFFECTIVE_BATCH // (batch_size * num_gpus))
+
+
+def run_defaults(spec: ModelSpec, options: TrainingOptions, num_examples: int | None = None) -> dict:
+    """The advice's training hyperparameters for the method and stage `options` already name, by
+    the option or run-setting name each goes under: what a launched run takes where its user gave
+    none. `num_examples`: the dataset's rows when known (the advice's default task otherwise).
+    GRPO and RLOO get no accumulation: TRL generates for batch x accumulation prompts at once by
+    default, so the advice's accumulation there would multiply the generation's KV cache."""
+    rows = Task.model_fields["num_examples"].default if num_examples is None else num_examples
+    method, stage = options.method, options.stage
+    out: dict = {"learning_rate": learning_rate(method, stage), "epochs": epochs_for(rows),
+                 "warmup_steps": WARMUP_FRACTION, "lr_scheduler_type": LR_SCHEDULER}
+    if stage not in RL_STAGES:
+        out["gradient_accumulation_steps"] = accumulation_for(options.batch_size, options.num_gpus)
+    if method in ("lora", "qlora", "dora"):
+        out["lora_alpha"] = 2 * options.lora_r
+        out["lora_dropout"] = lora_dropout_for(spec, method, options.lora_targets, rows)
+    return out
+
+
 def decide_settings(spec: ModelSpec, task: Task, method: str, stage: str) -> tuple[dict, list[str]]:
     rank = RANK_BY_GOAL[task.goal]
     light = task.goal in ("style", "format")
     linear_leaves = {lin.name.rsplit(".", 1)[-1] for lin in spec.linears()}
     targets: list[str] | str = ["q_proj", "v_proj"] if light and {"q_proj", "v_proj"} <= linear_leaves else "all-linear"
-    # PEFT's LoRA on fused MoE experts takes no dropout (planner.trainable.fused_expert_dropout)
     experts_adapted = method in ("lora", "qlora") and bool(split_moe_targets(spec, targets)[1])
-    dropout = 0.0 if experts_adapted else 0.1 if task.num_examples < SMALL_DATA_EXAMPLES else 0.05
-    epochs = 3 if task.num_examples <= 5_000 else 2 if task.num_examples <= 50_000 else 1
-    family = "sft" if stage == "sft" else "rl" if stage in ("grpo", "rloo", "ppo") else "preference"
-    lr = LEARNING_RATE[(family, "full" if method in ("full", "freeze") else "adapter")]
-    settings = {"learning_rate": lr, "epochs": epochs}
+    dropout = lora_dropout_for(spec, method, targets, task.num_examples)
+    epochs = epochs_for(task.num_examples)
+    lr = learning_rate(method, stage)
+    settings = {"learning_rate": lr, "epochs": epochs, "warmup_steps": WARMUP_FRACTION, "lr_scheduler_type": LR_SCHEDULER}
     reasons = []
     if method in ("lora", "qlora", "dora"):
         settings.update({"lora_r": rank, "lora_alpha": 2 * rank, "lora_targets": targets, "lora_dropout": dropout})
@@ -209,7 +251,8 @@ def decide_settings(spec: ModelSpec, task: Task, method: str, stage: str) -> tup
         )
     else:
         reasons.append(f"Learning rate {lr:g} for {method} training.")
-    reasons.append(f"{epochs} epoch(s) for {task.num_examples:,} examples (1-3; fewer with more data, more risks overfitting).")
+    reasons.append(f"{epochs} epoch(s) for {task.num_examples:,} examples (1-3; fewer with more data, more risks overfitting); "
+                   f"the rate warms up over the first {WARMUP_FRACTION:.0%} of the steps, then decays ({LR_SCHEDULER}).")
     return settings, reasons
 
 

@@ -173,3 +173,30 @@ def test_page_speaks_of_the_code_not_its_history(page):
     assert "DESIGN.md" not in text, f"{page.relative_to(ROOT)} cites DESIGN.md, which the repository does not have"
     history = re.findall(r"\b(?:issue #?\d+|in a later issue|as before)\b", text, flags=re.I)
     assert not history, f"{page.relative_to(ROOT)} speaks of history: {history}"
+
+
+# -- what the docs show a person typing works as shown (issue 24) ---------------------------------
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
+def test_runs_commands_put_the_run_id_before_their_flags(page):
+    """argparse takes `runs cancel ID --wait`; `runs cancel --wait ID` stops at the id."""
+    for line in page.read_text().splitlines():
+        for shown in re.findall(r"vramplan runs [^`|]*?(?:\\\|[^`|]*?)*ID", line):
+            assert not re.search(r"--\w[\w-]*\]?\s+ID", shown), f"{page.name}: {shown!r} puts a flag before the run id"
+
+
+def test_the_order_the_docs_show_for_runs_parses(tmp_path, capsys):
+    from app.cli import main
+
+    code = main(["runs", "cancel", "0123abcd", "--wait", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "unrecognized arguments" not in err and "0123abcd" in err  # parsed; then: no such run
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
+def test_only_plan_is_said_to_print_kept_in_the_trace_cache(page):
+    """`vramplan plan` prints "traced: kept in the trace cache"; `check` prints no such words."""
+    for paragraph in page.read_text().split("\n\n"):
+        if "kept in the trace cache" in paragraph:
+            assert "vramplan plan" in paragraph and "vramplan check" not in paragraph, paragraph

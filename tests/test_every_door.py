@@ -14,7 +14,10 @@ TOKEN = "test-token-every-door-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 # allocator given, so the launch doors' default (expandable segments) changes nothing; device cpu
 # for them, so no GPU is detected either: every door must then plan exactly these options
-OPTIONS = {"method": "lora", "gpu": "L4", "batch_size": 2, "seq_len": 128, "allocator": "expandable_segments"}
+# The launch doors also take the advice's accumulation, LoRA alpha and dropout where none is given
+# (launcher.spec.with_advice): given here, the plan's options are the same everywhere.
+OPTIONS = {"method": "lora", "gpu": "L4", "batch_size": 2, "seq_len": 128, "allocator": "expandable_segments",
+           "gradient_accumulation_steps": 8, "lora_alpha": 32, "lora_dropout": 0.1}
 
 
 @pytest.fixture

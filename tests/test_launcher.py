@@ -88,6 +88,8 @@ def test_sft_lora_run_succeeds_with_events_checkpoints_and_json(tiny, data_dir, 
     # the YAML the run executed is TRL's, with the plan's settings
     trl_yaml = (Path(record["run_dir"]) / "trl.yaml").read_text()
     assert "per_device_train_batch_size: 2" in trl_yaml and "lora_r: 4" in trl_yaml and "max_length: 64" in trl_yaml
+    # and the advice's hyperparameters for LoRA SFT where none were given (issue 24): not TRL's 2e-5
+    assert "learning_rate: 0.0002" in trl_yaml and "lr_scheduler_type: cosine" in trl_yaml and "gradient_accumulation_steps: 8" in trl_yaml
 
 
 @pytest.mark.parametrize(("stage", "dataset", "extra"), [
@@ -188,12 +190,13 @@ def test_a_run_that_does_not_stop_in_the_grace_period_is_killed_whole(tiny, data
     assert_nothing_left(run_id)
 
 
-def test_dry_run_writes_the_files_and_starts_nothing(tiny, data_dir, capsys):
+def test_dry_run_shows_the_files_writes_nothing_and_starts_nothing(tiny, data_dir, capsys):
     code, out, _ = run_cli(capsys, launch_args(tiny, data_dir, "--num-gpus", "2", "--dry-run", "--json"))
     assert code == 0
     dry = json.loads(out)
     run_dir = Path(dry["run_dir"])
-    assert sorted(p.name for p in run_dir.iterdir()) == ["accelerate.yaml", "spec.json", "trl.yaml"]
+    assert sorted(dry["files"]) == ["accelerate.yaml", "spec.json", "trl.yaml"]
+    assert not run_dir.exists()  # a dry run leaves no run directory behind (issue 24)
     assert dry["argv"][1:4] == ["-m", "launcher.shim", str(run_dir)] and "accelerate.commands.launch" in dry["argv"]
     assert not run_processes(dry["run_id"]) and Supervisor(data_dir).store.list() == []
 

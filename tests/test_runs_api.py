@@ -453,3 +453,32 @@ def test_the_runs_pages_link_their_json_twin_which_a_signed_in_browser_can_open(
     assert twin.status_code == 200 and twin.json() == client.get(link, headers=BEARER).json() and twin.json()["state"] == "succeeded"
     listing = re.search(r'id="json-link" href="([^"]+)"', client.get("/runs").text).group(1)
     assert run_id in [r["id"] for r in client.get(listing).json()["runs"]]
+
+
+def test_the_launch_page_dry_run_shows_the_advices_settings_as_fields_and_keeps_a_given_one(client, root):
+    sign_in(client)
+    form = {"model": MODEL, "method": "lora", "dataset": str(root / "train.jsonl"), "max_steps": "5", "backend": "fake", "device": "cpu"}
+    dry = client.post("/launch", data=form, headers=ORIGIN)
+    assert dry.status_code == 200, dry.text
+    assert re.search(r'id="dry-advised">Settings from the advice for lora sft: learning_rate 0.0002', dry.text)
+    fields = dict(re.findall(r'<input id="l-[a-z_]+" name="([a-z_]+)" inputmode="decimal" value="([^"]*)"', dry.text))
+    assert fields["learning_rate"] == "0.0002" and fields["gradient_accumulation_steps"] == "16" and fields["lora_alpha"] == "32"
+    assert re.search(r'name="lr_scheduler_type">.*<option value="cosine" selected>', dry.text)
+    assert "&#34;learning_rate&#34;: 0.0002" in dry.text  # the spec.json shown carries it
+    # an edited field is the user's: kept, and no longer called the advice's
+    again = client.post("/launch", data={**form, "learning_rate": "5e-5", "gradient_accumulation_steps": "4"}, headers=ORIGIN)
+    assert again.status_code == 200, again.text
+    assert "&#34;learning_rate&#34;: 0.00005" in again.text and "&#34;gradient_accumulation_steps&#34;: 4" in again.text
+    assert "learning_rate 0.0002" not in again.text and again.text.count('name="gradient_accumulation_steps"') == 1
+
+
+def test_a_web_launch_names_the_model_as_the_cli_does(client, root, tiny_run):
+    import shutil
+
+    model = root / "tiny"
+    shutil.copytree(tiny_run["model"], model)
+    run = client.post("/api/v1/runs", json=body(root, model=str(model), method="lora"), headers=BEARER)
+    assert run.status_code == 201, run.text
+    assert run.json()["model"] == str(model.resolve())  # the full path, not the config's model type ("llama")
+    finished(client, run.json()["id"])
+    assert str(model.resolve()) in client.get("/runs").text.replace("<wbr>", "")

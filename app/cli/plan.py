@@ -7,14 +7,17 @@ import sys
 from app.cli.output import GIB, option_flags, parse_options, write, write_json
 
 
-def single_plan(model: str, options, launch=None):
+def single_plan(model: str, options, launch=None, adjust=None):
     """planner/request.py's recipe, as the CLI's doors take it (plan, check, launch, export): says
     on stderr, where a person is watching, when it traces for seconds (not for a trace kept from
-    before). Returns (ModelSource, Plan)."""
+    before). `adjust(spec, options) -> options`: a launch's own defaults (the advice's
+    hyperparameters), once the model is known. Returns (ModelSource, Plan)."""
     from planner.request import plan_source, resolve_source, single_plan_options
     from planner.step_trace import trace_pending
 
     source = resolve_source(model)
+    if adjust is not None:
+        options = adjust(source.spec, options)
     settled = single_plan_options(source.spec, options, launch)
     if sys.stderr.isatty() and trace_pending(source.spec, settled, source.config):
         print("tracing two training steps on the meta device to simulate the allocator (kept for the next check)...", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -39,16 +40,31 @@ def _settings(args):
     return parse_options(args, RunSettings)
 
 
-def _plan(args, for_export: bool = False):
+class _Advice:
+    """The advice's hyperparameters for the run (launcher.spec.with_advice), settled once the model
+    is known and before the plan: `settings` and `advised` (name -> value) afterwards."""
+
+    def __init__(self, settings, dataset_check):
+        self.settings, self.advised = settings, {}
+        self.rows = dataset_check.rows if dataset_check is not None else None
+
+    def __call__(self, model_spec, options):
+        from launcher.spec import with_advice
+
+        options, self.settings, self.advised = with_advice(model_spec, options, self.settings, self.rows)
+        return options
+
+
+def _plan(args, for_export: bool = False, advice: _Advice | None = None):
     """(ModelSource, Plan, LaunchTarget) for a launch or, `for_export`, a file for another machine:
-    planner/request.py's recipe with the launch defaults."""
+    planner/request.py's recipe with the launch defaults and `advice`'s hyperparameters."""
     from planner.request import launch_target
 
     device = getattr(args, "device", None) or "auto"
     if for_export:
         device = "cpu" if device == "cpu" else "cuda"
     target = launch_target(device, getattr(args, "backend", "local"), for_export=for_export)
-    source, plan = single_plan(args.model, parse_options(args), launch=target)
+    source, plan = single_plan(args.model, parse_options(args), launch=target, adjust=advice)
     return source, plan, target
 
 
@@ -88,9 +104,13 @@ def cmd_launch(args) -> int:
     from launcher.backend import LaunchError
     from launcher.supervisor import LaunchRefused
 
+    from launcher.spec import advised_words
+
     settings = _settings(args)
     dataset_check = _preflight(args, settings)  # before the plan: a dataset typo is answered at once
-    source, plan, target = _plan(args)
+    advice = _Advice(settings, dataset_check)
+    source, plan, target = _plan(args, advice=advice)
+    settings = advice.settings
     device = target.device
     supervisor = _supervisor(args)
     gpus = tuple(g.strip() for g in (args.gpus or "").split(",") if g.strip())
@@ -102,18 +122,19 @@ def cmd_launch(args) -> int:
         raise UsageError(f"backend option {validation_message(exc)}") from exc
     except (ValueError, LaunchError) as exc:  # an unknown or broken backend, or a layout it cannot place
         raise UsageError(str(exc)) from exc
-    if args.dry_run:
-        prepared.run_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in prepared.rendered.files.items():
-            (prepared.run_dir / name).write_text(text)
-        data = prepared.dry_run_dict()
+    prepared = replace(prepared, spec=prepared.spec.with_advised(advice.advised))
+    words = advised_words(advice.advised, prepared.spec.method, prepared.spec.stage)
+    if args.dry_run:  # shows what a launch would write; writes nothing (the run directory is a launch's)
+        data = {**prepared.dry_run_dict(), "advised": advice.advised}
         if args.json:
             write_json(data)
         else:
             write(f"dry run: {prepared.rendered.summary}")
             write(dataset_check.summary())
+            if words:
+                write(f"settings {words} (a flag sets another)")
             write(f"admission: {'ok' if prepared.admission.ok else 'refused'}: {prepared.admission.message}")
-            write(f"files in {prepared.run_dir}: {', '.join(prepared.rendered.files)}")
+            write(f"files a launch writes into {prepared.run_dir}: {', '.join(prepared.rendered.files)} (--json shows them)")
             write("command: " + " ".join(prepared.rendered.argv))
         return 0
     try:
@@ -127,6 +148,8 @@ def cmd_launch(args) -> int:
     except LaunchError as exc:
         raise UsageError(str(exc)) from exc
     if not args.json:
+        if words:
+            print(f"settings {words}", file=sys.stderr)
         print(f"run {record.id} {record.state}: {prepared.rendered.summary}; predicted peak {record.predicted_peak_bytes / GIB:.2f} GiB per GPU "
               f"(up to {record.predicted_high_bytes / GIB:.2f})", file=sys.stderr)
     if not args.wait:
@@ -174,20 +197,25 @@ def _finish(args, record) -> int:
 
 
 def cmd_export(args) -> int:
-    from launcher.exports import render
+    from launcher.exports import PLACEHOLDER_DATASET, export_notes, render
     from launcher.spec import RunSettings, launch_spec
 
     given = {k: v for k, v in vars(args).items() if k in RunSettings.model_fields}
-    given.setdefault("dataset", "your-org/your-dataset")
+    given.setdefault("dataset", PLACEHOLDER_DATASET)
     given.setdefault("output_dir", "output")
     settings = RunSettings.model_validate(given)
-    _preflight(args, settings, for_export=True)  # a dataset here is read; one for another machine is not
-    source, plan, target = _plan(args, for_export=True)
-    spec = launch_spec(plan, source.argument, settings, device=target.device, for_export=True)
+    check = _preflight(args, settings, for_export=True)  # a dataset here is read; one for another machine is not
+    advice = _Advice(settings, check)
+    source, plan, target = _plan(args, for_export=True, advice=advice)
+    spec = launch_spec(plan, source.argument, advice.settings, device=target.device, for_export=True).with_advised(advice.advised)
+    notes = export_notes(spec, args.format, set(vars(args)))
     try:
-        text = render(spec, args.format)
+        text = render(spec, args.format, notes)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    for note in notes:
+        if not note.startswith("advised"):  # the file says the advice's values; stderr what needs a hand
+            print(f"vramplan: {note}", file=sys.stderr)
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out} ({args.format})", file=sys.stderr)
@@ -220,6 +248,8 @@ def cmd_runs(args) -> int:
             print(f"wrote {len(rows)} run(s) to {args.out}", file=sys.stderr)
         elif text:
             write(text)
+        else:
+            print("vramplan: no finished runs with a measured peak to export yet", file=sys.stderr)
         return 0
     if not args.run_id:
         raise UsageError(f"runs {action} needs a run id")
