@@ -15,7 +15,13 @@ Here, per worker:
   `connection: close`) at once, so overload sheds instead of queueing. This replaces uvicorn's
   limit_concurrency, which counts open connections too: past it, every request on every
   connection, idle keep-alive ones included, is refused until connections close;
-- over `max_connections` open connections, a new connection is closed as soon as it is accepted;
+- over `max_connections` open connections, a new connection is closed as soon as it is accepted,
+  and so is one past `ClientLimits.connections` open from the same address: one client cannot take
+  every connection;
+- `GET /healthz` is outside the work limit (never shed with the work, never waiting for a slot),
+  and so are event streams (`/api/v1/runs/{id}/events`, open for up to 10 minutes each): they have
+  limits of their own, `ClientLimits.streams` per worker and `ClientLimits.streams_per_client`
+  per address, past which a new stream is answered 503;
 - connections are accepted in batches, so the listening queue drains however busy the loop is,
   and on Linux each worker listens on a socket of its own (SO_REUSEPORT), so the kernel, not a
   race between workers, spreads them;
@@ -35,6 +41,7 @@ import os
 import socket
 import sys
 import time
+from typing import ClassVar
 
 # Connections accepted per readiness event of a listening socket: enough to drain hundreds
 # within a few turns of a busy loop.
@@ -69,6 +76,39 @@ class ServerLimits:
         for field in dataclasses.fields(self):
             if not getattr(self, field.name) > 0:
                 raise ValueError(f"{field.name} must be positive, got {getattr(self, field.name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientLimits:
+    """Per worker, what one client address may hold, and the event streams in all. Read from the
+    environment (VRAMPLAN_MAX_CONNECTIONS_PER_CLIENT, VRAMPLAN_MAX_STREAMS,
+    VRAMPLAN_MAX_STREAMS_PER_CLIENT), so spawned workers see the same."""
+
+    connections: int = 128
+    streams: int = 256
+    streams_per_client: int = 16
+
+    ENV: ClassVar[dict[str, str]] = {"connections": "VRAMPLAN_MAX_CONNECTIONS_PER_CLIENT", "streams": "VRAMPLAN_MAX_STREAMS",
+                                     "streams_per_client": "VRAMPLAN_MAX_STREAMS_PER_CLIENT"}
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{self.ENV[field.name]} must be a positive whole number, got {value!r}")
+
+    @classmethod
+    def from_env(cls, environ=None) -> ClientLimits:
+        environ = os.environ if environ is None else environ
+        given = {}
+        for name, var in cls.ENV.items():
+            text = environ.get(var, "").strip()
+            if text:
+                try:
+                    given[name] = int(text)
+                except ValueError:
+                    raise ValueError(f"{var} must be a positive whole number, got {text!r}") from None
+        return cls(**given)
 
 
 def raise_fd_limit() -> int:
@@ -158,6 +198,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1, limits: S
         limits = dataclasses.replace(limits, max_connections=max(1, fd_limit - FD_RESERVE))
         print(f"vramplan: note: at most {limits.max_connections} connections per worker (RLIMIT_NOFILE is {fd_limit})", file=sys.stderr)
     try:
+        client_limits = ClientLimits.from_env()
+    except ValueError as exc:
+        print(f"vramplan: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         sock = _bind(host, port)
     except OSError as exc:
         print(f"vramplan: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
@@ -176,6 +221,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1, limits: S
         log_level="warning",
     )
     config.vramplan_limits = limits  # travels with the config to each worker
+    config.vramplan_client_limits = client_limits
     shown = f"[{host}]" if ":" in host else host
     print(f"vramplan: serving on http://{shown}:{config.port} (API docs at /docs); Ctrl+C stops", file=sys.stderr)
     if sign_in:
@@ -220,7 +266,9 @@ def new_event_loop():
 def _classes():
     import asyncio
     import errno
+    import re
 
+    import httptools
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     if not hasattr(HttpToolsProtocol, "_start_asgi_task"):  # older uvicorn: the limit would count nothing
@@ -237,6 +285,37 @@ def _classes():
         await send({"type": "http.response.start", "status": 503, "headers": shed_headers})
         await send({"type": "http.response.body", "body": b"Service Unavailable"})
 
+    stream_path = re.compile(r"^/api/v1/runs/[^/]+/events$")
+
+    class Streams:
+        """The app, for event streams: counted apart from the work (a stream waits, it does not
+        work), per worker and per client address."""
+
+        def __init__(self, app) -> None:
+            self.app = app
+            self.open = 0
+            self.by_client: dict[str, int] = {}
+
+        def admits(self, client: str, limits: ClientLimits) -> bool:
+            return self.open < limits.streams and self.by_client.get(client, 0) < limits.streams_per_client
+
+        def app_for(self, client: str):
+            self.open += 1
+            self.by_client[client] = self.by_client.get(client, 0) + 1
+
+            async def stream(scope, receive, send) -> None:
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    self.open -= 1
+                    left = self.by_client[client] - 1
+                    if left:
+                        self.by_client[client] = left
+                    else:
+                        del self.by_client[client]
+
+            return stream
+
     class Admission:
         """The app, counting the requests it is running. Counted from the moment a request's
         task is created to the moment the app returns: a burst arriving in one turn of the loop
@@ -249,11 +328,14 @@ def _classes():
             self.shed = 0
             self.noted = float("-inf")
 
-        def note_shed(self, limit: int) -> None:
+        def note_shed(self, limit: int, what: str = "") -> None:
             self.shed += 1
             now = time.monotonic()
             if now - self.noted >= SHED_NOTE_INTERVAL:
-                log.warning("%d request(s) answered 503: %d requests in progress is the limit (--limit-concurrency)", self.shed, limit)
+                if what:
+                    log.warning("%d request(s) answered 503: too many open %s (ClientLimits)", self.shed, what)
+                else:
+                    log.warning("%d request(s) answered 503: %d requests in progress is the limit (--limit-concurrency)", self.shed, limit)
                 self.shed, self.noted = 0, now
 
         async def __call__(self, scope, receive, send) -> None:
@@ -269,6 +351,8 @@ def _classes():
         def __init__(self, config, server_state, app_state, _loop=None):
             super().__init__(config, server_state, app_state, _loop)
             self.limits: ServerLimits = getattr(config, "vramplan_limits", None) or ServerLimits()
+            self.client_limits: ClientLimits = getattr(config, "vramplan_client_limits", None) or ClientLimits()
+            self.address: str | None = None  # counted in the per-client table while open
             self.awaiting_headers = True
             self.header_bytes = 0
             self.read_timer: asyncio.TimerHandle | None = None
@@ -276,16 +360,29 @@ def _classes():
             self.headers_seen = 0
 
         def connection_made(self, transport):
-            if len(self.connections) >= self.limits.max_connections:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            per_client = self.server_state.__dict__.setdefault("per_client", {})
+            if len(self.connections) >= self.limits.max_connections or per_client.get(address, 0) >= self.client_limits.connections:
                 # before uvicorn registers it: never counted, never read, descriptor freed now
                 self.transport, self.refused = transport, True
                 transport.close()
                 return
+            per_client[address] = per_client.get(address, 0) + 1
+            self.address = address
             super().connection_made(transport)
             self._arm(self.limits.header_timeout)
 
         def connection_lost(self, exc):
             self._disarm()
+            if self.address is not None:
+                per_client = self.server_state.per_client
+                left = per_client.get(self.address, 1) - 1
+                if left > 0:
+                    per_client[self.address] = left
+                else:
+                    per_client.pop(self.address, None)
+                self.address = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -316,8 +413,23 @@ def _classes():
             admission = self.server_state.__dict__.get("admission")
             if admission is None:
                 admission = self.server_state.admission = Admission(self.config.loaded_app)
+                self.server_state.streams = Streams(self.config.loaded_app)
             # uvicorn takes self.app for the request while it builds the cycle
-            if admission.running < self.limits.limit_concurrency:
+            method = self.parser.get_method()
+            try:
+                path = httptools.parse_url(self.url).path
+            except httptools.HttpParserInvalidURLError:
+                path = b""
+            if path == b"/healthz" and method in (b"GET", b"HEAD"):
+                self.app = self.config.loaded_app  # outside the work limit: a health check never waits for a slot
+            elif stream_path.match(path.decode("latin-1")) and method == b"GET":
+                streams = self.server_state.streams
+                if streams.admits(self.address or "", self.client_limits):
+                    self.app = streams.app_for(self.address or "")
+                else:
+                    self.app = shed
+                    admission.note_shed(self.limits.limit_concurrency, what="event streams")
+            elif admission.running < self.limits.limit_concurrency:
                 self.app = admission
             else:
                 self.app = shed

@@ -6,6 +6,7 @@ upper bounds, seconds above the limit under test.
 """
 
 import contextlib
+import json
 import os
 import re
 import select
@@ -26,15 +27,16 @@ SLACK = 3.0  # seconds allowed beyond a timeout before the test calls it not enf
 
 
 class Server:
-    def __init__(self, *flags: str):
+    def __init__(self, *flags: str, env: dict | None = None):
         self.flags = flags
+        self.env = env or {}
 
     def __enter__(self):
         self.stderr = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--port", "0", *self.flags],
             stdout=subprocess.DEVNULL, stderr=self.stderr, start_new_session=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **self.env},
         )
         try:
             self._wait_ready(time.monotonic() + 60)
@@ -243,10 +245,14 @@ def test_requests_over_the_concurrency_limit_get_503_at_once(worker1):
         assert select.select(holders, [], [], 0)[0] == [], "a holder was answered: a slot was still taken"
         started = time.monotonic()
         with worker1.connect() as sock:
-            sock.sendall(HEAD + b"\r\n")
+            sock.sendall(b"GET /api/v1/gpus HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             reply = read_all(sock)
         assert status(reply) == 503 and b"retry-after: 1" in reply.lower()
         assert time.monotonic() - started < 2  # answered, not queued behind the held requests
+        # the 503 answered before the app carries the guard's headers
+        assert b"x-content-type-options: nosniff" in reply.lower() and b"content-security-policy" in reply.lower()
+        # a health check is outside the work limit: never shed with the work
+        assert worker1.health() == 200
     finally:
         for sock in holders:
             sock.close()
@@ -269,3 +275,80 @@ def test_connections_past_the_per_worker_cap_are_closed_at_once(worker1):
         for sock in held:
             sock.close()
     assert worker1.wait_healthy() == 200
+
+
+# -- per client: connections and event streams; health outside the work (issue 25, items 1-3) --------
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def streams(tmp_path_factory):
+    """A server with 2 work slots, 3 event streams and 6 connections per client, and a run whose
+    feed stays open (starting, no process recorded yet: the follower leaves it for a minute)."""
+    from launcher.store import RunStore
+
+    data = tmp_path_factory.mktemp("data")
+    store = RunStore(data / "runs.sqlite")
+    spec = {"run_id": "ab" * 16, "model": {"kind": "catalog", "location": "tiny"}, "options": {}, "plan": {}}
+    store.create({"id": "ab" * 16, "backend": "nosuch", "backend_options_json": "{}", "state": "starting", "model": "tiny", "stage": "sft",
+                  "method": "lora", "spec_json": json.dumps(spec), "plan_hash": "x", "predicted_peak_bytes": 1, "predicted_high_bytes": 1,
+                  "num_gpus": 0, "run_dir": str(data / "runs" / "abab"), "output_dir": str(data / "out")})
+    store.close()
+    env = {"VRAMPLAN_DATA_DIR": str(data), "VRAMPLAN_TOKEN": TOKEN, "VRAMPLAN_MAX_STREAMS_PER_CLIENT": "3",
+           "VRAMPLAN_MAX_CONNECTIONS_PER_CLIENT": "6"}
+    with Server("--workers", "1", "--limit-concurrency", "2", "--max-connections", "64", env=env) as server:
+        yield server
+
+
+def _open_stream(server) -> socket.socket:
+    sock = server.connect()
+    sock.sendall(b"GET /api/v1/runs/" + b"ab" * 16 + b"/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    return sock
+
+
+def test_event_streams_do_not_hold_work_slots_and_have_a_per_client_cap(streams):
+    opened = []
+    try:
+        for _ in range(3):  # more streams than work slots
+            sock = _open_stream(streams)
+            sock.settimeout(10)
+            head = sock.recv(65536)
+            assert status(head) == 200 and b"text/event-stream" in head, head[:300]
+            opened.append(sock)
+        # the two work slots are free: a request is answered, not shed
+        with streams.connect() as sock:
+            sock.sendall(b"GET /api/v1/gpus HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert status(read_all(sock)) == 200
+        with _open_stream(streams) as extra:  # a fourth stream from the same client
+            assert status(read_all(extra)) == 503
+        assert streams.health() == 200
+    finally:
+        for sock in opened:
+            sock.close()
+    time.sleep(0.5)
+    with _open_stream(streams) as again:  # the streams' places come back when they close
+        again.settimeout(10)
+        assert status(again.recv(65536)) == 200
+
+
+def test_one_client_cannot_take_every_connection(streams):
+    held = []
+    try:
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", streams.port), timeout=10, source_address=("127.0.0.2", 0))
+            held.append(sock)
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", streams.port), timeout=10, source_address=("127.0.0.2", 0))
+        with extra:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                extra.sendall(HEAD + b"\r\n")
+            assert read_all(extra) == b""  # closed without reading: the client holds its share
+        assert streams.health() == 200  # another client (127.0.0.1) is served
+        held[0].sendall(HEAD + b"\r\n")
+        held[0].settimeout(10)
+        assert status(held[0].recv(65536)) == 200
+    finally:
+        for sock in held:
+            sock.close()
