@@ -815,7 +815,11 @@ def by_stack_markdown(res: dict) -> str:
               "The FSDP runs planned here (Answer.AI's fsdp_qlora train.py, FMS's accelerate FSDP under torch 2.4) wrap the model with "
               "FSDP1's FullyShardedDataParallel, though the cases do not say so. 7ea921b gave the planner one FSDP model, FSDP2's "
               "(gathered layers, copy-out and unsharded gradients fitted to an FSDP2 trace), and that step is what moved the multi-GPU "
-              "figures; the planner now plans FSDP1 by its own terms (fsdp_version 1, its default) and these runs with it."]
+              "figures; the planner now plans FSDP1 by its own terms (fsdp_version 1, its default) and these runs with it. Under "
+              "either FSDP the QLoRA runs' bitsandbytes quantization constants (QuantState: absmax, nested absmax, code tables) are "
+              "planned whole on every GPU and kept on the GPU under CPU offload, since they are attributes, not parameters, which FSDP "
+              "neither shards nor offloads (about 1 GiB per GPU on a 70B model); a unit is all-gathered as stored, its 4-bit weights "
+              "packed and its LoRA adapters with it."]
     lines += ["", "### The fixes that are options, set as the sources published them", "",
               "The mapping leaves each new option at its default, which plans as the planner did before it existed. Set per case as "
               "the source describes its run, against the planner now:", "",

@@ -5,6 +5,8 @@
 - ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 and FSDP (FULL_SHARD) also
   parameters.
 - Offload moves optimizer state (and, with `params`, the parameter shards) to host memory.
+- bitsandbytes' quantization constants are no parameters: whole on every GPU under FSDP and
+  ZeRO-3, and never offloaded (QUANT_CONSTANTS_WHOLE below).
 
 Beyond the shares, each strategy's own buffers, from its code (DeepSpeed at edaa722, 2026-08-22;
 torch 2.13's FSDP1 and FSDP2), named by where they live (plan.py's SHARDED_PHASES):
@@ -29,7 +31,8 @@ torch 2.13's FSDP1 and FSDP2), named by where they live (plan.py's SHARDED_PHASE
   of the backward (FSDP2 does not reshard the root after forward); three decoder layers' parameters
   at a time: the one computing, the next one's all-gather output and its copy into the unsharded
   parameters (in backward the reduce-scatter input of a layer's gradients takes that place); and
-  in backward one layer's unsharded gradients before their reduce-scatter.
+  in backward one layer's unsharded gradients before their reduce-scatter. A layer is gathered as
+  stored (bitsandbytes' 4-bit weights packed), as FSDP1's units are.
 - FSDP1 (`FullyShardedDataParallel`, `fsdp_version` 1: accelerate's FSDP plugin's and the HF
   Trainer's default, and what Answer.AI's fsdp_qlora and fms-acceleration ran), as accelerate's
   TRANSFORMER_BASED_WRAP sets it up (a unit per decoder layer, the rest in the root unit;
@@ -69,6 +72,28 @@ GATHERED_LAYERS = 2  # FSDP2: the layer computing and the next one's all-gather 
 FSDP_COPY_LAYERS = 1  # FSDP2: the all-gather's flat output while it is copied out (backward: the reduce-scatter input)
 FSDP1_GATHERED_UNITS = 2  # FSDP1 in backward: the unit computing and the next one's (BACKWARD_PRE); one in forward
 FSDP1_GRADIENT_COPIES = 2  # FSDP1: a unit's parameter gradients and their concatenation into its flat gradient
+
+# bitsandbytes keeps a 4-bit weight's quantization constants (absmax, the nested absmax and
+# offset, the code tables: a QuantState) and LLM.int8's row scales (SCB) as Python attributes of
+# the Params4bit / Int8Params and of the Linear4bit module, not as parameters or buffers. Neither
+# FSDP nor ZeRO-3 sees them:
+# - FSDP1 flattens only the module's nn.Parameters (torch 2.13 fsdp/_flat_param.py
+#   FlatParamHandle._init_flat_param_and_metadata, lines 688-691: _named_parameters_with_duplicates
+#   per submodule), and CPU offload moves only the flat parameter (_init_utils.py 672-673:
+#   handle.flat_param_to(cpu));
+# - FSDP2 manages a module's named_parameters(recurse=False) and buffers (_fully_shard/_fsdp_init.py
+#   _get_managed_states, lines 341-367) and puts a new DTensor Parameter in the weight's place, so
+#   the QuantState stays on the module, where bitsandbytes 0.50's Linear4bit.forward finds it again
+#   (nn/modules.py 487-501, fix_4bit_weight_quant_state_from_module: "the quant state got lost when
+#   the parameter got converted. This happens for example for fsdp");
+# - DeepSpeed ZeRO-3 (edaa722) partitions param.data into param.ds_tensor and frees param.data
+#   (runtime/zero/partition_parameters.py free_param, 308-324; _partition_param, 1750), and its
+#   zero/ code never names quant_state, bitsandbytes or Params4bit.
+# So they stay whole on every GPU, where they were quantized, also under CPU offload (a tiny
+# Llama's QuantStates under FSDP1 and FSDP2: tests/test_sharded.py). The packed 4-bit weight is a
+# parameter (in its bnb_4bit_quant_storage dtype, bf16 in PEFT's FSDP QLoRA recipe) and is sharded.
+QUANT_CONSTANTS_WHOLE = ("whole on every GPU: bitsandbytes keeps them as attributes (QuantState, SCB), not parameters, so FSDP and "
+                         "ZeRO-3 neither shard nor offload them (planner/parallel.py)")
 
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py)
 DEEPSPEED_DEFAULTS = {
@@ -224,20 +249,55 @@ def _deepspeed_components(spec: ModelSpec, options: TrainingOptions) -> list[Com
     return out
 
 
+def _stored_unit_bytes(spec: ModelSpec, options: TrainingOptions, in_layers: bool, dtype: str) -> int:
+    """The largest decoder layer's (in_layers) or the root's parameters as stored, the bytes an
+    all-gather moves: bitsandbytes' 4-bit weights packed (two values a byte, in their quant_storage
+    parameter), int8 one byte each, the rest and the PEFT adapters the unit holds in `dtype` (FSDP1's
+    flat parameter holds one dtype; the traces cast the adapters to it). The quantization constants
+    are no parameters and are never gathered (QUANT_CONSTANTS_WHOLE)."""
+    from planner.static_memory import _layer_prefix
+
+    quant = options.effective_quantization
+    elem = dtype_bytes(dtype)
+    units: dict[str | None, int] = {}
+    layer_prefixes = set()
+    for t in spec.tensors:
+        prefix = _layer_prefix(t.name) if t.layer is not None else None
+        layer_prefixes.add(prefix)
+        if (prefix is not None) != in_layers:
+            continue
+        if quant in ("nf4", "fp4") and t.quantizable:
+            size = packed_4bit_bytes(t.numel)
+        elif quant == "int8" and t.quantizable:
+            size = t.numel
+        else:
+            size = t.numel * elem
+        units[prefix] = units.get(prefix, 0) + size
+    for t in _trainable(spec, options):
+        if t.base:
+            continue  # a base tensor is counted above
+        prefix = _layer_prefix(t.name)
+        prefix = prefix if prefix in layer_prefixes else None
+        if (prefix is not None) == in_layers:
+            units[prefix] = units.get(prefix, 0) + t.numel * elem
+    return max(units.values(), default=0)
+
+
 def _fsdp_components(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
-    low = dtype_bytes(options.effective_weights_dtype)
-    layer = largest_layer_params(spec)
-    root = root_params(spec)
+    dtype = options.effective_weights_dtype
+    layer = _stored_unit_bytes(spec, options, in_layers=True, dtype=dtype)
+    root = _stored_unit_bytes(spec, options, in_layers=False, dtype=dtype)
+    stored = " as stored (4-bit weights packed)" if options.effective_quantization != "none" else ""
     out = [
-        Component("temporary.gathered_params", GATHERED_LAYERS * layer * low,
-                  f"FSDP2 (fsdp_version 2: fully_shard): {GATHERED_LAYERS} decoder layers' parameters unsharded at a time (the one computing and the next one's all-gather output; "
-                  "traced, planner/sharded_trace.py)"),
-        Component("temporary.gather_copy", FSDP_COPY_LAYERS * layer * low,
+        Component("temporary.gathered_params", GATHERED_LAYERS * layer,
+                  f"FSDP2 (fsdp_version 2: fully_shard): {GATHERED_LAYERS} decoder layers' parameters unsharded at a time{stored} (the one "
+                  "computing and the next one's all-gather output; traced, planner/sharded_trace.py)"),
+        Component("temporary.gather_copy", FSDP_COPY_LAYERS * layer,
                   "FSDP2: one more layer's worth while an all-gather's flat output is copied into the unsharded parameters, and in backward "
                   "the reduce-scatter input of a layer's gradients (traced)"),
-        Component("temporary.gathered_root", root * low,
-                  f"FSDP2's root unit ({root:,} parameters: embeddings, LM head, final norm) stays unsharded from the forward to the end of the "
-                  "backward: the root is not resharded after forward (traced)"),
+        Component("temporary.gathered_root", root,
+                  f"FSDP2's root unit ({root_params(spec):,} parameters: embeddings, LM head, final norm) stays unsharded from the forward to "
+                  "the end of the backward: the root is not resharded after forward (traced)"),
     ]
     grads = _largest_layer_gradient_bytes(spec, options)
     if grads:
@@ -249,22 +309,8 @@ def _fsdp_components(spec: ModelSpec, options: TrainingOptions) -> list[Componen
 
 def _fsdp1_unsharded_bytes(spec: ModelSpec, options: TrainingOptions, in_layers: bool) -> int:
     """The padded unsharded flat parameter of the largest decoder-layer unit (in_layers) or of the
-    root unit, as FSDP1 holds it: the tensors as stored (bitsandbytes' 4-bit weights packed in their
-    quant_storage, int8 one byte each), the rest in the param_dtype."""
-    quant = options.effective_quantization
-    elem = dtype_bytes(fsdp1_param_dtype(options))
-    units: dict[int | None, int] = {}
-    for t in spec.tensors:
-        if (t.layer is not None) != in_layers:
-            continue
-        if quant in ("nf4", "fp4") and t.quantizable:
-            size = packed_4bit_bytes(t.numel)
-        elif quant == "int8" and t.quantizable:
-            size = t.numel
-        else:
-            size = t.numel * elem
-        units[t.layer] = units.get(t.layer, 0) + size
-    largest = max(units.values(), default=0)
+    root unit, as FSDP1 holds it: the tensors as stored, the rest in the param_dtype."""
+    largest = _stored_unit_bytes(spec, options, in_layers, fsdp1_param_dtype(options))
     # FlatParamHandle.shard pads the flat parameter to a multiple of the world size
     return math.ceil(largest / options.num_gpus) * options.num_gpus
 
@@ -336,6 +382,8 @@ def per_gpu_static(components: list[Component], spec: ModelSpec, options: Traini
             out.append(_shard(c, n, f"{strategy} shards optimizer state"))
         elif family == "gradients" and strategy in SHARDS_GRADIENTS and n > 1:
             out.append(_shard(c, n, f"{strategy} shards gradients"))
+        elif c.name == "weights.quant_constants" and strategy in SHARDS_PARAMS and n > 1:
+            out.append(Component(c.name, c.bytes, f"{c.note}; {QUANT_CONSTANTS_WHOLE}"))
         elif family == "weights" and strategy in SHARDS_PARAMS and n > 1:
             if options.offload == "params":
                 out.append(Component(c.name, 0, f"{c.note}; parameter shards offloaded to host memory"))

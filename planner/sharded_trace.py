@@ -50,6 +50,8 @@ class ShardedTrace:
     at_fsdp_peak: dict[str, int] = field(default_factory=dict)
     # FSDP1 only: the largest unit's unsharded flat gradient (autograd's, before its reduce-scatter)
     unsharded_grad_peak_bytes: int = 0
+    # QLoRA: bitsandbytes' quantization constants on this rank (no parameters: FSDP leaves them whole)
+    quant_constants_bytes: int = 0
 
 
 def _category() -> str:
@@ -85,19 +87,70 @@ def _fake_group(world_size: int):
             dist.destroy_process_group()
 
 
-def _model(config: dict, weights_dtype: str):
+METHODS = ("full", "qlora")
+QLORA_RANK = 8
+
+
+def _model(config: dict, weights_dtype: str, method: str = "full"):
+    """The model the trace shards. QLoRA as PEFT's FSDP recipe loads it: bitsandbytes NF4 with
+    double quantization and bnb_4bit_quant_storage in the weights' dtype (so the packed weights are
+    parameters FSDP can flatten beside the norms), LoRA on every Linear, adapters cast to the
+    weights' dtype (FSDP1 flattens one dtype per unit)."""
     import torch
 
     from planner.introspect import _load_transformers, build_config
     from planner.step_trace import torch_dtype
 
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: the traces shard {', '.join(METHODS)}")
     _load_transformers()
     from transformers import AutoModelForCausalLM
 
     hf_config = build_config(dict(config))
     hf_config.use_cache = False
+    dtype = torch_dtype(weights_dtype)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype(weights_dtype), attn_implementation="sdpa"), hf_config
+    if method == "full":
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa"), hf_config
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    with tempfile.TemporaryDirectory(prefix="vramplan-sharded-") as path:
+        AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).save_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantized, dtype=dtype, device_map="cpu",
+                                                     attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=QLORA_RANK, target_modules="all-linear"))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)
+    return model, hf_config
+
+
+def _decoder_layers(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def quant_state_bytes(model) -> int:
+    """The bytes of bitsandbytes' quantization constants this rank holds: each 4-bit layer's
+    QuantState (absmax, code, and the nested state's), found on the module, where it stays when
+    FSDP replaces the weight parameter, deduplicated by storage."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is None or not hasattr(state, "absmax"):
+            continue
+        tensors = [state.absmax, state.code]
+        if state.nested:
+            tensors += [state.offset, state.state2.absmax, state.state2.code]
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 class _Recorder:
@@ -175,9 +228,10 @@ def _local_bytes(tensor) -> int:
 
 
 def trace_fsdp2(config: dict, world_size: int, weights_dtype: str = "bf16", batch_size: int = 1, seq_len: int = 16,
-                steps: int = 2) -> ShardedTrace:
+                steps: int = 2, method: str = "full") -> ShardedTrace:
     """Rank 0 of `world_size` under FSDP2 as accelerate sets it up for the plan's export
-    (`fully_shard` per decoder layer, then the root; reshard_after_forward), with AdamW."""
+    (`fully_shard` per decoder layer, then the root; reshard_after_forward), with AdamW; `method`
+    full or qlora (_model)."""
     import torch
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.fsdp._fully_shard import _fsdp_param as fsdp_param
@@ -188,8 +242,8 @@ def trace_fsdp2(config: dict, world_size: int, weights_dtype: str = "bf16", batc
     saved = (fsdp_param.alloc_storage, fsdp_param.free_storage)
     with _fake_group(world_size):
         try:
-            model, hf_config = _model(config, weights_dtype)
-            for layer in model.model.layers:
+            model, hf_config = _model(config, weights_dtype, method)
+            for layer in _decoder_layers(model):
                 fully_shard(layer)
             fully_shard(model)
             model.train()
@@ -224,22 +278,25 @@ def trace_fsdp2(config: dict, world_size: int, weights_dtype: str = "bf16", batc
                     optimizer.zero_grad(set_to_none=True)
 
             param_bytes = sum(_local_bytes(p) for p in model.parameters())
+            grad_bytes = sum(_local_bytes(p) for p in model.parameters() if p.requires_grad)
             state_bytes = sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
         finally:
             fsdp_param.alloc_storage = fsdp_param_group.alloc_storage = saved[0]
             fsdp_param.free_storage = saved[1]
-    # a gradient per parameter, sharded like it (in the parameter dtype: no mixed-precision policy)
+    # a gradient per trainable parameter, sharded like it (in the parameter dtype: no mixed-precision policy)
     peak, fsdp_peak, at_fsdp_peak = recorder.replay()
-    return ShardedTrace(world_size, peak, fsdp_peak, param_bytes, param_bytes, state_bytes, at_fsdp_peak)
+    return ShardedTrace(world_size, peak, fsdp_peak, param_bytes, grad_bytes, state_bytes, at_fsdp_peak,
+                        quant_constants_bytes=quant_state_bytes(model))
 
 
 def trace_fsdp1(config: dict, world_size: int, weights_dtype: str = "bf16", batch_size: int = 1, seq_len: int = 16,
-                steps: int = 2, use_orig_params: bool = True) -> ShardedTrace:
+                steps: int = 2, use_orig_params: bool = True, method: str = "full") -> ShardedTrace:
     """Rank 0 of `world_size` under FSDP1 as accelerate's FSDP plugin (fsdp_version 1) and the HF
     Trainer set it up: FullyShardedDataParallel with TRANSFORMER_BASED_WRAP (a unit per decoder
     layer, the rest in the root unit), FULL_SHARD, BACKWARD_PRE prefetch, no forward prefetch,
     limit_all_gathers, use_orig_params (accelerate's default; Answer.AI's fsdp_qlora turns it off),
-    with AdamW."""
+    with AdamW; `method` full or qlora (_model; PEFT's frozen and trainable parameters in one unit
+    need use_orig_params)."""
     import torch
     from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -250,8 +307,8 @@ def trace_fsdp1(config: dict, world_size: int, weights_dtype: str = "bf16", batc
     saved = (flat_param_module._alloc_storage, flat_param_module._free_storage)
     with _fake_group(world_size):
         try:
-            model, hf_config = _model(config, weights_dtype)
-            policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={type(model.model.layers[0])})
+            model, hf_config = _model(config, weights_dtype, method)
+            policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={type(_decoder_layers(model)[0])})
             model = FSDP(model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"),
                          backward_prefetch=BackwardPrefetch.BACKWARD_PRE, forward_prefetch=False, limit_all_gathers=True,
                          use_orig_params=use_orig_params)
@@ -295,7 +352,8 @@ def trace_fsdp1(config: dict, world_size: int, weights_dtype: str = "bf16", batc
         finally:
             flat_param_module._alloc_storage, flat_param_module._free_storage = saved
     peak, fsdp_peak, at_fsdp_peak = recorder.replay()
-    return ShardedTrace(world_size, peak, fsdp_peak, param_bytes, param_bytes, state_bytes, at_fsdp_peak, max(unsharded_grads, default=0))
+    return ShardedTrace(world_size, peak, fsdp_peak, param_bytes, param_bytes, state_bytes, at_fsdp_peak, max(unsharded_grads, default=0),
+                        quant_state_bytes(model))
 
 
 def _wrap_reduce_grad(sizes: list[int]):

@@ -8,7 +8,7 @@ import pytest
 from launcher.exports import deepspeed_json
 from planner.introspect import spec_from_config
 from planner.options import TrainingOptions
-from planner.parallel import DEEPSPEED_DEFAULTS, NCCL_BYTES, auto_values
+from planner.parallel import DEEPSPEED_DEFAULTS, NCCL_BYTES, _trainable, auto_values
 from planner.plan import build_plan
 from tests.conftest import TINY
 
@@ -82,7 +82,9 @@ def test_fsdp1_is_the_default_and_the_plan_says_which_fsdp(tiny_specs):
     # parameters less, and the gradients it concatenates
     assert sum(_bytes(one, name) for name in buffers) == sum(_bytes(two, name) for name in buffers)
     lora1, lora2 = _fsdp_plan(spec, 1, method="lora"), _fsdp_plan(spec, 2, method="lora")
-    layer = max(sum(t.numel for t in spec.tensors if t.layer == i) for i in range(4)) * 2
+    # a unit holds its LoRA adapters too, gathered in the unit's dtype
+    adapters = sum(t.numel for t in _trainable(spec, lora1.options) if not t.base and t.name.startswith("model.layers.0."))
+    layer = (max(sum(t.numel for t in spec.tensors if t.layer == i) for i in range(4)) + adapters) * 2
     params = ("temporary.gathered_params", "temporary.gather_copy")
     assert sum(_bytes(lora2, name) for name in params) - sum(_bytes(lora1, name) for name in params) == layer
     assert _bytes(lora1, "temporary.grad_reduce") == 2 * _bytes(lora2, "temporary.grad_reduce") > 0
@@ -107,15 +109,67 @@ def test_fsdp1_gathers_quantized_units_as_stored_and_casts_fp32_shards(tiny_spec
     n = 2
     # QLoRA: the decoder layer's 4-bit weights all-gathered packed (half a byte each), the rest in bf16
     qlora = _fsdp_plan(spec, 1, method="qlora")
-    stored = sum((t.numel + 1) // 2 if t.quantizable else 2 * t.numel for t in in_layer)
+    adapters = sum(t.numel for t in _trainable(spec, qlora.options) if not t.base and t.name.startswith(f"model.layers.{layer}."))
+    stored = sum((t.numel + 1) // 2 if t.quantizable else 2 * t.numel for t in in_layer) + 2 * adapters
     assert _bytes(qlora, "temporary.gathered_params") == 2 * (-(-stored // n) * n)
-    assert _bytes(qlora, "temporary.gathered_params") < 0.5 * _bytes(_fsdp_plan(spec, 2, method="qlora"), "temporary.gathered_params")
+    # FSDP2 gathers them as stored too (unpadded: fully_shard pads each parameter, not the layer)
+    assert _bytes(_fsdp_plan(spec, 2, method="qlora"), "temporary.gathered_params") == 2 * stored
     # fp32 weights under bf16 compute: accelerate's MixedPrecision unshards in bf16, from a bf16 cast of the shard
     mixed = _fsdp_plan(spec, 1, weights_dtype="fp32")
     numel = sum(t.numel for t in in_layer)
     assert _bytes(mixed, "temporary.gathered_params") == 2 * 2 * numel
     assert _bytes(mixed, "temporary.gather_copy") == -(-2 * numel // n)
     assert _bytes(_fsdp_plan(spec, 1, offload="params"), "temporary.gather_copy") == -(-2 * numel // n)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_qlora_under_fsdp_is_traced_to_the_byte(version):
+    """A tiny Llama loaded as PEFT's FSDP QLoRA recipe loads it (bitsandbytes NF4, double quant,
+    bf16 quant storage, LoRA on every Linear), sharded over a fake process group: each unit is
+    all-gathered as stored (4-bit packed, adapters with it), and the QuantStates stay whole."""
+    pytest.importorskip("torch.distributed.fsdp")
+    pytest.importorskip("bitsandbytes")
+    from planner.parallel import (
+        FSDP_COPY_LAYERS,
+        GATHERED_LAYERS,
+        largest_layer_params,
+        root_params,
+    )
+    from planner.sharded_trace import QLORA_RANK, trace_fsdp1, trace_fsdp2
+
+    spec = spec_from_config(dict(FOUR_LAYERS), "llama")
+    trace = trace_fsdp1 if version == 1 else trace_fsdp2
+    traced = trace(FOUR_LAYERS, 2, weights_dtype="bf16", method="qlora")
+    plan = _fsdp_plan(spec, version, method="qlora", lora_r=QLORA_RANK, lora_targets="all-linear")
+    gathered = sum(_bytes(plan, name) for name in ("temporary.gathered_params", "temporary.gather_copy", "temporary.gathered_root"))
+    assert gathered == traced.fsdp_buffer_peak_bytes, (gathered, traced)
+    # bitsandbytes' constants are no parameters: whole on the rank, as on one GPU
+    single = build_plan(spec, TrainingOptions(method="qlora", lora_r=QLORA_RANK, gpu_memory_gib=80, simulate_allocator=False))
+    assert traced.quant_constants_bytes == _bytes(plan, "weights.quant_constants") == _bytes(single, "weights.quant_constants") > 0
+    # the packed weights are parameters (bf16 quant storage), sharded: the rank holds half of them
+    assert _bytes(plan, "weights.base") == -(-_bytes(single, "weights.base") // 2)
+    if version == 2:
+        # counted as numel x 2 bytes, FSDP2's gathered layers would be far over the trace
+        unpacked = (GATHERED_LAYERS + FSDP_COPY_LAYERS) * largest_layer_params(spec) * 2 + root_params(spec) * 2
+        assert unpacked > 1.2 * traced.fsdp_buffer_peak_bytes
+
+
+@pytest.mark.parametrize("parallelism,version", [("fsdp", 1), ("fsdp", 2), ("zero3", 1)])
+def test_quantization_constants_are_whole_on_every_gpu_and_never_offloaded(tiny_specs, parallelism, version):
+    spec = tiny_specs["llama"]
+    base = {"method": "qlora", "gpu_memory_gib": 80, "simulate_allocator": False}
+    single = _bytes(build_plan(spec, TrainingOptions(**base)), "weights.quant_constants")
+    for offload in ("none", "optimizer", "params"):
+        plan = build_plan(spec, TrainingOptions(**base, num_gpus=4, parallelism=parallelism, fsdp_version=version, offload=offload))
+        assert _bytes(plan, "weights.quant_constants") == single > 0, offload
+        assert "whole on every GPU" in next(c.note for c in plan.all_components if c.name == "weights.quant_constants")
+        # the packed weights are parameters: sharded, and on the host with offload params
+        packed = _bytes(plan, "weights.base")
+        assert packed == 0 if offload == "params" else packed < _bytes(build_plan(spec, TrainingOptions(**base)), "weights.base")
+    # LLM.int8's row scales (SCB) are attributes too
+    int8 = {"method": "lora", "quantization": "int8", "gpu_memory_gib": 80, "simulate_allocator": False}
+    assert _bytes(build_plan(spec, TrainingOptions(**int8, num_gpus=4, parallelism=parallelism, fsdp_version=version)), "weights.quant_constants") == \
+        _bytes(build_plan(spec, TrainingOptions(**int8)), "weights.quant_constants") > 0
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
