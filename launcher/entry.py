@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import logging
 import os
 import re
 import signal
@@ -218,10 +219,28 @@ def explain(exc: BaseException, phase: str, spec: dict, sample: dict | None = No
     return {"reason": None, "summary": f"{type(exc).__name__}: {_first_line(exc)}" if str(exc).strip() else type(exc).__name__, "hint": logs}
 
 
+# bitsandbytes' CPU backend logs at import, in every run, that it could not load an optional kernel
+# from the `kernels` package; it falls back to its own and nothing is wrong. That record alone is
+# dropped, so a run's log starts with the run.
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(BNB_KERNELS_MESSAGE)
+
+
+def quiet_optional_kernels() -> None:
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    if _not_the_kernels_notice not in logger.filters:
+        logger.addFilter(_not_the_kernels_notice)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     run_dir = Path(argv[0]).resolve()
     spec = json.loads((run_dir / "spec.json").read_text())
+    quiet_optional_kernels()  # before anything imports bitsandbytes
     # a run killed after its grace period first gets SIGUSR1: every thread's stack goes to the log,
     # so a hang says where it hung
     faulthandler.register(signal.SIGUSR1, all_threads=True)
