@@ -180,7 +180,11 @@ def line_swatch_uri(dashed: bool) -> str:
 
 CHART_H = 200
 PLOT_TOP, PLOT_BOTTOM = 22, CHART_H - 24
-X_LEFT, X_RIGHT = 1.0, 99.0  # percent
+# percent of the width: the plot starts right of the y-axis labels (at 0), which are drawn last,
+# over a halo of the page's background, so a curve never hides them on a narrow screen either
+X_LEFT, X_RIGHT = 8.0, 99.0
+Y_LABEL = 'font-size="12" fill="#555" stroke="#fff" stroke-width="3" paint-order="stroke"'
+
 MAX_POINTS = 400
 
 
@@ -214,16 +218,17 @@ class _Axes:
         return PLOT_BOTTOM - (value - self.y_min) / (self.y_max - self.y_min) * (PLOT_BOTTOM - PLOT_TOP)
 
 
-def _grid(axes: _Axes, label) -> list[str]:
+def _grid(axes: _Axes, label) -> tuple[list[str], list[str]]:
+    """(the grid's lines, drawn first; the y-axis labels, drawn after the curves)."""
     step = _nice_step(axes.y_max - axes.y_min)
     value = math.ceil(axes.y_min / step) * step
-    out = []
+    lines, labels = [], []
     while value <= axes.y_max + 1e-12:
         y = axes.y(value)
-        out.append(f'<line x1="0" x2="100%" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="0" y="{y - 3:.1f}" font-size="12" fill="#555">{escape(label(value))}</text>')
+        lines.append(f'<line x1="0" x2="100%" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        labels.append(f'<text class="y-label" x="0" y="{y - 3:.1f}" {Y_LABEL}>{escape(label(value))}</text>')
         value += step
-    return out
+    return lines, labels
 
 
 def _x_labels(axes: _Axes) -> list[str]:
@@ -268,7 +273,8 @@ def loss_chart_svg(points: list[tuple[int, float]], total_steps: int | None = No
     label = lambda v: f"{v:.3g}"
     title = (f"Loss per step: {points[0][1]:.4g} at step {points[0][0]}, {points[-1][1]:.4g} at step {points[-1][0]}"
              f"{f' of {total_steps}' if total_steps else ''}")
-    shapes = _grid(axes, label) + _x_labels(axes) + _curve(axes, points, "#4e79a7", label)
+    lines, labels = _grid(axes, label)
+    shapes = lines + _x_labels(axes) + _curve(axes, points, "#4e79a7", label) + labels
     shapes.append(f'<text x="{X_RIGHT}%" y="14" font-size="12" text-anchor="end" fill="currentColor">loss {points[-1][1]:.4g} at step {points[-1][0]}</text>')
     return _svg(title, shapes)
 
@@ -282,7 +288,8 @@ def memory_chart_svg(points: list[tuple[int, int]], predicted: int, low: int | N
     top = max([predicted, high or 0, measured_peak or 0, *(v for _, v in points)]) / GIB
     axes = _Axes(min(s for s, _ in points) if len(points) > 1 else 0, max([total_steps or 0, *(s for s, _ in points), 1]), 0, top * 1.12)
     label = lambda v: f"{v:.3g} GiB"
-    shapes = _grid(axes, label) + _x_labels(axes)
+    lines, labels = _grid(axes, label)
+    shapes = lines + _x_labels(axes)
     if low is not None and high is not None:
         y_high, y_low = axes.y(high / GIB), axes.y(low / GIB)
         shapes.append(f'<rect x="0" width="100%" y="{y_high:.1f}" height="{max(y_low - y_high, 1):.1f}" fill="#e15759" fill-opacity=".12">'
@@ -292,6 +299,7 @@ def memory_chart_svg(points: list[tuple[int, int]], predicted: int, low: int | N
     shapes.append(f'<text x="{X_RIGHT}%" y="{y_pred - 5:.1f}" font-size="12" text-anchor="end" fill="#8a1c1c">predicted {predicted / GIB:.2f} GiB</text>')
     if gib:
         shapes += _curve(axes, gib, "currentColor", lambda v: f"{v:.2f} GiB")
+    shapes += labels
     if measured_peak is not None and error_pct is not None:
         direction = "above" if error_pct >= 0 else "below"
         result = f"measured peak {measured_peak / GIB:.2f} GiB: the prediction is {abs(error_pct):.1f}% {direction} it"

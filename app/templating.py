@@ -89,6 +89,7 @@ ASSETS = {
     "app.css": (STATIC / "app.css", "text/css", "missing"),
     "swagger-init.js": (STATIC / "swagger-init.js", "text/javascript", "missing"),
     "copy.js": (STATIC / "copy.js", "text/javascript", "missing"),
+    "run-live.js": (STATIC / "run-live.js", "text/javascript", "missing"),
 }
 if MISSING_NPM:
     # said once, when the app is loaded (the server's start); the pages say it too (base.html)

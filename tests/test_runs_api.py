@@ -482,3 +482,33 @@ def test_a_web_launch_names_the_model_as_the_cli_does(client, root, tiny_run):
     assert run.json()["model"] == str(model.resolve())  # the full path, not the config's model type ("llama")
     finished(client, run.json()["id"])
     assert str(model.resolve()) in client.get("/runs").text.replace("<wbr>", "")
+
+
+def test_a_live_run_page_says_when_it_has_lost_the_server(client, root):
+    """The feed's error (htmx's SSE extension fires htmx:sseError) shows a note over the stale state;
+    its reopening hides it. Without JavaScript the page reloads itself instead."""
+    sign_in(client)
+    run = client.post("/api/v1/runs", json=body(root, max_steps=400, step_sleep_s=0.05), headers=BEARER).json()
+    wait_until(client, run["id"], lambda r: r["state"] == "running")
+    page = client.get(f"/runs/{run['id']}").text
+    note = re.search(r'<p id="run-connection"[^>]*>([^<]*)</p>', page)
+    assert note and " hidden" in note.group(0) and "Connection to the server lost — retrying" in note.group(1)
+    assert re.search(r'<script src="/static/run-live.js\?v=\w+" defer>', page)
+    script = client.get("/static/run-live.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "htmx:sseError" in script.text and "htmx:sseOpen" in script.text and "run-connection" in script.text
+    client.post(f"/runs/{run['id']}/cancel", headers=ORIGIN, follow_redirects=False)
+    finished(client, run["id"])
+
+
+def test_the_loss_chart_is_drawn_right_of_its_axis_labels_which_stay_on_top():
+    from app.charts import X_LEFT, loss_chart_svg, memory_chart_svg
+
+    svg = loss_chart_svg([(1, 2.31), (2, 2.2), (3, 1.4)], total_steps=300)
+    xs = [float(x) for x in re.findall(r'(?:x1|x2|cx)="([\d.]+)%"', svg)]
+    assert xs and min(xs) >= X_LEFT >= 6  # the curve starts right of labels like "2.25"
+    labels = [m.start() for m in re.finditer(r'class="y-label"', svg)]
+    assert labels and min(labels) > svg.index("<circle")  # drawn after the curve: never under it
+    assert 'paint-order="stroke"' in svg
+    memory = memory_chart_svg([(1, 3 << 30)], 4 << 30, 3 << 30, 5 << 30, None, None, total_steps=10)
+    assert memory.index('class="y-label"') > memory.index("<circle")
