@@ -10,6 +10,7 @@ confined.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from launcher.spec import DATASET_SUFFIXES, HUB_ID
@@ -65,3 +66,40 @@ def path_or_hub(field: str, text: str, allowed: list[Path]) -> str:
     if not HUB_ID.fullmatch(text):
         raise PlanInputError(field, f"{text!r} is neither a path inside the server's roots nor a hub id (owner/name)")
     return text
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check_output_dir(output_dir: str | Path, data_dir: Path, model: str | Path | None = None,
+                     taken: Iterable[tuple[str, str]] = ()) -> Path:
+    """PlanInputError on `output_dir` when a run's checkpoints there would land on what the
+    server or another run needs: the data directory (the run store, the token, every run's own
+    directory), the model directory, or another run's output directory (`taken`: (run id, its
+    output_dir)); in them, or holding them. `model`: the model's location as the launch names it
+    (only an existing directory or file counts). The resolved path otherwise. For a served
+    launch's explicit output_dir, after it is confined to the roots."""
+    out = Path(output_dir).expanduser().resolve()
+    data = Path(data_dir).expanduser().resolve()
+    if _overlap(out, data):
+        where = "is" if out == data else "is inside" if out.is_relative_to(data) else "holds"
+        raise PlanInputError("output_dir", f"{output_dir} {where} the server's data directory ({data}), where the run store and every run's "
+                                           "files are kept; leave output_dir out (the run's own directory is used) or name a directory outside it")
+    if model is not None and looks_like_path(str(model)):
+        try:
+            model_path = Path(model).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):
+            model_path = None
+        if model_path is not None and model_path.exists():
+            model_dir = model_path if model_path.is_dir() else model_path.parent
+            if _overlap(out, model_dir):
+                where = "is" if out == model_dir else "is inside" if out.is_relative_to(model_dir) else "holds"
+                raise PlanInputError("output_dir", f"{output_dir} {where} the model's directory ({model_dir}): checkpoints would be "
+                                                   "written over or beside the weights being trained; name a directory of its own")
+    for run_id, other in taken:
+        other_path = Path(other).expanduser().resolve()
+        if _overlap(out, other_path):
+            raise PlanInputError("output_dir", f"{output_dir} overlaps the output directory of run {run_id[:8]} ({other_path}): two runs' "
+                                               "checkpoints would mix (resume that run instead, or name a directory of its own)")
+    return out

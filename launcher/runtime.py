@@ -152,9 +152,25 @@ class RunsRuntime:
                     if not same_request(existing, prepared):
                         raise IdempotencyConflict(existing.id)
                     return existing, True
+            self._check_output_dir(supervisor, prepared)
             record = supervisor.launch(prepared, force=force, queue=queue, idempotency_key=idempotency_key)
             self.poked = True
         return record, False
+
+    def _check_output_dir(self, supervisor, prepared) -> None:
+        """A served run's output_dir named by the request (not the run's own output/) may not be the
+        data directory, the model's directory or another run's output (launcher.paths.check_output_dir)."""
+        from launcher.paths import check_output_dir
+
+        spec = prepared.spec
+        own = Path(prepared.run_dir).resolve()
+        output = Path(spec.output_dir).resolve()
+        if output == own or output.is_relative_to(own):
+            return
+        model = spec.model.location if spec.model.kind == "directory" else None
+        taken = [(r.id, r.output_dir) for r in supervisor.store.list() if r.id != spec.run_id
+                 and not Path(r.output_dir).resolve().is_relative_to(Path(r.run_dir).resolve())]
+        check_output_dir(output, self.data_dir, model, taken)
 
     def cancel(self, run_id: str):
         with self.lock:
