@@ -49,6 +49,7 @@ from planner.errors import PlanInputError
 
 log = logging.getLogger("vramplan")
 SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
+HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,252}))(:\d{1,5})?")
 MAX_JSON_DEPTH = 32  # a plan request nests two levels; deep nesting only costs the parser
 # Only this server's own scripts and styles (no inline ones, no eval), images from here or data:
 # URIs (the legends' swatches), no plugins, no framing, forms post only here.
@@ -113,21 +114,29 @@ class RequestGuard:
         self.allowed_hosts = {n.strip().lower() for n in names if n.strip()}
 
     def _host_allowed(self, host: str) -> bool:
+        # a Host is a name or an address and a port, nothing else: "evil.com@127.0.0.1:8000" parses
+        # as user info and 127.0.0.1, and a proxy or a cache may key on the other half
+        if not HOST_HEADER.fullmatch(host):
+            return False
         return "*" in self.allowed_hosts or (urlsplit(f"//{host}").hostname or "") in self.allowed_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        raw = scope.get("headers") or []
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
         path = scope["path"]
         guarded = auth.needs_credentials(path)
-        send = _with_security_headers(send, no_store=guarded)
+        # /login?token= fills its form with the token: no cache may keep that page
+        send = _with_security_headers(send, no_store=guarded or path == "/login")
         host = headers.get("host", "")
+        if sum(1 for k, _ in raw if k.lower() == b"host") > 1:
+            return await _error(["header", "host"], "a request has one Host header; this one has several", 400, "host_refused")(scope, receive, send)
         if not self._host_allowed(host):
             return await _error(["header", "host"], f"this server does not answer to {host[:100]!r}; set VRAMPLAN_ALLOWED_HOSTS to add a name", 400, "host_refused")(scope, receive, send)
         unsafe = scope["method"] not in auth.SAFE_METHODS
         origin = headers.get("origin")
-        if unsafe and origin and origin != "null" and urlsplit(origin).netloc.lower() != host.lower():
+        if unsafe and origin and origin != "null" and not _same_site_origin(origin, scope.get("scheme", "http"), host):
             return await _error(["header", "origin"], f"a page from {origin[:100]} may not post to this server", 403, "origin_refused")(scope, receive, send)
         fetch_site = headers.get("sec-fetch-site")
         if unsafe and fetch_site in ("cross-site", "same-site"):
@@ -177,6 +186,16 @@ class RequestGuard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+def _same_site_origin(origin: str, scheme: str, host: str) -> bool:
+    """The Origin is this server: its scheme and its host and port (an https page is another
+    origin than this http server, and the other way round)."""
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    return parts.scheme.lower() == scheme.lower() and parts.netloc.lower() == host.lower()
 
 
 def _documented_methods(app: FastAPI, path: str) -> set[str]:

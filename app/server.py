@@ -277,7 +277,9 @@ def _classes():
         raise RuntimeError(f"vramplan serve needs uvicorn 0.54 or newer (this is {uvicorn.__version__})")
     log = logging.getLogger("uvicorn.error")
     # what the app's guard adds to every response, for the two answered before the app: the 503 and the 431
-    guard_headers = [(b"x-content-type-options", b"nosniff"), (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")]
+    guard_headers = [(b"x-content-type-options", b"nosniff"), (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+                     (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin"), (b"cross-origin-opener-policy", b"same-origin"),
+                     (b"cross-origin-resource-policy", b"same-origin"), (b"cache-control", b"no-store")]
     shed_headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"19"),
                     (b"retry-after", b"1"), (b"connection", b"close"), *guard_headers]
 
@@ -472,6 +474,16 @@ def _classes():
             self.read_timer = None
             if not self.transport.is_closing():
                 self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's own answer to a request it cannot parse, with the guard's headers
+            body = msg.encode("ascii", "replace")
+            self.transport.write(b"".join([
+                STATUS_LINE[400], b"content-type: text/plain; charset=utf-8\r\n",
+                *(b"%s: %s\r\n" % header for header in guard_headers),
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body), body,
+            ]))
+            self.transport.close()
 
         def _refuse_header(self) -> None:
             if self.transport.is_closing():

@@ -180,6 +180,45 @@ def test_a_cross_site_form_post_is_refused(client):
     assert same_site.status_code == 200
 
 
+def test_a_host_with_user_info_or_two_hosts_is_refused(client):
+    """`evil.com@127.0.0.1:8000` parses as user info and 127.0.0.1; a proxy or cache may read the
+    other half. Two Host headers: the app took the last, a proxy may take the first."""
+    for host in ("evil.com@127.0.0.1:8000", "127.0.0.1:8000/x", "127.0.0.1 evil.com", "127.0.0.1:8000@evil.com"):
+        response = client.get("/healthz", headers={"host": host})
+        assert response.status_code == 400 and response.json()["detail"][0]["type"] == "host_refused", host
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:8000"):
+        assert client.get("/healthz", headers={"host": host}).status_code == 200, host
+
+    async def two_hosts():
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/healthz", "raw_path": b"/healthz", "query_string": b"", "scheme": "http",
+                 "headers": [(b"host", b"evil.example"), (b"host", b"127.0.0.1")], "http_version": "1.1", "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 8000), "root_path": "", "asgi": {"version": "3.0"}}
+        await app(scope, receive, send)
+        return sent[0]["status"]
+
+    import asyncio
+
+    assert asyncio.run(two_hosts()) == 400
+
+
+def test_an_origin_of_another_scheme_is_another_site(client):
+    hostile = client.post("/", data={"model": MODEL}, headers={"origin": "https://testserver"})  # this server is http
+    assert hostile.status_code == 403 and hostile.json()["detail"][0]["type"] == "origin_refused"
+
+
+def test_the_sign_in_page_that_shows_the_token_is_never_cached(client):
+    page = client.get("/login", params={"token": "a-token-0123456789abcdef"})
+    assert page.status_code == 200 and page.headers["cache-control"] == "no-store"
+
+
 # -- the build worker: deadline, memory, cache by bytes ------------------------------------------
 
 def _worker_processes(builder: SpecBuilder) -> list:

@@ -190,6 +190,19 @@ def test_oversized_header_is_431_and_the_server_keeps_answering(workers2):
     assert workers2.health() == 200
 
 
+def test_answers_given_before_the_app_carry_the_security_headers(workers2):
+    with workers2.connect() as sock:
+        sock.sendall(HEAD + b"X-Big: " + b"a" * 9000)
+        too_large = read_all(sock)
+    with workers2.connect() as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")  # uvicorn's own 400
+        garbage = read_all(sock)
+    for reply, code in ((too_large, 431), (garbage, 400)):
+        assert status(reply) == code, reply[:200]
+        for header in (b"x-content-type-options: nosniff", b"x-frame-options: deny", b"content-security-policy:", b"referrer-policy:"):
+            assert header in reply.lower(), (code, header)
+
+
 def test_a_body_past_the_header_limit_is_not_taken_for_a_header(workers2):
     body = b'{"model": "meta-llama/Llama-3.1-8B", "method": "qlora", "gpu": "H100", "pad": "' + b"x" * 20000 + b'"}'
     head = (b"POST /api/v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
