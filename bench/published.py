@@ -105,6 +105,12 @@ FSDP_VERSIONS = {"aai": 1, "fms": 1}
 NOT_EXPRESSIBLE = {
     "TT-9": "torch.compile and chunked cross-entropy on a 128k vocabulary (the planner holds the full logits and their fp32 upcast)",
     "TT-10": "activation offloading to the CPU, torch.compile and chunked cross-entropy, none of which the planner models",
+    # planned until 2026-12-05 at -35.0%: the reserve is the loader's, not the step's
+    "TT-2": "torchao's NF4 (torchtune's QLoRA) quantizes a model already loaded in bf16 on the GPU, and the allocator keeps the load's "
+            "blocks: 9.13 GB reserved at init, before the first step; the planner plans bitsandbytes' loader (a Linear at a time)",
+    # planned until 2026-12-05 at +146.6% allocated: the plan is of the installed transformers 5
+    "FMS-7": "Mixtral QLoRA under transformers 4.48, whose per-expert Linear layers bitsandbytes quantized; the planner plans the "
+             "installed transformers 5, whose fused 3-D expert parameters bitsandbytes leaves in bf16 (85 GiB of weights, not about 23)",
     # planned as LoRA r=2 until 2026-11-29 (+12.2% formula, +9.1% simulated): LoRA's fp32 adapter
     # casts its input and saves the copy, TinyLoRA's frozen projections save nothing of it
     "PMC-5": "TinyLoRA, which the planner has no method for: it trains a vector between frozen projections, so unlike LoRA it saves no "
@@ -124,8 +130,6 @@ CASE_NOTES = {
     "LIT-3": "litgpt chunked LM head and loss; LoRA weights bf16 (planned fp32)",
     "FMS-6": "double quantization and the dtype of the non-quantized parameters not published (the source's own second loader held 4 GiB less); "
              "bitsandbytes 0.43 dates it to transformers 4, whose in-model loss kept an fp32 upcast of the logits and a shifted copy (likely most of the gap)",
-    "FMS-7": "MoE: under transformers 5 bitsandbytes leaves the fused 3-D expert tensors in 16 bit, and so does the plan (tests/test_static_exact.py); "
-             "this run, under transformers 4 with one nn.Linear per expert, had them quantized",
 }
 
 
@@ -412,6 +416,8 @@ HISTORY = (
     ("f469e3a", "the loss-path work wired in: the lm_head input counted once, by activations, for every loss path that keeps it"),
     ("fbc64d8", "calibration refit (reserve floor 909 -> 914 MB, band high +20.4% -> +20.6%, low -10.2% -> -10.0% of the dynamic part)"),
     ("7ea921b", "padding and packing; DeepSpeed's buffers, FSDP2's gathered layers, copy-out and unsharded gradients, NCCL's buffers outside the allocator"),
+    ("2e57f73", "FSDP1 planned by its own terms (fsdp_version, default 1; 886cdba with its option in 2e57f73), the FSDP cases planned with the FSDP their harness ran"),
+    ("d621c40", "bitsandbytes' quantization constants whole on every GPU under FSDP and ZeRO-3 and never offloaded; FSDP2 gathers 4-bit layers as stored"),
 )
 STAGES_NOTE = ("Every published case is a supervised next-token training step (SFT; GL-1 is pre-training from random init, the same "
                "step): the file holds no measurement of an alignment stage (DPO, KTO, ORPO, reward, PPO, GRPO), so no stage other "

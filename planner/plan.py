@@ -423,6 +423,18 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
     return out
 
 
+def _unquantized_experts_note(spec: ModelSpec, options: TrainingOptions) -> str | None:
+    """A quantized MoE base whose fused expert parameters bitsandbytes does not quantize."""
+    if options.effective_quantization == "none":
+        return None
+    experts = sum(t.numel for t in spec.tensors if t.role == "expert" and not t.quantizable)
+    if not experts:
+        return None
+    return (f"the experts ({experts / 1e9:.1f} B parameters) are fused 3-D parameters in transformers 5, which bitsandbytes' "
+            f"{options.effective_quantization} loading (nn.Linear layers only) leaves in {options.effective_weights_dtype}: most of this "
+            "model's weights stay unquantized (under transformers 4 each expert's Linear layers were quantized)")
+
+
 def _fused_head_buffers(simulated: SimulatedStep, components: list[Component]) -> int:
     # the fused head's whole backward buffers, as if the trace had missed them
     return sum(c.bytes for c in components if c.name == "temporary.loss_backward")
@@ -547,6 +559,9 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
     sharding_note = fsdp_assumption(options)
     if sharding_note:
         assumptions.append(sharding_note)
+    experts_note = _unquantized_experts_note(spec, options)
+    if experts_note:
+        assumptions.append(experts_note)
     variant_note = spec_note(spec)
     if variant_note:
         assumptions.insert(0, variant_note)

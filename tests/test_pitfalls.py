@@ -91,3 +91,15 @@ def test_moe_experts_stay_unquantized_and_count_all_experts():
     assert sum(t.numel for t in experts) == 8 * 3 * 64 * 96
     assert not any(t.quantizable for t in experts)
     assert [t.role for t in spec.tensors if t.name.endswith("mlp.gate.weight")] == ["router"]
+
+
+def test_a_quantized_moe_plan_says_its_experts_stay_unquantized():
+    # QLoRA on Mixtral under transformers 5 barely shrinks it: the user must be told why
+    from planner.catalog import load_catalog_spec
+    from planner.plan import build_plan
+
+    spec = load_catalog_spec("mistralai/Mixtral-8x7B-v0.1")
+    plan = build_plan(spec, TrainingOptions(method="qlora", gpu="H100"))
+    note = next(a for a in plan.assumptions if a.startswith("the experts"))
+    assert "45.1 B parameters" in note and "leaves in bf16" in note
+    assert not any(a.startswith("the experts") for a in build_plan(spec, TrainingOptions(method="lora", gpu="H100")).assumptions)
