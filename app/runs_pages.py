@@ -113,7 +113,7 @@ def launch_block(request: Request, raw: dict, result: dict | None, query: str) -
                         "a model directory on the server.")
     elif plan["verdict"] == "does not fit":
         block["why"] = (f"It does not fit: up to {plan['peak_high_bytes'] / GIB:,.2f} GiB per GPU at the band's high end, "
-                        f"{plan['usable_bytes'] / GIB:,.2f} GiB usable on {plan['gpu']['name']}. Change the plan before launching.")
+                        f"{plan['usable_bytes'] / GIB:,.2f} GiB usable on {plan['gpu']['label']}. Change the plan before launching.")
     else:
         block["why"] = _not_launchable(plan["options"])
     if block["why"] or not block["signed_in"]:

@@ -25,6 +25,7 @@ class ModelOut(BaseModel):
 
 class GpuOut(BaseModel):
     name: str
+    label: str = Field(description="what the verdict is against: the GPU's name, or the custom memory size (gpu_memory_gib) with it")
     memory_bytes: int
     count: int
 

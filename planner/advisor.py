@@ -127,7 +127,7 @@ class Advice:
             "peak_bytes": self.plan.peak_bytes if self.plan else None,
             "peak_low_bytes": self.plan.peak_low_bytes if self.plan else None,
             "peak_high_bytes": self.plan.peak_high_bytes if self.plan else None,
-            "gpu": {"name": self.plan.gpu.name, "memory_bytes": self.plan.gpu.memory_bytes, "count": self.plan.gpu.count} if self.plan else None,
+            "gpu": {"name": self.plan.gpu.name, "label": self.plan.gpu.label, "memory_bytes": self.plan.gpu.memory_bytes, "count": self.plan.gpu.count} if self.plan else None,
             "time_cost": self.time_cost.to_dict() if self.time_cost else None,
             "alternatives": [a.to_dict() for a in self.alternatives],
             "other_approaches": list(self.other_approaches),

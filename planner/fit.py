@@ -398,7 +398,7 @@ def fit_report(spec: ModelSpec, options: TrainingOptions) -> dict:
     cheapest = _cheapest(choices)
     return {
         "model": spec.name,
-        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes, "count": plan.gpu.count},
+        "gpu": {"name": plan.gpu.name, "label": plan.gpu.label, "memory_bytes": plan.gpu.memory_bytes, "count": plan.gpu.count},
         "fits": plan.fits,
         "verdict": plan.verdict,
         "peak_bytes": plan.peak_bytes,

@@ -148,6 +148,17 @@ class GpuTarget:
     count: int
     compute_capability: str | None = None  # unknown for a custom memory size
     vendor: str | None = None  # None for a custom memory size
+    # gpu_memory_gib was given: the memory is the user's, the name (if any) only the hardware's
+    custom_memory: bool = False
+
+    @property
+    def label(self) -> str:
+        """What the verdict is against, as a user reads it: a named GPU with a custom memory size
+        says so, so "usable on H100" never stands for 20 GiB."""
+        if not self.custom_memory:
+            return self.name
+        size = f"{self.memory_bytes / GIB:g} GiB"
+        return size if self.name == "custom" else f"{self.name} with {size} (gpu_memory_gib)"
 
 
 @dataclass(frozen=True)
@@ -252,7 +263,7 @@ class Plan:
             "peak_high_bytes": self.peak_high_bytes,
             "usable_bytes": self.usable_bytes,
             "headroom_bytes": self.usable_bytes - self.peak_bytes,
-            "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
+            "gpu": {"name": self.gpu.name, "label": self.gpu.label, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
             "model": self.model_name,
             "reserve_source": self.reserve_source,
             "band_source": self.band_source,
@@ -272,7 +283,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "model": {"name": self.model_name, "params": dict(self.params)},
-            "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
+            "gpu": {"name": self.gpu.name, "label": self.gpu.label, "memory_bytes": self.gpu.memory_bytes, "count": self.gpu.count},
             "peak_bytes": self.peak_bytes,
             "peak_gib": round(self.peak_bytes / GIB, 3),
             "peak_low_bytes": self.peak_low_bytes,
@@ -304,7 +315,9 @@ def resolve_gpu(options: TrainingOptions) -> tuple[GpuTarget, list[str]]:
     notes: list[str] = []
     if options.gpu_memory_gib is not None:
         name = options.gpu or "custom"
-        return GpuTarget(name, int(options.gpu_memory_gib * GIB), options.num_gpus), notes
+        if options.gpu:
+            notes.append(f"planned against gpu_memory_gib {options.gpu_memory_gib:g} GiB, not {options.gpu}'s own memory")
+        return GpuTarget(name, int(options.gpu_memory_gib * GIB), options.num_gpus, custom_memory=True), notes
     if options.gpu is not None and options.gpu.strip().lower() == "auto":
         from gpu_catalog.detect import detect
 

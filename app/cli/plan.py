@@ -94,7 +94,7 @@ def cmd_check(args) -> int:
             f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}{_simulated_words(plan)}); "
             + (f"runs within {plan.runs_within_bytes / GIB:.2f} (up to {plan.runs_within_high_bytes / GIB:.2f}), the allocator releasing its cache; "
                if plan.allocator_release_bytes else "")
-            + f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.name} "
+            + f"{plan.usable_bytes / GIB:.2f} GiB usable on {plan.gpu.label} "
             f"({plan.options.headroom:.0%} headroom kept){why}"
         )
     return 0 if plan.fits else 1
@@ -114,7 +114,7 @@ def cmd_advise(args) -> int:
     head = f"{advice.approach}"
     if advice.plan is not None:
         plan = advice.plan
-        head += (f": {advice.method} {advice.stage} on {plan.gpu.count} x {plan.gpu.name}, peak {plan.peak_bytes / GIB:.2f} GiB "
+        head += (f": {advice.method} {advice.stage} on {plan.gpu.count} x {plan.gpu.label}, peak {plan.peak_bytes / GIB:.2f} GiB "
                  f"(band {plan.peak_low_bytes / GIB:.2f}-{plan.peak_high_bytes / GIB:.2f}) of {plan.usable_bytes / GIB:.2f} GiB usable: {plan.verdict}")
     write(head)
     write("settings: " + ", ".join(f"{k}={v}" for k, v in advice.settings.items()))
