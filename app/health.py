@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -92,3 +93,44 @@ def current(data_dir: Path, open_problem: str | None = None, max_age: float = MA
             _cache.clear()
         _cache[data_dir] = (now, status, encoded)
     return status, encoded
+
+
+# -- answered at accept ------------------------------------------------------------------------------
+# A fresh connection waits a turn of the event loop to be accepted, one to get its transport and
+# one for its request's task; a turn runs every plan that is ready (32 clients planning: ~48 ms a
+# turn), so a probe took ~190 ms while a plan on a kept-alive connection took ~48. The server's
+# accept (app/server.py) asks answer_at_accept() about the bytes already waiting on a connection
+# it has just accepted: a whole `GET /healthz` is answered there, in the same turn, and closed.
+
+_provider = None
+HEALTH_REQUEST = re.compile(rb"(GET|HEAD) /healthz HTTP/1\.[01]\r\n((?:[!-9;-~]+:[ \t]*[^\r\n]*\r\n){0,32})\r\n")
+
+
+def register(provider) -> None:
+    """`provider()` -> (status, JSON body) for the server's own app (app/main.py registers it)."""
+    global _provider
+    _provider = provider
+
+
+def answer_at_accept(head: bytes) -> bytes | None:
+    """The whole response to `head` when it is exactly one complete GET or HEAD of /healthz with
+    one Host this server answers to and no body; None otherwise (the app answers it as usual)."""
+    if _provider is None or not head.startswith((b"GET /healthz ", b"HEAD /healthz ")):
+        return None
+    match = HEALTH_REQUEST.match(head)
+    if match is None or match.end() != len(head):  # pipelined, partial or odd: not here
+        return None
+    from app.main import SECURITY_HEADERS, host_allowed
+
+    lines = match.group(2).split(b"\r\n")
+    hosts = [line.split(b":", 1)[1].strip() for line in lines if line[:5].lower() == b"host:"]
+    if any(line[:15].lower() in (b"content-length:", b"transfer-encod") for line in lines):
+        return None
+    if len(hosts) != 1 or not host_allowed(hosts[0].decode("latin-1")):
+        return None
+    status, body = _provider()
+    reason = b"OK" if status == 200 else b"Service Unavailable"
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"cache-control", b"no-store"),
+               (b"connection", b"close"), *SECURITY_HEADERS]
+    head_out = b"HTTP/1.1 %d %s\r\n" % (status, reason) + b"".join(b"%s: %s\r\n" % h for h in headers) + b"\r\n"
+    return head_out + (body if match.group(1) == b"GET" else b"")

@@ -114,11 +114,7 @@ class RequestGuard:
         self.allowed_hosts = {n.strip().lower() for n in names if n.strip()}
 
     def _host_allowed(self, host: str) -> bool:
-        # a Host is a name or an address and a port, nothing else: "evil.com@127.0.0.1:8000" parses
-        # as user info and 127.0.0.1, and a proxy or a cache may key on the other half
-        if not HOST_HEADER.fullmatch(host):
-            return False
-        return "*" in self.allowed_hosts or (urlsplit(f"//{host}").hostname or "") in self.allowed_hosts
+        return _host_in(host, self.allowed_hosts)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -186,6 +182,20 @@ class RequestGuard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+def _host_in(host: str, allowed: set[str]) -> bool:
+    # a Host is a name or an address and a port, nothing else: "evil.com@127.0.0.1:8000" parses
+    # as user info and 127.0.0.1, and a proxy or a cache may key on the other half
+    if not HOST_HEADER.fullmatch(host):
+        return False
+    return "*" in allowed or (urlsplit(f"//{host}").hostname or "") in allowed
+
+
+def host_allowed(host: str) -> bool:
+    """`host` is one this server answers to (VRAMPLAN_ALLOWED_HOSTS), as RequestGuard checks it."""
+    names = os.environ.get("VRAMPLAN_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS).split(",")
+    return _host_in(host, {n.strip().lower() for n in names if n.strip()})
 
 
 def _same_site_origin(origin: str, scheme: str, host: str) -> bool:
@@ -329,13 +339,18 @@ def create_app() -> FastAPI:
             detail.append({"loc": [str(p) for p in err.get("loc", ())], "msg": msg, "type": str(err.get("type", "value_error"))})
         return JSONResponse({"detail": detail}, status_code=422)
 
+    def health_now():
+        runs = getattr(app.state, "runs_runtime", None)
+        return health.current(auth.data_dir(), runs.store_problem() if runs is not None else None)
+
+    health.register(health_now)  # the server answers a probe at accept with it (app/server.py)
+
     @app.get("/healthz", summary="Health: the server answers, the run store reads and the data directory takes writes (503 when not)",
              responses={503: {"description": "the run store or the data directory's disk is failing: `store` and `disk` say what and what to do"}})
     async def healthz(request: Request):
         # on the event loop (never a thread behind the plans); the server answers it outside the
         # work limit (app/server.py); cached for a second (app/health.py)
-        runs = getattr(request.app.state, "runs_runtime", None)
-        status, body = health.current(auth.data_dir(), runs.store_problem() if runs is not None else None)
+        status, body = health_now()
         return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     @app.get("/docs", include_in_schema=False)

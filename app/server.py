@@ -530,8 +530,37 @@ def _classes():
                     self.loop.remove_reader(self.sock)
                     self.loop.call_later(1.0, self._resume)
                     return
+                if self._answered_at_accept(conn):
+                    continue
                 task = self.loop.create_task(self.loop.connect_accepted_socket(self.protocol_factory, conn))
                 task.add_done_callback(_drop_result)
+
+        def _answered_at_accept(self, conn: socket.socket) -> bool:
+            """A health probe whose whole request is already here is answered now, in this turn of
+            the loop, and closed (app/health.py answer_at_accept): never behind the turns a new
+            connection otherwise waits, each running every plan that is ready."""
+            try:
+                head = conn.recv(2048, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:
+                return False
+            if not head.startswith((b"GET /healthz ", b"HEAD /healthz ")):
+                return False
+            try:
+                from app.health import answer_at_accept
+
+                reply = answer_at_accept(head)
+            except Exception:  # noqa: BLE001 - the app answers it the usual way
+                log.exception("answering a health probe at accept failed")
+                return False
+            if reply is None:
+                return False
+            try:
+                conn.recv(len(head), socket.MSG_DONTWAIT)  # consumed: the close is then a FIN, not a reset
+                conn.send(reply, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            conn.close()
+            return True
 
         def _resume(self) -> None:
             if not self.closed:

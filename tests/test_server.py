@@ -278,7 +278,7 @@ def test_connections_past_the_per_worker_cap_are_closed_at_once(worker1):
         time.sleep(0.3)  # all six registered, well inside the 2 s header timeout
         with worker1.connect() as extra:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                extra.sendall(HEAD + b"\r\n")
+                extra.sendall(b"GET /api/v1/gpus HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # a probe may be answered at accept
             assert read_all(extra) == b""  # closed without reading the request
         # one of the six is served: the cap refused the newcomer, not the held connections
         held[0].sendall(HEAD + b"\r\n")
@@ -356,7 +356,7 @@ def test_one_client_cannot_take_every_connection(streams):
         extra = socket.create_connection(("127.0.0.1", streams.port), timeout=10, source_address=("127.0.0.2", 0))
         with extra:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                extra.sendall(HEAD + b"\r\n")
+                extra.sendall(b"GET /api/v1/gpus HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert read_all(extra) == b""  # closed without reading: the client holds its share
         assert streams.health() == 200  # another client (127.0.0.1) is served
         held[0].sendall(HEAD + b"\r\n")
@@ -365,3 +365,35 @@ def test_one_client_cannot_take_every_connection(streams):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_health_probe_is_answered_at_accept_with_the_guards_rules(workers2):
+    """A whole GET /healthz already waiting when the connection is accepted is answered there (not
+    behind the loop's turns of planning), closed, with the security headers; a foreign Host or a
+    request that is not exactly that goes to the app as before."""
+    with workers2.connect() as sock:
+        # answered at accept when the bytes are there first, by the app otherwise: the same answer
+        sock.sendall(HEAD + b"Connection: close\r\n\r\n")
+        reply = read_all(sock)
+    assert status(reply) == 200 and b"connection: close" in reply.lower() and b"x-frame-options: DENY" in reply
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["status"] == "ok"
+    with workers2.connect() as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: evil.com@127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert status(read_all(sock)) == 400
+    with workers2.connect() as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert status(read_all(sock)) == 400
+
+
+def test_answer_at_accept_takes_only_one_whole_probe():
+    from app import health
+
+    health.register(lambda: (200, b'{"status":"ok"}'))
+    assert health.answer_at_accept(b"GET /healthz HTTP/1.1\r\nHost: localhost:8000\r\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
+    assert health.answer_at_accept(b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").endswith(b"\r\n\r\n")
+    for head in (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # not whole yet
+                 b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # pipelined
+                 b"GET /healthz?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"GET /healthz HTTP/1.1\r\n\r\n",
+                 b"GET /healthz HTTP/1.1\r\nHost: attacker.example\r\n\r\n",
+                 b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\n"):
+        assert health.answer_at_accept(head) is None, head
