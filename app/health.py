@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from app.http_policy import SECURITY_HEADERS, host_allowed
+
 MAX_AGE_S = 1.0
 # under this a write to the store may fail (SQLite's journal, a run's first log lines): failing
 MIN_FREE_BYTES = 16 << 20
@@ -120,8 +122,6 @@ def answer_at_accept(head: bytes) -> bytes | None:
     match = HEALTH_REQUEST.match(head)
     if match is None or match.end() != len(head):  # pipelined, partial or odd: not here
         return None
-    from app.main import SECURITY_HEADERS, host_allowed
-
     lines = match.group(2).split(b"\r\n")
     hosts = [line.split(b":", 1)[1].strip() for line in lines if line[:5].lower() == b"host:"]
     if any(line[:15].lower() in (b"content-length:", b"transfer-encod") for line in lines):

@@ -36,11 +36,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import auth, health
 from app.api import router as api_router
+from app.api_serving import router as serving_router
 from app.errors import ErrorBoundary
+from app.http_policy import DEFAULT_ALLOWED_HOSTS, SECURITY_HEADERS, host_in
 from app.model_builder import BuildBusy
 from app.runs import LaunchProblem, runtime
 from app.runs_api import router as runs_router
-from app.server import DEFAULT_ALLOWED_HOSTS
 from app.service import MAX_BODY_BYTES
 from app.templating import SWAGGER_UI
 from launcher.runtime import follow_forever
@@ -49,21 +50,7 @@ from planner.errors import PlanInputError
 
 log = logging.getLogger("vramplan")
 SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
-HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,252}))(:\d{1,5})?")
 MAX_JSON_DEPTH = 32  # a plan request nests two levels; deep nesting only costs the parser
-# Only this server's own scripts and styles (no inline ones, no eval), images from here or data:
-# URIs (the legends' swatches), no plugins, no framing, forms post only here.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; font-src 'self'; "
-       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-SECURITY_HEADERS = (
-    (b"content-security-policy", CSP.encode()),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on a form post
-    (b"referrer-policy", b"same-origin"),
-    (b"cross-origin-opener-policy", b"same-origin"),
-    (b"cross-origin-resource-policy", b"same-origin"),
-)
 
 
 def _error(loc: list, msg: str, status: int = 422, kind: str = "value_error") -> JSONResponse:
@@ -114,7 +101,7 @@ class RequestGuard:
         self.allowed_hosts = {n.strip().lower() for n in names if n.strip()}
 
     def _host_allowed(self, host: str) -> bool:
-        return _host_in(host, self.allowed_hosts)
+        return host_in(host, self.allowed_hosts)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -182,20 +169,6 @@ class RequestGuard:
             return await receive()
 
         return await self.app(scope, replay, send)
-
-
-def _host_in(host: str, allowed: set[str]) -> bool:
-    # a Host is a name or an address and a port, nothing else: "evil.com@127.0.0.1:8000" parses
-    # as user info and 127.0.0.1, and a proxy or a cache may key on the other half
-    if not HOST_HEADER.fullmatch(host):
-        return False
-    return "*" in allowed or (urlsplit(f"//{host}").hostname or "") in allowed
-
-
-def host_allowed(host: str) -> bool:
-    """`host` is one this server answers to (VRAMPLAN_ALLOWED_HOSTS), as RequestGuard checks it."""
-    names = os.environ.get("VRAMPLAN_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS).split(",")
-    return _host_in(host, {n.strip().lower() for n in names if n.strip()})
 
 
 def _same_site_origin(origin: str, scheme: str, host: str) -> bool:
@@ -375,6 +348,7 @@ def create_app() -> FastAPI:
 
     app.include_router(api_router)
     app.include_router(runs_router)
+    app.include_router(serving_router)
     from app.pages import router as pages_router
     from app.runs_pages import router as runs_pages_router
 

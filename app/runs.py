@@ -14,6 +14,7 @@ import json
 import math
 import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Request
@@ -78,7 +79,7 @@ class WebRuns(RunsRuntime):
         """(plan, Prepared): the dry run. Blocks (builds a model, loads a backend): call from a thread."""
         from app.service import web_plan, web_source
         from launcher.backend import LaunchError
-        from launcher.paths import path_or_hub
+        from launcher.paths import check_output_dir, check_path_text, path_or_hub
         from launcher.preflight import preflight
         from launcher.registry import UnknownBackend
         from planner.request import confine, launch_target
@@ -88,7 +89,12 @@ class WebRuns(RunsRuntime):
         target = launch_target(request.device, request.backend)
         changes: dict[str, Any] = {"device": target.device, "dataset": path_or_hub("dataset", request.dataset, allowed)}
         if request.output_dir is not None:
-            changes["output_dir"] = str(confine("output_dir", request.output_dir, allowed, must_exist=False))
+            check_path_text("output_dir", request.output_dir)
+            output_dir = confine("output_dir", request.output_dir, allowed, must_exist=False)
+            # the dry run refuses what the launch would (another run's directory is checked at launch)
+            model_dir = Path(source.argument) if Path(source.argument).is_absolute() else None
+            check_output_dir(output_dir, self.data_dir, model_dir)
+            changes["output_dir"] = str(output_dir)
         if request.reward_model is not None:
             changes["reward_model"] = path_or_hub("reward_model", request.reward_model, allowed)
         settings = request.settings(**changes)

@@ -43,6 +43,8 @@ import sys
 import time
 from typing import ClassVar
 
+from app.http_policy import DEFAULT_ALLOWED_HOSTS
+
 # Connections accepted per readiness event of a listening socket: enough to drain hundreds
 # within a few turns of a busy loop.
 ACCEPT_BATCH = 64
@@ -56,7 +58,6 @@ FD_RESERVE = 64
 # Names the app answers to unless VRAMPLAN_ALLOWED_HOSTS (or --allowed-hosts) says otherwise. A
 # page on any site can make the user's browser post to 127.0.0.1, and a rebinding domain can
 # resolve to it: refusing other Host names (and cross-site Origins, app/main.py) stops both.
-DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,::1"
 # one warning per this many seconds while shedding: one per 503 would cost the CPU the 503 saved
 SHED_NOTE_INTERVAL = 10.0
 
@@ -549,7 +550,7 @@ def _classes():
                 from app.health import answer_at_accept
 
                 reply = answer_at_accept(head)
-            except Exception:  # noqa: BLE001 - the app answers it the usual way
+            except Exception:
                 log.exception("answering a health probe at accept failed")
                 return False
             if reply is None:

@@ -58,6 +58,8 @@ def parse_config_text(text: str | bytes, source: str = "config.json") -> dict:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlanInputError("model", f"{source} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise PlanInputError("model", f"{source} nests deeper than a config.json does") from None
     return validate_config(data, source)
 
 

@@ -96,10 +96,10 @@ def inside(path: Path, allowed: Sequence[Path]) -> bool:
 def confine(field: str, text: str, allowed: Sequence[Path], must_exist: bool = True) -> Path:
     """`text` as a path inside the roots (relative paths are taken from the first root), symlinks
     resolved; PlanInputError naming the field otherwise."""
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = allowed[0] / path
     try:
+        path = Path(text).expanduser()  # ~nosuchuser: RuntimeError
+        if not path.is_absolute():
+            path = allowed[0] / path
         resolved = path.resolve(strict=must_exist)
     except FileNotFoundError:
         raise PlanInputError(field, f"{text}: no such file or directory") from None

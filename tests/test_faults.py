@@ -208,3 +208,15 @@ def _read_response(sock) -> tuple[int, bytes]:
     while len(rest) < length:
         rest += sock.recv(65536)
     return int(head.split(b" ")[1]), head
+
+
+def test_a_config_nested_without_end_is_bad_input_everywhere(tmp_path, capsys):
+    """The CLI reads a config file with Python's parser, which recurses: a deep one is the
+    user's input (exit 2, one line), not a RecursionError's stack trace."""
+    from app.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["plan", str(config), "--no-simulate-allocator"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nests deeper than a config.json does" in err

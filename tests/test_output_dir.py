@@ -72,3 +72,15 @@ def test_a_served_launch_into_the_data_directory_or_another_runs_output_is_a_422
         assert refused.json()["detail"][0]["loc"] == ["body", "output_dir"], refused.text
     assert _launch(client).status_code == 201  # the run's own output/ inside its directory
     assert _launch(client, output_dir=str(client.root / "out2")).status_code == 201
+
+
+def test_the_dry_run_refuses_what_the_launch_would(client):
+    for output_dir in (client.root / "data", client.root / "data" / "runs"):
+        dry = client.post("/api/v1/runs/dry-run", json={"model": MODEL, "dataset": str(client.root / "train.jsonl"), "device": "cpu",
+                                                          "backend": "fake", "output_dir": str(output_dir)}, headers=BEARER)
+        assert dry.status_code == 422, dry.text
+        assert dry.json()["detail"][0]["loc"] == ["body", "output_dir"] and "data directory" in dry.json()["detail"][0]["msg"]
+    # a user that does not exist is the user's input, not a server error
+    dry = client.post("/api/v1/runs/dry-run", json={"model": MODEL, "dataset": str(client.root / "train.jsonl"), "device": "cpu",
+                                                      "backend": "fake", "output_dir": "~nosuchuser/out"}, headers=BEARER)
+    assert dry.status_code == 422 and dry.json()["detail"][0]["loc"] == ["body", "output_dir"], dry.text

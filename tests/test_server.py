@@ -166,6 +166,28 @@ def test_serve_help_shows_the_limits_and_their_defaults():
         assert f"(default: {default})" in " ".join(run.stdout.split())
 
 
+def test_the_client_limits_are_serve_flags_that_reach_every_worker(monkeypatch):
+    """--max-connections-per-client and the stream limits set what each worker reads (ClientLimits.from_env)."""
+    import argparse
+
+    from app.cli import serve as serve_cli
+    from app.server import ClientLimits
+
+    seen = {}
+    monkeypatch.setattr("app.server.serve", lambda *a, **k: seen.setdefault("limits", ClientLimits.from_env()) and 0)
+    monkeypatch.setattr(serve_cli, "_sign_in_line", lambda: "")
+    for variable in ClientLimits.ENV.values():
+        monkeypatch.setenv(variable, "1")  # recorded as absent before: undone after the test, whatever cmd_serve sets
+        monkeypatch.delenv(variable)
+    parser = argparse.ArgumentParser()
+    serve_cli.add_commands(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--max-connections-per-client", "7", "--max-streams-per-client", "3"])
+    assert serve_cli.cmd_serve(args) == 0
+    assert (seen["limits"].connections, seen["limits"].streams, seen["limits"].streams_per_client) == (7, 256, 3)
+    refused = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--max-streams", "0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr == "vramplan: error: --max-streams must be a positive whole number, got 0\n"
+
+
 def test_a_limit_of_zero_is_refused_in_one_line():
     run = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--header-timeout", "0"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr == "vramplan: error: header_timeout must be positive, got 0.0\n"

@@ -10,12 +10,18 @@ import sys
 def cmd_serve(args) -> int:
     import dataclasses
 
-    from app.server import ServerLimits, serve
+    from app.server import ClientLimits, ServerLimits, serve
 
     try:
         limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
         if args.workers < 1:
             raise ValueError(f"workers must be positive, got {args.workers}")
+        for field, variable in ClientLimits.ENV.items():
+            value = getattr(args, "client_" + field, None)
+            if value is not None:
+                if value < 1:  # refused here, not in each worker
+                    raise ValueError(f"--{variable.removeprefix('VRAMPLAN_').lower().replace('_', '-')} must be a positive whole number, got {value}")
+                os.environ[variable] = str(value)
     except ValueError as exc:
         print(f"vramplan: error: {exc}", file=sys.stderr)
         return 2
@@ -43,7 +49,7 @@ def _sign_in_line() -> str:
 
 
 def add_commands(sub) -> None:
-    from app.server import ServerLimits
+    from app.server import ClientLimits, ServerLimits
 
     limits = ServerLimits()
     serve_parser = sub.add_parser("serve", help="the web app and the JSON API (127.0.0.1:8000)",
@@ -69,4 +75,14 @@ def add_commands(sub) -> None:
     ):
         name = flag.replace("-", "_")
         serve_limits.add_argument("--" + flag, dest=name, type=kind, default=getattr(limits, name), metavar="N" if kind is int else "S", help=help_text)
+    # per client address and for event streams: read from the environment by every worker
+    # (app.server.ClientLimits), so the flags set it
+    client = ClientLimits()
+    for flag, field, help_text in (
+        ("max-connections-per-client", "connections", "open connections one client address may hold; past it a new one is closed on accept"),
+        ("max-streams", "streams", "run event streams (SSE) open at once; over it: 503"),
+        ("max-streams-per-client", "streams_per_client", "run event streams one client address may hold; over it: 503"),
+    ):
+        serve_limits.add_argument("--" + flag, dest="client_" + field, type=int, default=argparse.SUPPRESS, metavar="N",
+                                  help=f"{help_text} (default: ${ClientLimits.ENV[field]} or {getattr(client, field)})")
     serve_parser.set_defaults(func=cmd_serve)
