@@ -53,9 +53,12 @@ class Reason(StrEnum):
     NODE_FAIL = "node_fail"
     LAUNCH_FAILED = "launch_failed"
     EXIT_NONZERO = "exit_nonzero"
-    KILLED_AFTER_GRACE = "killed_after_grace"
+    KILLED_AFTER_GRACE = "killed_after_grace"  # a cancel's grace period ran out and the supervisor killed the run
+    KILLED = "killed"  # a signal ended the trainer and no cancel asked for it (kill -9, the kernel's OOM killer)
+    SHIM_KILLED = "shim_killed"  # the run's shim ended without recording the trainer's exit (killed); the trainer went with it
+    DISK_FULL = "disk_full"  # the disk under the run's directory or output filled (ENOSPC/EDQUOT)
     CANCELLED_BY_USER = "cancelled_by_user"
-    SERVER_RESTART = "server_restart"
+    SERVER_RESTART = "server_restart"  # the machine restarted under a live run (its shim started before this boot)
     BACKEND_UNREACHABLE = "backend_unreachable"
     DOES_NOT_FIT = "does_not_fit"
     DATA_ERROR = "data_error"  # the dataset, named by the entry with its file and line

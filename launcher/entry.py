@@ -3,10 +3,10 @@
 It reads RUN_DIR/spec.json and RUN_DIR/trl.yaml (parsed by TRL's own TrlParser, the same file
 `vramplan export --format trl` writes), builds the stage's TRL trainer with PEFT and bitsandbytes as
 the plan says, and reports through events.jsonl. Exit codes: 0 done (or stopped on request, with a
-checkpoint), 3 CUDA out of memory, 1 any other error.
+checkpoint), 3 CUDA out of memory, 4 a full disk (ENOSPC/EDQUOT), 1 any other error.
 
 What ends a run is said in its error event in the user's terms (`explain`): a reason (oom,
-host_oom, data_error, missing_package, nan_loss; none for another error), a one-line summary and a
+host_oom, disk_full, data_error, missing_package, nan_loss; none for another error), a one-line summary and a
 hint, which the supervisor keeps as the run's reason, message and hint. A data error is located by
 reading the dataset again with launcher/preflight.py, which names the file, the line and the fix.
 """
@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 EXIT_OOM = 3
+EXIT_DISK_FULL = 4
 GIB = 1 << 30
 # import names whose pip package is named otherwise
 PIP_NAMES = {"flash_attn": "flash-attn", "liger_kernel": "liger-kernel", "sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow",
@@ -118,6 +119,21 @@ def build_trainer(spec: dict, run_dir: Path, callbacks: list, phase: list | None
     return trainer_cls(**kwargs), training_args
 
 
+def _disk_error(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError in the exception's chain (torch and safetensors wrap it), else None."""
+    import errno
+
+    seen, chain = set(), exc
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT):
+            return chain
+        if "No space left on device" in str(chain) and not isinstance(chain, OSError):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        chain = chain.__cause__ or chain.__context__
+    return None
+
+
 def _is_oom(exc: BaseException) -> bool:
     try:
         import torch
@@ -196,6 +212,12 @@ def explain(exc: BaseException, phase: str, spec: dict, sample: dict | None = No
         return {"reason": "oom", "summary": ": ".join(parts),
                 "hint": "lower --batch-size or --seq-len (raise --gradient-accumulation-steps to keep the batch), turn on --gradient-checkpointing, "
                         "or plan for a larger GPU; the failure is kept beside its prediction (vramplan runs export)"}
+    disk = _disk_error(exc)
+    if disk is not None:
+        where = f" writing {disk.filename}" if disk.filename else ""
+        return {"reason": "disk_full", "summary": f"the disk filled{where}: {os.strerror(disk.errno)}",
+                "hint": "free space on the disk that holds the run's directory and output_dir (or point output_dir elsewhere), "
+                        "then resume the run from its last checkpoint"}
     if isinstance(exc, MemoryError):
         return {"reason": "host_oom", "summary": "the machine ran out of CPU memory",
                 "hint": "give the run a machine with more RAM, offload less (--offload none), or plan a smaller batch"}
@@ -281,11 +303,17 @@ def main(argv: list[str] | None = None) -> int:
                 said = explain(exc, phase[0], spec, sample)
             except Exception:  # explaining must never hide the error itself
                 said = {}
-        traceback.print_exc()
-        if said:
-            print(f"vramplan: the run failed: {said['summary']}\nvramplan: hint: {said['hint']}", file=sys.stderr, flush=True)
-        writer.emit("error", kind="oom" if oom else "exception", type=type(exc).__name__, message=str(exc)[:2000], phase=phase[0], **said, **sample)
-        code = EXIT_OOM if oom else 1
+        try:  # on a full disk the log and the events cannot be written: the exit code still says why
+            traceback.print_exc()
+            if said:
+                print(f"vramplan: the run failed: {said['summary']}\nvramplan: hint: {said['hint']}", file=sys.stderr, flush=True)
+        except OSError:
+            pass
+        try:
+            writer.emit("error", kind="oom" if oom else "exception", type=type(exc).__name__, message=str(exc)[:2000], phase=phase[0], **said, **sample)
+        except OSError:
+            pass
+        code = EXIT_OOM if oom else EXIT_DISK_FULL if said.get("reason") == "disk_full" else 1
     try:
         import torch.distributed as dist
 
@@ -335,4 +363,10 @@ def _leave_if_distributed(code: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a full disk under the log: Python would exit 120 on its own failed flush, hiding the code
+        os._exit(exit_code)
+    sys.exit(exit_code)

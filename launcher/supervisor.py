@@ -272,7 +272,7 @@ class Supervisor:
                 # torchrun exits 1 after a clean stop on SIGTERM, so the stop event decides, not the code
                 return self._finish(record, RunState.CANCELLED, str(Reason.CANCELLED_BY_USER),
                                     f"stopped at step {record.stopped_at_step} with a checkpoint", obs.exit_code)
-            if obs.state == RunState.FAILED and record.hint is not None and obs.reason in (Reason.EXIT_NONZERO, Reason.OOM, None):
+            if obs.state == RunState.FAILED and record.hint is not None and obs.reason in (Reason.EXIT_NONZERO, Reason.OOM, Reason.DISK_FULL, None):
                 # the trainer said what ended it: its words, not "the trainer exited with code 1"
                 return self._finish(record, RunState.FAILED, record.reason or (str(obs.reason) if obs.reason else None), record.message, obs.exit_code)
             if obs.state == RunState.FAILED and (record.reason == str(Reason.OOM) or obs.reason == Reason.OOM):
@@ -372,7 +372,9 @@ class Supervisor:
                     updates["reason"] = str(Reason.OOM)
                     updates["message"] = f"CUDA out of memory: {str(event.get('message'))[:300]}"
                 elif said is None and not known:
+                    # the trainer's own words, kept over the exit code's (a hint marks them as said)
                     updates["message"] = f"{event.get('type')}: {str(event.get('message'))[:500]}"
+                    updates["hint"] = "the run's log has the traceback (vramplan runs logs ID)"
         updates["events_offset"] = record.events_offset + end + 1
         if transition is not None:  # first: a transition sets its own reason and message, the events' come after
             self.store.transition(record.id, *transition)
@@ -498,7 +500,8 @@ class Supervisor:
 
 
 # the reasons the trainer entry names (launcher/entry.py explain), kept over an exit code's
-ENTRY_REASONS = (str(Reason.OOM), str(Reason.HOST_OOM), str(Reason.DATA_ERROR), str(Reason.MISSING_PACKAGE), str(Reason.NAN_LOSS))
+ENTRY_REASONS = (str(Reason.OOM), str(Reason.HOST_OOM), str(Reason.DATA_ERROR), str(Reason.MISSING_PACKAGE), str(Reason.NAN_LOSS),
+                 str(Reason.DISK_FULL))
 
 
 def _said(event: dict) -> tuple[str | None, str, str] | None:

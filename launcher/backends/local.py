@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -49,6 +50,8 @@ from launcher.run_files import (
     write_files,
     yaml_text,
 )
+from launcher.entry import EXIT_DISK_FULL
+from launcher.shim import LOW_DISK_BYTES, free_bytes
 from launcher.spec import LaunchSpec
 
 
@@ -129,24 +132,46 @@ class LocalBackend:
             create_time = psutil.Process(proc.pid).create_time()
         except psutil.NoSuchProcess:
             create_time = time.time()
+        # reap the shim when it ends: a finished run is no zombie until the next launch's Popen collects it
+        threading.Thread(target=proc.wait, name=f"reap-{spec.run_id[:8]}", daemon=True).start()
         return Handle(self.name, {"pid": proc.pid, "pgid": proc.pid, "create_time": create_time, "marker": spec.run_id})
 
     def poll(self, handle: Handle, run_dir: Path) -> Observation:
         exit_path = run_dir / EXIT_FILE
         if exit_path.exists():
-            record = json.loads(exit_path.read_text())
-            code = record.get("exit_code")
-            if code == 0:
-                return Observation(RunState.SUCCEEDED, exit_code=0)
-            if code == EXIT_OOM:
-                return Observation(RunState.FAILED, Reason.OOM, code, "CUDA out of memory")
-            if record.get("signal"):
-                return Observation(RunState.FAILED, Reason.KILLED_AFTER_GRACE if record["signal"] == signal.SIGKILL else Reason.EXIT_NONZERO, None,
-                                   f"the trainer was ended by signal {record['signal']}")
-            return Observation(RunState.FAILED, Reason.EXIT_NONZERO, code, f"the trainer exited with code {code}")
+            return _ended(json.loads(exit_path.read_text()), run_dir)
         if _alive(handle):
             return Observation(RunState.RUNNING)
-        return Observation(RunState.LOST, Reason.SERVER_RESTART, None, "no process and no exit record")
+        if exit_path.exists():  # the shim wrote its record between the two looks
+            return _ended(json.loads(exit_path.read_text()), run_dir)
+        return self._lost(handle, run_dir)
+
+    def _lost(self, handle: Handle, run_dir: Path) -> Observation:
+        """No shim and no exit record: the machine restarted under the run, or the shim was killed."""
+        try:
+            started = float(handle.data["create_time"])
+        except (KeyError, ValueError):
+            started = None
+        if started is not None and started < psutil.boot_time():
+            return Observation(RunState.LOST, Reason.SERVER_RESTART, None,
+                               "the machine restarted while the run was live: no process and no exit record")
+        # the shim's trainer dies with it (PR_SET_PDEATHSIG); what a launcher started in sessions of its own may not
+        left = run_processes(str(handle.data.get("marker")))
+        for proc in left:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=5)
+        stopped = f"; {len(left)} process(es) of the run left behind were killed" if left else ""
+        free = free_bytes(run_dir)
+        if free is not None and free < LOW_DISK_BYTES:
+            return Observation(RunState.LOST, Reason.DISK_FULL, None,
+                               f"the run's shim (pid {handle.data.get('pid')}) ended without an exit record and the disk under {run_dir} "
+                               f"is full ({free} bytes free){stopped}")
+        return Observation(RunState.LOST, Reason.SHIM_KILLED, None,
+                           f"the run's shim (pid {handle.data.get('pid')}) was killed before it could record the trainer's exit "
+                           f"(no exit record; the trainer ends with its shim){stopped}; resume from the last checkpoint")
 
     def cancel(self, handle: Handle, run_dir: Path) -> None:
         # every rank checks the stop file after each step and all ranks agree before stopping
@@ -175,6 +200,33 @@ class LocalBackend:
 
     def read_logs(self, handle: Handle | None, run_dir: Path, offset: int, limit: int) -> LogChunk:
         return read_log_file(run_dir, offset, limit)
+
+
+def _ended(record: dict, run_dir: Path) -> Observation:
+    """The Observation of a run whose shim wrote its exit record."""
+    code = record.get("exit_code")
+    if code == 0:
+        return Observation(RunState.SUCCEEDED, exit_code=0)
+    if code == EXIT_OOM:
+        return Observation(RunState.FAILED, Reason.OOM, code, "CUDA out of memory")
+    if code == EXIT_DISK_FULL or record.get("disk_full"):
+        free = record.get("free_bytes")
+        left = f" ({free} bytes left)" if isinstance(free, int) else ""
+        return Observation(RunState.FAILED, Reason.DISK_FULL, code,
+                           f"the disk under the run's directory or output filled{left}: No space left on device")
+    number = record.get("signal")
+    if number:
+        try:
+            name = signal.Signals(int(number)).name
+        except ValueError:
+            name = f"signal {number}"
+        why = " (the kernel's OOM killer sends it when the host runs out of memory)" if int(number) == signal.SIGKILL else ""
+        # killed_after_grace is the supervisor's own kill after a cancel; a signal nobody here sent is `killed`
+        return Observation(RunState.FAILED, Reason.KILLED, None,
+                           f"the trainer was killed by {name} (signal {number}) without a cancel{why}")
+    if record.get("error"):
+        return Observation(RunState.FAILED, Reason.LAUNCH_FAILED, code, f"the trainer could not be started: {record['error']}")
+    return Observation(RunState.FAILED, Reason.EXIT_NONZERO, code, f"the trainer exited with code {code}")
 
 
 def _is_entry(proc: psutil.Process) -> bool:
