@@ -44,6 +44,10 @@ def _limit_worker(memory_bytes: int) -> None:
     import os
     import resource
 
+    from app.lifetime import exit_with_parent
+
+    exit_with_parent()  # a server killed with SIGKILL takes its build worker with it (app/lifetime.py)
+
     # A meta-device build runs no kernels. OpenBLAS would reserve a buffer per core it sees (the
     # host's, not the container's), address space the limit below is meant for.
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):

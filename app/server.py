@@ -254,7 +254,15 @@ def http_protocol(config, server_state, app_state, _loop=None):
 
 
 def new_event_loop():
-    """The loop factory (`loop=`): uvloop, accepting in batches; asyncio's own loop without uvloop."""
+    """The loop factory (`loop=`): uvloop, accepting in batches; asyncio's own loop without uvloop.
+    In a worker of `--workers N` (a spawned process) it is the first thing to run: the worker
+    starts watching its parent then, and ends with it (app/lifetime.py)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        from app.lifetime import exit_with_parent
+
+        exit_with_parent()
     loop_class = _classes()[1]
     if loop_class is None:
         import asyncio
