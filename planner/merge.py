@@ -30,8 +30,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from planner.spec import ModelSpec
 
 GIB = 1 << 30
+# a merge run's measured host peak (above the imported runtime) is within this fraction of the plan's
+HOST_BAND = 0.10
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained max_shard_size "5GB", mergekit's "5B"
+DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's --out-shard-size default "5B"
+MIB = 1 << 20
+# Measured by app/merge_run.py on this project's CPU stack (torch 2.13 CPU, transformers 5.24, PEFT 0.21):
+# the process's resident memory once torch, transformers and PEFT are imported and the model's class
+# is built (0.44 GiB), and what loading and merging hold beyond the tensors the plan counts (about
+# 20 MiB on every model size tried: the loader's thread arenas, safetensors' file handles).
+HOST_RUNTIME_BYTES = 450 * MIB
+HOST_RUNTIME_CUDA_BYTES = int(1.5 * GIB)  # CUDA's host-side libraries too (estimate, not measured here)
+HOST_LOADING_BYTES = 20 * MIB
+HOST_CAST_LOADING_BYTES = 4 * MIB  # loading a checkpoint stored in another dtype: about 3.5 MiB beyond the two copies
 
 METHODS = ("peft", "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough")
 
@@ -86,6 +97,7 @@ class MergePlan:
     device_memory_bytes: int | None
     host_memory_bytes: int | None
     notes: list[str] = field(default_factory=list)
+    num_layers: int = 0
 
     @property
     def device_peak_bytes(self) -> int:
@@ -94,6 +106,12 @@ class MergePlan:
     @property
     def host_peak_bytes(self) -> int:
         return sum(t.bytes for t in self.host_terms)
+
+    @property
+    def host_merge_bytes(self) -> int:
+        """The host peak above the imported runtime: what a merge run measures (app/merge_run.py:
+        the child's peak RSS less its RSS once torch, transformers and PEFT are imported)."""
+        return sum(t.bytes for t in self.host_terms if t.name != "host.runtime")
 
     @property
     def fits(self) -> bool:
@@ -111,6 +129,7 @@ class MergePlan:
             "device": self.options.device,
             "gpu_peak_bytes": self.device_peak_bytes if self.device_terms else 0,
             "host_peak_bytes": self.host_peak_bytes,
+            "host_merge_bytes": self.host_merge_bytes,
             "disk_bytes": self.disk_bytes,
             "gpu_memory_bytes": self.device_memory_bytes,
             "host_memory_bytes": self.host_memory_bytes,
@@ -119,6 +138,7 @@ class MergePlan:
             "gpu_components": [t.to_dict() for t in self.device_terms],
             "host_components": [t.to_dict() for t in self.host_terms],
             "notes": self.notes,
+            "exports": {"mergekit_yaml": mergekit_yaml(self)} if self.options.method != "peft" else {},
         }
 
 
@@ -141,7 +161,37 @@ def _largest_tensor(spec: ModelSpec) -> int:
     return max(t.numel for t in spec.tensors)
 
 
-def plan_peft_merge(spec: ModelSpec, options: MergeOptions) -> MergePlan:
+CHECKPOINT_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
+                     "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+def checkpoint_dtype(config: dict | None) -> str | None:
+    """The dtype a checkpoint's tensors are stored in, as its config.json says (torch_dtype, or
+    transformers 5's dtype); None when it does not say."""
+    if not config:
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
+    return CHECKPOINT_DTYPES.get(str(value).lower()) if value else None
+
+
+def _checkpoint_term(spec: ModelSpec, options: MergeOptions, stored: str | None) -> Term | None:
+    """transformers reads a safetensors checkpoint by memory map: in the merge dtype it keeps the
+    mapped tensors (their pages counted once, in weights.base), in another dtype it casts each one
+    to a new tensor and the file's pages it read stay resident while the file is mapped (measured:
+    an fp32 checkpoint merged in bf16 peaks at the fp32 file plus the bf16 model). Loading onto a GPU
+    reads every page of the file into host memory likewise."""
+    if options.device == "cuda":
+        b = DTYPE_BYTES[stored or options.dtype]
+        return Term("host.checkpoint", spec.total_params * b, f"the checkpoint's pages ({stored or options.dtype}) read by memory map while loading onto the GPU")
+    if stored is None or stored == options.dtype:
+        return None
+    return Term("host.checkpoint", spec.total_params * DTYPE_BYTES[stored],
+                f"the checkpoint is stored in {stored}: its pages read by memory map while casting to {options.dtype} stay resident")
+
+
+def plan_peft_merge(spec: ModelSpec, options: MergeOptions, stored_dtype: str | None = None) -> MergePlan:
     b = DTYPE_BYTES[options.dtype]
     model = _params_bytes(spec, b)
     targets = _targets(spec, options.lora_targets)
@@ -165,20 +215,36 @@ def plan_peft_merge(spec: ModelSpec, options: MergeOptions) -> MergePlan:
     if options.adapter == "qlora":
         notes.append("QLoRA: the base is loaded in 16 bit to merge (a 4-bit base would round the update away); "
                      "dequantizing the 4-bit base instead gives the same 16-bit model and the same peak")
-    shard = min(DEFAULT_SHARD_BYTES, model)
     merge_terms = [
         Term("weights.base", model, f"{spec.total_params:,} parameters in {options.dtype}"),
         Term("weights.adapter", adapter + magnitude, "LoRA A and B in fp32" + (" and DoRA's magnitude vectors" if magnitude else "")),
         Term("temporary.delta", delta, "the largest layer's delta weight" + (" and DoRA's fp32 merged weight and norms" if options.adapter == "dora" else "")),
     ]
+    notes.append("saving: safetensors 0.8 writes each tensor from its own memory (no serialized copy of the shard); "
+                 "a checkpoint loaded by memory map is read in whole by then, so the peak holds the whole model once")
+    checkpoint = _checkpoint_term(spec, options, stored_dtype)
+    if stored_dtype is None and options.device == "cpu":
+        notes.append(f"the checkpoint's dtype is not known: planned as stored in {options.dtype} (another dtype adds the file's pages while casting)")
+    runtime = Term("host.runtime", HOST_RUNTIME_BYTES, "the Python process with torch, transformers and PEFT imported (measured: torch 2.13 CPU, transformers 5.24, PEFT 0.21)")
     if options.device == "cuda":
         device_terms = merge_terms
-        host_terms = [Term("host.shard", shard, "safetensors serializes one shard (up to 5 GB) in host memory while saving"),
-                      Term("host.runtime", int(1.5 * GIB), "the Python process with torch, transformers and PEFT imported (estimate)")]
+        host_terms = [checkpoint, Term("host.save", _largest_tensor(spec) * b, "saving copies one tensor at a time from the GPU to host memory"),
+                      Term("host.runtime", HOST_RUNTIME_CUDA_BYTES, "the Python process with torch (CUDA libraries), transformers and PEFT imported (estimate)")]
+        return MergePlan(spec.name, options, device_terms, host_terms, model, None, None, notes)
+    # two phases on the CPU; the peak is the larger: loading (the model, and the checkpoint's pages
+    # when it is cast) and merging then saving (the model, the adapter, the largest delta)
+    merge_phase = merge_terms + [Term("host.loading", HOST_LOADING_BYTES, "transformers' loading and PEFT's merge beyond the tensors: "
+                                      "loader threads' arenas, file handles (measured, see docs/serving.md)")]
+    load_phase = [merge_terms[0], checkpoint, Term("host.loading", HOST_CAST_LOADING_BYTES, "the loader beyond the tensors while casting (measured)")] if checkpoint else None
+    if load_phase and sum(t.bytes for t in load_phase) > sum(t.bytes for t in merge_phase):
+        host_terms = load_phase + [runtime]
+        notes.append(f"the peak is while loading: the merge that follows holds {sum(t.bytes for t in merge_phase) / GIB:.2f} GiB "
+                     "(the model, the adapter, the largest delta) once the checkpoint is unmapped")
     else:
-        device_terms = []
-        host_terms = merge_terms + [Term("host.shard", shard, "safetensors serializes one shard (up to 5 GB) in host memory while saving"),
-                                    Term("host.runtime", int(1.5 * GIB), "the Python process with torch, transformers and PEFT imported (estimate)")]
+        host_terms = merge_phase + [runtime]
+        if load_phase:
+            notes.append(f"loading holds {sum(t.bytes for t in load_phase) / GIB:.2f} GiB while casting the checkpoint, less than the merge")
+    device_terms = []
     return MergePlan(spec.name, options, device_terms, host_terms, model, None, None, notes)
 
 
@@ -216,8 +282,11 @@ def plan_mergekit(spec: ModelSpec, options: MergeOptions) -> MergePlan:
     return MergePlan(spec.name, options, device_terms, host_terms, model, None, None, notes)
 
 
-def plan_merge(spec: ModelSpec, options: MergeOptions, gpu_memory_bytes: int | None = None) -> MergePlan:
-    plan = plan_peft_merge(spec, options) if options.method == "peft" else plan_mergekit(spec, options)
+def plan_merge(spec: ModelSpec, options: MergeOptions, gpu_memory_bytes: int | None = None,
+               stored_dtype: str | None = None) -> MergePlan:
+    """`stored_dtype`: the checkpoint's dtype (checkpoint_dtype of its config.json), for a PEFT merge."""
+    plan = plan_peft_merge(spec, options, stored_dtype) if options.method == "peft" else plan_mergekit(spec, options)
+    plan.num_layers = spec.num_layers
     plan.device_memory_bytes = gpu_memory_bytes if options.device == "cuda" else None
     plan.host_memory_bytes = int(options.host_memory_gib * GIB) if options.host_memory_gib else None
     return plan
@@ -235,4 +304,65 @@ def plan_merge_request(model: str, options: MergeOptions, roots=None) -> MergePl
         from gpu_catalog.catalog import lookup_gpu
 
         gpu_bytes = lookup_gpu(options.gpu).gpu.memory_bytes
-    return plan_merge(source.spec, options, gpu_bytes)
+    config = source.config
+    if config is None:
+        from planner.serving import catalog_config
+
+        config = catalog_config(source.spec.name)
+    return plan_merge(source.spec, options, gpu_bytes, checkpoint_dtype(config))
+
+
+# -- export: mergekit's YAML -------------------------------------------------------------------------
+
+# the methods that take a base model (its task vectors are taken against it)
+_BASED = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
+
+
+def mergekit_config(plan: MergePlan) -> dict:
+    """The mergekit config of a mergekit plan, by mergekit's keys (merge_method, base_model,
+    models with per-model parameters, parameters, dtype): the planned model is the base (or the
+    first model), the others are placeholders MODEL_2... to set. Weights are even, density 0.5,
+    SLERP's t 0.5: starting values, not advice."""
+    o = plan.options
+    if o.method == "peft":
+        raise ValueError("a PEFT merge has no mergekit config")
+    n = o.num_models
+    names = [plan.model_name] + [f"MODEL_{i}" for i in range(2, n + 1)]
+    config: dict = {"merge_method": o.method}
+    if o.method == "passthrough":  # a layer stack: each model's layers in turn
+        config["slices"] = [{"sources": [{"model": name, "layer_range": [0, plan.num_layers]}]} for name in names]
+        config["dtype"] = o.dtype
+        return config
+    if o.method in _BASED:
+        config["base_model"] = names[0]
+    if o.method == "slerp":
+        config["models"] = [{"model": name} for name in names]
+        config["parameters"] = {"t": 0.5}
+    else:
+        merged = names[1:] if o.method in _BASED else names
+        weight = round(1 / len(merged), 4) if merged else 1.0
+        per_model = {"weight": weight} if o.method in ("linear", "task_arithmetic") else {"weight": weight, "density": 0.5}
+        config["models"] = ([{"model": names[0]}] if o.method in _BASED else []) + [{"model": name, "parameters": dict(per_model)} for name in merged]
+        if o.method in ("ties", "dare_ties", "dare_linear", "linear"):
+            config["parameters"] = {"normalize": True}
+    config["dtype"] = o.dtype
+    return config
+
+
+def mergekit_command(plan: MergePlan) -> str:
+    """The mergekit-yaml line that runs the config as planned (device, low CPU memory, shard size)."""
+    o = plan.options
+    flags = (" --cuda" if o.device == "cuda" else "") + (" --low-cpu-memory" if o.low_cpu_memory else "")
+    return f"mergekit-yaml config.yml OUTPUT_DIR{flags} --out-shard-size {int(o.out_shard_size_gb * 1000)}M"
+
+
+def mergekit_yaml(plan: MergePlan) -> str:
+    import yaml
+
+    o = plan.options
+    head = [f"# vramplan: {o.method} merge of {o.num_models} models; run: {mergekit_command(plan)}",
+            f"# planned peak: host {plan.host_peak_bytes / GIB:.2f} GiB" + (f", GPU {plan.device_peak_bytes / GIB:.2f} GiB" if plan.device_terms else "")
+            + f", disk {plan.disk_bytes / GIB:.2f} GiB"]
+    if o.num_models > 1:
+        head.append("# placeholder: " + (f"set MODEL_2 ... MODEL_{o.num_models} to the other models" if o.num_models > 2 else "set MODEL_2 to the other model"))
+    return "\n".join(head) + "\n" + yaml.safe_dump(mergekit_config(plan), sort_keys=False)

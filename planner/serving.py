@@ -31,6 +31,7 @@ published start-up logs in bench/serving_published.py). Pure functions: no torch
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -212,6 +213,7 @@ class ServingPlan:
             "reasons": self.reasons,
             "components": [c.to_dict() for c in self.components()],
             "notes": self.notes,
+            "exports": {"vllm_serve": shlex.join(vllm_serve_args(self))},
         }
 
 
@@ -535,3 +537,51 @@ def serving_searches(plan: ServingPlan, spec: ModelSpec | None = None, concurren
         "gpu_memory_utilization_needed": needed_utilization(plan, concurrency, tokens),
         "longest_max_model_len": longest_model_len(plan, concurrency),
     }
+
+
+# -- export: the `vllm serve` command line -------------------------------------------------------------
+
+# vLLM's --quantization names for the planned formats; w8a8 and w4a16 are compressed-tensors
+# checkpoints, whose format vLLM reads from the checkpoint's config (no flag)
+VLLM_QUANTIZATION_FLAG = {"fp8": "fp8", "awq": "awq", "gptq": "gptq", "bitsandbytes": "bitsandbytes"}
+
+
+def vllm_serve_args(plan: ServingPlan) -> list[str]:
+    """`vllm serve` with the flags the plan was made for, by vLLM's own names: the memory and
+    batch settings the plan assumed (its defaults included, pinned, so the engine sizes its KV
+    cache as planned), parallelism, dtype, quantization, KV cache dtype, eager mode, LoRA slots."""
+    o = plan.options
+    args = ["vllm", "serve", plan.model_name]
+    if o.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(o.tensor_parallel_size)]
+    if o.pipeline_parallel_size > 1:
+        args += ["--pipeline-parallel-size", str(o.pipeline_parallel_size)]
+    args += ["--gpu-memory-utilization", f"{o.gpu_memory_utilization:g}",
+             "--max-model-len", str(plan.max_model_len),
+             "--max-num-seqs", str(plan.max_num_seqs),
+             "--max-num-batched-tokens", str(plan.max_num_batched_tokens)]
+    if o.dtype != "auto":
+        args += ["--dtype", o.dtype]
+    if o.quantization in VLLM_QUANTIZATION_FLAG:
+        args += ["--quantization", VLLM_QUANTIZATION_FLAG[o.quantization]]
+    if o.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", o.kv_cache_dtype]
+    if o.block_size != 16:
+        args += ["--block-size", str(o.block_size)]
+    if o.enforce_eager:
+        args.append("--enforce-eager")
+    if o.enable_lora:
+        args += ["--enable-lora", "--max-loras", str(o.max_loras), "--max-lora-rank", str(o.max_lora_rank)]
+    return args
+
+
+def vllm_serve_text(plan: ServingPlan) -> str:
+    """The command line with comment lines: what the plan expects vLLM to log, and what to check."""
+    o = plan.options
+    lines = [f"# vramplan: {plan.verdict} on {plan.gpu_count} x {plan.gpu_name}, vLLM {o.engine_version}'s accounting",
+             f"# expect: GPU KV cache size: {plan.kv_cache_tokens:,} tokens; maximum concurrency for {plan.max_model_len:,} tokens per request: {plan.max_concurrency:.2f}x"]
+    if o.quantization in ("w8a8", "w4a16"):
+        lines.append(f"# {o.quantization}: a compressed-tensors checkpoint; vLLM reads its format from the checkpoint's config (no --quantization)")
+    if o.enable_lora:
+        lines.append("# add --lora-modules NAME=PATH for each adapter to serve")
+    return "\n".join(lines) + "\n" + shlex.join(vllm_serve_args(plan)) + "\n"

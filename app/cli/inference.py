@@ -15,6 +15,11 @@ def cmd_inference(args) -> int:
     data = plan.to_dict()
     if args.concurrency:
         data["search"] = serving_searches(plan, concurrency=args.concurrency, request_tokens=options.request_tokens)
+    if args.export == "vllm":
+        from planner.serving import vllm_serve_text
+
+        write(vllm_serve_text(plan).rstrip("\n"))
+        return 0 if plan.fits else 1
     if args.json:
         write_json(data)
         return 0 if plan.fits else 1
@@ -44,6 +49,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("inference", help="serving with vLLM: KV cache tokens and concurrency; exit 0 serves, 1 does not, 2 bad input")
     p.add_argument("model", help="catalog id, a directory or a config.json (as for plan)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--export", choices=("vllm",), default=None, help="print the `vllm serve` command line of this plan")
     p.add_argument("--concurrency", type=int, default=None, help="also search the utilization and the longest max_model_len for this many concurrent requests")
     option_flags(p, ServingOptions, "serving options (vLLM's flag names; JSON fields use underscores)")
     p.set_defaults(func=cmd_inference)

@@ -1,18 +1,63 @@
-"""`vramplan merge`: the memory a merge takes (PEFT merge_and_unload, mergekit), planner/merge.py.
+"""`vramplan merge`: the memory a merge takes (PEFT merge_and_unload, mergekit), planner/merge.py;
+`--run` merges a PEFT adapter into its base for real and measures it beside the plan (app/merge_run.py);
+`--export mergekit` prints the mergekit YAML of a mergekit plan.
 
-Exit codes as `check`: 0 fits (in the GPU and host memory given), 1 does not, 2 bad input."""
+Exit codes as `check`: 0 fits (in the GPU and host memory given), 1 does not, 2 bad input.
+With `--run`: 0 merged, 1 refused (the plan does not fit), 2 bad input, 4 the merge failed."""
 
 from __future__ import annotations
 
-from app.cli.output import GIB, option_flags, parse_options, write, write_json
+from app.cli.output import GIB, UsageError, option_flags, parse_options, write, write_json
+
+MIB = 1 << 20
+
+
+def _run(args, options) -> int:
+    from app.merge_run import MergeFailed, plan_run, run_merge
+
+    if not args.adapter_dir or not args.output:
+        raise UsageError("merge --run needs --adapter-dir DIR (the PEFT adapter) and --output DIR (new or empty)")
+    plan, base, adapter, output = plan_run(args.model, args.adapter_dir, args.output, options)
+    if not plan.fits:
+        if args.json:
+            write_json({"plan": plan.to_dict(), "refused": True})
+        else:
+            write(f"refused: the plan does not fit: host {plan.host_peak_bytes / GIB:.2f} GiB")
+        return 1
+    try:
+        result = run_merge(plan, base, adapter, output)
+    except MergeFailed as exc:
+        if args.json:
+            write_json({"plan": plan.to_dict(), "failed": str(exc)})
+        else:
+            write(f"failed: {exc}")
+        return 4
+    if args.json:
+        write_json(result)
+        return 0
+    c, m = result["comparison"], result["measured"]
+    write(f"merged: {adapter['path']} into {base} -> {output} ({len(m['files'])} files, {m['output_bytes'] / MIB:.1f} MiB, {m['seconds']:.1f} s)")
+    write(f"  host peak above the runtime: measured {c['host_measured_bytes'] / MIB:.1f} MiB, planned {c['host_planned_bytes'] / MIB:.1f} MiB "
+          f"({c['host_error']:+.1%}; {'within' if c['host_within_band'] else 'outside'} the ±{c['host_band']:.0%} band)")
+    write(f"  runtime (torch, transformers, PEFT imported): measured {c['runtime_measured_bytes'] / MIB:.0f} MiB, planned {c['runtime_planned_bytes'] / MIB:.0f} MiB")
+    if "gpu_measured_bytes" in c:
+        write(f"  GPU peak: measured {c['gpu_measured_bytes'] / MIB:.1f} MiB, planned {c['gpu_planned_bytes'] / MIB:.1f} MiB")
+    return 0
 
 
 def cmd_merge(args) -> int:
-    from planner.merge import MergeOptions, plan_merge_request
+    from planner.merge import MergeOptions, mergekit_yaml, plan_merge_request
 
     options = parse_options(args, MergeOptions)
+    if args.run:
+        return _run(args, options)
     plan = plan_merge_request(args.model, options)
     data = plan.to_dict()
+    if args.export == "mergekit":
+        if options.method == "peft":
+            raise UsageError("--export mergekit is for mergekit's methods (--method linear, slerp, ties, ...); a PEFT merge has no mergekit config")
+        write(mergekit_yaml(plan).rstrip("\n"))
+        return 0 if plan.fits else 1
     if args.json:
         write_json(data)
         return 0 if plan.fits else 1
@@ -31,7 +76,11 @@ def add_commands(sub) -> None:
     from planner.merge import MergeOptions
 
     p = sub.add_parser("merge", help="merge memory: PEFT merge_and_unload or mergekit; exit 0 fits, 1 does not, 2 bad input")
-    p.add_argument("model", help="the base model: catalog id, a directory or a config.json")
+    p.add_argument("model", help="the base model: catalog id, a directory or a config.json (with --run: the base's directory)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--export", choices=("mergekit",), default=None, help="print the mergekit YAML of this plan")
+    p.add_argument("--run", action="store_true", help="merge for real (PEFT merge_and_unload) and measure the peaks beside the plan")
+    p.add_argument("--adapter-dir", default=None, help="with --run: the PEFT adapter's directory")
+    p.add_argument("--output", default=None, help="with --run: where the merged model is saved (new or empty directory)")
     option_flags(p, MergeOptions, "merge options (JSON fields use underscores)")
     p.set_defaults(func=cmd_merge)

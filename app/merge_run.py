@@ -1,0 +1,317 @@
+"""Run a PEFT merge for real and measure it beside its plan: `vramplan merge BASE_DIR --run
+--adapter-dir DIR --output DIR`.
+
+The parent (this module, called by the CLI) checks the input before anything heavy starts: the
+base is a local directory with a config.json and weights, the adapter a PEFT LoRA/DoRA adapter
+whose every A and B matrix fits a Linear layer of that base, the output directory new or empty.
+It plans the merge with the adapter's own rank, modules and DoRA flag, then starts a child
+process (`python -m app.merge_run`), which:
+
+1. imports torch, transformers and PEFT and builds the model's class on the meta device (so the
+   modeling code is imported too), resets the kernel's peak RSS (clear_refs) and reads its
+   resident memory: the baseline;
+2. loads the base in the plan's dtype (never trust_remote_code), loads the adapter
+   (PeftModel.from_pretrained), merges (merge_and_unload) and saves safetensors shards of the
+   plan's shard size;
+3. reads its peak resident memory (VmHWM; getrusage's ru_maxrss where /proc is missing, which on
+   Linux also carries the parent's peak across fork and exec) and, where CUDA exists, torch's
+   max_memory_allocated, and writes them as JSON to a file the parent names.
+
+The measured host peak is that peak less the baseline: the memory the merge itself took, which
+is the plan's host peak less its host.runtime term (MergePlan.host_merge_bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD_TIMEOUT_S = 3600
+# glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which the
+# merge's per-layer temporaries come from the heap and stay there: the same merge then peaks
+# anywhere from 0 to 20% higher from run to run. A fixed threshold hands every freed temporary back,
+# and the peak repeats to the MiB (docs/serving.md).
+CHILD_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+# -- the parent: check, plan, start, compare ------------------------------------------------------
+
+
+def _input_error(field: str, reason: str) -> Exception:
+    from planner.errors import PlanInputError
+
+    return PlanInputError(field, reason)
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a safetensors file's header (8-byte length, then JSON)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:
+                raise ValueError("header too large")
+            header = json.loads(f.read(length))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise _input_error("adapter_dir", f"{path} is not a safetensors file ({exc})") from None
+    return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> dict:
+    """adapter_config.json and the shapes of adapter_model.safetensors; bad input raises PlanInputError."""
+    path = Path(adapter_dir).expanduser()
+    if not path.is_dir():
+        raise _input_error("adapter_dir", f"{adapter_dir}: no such directory")
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        raise _input_error("adapter_dir", f"{adapter_dir} has no adapter_config.json (not a PEFT adapter)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _input_error("adapter_dir", f"{config_path}: not JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise _input_error("adapter_dir", f"{adapter_dir} is a {kind or 'unknown'} adapter; merge_and_unload is run here for LoRA and DoRA adapters")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise _input_error("adapter_dir", f"{adapter_dir} has no adapter_model.safetensors")
+    return {"path": str(path.resolve()), "config": config, "shapes": safetensors_shapes(weights)}
+
+
+def check_adapter(spec, adapter: dict) -> None:
+    """Every lora_A [r, in] and lora_B [out, r] must sit on a Linear of the base with those sizes:
+    an adapter trained on another model fails here, in one line, before the child starts."""
+    linears = {lin.name: lin for lin in spec.linears()}
+    seen = 0
+    for name, shape in adapter["shapes"].items():
+        for part, (rows_of, cols_of) in ((".lora_A.", (None, "in")), (".lora_B.", ("out", None))):
+            if part not in name:
+                continue
+            module = name.split(part)[0].removeprefix("base_model.model.")
+            lin = linears.get(module)
+            if lin is None:
+                raise _input_error("adapter_dir", f"the adapter adapts {module}, which {spec.name} does not have (an adapter for another model?)")
+            want = lin.in_features if cols_of == "in" else lin.out_features
+            got = shape[1] if cols_of == "in" else shape[0]
+            if len(shape) != 2 or got != want:
+                raise _input_error("adapter_dir", f"the adapter's {name} is {shape}, but {module} of {spec.name} is "
+                                                  f"{lin.out_features} x {lin.in_features} (an adapter for another model?)")
+            seen += 1
+    if not seen:
+        raise _input_error("adapter_dir", "the adapter holds no LoRA A or B matrices")
+
+
+def options_for_adapter(options, adapter: dict):
+    """The merge options of this adapter: its rank (the largest in its rank_pattern), its modules, DoRA."""
+    config = adapter["config"]
+    ranks = [config.get("r") or 8, *(config.get("rank_pattern") or {}).values()]
+    targets = config.get("target_modules") or "all-linear"
+    if isinstance(targets, str):  # a regular expression or all-linear: take the modules the weights name
+        targets = sorted({n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in adapter["shapes"] if ".lora_A." in n})
+    else:
+        targets = sorted({str(t).rsplit(".", 1)[-1] for t in targets})
+    kind = "dora" if config.get("use_dora") else ("qlora" if options.adapter == "qlora" else "lora")
+    return options.model_copy(update={"method": "peft", "adapter": kind, "lora_r": int(max(ranks)), "lora_targets": targets})
+
+
+def check_base(model_dir: str) -> Path:
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise _input_error("model", f"{model_dir}: a merge run needs the base model's directory (config.json and weights)")
+    if not (path / "config.json").is_file():
+        raise _input_error("model", f"{model_dir} has no config.json")
+    if not any(p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith("adapter_") for p in path.iterdir()):
+        raise _input_error("model", f"{model_dir} holds no weights (*.safetensors or *.bin)")
+    return path.resolve()
+
+
+def check_output(output_dir: str) -> Path:
+    path = Path(output_dir).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise _input_error("output", f"{output_dir} exists and is not an empty directory")
+    if not path.parent.is_dir():
+        raise _input_error("output", f"{path.parent}: no such directory")
+    return path.resolve()
+
+
+def plan_run(model_dir: str, adapter_dir: str, output_dir: str, options):
+    """Check everything and plan the merge this adapter needs. Returns (plan, base, adapter, output)."""
+    from planner.merge import plan_merge_request
+
+    if options.method != "peft":
+        raise _input_error("method", "a merge run is a PEFT merge_and_unload (--method peft); mergekit's methods are planned and exported")
+    base = check_base(model_dir)
+    output = check_output(output_dir)
+    adapter = read_adapter(adapter_dir)
+    from planner.request import resolve_source
+
+    spec = resolve_source(str(base)).spec
+    check_adapter(spec, adapter)
+    run_options = options_for_adapter(options, adapter)
+    return plan_merge_request(str(base), run_options), base, adapter, output
+
+
+def compare(plan, measured: dict) -> dict:
+    """The measured peaks beside the planned ones: error = (planned - measured) / measured."""
+    from planner.merge import HOST_BAND
+
+    planned_host = plan.host_merge_bytes
+    got_host = measured["host_peak_bytes"]
+    out = {
+        "host_planned_bytes": planned_host,
+        "host_measured_bytes": got_host,
+        "host_error": round((planned_host - got_host) / got_host, 4) if got_host else None,
+        "host_band": HOST_BAND,
+        "runtime_planned_bytes": next((t.bytes for t in plan.host_terms if t.name == "host.runtime"), 0),
+        "runtime_measured_bytes": measured["rss_after_imports_bytes"],
+    }
+    out["host_within_band"] = out["host_error"] is not None and abs(out["host_error"]) <= HOST_BAND
+    if measured.get("gpu_peak_bytes") is not None:
+        planned_gpu = plan.device_peak_bytes
+        out.update(gpu_planned_bytes=planned_gpu, gpu_measured_bytes=measured["gpu_peak_bytes"],
+                   gpu_error=round((planned_gpu - measured["gpu_peak_bytes"]) / measured["gpu_peak_bytes"], 4) if measured["gpu_peak_bytes"] else None)
+    return out
+
+
+class MergeFailed(Exception):
+    """The child ended without merging (not bad input): its last words."""
+
+
+def run_merge(plan, base: Path, adapter: dict, output: Path, timeout: float = CHILD_TIMEOUT_S) -> dict:
+    """Start the child, wait, return {"plan", "measured", "comparison", "output"}. Bad input the
+    child finds (PEFT refuses the adapter) raises PlanInputError; anything else MergeFailed."""
+    o = plan.options
+    fd, result_path = tempfile.mkstemp(prefix="vramplan-merge-", suffix=".json")
+    os.close(fd)
+    args = {"base": str(base), "adapter": adapter["path"], "output": str(output), "dtype": o.dtype,
+            "device": o.device, "max_shard_size": f"{int(o.out_shard_size_gb * 1000)}MB", "result": result_path}
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), **CHILD_MALLOC_ENV}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "app.merge_run", json.dumps(args)], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=timeout)
+        text = Path(result_path).read_text() if os.path.getsize(result_path) else ""
+    except subprocess.TimeoutExpired:
+        raise MergeFailed(f"the merge did not finish in {timeout:g} s") from None
+    finally:
+        Path(result_path).unlink(missing_ok=True)
+    result = json.loads(text) if text else {}
+    if proc.returncode == 2 and result.get("error"):
+        raise _input_error("adapter_dir", result["error"])
+    if proc.returncode != 0 or "host_peak_bytes" not in result:
+        tail = (result.get("error") or proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"])
+        raise MergeFailed(tail if isinstance(tail, str) else tail[0])
+    return {"plan": plan.to_dict(), "measured": result, "comparison": compare(plan, result), "output": str(output)}
+
+
+# -- the child: merge and measure ------------------------------------------------------------------
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak RSS of this process to its RSS now (Linux 4.0+: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes() -> tuple[int, str]:
+    """The process's peak RSS. VmHWM where /proc has it: getrusage's ru_maxrss also holds the
+    parent's peak at fork (Linux keeps the larger across fork and exec), so a child started by a
+    process that once held more reports the parent's figure."""
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm, "VmHWM"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+
+
+def _rss_bytes() -> int:
+    rss = _status_bytes("VmRSS")
+    if rss is not None:
+        return rss
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(args: dict) -> int:
+    import gc
+    import resource
+
+    def done(data: dict, code: int) -> int:
+        Path(args["result"]).write_text(json.dumps(data))
+        return code
+
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, args["dtype"])
+    cuda = args["device"] == "cuda" and torch.cuda.is_available()
+    try:
+        config = AutoConfig.from_pretrained(args["base"], trust_remote_code=False)
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config, trust_remote_code=False)  # imports the modeling code
+        PeftConfig.from_pretrained(args["adapter"])
+    except (ValueError, OSError, KeyError) as exc:
+        return done({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}, 2)
+    if cuda:
+        torch.zeros(1, device="cuda")  # the CUDA context before the baseline
+        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    reset = _reset_peak()
+    baseline = _rss_bytes()
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(args["base"], dtype=dtype, trust_remote_code=False,
+                                                 device_map="cuda" if cuda else None)
+    try:
+        model = PeftModel.from_pretrained(model, args["adapter"])
+    except (ValueError, RuntimeError, KeyError) as exc:  # PEFT's size mismatch: an adapter for another model
+        return done({"error": f"PEFT refused the adapter: {str(exc).strip().splitlines()[0][:300]}"}, 2)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args["output"], max_shard_size=args["max_shard_size"])
+    seconds = time.monotonic() - start
+    peak, peak_source = _peak_bytes()
+    files = sorted(p.name for p in Path(args["output"]).iterdir())
+    return done({
+        "host_peak_bytes": max(0, peak - baseline),
+        "host_maxrss_bytes": peak,
+        "peak_source": peak_source + (" (reset after the imports)" if reset and peak_source == "VmHWM" else ""),
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_imports_bytes": baseline,
+        "maxrss_after_imports_bytes": maxrss_before,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "device": "cuda" if cuda else "cpu",
+        "seconds": round(seconds, 3),
+        "files": files,
+        "output_bytes": sum((Path(args["output"]) / f).stat().st_size for f in files),
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "peft": __import__("peft").__version__, "safetensors": __import__("safetensors").__version__},
+    }, 0)
+
+
+if __name__ == "__main__":
+    sys.exit(_child(json.loads(sys.argv[1])))

@@ -1,0 +1,113 @@
+"""A merge run is real: `vramplan merge BASE --run --adapter-dir A --output O` merges a PEFT LoRA
+adapter into a Llama built from a config with random weights, the saved shards hold
+base + B @ A x scaling, and the host peak the child measured (ru_maxrss less its RSS once
+imported) sits within the plan's band: in the checkpoint's own dtype and from an fp32 checkpoint
+merged in bf16. Bad input is exit 2 with one line, before any child starts."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from app.cli import main  # noqa: E402
+
+
+def _build(root, hidden, layers, inter, vocab, dtype, r=8, alpha=16, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, vocab_size=vocab,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(root / "base")
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    small = _build(root / "small", 512, 4, 1408, 8000, torch.bfloat16)
+    other = _build(root / "other", 128, 2, 256, 8000, torch.bfloat16)
+    return {"small": small, "other": other, "root": root}
+
+
+def _run(capsys, base, adapter, out, *extra):
+    code = main(["merge", str(base), "--run", "--adapter-dir", str(adapter), "--output", str(out), "--json", *extra])
+    captured = capsys.readouterr()
+    return code, captured
+
+
+def test_the_merge_happens_and_its_host_peak_is_within_the_plan(models, capsys):
+    from safetensors.torch import load_file
+
+    base, adapter = models["small"]
+    out = models["root"] / "merged"
+    code, captured = _run(capsys, base, adapter, out)
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    # the weights: one layer's merged weight is the base's plus B @ A x alpha / r
+    merged = load_file(str(out / "model.safetensors"))
+    original = load_file(str(base / "model.safetensors"))
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    a = lora[f"base_model.model.{name}.lora_A.weight"].float()
+    b = lora[f"base_model.model.{name}.lora_B.weight"].float()
+    expected = original[f"{name}.weight"].float() + (b @ a) * (16 / 8)
+    got = merged[f"{name}.weight"]
+    assert got.dtype == torch.bfloat16
+    update = ((b @ a) * (16 / 8)).abs().max()
+    assert (got.float() - expected).abs().max() < update / 20  # bf16 rounding, far below the update
+    assert (got.float() - original[f"{name}.weight"].float()).abs().max() > update / 2  # it changed, by the update
+    assert not any(k for k in merged if "lora" in k)
+    # the plan was made for this adapter: its rank and modules
+    plan = result["plan"]
+    assert plan["options"]["lora_r"] == 8 and "down_proj" in plan["options"]["lora_targets"]
+    # measured beside planned: within the band
+    c = result["comparison"]
+    assert result["measured"]["host_peak_bytes"] > 0 and c["host_planned_bytes"] == plan["host_merge_bytes"]
+    assert c["host_within_band"], c
+    assert abs(c["runtime_measured_bytes"] - c["runtime_planned_bytes"]) < 0.25 * c["runtime_planned_bytes"]
+
+
+def test_an_fp32_checkpoint_merged_in_bf16_holds_the_file_too(models, capsys, tmp_path):
+    base, adapter = _build(tmp_path, 512, 2, 1408, 8000, torch.float32)
+    code, captured = _run(capsys, base, adapter, tmp_path / "merged")
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    names = [c["name"] for c in result["plan"]["host_components"]]
+    assert "host.checkpoint" in names
+    assert result["comparison"]["host_within_band"], result["comparison"]
+
+
+def _one_line_error(code, captured, *words):
+    assert code == 2
+    assert captured.err.count("\n") == 1, captured.err
+    for word in words:
+        assert word in captured.err
+
+
+def test_bad_input_is_one_line_and_exit_2(models, capsys, tmp_path):
+    base, adapter = models["small"]
+    _one_line_error(*_run(capsys, base, tmp_path / "missing", tmp_path / "o1"), "adapter_dir", "no such directory")
+    other_base, other_adapter = models["other"]
+    _one_line_error(*_run(capsys, base, other_adapter, tmp_path / "o2"), "adapter_dir", "another model")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    _one_line_error(*_run(capsys, base, adapter, tmp_path / "full"), "output")
+    _one_line_error(*_run(capsys, tmp_path, adapter, tmp_path / "o3"), "model")  # no config.json
+    code = main(["merge", str(base), "--run", "--output", str(tmp_path / "o4")])
+    _one_line_error(code, capsys.readouterr(), "--adapter-dir")
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4"))
+
+
+def test_a_run_the_plan_refuses_does_not_start(models, capsys, tmp_path):
+    base, adapter = models["small"]
+    code, captured = _run(capsys, base, adapter, tmp_path / "o", "--host-memory-gib", "0.1")
+    assert code == 1 and json.loads(captured.out)["refused"] is True
+    assert not (tmp_path / "o").exists()
