@@ -9,6 +9,7 @@ objects the API returns; the templates only format them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import shlex
@@ -23,6 +24,7 @@ from fastapi.responses import (
     Response,
 )
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from app.charts import (
@@ -35,7 +37,7 @@ from app.charts import (
 from app.forms import FORM_FIELDS, form_booleans, normalize_choices, query_string
 from app.runs import signed_in_roots
 from app.runs_pages import launch_block
-from app.service import MAX_CONFIG_TEXT, AdviseRequest, web_plan, web_source
+from app.service import BUILD_THREADS, MAX_CONFIG_TEXT, TRACE_AHEAD, AdviseRequest, trace_would_run, web_plan, web_source
 from app.templating import ASSETS, HTMX, templates
 from gpu_catalog.catalog import all_gpus, find_gpu, lookup_gpu
 from gpu_catalog.detect import detect
@@ -59,6 +61,11 @@ DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
 # The GPU list's groups, in the order a user scans them (the detected card goes first)
 GPU_GROUPS = (("datacenter", "nvidia", "Data centre"), ("workstation", "nvidia", "Workstation"), ("consumer", "nvidia", "Consumer (GeForce)"), (None, "amd", "AMD"))
 NO_GPU_HINT = "No GPU detected on this server; pick one from the list."
+# a page answered with the formula's plan reloads itself this often without JavaScript, until the
+# trace running in the background is done (2 s for a 1B model to 12 s for 70B on 2 cores)
+NO_JS_REFRESH_S = 3
+# how long a page waits for a pasted config's model to build before it answers that it is building
+BUILD_WAIT_S = 0.5
 
 
 def _request_from(params: dict) -> tuple[AdviseRequest | None, dict, list[dict]]:
@@ -121,18 +128,28 @@ def _gpu_groups(selected: str) -> tuple[list[dict], str | None]:
 # -- planning -------------------------------------------------------------------------------------
 
 
-def _result(request_model: AdviseRequest, roots: list | None = None, base_url: str = "http://127.0.0.1:8000", defer_simulation: bool = False) -> dict:
-    """The page's result. `defer_simulation` (the live update as fields change): a plan that would
-    simulate by default uses the formula now and says `refine`, so the page asks again for the
-    simulated plan once the fields settle, instead of tracing a step for every keystroke."""
+def _result(request_model: AdviseRequest, roots: list | None = None, base_url: str = "http://127.0.0.1:8000",
+            defer_simulation: bool = False, trace_ahead: list | None = None) -> dict:
+    """The page's result. `defer_simulation`: a plan whose simulation would trace a step now (for
+    seconds) uses the formula at once and says `refine`, so the page asks again for the simulated
+    plan: as fields change, once they settle (not a trace per keystroke); on a page opened whole
+    (a first visit, a shared link, an upload), while the trace runs in the background, started
+    when `trace_ahead` (a list) is given: the event saying the page was sent is appended to it.
+    Not deferred, a plan waits for its trace under way in the background rather than trace twice."""
     # the planner's assumptions already say which card a line name meant and which base spec
     # an instruct variant used; a signed-in user may also plan a model directory inside the roots
     source = web_source(request_model.model, request_model.config_json, roots=roots)
     spec = source.spec
     options = single_plan_options(spec, request_model.options())
-    deferred = defer_simulation and request_model.simulate_allocator is None and options.simulate_allocator
+    deferred = defer_simulation and options.simulate_allocator and trace_would_run(source, options)
     if deferred:
+        if trace_ahead is not None:
+            sent = TRACE_AHEAD.start(source, options)
+            if sent is not None:
+                trace_ahead.append(sent)
         options = options.model_copy(update={"simulate_allocator": False})
+    elif options.simulate_allocator:
+        TRACE_AHEAD.wait(source, options)
     plan = web_plan(source, options)
     # the fit searches and the fixes: the very object POST /api/v1/fit returns. A simulated
     # allocator traces each candidate for seconds (an 8B search: over a minute), so the page
@@ -205,9 +222,13 @@ def _render_index(request: Request, params: dict, fragment: bool, status_code: i
     refining = params.pop("refine", None) == "1"
     parsed, raw, errors = _request_from(params)
     result = None
-    if parsed is not None:
+    # a page opened whole starts its trace in the background and answers with the formula at once
+    trace_ahead: list | None = None if fragment else []
+    building = (parsed is not None and not fragment and not refining and _browser(request)
+                and not _built_soon(parsed, signed_in_roots(request)))
+    if parsed is not None and not building:
         try:
-            result = _result(parsed, signed_in_roots(request), str(request.base_url), defer_simulation=fragment and not refining)
+            result = _result(parsed, signed_in_roots(request), str(request.base_url), defer_simulation=not refining, trace_ahead=trace_ahead)
         except PlanInputError as exc:
             errors = [{"field": exc.field, "msg": exc.reason}]
     shown = _shown(raw)
@@ -226,15 +247,44 @@ def _render_index(request: Request, params: dict, fragment: bool, status_code: i
         "oob": fragment,
         "launch": launch_block(request, raw, result, query_string(raw)),
         "fit_links": _fit_links(raw, result),
+        "refresh_s": NO_JS_REFRESH_S,
+        "building": building,
     }
     if status_code is None:
         # htmx swaps only 2xx: the fragment shows its errors with a 200
         status_code = 422 if errors and not fragment else 200
     template = "_fragment.html" if fragment else "index.html"
-    response = templates.TemplateResponse(request, template, context, status_code=status_code)
+    # the trace waits until this page is sent, so the page's first byte never waits for it
+    background = BackgroundTask(lambda: [sent.set() for sent in trace_ahead]) if trace_ahead else None
+    response = templates.TemplateResponse(request, template, context, status_code=status_code, background=background)
     if fragment:
-        response.headers["HX-Push-Url"] = f"/?{context['query']}"
+        # the refined answer replaces the address its formula answer pushed: one history entry per state
+        response.headers["HX-Replace-Url" if refining else "HX-Push-Url"] = f"/?{context['query']}"
     return response
+
+
+def _browser(request: Request) -> bool:
+    """A client that renders HTML pages, so a page that says "on its way" is followed up (htmx, or
+    the reload without JavaScript): a browser's navigation accepts text/html by name. A script
+    posting the form (`*/*`) keeps getting the page with its plan, however long the build takes."""
+    return "text/html" in request.headers.get("accept", "")
+
+
+def _built_soon(parsed: AdviseRequest, roots: list | None) -> bool:
+    """A pasted or uploaded config's model is built (app/model_builder.py: a worker process that
+    imports torch on its first build, seconds on a fresh server) within BUILD_WAIT_S. Not: the page
+    answers at once that it is being read, and asks again (htmx; a reload without JavaScript) while
+    the build goes on; built, its plan is kept by the config's bytes. A catalog model needs none."""
+    if not (parsed.config_json and parsed.config_json.strip()):
+        return True
+    future = BUILD_THREADS.submit(web_source, parsed.model, parsed.config_json, roots)
+    try:
+        future.result(BUILD_WAIT_S)
+    except concurrent.futures.TimeoutError:
+        return False
+    except Exception:  # noqa: BLE001 - the page's plan says it again, from the builder's cache
+        pass
+    return True
 
 
 def _fit_links(raw: dict, result: dict | None) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 
 from pydantic import ConfigDict, Field, model_validator
@@ -86,6 +87,14 @@ def web_plan(source: ModelSource, options: TrainingOptions, launch: LaunchTarget
     """The single plan the page, the API and the runs API give: planner/request.py's recipe, with
     configs traced in the build worker."""
     return plan_source(source, options, launch=launch, builder=BUILDER)
+
+
+def trace_would_run(source: ModelSource, options: TrainingOptions) -> bool:
+    """web_plan would trace a step now, for seconds: the simulation is on and neither memoized,
+    refused at once, nor kept in the disk cache (planner/trace_cache.py)."""
+    from planner.step_trace import trace_pending
+
+    return not plan_is_quick(source.spec, options, source.config) and trace_pending(source.spec, options, source.config)
 
 
 # A plan is pure Python holding the GIL: more threads than cores only make them take turns.
@@ -174,3 +183,73 @@ def spec_of(func):
 
 # one per server process; its worker starts with the first pasted config
 BUILDER = SpecBuilder()
+
+
+class TraceAhead:
+    """Traces started for a page that answered at once with the formula's plan (its first visit, a
+    shared or fit-search link, an upload), so that the page's next ask (htmx's refine request, the
+    reload without JavaScript) finds the simulated plan done or waits only for the remainder.
+
+    One thread: traces take turns on step_trace's lock anyway, and a page's trace never holds a
+    planning thread. At most `max_pending` wait or run (past that the page's next ask traces for
+    itself, under MAX_TRACES_IN_LINE as any plan does); the same plan is traced once however many
+    pages ask. A trace starts once its page has been sent (`sent()`) or after `start_after_s`, so
+    the page's first byte never shares the GIL with it."""
+
+    def __init__(self, max_pending: int | None = None, start_after_s: float = 2.0):
+        from planner.step_trace import MAX_TRACES_IN_LINE
+
+        self.max_pending = MAX_TRACES_IN_LINE if max_pending is None else max_pending
+        self.start_after_s = start_after_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-ahead")
+        self._pending: dict[tuple, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(source: ModelSource, options: TrainingOptions) -> tuple:
+        # the spec object itself: catalog specs and built configs are each kept as one object
+        return (id(source.spec), options.model_dump_json())
+
+    def start(self, source: ModelSource, options: TrainingOptions) -> threading.Event | None:
+        """Trace this plan in the background; returns the event that says its page was sent (set
+        it then), or None when it is already under way or too many are."""
+        key = self.key(source, options)
+        sent = threading.Event()
+        with self._lock:
+            if key in self._pending or len(self._pending) >= self.max_pending:
+                return None
+            future = self._pool.submit(self._trace, source, options, sent)
+            self._pending[key] = future
+        future.add_done_callback(lambda _: self._forget(key))
+        return sent
+
+    def _trace(self, source: ModelSource, options: TrainingOptions, sent: threading.Event) -> None:
+        sent.wait(self.start_after_s)
+        try:
+            web_plan(source, options)  # memoized on the spec: the page's next plan reads it
+        except Exception:  # noqa: BLE001 - the page's own plan says what is wrong, when it is asked
+            pass
+
+    def _forget(self, key: tuple) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+
+    def wait(self, source: ModelSource, options: TrainingOptions, timeout: float | None = None) -> bool:
+        """Wait for this plan's trace when one is under way (rather than trace it twice); True when
+        there was one."""
+        with self._lock:
+            future = self._pending.get(self.key(source, options))
+        if future is None:
+            return False
+        try:
+            future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            pass
+        return True
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+
+TRACE_AHEAD = TraceAhead()

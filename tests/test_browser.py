@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from urllib.parse import urlencode, urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse
 
 import pytest
 
@@ -285,6 +285,7 @@ def test_the_live_form_answers_at_once_then_refines_with_the_simulated_allocator
     page = browser.new_page(viewport={"width": 1200, "height": 1400})
     page.goto(f"{server}/?" + urlencode({"model": "Qwen/Qwen2.5-0.5B", "method": "lora", "trainer": "hf", "gpu": "L4", "batch_size": "2", "seq_len": "256"}))
     page.wait_for_function("() => window.htmx !== undefined", timeout=10_000)
+    page.wait_for_selector("#verdict [data-reserve-source=simulated]", timeout=60_000)  # the first visit refines too
     assert simulated in page.locator("#assumptions").inner_text()
     page.fill("#f-seq_len", "512")
     page.wait_for_function("() => document.querySelector('#refining') !== null", timeout=15_000)
@@ -297,3 +298,49 @@ def test_the_live_form_answers_at_once_then_refines_with_the_simulated_allocator
     assert "--seq-len 1024" in page.locator("#cli-command").inner_text()
     assert simulated in page.locator("#assumptions").inner_text() and page.locator("#refining").count() == 0
     page.close()
+
+
+def test_the_first_visit_shows_the_fast_figure_at_once_then_the_traced_one_replaces_it(server, browser, monkeypatch):
+    """A page opened whole answers with the calibrated formula's plan, labelled as the fast figure,
+    while its step is traced in the background; htmx swaps the traced plan in, in place (the
+    address and the history stay as they were). Without JavaScript the page reloads itself until
+    the traced plan is there."""
+    monkeypatch.delenv("VRAMPLAN_SIMULATE_ALLOCATOR", raising=False)
+    problems: list[str] = []
+    context = browser.new_context(viewport={"width": 1200, "height": 1400})
+    page = context.new_page()
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    # a small model, so the trace is a few seconds; its own sequence length, traced by no other test
+    url = f"{server}/?" + urlencode({"model": "Qwen/Qwen2.5-0.5B", "method": "lora", "trainer": "hf", "gpu": "L4", "batch_size": "2", "seq_len": "448"})
+    response = page.goto(url, wait_until="commit")
+    # the first answer is the formula's, said to be the fast figure
+    assert response.status == 200
+    page.wait_for_selector("#verdict [data-reserve-source]")
+    first = page.locator("#verdict [data-reserve-source]").get_attribute("data-reserve-source")
+    assert first == "formula", first
+    assert "fast figure (the calibrated formula's wider band); the traced one follows" in _verdict(page)
+    assert "Simulating the allocator" in page.locator("#refining").inner_text()
+    band = lambda: page.locator("#verdict .band").first.inner_text()  # noqa: E731
+    fast_band = band()
+    page.evaluate("window.sameDocument = true")
+    entries = page.evaluate("history.length")
+    page.wait_for_selector("#verdict [data-reserve-source=simulated]", timeout=90_000)
+    # swapped in place: the same document, the label and the note gone, the narrower band shown
+    assert page.evaluate("window.sameDocument === true")
+    assert "fast figure" not in _verdict(page) and "allocator simulated" in _verdict(page)
+    assert page.locator("#refining").count() == 0 and band() != fast_band
+    # the address is the same state (written in the form's order) and no history entry was added
+    assert parse_qsl(urlparse(page.url).query) != [] and dict(parse_qsl(urlparse(page.url).query)) == dict(parse_qsl(urlparse(url).query))
+    assert page.evaluate("history.length") == entries
+    page.screenshot(path=str(ARTIFACTS / "first-visit-refined.png"), full_page=True)
+    assert not problems, problems
+    context.close()
+    # without JavaScript: another run's page, reloaded by itself until its trace is done
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(url.replace("seq_len=448", "seq_len=464"))
+    assert page.locator("#verdict [data-reserve-source]").get_attribute("data-reserve-source") == "formula"
+    assert page.locator("head noscript").count() == 1 and page.locator("#traced-link").count() == 1
+    page.wait_for_selector("#verdict [data-reserve-source=simulated]", timeout=90_000)
+    assert "fast figure" not in _verdict(page)
+    context.close()

@@ -92,18 +92,23 @@ def test_the_cli_simulates_by_default_and_no_simulate_allocator_turns_it_off(def
 
 
 def test_the_page_simulates_and_its_live_update_refines_after_a_formula_answer(default_on, client):
-    params = {k: str(v) for k, v in SMALL.items()}
-    # without JavaScript the submitted form is one request: it simulates
-    page = Page(client.get("/", params=params).text)
+    # a step no earlier test traced (a memoized one is the simulated plan at once)
+    params = {k: str(v) for k, v in SMALL.items()} | {"seq_len": "304"}
+    # opened whole, the page answers with the formula at once and traces in the background; asked
+    # again (the reload without JavaScript, htmx's refine request) it is the simulated plan
+    first = Page(client.get("/", params=params).text)
+    assert SIMULATED_NOTE not in first.words("assumptions") and "refine=1" in first.attrs["traced-link"]["href"]
+    page = Page(client.get("/", params={**params, "refine": "1"}).text)
     assert SIMULATED_NOTE in page.words("assumptions")
     assert "GiB, allocator simulated" in page.words("verdict")
     # as fields change, htmx gets the formula's plan at once and a request for the simulated one
-    live = client.get("/result", params=params, headers={"HX-Request": "true"}).text
+    changed = {**params, "seq_len": "320"}
+    live = client.get("/result", params=changed, headers={"HX-Request": "true"}).text
     assert "refine=1" in live and SIMULATED_NOTE not in Page(live).words("assumptions")
     assert "until then the reserve and the band are the calibrated formula" in Page(live).words("refining")
-    refined = client.get("/result", params={**params, "refine": "1"}, headers={"HX-Request": "true"})
+    refined = client.get("/result", params={**changed, "refine": "1"}, headers={"HX-Request": "true"})
     assert 'id="refining"' not in refined.text and SIMULATED_NOTE in Page(refined.text).words("assumptions")
-    assert "refine" not in refined.headers["HX-Push-Url"]
+    assert "refine" not in refined.headers["HX-Replace-Url"]
     # a formula asked for is not refined
     asked = client.get("/result", params={**params, "simulate_allocator": "false"}, headers={"HX-Request": "true"}).text
     assert 'id="refining"' not in asked and SIMULATED_NOTE not in Page(asked).words("assumptions")
@@ -134,9 +139,11 @@ def test_a_simulated_plan_is_quick_only_once_its_trace_is_memoized(default_on):
 
 def test_a_tight_live_answer_says_the_simulation_is_narrowing_its_band(default_on, client):
     spec = load_catalog_spec(SMALL["model"])
-    formula = build_plan(spec, TrainingOptions(**{k: v for k, v in SMALL.items() if k not in ("model", "gpu")}, gpu_memory_gib=80, simulate_allocator=False))
+    # a step no other test traced: a live update refines only a trace still to run
+    run = {**SMALL, "seq_len": 336}
+    formula = build_plan(spec, TrainingOptions(**{k: v for k, v in run.items() if k not in ("model", "gpu")}, gpu_memory_gib=80, simulate_allocator=False))
     usable_gib = (formula.peak_low_bytes + formula.peak_high_bytes) / 2 / (1 - formula.options.headroom) / 2**30
-    params = {**{k: str(v) for k, v in SMALL.items() if k != "gpu"}, "gpu_memory_gib": repr(usable_gib)}
+    params = {**{k: str(v) for k, v in run.items() if k != "gpu"}, "gpu_memory_gib": repr(usable_gib)}
     words = Page(client.get("/result", params=params, headers={"HX-Request": "true"}).text).words("verdict")
     assert words.startswith("⚠ Tight") and "simulating the allocator to narrow the band" in words
     assert "Allocator reserve › simulated narrows the band" not in words
@@ -198,7 +205,7 @@ def test_the_cli_traces_a_config_file_it_is_given(default_on, tmp_path, capsys):
 
 def test_the_page_traces_a_pasted_config_too(default_on, client):
     config = {**TINY["qwen2"], "_name_or_path": "acme/tiny-qwen"}
-    params = {"config_json": json.dumps(config), "method": "lora", "trainer": "hf", "gpu": "L4"}
+    params = {"config_json": json.dumps(config), "method": "lora", "trainer": "hf", "gpu": "L4", "refine": "1"}
     page = Page(client.get("/", params=params).text)
     assert SIMULATED_NOTE in page.words("assumptions")
 

@@ -110,7 +110,7 @@ def test_the_cli_says_it_is_tracing_only_when_a_trace_will_run(cache, tmp_path, 
     config.write_text(json.dumps(_config()))
     args = ["check", str(config), "--method", "lora", "--batch-size", "2", "--seq-len", "64", "--trainer", "hf", "--gpu-memory-gib", "24"]
     main(args)
-    assert "tracing two training steps on the meta device" in capsys.readouterr().err
+    assert "tracing two training steps for the exact one" in capsys.readouterr().err
     main(args)
     assert "tracing" not in capsys.readouterr().err
     # a new process (a fresh spec, nothing memoized) finds the trace on disk: nothing pending

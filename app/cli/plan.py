@@ -7,11 +7,19 @@ import sys
 from app.cli.output import GIB, option_flags, parse_options, write, write_json
 
 
+# the trace's cost, roughly: 0.12 s a layer on 2 quiet cores (bench/results/simulate-cost-2026-11-29.json)
+# and more on a busy machine, after importing torch and transformers (2 to 3 s, bench/cold_check.py)
+TRACE_S_PER_LAYER = 0.2
+TRACE_IMPORT_S = 3.0
+
+
 def single_plan(model: str, options, launch=None, adjust=None):
-    """planner/request.py's recipe, as the CLI's doors take it (plan, check, launch, export): says
-    on stderr, where a person is watching, when it traces for seconds (not for a trace kept from
-    before). `adjust(spec, options) -> options`: a launch's own defaults (the advice's
-    hyperparameters), once the model is known. Returns (ModelSource, Plan)."""
+    """planner/request.py's recipe, as the CLI's doors take it (plan, check, launch, export). When
+    it is about to trace for seconds (not for a trace kept from before), it first says on stderr,
+    in one line and whoever reads it (a terminal, a CI log, a pipe), the formula's fast answer and
+    that the traced one follows; stdout gets the traced answer. `adjust(spec, options) -> options`:
+    a launch's own defaults (the advice's hyperparameters), once the model is known. Returns
+    (ModelSource, Plan)."""
     from planner.request import plan_source, resolve_source, single_plan_options
     from planner.step_trace import trace_pending
 
@@ -19,9 +27,28 @@ def single_plan(model: str, options, launch=None, adjust=None):
     if adjust is not None:
         options = adjust(source.spec, options)
     settled = single_plan_options(source.spec, options, launch)
-    if sys.stderr.isatty() and trace_pending(source.spec, settled, source.config):
-        print("tracing two training steps on the meta device to simulate the allocator (kept for the next check)...", file=sys.stderr, flush=True)
+    if trace_pending(source.spec, settled, source.config):
+        line = fast_answer_line(source, settled)
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
     return source, plan_source(source, settled)
+
+
+def fast_answer_line(source, settled) -> str | None:
+    """`vramplan: fast answer (formula): …; tracing …`: the calibrated formula's plan of the same
+    options (no torch: milliseconds), or None when the options are refused (the traced plan's
+    own error says why)."""
+    from planner.errors import PlanInputError
+    from planner.request import plan_source
+
+    try:
+        fast = plan_source(source, settled.model_copy(update={"simulate_allocator": False}))
+    except PlanInputError:
+        return None
+    about = TRACE_IMPORT_S + TRACE_S_PER_LAYER * source.spec.num_layers
+    return (f"vramplan: fast answer (formula): {fast.peak_bytes / GIB:.1f} GiB per GPU (band {fast.peak_low_bytes / GIB:.1f}-"
+            f"{fast.peak_high_bytes / GIB:.1f}) of {fast.usable_bytes / GIB:.1f} GiB usable on {fast.gpu.name}, {fast.verdict}; "
+            f"tracing two training steps for the exact one (about {about:.0f} s)…")
 
 
 def _plan(args):
