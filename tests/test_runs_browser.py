@@ -179,3 +179,98 @@ def test_run_pages_at_phone_width_are_readable_and_pass_axe(site, browser):
                                        ".map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).join(', '))")
             assert not violations, (path, violations)
     context.close()
+
+
+def test_a_bad_dataset_launch_says_the_file_and_line_and_starts_nothing(site, browser):
+    """The launch's preflight (launcher/preflight.py) reads the dataset before anything starts: a
+    malformed line is the form's error, with the file, the line and the fix, and no run is made."""
+    bad = site["root"] / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + '{"messages": [{"role": "user", "content": "oops"}\n')
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    problems = watch_console(page)
+    sign_in(page, site, plan_path(site))
+    runs_before = page.request.get(f"{site['url']}/api/v1/runs", headers={"Authorization": f"Bearer {TOKEN}"}).json()["runs"]
+    page.click("#launch-details summary")
+    page.fill("#l-dataset", str(bad))
+    page.fill("#l-max_steps", "5")
+    page.select_option("#l-backend", "fake")
+    page.select_option("#l-device", "cpu")
+    page.click("#launch-dry-run")
+    page.wait_for_selector(".errors")
+    error = page.locator(".errors").inner_text()
+    assert f"{bad.name} line 2" in error and "not JSON" in error, error
+    # nothing was prepared or started: no dry run, no start button, no run stored
+    assert page.locator("#admission").count() == 0 and page.locator("#start-run").count() == 0
+    assert page.input_value("#l-dataset") == str(bad)  # the form keeps what was typed, to fix it
+    runs_after = page.request.get(f"{site['url']}/api/v1/runs", headers={"Authorization": f"Bearer {TOKEN}"}).json()["runs"]
+    assert len(runs_after) == len(runs_before)
+    page.screenshot(path=str(ARTIFACTS / "launch-bad-dataset.png"), full_page=True)
+    assert not [p for p in problems if "422" not in p], problems  # the 422 itself is the browser's console line
+    page.close()
+
+
+SERVER_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import pytest
+import uvicorn
+from tests import fake_backend
+fake_backend.register(pytest.MonkeyPatch())
+from app.main import create_app
+uvicorn.run(create_app(), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+def test_the_run_page_says_when_it_has_lost_the_server(site, browser, tmp_path):
+    """Start a run, kill the server: the live page says "Connection to the server lost — retrying"
+    and greys the state it last received, instead of showing "running · step N/M" as if current."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "VRAMPLAN_DATA_DIR": str(tmp_path / "data"), "VRAMPLAN_ROOTS": str(site["root"]), "VRAMPLAN_TOKEN": TOKEN,
+           "VRAMPLAN_FAKE_STEP_S": "0.2"}
+    server = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, str(Path(__file__).resolve().parent.parent), str(port)],
+                              env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        deadline = time.time() + 60
+        while True:
+            try:
+                if page.request.get(f"{url}/healthz").ok:
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            assert server.poll() is None and time.time() < deadline, server.stderr.read() if server.poll() is not None else "no answer"
+            time.sleep(0.3)
+        sign_in(page, {"url": url}, "/runs")
+        body = {"model": str(site["model"]), "dataset": str(site["root"] / "train.jsonl"), "device": "cpu", "backend": "fake",
+                "max_steps": 1000, "step_sleep_s": 0.2, "seq_len": 256}
+        created = page.request.post(f"{url}/api/v1/runs", data=json.dumps(body),
+                                    headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        assert created.status == 201, created.text()
+        page.goto(f"{url}/runs/{created.json()['id']}")
+        page.wait_for_selector("#run-state[data-state=running]", timeout=30_000)
+        page.wait_for_function("() => Number(document.querySelector('#run-step').innerText.split('/')[0]) >= 2", timeout=30_000)
+        assert page.locator("#run-connection").is_hidden()
+        page.evaluate("window.sameDocument = true")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+        page.wait_for_selector("#run-connection", state="visible", timeout=20_000)
+        assert "Connection to the server lost — retrying" in page.locator("#run-connection").inner_text()
+        # the stale state is marked as such, on the same page (nothing reloaded it)
+        assert "lost" in page.get_attribute("#run-feed", "class") and page.evaluate("window.sameDocument === true")
+        assert page.evaluate("getComputedStyle(document.querySelector('#run-state')).opacity") != "1"
+        page.screenshot(path=str(ARTIFACTS / "run-server-lost.png"), full_page=True)
+        page.close()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
