@@ -106,7 +106,8 @@ class WebRuns(RunsRuntime):
         plan = web_plan(source, options, launch=target)
         try:
             prepared = self.supervisor().prepare(plan, source.argument, settings, backend=request.backend, backend_options=request.backend_options,
-                                                 device=target.device, gpus=tuple(request.gpus), dataset_check=dataset_check)
+                                                 device=target.device, gpus=tuple(request.gpus), dataset_check=dataset_check,
+                                                 confine_to=tuple(allowed))
         except UnknownBackend as exc:
             raise PlanInputError("backend", str(exc)) from None
         except LaunchError as exc:  # the backend cannot place this run (say, GPUs that do not split into nodes)

@@ -56,6 +56,7 @@ class Reason(StrEnum):
     KILLED_AFTER_GRACE = "killed_after_grace"  # a cancel's grace period ran out and the supervisor killed the run
     KILLED = "killed"  # a signal ended the trainer and no cancel asked for it (kill -9, the kernel's OOM killer)
     SHIM_KILLED = "shim_killed"  # the run's shim ended without recording the trainer's exit (killed); the trainer went with it
+    PATH_OUTSIDE_ROOTS = "path_outside_roots"  # a served run's path led outside the roots when the trainer opened it
     DISK_FULL = "disk_full"  # the disk under the run's directory or output filled (ENOSPC/EDQUOT)
     CANCELLED_BY_USER = "cancelled_by_user"
     SERVER_RESTART = "server_restart"  # the machine restarted under a live run (its shim started before this boot)

@@ -91,14 +91,94 @@ def _dataset(script_args, dataset_args):
     return load_dataset(script_args.dataset_name, name=script_args.dataset_config)[script_args.dataset_train_split]
 
 
+class PathOutsideRoots(Exception):
+    """A path of a served run leads outside the server's roots when the trainer opens it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def confine_at_use(spec: dict) -> dict[str, str]:
+    """The run's paths resolved now, when the trainer is about to open them: {field: resolved path}.
+    A served run (spec["confine_to"]: the server's roots) must still find its model directory, its
+    dataset, its reward model and its output_dir inside them, symlinks followed; PathOutsideRoots
+    otherwise (a path swapped for a symlink between the launch's 201 and the start). The trainer
+    then opens the resolved paths, not the names. The CLI's own runs (no roots) are not confined."""
+    roots = [Path(root) for root in spec.get("confine_to") or ()]
+    if not roots:
+        return {}
+    checks = []
+    if (spec.get("model") or {}).get("kind") == "directory":
+        checks.append(("model", spec["model"]["location"], True))
+    if (spec.get("dataset") or {}).get("kind") in ("file", "directory"):
+        checks.append(("dataset", spec["dataset"]["location"], True))
+    reward = (spec.get("settings") or {}).get("reward_model")
+    if isinstance(reward, str) and os.path.isabs(reward):
+        checks.append(("reward_model", reward, True))
+    checks.append(("output_dir", spec["output_dir"], False))
+    found = {}
+    shown = ", ".join(map(str, roots))
+    for field, text, must_exist in checks:
+        try:
+            resolved = Path(text).resolve(strict=must_exist)
+        except FileNotFoundError:
+            raise PathOutsideRoots(field, f"{field} {text} no longer exists") from None
+        except (OSError, RuntimeError) as exc:
+            raise PathOutsideRoots(field, f"{field} {text} cannot be resolved: {exc}") from None
+        if not _inside(resolved, roots):
+            raise PathOutsideRoots(field, f"{field} {text} now leads to {resolved}, outside the server's roots ({shown}); "
+                                          "nothing was read or written there")
+        found[field] = str(resolved)
+    return found
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _open_at(where: dict[str, str], spec: dict, script_args, training_args, model_args, dataset_args) -> None:
+    """Point the parsed config at the resolved paths (the same as the names unless a symlink sits in them)."""
+    if "model" in where and model_args.model_name_or_path == spec["model"]["location"]:
+        model_args.model_name_or_path = where["model"]
+    if "dataset" in where:
+        location = spec["dataset"]["location"]
+        if script_args.dataset_name == location:
+            script_args.dataset_name = where["dataset"]
+        for config in dataset_args.datasets or []:
+            if getattr(config, "data_files", None) == location:
+                config.data_files = where["dataset"]
+            if getattr(config, "path", None) == location:
+                config.path = where["dataset"]
+    if "output_dir" in where:
+        training_args.output_dir = where["output_dir"]
+
+
 def build_trainer(spec: dict, run_dir: Path, callbacks: list, phase: list | None = None):
     from trl import get_peft_config, get_quantization_config
 
     phase = phase if phase is not None else ["setup"]  # what is being done: the entry names a failure by it
     stage = spec["stage"]
     trainer_cls, script_args, training_args, model_args, dataset_args = _parse(stage, run_dir / "trl.yaml")
+    phase[0] = "paths"
+    where = confine_at_use(spec)  # at the moment of use, not only when the request arrived
+    _open_at(where, spec, script_args, training_args, model_args, dataset_args)
+    before = _file_identity(where["dataset"]) if "dataset" in where else None
     phase[0] = "data"
     train_dataset = _dataset(script_args, dataset_args)
+    if "dataset" in where:
+        phase[0] = "paths"
+        again = confine_at_use(spec)  # the file read must be the one checked: a swap while it was read is refused too
+        if again.get("dataset") != where["dataset"] or _file_identity(where["dataset"]) != before:
+            raise PathOutsideRoots("dataset", f"dataset {spec['dataset']['location']} was replaced while it was read")
     phase[0] = "trainer"
     kwargs = {
         "model": model_args.model_name_or_path,
@@ -202,6 +282,10 @@ def explain(exc: BaseException, phase: str, spec: dict, sample: dict | None = No
 
     sample = sample or {}
     logs = "the run's log has the traceback (vramplan runs logs ID)"
+    if isinstance(exc, PathOutsideRoots):
+        return {"reason": "path_outside_roots", "summary": str(exc),
+                "hint": f"{exc.field} was changed after the launch was accepted (a symlink out of the server's roots?); "
+                        "put the real file or directory back inside the roots and launch again"}
     if _is_oom(exc):
         tried = re.search(r"Tried to allocate ([0-9.]+ [KMGT]i?B)", str(exc))
         measured = sample.get("max_memory_reserved")

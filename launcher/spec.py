@@ -150,6 +150,9 @@ class LaunchSpec(BaseModel):
     resume_from: str | None = None  # a checkpoint directory inside output_dir
     attempt: int = 1
     advised: dict[str, Any] = Field(default_factory=dict)  # name -> value the advice set (its user gave none); the doors show them
+    # a served run's roots (launcher/paths.py): the trainer confines the model, the dataset and output_dir to them again when it
+    # opens them (launcher/entry.py confine_at_use), so a path swapped for a symlink after the launch was accepted leads nowhere
+    confine_to: tuple[str, ...] = ()
 
     def with_advised(self, advised: dict[str, Any]) -> LaunchSpec:
         return self.model_copy(update={"advised": dict(advised)})

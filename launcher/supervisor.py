@@ -159,14 +159,17 @@ class Supervisor:
     # -- starting ----------------------------------------------------------------------------
     def prepare(self, plan, model: str, settings: RunSettings, *, backend: str = "local", backend_options: dict | None = None,
                 device: str = "auto", gpus: tuple[str, ...] = (), resume_from: str | None = None, attempt: int = 1,
-                run_id: str | None = None, dataset_check=None) -> Prepared:
+                run_id: str | None = None, dataset_check=None, confine_to: tuple[str, ...] = ()) -> Prepared:
         """Everything up to, not including, starting the run: the spec, the files, the argv, the admission.
-        `dataset_check`: the preflight's DatasetCheck (launcher/preflight.py), which the doors run before planning."""
+        `dataset_check`: the preflight's DatasetCheck (launcher/preflight.py), which the doors run before planning.
+        `confine_to`: the server's roots, which the trainer holds its paths to when it opens them (empty: the CLI's own runs)."""
         impl = load_backend(backend)
         options_model = impl.Options.model_validate(backend_options or {})
         if device == "auto":
             device = settings.device if settings.device != "auto" else "cuda"
         spec = launch_spec(plan, model, settings, run_id=run_id, runs_root=self.runs_root, device=device, resume_from=resume_from, attempt=attempt)
+        if confine_to:
+            spec = spec.model_copy(update={"confine_to": tuple(str(root) for root in confine_to)})
         prepared = self._place(backend, impl, spec, options_model, gpus)
         return replace(prepared, dataset_check=dataset_check.to_dict()) if dataset_check is not None else prepared
 
@@ -501,7 +504,7 @@ class Supervisor:
 
 # the reasons the trainer entry names (launcher/entry.py explain), kept over an exit code's
 ENTRY_REASONS = (str(Reason.OOM), str(Reason.HOST_OOM), str(Reason.DATA_ERROR), str(Reason.MISSING_PACKAGE), str(Reason.NAN_LOSS),
-                 str(Reason.DISK_FULL))
+                 str(Reason.DISK_FULL), str(Reason.PATH_OUTSIDE_ROOTS))
 
 
 def _said(event: dict) -> tuple[str | None, str, str] | None:
