@@ -585,3 +585,30 @@ def vllm_serve_text(plan: ServingPlan) -> str:
     if o.enable_lora:
         lines.append("# add --lora-modules NAME=PATH for each adapter to serve")
     return "\n".join(lines) + "\n" + shlex.join(vllm_serve_args(plan)) + "\n"
+
+
+def find_serving_gpus(model: str, options: ServingOptions, concurrency: int = 1, request_tokens: int | None = None,
+                      sizes: tuple[int, ...] = (1, 2, 4, 8), roots=None) -> list[dict]:
+    """Every catalog GPU with the smallest tensor-parallel size (of `sizes`) at which vLLM serves
+    `concurrency` requests of `request_tokens` (default max_model_len) at the options'
+    gpu_memory_utilization, cheapest first (price per hour x GPUs; GPUs without a price last, by
+    memory). Each row is that plan's verdict and figures."""
+    from gpu_catalog.catalog import all_gpus
+
+    rows = []
+    for gpu in all_gpus():
+        for tp in sizes:
+            try:
+                plan = plan_serving_request(model, options.model_copy(update={"gpu": gpu.name, "gpu_memory_gib": None, "tensor_parallel_size": tp}), roots=roots)
+            except PlanInputError:
+                continue  # heads that do not split over tp ranks
+            tokens = request_tokens or plan.max_model_len
+            need = needed_utilization(plan, concurrency, tokens)
+            if plan.fits and need is not None and need <= options.gpu_memory_utilization:
+                rows.append({"gpu": gpu.name, "tensor_parallel_size": tp, "memory_bytes": gpu.memory_bytes,
+                             "price_per_hour_usd": None if gpu.price_per_hour_usd is None else round(gpu.price_per_hour_usd * tp, 2),
+                             "kv_cache_tokens": plan.kv_cache_tokens, "max_concurrency": round(plan.max_concurrency, 4),
+                             "gpu_memory_utilization_needed": need})
+                break
+    rows.sort(key=lambda r: (r["price_per_hour_usd"] is None, r["price_per_hour_usd"] or 0, r["memory_bytes"] * r["tensor_parallel_size"]))
+    return rows

@@ -176,3 +176,23 @@ def test_pages_without_a_model_show_the_form_and_bad_input_is_422(client):
     assert r.status_code == 422 and "slerp merges exactly two models" in r.text
     r = client.get("/serving", params={"model": "/etc", "gpu": "L40S"})
     assert r.status_code == 422  # a path is the CLI's
+
+
+def test_find_gpu_gives_the_smallest_tensor_parallel_size_cheapest_first(capsys):
+    from planner.serving import find_serving_gpus, needed_utilization
+
+    options = ServingOptions(max_model_len=8192)
+    rows = find_serving_gpus("meta-llama/Llama-3.1-70B", options, concurrency=16)
+    assert rows and all(r["tensor_parallel_size"] in (1, 2, 4, 8) for r in rows)
+    priced = [r["price_per_hour_usd"] for r in rows if r["price_per_hour_usd"] is not None]
+    assert priced == sorted(priced)
+    for row in rows[:5]:
+        plan = plan_serving_request("meta-llama/Llama-3.1-70B", options.model_copy(update={"gpu": row["gpu"], "tensor_parallel_size": row["tensor_parallel_size"]}))
+        assert plan.fits and needed_utilization(plan, 16, 8192) <= 0.9
+        if row["tensor_parallel_size"] > 1:  # half the ranks does not serve the load
+            smaller = plan_serving_request("meta-llama/Llama-3.1-70B", options.model_copy(update={"gpu": row["gpu"], "tensor_parallel_size": row["tensor_parallel_size"] // 2}))
+            need = needed_utilization(smaller, 16, 8192)
+            assert not smaller.fits or need is None or need > 0.9
+    assert main(["inference", "meta-llama/Llama-3.1-70B", "--find", "gpu", "--max-model-len", "8192", "--concurrency", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpus"] == rows
+    assert main(["inference", "meta-llama/Llama-3.1-70B", "--find", "gpu", "--max-model-len", "8192", "--concurrency", "100000"]) == 1
