@@ -88,6 +88,9 @@ class WebRuns(RunsRuntime):
         source = web_source(request.model, None, allowed)
         target = launch_target(request.device, request.backend)
         changes: dict[str, Any] = {"device": target.device, "dataset": path_or_hub("dataset", request.dataset, allowed)}
+        from launcher.admission import check_dataset_size
+
+        check_dataset_size(changes["dataset"])  # before the preflight reads it whole: a 422 naming the limit
         if request.output_dir is not None:
             check_path_text("output_dir", request.output_dir)
             output_dir = confine("output_dir", request.output_dir, allowed, must_exist=False)
@@ -124,6 +127,7 @@ class WebRuns(RunsRuntime):
 
     def launch(self, request: LaunchRequest, idempotency_key: str | None, force: bool | None = None, queue: bool | None = None):
         """(record, replayed): starts the run, or returns the run this key already started."""
+        from launcher.admission import HostBusy
         from launcher.supervisor import LaunchRefused
 
         plan, prepared = self.prepare(request)
@@ -132,6 +136,8 @@ class WebRuns(RunsRuntime):
                                   idempotency_key=idempotency_key)
         except IdempotencyConflict as exc:
             raise LaunchProblem(422, ["header", "Idempotency-Key"], str(exc), "idempotency_key_reused", run_id=exc.run_id) from None
+        except HostBusy as exc:
+            raise LaunchProblem(429, ["body", "queue"], _api_words(exc), "host_busy") from None
         except LaunchRefused as exc:
             raise LaunchProblem(409, ["body", "force"], _api_words(exc), "does_not_fit", admission=exc.numbers,
                                 predicted_peak_bytes=plan.peak_bytes, predicted_high_bytes=plan.peak_high_bytes, verdict=plan.verdict) from None

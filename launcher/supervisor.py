@@ -62,10 +62,11 @@ class Admission:
     gpus: tuple[str, ...] = ()
     free_bytes: tuple[int, ...] = ()
     needed_bytes: int = 0
+    host_busy: bool = False  # refused for the host's room (runs, memory, load), not the GPUs'
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "message": self.message, "device": self.device, "gpus": list(self.gpus),
-                "free_bytes": list(self.free_bytes), "needed_bytes": self.needed_bytes}
+                "free_bytes": list(self.free_bytes), "needed_bytes": self.needed_bytes, "host_busy": self.host_busy}
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,13 @@ class Supervisor:
         device = spec.resources.device
         if "admission" in impl.capabilities:
             admission = admit(spec.predicted_high_bytes, spec.resources.num_processes, device, wanted)
+            if admission.ok and spec.confine_to:  # a served run: the host's room too (launcher/admission.py); the CLI's are the user's own
+                from launcher.admission import host_room
+
+                live = [r for r in self.store.list(states=("starting", "running", "cancelling")) if r.backend == backend and r.id != spec.run_id]
+                busy = host_room(len(live))
+                if busy is not None:
+                    admission = Admission(False, busy, device, host_busy=True)
         else:
             admission = Admission(True, f"the {backend} backend places the run; free memory is checked there", device)
         if admission.gpus and device == "cuda":
@@ -192,6 +200,10 @@ class Supervisor:
             if existing is not None:
                 return existing
         admission = prepared.admission
+        if not admission.ok and admission.host_busy and not queue:  # force overrides the plan's fit, never the host's room
+            from launcher.admission import HostBusy
+
+            raise HostBusy(f"refused: {admission.message}")
         if not admission.ok and not force and not queue:
             raise LaunchRefused(f"refused: {admission.message} (--force starts it anyway, --queue waits for free memory)", admission.to_dict())
         spec = prepared.spec
@@ -216,7 +228,7 @@ class Supervisor:
             "run_dir": str(prepared.run_dir),
             "output_dir": spec.output_dir,
         })
-        if not admission.ok and not force:
+        if not admission.ok and (not force or admission.host_busy):
             self.store.update(record.id, message=f"queued: {admission.message}")
             return self.store.get(record.id)
         return self._start(record, prepared.rendered)
