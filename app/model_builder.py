@@ -174,8 +174,12 @@ class SpecBuilder:
             config = parse_config_text(text, source)
         except PlanInputError as exc:
             raise PlanInputError("config_json", exc.reason) from None
+        pasted = name is None
         name = name or pasted_name(config)
-        busy = BuildBusy(f"{self.limits.max_waiting + 1} pasted configs are being built; try again in a few seconds")
+        # what waits is said as it is: a pasted config, or the config.json of a model directory
+        waiting = "model configs (pasted, or from a model directory)"
+        what = "this pasted config" if pasted else source
+        busy = BuildBusy(f"{self.limits.max_waiting + 1} {waiting} are being built; {what} waits its turn: try again in a few seconds")
         kind, payload = self._in_line(busy, _build_in_worker, config, name)
         if kind == "ok":
             spec = ModelSpec.from_dict(json.loads(payload))

@@ -127,10 +127,18 @@ class WebRuns(RunsRuntime):
 
     def launch(self, request: LaunchRequest, idempotency_key: str | None, force: bool | None = None, queue: bool | None = None):
         """(record, replayed): starts the run, or returns the run this key already started."""
+        from app.model_builder import BuildBusy
         from launcher.admission import HostBusy
         from launcher.supervisor import LaunchRefused
 
-        plan, prepared = self.prepare(request)
+        try:
+            plan, prepared = self.prepare(request)
+        except BuildBusy:
+            # a retry of a launch this key already started is answered from the stored run, whatever the builds are doing
+            existing = self.read(lambda store: store.by_idempotency_key(idempotency_key)) if idempotency_key else None
+            if existing is not None:
+                return existing, True
+            raise
         try:
             return super().launch(prepared, force=request.force if force is None else force, queue=request.queue if queue is None else queue,
                                   idempotency_key=idempotency_key)
