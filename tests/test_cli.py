@@ -283,7 +283,7 @@ def test_check_json_matches_the_api_shape(args, code):
     assert data["fits"] is (code == 0) and data["verdict"] == ("fits" if code == 0 else "does not fit")
     assert data["peak_low_bytes"] <= data["peak_bytes"] <= data["peak_high_bytes"]
     assert data["headroom_bytes"] == data["usable_bytes"] - data["peak_bytes"]
-    assert set(data["gpu"]) == {"name", "memory_bytes", "count"} and data["model"] == CATALOG_MODEL
+    assert set(data["gpu"]) == {"name", "label", "memory_bytes", "count"} and data["model"] == CATALOG_MODEL
 
 
 # -- the band: "tight" when the usable memory falls inside it -----------------------------------

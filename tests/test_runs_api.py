@@ -481,6 +481,7 @@ def test_a_web_launch_names_the_model_as_the_cli_does(client, root, tiny_run):
     assert run.status_code == 201, run.text
     assert run.json()["model"] == str(model.resolve())  # the full path, not the config's model type ("llama")
     finished(client, run.json()["id"])
+    sign_in(client)  # the runs page is the signed-in browser's
     assert str(model.resolve()) in client.get("/runs").text.replace("<wbr>", "")
 
 
