@@ -17,6 +17,9 @@ class Component:
     def family(self) -> str:
         return self.name.split(".", 1)[0]
 
+    def to_dict(self) -> dict:
+        return {"name": self.name, "bytes": self.bytes, "note": self.note}
+
     @property
     def outside_allocator(self) -> bool:
         """Held outside PyTorch's caching allocator, so in no max_memory_reserved/allocated figure."""

@@ -27,6 +27,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from planner.components import Component
 from planner.spec import ModelSpec
 
 GIB = 1 << 30
@@ -77,22 +78,12 @@ class MergeOptions(BaseModel):
         return self
 
 
-@dataclass(frozen=True)
-class Term:
-    name: str
-    bytes: int
-    note: str
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "bytes": self.bytes, "note": self.note}
-
-
 @dataclass
 class MergePlan:
     model_name: str
     options: MergeOptions
-    device_terms: list[Term]
-    host_terms: list[Term]
+    device_terms: list[Component]
+    host_terms: list[Component]
     disk_bytes: int
     device_memory_bytes: int | None
     host_memory_bytes: int | None
@@ -176,7 +167,7 @@ def checkpoint_dtype(config: dict | None) -> str | None:
     return CHECKPOINT_DTYPES.get(str(value).lower()) if value else None
 
 
-def _checkpoint_term(spec: ModelSpec, options: MergeOptions, stored: str | None) -> Term | None:
+def _checkpoint_term(spec: ModelSpec, options: MergeOptions, stored: str | None) -> Component | None:
     """transformers reads a safetensors checkpoint by memory map: in the merge dtype it keeps the
     mapped tensors (their pages counted once, in weights.base), in another dtype it casts each one
     to a new tensor and the file's pages it read stay resident while the file is mapped (measured:
@@ -184,10 +175,10 @@ def _checkpoint_term(spec: ModelSpec, options: MergeOptions, stored: str | None)
     reads every page of the file into host memory likewise."""
     if options.device == "cuda":
         b = DTYPE_BYTES[stored or options.dtype]
-        return Term("host.checkpoint", spec.total_params * b, f"the checkpoint's pages ({stored or options.dtype}) read by memory map while loading onto the GPU")
+        return Component("host.checkpoint", spec.total_params * b, f"the checkpoint's pages ({stored or options.dtype}) read by memory map while loading onto the GPU")
     if stored is None or stored == options.dtype:
         return None
-    return Term("host.checkpoint", spec.total_params * DTYPE_BYTES[stored],
+    return Component("host.checkpoint", spec.total_params * DTYPE_BYTES[stored],
                 f"the checkpoint is stored in {stored}: its pages read by memory map while casting to {options.dtype} stay resident")
 
 
@@ -216,26 +207,26 @@ def plan_peft_merge(spec: ModelSpec, options: MergeOptions, stored_dtype: str | 
         notes.append("QLoRA: the base is loaded in 16 bit to merge (a 4-bit base would round the update away); "
                      "dequantizing the 4-bit base instead gives the same 16-bit model and the same peak")
     merge_terms = [
-        Term("weights.base", model, f"{spec.total_params:,} parameters in {options.dtype}"),
-        Term("weights.adapter", adapter + magnitude, "LoRA A and B in fp32" + (" and DoRA's magnitude vectors" if magnitude else "")),
-        Term("temporary.delta", delta, "the largest layer's delta weight" + (" and DoRA's fp32 merged weight and norms" if options.adapter == "dora" else "")),
+        Component("weights.base", model, f"{spec.total_params:,} parameters in {options.dtype}"),
+        Component("weights.adapter", adapter + magnitude, "LoRA A and B in fp32" + (" and DoRA's magnitude vectors" if magnitude else "")),
+        Component("temporary.delta", delta, "the largest layer's delta weight" + (" and DoRA's fp32 merged weight and norms" if options.adapter == "dora" else "")),
     ]
     notes.append("saving: safetensors 0.8 writes each tensor from its own memory (no serialized copy of the shard); "
                  "a checkpoint loaded by memory map is read in whole by then, so the peak holds the whole model once")
     checkpoint = _checkpoint_term(spec, options, stored_dtype)
     if stored_dtype is None and options.device == "cpu":
         notes.append(f"the checkpoint's dtype is not known: planned as stored in {options.dtype} (another dtype adds the file's pages while casting)")
-    runtime = Term("host.runtime", HOST_RUNTIME_BYTES, "the Python process with torch, transformers and PEFT imported (measured: torch 2.13 CPU, transformers 5.24, PEFT 0.21)")
+    runtime = Component("host.runtime", HOST_RUNTIME_BYTES, "the Python process with torch, transformers and PEFT imported (measured: torch 2.13 CPU, transformers 5.24, PEFT 0.21)")
     if options.device == "cuda":
         device_terms = merge_terms
-        host_terms = [checkpoint, Term("host.save", _largest_tensor(spec) * b, "saving copies one tensor at a time from the GPU to host memory"),
-                      Term("host.runtime", HOST_RUNTIME_CUDA_BYTES, "the Python process with torch (CUDA libraries), transformers and PEFT imported (estimate)")]
+        host_terms = [checkpoint, Component("host.save", _largest_tensor(spec) * b, "saving copies one tensor at a time from the GPU to host memory"),
+                      Component("host.runtime", HOST_RUNTIME_CUDA_BYTES, "the Python process with torch (CUDA libraries), transformers and PEFT imported (estimate)")]
         return MergePlan(spec.name, options, device_terms, host_terms, model, None, None, notes)
     # two phases on the CPU; the peak is the larger: loading (the model, and the checkpoint's pages
     # when it is cast) and merging then saving (the model, the adapter, the largest delta)
-    merge_phase = merge_terms + [Term("host.loading", HOST_LOADING_BYTES, "transformers' loading and PEFT's merge beyond the tensors: "
+    merge_phase = merge_terms + [Component("host.loading", HOST_LOADING_BYTES, "transformers' loading and PEFT's merge beyond the tensors: "
                                       "loader threads' arenas, file handles (measured, see docs/serving.md)")]
-    load_phase = [merge_terms[0], checkpoint, Term("host.loading", HOST_CAST_LOADING_BYTES, "the loader beyond the tensors while casting (measured)")] if checkpoint else None
+    load_phase = [merge_terms[0], checkpoint, Component("host.loading", HOST_CAST_LOADING_BYTES, "the loader beyond the tensors while casting (measured)")] if checkpoint else None
     if load_phase and sum(t.bytes for t in load_phase) > sum(t.bytes for t in merge_phase):
         host_terms = load_phase + [runtime]
         notes.append(f"the peak is while loading: the merge that follows holds {sum(t.bytes for t in merge_phase) / GIB:.2f} GiB "
@@ -270,9 +261,9 @@ def plan_mergekit(spec: ModelSpec, options: MergeOptions) -> MergePlan:
     model = _params_bytes(spec, b)
     notes = [f"mergekit {options.method} of {n} models, lazily tensor by tensor; the largest tensor ({largest:,} values) sets the working set",
              f"output shards of {options.out_shard_size_gb:g} GB are held until written"]
-    runtime = Term("host.runtime", int(1.2 * GIB), "the Python process with torch and mergekit imported (estimate)")
-    work = Term("temporary.working_set", working, f"{_METHOD_COPIES[options.method](n)} copies of the largest tensor in {options.dtype} (estimate from mergekit's method)")
-    out = Term("output.shard", shard, "the output tensors of the shard being written")
+    runtime = Component("host.runtime", int(1.2 * GIB), "the Python process with torch and mergekit imported (estimate)")
+    work = Component("temporary.working_set", working, f"{_METHOD_COPIES[options.method](n)} copies of the largest tensor in {options.dtype} (estimate from mergekit's method)")
+    out = Component("output.shard", shard, "the output tensors of the shard being written")
     if options.device == "cuda":
         device_terms = [work] + ([out] if options.low_cpu_memory else [])
         host_terms = [runtime] + ([] if options.low_cpu_memory else [out])

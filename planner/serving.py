@@ -37,6 +37,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from planner.components import Component
 from planner.errors import PlanInputError
 from planner.spec import ModelSpec
 
@@ -126,16 +127,6 @@ class ServingOptions(BaseModel):
     @property
     def v1(self) -> bool:
         return _version(self.engine_version) >= V1_FROM
-
-
-@dataclass(frozen=True)
-class Component:
-    name: str
-    bytes: int
-    note: str
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "bytes": self.bytes, "note": self.note}
 
 
 @dataclass
