@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import load  # noqa: E402 (bench/load.py: the server in a process group of its own)
 BODY = {"model": "meta-llama/Llama-3.1-8B", "method": "qlora", "gpu": "RTX 4000 Ada", "seq_len": 2048}
 TOKEN = "bench-token-0123456789abcdef"
 RUN_ID = "ab" * 16
@@ -60,39 +61,10 @@ def _store_with_a_live_run(data: Path) -> None:
     store.close()
 
 
-class Server:
-    def __init__(self, tree: Path, data: Path):
-        self.log = tempfile.TemporaryFile("w+")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VRAMPLAN_DATA_DIR": str(data), "VRAMPLAN_TOKEN": TOKEN, "PYTHONPATH": str(tree)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", "0", "--workers", "1"], cwd=tree,
-                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True, env=env)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            self.log.seek(0)
-            match = re.search(r"serving on http://127\.0\.0\.1:(\d+) ", self.log.read())
-            if match:
-                self.port = int(match.group(1))
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited: " + self.stderr())
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("server did not start")
-        while time.time() < deadline and probe(self.port)[0] != 200:
-            time.sleep(0.2)
-
-    def stderr(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+def Server(tree: Path, data: Path):  # noqa: N802 - stands where the class was
+    """bench/load.py's server, run from `tree` with its own data directory and token."""
+    return load.Server(1, tree=tree, env={"VRAMPLAN_DATA_DIR": str(data), "VRAMPLAN_TOKEN": TOKEN, "PYTHONPATH": str(tree)},
+                       start_seconds=90)
 
 
 def probe(port: int, timeout: float = 5.0) -> tuple[int | None, float]:

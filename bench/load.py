@@ -74,15 +74,17 @@ end
 class Server:
     """`vramplan serve --port 0` in a process group of its own; the port read from its first line."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, tree: Path = ROOT, env: dict | None = None, start_seconds: float = 60):
+        """`tree`: the checkout to serve (bench/attack.py serves an older one beside this); `env`:
+        more environment for the server."""
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--port", "0", "--workers", str(workers)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            cwd=tree, stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
         try:
-            self._wait_ready(time.time() + 60)
+            self._wait_ready(time.time() + start_seconds)
         except BaseException:
             self.stop()
             raise
