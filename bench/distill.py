@@ -1,7 +1,7 @@
 """Distil the simulated allocator into the fast formula: a reserve fitted to traced steps.
 
     python bench/distill.py trace   # trace the matrix and the measured runs' steps (minutes; the trace cache makes re-runs cheap)
-    python bench/distill.py fit     # fit, cross-validate, hold to the H100 runs; writes planner/distilled.json and the report
+    python bench/distill.py fit     # fit, cross-validate, hold to the H100 runs; writes bench/results/distilled-fit-2026-12-05.json and the report
 
 The fast plan (no torch) takes the CUDA context and the allocator's reserve from the calibrated
 formula (planner/runtime.py: floor + a x one recomputed layer + b x logits and loss buffers, fitted
@@ -19,8 +19,8 @@ the plan's tensors at the peak phase up to the simulated reserved peak. This scr
 2. `fit`: least squares of the simulated reserve on a handful of the formula's terms, per regime
    (checkpointing on / off), with the error of each matrix row predicted by a fit that never saw its
    model (leave-one-model-out); then the three plans (calibrated formula, distilled formula,
-   simulated) against the measured H100 peaks. Writes planner/distilled.json (the coefficients
-   planner/distilled.py reads) and bench/results/distill-DATE.{json,md}.
+   simulated) against the measured H100 peaks. Writes bench/results/distilled-fit-2026-12-05.json (the coefficients
+   bench/distilled.py reads) and bench/results/distill-DATE.{json,md}.
 
 The 2026-12-05 run: 98 configurations drawn, 82 traced (the trace refuses Gemma 2, whose
 transformers release has no SDPA path, and sliding-window masks no longer than the sequence: Gemma 3
@@ -55,7 +55,7 @@ DATE = "2026-12-05"
 ROWS_FILE = ROOT / "bench" / "results" / f"distill-rows-{DATE}.jsonl"
 RESULT_JSON = ROOT / "bench" / "results" / f"distill-{DATE}.json"
 RESULT_MD = ROOT / "bench" / "results" / f"distill-{DATE}.md"
-DISTILLED_FILE = ROOT / "planner" / "distilled.json"
+DISTILLED_FILE = ROOT / "bench" / "results" / "distilled-fit-2026-12-05.json"
 
 MODELS = (
     "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-360M", "Qwen/Qwen2.5-0.5B", "Qwen/Qwen3-0.6B", "google/gemma-3-1b-pt",
@@ -207,14 +207,14 @@ def _lstsq(rows: list[dict], terms: tuple[str, ...]) -> dict[str, float]:
 
 
 def fit_regimes(rows: list[dict], terms: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    from planner.distilled import regime
+    from distilled import regime
 
     return {name: _lstsq([r for r in rows if regime(r["gc"]) == name], terms) for name in ("checkpointing", "no_checkpointing")}
 
 
 def distilled_peak(row: dict, regimes: dict) -> int:
     """The fast plan's peak with the distilled reserve in place of the calibrated one."""
-    from planner.distilled import predict, regime
+    from distilled import predict, regime
 
     return row["formula_peak"] - row["formula_reserve"] + predict(regimes[regime(row["gc"])], row)
 
@@ -250,7 +250,7 @@ def _bands(per_run: list[dict], measured: list[dict], regimes: dict) -> None:
 
     from calibrate import _spec
 
-    from planner.distilled import predict, regime
+    from distilled import predict, regime
     from planner.options import TrainingOptions
     from planner.plan import build_plan
     from planner.runtime import band_bytes, step_gradients_bytes
@@ -360,7 +360,7 @@ def verdict(result: dict) -> list[str]:
                    f"{_pct(cal['formula_left_out']['worst_over'])}), and on the traces its worst under-prediction is "
                    f"{_pct(traces['worst_under'])} against the calibrated formula's {_pct(result['calibrated_formula_on_matrix']['worst_under'])}, "
                    "though its median there is lower. So it is not wired in: the fast plan keeps the calibrated reserve; "
-                   "planner/distilled.json and planner/distilled.py keep the fit for a later, better one.")
+                   "bench/results/distilled-fit-2026-12-05.json and bench/distilled.py keep the fit for a later, better one.")
     return [as_simulated, "", against]
 
 

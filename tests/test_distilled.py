@@ -1,4 +1,4 @@
-"""The simulator distilled into a formula (bench/distill.py, planner/distilled.py): the committed
+"""The simulator distilled into a formula (bench/distill.py, bench/distilled.py): the committed
 coefficients are the fit of the committed traced rows; the planner computes, for a row's options,
 the terms the fit saw and reproduces the fit's distilled figure for a measured run. Held to the H100
 runs it was no better than the calibrated formula (bench/results/distill-2026-12-05.md), so a plan
@@ -11,14 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-from planner.distilled import (
-    DISTILLED_FILE,
-    distilled,
-    features,
-    not_applicable,
-    predict,
-    regime,
-)
 from planner.options import TrainingOptions
 from planner.plan import build_plan
 from planner.runtime import calibration, reserve_inputs
@@ -26,8 +18,9 @@ from planner.runtime import calibration, reserve_inputs
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-import calibrate
-import distill
+import calibrate  # noqa: E402
+import distill  # noqa: E402
+from distilled import DISTILLED_FILE, distilled, features, not_applicable, predict, regime  # noqa: E402
 
 GIB = 1 << 30
 COMMITTED = json.loads(DISTILLED_FILE.read_text())

@@ -10,7 +10,7 @@ without torch:
     reserve = c0 + c1 x one recomputed layer's activations + c2 x logits and loss buffers
                  + c3 x the step's gradients + c4 x the largest temporary
 
-The coefficients live in distilled.json, with the fit's held-out errors. It would apply only where
+The coefficients live in bench/results/distilled-fit-2026-12-05.json, with the fit's held-out errors. It would apply only where
 the matrix has data (`not_applicable`): one GPU without offload, SFT, the methods and optimizers the
 matrix traced, a model that is not a mixture of experts, sdpa or eager attention, the losses the
 trace runs.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-DISTILLED_FILE = Path(__file__).with_name("distilled.json")
+DISTILLED_FILE = Path(__file__).parent / "results" / "distilled-fit-2026-12-05.json"
 TERMS = ("constant", "recompute", "logits", "gradients", "largest_temporary")
 
 
