@@ -7,9 +7,14 @@ show runs (and, with `VRAMPLAN_AUTH=all`, every route) need a credential:
   it, as Jupyter does), kept in `<data dir>/token`, a plain file of ours with mode 0600 in a 0700
   directory, refused when anyone else could read it; or given as VRAMPLAN_TOKEN (16 characters or
   more). An API client sends it as `Authorization: Bearer TOKEN`.
-- a browser signs in once on /login (a POST: no GET changes state) and gets a cookie holding an
-  HMAC of the token, never the token itself: HttpOnly, SameSite=Strict, Path=/, Secure on https,
-  named per port so two servers on one host do not sign each other out. EventSource sends it too.
+- a browser signs in once on /login (a POST: no GET changes state) and gets a session cookie,
+  never the token itself: `NONCE.ISSUED.HMAC` (a random per-session nonce, the Unix time it was
+  issued and an HMAC of both keyed by the token). HttpOnly, SameSite=Strict, Path=/, Secure on
+  https, Max-Age 7 days (SESSION_MAX_AGE_S), named per port so two servers on one host do not sign
+  each other out. EventSource sends it too. The cookie is refused once older than the maximum age
+  (whatever the browser keeps), when the token changed, and when its nonce is not listed in
+  `<data dir>/sessions/` (one file per signed-in session, removed at sign-out): signing out revokes
+  the session on the server, not only in the browser that signed out.
 
 A request the browser could have been tricked into (cookie credentials, any method but GET/HEAD/
 OPTIONS) must also prove it comes from this server's own pages: its Origin is this server's, or its
@@ -25,6 +30,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -38,6 +44,10 @@ GUARDED_PREFIXES = ("/api/v1/runs", "/api/v1/backends", "/runs", "/launch")
 OPEN_PATHS = ("/login", "/healthz")
 OPEN_PREFIXES = ("/static/",)
 AUTH_MODES = ("launch", "all")
+SESSIONS_DIR = "sessions"
+SESSION_MAX_AGE_S = 7 * 24 * 3600
+SESSION_CLOCK_SKEW_S = 300  # a cookie issued "in the future" by more than this is refused
+_NONCE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
 class TokenError(RuntimeError):
@@ -126,9 +136,57 @@ class Credentials:
                 self._cache[key] = token
             return token
 
-    def session_value(self, token: str | None = None) -> str:
+    def session_value(self, token: str | None = None, nonce: str | None = None, issued: int | None = None) -> str:
+        """The cookie value `NONCE.ISSUED.HMAC` for a session (a new nonce and now when not given).
+        The value alone signs nobody in: its nonce must also be listed (new_session does both)."""
         token = token or self.token()
-        return hmac.new(token.encode(), b"vramplan browser session v1", hashlib.sha256).hexdigest()
+        nonce = nonce or secrets.token_urlsafe(18)
+        issued = int(time.time()) if issued is None else int(issued)
+        return f"{nonce}.{issued}.{_session_mac(token, nonce, issued)}"
+
+    def new_session(self, token: str | None = None) -> str:
+        """Sign a browser in: a fresh nonce listed in `<data dir>/sessions/`, and its cookie value.
+        Expired sessions' files are removed on the way."""
+        token = token or self.token()
+        directory = sessions_dir()
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _prune_sessions(directory)
+        value = self.session_value(token)
+        nonce, issued, _ = value.split(".")
+        fd = os.open(directory / nonce, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(issued + "\n")
+        return value
+
+    def end_session(self, value: str | None) -> bool:
+        """Sign out: the session's nonce is removed, so its cookie is refused from now on, in any
+        browser that kept it. True when a listed session was removed."""
+        parsed = _parse_session(value or "")
+        if parsed is None:
+            return False
+        try:
+            (sessions_dir() / parsed[0]).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return False
+
+    def session_valid(self, value: str, token: str, now: float | None = None) -> bool:
+        """Signed by this token, younger than SESSION_MAX_AGE_S, and its nonce still listed."""
+        parsed = _parse_session(value)
+        if parsed is None:
+            return False
+        nonce, issued, mac = parsed
+        if not hmac.compare_digest(mac.encode(), _session_mac(token, nonce, issued).encode()):
+            return False
+        now = time.time() if now is None else now
+        if issued > now + SESSION_CLOCK_SKEW_S or now - issued > SESSION_MAX_AGE_S:
+            return False
+        try:
+            return (sessions_dir() / nonce).is_file()
+        except OSError:
+            return False
 
     def identify(self, headers: dict[str, str], host: str, bearer: bool = True) -> str | None:
         """"bearer", "cookie", "bad_bearer" (a wrong token was sent) or None (nothing sent).
@@ -150,9 +208,45 @@ class Credentials:
             if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
                 return "bearer"
             return "bad_bearer"
-        if hmac.compare_digest(cookie.encode(), self.session_value(token).encode()):
+        if self.session_valid(cookie, token):
             return "cookie"
-        return None  # a stale cookie (the token changed): as if signed out
+        return None  # a stale cookie (expired, signed out, or the token changed): as if signed out
+
+
+def sessions_dir() -> Path:
+    return data_dir() / SESSIONS_DIR
+
+
+def _session_mac(token: str, nonce: str, issued: int) -> str:
+    message = f"vramplan browser session v2|{nonce}|{issued}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _parse_session(value: str) -> tuple[str, int, str] | None:
+    """(nonce, issued, mac) of a well-formed cookie value, else None (the nonce names a file:
+    only URL-safe characters, never a path)."""
+    parts = value.split(".")
+    if len(parts) != 3 or len(value) > 200:
+        return None
+    nonce, issued, mac = parts
+    if not (16 <= len(nonce) <= 64) or not set(nonce) <= _NONCE_CHARS or not issued.isdigit() or len(issued) > 12:
+        return None
+    return nonce, int(issued), mac
+
+
+def _prune_sessions(directory: Path) -> None:
+    """Remove the files of sessions past their maximum age (best effort)."""
+    cutoff = time.time() - SESSION_MAX_AGE_S
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+        except OSError:
+            continue
 
 
 CREDENTIALS = Credentials()
@@ -204,7 +298,7 @@ def login_url(next_path: str) -> str:
     return "/login?next=" + quote(next_path, safe="/")
 
 
-def session_cookie(host: str, secure: bool, value: str, max_age: int | None = None) -> str:
+def session_cookie(host: str, secure: bool, value: str, max_age: int | None = SESSION_MAX_AGE_S) -> str:
     parts = [f"{cookie_name(host)}={value}", "Path=/", "HttpOnly", "SameSite=Strict"]
     if max_age is not None:
         parts.append(f"Max-Age={max_age}")

@@ -32,24 +32,33 @@ _lock = threading.Lock()
 
 
 def _store(data_dir: Path, open_problem: str | None) -> dict:
-    from launcher.store import storage_todo
+    from launcher.store import ORPHANS_SHOWN, orphaned_run_dirs, orphans_todo, storage_todo
 
     path = data_dir / "runs.sqlite"
     out: dict = {"path": str(path)}
     if open_problem:
         return {**out, "ok": False, "error": open_problem,
                 "what_to_do": "restart the server: it opens the store found then (restore the file from a backup first if it was deleted by mistake)"}
-    if not path.exists():
-        return {**out, "ok": True, "runs": 0, "note": "no run stored yet"}
-    try:
-        db = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=1.0)
+    ids: list[str] = []
+    if path.exists():
         try:
-            runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        return {**out, "ok": False, "error": f"{type(exc).__name__}: {exc}", "what_to_do": storage_todo(exc)}
-    return {**out, "ok": True, "runs": runs}
+            db = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, timeout=1.0)
+            try:
+                ids = [row[0] for row in db.execute("SELECT id FROM runs")]
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            return {**out, "ok": False, "error": f"{type(exc).__name__}: {exc}", "what_to_do": storage_todo(exc)}
+    # runs' directories the store does not list: a store deleted or replaced, then a restart
+    orphans = orphaned_run_dirs(data_dir, ids)
+    if orphans:
+        return {**out, "ok": False, "runs": len(ids), "orphaned_run_dirs": orphans[:ORPHANS_SHOWN],
+                "error": f"{len(orphans)} run director{'y' if len(orphans) == 1 else 'ies'} under {data_dir / 'runs'} "
+                         f"{'is' if len(orphans) == 1 else 'are'} not in the run store (deleted or replaced)",
+                "what_to_do": orphans_todo(data_dir)}
+    if not ids and not path.exists():
+        return {**out, "ok": True, "runs": 0, "note": "no run stored yet"}
+    return {**out, "ok": True, "runs": len(ids)}
 
 
 def _disk(data_dir: Path) -> dict:

@@ -10,6 +10,7 @@ under the data directory. Following the runs is launcher/runtime.py's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -59,6 +60,13 @@ class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     force: StrictBool = Field(default=False, description="start even when the GPUs' free memory is short of the plan")
 
+
+
+def request_fingerprint(request: LaunchRequest) -> str:
+    """What an Idempotency-Key retry must repeat: the launch request's fields as JSON, sorted
+    (force and queue are how to start it, not what: a retry may add them)."""
+    body = request.model_dump(mode="json", exclude={"force", "queue"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class LaunchProblem(Exception):
@@ -131,17 +139,26 @@ class WebRuns(RunsRuntime):
         from launcher.admission import HostBusy
         from launcher.supervisor import LaunchRefused
 
+        key_hash = request_fingerprint(request) if idempotency_key else None
+        try:
+            # a retry of a launch this key already started is answered from the stored run before
+            # anything is planned or built; the same key with another body is the conflict at once
+            existing = self.replayed(idempotency_key, key_hash)
+        except IdempotencyConflict as exc:
+            raise LaunchProblem(422, ["header", "Idempotency-Key"], str(exc), "idempotency_key_reused", run_id=exc.run_id) from None
+        if existing is not None:
+            return existing, True
         try:
             plan, prepared = self.prepare(request)
         except BuildBusy:
-            # a retry of a launch this key already started is answered from the stored run, whatever the builds are doing
+            # a run stored before fingerprints were kept: answered from the store while builds are busy
             existing = self.read(lambda store: store.by_idempotency_key(idempotency_key)) if idempotency_key else None
             if existing is not None:
                 return existing, True
             raise
         try:
             return super().launch(prepared, force=request.force if force is None else force, queue=request.queue if queue is None else queue,
-                                  idempotency_key=idempotency_key)
+                                  idempotency_key=idempotency_key, request_hash=key_hash)
         except IdempotencyConflict as exc:
             raise LaunchProblem(422, ["header", "Idempotency-Key"], str(exc), "idempotency_key_reused", run_id=exc.run_id) from None
         except HostBusy as exc:

@@ -34,7 +34,9 @@ bearer = HTTPBearer(auto_error=False, description="the token `vramplan serve` pr
 router = APIRouter(prefix="/api/v1", tags=["runs"], dependencies=[Depends(bearer)])
 RunId = Annotated[str, Path(pattern=r"^[0-9a-f]{4,32}$", description="a run id, or an unambiguous prefix of 4 or more of its hex digits")]
 REFUSED = {409: {"model": RefusedResponse, "description": "the plan does not fit the GPUs' free memory now (send force or queue), "
-                                                           "or the run cannot be resumed; the numbers are in the body"}}
+                                                           "or the run cannot be resumed; the numbers are in the body"},
+           429: {"model": ErrorResponse, "description": "host_busy: the host has no room for another served run now (live local runs, "
+                                                        "free memory or load past the server's limits); send queue: true to wait, or retry later"}}
 
 
 class EventStreamResponse(StreamingResponse):
@@ -76,7 +78,15 @@ def dry_run_is_a_post() -> JSONResponse:
 def list_runs(request: Request) -> JSONResponse:
     rt = runtime(request.app)
     positions = rt.queue_positions()
-    return JSONResponse({"runs": [run_dict(r, positions.get(r.id)) for r in rt.list()]})
+    out = {"runs": [run_dict(r, positions.get(r.id)) for r in rt.list()]}
+    orphans = rt.orphaned_run_dirs()
+    if orphans:  # a store deleted or replaced: the runs' directories remain, their records do not
+        from launcher.store import ORPHANS_SHOWN, orphans_todo
+
+        out["warning"] = (f"{len(orphans)} run director{'y' if len(orphans) == 1 else 'ies'} under the data directory "
+                          f"{'is' if len(orphans) == 1 else 'are'} not in the run store; " + orphans_todo(rt.data_dir))
+        out["orphaned_run_dirs"] = orphans[:ORPHANS_SHOWN]
+    return JSONResponse(out)
 
 
 @router.get("/runs/{run_id}", summary="One run", response_model=RunOut, responses=RUN_ERRORS)

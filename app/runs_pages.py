@@ -164,14 +164,20 @@ async def login(request: Request):
         return _login_page(request, next_path, error="This server has no token yet: it is made when the server starts (vramplan serve).", status=503)
     if not given or not hmac.compare_digest(given.encode(), token.encode()):
         return _login_page(request, next_path, error="That is not this server's token.", status=401)
+    try:
+        session = await run_in_threadpool(auth.CREDENTIALS.new_session, token)
+    except OSError as exc:
+        return _login_page(request, next_path, error=f"Signing in is off: the session could not be kept in the data directory ({exc.strerror or exc}).", status=503)
     response = RedirectResponse(next_path, status_code=303)
     host = request.headers.get("host", "")
-    response.headers["set-cookie"] = auth.session_cookie(host, request.url.scheme == "https", auth.CREDENTIALS.session_value(token))
+    response.headers["set-cookie"] = auth.session_cookie(host, request.url.scheme == "https", session)
     return response
 
 
 @router.post("/logout")
 def logout(request: Request):
+    # the session is revoked on the server: its cookie, kept anywhere, signs nobody in again
+    auth.CREDENTIALS.end_session(request.cookies.get(auth.cookie_name(request.headers.get("host", ""))))
     response = RedirectResponse("/", status_code=303)
     response.headers["set-cookie"] = auth.session_cookie(request.headers.get("host", ""), request.url.scheme == "https", "", max_age=0)
     return response

@@ -168,6 +168,9 @@ class RunOut(BaseModel):
 
 class RunListOut(BaseModel):
     runs: list[RunOut] = Field(description="newest first")
+    warning: str | None = Field(default=None, description="present when runs' directories under the data directory are not in the run store "
+                                                          "(it was deleted or replaced): what happened and what to do")
+    orphaned_run_dirs: list[str] | None = Field(default=None, description="those directories (the first 20)")
 
 
 class MetricOut(BaseModel):

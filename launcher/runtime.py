@@ -140,22 +140,43 @@ class RunsRuntime:
             return self.supervisor().follow_live()
 
     # -- acting ----------------------------------------------------------------------------
-    def launch(self, prepared, *, force: bool, queue: bool, idempotency_key: str | None = None):
+    def launch(self, prepared, *, force: bool, queue: bool, idempotency_key: str | None = None, request_hash: str | None = None):
         """(record, replayed): starts the prepared run, or returns the run this key already started
         (IdempotencyConflict when the key started a different one). LaunchRefused when it does
-        not fit and neither force nor queue was asked."""
+        not fit and neither force nor queue was asked. `request_hash` (the request's fingerprint) is
+        stored with the run so that a retry can be answered before anything is built (replayed)."""
         with self.lock:
             supervisor = self.supervisor()
             if idempotency_key:
                 existing = supervisor.store.by_idempotency_key(idempotency_key)
                 if existing is not None:
-                    if not same_request(existing, prepared):
+                    if existing.request_hash and request_hash:
+                        if existing.request_hash != request_hash:
+                            raise IdempotencyConflict(existing.id)
+                    elif not same_request(existing, prepared):
                         raise IdempotencyConflict(existing.id)
                     return existing, True
             self._check_output_dir(supervisor, prepared)
             record = supervisor.launch(prepared, force=force, queue=queue, idempotency_key=idempotency_key)
+            if request_hash:
+                supervisor.store.update(record.id, request_hash=request_hash)
+                record = supervisor.store.get(record.id) or record
             self.poked = True
         return record, False
+
+    def replayed(self, idempotency_key: str | None, request_hash: str | None):
+        """The run this key already started for this same request (an idempotent retry), read
+        before the request is planned or any model built; IdempotencyConflict when the key started
+        a run for another request; None when the key is new, or its run was stored without a
+        fingerprint (then the prepared run is compared, as launch does)."""
+        if not idempotency_key or not request_hash:
+            return None
+        existing = self.read(lambda store: store.by_idempotency_key(idempotency_key))
+        if existing is None or not existing.request_hash:
+            return None
+        if existing.request_hash != request_hash:
+            raise IdempotencyConflict(existing.id)
+        return existing
 
     def _check_output_dir(self, supervisor, prepared) -> None:
         """A served run's output_dir named by the request (not the run's own output/) may not be the
@@ -206,6 +227,13 @@ class RunsRuntime:
 
     def list(self) -> list:
         return self.read(lambda store: store.list()) or []
+
+    def orphaned_run_dirs(self) -> list[str]:
+        """Runs' directories under the data directory that the store does not list (a store deleted
+        or replaced, then a restart): said by the runs list and /healthz, never an empty list unexplained."""
+        from launcher.store import orphaned_run_dirs
+
+        return orphaned_run_dirs(self.data_dir, self.read(lambda store: store.ids()) or [])
 
     def queue_positions(self) -> dict[str, int]:
         queued = self.read(lambda store: store.list(states=("queued",))) or []

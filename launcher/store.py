@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -99,6 +100,7 @@ class RunRecord:
     driver: str | None
     versions_json: str | None
     hint: str | None = None  # what to do about a failure, from the trainer's error event
+    request_hash: str | None = None  # the launch request's fingerprint: an Idempotency-Key retry is matched by it before any build
 
     @property
     def terminal(self) -> bool:
@@ -110,7 +112,7 @@ class RunRecord:
 
     def to_dict(self) -> dict:
         """The run as the CLI's --json and the API show it: no spec text, decoded JSON columns."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("spec_json", "backend_options_json", "handle_json", "versions_json", "gpu_uuids", "events_offset")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("spec_json", "backend_options_json", "handle_json", "versions_json", "gpu_uuids", "events_offset", "request_hash")}
         out["backend_options"] = json.loads(self.backend_options_json)
         out["gpu_uuids"] = json.loads(self.gpu_uuids) if self.gpu_uuids else []
         out["versions"] = json.loads(self.versions_json) if self.versions_json else None
@@ -119,7 +121,7 @@ class RunRecord:
 
 
 COLUMNS = tuple(f.name for f in fields(RunRecord))
-ADDED_COLUMNS = (("hint", "TEXT"),)  # columns added after the first release of the schema
+ADDED_COLUMNS = (("hint", "TEXT"), ("request_hash", "TEXT"))  # columns added after the first release of the schema
 METRIC_COLUMNS = ("t", "loss", "learning_rate", "grad_norm", "num_tokens", "max_reserved", "max_allocated", "nvml_process_used", "extra_json")
 
 
@@ -150,6 +152,35 @@ def storage_todo(exc: BaseException) -> str:
     if "unable to open" in text or "permission" in text or getattr(exc, "errno", None) in (1, 13):
         return "the server cannot open it: check that the data directory and the file exist and belong to the server's user"
     return "see the server's log; retry, and if it persists move the file aside and restart the server"
+
+
+RUN_ID_DIR = re.compile(r"[0-9a-f]{32}")
+ORPHANS_SHOWN = 20
+
+
+def orphaned_run_dirs(data_dir: Path, known_ids, limit: int = 10_000) -> list[str]:
+    """The runs' directories under `<data dir>/runs/` that no run in the store names: left by a
+    store that was deleted or replaced (their logs and checkpoints are still there, their records
+    are not). Sorted; at most `limit` entries are looked at."""
+    runs_root = Path(data_dir) / "runs"
+    known = set(known_ids)
+    out = []
+    try:
+        with os.scandir(runs_root) as entries:
+            for i, entry in enumerate(entries):
+                if i >= limit:
+                    break
+                if RUN_ID_DIR.fullmatch(entry.name) and entry.name not in known and entry.is_dir(follow_symlinks=False):
+                    out.append(entry.path)
+    except OSError:
+        return []
+    return sorted(out)
+
+
+def orphans_todo(data_dir: Path) -> str:
+    return (f"the run store {Path(data_dir) / 'runs.sqlite'} does not list these runs' directories (it was deleted or replaced): "
+            "stop the server, restore runs.sqlite from a backup and start it again; or, to keep the new store, move the "
+            f"directories out of {Path(data_dir) / 'runs'} (their logs and checkpoints stay readable there)")
 
 
 class RunStore:
@@ -219,6 +250,10 @@ class RunStore:
         self.check()
         rows = self._db.execute("SELECT * FROM runs WHERE id LIKE ? LIMIT 2", (prefix.replace("%", "").replace("_", "") + "%",)).fetchall()
         return RunRecord(**dict(rows[0])) if len(rows) == 1 else None
+
+    def ids(self) -> list[str]:
+        self.check()
+        return [row["id"] for row in self._db.execute("SELECT id FROM runs")]
 
     def by_idempotency_key(self, key: str) -> RunRecord | None:
         self.check()
