@@ -121,8 +121,11 @@ class RunOut(BaseModel):
     id: str = Field(description="32 hex digits; the API also takes an unambiguous prefix of 4 or more")
     state: RunStateName
     terminal: bool = Field(description="succeeded, failed, cancelled or lost: the state will not change again")
-    reason: str | None = Field(description="why it is in this state: oom, host_oom, data_error, missing_package, nan_loss, cancelled_by_user, "
-                                           "exit_nonzero, killed_after_grace, ...")
+    reason: str | None = Field(description="why it is in this state: oom, host_oom, data_error, missing_package, nan_loss, disk_full "
+                                           "(the trainer exits with code 4), killed (a signal no cancel asked for), shim_killed, "
+                                           "path_outside_roots, exit_nonzero, timeout, preempted, node_fail, launch_failed, "
+                                           "cancelled_by_user, killed_after_grace, server_restart, backend_unreachable, does_not_fit. "
+                                           "A launch the host has no room for is refused with 429 host_busy, never a run")
     message: str | None = Field(description="one line: what happened, in the trainer's words where it said (a data error names the file and line)")
     hint: str | None = Field(default=None, description="what to do about a failure (the pip line for a missing package, what to lower after an OOM)")
     exit_code: int | None
