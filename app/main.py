@@ -263,6 +263,39 @@ async def _lifespan(app: FastAPI):
     BUILDER.shutdown()
 
 
+SOURCE_REQUIRED = [{"required": ["model"]}, {"required": ["config_json"]}]
+MEANING_422 = ("422 also when the request is well formed but refused by what it means, with the field named in `loc`: a `model` "
+               "that is neither a catalog id nor a directory inside the roots, a `config_json` that is not a model config, "
+               "a `dataset` or `output_dir` that does not exist or lies outside the roots, options that do not go together")
+
+
+def _state_what_requests_need(app: FastAPI) -> None:
+    """/openapi.json says what the models alone cannot: a request body that takes `model` and
+    `config_json` needs one of them (anyOf), and a well-formed request can still be a 422 by
+    what it means (a dataset that does not exist): said in each such operation's 422."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for component in schema.get("components", {}).get("schemas", {}).values():
+            properties = component.get("properties", {})
+            if "model" in properties and "config_json" in properties and not set(component.get("required", ())) & {"model", "config_json"}:
+                component["anyOf"] = SOURCE_REQUIRED
+                component["description"] = (component.get("description", "") + " One of `model` and `config_json` is required.").strip()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if isinstance(operation, dict) and "requestBody" in operation and "422" in operation.get("responses", {}):
+                    answer = operation["responses"]["422"]
+                    if MEANING_422 not in answer.get("description", ""):
+                        answer["description"] = (answer.get("description", "") + ". " + MEANING_422).lstrip(". ")
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="vramplan", version="1", description="GPU memory plans for fine-tuning causal LMs.",
@@ -354,7 +387,9 @@ def create_app() -> FastAPI:
 
     app.include_router(pages_router)
     app.include_router(runs_pages_router)
+    _state_what_requests_need(app)
     return app
 
 
 app = create_app()
+

@@ -33,6 +33,7 @@ from planner.errors import PlanInputError
 bearer = HTTPBearer(auto_error=False, description="the token `vramplan serve` printed (also in <data dir>/token)")
 router = APIRouter(prefix="/api/v1", tags=["runs"], dependencies=[Depends(bearer)])
 RunId = Annotated[str, Path(pattern=r"^[0-9a-f]{4,32}$", description="a run id, or an unambiguous prefix of 4 or more of its hex digits")]
+EVENT_ID = r"^((-1|[0-9]{1,15})\.[0-9]{1,15}\.[0-9]{1,15})?$"  # run_feed.Cursor: STEP.TRANSITIONS.LOG_OFFSET
 REFUSED = {409: {"model": RefusedResponse, "description": "the plan does not fit the GPUs' free memory now (send force or queue), "
                                                            "or the run cannot be resumed; the numbers are in the body"},
            429: {"model": ErrorResponse, "description": "host_busy: the host has no room for another served run now (live local runs, "
@@ -135,9 +136,11 @@ def get_logs(request: Request, run_id: RunId,
                                                           "Every event's id is a cursor; send the last one as Last-Event-ID to resume.",
                                            "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def run_events(request: Request, run_id: RunId,
-                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64, description="the id of the last event received")] = None,
-                     after: Annotated[str | None, Query(max_length=64, description="an event id to start after when there is no Last-Event-ID "
-                                                                                    "(a page that already shows the run so far)")] = None):
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64, pattern=EVENT_ID,
+                                                                      description="the id of the last event received: STEP.TRANSITIONS.LOG_OFFSET, as this server sent it")] = None,
+                     after: Annotated[str | None, Query(max_length=64, pattern=EVENT_ID, description="an event id to start after when there is no Last-Event-ID "
+                                                                                    "(a page that already shows the run so far): STEP.TRANSITIONS.LOG_OFFSET "
+                                                                                    "as this server sent it (STEP -1 or more, the others 0 or more); empty: from the start")] = None):
     rt = runtime(request.app)
     try:
         cursor = Cursor.parse(last_event_id or after)
