@@ -96,7 +96,10 @@ def main() -> int:
         "import_torch_transformers_median_s": round(imported, 3),
         "first_answer_ratio": round(first / imported, 3),
         "final_answer_ratio": round(final / imported, 3),
-        "target_met": first / imported <= 0.5,
+        # the time half of the goal: the first answer is the calibrated formula's, whose held-out
+        # error (docs/accuracy.md) is not yet the simulated plan's, so that half is not met by it
+        "first_answer_time_target_met": first / imported <= 0.5,
+        "first_answer_source": "formula (calibrated reserve); the traced answer follows on stdout",
         "check_with_trace_kept_median_s": round(statistics.median(kept), 3),
         "cold_runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in c.items() if k not in ("first_line", "final_line")} for c in cold],
         "first_line": cold[-1]["first_line"],
