@@ -9,6 +9,10 @@ os.environ.setdefault("VRAMPLAN_ALLOWED_HOSTS", "localhost,127.0.0.1,::1,testser
 os.environ.setdefault("VRAMPLAN_SIMULATE_ALLOCATOR", "off")
 # traces are not kept on disk between tests (nor in the developer's cache); tests/test_trace_cache.py asks
 os.environ.setdefault("VRAMPLAN_TRACE_CACHE", "off")
+# the host admission (launcher/admission.py) would refuse launches on a machine the suite itself
+# keeps busy; tests/test_admission.py sets its own limits
+os.environ.setdefault("VRAMPLAN_MAX_LOAD_PER_CPU", "0")
+os.environ.setdefault("VRAMPLAN_MAX_LOCAL_RUNS", "64")
 # the app makes its token and run store in the data dir at start: never the developer's own
 import tempfile  # noqa: E402
 
