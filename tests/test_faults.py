@@ -6,7 +6,6 @@ goes on serving after any of them."""
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import sqlite3
@@ -14,33 +13,8 @@ import sqlite3
 import pytest
 from fastapi.testclient import TestClient
 
-from tests import fake_backend
 from tests.live_server import serving
-
-TOKEN = "test-token-0123456789abcdef"
-BEARER = {"Authorization": f"Bearer {TOKEN}"}
-MODEL = "Qwen/Qwen2.5-0.5B"
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    root = tmp_path / "root"
-    root.mkdir()
-    monkeypatch.setenv("VRAMPLAN_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("VRAMPLAN_ROOTS", str(root))
-    monkeypatch.setenv("VRAMPLAN_TOKEN", TOKEN)
-    monkeypatch.delenv("VRAMPLAN_AUTH", raising=False)
-    fake_backend.register(monkeypatch)
-    (root / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    return root
-
-
-@pytest.fixture
-def client(root):
-    from app.main import create_app
-
-    with TestClient(create_app(), raise_server_exceptions=False) as c:
-        yield c
+from tests.served import BEARER, MODEL, TOKEN, client, root  # noqa: F401 (fixtures)
 
 
 def _fresh_health(client):

@@ -16,37 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from tests import fake_backend
 from tests.live_server import serving
+from tests.served import BEARER, MODEL, TOKEN, client, root  # noqa: F401 (fixtures)
 
-TOKEN = "test-token-0123456789abcdef"
-BEARER = {"Authorization": f"Bearer {TOKEN}"}
-MODEL = "Qwen/Qwen2.5-0.5B"
 GIB = 1 << 30
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    """A root the runs may use, the data directory beside it, the token, the fake backend."""
-    root = tmp_path / "root"
-    root.mkdir()
-    monkeypatch.setenv("VRAMPLAN_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("VRAMPLAN_ROOTS", str(root))
-    monkeypatch.setenv("VRAMPLAN_TOKEN", TOKEN)
-    monkeypatch.delenv("VRAMPLAN_AUTH", raising=False)
-    fake_backend.register(monkeypatch)
-    (root / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    return root
-
-
-@pytest.fixture
-def client(root):
-    from app.main import create_app
-
-    with TestClient(create_app(), raise_server_exceptions=False) as c:
-        yield c
 
 
 def body(root: Path, **changes) -> dict:
