@@ -312,11 +312,9 @@ class _CudaStandIns:
     def cast(self, tensor):
         if tensor is None or not tensor.is_floating_point() or tensor.dtype == self.compute_dtype or not self.autocast:
             return tensor
-        import torch
-
-        if tensor.is_leaf and tensor.requires_grad and self.caching and torch.is_grad_enabled():
-            # (a cast made under no_grad, e.g. KTO's KL forward, is not kept for the graph's forward)
-            # autocast caches the casts of trainable leaves until the forward's context exits
+        if tensor.is_leaf and tensor.requires_grad and self.caching and self._grad_enabled():
+            # autocast caches the casts of trainable leaves until the forward's context exits; a cast
+            # made under no_grad (KTO's KL forward) is not kept for the graph's forward
             if tensor not in self.cache:
                 self.cache[tensor] = tensor.to(self.compute_dtype)
             return self.cache[tensor]
@@ -327,6 +325,7 @@ class _CudaStandIns:
         import torch.nn.functional as F
 
         self.saved = (F.linear, F.dropout, F.scaled_dot_product_attention, torch.matmul)
+        self._grad_enabled = torch.is_grad_enabled  # looked up once: cast runs for every linear and matmul
         linear, matmul = F.linear, torch.matmul
 
         def cast_linear(x, weight, bias=None):
