@@ -89,8 +89,11 @@ STACKS = {
     # torchtune recipes: own loop over full logits, pure bf16 (LoRA weights too: not expressible, a few MiB)
     "tt_lora_tut": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
     "tt_opt_table": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
-    # fsdp_qlora train.py: model(labels=...), pure bf16, reentrant checkpointing
-    "aai": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
+    # fsdp_qlora train.py: model(labels=...), pure bf16 (the model cast to bf16 before get_peft_model, no
+    # autocast, no mixed-precision policy), reentrant checkpointing; PEFT of early 2024 (before 0.12) made
+    # the adapters in the base's dtype: autocast_adapter_dtype false
+    "aai": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16", "autocast": False,
+            "autocast_adapter_dtype": False},
     # litgpt: own loop, bf16-true (LoRA weights bf16), chunked LM head and loss (chunk 128): not expressible
     "litgpt": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
 }
@@ -100,6 +103,13 @@ STACKS = {
 # FullyShardedDataParallel (FSDP1); fms-acceleration's runs go through accelerate's FSDP plugin,
 # whose default is fsdp_version 1 (and which had no FSDP2 before accelerate 1.6, after torch 2.4).
 FSDP_VERSIONS = {"aai": 1, "fms": 1}
+
+# Sources whose trainer prepared a 4-bit model on one GPU: fms-acceleration's baseline-peft-bnb hands
+# the bare 4-bit model to TRL 0.13's SFTTrainer (its refs/requirements.txt pins trl 0.13.0), which
+# runs PEFT's prepare_model_for_kbit_training and then its own peft_module_casting_to_bf16 (norms
+# fp32, embeddings and lm_head back to bf16) when the 4-bit weights are on the GPU; on two GPUs with
+# FSDP's cpu_ram_efficient_loading they are on cpu/meta, and TRL skips both (sharded QLoRA).
+KBIT_PREPARING_SOURCES = ("fms",)
 
 # Cases whose metric is known and model is plannable but that use what the planner cannot express.
 NOT_EXPRESSIBLE = {
@@ -111,6 +121,10 @@ NOT_EXPRESSIBLE = {
     # planned until 2026-12-05 at +146.6% allocated: the plan is of the installed transformers 5
     "FMS-7": "Mixtral QLoRA under transformers 4.48, whose per-expert Linear layers bitsandbytes quantized; the planner plans the "
              "installed transformers 5, whose fused 3-D expert parameters bitsandbytes leaves in bf16 (85 GiB of weights, not about 23)",
+    # planned until 2026-12-05 at -23.6% allocated
+    "LIT-2": "bitsandbytes 0.42 (LitGPT's pin at the table's commits) kept every frozen 4-bit Linear's input for backward "
+             "(MatMul4Bit's ctx.tensors, dropped in 0.43.2) and LitGPT quantizes lm_head too, dequantizing the 128k x 4096 head for each "
+             "128-token chunk; the planner plans bitsandbytes 0.43.2 and later",
     # planned as LoRA r=2 until 2026-11-29 (+12.2% formula, +9.1% simulated): LoRA's fp32 adapter
     # casts its input and saves the copy, TinyLoRA's frozen projections save nothing of it
     "PMC-5": "TinyLoRA, which the planner has no method for: it trains a vector between frozen projections, so unlike LoRA it saves no "
@@ -126,10 +140,11 @@ SOURCE_NOTES = {
 CASE_NOTES = {
     "TT-8": "metric is torchtune's peak active bytes, compared as allocated",
     "LIT-1": "litgpt computes the LM head and loss in 128-token chunks (the planner holds the full logits); LoRA weights bf16 (planned fp32)",
-    "LIT-2": "litgpt chunked LM head and loss; bnb.nf4 through litgpt's precision plugin (which Linear layers it leaves in bf16 is not published)",
     "LIT-3": "litgpt chunked LM head and loss; LoRA weights bf16 (planned fp32)",
-    "FMS-6": "double quantization and the dtype of the non-quantized parameters not published (the source's own second loader held 4 GiB less); "
-             "bitsandbytes 0.43 dates it to transformers 4, whose in-model loss kept an fp32 upcast of the logits and a shifted copy (likely most of the gap)",
+    "FMS-6": "TRL 0.13's SFTTrainer prepared the 4-bit model (prepare_model_for_kbit_training, then peft_module_casting_to_bf16): planned "
+             "with both (-25.4% allocated without them); fp32 norms make every layer input after the first fp32 (the source's accelerated "
+             "loader, which skips the upcast, held 4.0 GiB less); transformers 4.48's loss (an fp32 upcast of the logits and a shifted copy) "
+             "is not planned, as on the LoRA run FMS-4",
 }
 
 
@@ -222,7 +237,8 @@ def options_for(case: dict) -> TrainingOptions:
     """The TrainingOptions of a plannable case: its own fields, plus its source's stack."""
     stack = STACKS[case["source"]["key"]]
     method = _method(case)
-    fields = dict(stack)
+    # options a planner from before them (the report's history) does not have: planned as it did
+    fields = {name: value for name, value in stack.items() if _has_option(name)}
     fields.update(
         method=method,
         gpu=GPUS[case["gpu"]],
@@ -250,6 +266,8 @@ def options_for(case: dict) -> TrainingOptions:
             fields["lora_alpha"] = lora["alpha"]
     if method == "qlora" and "no double quant" in case["method"].lower():
         fields["double_quant"] = False
+    if method == "qlora" and case["source"]["key"] in KBIT_PREPARING_SOURCES and case["n_gpus"] == 1 and _has_option("peft_module_casting_to_bf16"):
+        fields.update(prepare_model_for_kbit_training=True, peft_module_casting_to_bf16=True)
     return TrainingOptions(**fields)
 
 

@@ -194,9 +194,25 @@ def build_trainer(spec: dict, run_dir: Path, callbacks: list, phase: list | None
             from trl import get_kbit_device_map
 
             training_args.model_init_kwargs["device_map"] = get_kbit_device_map()
+    if quantization is not None and spec["options"].get("prepare_model_for_kbit_training"):
+        kwargs["model"] = _kbit_prepared_model(model_args.model_name_or_path, training_args)
     if stage in ("grpo", "rloo"):
         kwargs["reward_funcs"] = _reward_funcs(spec["settings"])
     return trainer_cls(**kwargs), training_args
+
+
+def _kbit_prepared_model(location: str, training_args):
+    """The plan assumed PEFT's prepare_model_for_kbit_training, which TRL 1.16's trainers no longer
+    call: the model loaded as the trainer would load it (TRL's own loader, the same init kwargs),
+    then prepared, before the trainer adds the adapters."""
+    from peft import prepare_model_for_kbit_training
+    from trl.trainer.utils import create_model_from_path
+
+    init = dict(training_args.model_init_kwargs or {})
+    init["trust_remote_code"] = False  # never code from a checkpoint
+    model = create_model_from_path(location, **init)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(training_args.gradient_checkpointing),
+                                           gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs or {})
 
 
 def _disk_error(exc: BaseException) -> OSError | None:

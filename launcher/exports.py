@@ -494,6 +494,16 @@ def export_notes(spec: LaunchSpec, fmt: str, given: set[str] | frozenset[str] = 
         notes.append(f"placeholder: set {DATASET_KEYS[fmt]} ({PLACEHOLDER_DATASET} is an example; give --dataset)")
     if "precision" not in given and spec.options["precision"] == "bf16":
         notes.append("assumed: bf16 compute (no precision given); a GPU without bf16 (before Ampere) needs --precision fp16")
+    if spec.options.get("prepare_model_for_kbit_training"):
+        if fmt == "trl":
+            notes.append("assumed: PEFT's prepare_model_for_kbit_training, which TRL 1.16's trainers do not call from this file; "
+                         "`vramplan launch` calls it before the trainer, a script of your own must")
+        elif fmt in ("axolotl", "llamafactory"):
+            notes.append(f"assumed: PEFT's prepare_model_for_kbit_training (fp32 norms, embeddings and residual stream); whether {fmt} "
+                         "calls it is not checked here")
+    if spec.options.get("autocast_adapter_dtype") is False and fmt in ("trl", "axolotl", "llamafactory"):
+        notes.append("assumed: adapters in the base's dtype (autocast_adapter_dtype false); TRL and current PEFT make them fp32 unless "
+                     "get_peft_model is told otherwise")
     if spec.advised:
         notes.append(f"advised: {advised_words(spec.advised, spec.method, spec.stage)} (a flag sets another)")
     return notes

@@ -229,6 +229,18 @@ def check_launchable(options: dict[str, Any], settings: RunSettings, for_export:
     if not for_export and options.get("loss_implementation", "auto") not in ("auto", "trl_fused"):
         raise PlanInputError("loss_implementation", f"launched runs use TRL's fused LM head; {options['loss_implementation']} is planned but not launched "
                                                     "(export the plan for axolotl or llamafactory)")
+    if not for_export and options.get("autocast_adapter_dtype") is False and not (options.get("parallelism") == "zero3" and options.get("method") != "qlora"):
+        raise PlanInputError("autocast_adapter_dtype", "TRL 1.16's trainers keep PEFT's fp32 adapters (they turn autocast_adapter_dtype off only "
+                                                       "under ZeRO-3 for an unquantized base): launch with it on, or export the plan")
+    if not for_export and options.get("peft_module_casting_to_bf16"):
+        raise PlanInputError("peft_module_casting_to_bf16", "peft_module_casting_to_bf16 is what TRL 0.x's SFTTrainer ran; TRL 1.16's trainers, "
+                                                            "which the launcher runs, do not: launch with it off (prepare_model_for_kbit_training alone)")
+    if options.get("prepare_model_for_kbit_training") and stage == "reward":
+        raise PlanInputError("prepare_model_for_kbit_training", "the launcher calls prepare_model_for_kbit_training on a causal LM it loads "
+                                                                "for TRL; a reward model is loaded by TRL's RewardTrainer: leave it off")
+    if options.get("prepare_model_for_kbit_training") and options.get("parallelism") in ("zero3", "fsdp") and options.get("num_gpus", 1) > 1:
+        raise PlanInputError("prepare_model_for_kbit_training", "sharded QLoRA (FSDP, ZeRO-3) flattens parameters of one dtype: TRL skips "
+                                                                "prepare_model_for_kbit_training there, and so does the launcher: leave it off")
     if stage in ("grpo", "rloo") and not settings.reward_funcs and not settings.reward_model:
         raise PlanInputError("reward_funcs", f"{stage} needs a reward: name a built-in ({', '.join(BUILTIN_REWARDS)}) or a reward model")
     if stage not in ("grpo", "rloo") and (settings.reward_funcs or settings.reward_model):

@@ -23,6 +23,14 @@ real forward passes to autograd (tests/test_activations.py holds the model to th
   with dropout, though, PEFT recomputes the base output against a copy of the whole base
   weight that autograd keeps (in x out per Linear).
 - Under autocast every adapted Linear also keeps 16-bit copies of its adapter matrices.
+- Adapters in the base's dtype (autocast_adapter_dtype false): nothing is cast, so without dropout
+  lora_A saves the input itself, one tensor for the adapters that read it (q, k, v; gate, up), and
+  o_proj's input is the attention output already counted; no 16-bit copies of the matrices.
+- prepare_model_for_kbit_training (QLoRA): the residual stream is fp32 (fp32 norms, embedding and
+  lm_head), and bitsandbytes' Linear layers return their input's dtype, so checkpointed inputs and
+  the MLP's outputs are 4 bytes a value; the first layer's input is bf16 again where TRL's
+  peft_module_casting_to_bf16 cast the embedding back. A frozen fp32 lm_head's autocast copy is
+  kept for the backward (planner/logits.py). Measured on CPU with PEFT: tests/test_kbit_prepare.py.
 - IA3 (vectors in fp32): per targeted Linear the base output it scales (e out), or for a
   feed-forward module its input cast to fp32 (4 in), and per layer the fp32 copy of the vector.
 - Prompt tuning: every layer, the final norm and the logits see seq_len + num_virtual_tokens
@@ -59,7 +67,7 @@ from planner.dtypes import dtype_bytes
 from planner.logits import saves_head_input
 from planner.options import ADAPTER_METHODS, TrainingOptions
 from planner.spec import ModelSpec
-from planner.trainable import ia3_linears, ia3_modules, resolve_targets, split_moe_targets
+from planner.trainable import adapter_dtype, ia3_linears, ia3_modules, resolve_targets, split_moe_targets
 
 # bytes of the token ids the embedding saves (int64)
 TOKEN_ID_BYTES = 8
@@ -73,6 +81,9 @@ class ActivationTerms:
     outside_layers_per_token: int  # embedding ids, final norm, lm_head input
     notes: tuple[str, ...] = ()
     per_layer_per_sequence: int = 0  # bytes per layer and sequence that do not scale with its tokens (a prefix's keys and values)
+    # the first layer's input is the embedding's output, in the embedding's dtype (bf16 where
+    # peft_module_casting_to_bf16 cast it back and the stream after it is fp32); None: the same as the others
+    first_layer_input_per_token: int | None = None
 
 
 def compute_bytes(options: TrainingOptions) -> int:
@@ -85,6 +96,22 @@ def _adapted(spec: ModelSpec, options: TrainingOptions) -> dict[str, tuple[int, 
         return {}
     targets = options.lora_targets if isinstance(options.lora_targets, str) else tuple(options.lora_targets)
     return dict(spec.memoized(("adapted_linears", targets), lambda: _first_layer_linears(spec, options.lora_targets)))
+
+
+# adapted Linears reading one tensor: the attention's input, the MLP's input
+_INPUT_GROUPS = {"attention.q": "attention_input", "attention.k": "attention_input", "attention.v": "attention_input",
+                 "attention.qkv": "attention_input", "mlp.gate": "mlp_input", "mlp.up": "mlp_input", "mlp.gate_up": "mlp_input"}
+
+
+def _adapted_roles(spec: ModelSpec, options: TrainingOptions) -> dict[str, str]:
+    """Adapted Linear leaf name -> its role (attention.q, mlp.down, ...), the first layer's."""
+    targets = options.lora_targets if isinstance(options.lora_targets, str) else tuple(options.lora_targets)
+
+    def roles():
+        modules, _ = split_moe_targets(spec, options.lora_targets)
+        return {lin.name.rsplit(".", 1)[-1]: lin.role for lin in resolve_targets(spec, modules) if lin.layer in (0, None)} if modules else {}
+
+    return dict(spec.memoized(("adapted_roles", targets), roles))
 
 
 def _first_layer_linears(spec: ModelSpec, targets: list[str] | str) -> dict[str, tuple[int, int]]:
@@ -104,8 +131,12 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     say it is a plain loop without one."""
     e = compute_bytes(options)
     autocast = options.effective_autocast
-    # the residual stream, norms and everything not cast by autocast stay in the weights' dtype
-    w = dtype_bytes(options.effective_weights_dtype)
+    # the residual stream, norms and everything not cast by autocast stay in the dtype of the
+    # embedding's output: the weights' (fp32 after prepare_model_for_kbit_training)
+    w = dtype_bytes(options.residual_stream_dtype)
+    # bitsandbytes' Linear layers cast their input to the compute dtype and their output back to
+    # the input's: a quantized MLP's outputs are in the stream's dtype, not autocast's
+    linear_out = w if options.effective_quantization != "none" else e
     h, q, kv, heads = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.kv_dim, spec.num_attention_heads
     i = spec.intermediate_size
     s = sequence_length(options)
@@ -164,17 +195,28 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     if spec.num_experts:
         mlp = moe_bytes_per_token(spec, e)
     else:
-        mlp = 3 * e * i + (e * i if base_trains else 0)
+        mlp = 3 * linear_out * i + (e * i if base_trains else 0)
     per_token = spec.norms_per_layer * norm + linear_inputs + attention + mlp + qk_norm_bytes_per_token(spec, norm_elem, base_trains)
 
     fixed = 0
     notes = []
-    # PEFT casts each adapted input to the adapter dtype (fp32); under autocast lora_A then
-    # saves a 16-bit copy of it, without autocast the fp32 copy itself.
-    adapter_elem = e if autocast else 4
+    a = dtype_bytes(adapter_dtype(options))
+    # PEFT casts each adapted input to the adapter dtype (fp32 by default); under autocast lora_A
+    # then saves a 16-bit copy of it, without autocast the adapter-dtype copy itself. Where no cast
+    # copies anything (16-bit adapters on a stream of their dtype, no dropout) lora_A saves the
+    # input itself, which the adapters reading it share (q, k and v; gate and up), and o_proj's
+    # input is the attention output already counted above.
+    adapter_elem = e if autocast else a
+    shares_input = a == e and w == e and options.lora_dropout == 0
+    inputs_seen: set[str] = {"attention.o"}
     for name, (fan_in, fan_out) in adapted.items():
-        per_token += adapter_elem * fan_in + adapter_elem * r
-        if autocast:
+        role = _adapted_roles(spec, options).get(name, name)
+        group = _INPUT_GROUPS.get(role, role)
+        if not shares_input or group not in inputs_seen:
+            per_token += adapter_elem * fan_in
+        inputs_seen.add(group)
+        per_token += adapter_elem * r
+        if autocast and a != e:
             # autocast's 16-bit copies of lora_B and lora_A, cached for the forward and saved
             fixed += e * r * (fan_out + fan_in)
         if options.lora_dropout > 0:
@@ -195,13 +237,13 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
             if lin.layer not in (0, None):
                 continue
             if feedforward:
-                # x.to(fp32) * vector: the fp32 input, kept for the vector's gradient
-                per_token += 4 * lin.in_features
-                fixed += 4 * lin.in_features
+                # x.to(vector dtype) * vector: the input in the vector's dtype, kept for its gradient
+                per_token += a * lin.in_features
+                fixed += a * lin.in_features
             else:
                 # base output * vector: the base output, kept for the vector's gradient
                 per_token += e * lin.out_features
-                fixed += 4 * lin.out_features
+                fixed += a * lin.out_features
     if spec.num_experts:
         notes.append(f"MoE: {spec.experts_per_token} of {spec.num_experts} experts per token")
         if options.method in ADAPTER_METHODS:
@@ -212,8 +254,13 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     # final norm; the lm_head input (saved by lm_head when it trains, always by a loss path that
     # keeps it: TRL's fused head, Cut Cross-Entropy); int64 ids when the embedding trains
     head_input_saved = base_trains or saves_head_input(options)
-    outside = norm + (e * h if head_input_saved else 0) + (TOKEN_ID_BYTES if base_trains else 0)
-    return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes), per_sequence)
+    # the fused loss paths keep the final norm's output as it is (fp32 on an fp32 stream); a trained
+    # lm_head keeps the copy autocast made of it
+    head_input = (w if saves_head_input(options) or not casts_inputs else e) * h
+    outside = norm + (head_input if head_input_saved else 0) + (TOKEN_ID_BYTES if base_trains else 0)
+    embedding_elem = dtype_bytes(options.embedding_dtype)
+    first_input = embedding_elem * h if embedding_elem != w else None
+    return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes), per_sequence, first_input)
 
 
 def dora_weight_norm_bytes(spec: ModelSpec, options: TrainingOptions) -> int:
@@ -242,7 +289,7 @@ def layer_backward_bytes(spec: ModelSpec, options: TrainingOptions) -> int:
     e = compute_bytes(options)
     if options.method not in ADAPTER_METHODS:
         per_unit = 2 * e
-    elif options.effective_autocast or e == 4:
+    elif options.effective_autocast or e == 4 or adapter_dtype(options) != "fp32":
         per_unit = 3 * e
     else:
         per_unit = 9
@@ -385,10 +432,11 @@ def activation_components(spec: ModelSpec, options: TrainingOptions) -> list[Com
                     f"gradient checkpointing keeps the input of each of the other {layers - 1} layers ({tokens:,} tokens), freed as the backward passes it",
                 )
             )
+        first_input = terms.layer_input_per_token if terms.first_layer_input_per_token is None else terms.first_layer_input_per_token
         out.append(
             Component(
                 "activations.first_layer_input",
-                tokens * terms.layer_input_per_token,
+                tokens * first_input,
                 "the first trained layer's checkpointed input, the last one the backward frees",
             )
         )

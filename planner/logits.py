@@ -87,12 +87,13 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
         return _cce_logits(spec, options, tokens)
     if path == "fp32_upcast":
         softcap = vocab * dtype_bytes(options.precision) if spec.final_logit_softcap else 0
+        head_cast = frozen_head_cast_bytes(spec, options)
         return [
             Component(
                 "logits",
-                tokens * (vocab * 4 + LABEL_BYTES + softcap),
+                tokens * (vocab * 4 + LABEL_BYTES + softcap) + head_cast,
                 f"fp32 log-softmax of {tokens:,} x {vocab:,} logits saved by cross-entropy, and int64 labels"
-                + (" plus the tanh of the soft-capped logits" if softcap else ""),
+                + (" plus the tanh of the soft-capped logits" if softcap else "") + (HEAD_CAST_NOTE if head_cast else ""),
             ),
             Component("temporary.loss_backward", tokens * vocab * 8, "cross-entropy backward: the fp32 gradient in and out (8 bytes per logit)"),
         ]
@@ -102,7 +103,7 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
     # the tile buffer is always TRL_VOCAB_TILE wide, even for a smaller vocabulary (Llama 2's
     # 32,000); each tile casts its lm_head slice to the compute dtype, a copy only when the
     # weights are stored in another dtype (fp32 master weights)
-    slice_copy = min(vocab, TRL_VOCAB_TILE) * spec.hidden_size * e if options.effective_weights_dtype != options.precision else 0
+    slice_copy = min(vocab, TRL_VOCAB_TILE) * spec.hidden_size * e if options.embedding_dtype != options.precision else 0
     tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * e + slice_copy
     lm_head_trains = options.method == "full"
     lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if lm_head_trains else 0
@@ -140,15 +141,29 @@ def _experimental_trl_logits(vocab: int, e: int, tokens: int, with_nll: bool) ->
     ]
 
 
+def frozen_head_cast_bytes(spec: ModelSpec, options: TrainingOptions) -> int:
+    """A frozen lm_head stored wider than the compute dtype (fp32, as prepare_model_for_kbit_training
+    leaves it) runs under autocast on a cast copy, and the matmul keeps that copy to pass the
+    gradient to its input: vocabulary x hidden in the compute dtype (measured on CPU with PEFT)."""
+    if options.method == "full" or not options.effective_autocast:
+        return 0
+    e, w = dtype_bytes(options.precision), dtype_bytes(options.embedding_dtype)
+    return spec.vocab_size * spec.hidden_size * e if w > e else 0
+
+
+HEAD_CAST_NOTE = "; the frozen fp32 lm_head's autocast copy, which its matmul keeps for the backward"
+
+
 def _no_upcast_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
     vocab, e = spec.vocab_size, dtype_bytes(options.precision)
     softcap = vocab * e if spec.final_logit_softcap else 0
+    head_cast = frozen_head_cast_bytes(spec, options)
     return [
         Component(
             "logits",
-            tokens * (vocab * e + LABEL_BYTES + softcap),
+            tokens * (vocab * e + LABEL_BYTES + softcap) + head_cast,
             f"log-softmax of {tokens:,} x {vocab:,} logits kept in {options.precision} ({e} bytes each, no fp32 upcast) by cross-entropy, "
-            "and int64 labels" + (" plus the tanh of the soft-capped logits" if softcap else ""),
+            "and int64 labels" + (" plus the tanh of the soft-capped logits" if softcap else "") + (HEAD_CAST_NOTE if head_cast else ""),
         ),
         Component("temporary.loss_backward", tokens * vocab * 2 * e,
                   f"cross-entropy backward in {options.precision}: the gradient in and out ({2 * e} bytes per logit)"),
@@ -157,10 +172,10 @@ def _no_upcast_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
 
 def _liger_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
     vocab, h = spec.vocab_size, spec.hidden_size
-    e, w = dtype_bytes(options.precision), dtype_bytes(options.effective_weights_dtype)
+    e, w = dtype_bytes(options.precision), dtype_bytes(options.residual_stream_dtype)
     chunk = liger_chunk_tokens(tokens, vocab, h)
     lm_head_grad = vocab * h * w if options.method == "full" else 0
-    weight_cast = vocab * h * e if options.effective_autocast and w != e else 0
+    weight_cast = vocab * h * e if options.effective_autocast and dtype_bytes(options.embedding_dtype) != e else 0
     return [
         Component(
             "logits",
@@ -179,7 +194,7 @@ def _liger_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> lis
 
 def _cce_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
     vocab, h = spec.vocab_size, spec.hidden_size
-    w = dtype_bytes(options.effective_weights_dtype)
+    w = dtype_bytes(options.residual_stream_dtype)
     lm_head_grad = vocab * h * w if options.method == "full" else 0
     return [
         Component(

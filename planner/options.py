@@ -69,6 +69,20 @@ class TrainingOptions(BaseModel):
     weights_dtype: Dtype | None = None
     quantization: Quantization | None = None
     double_quant: StrictBool = True
+    # get_peft_model's autocast_adapter_dtype: PEFT (0.12 on) keeps LoRA, DoRA and IA3 weights in
+    # fp32 whatever the base dtype; false leaves them in the base's dtype (what PEFT up to 0.11 did,
+    # and what TRL passes under ZeRO-3 for an unquantized base)
+    autocast_adapter_dtype: StrictBool = True
+    # PEFT's prepare_model_for_kbit_training, which QLoRA tutorials, older TRL trainers (SFTTrainer
+    # in older releases, on one GPU) and TRL 1.16's ORPO and CPO call: it casts every 16-bit parameter
+    # bitsandbytes left unquantized (embeddings, LM head, norms) to fp32, so the embedding's output,
+    # and with it the residual stream, is fp32 (bitsandbytes' Linear layers hand back their input's
+    # dtype). TRL 1.16's SFT, DPO and GRPO trainers do not call it
+    prepare_model_for_kbit_training: StrictBool = False
+    # TRL's peft_module_casting_to_bf16, which TRL 0.x's SFTTrainer (0.13, for one) ran after it
+    # under bf16: embeddings and lm_head back to bf16, norms kept in fp32 (whose output, fp32 weight
+    # times a bf16 input, is fp32: the stream is fp32 from the first layer's output on)
+    peft_module_casting_to_bf16: StrictBool = False
     trainer: Trainer = "trl"
     # the loss path, a trainer setting (planner/logits.py): fp32_upcast is transformers' loss,
     # no_upcast cross-entropy on compute-dtype logits, liger Liger's fused linear cross-entropy
@@ -199,6 +213,25 @@ class TrainingOptions(BaseModel):
         return self.precision
 
     @property
+    def kbit_prepared(self) -> bool:
+        """PEFT's prepare_model_for_kbit_training runs on a quantized base."""
+        return self.prepare_model_for_kbit_training and self.effective_quantization != "none"
+
+    @property
+    def residual_stream_dtype(self) -> str:
+        """The dtype of the hidden states between layers and of the unquantized weights other than
+        the embeddings and lm_head (norms, routers): as loaded, or fp32 once
+        prepare_model_for_kbit_training has cast every 16-bit weight up (bitsandbytes' layers hand
+        their output back in their input's dtype, so the stream stays fp32)."""
+        return "fp32" if self.kbit_prepared else self.effective_weights_dtype
+
+    @property
+    def embedding_dtype(self) -> str:
+        """The dtype of the embeddings and lm_head, so of the first layer's input: fp32 after
+        prepare_model_for_kbit_training, unless TRL's peft_module_casting_to_bf16 cast them back."""
+        return "fp32" if self.kbit_prepared and not self.peft_module_casting_to_bf16 else self.effective_weights_dtype
+
+    @property
     def effective_quantization(self) -> str:
         if self.quantization is not None:
             return self.quantization
@@ -281,5 +314,14 @@ def check_consistency(options: TrainingOptions) -> None:
                              "does not generate that way: leave it unset")
     if options.padding != "none" and (options.packing or options.padding_free):
         raise PlanInputError("padding", "packed or padding-free batches carry no padding: leave padding none")
+    if options.prepare_model_for_kbit_training and options.effective_quantization == "none":
+        raise PlanInputError("prepare_model_for_kbit_training", "prepare_model_for_kbit_training prepares a 4- or 8-bit base; "
+                             "this plan's base is not quantized (use method qlora, or a quantization)")
+    if options.peft_module_casting_to_bf16 and not (options.kbit_prepared and options.effective_weights_dtype == "bf16"):
+        raise PlanInputError("peft_module_casting_to_bf16", "TRL runs peft_module_casting_to_bf16 after prepare_model_for_kbit_training on a "
+                             "quantized base loaded in bf16: set prepare_model_for_kbit_training and bf16, or leave it off")
+    if options.prepare_model_for_kbit_training and not options.effective_autocast:
+        raise PlanInputError("autocast", "prepare_model_for_kbit_training without autocast is not planned: the upcast model would run "
+                             "in fp32 outside bitsandbytes' layers; the Trainer and TRL run it under autocast: turn autocast on")
     if options.num_gpus == 1 and options.parallelism != "ddp":
         raise PlanInputError("parallelism", f"{options.parallelism} shards across GPUs; set num_gpus above 1")

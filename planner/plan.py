@@ -359,6 +359,14 @@ def _assumptions(options: TrainingOptions) -> list[str]:
                        + ("; a plain loop over 16-bit weights without it is autocast false" if "autocast" not in given else ""))
         else:
             out.append(f"no autocast: a plain loop over {options.effective_weights_dtype} weights (PEFT's fp32 adapters save fp32 copies of their inputs)")
+    if options.effective_quantization != "none":
+        if options.prepare_model_for_kbit_training:
+            out.append("PEFT's prepare_model_for_kbit_training casts the unquantized weights (embeddings, lm_head, norms) to fp32, so the "
+                       "residual stream, every checkpointed layer input and the quantized layers' outputs are fp32 too")
+        else:
+            out.append("the unquantized weights stay in " + options.effective_weights_dtype + ", as TRL 1.16's SFT, DPO and GRPO trainers "
+                       "leave them; a script that calls PEFT's prepare_model_for_kbit_training (QLoRA tutorials, older TRL releases' SFTTrainer, "
+                       "trl.experimental's ORPO and CPO) upcasts them and the residual stream to fp32: set prepare_model_for_kbit_training")
     if options.gradient_accumulation_steps > 1:
         out.append(f"gradient accumulation {options.gradient_accumulation_steps}: from the second micro-batch on, the gradients of the "
                    "previous ones stay allocated through the forward and backward (they are freed after the optimizer step)")

@@ -54,7 +54,7 @@ def stage_components(spec: ModelSpec, options: TrainingOptions, weights: list[Co
         notes.append(why)
     if options.stage == "ppo":
         notes.append("PPO: TRL 1.16 has no PPO trainer; this plan follows the four-model layout that OpenRLHF and veRL run")
-        lm_head = sum(t.numel for t in spec.tensors if t.role == "lm_head") * dtype_bytes(options.effective_weights_dtype)
+        lm_head = sum(t.numel for t in spec.tensors if t.role == "lm_head") * dtype_bytes(options.embedding_dtype)
         out.append(Component("reward_model", max(frozen - lm_head, 0), "frozen reward model: the base with a scalar head instead of lm_head"))
         out.append(Component("value_model", trained_static, "value model trained like the policy (weights, gradients, optimizer state)"))
     if options.generates:

@@ -35,12 +35,17 @@ ADAFACTOR_RMS_BYTES = 4
 
 
 def weights_components(spec: ModelSpec, options: TrainingOptions, adapters: list[TrainableTensor]) -> list[Component]:
-    dtype = options.effective_weights_dtype
+    dtype = options.residual_stream_dtype
     quant = options.effective_quantization
     elem = dtype_bytes(dtype)
+    head_elem = dtype_bytes(options.embedding_dtype)
     base_bytes = 0
     constants = 0
     quantized_params = 0
+    # a quantized Linear's bias is cast back to the compute dtype by its first forward
+    # (Linear4bit.forward), undoing prepare_model_for_kbit_training's upcast of it
+    recast_biases = {t.module for t in spec.tensors if t.quantizable} if dtype != options.effective_weights_dtype and quant in ("nf4", "fp4") else set()
+    loaded_elem = dtype_bytes(options.effective_weights_dtype)
     for t in spec.tensors:
         if quant in ("nf4", "fp4") and t.quantizable:
             base_bytes += packed_4bit_bytes(t.numel)
@@ -50,6 +55,10 @@ def weights_components(spec: ModelSpec, options: TrainingOptions, adapters: list
             base_bytes += t.numel
             constants += int8_constants_bytes(t.shape[0])
             quantized_params += t.numel
+        elif t.module in recast_biases:
+            base_bytes += t.numel * loaded_elem
+        elif t.role in ("embedding", "lm_head"):
+            base_bytes += t.numel * head_elem
         else:
             base_bytes += t.numel * elem
     kept = spec.total_params - quantized_params
@@ -58,7 +67,10 @@ def weights_components(spec: ModelSpec, options: TrainingOptions, adapters: list
     else:
         note = (
             f"{quantized_params:,} Linear parameters in {quant} ({'0.5' if quant != 'int8' else '1'} byte each); "
-            f"{kept:,} in {dtype} (embeddings, lm_head, norms, routers and experts stay unquantized)"
+            f"{kept:,} in {dtype} (embeddings, lm_head, norms, routers and experts stay unquantized"
+            + ("; prepare_model_for_kbit_training upcast them from " + options.effective_weights_dtype if dtype != options.effective_weights_dtype else "")
+            + ("; peft_module_casting_to_bf16 cast the embeddings and lm_head back" if options.embedding_dtype != dtype else "")
+            + ")"
         )
     out = [Component("weights.base", base_bytes, note)]
     if constants:

@@ -409,7 +409,9 @@ def _four_bit(tracer: _Tracer, modules: list, compute_dtype) -> None:
         return weight
 
     def forward(self, x):
-        return Dequantized.apply(x, self.weight, self)
+        # Linear4bit.forward: the input cast to the compute dtype, the output back to the input's
+        # (fp32 after prepare_model_for_kbit_training); no copy when they agree
+        return Dequantized.apply(x.to(compute_dtype), self.weight, self).to(x.dtype)
 
     for module in modules:
         numel = module.weight.numel()
@@ -495,6 +497,13 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
     method = options.method
     # which Linear layers bitsandbytes would quantize, named as in the model it loads (before PEFT)
     quantized = bitsandbytes_linears(model) if method == "qlora" else []
+    if options.kbit_prepared:
+        # prepare_model_for_kbit_training, before PEFT: every 16-bit parameter that is not a 4-bit
+        # weight to fp32 (the quantized weights here are still their 16-bit stand-ins)
+        quantized_weights = {id(module.weight) for module in quantized}
+        for param in model.parameters():
+            if id(param) not in quantized_weights and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.to(torch.float32)
     if method != "full":
         from peft import IA3Config, LoraConfig, get_peft_model
 
@@ -506,6 +515,14 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
             peft_config = LoraConfig(r=options.lora_r, lora_alpha=options.effective_lora_alpha, target_modules=options.lora_targets,
                                      lora_dropout=options.lora_dropout, use_dora=method == "dora", task_type="CAUSAL_LM")
         model = get_peft_model(model, peft_config)
+    if options.peft_module_casting_to_bf16:
+        # TRL's peft_module_casting_to_bf16 after PEFT: norms stay fp32, the embeddings and lm_head
+        # go back to bf16 (by module name, as TRL picks them)
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if ("norm" not in name and any(part in name for part in ("lm_head", "embed_tokens", "wte", "wpe"))
+                    and isinstance(weight, torch.nn.Parameter) and weight.dtype == torch.float32):
+                module.to(torch.bfloat16)
     if options.gradient_checkpointing:
         # the new name where transformers has it (the old one warns on the CLI's stderr)
         if hasattr(model, "activation_checkpointing_enable"):

@@ -8,8 +8,8 @@ PEFT names and shapes (checked against `get_nb_trainable_parameters` in tests):
 - Prompt tuning: an embedding (virtual tokens, hidden).
 - Prefix tuning: an embedding (virtual tokens, layers x 2 x kv_heads x head_dim): the per-layer
   keys and values, sized for grouped-query attention.
-PEFT keeps adapter weights in fp32 (autocast_adapter_dtype=True) whatever the base dtype, except
-that TRL turns that off under ZeRO-3 for unquantized bases.
+PEFT keeps adapter weights in fp32 (autocast_adapter_dtype=True) whatever the base dtype, unless
+the plan turns it off (the option of that name), or TRL does: under ZeRO-3 for unquantized bases.
 """
 
 from __future__ import annotations
@@ -122,7 +122,9 @@ def ia3_linears(spec: ModelSpec, options: TrainingOptions) -> list[tuple[LinearS
 
 
 def adapter_dtype(options: TrainingOptions) -> str:
-    if options.parallelism == "zero3" and options.effective_quantization == "none":
+    """fp32 (PEFT's autocast_adapter_dtype), or the base's dtype where it is off: asked for, or
+    turned off by TRL under ZeRO-3 for an unquantized base."""
+    if not options.autocast_adapter_dtype or (options.parallelism == "zero3" and options.effective_quantization == "none"):
         return options.effective_weights_dtype
     return "fp32"
 
