@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from planner.cost import TimeCost, Workload, estimate_time_cost
+from planner.deployment import Deployment, deployment_advice
 from planner.errors import PlanInputError
 from planner.fit import fewest_gpus, largest_batch, smallest_fixes
 from planner.options import TrainingOptions
@@ -114,6 +115,7 @@ class Advice:
     time_cost: TimeCost | None
     alternatives: tuple[Candidate, ...] = field(default=())
     other_approaches: tuple[str, ...] = field(default=())
+    deployment: Deployment | None = None  # after training: merge or serve, and the serving GPU's numbers
 
     def to_dict(self) -> dict:
         return {
@@ -131,6 +133,7 @@ class Advice:
             "time_cost": self.time_cost.to_dict() if self.time_cost else None,
             "alternatives": [a.to_dict() for a in self.alternatives],
             "other_approaches": list(self.other_approaches),
+            "deployment": self.deployment.to_dict() if self.deployment else None,
             "plan": self.plan.to_dict() if self.plan else None,
         }
 
@@ -384,10 +387,6 @@ def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) 
             settings.update(fixes.smallest.changes)
         else:
             reasons.append(f"Nothing tried fits: the best needs {_needs(plan)} per GPU; use a larger GPU or more of them.")
-    if task.tenants > 1 and method != "ia3":
-        reasons.append(f"{task.tenants:,} tenants on one base: one adapter each, served together by a multi-LoRA server.")
-    if task.latency_target_ms is not None and method in ("lora", "qlora", "dora"):
-        reasons.append(f"A {task.latency_target_ms:g} ms latency target: merge the adapter into the base for serving.")
     differs = differences_from(options, plan.options)
     if differs:
         reasons.append("Compared with the plan for the settings as given (defaults where none were given), this run has " + ", ".join(differs) + ": hence its different peak.")
@@ -398,7 +397,24 @@ def advise(spec: ModelSpec, task: Task, options: TrainingOptions | None = None) 
         other.append(f"fine-tune: the plan below is what {method} {stage.upper()} would take once the conditions above are met")
     else:
         other.append("prompting with an evaluation set remains the baseline to beat")
-    return Advice(approach, stage, method, settings, tuple(reasons), plan, time_cost, alternatives, tuple(other))
+    deployment = _deployment(spec, task, plan)
+    return Advice(approach, stage, method, settings, tuple(reasons), plan, time_cost, alternatives, tuple(other), deployment)
+
+
+def _deployment(spec: ModelSpec, task: Task, plan: Plan) -> Deployment:
+    """The deployment advice on the training GPU, for requests of the task's length."""
+    from gpu_catalog.catalog import find_gpu
+    from gpu_catalog.errors import InputError
+
+    gpu = plan.gpu
+    try:
+        catalog_gpu = find_gpu(gpu.name)
+    except InputError:  # a bare memory size names no catalog GPU: no FP8 assumed
+        catalog_gpu = None
+    has_fp8 = bool(catalog_gpu and catalog_gpu.fp8)
+    memory = gpu.memory_bytes / GIB if gpu.custom_memory or catalog_gpu is None else None
+    return deployment_advice(spec, plan.options.method, plan.options.lora_r, task.tenants, task.latency_target_ms,
+                             task.tokens_per_example or plan.options.seq_len, gpu.name, memory, has_fp8)
 
 
 def differences_from(yours: TrainingOptions, advised: TrainingOptions) -> list[str]:

@@ -92,7 +92,8 @@ def test_thousands_of_tenants_get_ia3():
 
 def test_a_few_tenants_get_multi_lora_serving():
     advice = advise(QWEN_SMALL, Task(tenants=12), H100)
-    assert advice.method == "lora" and any("multi-LoRA" in r for r in advice.reasons)
+    assert advice.method == "lora" and advice.deployment.action == "serve adapters"
+    assert advice.deployment.serving.options.enable_lora and any("--enable-lora" in r for r in advice.deployment.reasons)
 
 
 def test_light_style_change_targets_q_and_v_with_a_small_rank():
@@ -119,8 +120,8 @@ def test_lora_on_a_moe_model_s_fused_experts_is_advised_without_dropout():
 
 
 def test_latency_target_means_merging_the_adapter():
-    advice = advise(QWEN_SMALL, Task(latency_target_ms=50), H100)
-    assert any("merge the adapter" in r for r in advice.reasons)
+    advice = advise(QWEN_SMALL, Task(latency_target_ms=50, tenants=12), H100)
+    assert advice.deployment.action == "merge" and any("merge the adapter" in r for r in advice.deployment.reasons)
 
 
 def test_micro_batch_and_accumulation_give_the_effective_batch():

@@ -155,6 +155,10 @@ def cmd_advise(args) -> int:
         write(f"  alternative {alt.label}: {alt.plan.peak_bytes / GIB:.2f} GiB (up to {alt.plan.peak_high_bytes / GIB:.2f}), {fit}; {alt.why}")
     for other in advice.other_approaches:
         write(f"  also: {other}")
+    if advice.deployment is not None:
+        write(f"after training: {advice.deployment.action}" + (f", {advice.deployment.quantization} weights" if advice.deployment.quantization else ""))
+        for reason in advice.deployment.reasons:
+            write(f"  - {reason}")
     return 0
 
 
