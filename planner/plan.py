@@ -490,20 +490,35 @@ UNMEASURED_PARTS = (
      "the generation's KV cache once more, as if the allocator reused none of the blocks its growth frees (decode steps between "
      "the first and the last are stood in for)", _generation_cache),
 )
-ALLOWANCE_FOR = {name: why for name, _, why, _ in UNMEASURED_PARTS}
+
+
+def _sharded_qlora(options: TrainingOptions) -> bool:
+    return options.num_gpus > 1 and options.parallelism in ("fsdp", "zero3") and options.effective_quantization in ("nf4", "fp4")
+
+
+# Cases the plan is known to miss and cannot yet plan faithfully, found on published runs (so those
+# runs' band coverage is no longer a held-out figure): (name, applies, what the high end allows, its
+# bytes), whatever gave the reserve
+KNOWN_GAPS = (
+    ("sharded QLoRA", _sharded_qlora,
+     "published FSDP QLoRA runs measured 13% and 20% above their plans (bench/published.py: AAI-1, a 7B at 512 tokens; FMS-8, a 70B "
+     "at 2 x 4096), cause not found: a quarter of the central peak", lambda simulated, components: sum(c.bytes for c in components) // 4),
+)
+ALLOWANCE_FOR = {name: why for name, _, why, _ in UNMEASURED_PARTS + KNOWN_GAPS}
+KNOWN_GAP_NAMES = frozenset(name for name, _, _, _ in KNOWN_GAPS)
 
 
 def unmeasured_parts(reserve_source: str, options: TrainingOptions) -> list[str]:
-    if reserve_source != "simulated":
-        return []
-    return [name for name, applies, _, _ in UNMEASURED_PARTS if applies(options)]
+    simulated = [name for name, applies, _, _ in UNMEASURED_PARTS if applies(options)] if reserve_source == "simulated" else []
+    return simulated + [name for name, applies, _, _ in KNOWN_GAPS if applies(options)]
 
 
-def unmeasured_allowance_bytes(simulated: SimulatedStep, options: TrainingOptions, components: list[Component]) -> int:
-    """What the band's high end adds for the unmeasured parts (for a 13B QLoRA at 2 x 4096 tokens
-    under TRL, 0.41 GiB: 2.4% of the central figure; its band is 12.8% of the central figure wide,
-    the formula's 21.8%)."""
-    return sum(allowance(simulated, components) for _, applies, _, allowance in UNMEASURED_PARTS if applies(options))
+def unmeasured_allowance_bytes(simulated: SimulatedStep | None, options: TrainingOptions, components: list[Component]) -> int:
+    """What the band's high end adds for the unmeasured parts of a simulated step (for a 13B QLoRA
+    at 2 x 4096 tokens under TRL, 0.41 GiB: 2.4% of the central figure; its band is 12.8% of the
+    central figure wide, the formula's 21.8%) and for the known gaps of any plan."""
+    parts = UNMEASURED_PARTS if simulated is not None else ()
+    return sum(allowance(simulated, components) for _, applies, _, allowance in parts + KNOWN_GAPS if applies(options))
 
 
 def _band_note(components: list[Component], simulated: bool, gradients_bytes: int, unmeasured: list[str] = (), allowance_bytes: int = 0) -> str:
@@ -516,8 +531,12 @@ def _band_note(components: list[Component], simulated: bool, gradients_bytes: in
     low, high = band_bytes(components, cal, simulated, gradients_bytes, allowance_bytes)
     gradients = (f" plus {gradients_share:.0%} of the gradients ({gradients_bytes / GIB:.2f} GiB, which fragment the allocator's pool)"
                  if gradients_share and gradients_bytes >= GIB // 16 else "")
-    allowance = (f" plus {allowance_bytes / GIB:.2f} GiB for {' and '.join(unmeasured)}, simulated from the code and not yet checked against a "
-                 f"GPU run ({'; '.join(ALLOWANCE_FOR[part] for part in unmeasured)})" if unmeasured else "")
+    gaps = [part for part in unmeasured if part in KNOWN_GAP_NAMES]
+    simulated_parts = [part for part in unmeasured if part not in KNOWN_GAP_NAMES]
+    allowance = (f" plus {allowance_bytes / GIB:.2f} GiB for " + " and ".join(
+        ([f"{' and '.join(simulated_parts)}, simulated from the code and not yet checked against a GPU run "
+          f"({'; '.join(ALLOWANCE_FOR[part] for part in simulated_parts)})"] if simulated_parts else [])
+        + [f"{part}, not planned faithfully ({ALLOWANCE_FOR[part]})" for part in gaps]) if unmeasured else "")
     return (f"band {low / GIB:.2f} to {high / GIB:.2f} GiB around the central {sum(c.bytes for c in components) / GIB:.2f} GiB: "
             f"activations, logits, temporaries and the allocator's reserve up to {band_high:.0%} more{gradients}{allowance}, the whole up to "
             f"{-band_low:.0%} less (never below the exact weights, gradients and optimizer state), {source}; "
@@ -599,7 +618,8 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}{why_not}")
     reserve_source = "simulated" if isinstance(simulated, SimulatedStep) else "formula"
     unmeasured = unmeasured_parts(reserve_source, options)
-    allowance = unmeasured_allowance_bytes(simulated, options, everything) if isinstance(simulated, SimulatedStep) else 0
+    allowance = unmeasured_allowance_bytes(simulated if isinstance(simulated, SimulatedStep) else None, options, phases[peak_phase]
+                                           if not isinstance(simulated, SimulatedStep) else everything)
     assumptions.append(_band_note(phases[peak_phase], reserve_source == "simulated", step_gradients_bytes(everything), unmeasured, allowance))
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     release = 0
