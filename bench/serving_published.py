@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from planner.catalog import load_catalog_spec  # noqa: E402
-from planner.serving import GIB, ServingOptions, catalog_config, kv_from_available, plan_serving  # noqa: E402
+from planner.serving import GIB, ServingOptions, catalog_config, kv_from_available, plan_serving, serving_gpu  # noqa: E402
 
 CASES = [
     {
@@ -63,6 +63,36 @@ CASES = [
         "fitted": False,
     },
     {
+        # added 2026-12-05, held out: no coefficient was set from it
+        "id": "llama31-8b-l40s-32k",
+        "source": "https://github.com/vllm-project/vllm/pull/17122",
+        "model": "meta-llama/Llama-3.1-8B", "logged_model": "meta-llama/Llama-3.1-8B-Instruct",
+        "gpu": "L40S", "cuda_total_gib": None,  # not logged: the catalog's NVML memory less the driver's, as a user's plan has it
+        "engine_version": "0.8.4",  # not logged: the V1 engine of a log dated 2025-04-24 (0.8.4 was current)
+        # gpu_memory_utilization and max_num_batched_tokens are not in the posted lines: vLLM's defaults assumed
+        "options": {"max_model_len": 32768},
+        "logged": {"weights_gib": 14.9889, "tokens_min_over_ranks": 158656, "max_concurrency": 4.84},
+        "fitted": False,
+    },
+    {
+        "id": "llama3-8b-h100-v0-8k",
+        "source": "https://github.com/vllm-project/vllm/pull/10511",
+        "model": "meta-llama/Llama-3.1-8B", "logged_model": "meta-llama/Meta-Llama-3-8B (Llama-3.1-8B's shapes; its 8,192 positions are the default max_model_len)",
+        "gpu": "H100 80GB", "cuda_total_gib": 79.22,
+        "engine_version": "0.6.4",  # not logged: the V0 main branch of December 2024
+        "options": {"max_model_len": 8192},
+        "logged": {"weights_gib": 14.96, "kv_cache_gib": 53.29},
+        "fitted": False,
+    },
+    {
+        "id": "mistral-7b-gptq-kv-only",
+        "source": "https://github.com/ArmDeveloperEcosystem/arm-learning-paths/blob/main/content/learning-paths/laptops-and-desktops/dgx_spark_voicechatbot/4_vllm.md",
+        "model": "mistralai/Mistral-7B-v0.3", "logged_model": "TheBloke/Mistral-7B-Instruct-v0.2-GPTQ (the same KV shapes)",
+        "engine_version": "0.11.0",
+        "options": {"max_model_len": 32768},
+        "logged": {"available_kv_gib": 102.56, "tokens": 840160, "max_concurrency": 25.64},
+    },
+    {
         "id": "qwen3-14b-kv-only",
         "source": "https://github.com/LMCache/LMCache/issues/1739",
         "model": "Qwen/Qwen3-14B", "engine_version": "0.11.0",
@@ -87,7 +117,11 @@ def run_case(case: dict) -> dict:
         out["kv_only"] = {"tokens": tokens, "max_concurrency": round(conc, 2), "tokens_error_pct": _err(tokens, logged["tokens"]),
                           "concurrency_error_pct": _err(conc, logged["max_concurrency"])}
         return out
-    plan = plan_serving(spec, options, case["gpu"], int(case["cuda_total_gib"] * GIB), catalog_config(spec.name))
+    if case["cuda_total_gib"] is None:
+        _, total, _ = serving_gpu(options.model_copy(update={"gpu": case["gpu"]}))
+    else:
+        total = int(case["cuda_total_gib"] * GIB)
+    plan = plan_serving(spec, options, case["gpu"], total, catalog_config(spec.name))
     pred = {"weights_gib": round(plan.weights_bytes / GIB, 4), "kv_cache_gib": round(plan.kv_cache_bytes / GIB, 3),
             "blocks": plan.kv_cache_blocks, "tokens": plan.kv_cache_tokens, "max_concurrency": round(plan.max_concurrency, 2),
             "serves": plan.fits}
