@@ -314,13 +314,10 @@ def check_consistency(options: TrainingOptions) -> None:
                              "does not generate that way: leave it unset")
     if options.padding != "none" and (options.packing or options.padding_free):
         raise PlanInputError("padding", "packed or padding-free batches carry no padding: leave padding none")
-    if options.prepare_model_for_kbit_training and options.effective_quantization == "none":
-        raise PlanInputError("prepare_model_for_kbit_training", "prepare_model_for_kbit_training prepares a 4- or 8-bit base; "
-                             "this plan's base is not quantized (use method qlora, or a quantization)")
-    if options.peft_module_casting_to_bf16 and not (options.kbit_prepared and options.effective_weights_dtype == "bf16"):
+    if options.peft_module_casting_to_bf16 and not (options.prepare_model_for_kbit_training and options.effective_weights_dtype == "bf16"):
         raise PlanInputError("peft_module_casting_to_bf16", "TRL runs peft_module_casting_to_bf16 after prepare_model_for_kbit_training on a "
-                             "quantized base loaded in bf16: set prepare_model_for_kbit_training and bf16, or leave it off")
-    if options.prepare_model_for_kbit_training and not options.effective_autocast:
+                             "base loaded in bf16: set prepare_model_for_kbit_training and bf16, or leave it off")
+    if options.kbit_prepared and not options.effective_autocast:
         raise PlanInputError("autocast", "prepare_model_for_kbit_training without autocast is not planned: the upcast model would run "
                              "in fp32 outside bitsandbytes' layers; the Trainer and TRL run it under autocast: turn autocast on")
     if options.num_gpus == 1 and options.parallelism != "ddp":

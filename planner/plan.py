@@ -359,6 +359,10 @@ def _assumptions(options: TrainingOptions) -> list[str]:
                        + ("; a plain loop over 16-bit weights without it is autocast false" if "autocast" not in given else ""))
         else:
             out.append(f"no autocast: a plain loop over {options.effective_weights_dtype} weights (PEFT's fp32 adapters save fp32 copies of their inputs)")
+    if options.prepare_model_for_kbit_training and options.effective_quantization == "none":
+        # a search or the advice compares unquantized methods with the same options: planned as asked, and said
+        out.append("prepare_model_for_kbit_training is for a quantized base and changes nothing planned here; on this unquantized "
+                   f"base PEFT's function would cast every {options.effective_weights_dtype} weight to fp32: plan that as weights_dtype fp32")
     if options.effective_quantization != "none":
         if options.prepare_model_for_kbit_training:
             out.append("PEFT's prepare_model_for_kbit_training casts the unquantized weights (embeddings, lm_head, norms) to fp32, so the "

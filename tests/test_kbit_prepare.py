@@ -143,27 +143,42 @@ def test_a_7b_qlora_plan_doubles_its_checkpoints_and_says_which_it_assumed():
     assert any("casts the unquantized weights" in line for line in prepared.assumptions)
 
 
-def test_the_option_needs_a_quantized_base_and_autocast():
+def test_on_an_unquantized_base_it_changes_nothing_and_says_so_and_it_needs_autocast():
     spec = spec_from_config(TINY["llama"], "llama")
+    asked = build_plan(spec, TrainingOptions(method="lora", prepare_model_for_kbit_training=True, gpu="H100"))
+    plain = build_plan(spec, TrainingOptions(method="lora", gpu="H100"))
+    assert asked.peak_bytes == plain.peak_bytes
+    assert any("changes nothing planned here" in a and "weights_dtype fp32" in a for a in asked.assumptions)
     with pytest.raises(PlanInputError) as refused:
-        build_plan(spec, TrainingOptions(method="lora", prepare_model_for_kbit_training=True))
-    assert refused.value.field == "prepare_model_for_kbit_training"
+        build_plan(spec, TrainingOptions(method="qlora", prepare_model_for_kbit_training=True, peft_module_casting_to_bf16=True,
+                                         weights_dtype="fp16", precision="fp16"))
+    assert refused.value.field == "peft_module_casting_to_bf16"
     with pytest.raises(PlanInputError) as refused:
         build_plan(spec, TrainingOptions(method="qlora", autocast=False, prepare_model_for_kbit_training=True))
     assert refused.value.field == "autocast"
 
 
-def test_the_api_refuses_it_without_quantization_with_the_field():
+def test_the_api_and_the_page_plan_it_and_the_page_shows_the_choice():
+    import re
+
     from fastapi.testclient import TestClient
 
     from app.main import app
 
-    response = TestClient(app, raise_server_exceptions=False).post("/api/v1/plan", json={"model": "meta-llama/Llama-3.1-8B", "method": "lora", "prepare_model_for_kbit_training": True})
-    assert response.status_code == 422
-    assert "prepare_model_for_kbit_training" in response.text and "quantized" in response.text
-    # with a quantized base it plans, and the plan moves
-    assert TestClient(app).post("/api/v1/plan", json={"model": "meta-llama/Llama-3.1-8B", "method": "qlora", "gpu": "H100",
-                                                      "prepare_model_for_kbit_training": True}).status_code == 200
+    client = TestClient(app, raise_server_exceptions=False)
+    body = {"model": "meta-llama/Llama-3.1-8B", "method": "qlora", "gpu": "RTX 4090", "simulate_allocator": False}
+    plain = client.post("/api/v1/plan", json=body).json()
+    prepared = client.post("/api/v1/plan", json={**body, "prepare_model_for_kbit_training": True}).json()
+    assert prepared["peak_bytes"] > plain["peak_bytes"]
+    # fp16 weights with TRL's bf16 cast is refused with the field
+    refused = client.post("/api/v1/plan", json={**body, "prepare_model_for_kbit_training": True, "peft_module_casting_to_bf16": True,
+                                                "precision": "fp16"})
+    assert refused.status_code == 422 and "peft_module_casting_to_bf16" in refused.text
+    page = client.get("/", params={"model": "meta-llama/Llama-3.1-8B", "method": "qlora", "gpu": "RTX 4090",
+                                   "prepare_model_for_kbit_training": "true", "simulate_allocator": "false"})
+    assert page.status_code == 200
+    chosen = re.search(r'<select id="f-prepare_model_for_kbit_training".*?</select>', page.text, re.S).group(0)
+    assert 'value="true" selected' in chosen and "casts the unquantized weights" in page.text
 
 
 def test_a_launched_run_calls_it_before_the_trainer(tiny_run):
