@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from launcher.backends.ray import RayBackend, RayOptions
 from launcher.supervisor import Supervisor
 from tests.test_launcher import launch_args, wait_for
 
+# every test of this file in one xdist worker: the head's ports are fixed
+pytestmark = pytest.mark.xdist_group("ray")
 # not Ray's default ports; note that `ray stop --force` at the end stops every Ray process of this user
 DASHBOARD_PORT = 8275
 ray_missing = shutil.which("ray", path=str(Path(sys.executable).parent)) is None
@@ -33,7 +36,9 @@ def tiny(tiny_run):
 def ray_head(tmp_path_factory):
     ray = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    temp = tmp_path_factory.mktemp("ray")
+    # Ray's sockets live under its temp dir and AF_UNIX paths stop at 107 bytes: pytest's own temp
+    # path (longer under xdist: .../popen-gw1/ray0) made the dashboard's socket paths too long
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     started = subprocess.run([ray, "start", "--head", "--port=6391", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
                               "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}", "--ray-client-server-port=10101",
                               "--node-manager-port=6392", "--object-manager-port=6393", "--min-worker-port=11000", "--max-worker-port=11100"],
@@ -42,11 +47,11 @@ def ray_head(tmp_path_factory):
         pytest.skip(f"a local Ray head did not start: {(started.stderr or started.stdout).strip()[-300:]}")
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
     try:
-        # the dashboard takes a minute or more while the suite's other worker keeps the cores busy
-        wait_for(lambda: RayBackend().check(RayOptions(address=address)).ok, timeout=180, interval=1)
+        wait_for(lambda: RayBackend().check(RayOptions(address=address)).ok, timeout=60, interval=1)
         yield address
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def ray_args(tiny, data_dir, address, *extra, steps=6):

@@ -19,6 +19,9 @@ from launcher.backends.slurm import STATES, SlurmBackend, SlurmOptions
 from launcher.supervisor import Supervisor
 from tests.test_launcher import launch_args, wait_for
 
+# the real-cluster tests share one Slurm: one xdist worker runs them all
+pytestmark = pytest.mark.xdist_group("slurm")
+
 FAKE = Path(__file__).with_name("fake_slurm")
 
 
