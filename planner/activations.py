@@ -66,8 +66,14 @@ from planner.components import Component
 from planner.dtypes import dtype_bytes
 from planner.logits import saves_head_input
 from planner.options import ADAPTER_METHODS, TrainingOptions
-from planner.spec import ModelSpec
-from planner.trainable import adapter_dtype, ia3_linears, ia3_modules, resolve_targets, split_moe_targets
+from planner.spec import LinearSpec, ModelSpec
+from planner.trainable import (
+    adapter_dtype,
+    ia3_linears,
+    ia3_modules,
+    resolve_targets,
+    split_moe_targets,
+)
 
 # bytes of the token ids the embedding saves (int64)
 TOKEN_ID_BYTES = 8
@@ -90,12 +96,18 @@ def compute_bytes(options: TrainingOptions) -> int:
     return dtype_bytes(options.precision)
 
 
-def _adapted(spec: ModelSpec, options: TrainingOptions) -> dict[str, tuple[int, int]]:
-    """Adapted Linear leaf name -> (in, out) for LoRA-family methods (the first layer's shapes)."""
+def _adapted_linears(spec: ModelSpec, options: TrainingOptions) -> dict[str, LinearSpec]:
+    """Adapted Linear leaf name -> the first layer's Linear, for LoRA-family methods (memoized per
+    spec: the caller must not change it)."""
     if options.method not in ADAPTER_METHODS:
         return {}
     targets = options.lora_targets if isinstance(options.lora_targets, str) else tuple(options.lora_targets)
-    return dict(spec.memoized(("adapted_linears", targets), lambda: _first_layer_linears(spec, options.lora_targets)))
+    return spec.memoized(("adapted_linears", targets), lambda: _first_layer_linears(spec, options.lora_targets))
+
+
+def _adapted(spec: ModelSpec, options: TrainingOptions) -> dict[str, tuple[int, int]]:
+    """Adapted Linear leaf name -> (in, out) for LoRA-family methods (the first layer's shapes)."""
+    return {name: (lin.in_features, lin.out_features) for name, lin in _adapted_linears(spec, options).items()}
 
 
 # adapted Linears reading one tensor: the attention's input, the MLP's input
@@ -103,26 +115,11 @@ _INPUT_GROUPS = {"attention.q": "attention_input", "attention.k": "attention_inp
                  "attention.qkv": "attention_input", "mlp.gate": "mlp_input", "mlp.up": "mlp_input", "mlp.gate_up": "mlp_input"}
 
 
-def _adapted_roles(spec: ModelSpec, options: TrainingOptions) -> dict[str, str]:
-    """Adapted Linear leaf name -> its role (attention.q, mlp.down, ...), the first layer's."""
-    targets = options.lora_targets if isinstance(options.lora_targets, str) else tuple(options.lora_targets)
-
-    def roles():
-        modules, _ = split_moe_targets(spec, options.lora_targets)
-        return {lin.name.rsplit(".", 1)[-1]: lin.role for lin in resolve_targets(spec, modules) if lin.layer in (0, None)} if modules else {}
-
-    return dict(spec.memoized(("adapted_roles", targets), roles))
-
-
-def _first_layer_linears(spec: ModelSpec, targets: list[str] | str) -> dict[str, tuple[int, int]]:
+def _first_layer_linears(spec: ModelSpec, targets: list[str] | str) -> dict[str, LinearSpec]:
     modules, _ = split_moe_targets(spec, targets)
     if not modules:
         return {}
-    out: dict[str, tuple[int, int]] = {}
-    for lin in resolve_targets(spec, modules):
-        if lin.layer in (0, None):
-            out[lin.name.rsplit(".", 1)[-1]] = (lin.in_features, lin.out_features)
-    return out
+    return {lin.name.rsplit(".", 1)[-1]: lin for lin in resolve_targets(spec, modules) if lin.layer in (0, None)}
 
 
 def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTerms:
@@ -209,9 +206,9 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
     adapter_elem = e if autocast else a
     shares_input = a == e and w == e and options.lora_dropout == 0
     inputs_seen: set[str] = {"attention.o"}
+    roles = {name: lin.role for name, lin in _adapted_linears(spec, options).items()}
     for name, (fan_in, fan_out) in adapted.items():
-        role = _adapted_roles(spec, options).get(name, name)
-        group = _INPUT_GROUPS.get(role, role)
+        group = _INPUT_GROUPS.get(roles[name], roles[name])
         if not shares_input or group not in inputs_seen:
             per_token += adapter_elem * fan_in
         inputs_seen.add(group)

@@ -23,9 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from planner.errors import PlanInputError
+from planner.serving import (
+    GIB,
+    ServingOptions,
+    catalog_config,
+    plan_serving,
+    serving_gpu,
+)
 from planner.spec import ModelSpec
 
-GIB = 1 << 30
 MAX_LORA_SLOTS = 8
 WANTED_CONCURRENCY = 4
 LORA_SERVED = ("lora", "qlora")
@@ -79,8 +85,6 @@ def deployment_advice(spec: ModelSpec, method: str, lora_r: int, tenants: int, l
                       gpu_name: str, gpu_memory_gib: float | None = None, has_fp8: bool = False) -> Deployment:
     """What to do with the trained model and what it takes to serve it on `gpu_name` (or a GPU of
     `gpu_memory_gib`), for requests of `request_tokens`."""
-    from planner.serving import ServingOptions, catalog_config, plan_serving, serving_gpu
-
     action, reasons = _action(method, tenants, latency_target_ms)
     if action == "serve with PEFT":
         return Deployment(action, None, None, tuple(reasons))

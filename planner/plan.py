@@ -517,12 +517,14 @@ def unmeasured_parts(reserve_source: str, options: TrainingOptions) -> list[str]
     return simulated + [name for name, applies, _, _ in KNOWN_GAPS if applies(options)]
 
 
-def unmeasured_allowance_bytes(simulated: SimulatedStep | None, options: TrainingOptions, components: list[Component]) -> int:
-    """What the band's high end adds for the unmeasured parts of a simulated step (for a 13B QLoRA
-    at 2 x 4096 tokens under TRL, 0.41 GiB: 2.4% of the central figure; its band is 12.8% of the
-    central figure wide, the formula's 21.8%) and for the known gaps of any plan."""
-    parts = UNMEASURED_PARTS if simulated is not None else ()
-    return sum(allowance(simulated, components) for _, applies, _, allowance in parts + KNOWN_GAPS if applies(options))
+def unmeasured_allowance_bytes(simulated: SimulatedStep | None, options: TrainingOptions, components: list[Component],
+                               peak_components: list[Component]) -> int:
+    """What the band's high end adds for the unmeasured parts of a simulated step, from all its
+    components (for a 13B QLoRA at 2 x 4096 tokens under TRL, 0.41 GiB: 2.4% of the central figure;
+    its band is 12.8% of the central figure wide, the formula's 21.8%), and for the known gaps of
+    any plan, from its peak phase's."""
+    parts = sum(allowance(simulated, components) for _, applies, _, allowance in UNMEASURED_PARTS if applies(options)) if simulated is not None else 0
+    return parts + sum(allowance(simulated, peak_components) for _, applies, _, allowance in KNOWN_GAPS if applies(options))
 
 
 def _band_note(components: list[Component], simulated: bool, gradients_bytes: int, unmeasured: list[str] = (), allowance_bytes: int = 0) -> str:
@@ -622,8 +624,7 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}{why_not}")
     reserve_source = "simulated" if isinstance(simulated, SimulatedStep) else "formula"
     unmeasured = unmeasured_parts(reserve_source, options)
-    allowance = unmeasured_allowance_bytes(simulated if isinstance(simulated, SimulatedStep) else None, options, phases[peak_phase]
-                                           if not isinstance(simulated, SimulatedStep) else everything)
+    allowance = unmeasured_allowance_bytes(simulated if isinstance(simulated, SimulatedStep) else None, options, everything, phases[peak_phase])
     assumptions.append(_band_note(phases[peak_phase], reserve_source == "simulated", step_gradients_bytes(everything), unmeasured, allowance))
     assumptions.append(f"peak during {peak_phase.replace('_', ' ')}; totals by phase (GiB): " + ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in totals.items()))
     release = 0

@@ -344,15 +344,22 @@ def measure_step_peak(config: dict, method: str, attention: str, checkpointing: 
         extra["fused_lm_head"] = True
     model = apply_method(model, method, lora_r, checkpointing)
     model.train()
-    # fused is the plan's adamw (in place); on CPU torch's own default is the per-tensor loop, whose
-    # temporaries are one tensor's size; foreach=True is the multi-tensor path CUDA takes by default
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=optimizer == "adamw_foreach")
     torch.manual_seed(0)
     ids = torch.randint(3, config["vocab_size"], (sequences, seq_len))
+    return training_step_peak(model, ids, autocast, foreach=optimizer == "adamw_foreach", **extra)
+
+
+def training_step_peak(model, ids, autocast: bool = True, foreach: bool = False, **forward_kwargs) -> int:
+    """Peak CPU memory of one training step of `model` on `ids` (forward with labels, backward,
+    AdamW step over the trainable parameters, zero_grad), after a warm-up step.
+
+    fused is the plan's adamw (in place); on CPU torch's own default is the per-tensor loop, whose
+    temporaries are one tensor's size; foreach=True is the multi-tensor path CUDA takes by default."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=foreach)
 
     def step():
         with _autocast(autocast):
-            loss = model(input_ids=ids, labels=ids, **extra).loss
+            loss = model(input_ids=ids, labels=ids, **forward_kwargs).loss
         loss.backward()
         del loss
         optimizer.step()

@@ -22,7 +22,14 @@ from planner.plan import build_plan
 from planner.static_memory import static_components
 from planner.step_trace import simulate_step
 from tests.conftest import TINY
-from tests.realstack import _autocast, build_model, profiled_peak, quant_state_tensors, saved_activation_bytes, unique_bytes
+from tests.realstack import (
+    _autocast,
+    build_model,
+    quant_state_tensors,
+    saved_activation_bytes,
+    training_step_peak,
+    unique_bytes,
+)
 
 pytest.importorskip("bitsandbytes")
 BATCH, SEQ = 2, 64
@@ -95,19 +102,7 @@ def test_weights_to_the_byte_and_saved_activations_within_5_percent(arch, checkp
 def test_whole_step_peak_on_cpu_within_the_step_tolerance(checkpointing):
     config = dict(TINY["llama"])
     model = _real_qlora(config, True, checkpointing)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(3, config["vocab_size"], (BATCH, 128))
-
-    def step():
-        with _autocast(True):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        del loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    measured = profiled_peak(step)
+    measured = training_step_peak(model, torch.randint(3, config["vocab_size"], (BATCH, 128)))
     plan = build_plan(spec_from_config(config, "llama"), _options(True, checkpointing, seq_len=128))
     planned = sum(c.bytes for c in plan.components if c.family != "runtime")
     assert -0.05 <= (planned - measured) / measured <= 0.10, (planned, measured)
@@ -226,19 +221,7 @@ def test_adapters_in_the_base_dtype_when_autocast_adapter_dtype_is_off(autocast,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    ids = torch.randint(3, config["vocab_size"], (BATCH, SEQ))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        with _autocast(autocast):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        del loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    measured = profiled_peak(step)
+    measured = training_step_peak(model, torch.randint(3, config["vocab_size"], (BATCH, SEQ)), autocast)
     spec = spec_from_config(config, "llama")
     options = TrainingOptions(method="lora", weights_dtype="bf16", precision="bf16", gradient_checkpointing=checkpointing, batch_size=BATCH,
                               seq_len=SEQ, trainer="hf", lora_r=8, lora_dropout=0.0, gpu_memory_gib=80, autocast=autocast, autocast_adapter_dtype=False)
