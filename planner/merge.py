@@ -105,6 +105,15 @@ class MergePlan:
         return sum(t.bytes for t in self.host_terms if t.name != "host.runtime")
 
     @property
+    def host_floor_bytes(self) -> int:
+        """The tensors resident by the time the merged model is saved: the model and the adapter.
+        transformers 5 loads a checkpoint in the merge dtype without copying it (the parameters are
+        the memory-mapped file), so untouched weights cost no RSS until the save reads them and the
+        merge's temporaries need not coexist with the whole model: a run measures between this
+        floor and host_merge_bytes, the plan's upper bound."""
+        return sum(t.bytes for t in self.host_terms if t.name.startswith("weights."))
+
+    @property
     def fits(self) -> bool:
         ok = True
         if self.device_memory_bytes is not None and self.device_terms:
@@ -121,6 +130,7 @@ class MergePlan:
             "gpu_peak_bytes": self.device_peak_bytes if self.device_terms else 0,
             "host_peak_bytes": self.host_peak_bytes,
             "host_merge_bytes": self.host_merge_bytes,
+            "host_floor_bytes": self.host_floor_bytes,
             "disk_bytes": self.disk_bytes,
             "gpu_memory_bytes": self.device_memory_bytes,
             "host_memory_bytes": self.host_memory_bytes,

@@ -1,7 +1,8 @@
 """A merge run is real: `vramplan merge BASE --run --adapter-dir A --output O` merges a PEFT LoRA
 adapter into a Llama built from a config with random weights, the saved shards hold
 base + B @ A x scaling, and the host peak the child measured (ru_maxrss less its RSS once
-imported) sits within the plan's band: in the checkpoint's own dtype and from an fp32 checkpoint
+imported) sits within the plan's range (at least the model and adapter, at most the plan's upper
+bound, each widened by the band): in the checkpoint's own dtype and from an fp32 checkpoint
 merged in bf16. Bad input is exit 2 with one line, before any child starts."""
 
 import json
@@ -68,9 +69,10 @@ def test_the_merge_happens_and_its_host_peak_is_within_the_plan(models, capsys):
     # the plan was made for this adapter: its rank and modules
     plan = result["plan"]
     assert plan["options"]["lora_r"] == 8 and "down_proj" in plan["options"]["lora_targets"]
-    # measured beside planned: within the band
+    # measured beside planned: between the floor (model and adapter) and the upper bound, +-10%
     c = result["comparison"]
     assert result["measured"]["host_peak_bytes"] > 0 and c["host_planned_bytes"] == plan["host_merge_bytes"]
+    assert c["host_floor_bytes"] * 0.9 <= c["host_measured_bytes"] <= c["host_planned_bytes"] / 0.9, c
     assert c["host_within_band"], c
     assert abs(c["runtime_measured_bytes"] - c["runtime_planned_bytes"]) < 0.25 * c["runtime_planned_bytes"]
 
@@ -83,6 +85,20 @@ def test_an_fp32_checkpoint_merged_in_bf16_holds_the_file_too(models, capsys, tm
     names = [c["name"] for c in result["plan"]["host_components"]]
     assert "host.checkpoint" in names
     assert result["comparison"]["host_within_band"], result["comparison"]
+
+
+def test_a_peak_under_the_floor_or_over_the_plan_is_outside_the_band(models):
+    from app.merge_run import compare, plan_run
+    from planner.merge import MergeOptions
+
+    base, adapter = models["small"]
+    plan = plan_run(str(base), str(adapter), str(models["root"] / "unused"), MergeOptions(method="peft"))[0]
+    floor, high = plan.host_floor_bytes, plan.host_merge_bytes
+    assert 0 < floor < high
+    runtime = {"rss_after_imports_bytes": 400 * 2**20}
+    verdict = {got: compare(plan, {"host_peak_bytes": got, **runtime})["host_within_band"]
+               for got in (floor, high, int(high * 1.2), int(floor * 0.8))}
+    assert verdict == {floor: True, high: True, int(high * 1.2): False, int(floor * 0.8): False}
 
 
 def _one_line_error(code, captured, *words):

@@ -38,7 +38,8 @@ def _run(args, options) -> int:
     c, m = result["comparison"], result["measured"]
     write(f"merged: {adapter['path']} into {base} -> {output} ({len(m['files'])} files, {m['output_bytes'] / MIB:.1f} MiB, {m['seconds']:.1f} s)")
     write(f"  host peak above the runtime: measured {c['host_measured_bytes'] / MIB:.1f} MiB, planned {c['host_planned_bytes'] / MIB:.1f} MiB "
-          f"({c['host_error']:+.1%}; {'within' if c['host_within_band'] else 'outside'} the ±{c['host_band']:.0%} band)")
+          f"({c['host_error']:+.1%}; {'within' if c['host_within_band'] else 'outside'} the planned range "
+          f"{c['host_floor_bytes'] / MIB:.1f}-{c['host_planned_bytes'] / MIB:.1f} MiB ±{c['host_band']:.0%})")
     write(f"  runtime (torch, transformers, PEFT imported): measured {c['runtime_measured_bytes'] / MIB:.0f} MiB, planned {c['runtime_planned_bytes'] / MIB:.0f} MiB")
     if "gpu_measured_bytes" in c:
         write(f"  GPU peak: measured {c['gpu_measured_bytes'] / MIB:.1f} MiB, planned {c['gpu_planned_bytes'] / MIB:.1f} MiB")
