@@ -249,3 +249,24 @@ def test_an_export_says_what_it_assumed_and_a_launch_refuses_what_trl_does_not_r
         with pytest.raises(PlanInputError) as refused:
             launch_spec(plan, "meta-llama/Llama-3.1-8B", settings, runs_root=None, for_export=False)
         assert refused.value.field == field
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_the_launched_trainer_gets_the_prepared_model_only_when_the_plan_says_so(tiny_run, tmp_path, prepared):
+    """build_trainer, the entry's own path from spec.json and trl.yaml to the TRL trainer: with the
+    option the trainer's model has fp32 embeddings (PEFT's function ran), without it bf16 (TRL's loader)."""
+    from launcher.entry import build_trainer
+    from launcher.run_files import run_files, write_files
+    from launcher.spec import RunSettings, launch_spec
+    from planner.request import resolve_source
+
+    model = str(tiny_run["model"])
+    plan = build_plan(resolve_source(model).spec, _options(prepared, True, gpu_memory_gib=24, trainer="trl", batch_size=1))
+    spec = launch_spec(plan, model, RunSettings(dataset=str(tiny_run["sft"]), output_dir=str(tmp_path / "out"), max_steps=1),
+                       device="cpu")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_files(run_dir, run_files(spec))
+    trainer, _ = build_trainer(spec.model_dump(mode="json"), run_dir, callbacks=[])
+    embedding = trainer.model.get_input_embeddings().weight
+    assert embedding.dtype == (torch.float32 if prepared else torch.bfloat16)
