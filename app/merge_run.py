@@ -4,21 +4,10 @@
 The parent (this module, called by the CLI) checks the input before anything heavy starts: the
 base is a local directory with a config.json and weights, the adapter a PEFT LoRA/DoRA adapter
 whose every A and B matrix fits a Linear layer of that base, the output directory new or empty.
-It plans the merge with the adapter's own rank, modules and DoRA flag, then starts a child
-process (`python -m app.merge_run`), which:
-
-1. imports torch, transformers and PEFT and builds the model's class on the meta device (so the
-   modeling code is imported too), resets the kernel's peak RSS (clear_refs) and reads its
-   resident memory: the baseline;
-2. loads the base in the plan's dtype (never trust_remote_code), loads the adapter
-   (PeftModel.from_pretrained), merges (merge_and_unload) and saves safetensors shards of the
-   plan's shard size;
-3. reads its peak resident memory (VmHWM; getrusage's ru_maxrss where /proc is missing, which on
-   Linux also carries the parent's peak across fork and exec) and, where CUDA exists, torch's
-   max_memory_allocated, and writes them as JSON to a file the parent names.
-
-The measured host peak is that peak less the baseline: the memory the merge itself took, which
-is the plan's host peak less its host.runtime term (MergePlan.host_merge_bytes).
+It plans the merge with the adapter's own rank, modules and DoRA flag, then starts the merge in a
+child process (`python -m launcher.merge_job`, which measures it: see there) and holds the measured
+host peak against the plan's range (`compare`). `vramplan merge --launch` runs the same merge as a
+run of the launcher instead (launcher/merge_job.py's run_launched), kept in the run store.
 """
 
 from __future__ import annotations
@@ -29,15 +18,11 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from launcher.merge_job import MALLOC_ENV
+
 CHILD_TIMEOUT_S = 3600
-# glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which the
-# merge's per-layer temporaries come from the heap and stay there: the same merge then peaks
-# anywhere from 0 to 20% higher from run to run. A fixed threshold hands every freed temporary back,
-# and the peak repeats to the MiB (docs/serving.md).
-CHILD_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -197,9 +182,9 @@ def run_merge(plan, base: Path, adapter: dict, output: Path, timeout: float = CH
     args = {"base": str(base), "adapter": adapter["path"], "output": str(output), "dtype": o.dtype,
             "device": o.device, "max_shard_size": f"{int(o.out_shard_size_gb * 1000)}MB", "result": result_path}
     root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), **CHILD_MALLOC_ENV}
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), **MALLOC_ENV}
     try:
-        proc = subprocess.run([sys.executable, "-m", "app.merge_run", json.dumps(args)], env=env, cwd=root,
+        proc = subprocess.run([sys.executable, "-m", "launcher.merge_job", json.dumps(args)], env=env, cwd=root,
                               capture_output=True, text=True, timeout=timeout)
         text = Path(result_path).read_text() if os.path.getsize(result_path) else ""
     except subprocess.TimeoutExpired:
@@ -213,110 +198,3 @@ def run_merge(plan, base: Path, adapter: dict, output: Path, timeout: float = CH
         tail = (result.get("error") or proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"])
         raise MergeFailed(tail if isinstance(tail, str) else tail[0])
     return {"plan": plan.to_dict(), "measured": result, "comparison": compare(plan, result), "output": str(output)}
-
-
-# -- the child: merge and measure ------------------------------------------------------------------
-
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak RSS of this process to its RSS now (Linux 4.0+: clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes() -> tuple[int, str]:
-    """The process's peak RSS. VmHWM where /proc has it: getrusage's ru_maxrss also holds the
-    parent's peak at fork (Linux keeps the larger across fork and exec), so a child started by a
-    process that once held more reports the parent's figure."""
-    hwm = _status_bytes("VmHWM")
-    if hwm is not None:
-        return hwm, "VmHWM"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
-
-
-def _rss_bytes() -> int:
-    rss = _status_bytes("VmRSS")
-    if rss is not None:
-        return rss
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _child(args: dict) -> int:
-    import gc
-    import resource
-
-    def done(data: dict, code: int) -> int:
-        Path(args["result"]).write_text(json.dumps(data))
-        return code
-
-    import torch
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    dtype = getattr(torch, args["dtype"])
-    cuda = args["device"] == "cuda" and torch.cuda.is_available()
-    try:
-        config = AutoConfig.from_pretrained(args["base"], trust_remote_code=False)
-        with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config, trust_remote_code=False)  # imports the modeling code
-        PeftConfig.from_pretrained(args["adapter"])
-    except (ValueError, OSError, KeyError) as exc:
-        return done({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}, 2)
-    if cuda:
-        torch.zeros(1, device="cuda")  # the CUDA context before the baseline
-        torch.cuda.reset_peak_memory_stats()
-    gc.collect()
-    reset = _reset_peak()
-    baseline = _rss_bytes()
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.monotonic()
-    model = AutoModelForCausalLM.from_pretrained(args["base"], dtype=dtype, trust_remote_code=False,
-                                                 device_map="cuda" if cuda else None)
-    try:
-        model = PeftModel.from_pretrained(model, args["adapter"])
-    except (ValueError, RuntimeError, KeyError) as exc:  # PEFT's size mismatch: an adapter for another model
-        return done({"error": f"PEFT refused the adapter: {str(exc).strip().splitlines()[0][:300]}"}, 2)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(args["output"], max_shard_size=args["max_shard_size"])
-    seconds = time.monotonic() - start
-    peak, peak_source = _peak_bytes()
-    files = sorted(p.name for p in Path(args["output"]).iterdir())
-    return done({
-        "host_peak_bytes": max(0, peak - baseline),
-        "host_maxrss_bytes": peak,
-        "peak_source": peak_source + (" (reset after the imports)" if reset and peak_source == "VmHWM" else ""),
-        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_after_imports_bytes": baseline,
-        "maxrss_after_imports_bytes": maxrss_before,
-        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-        "device": "cuda" if cuda else "cpu",
-        "seconds": round(seconds, 3),
-        "files": files,
-        "output_bytes": sum((Path(args["output"]) / f).stat().st_size for f in files),
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "peft": __import__("peft").__version__, "safetensors": __import__("safetensors").__version__},
-    }, 0)
-
-
-if __name__ == "__main__":
-    sys.exit(_child(json.loads(sys.argv[1])))

@@ -227,7 +227,7 @@ def run_dict(record, queue_position: int | None = None) -> dict:
     data = record.to_dict()
     spec = record.spec
     data["device"] = spec["resources"]["device"]
-    data["planned_gpu"] = spec["plan"]["gpu"]["name"]
+    data["planned_gpu"] = (spec["plan"].get("gpu") or {}).get("name")  # a merge plan names none
     data["predicted_low_bytes"] = spec["plan"].get("peak_low_bytes")
     data["queue_position"] = queue_position
     data["terminal"] = record.terminal
@@ -248,7 +248,7 @@ def measured_per_step(record, rows: list[dict]) -> list[tuple[int, int]]:
     CUDA context, the measure the supervisor's measured peak uses."""
     context = record.measured_cuda_context_bytes
     if context is None:
-        context = next((c["bytes"] for c in record.spec["plan"]["components"] if c["name"] == "runtime.cuda_context"), 0)
+        context = next((c["bytes"] for c in record.spec["plan"].get("components", ()) if c["name"] == "runtime.cuda_context"), 0)
     by_step: dict[int, int] = {}
     for row in rows:
         if row.get("max_reserved") is not None:

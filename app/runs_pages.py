@@ -368,7 +368,7 @@ def _run_context(request: Request, record, error: str | None = None) -> dict:
         # the live feed starts after what this page shows (a reconnect sends Last-Event-ID instead)
         "cursor": str(Cursor(rows[-1]["step"] if rows else -1, len(transitions), log_end)),
         "log": log_text, "log_cut": log_cut, "resumable": resumable,
-        "dataset": spec["dataset"]["location"], "plan_gpu": spec["plan"]["gpu"], "sse": _live_scripts() and not record.terminal,
+        "dataset": spec["dataset"]["location"], "plan_gpu": spec["plan"].get("gpu"), "sse": _live_scripts() and not record.terminal,
         "live_scripts": _live_scripts(), "refresh_s": REFRESH_S,
     }
 

@@ -367,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     # so a hang says where it hung
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     _environment(spec)
+    if spec.get("task") == "merge":
+        from launcher.merge_job import run_launched
+
+        return run_launched(spec, run_dir)
 
     try:
         from launcher.events import EventWriter, LaunchCallback, MemoryProbe, StopFlag

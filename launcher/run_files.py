@@ -27,9 +27,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from launcher.backend import LogChunk, Rendered
-from launcher.entry import EXIT_OOM  # noqa: F401  (re-exported: the entry's exit code on CUDA out of memory)
+from launcher.entry import EXIT_OOM  # re-exported: the entry's exit code on CUDA out of memory
 from launcher.exports import trl_config
-from launcher.shim import EXIT_FILE  # noqa: F401  (re-exported: the shim's exit record, exit.json)
+from launcher.merge_job import MALLOC_ENV
+from launcher.shim import EXIT_FILE  # re-exported: the shim's exit record, exit.json
 from launcher.spec import ENV_ALLOWLIST, SECRET_ENV, LaunchSpec
 
 __all__ = [
@@ -83,6 +84,8 @@ def run_files(spec: LaunchSpec) -> dict[str, str]:
     ``{"spec.json": ..., "trl.yaml": ...}``; a backend adds its own (accelerate.yaml, a job script)
     to the dict it returns in Rendered.files.
     """
+    if spec.task == "merge":  # no trainer: launcher/merge_job.py reads the spec alone
+        return {"spec.json": spec.model_dump_json(indent=2)}
     return {"spec.json": spec.model_dump_json(indent=2), "trl.yaml": yaml_text(trl_config(spec))}
 
 
@@ -110,6 +113,8 @@ def run_environment(spec: LaunchSpec, source: Mapping[str, str] | None = None) -
     env = {k: v for k, v in source.items() if k in ENV_ALLOWLIST}
     env[MARKER] = spec.run_id
     env["PYTHONUNBUFFERED"] = "1"
+    if spec.task == "merge":
+        env.update(MALLOC_ENV)
     if spec.alloc_conf():
         env["PYTORCH_CUDA_ALLOC_CONF"] = spec.alloc_conf()
     if spec.resources.device == "cpu":

@@ -116,8 +116,22 @@ class Resources(BaseModel):
     gpus: tuple[str, ...] = ()  # NVML UUIDs chosen at admission (local); empty: the backend decides
 
 
+class MergeJob(BaseModel):
+    """What a merge run (LaunchSpec.task "merge") needs beyond the spec: the adapter merged into the
+    spec's model, and the plan's figures its measurement is held to (planner.merge.MergePlan)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    adapter: str = Field(max_length=4096)  # the PEFT adapter's directory, absolute
+    dtype: Literal["bfloat16", "float16", "float32"]
+    max_shard_size: str = Field(pattern=r"^[0-9]{1,9}MB$")
+    host_planned_bytes: int = Field(ge=0)  # MergePlan.host_merge_bytes: the upper end, above the imported runtime
+    host_floor_bytes: int = Field(ge=0)  # MergePlan.host_floor_bytes: the model and adapter
+
+
 class LaunchSpec(BaseModel):
-    """One run, fully decided. Serialised as the run directory's spec.json."""
+    """One run, fully decided. Serialised as the run directory's spec.json. A training run by
+    default; task "merge" is a PEFT merge (launcher/merge_job.py), whose dataset is its adapter's
+    directory and whose `merge` holds the rest."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -153,6 +167,14 @@ class LaunchSpec(BaseModel):
     # a served run's roots (launcher/paths.py): the trainer confines the model, the dataset and output_dir to them again when it
     # opens them (launcher/entry.py confine_at_use), so a path swapped for a symlink after the launch was accepted leads nowhere
     confine_to: tuple[str, ...] = ()
+    task: Literal["train", "merge"] = "train"
+    merge: MergeJob | None = None
+
+    @model_validator(mode="after")
+    def _merge_has_its_job(self):
+        if (self.task == "merge") != (self.merge is not None):
+            raise ValueError("a merge run has a merge job, and only a merge run")
+        return self
 
     def with_advised(self, advised: dict[str, Any]) -> LaunchSpec:
         return self.model_copy(update={"advised": dict(advised)})
@@ -318,4 +340,31 @@ def launch_spec(plan, model: str, settings: RunSettings, *, run_id: str | None =
         output_dir=output_dir,
         resume_from=resume_from,
         attempt=attempt,
+    )
+
+
+def merge_launch_spec(plan, base: str, adapter: str, output_dir: str, *, run_id: str | None = None) -> LaunchSpec:
+    """The spec of a merge run: `plan` a planner.merge.MergePlan for this adapter (app/merge_run.py's
+    plan_run checked the base, the adapter and the output first). On the CPU the prediction is the
+    host peak above the imported runtime, which the run measures; with CUDA, the GPU's peak."""
+    o = plan.options
+    predicted = plan.device_peak_bytes if o.device == "cuda" else plan.host_merge_bytes
+    return LaunchSpec(
+        run_id=run_id or new_run_id(),
+        stage="merge",
+        method=o.adapter,
+        model=ModelRef(kind="directory", location=str(base)),
+        dataset=DatasetRef(kind="directory", location=str(adapter)),
+        settings=RunSettings(dataset=str(adapter), output_dir=str(output_dir), device=o.device),
+        options=o.model_dump(mode="json"),
+        plan=plan.to_dict(),
+        plan_hash=options_hash(o.model_dump(mode="json")),
+        predicted_peak_bytes=predicted,
+        predicted_high_bytes=predicted,
+        resources=Resources(num_processes=1, device=o.device),
+        allocator="default",
+        output_dir=str(output_dir),
+        task="merge",
+        merge=MergeJob(adapter=str(adapter), dtype=o.dtype, max_shard_size=f"{int(o.out_shard_size_gb * 1000)}MB",
+                       host_planned_bytes=plan.host_merge_bytes, host_floor_bytes=plan.host_floor_bytes),
     )

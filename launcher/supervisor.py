@@ -26,7 +26,7 @@ from launcher.backend import (
     RunState,
 )
 from launcher.registry import load_backend
-from launcher.spec import LaunchSpec, RunSettings, launch_spec
+from launcher.spec import LaunchSpec, RunSettings, launch_spec, merge_launch_spec
 from launcher.store import RunRecord, RunStore
 
 MAX_EVENT_LINE = 65_536
@@ -173,6 +173,13 @@ class Supervisor:
             spec = spec.model_copy(update={"confine_to": tuple(str(root) for root in confine_to)})
         prepared = self._place(backend, impl, spec, options_model, gpus)
         return replace(prepared, dataset_check=dataset_check.to_dict()) if dataset_check is not None else prepared
+
+    def prepare_merge(self, plan, base: str, adapter: str, output_dir: str, *, backend: str = "local", backend_options: dict | None = None) -> Prepared:
+        """A merge run (launcher/merge_job.py) up to its start: `plan` a planner.merge.MergePlan made
+        for this adapter, with the base, the adapter and the output checked (app/merge_run.py plan_run)."""
+        impl = load_backend(backend)
+        options_model = impl.Options.model_validate(backend_options or {})
+        return self._place(backend, impl, merge_launch_spec(plan, base, adapter, output_dir), options_model)
 
     def _place(self, backend: str, impl, spec: LaunchSpec, options_model, wanted: tuple[str, ...] = ()) -> Prepared:
         """Admission (where the backend admits), the GPUs it chose written into the spec, and the render."""
@@ -368,6 +375,9 @@ class Supervisor:
                 if loss is not None and rank == 0:
                     updates["final_loss"] = loss
                 self._measure(record, event, updates)
+            elif kind == "merge_end":
+                updates["last_step"] = 1
+                self._measure_merge(record, event, updates)
             elif kind == "stopping":
                 updates["stopped_at_step"] = event.get("step")
             elif kind in ("train_end", "end"):
@@ -413,6 +423,21 @@ class Supervisor:
             updates["measured_allocated_bytes"] = max(int(allocated), updates.get("measured_allocated_bytes") or record.measured_allocated_bytes or 0)
         updates["alloc_retries"] = max(int(event.get("alloc_retries") or 0), updates.get("alloc_retries") or record.alloc_retries or 0)
         updates["error_pct"] = round(100 * (record.predicted_peak_bytes - best) / best, 2)
+
+    @staticmethod
+    def _measure_merge(record: RunRecord, event: dict, updates: dict) -> None:
+        """A merge run's measured peak, in the terms of its prediction (launcher.spec.merge_launch_spec):
+        on the CPU the host peak above the imported runtime; with CUDA the GPU's peak allocated (the
+        merge plan's GPU terms are its tensors: the model, the adapter, the largest delta)."""
+        if event.get("device") == "cuda" and event.get("gpu_peak_bytes") is not None:
+            measured = updates["measured_allocated_bytes"] = int(event["gpu_peak_bytes"])
+        elif event.get("host_peak_bytes") is not None:
+            measured = int(event["host_peak_bytes"])
+        else:
+            return
+        updates["measured_peak_bytes"] = measured
+        if measured:
+            updates["error_pct"] = round(100 * (record.predicted_peak_bytes - measured) / measured, 2)
 
     def follow_live(self) -> bool:
         """Reconcile every unfinished run: re-attach the live, close the dead, admit the queued;
@@ -485,8 +510,8 @@ class Supervisor:
         `python bench/calibrate.py` can refit the memory model from a team's own runs."""
         rows = []
         for record in reversed(self.store.list()):
-            if record.measured_peak_bytes is None or record.state not in ("succeeded", "cancelled", "failed"):
-                continue
+            if record.measured_peak_bytes is None or record.state not in ("succeeded", "cancelled", "failed") or record.stage == "merge":
+                continue  # a merge's measured peak is the host's (launcher/merge_job.py), not a training step's
             spec = record.spec
             context = record.measured_cuda_context_bytes
             rows.append({
@@ -548,7 +573,7 @@ def handle_of(record: RunRecord) -> Handle | None:
 
 def _plan_context(record: RunRecord) -> int:
     plan = json.loads(record.spec_json)["plan"]
-    return next((c["bytes"] for c in plan["components"] if c["name"] == "runtime.cuda_context"), 0)
+    return next((c["bytes"] for c in plan.get("components", ()) if c["name"] == "runtime.cuda_context"), 0)  # a merge plan has none
 
 
 def _append_log(run_dir: Path, line: str) -> None:

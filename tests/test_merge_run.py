@@ -6,6 +6,7 @@ bound, each widened by the band): in the checkpoint's own dtype and from an fp32
 merged in bf16. Bad input is exit 2 with one line, before any child starts."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from app.cli import main  # noqa: E402
+from tests.served import BEARER, client, root  # noqa: E402, F401 (fixtures)
 
 
 def _build(root, hidden, layers, inter, vocab, dtype, r=8, alpha=16, seed=0):
@@ -85,6 +87,49 @@ def test_an_fp32_checkpoint_merged_in_bf16_holds_the_file_too(models, capsys, tm
     names = [c["name"] for c in result["plan"]["host_components"]]
     assert "host.checkpoint" in names
     assert result["comparison"]["host_within_band"], result["comparison"]
+
+
+def test_a_launched_merge_is_a_run_with_its_measured_peak_beside_the_plan(models, capsys, tmp_path, client):
+    """`vramplan merge --launch`: the merge goes through the local backend (shim, entry, events) like a
+    training run, ends succeeded in the run store, and the store keeps the measured host peak beside
+    the predicted one; `vramplan runs show`, the runs API and the run's page say both."""
+    from safetensors.torch import load_file
+
+    base, adapter = models["small"]
+    out, data = tmp_path / "merged", tmp_path / "data"  # the served app's data directory (tests/served.py)
+    code = main(["merge", str(base), "--launch", "--adapter-dir", str(adapter), "--output", str(out), "--wait", "--json",
+                 "--data-dir", str(data)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    record = json.loads(captured.out)
+    assert (record["state"], record["stage"], record["method"]) == ("succeeded", "merge", "lora"), record
+    spec = json.loads((Path(record["run_dir"]) / "spec.json").read_text())
+    assert spec["task"] == "merge" and not (Path(record["run_dir"]) / "trl.yaml").exists()
+    floor, planned = spec["merge"]["host_floor_bytes"], spec["merge"]["host_planned_bytes"]
+    assert record["predicted_peak_bytes"] == planned
+    assert floor * 0.9 <= record["measured_peak_bytes"] <= planned / 0.9, record
+    assert record["error_pct"] == pytest.approx(100 * (planned - record["measured_peak_bytes"]) / record["measured_peak_bytes"], abs=0.01)
+    assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))
+    assert main(["runs", "show", record["id"], "--data-dir", str(data)]) == 0
+    shown = capsys.readouterr().out
+    assert "succeeded" in shown and "measured" in shown and "predicted host peak" in shown
+    served = client.get(f"/api/v1/runs/{record['id']}", headers=BEARER)
+    assert served.status_code == 200 and served.json()["measured_peak_bytes"] == record["measured_peak_bytes"]
+    page = client.get(f"/runs/{record['id']}", headers=BEARER)
+    assert page.status_code == 200 and "succeeded" in page.text
+    # not a training step: the refit's rows leave it out
+    from launcher.supervisor import Supervisor
+
+    assert Supervisor(data).calibration_rows() == []
+
+
+def test_a_merge_launch_with_a_bad_adapter_starts_nothing(models, capsys, tmp_path):
+    base, _ = models["small"]
+    _, other_adapter = models["other"]
+    code = main(["merge", str(base), "--launch", "--adapter-dir", str(other_adapter), "--output", str(tmp_path / "o"),
+                 "--data-dir", str(tmp_path / "data")])
+    _one_line_error(code, capsys.readouterr(), "adapter_dir", "another model")
+    assert not (tmp_path / "data" / "runs").exists() or not any((tmp_path / "data" / "runs").iterdir())
 
 
 def test_a_peak_under_the_floor_or_over_the_plan_is_outside_the_band(models):

@@ -3,11 +3,22 @@
 `--export mergekit` prints the mergekit YAML of a mergekit plan.
 
 Exit codes as `check`: 0 fits (in the GPU and host memory given), 1 does not, 2 bad input.
-With `--run`: 0 merged, 1 refused (the plan does not fit), 2 bad input, 4 the merge failed."""
+With `--run`: 0 merged, 1 refused (the plan does not fit), 2 bad input, 4 the merge failed.
+`--launch` starts the same merge as a run of the launcher (launcher/merge_job.py): exit codes as
+`vramplan launch` (with `--wait`, as the run ended)."""
 
 from __future__ import annotations
 
-from app.cli.output import GIB, UsageError, option_flags, parse_options, write, write_json
+import sys
+
+from app.cli.output import (
+    GIB,
+    UsageError,
+    option_flags,
+    parse_options,
+    write,
+    write_json,
+)
 
 MIB = 1 << 20
 
@@ -46,12 +57,51 @@ def _run(args, options) -> int:
     return 0
 
 
+def _launch(args, options) -> int:
+    """The merge as a run of the launcher: through a backend, kept in the run store with its measured
+    peak beside the plan's (`vramplan runs show ID`)."""
+    from app.cli.runs import EXIT_BY_STATE, _backend_options, _record_text, _supervisor
+    from app.merge_run import plan_run
+    from launcher.backend import LaunchError
+
+    if not args.adapter_dir or not args.output:
+        raise UsageError("merge --launch needs --adapter-dir DIR (the PEFT adapter) and --output DIR (new or empty)")
+    plan, base, adapter, output = plan_run(args.model, args.adapter_dir, args.output, options)
+    if not plan.fits:
+        if args.json:
+            write_json({"plan": plan.to_dict(), "refused": True})
+        else:
+            write(f"refused: the plan does not fit: host {plan.host_peak_bytes / GIB:.2f} GiB")
+        return 1
+    supervisor = _supervisor(args)
+    try:
+        prepared = supervisor.prepare_merge(plan, str(base), adapter["path"], str(output), backend=args.backend,
+                                            backend_options=_backend_options(args))
+        record = supervisor.launch(prepared)
+    except (ValueError, LaunchError) as exc:  # an unknown backend, or one that cannot start it
+        raise UsageError(str(exc)) from exc
+    if not args.json:
+        print(f"run {record.id} {record.state}: PEFT merge of {adapter['path']} into {base} -> {output}; predicted "
+              f"{'GPU' if options.device == 'cuda' else 'host'} peak {record.predicted_peak_bytes / MIB:.1f} MiB", file=sys.stderr)
+    if args.wait:
+        record = supervisor.wait(record.id)
+    if args.json:
+        write_json(record.to_dict())
+    else:
+        write(_record_text(record))
+    return EXIT_BY_STATE.get(record.state, 0) if args.wait else 0
+
+
 def cmd_merge(args) -> int:
     from planner.merge import MergeOptions, mergekit_yaml, plan_merge_request
 
     options = parse_options(args, MergeOptions)
+    if args.run and args.launch:
+        raise UsageError("--run merges here and now; --launch starts it as a run of the launcher: give one")
     if args.run:
         return _run(args, options)
+    if args.launch:
+        return _launch(args, options)
     plan = plan_merge_request(args.model, options)
     data = plan.to_dict()
     if args.export == "mergekit":
@@ -81,7 +131,13 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--export", choices=("mergekit",), default=None, help="print the mergekit YAML of this plan")
     p.add_argument("--run", action="store_true", help="merge for real (PEFT merge_and_unload) and measure the peaks beside the plan")
-    p.add_argument("--adapter-dir", default=None, help="with --run: the PEFT adapter's directory")
-    p.add_argument("--output", default=None, help="with --run: where the merged model is saved (new or empty directory)")
+    p.add_argument("--launch", action="store_true", help="start the merge as a run of the launcher (a backend, the run store, `vramplan runs`)")
+    p.add_argument("--adapter-dir", default=None, help="with --run or --launch: the PEFT adapter's directory")
+    p.add_argument("--output", default=None, help="with --run or --launch: where the merged model is saved (new or empty directory)")
+    p.add_argument("--backend", default="local", help="with --launch: a backend from `vramplan backends`")
+    p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE", help="with --launch: a backend's option")
+    p.add_argument("--grace-period", type=float, default=None, metavar="S", help="with --launch: seconds a cancelled merge has before it is killed")
+    p.add_argument("--wait", action="store_true", help="with --launch: follow the run to its end; the exit code says how it ended")
+    p.add_argument("--data-dir", default=None, help="with --launch: where runs are kept (default: $VRAMPLAN_DATA_DIR or ~/.local/share/vramplan)")
     option_flags(p, MergeOptions, "merge options (JSON fields use underscores)")
     p.set_defaults(func=cmd_merge)

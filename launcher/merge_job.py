@@ -1,0 +1,185 @@
+"""A PEFT merge, run and measured: merge_and_unload of a LoRA/DoRA adapter into its base.
+
+Two ways in, one measurement (`merge_and_measure`):
+- `vramplan merge BASE --run` (app/merge_run.py) starts `python -m launcher.merge_job ARGS_JSON`
+  and reads the result file ARGS_JSON names;
+- a launched merge (`vramplan merge BASE --launch`: a LaunchSpec with task "merge") runs under the
+  shim like every run, on whichever backend starts it; launcher/entry.py hands it to `run_launched`,
+  which reports through events.jsonl, so the run store keeps the measured peak beside the plan's.
+
+The measurement: import torch, transformers and PEFT and build the model's class on the meta device
+(so the modeling code is imported too), reset the kernel's peak RSS (clear_refs) and read the
+resident memory: the baseline. Then load the base in the plan's dtype (never trust_remote_code),
+load the adapter (PeftModel.from_pretrained), merge (merge_and_unload) and save safetensors shards
+of the plan's shard size; read the peak resident memory (VmHWM; getrusage's ru_maxrss where /proc
+is missing, which on Linux also carries the parent's peak across fork and exec) and, where CUDA
+exists, torch's max_memory_allocated. The host peak is that peak less the baseline: what the merge
+itself took, which is the plan's host peak less its host.runtime term (MergePlan.host_merge_bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which the
+# merge's per-layer temporaries come from the heap and stay there: the same merge then peaks
+# anywhere from 0 to 20% higher from run to run. A fixed threshold hands every freed temporary back,
+# and the peak repeats to the MiB (docs/serving.md). Set in the merge process's environment.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+class AdapterRefused(Exception):
+    """PEFT would not load the adapter onto this base (an adapter for another model): bad input."""
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak RSS of this process to its RSS now (Linux 4.0+: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes() -> tuple[int, str]:
+    """The process's peak RSS. VmHWM where /proc has it: getrusage's ru_maxrss also holds the
+    parent's peak at fork (Linux keeps the larger across fork and exec), so a child started by a
+    process that once held more reports the parent's figure."""
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm, "VmHWM"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+
+
+def _rss_bytes() -> int:
+    rss = _status_bytes("VmRSS")
+    if rss is not None:
+        return rss
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def merge_and_measure(base: str, adapter: str, output: str, dtype_name: str, device: str, max_shard_size: str) -> dict:
+    """Merge and save; the measured peaks. A config or adapter the libraries cannot read raises
+    AdapterRefused (bad input); anything else propagates."""
+    import gc
+    import resource
+
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name)
+    cuda = device == "cuda" and torch.cuda.is_available()
+    try:
+        config = AutoConfig.from_pretrained(base, trust_remote_code=False)
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config, trust_remote_code=False)  # imports the modeling code
+        PeftConfig.from_pretrained(adapter)
+    except (ValueError, OSError, KeyError) as exc:
+        raise AdapterRefused(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if cuda:
+        torch.zeros(1, device="cuda")  # the CUDA context before the baseline
+        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    reset = _reset_peak()
+    baseline = _rss_bytes()
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False, device_map="cuda" if cuda else None)
+    try:
+        model = PeftModel.from_pretrained(model, adapter)
+    except (ValueError, RuntimeError, KeyError) as exc:  # PEFT's size mismatch: an adapter for another model
+        raise AdapterRefused(f"PEFT refused the adapter: {str(exc).strip().splitlines()[0][:300]}") from None
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output, max_shard_size=max_shard_size)
+    seconds = time.monotonic() - start
+    peak, peak_source = _peak_bytes()
+    files = sorted(p.name for p in Path(output).iterdir())
+    return {
+        "host_peak_bytes": max(0, peak - baseline),
+        "host_maxrss_bytes": peak,
+        "peak_source": peak_source + (" (reset after the imports)" if reset and peak_source == "VmHWM" else ""),
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_imports_bytes": baseline,
+        "maxrss_after_imports_bytes": maxrss_before,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "device": "cuda" if cuda else "cpu",
+        "seconds": round(seconds, 3),
+        "files": files,
+        "output_bytes": sum((Path(output) / f).stat().st_size for f in files),
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "peft": __import__("peft").__version__, "safetensors": __import__("safetensors").__version__},
+    }
+
+
+def run_launched(spec: dict, run_dir: Path) -> int:
+    """A launched merge (spec task "merge"), under the shim: its events are the training runs'
+    (start, train_begin, end, error) plus merge_end with the measured peaks, which the supervisor
+    stores beside the plan's. Exit 0 merged, 2 the adapter refused, 3 CUDA out of memory, 1 otherwise."""
+    from launcher.entry import EXIT_OOM, _emit_plain, _is_oom, _versions
+
+    job, run_id = spec["merge"], spec["run_id"]
+    _emit_plain(run_dir, run_id, "start", pid=os.getpid(), stage="merge", method=spec["method"], attempt=spec.get("attempt", 1), versions=_versions())
+    _emit_plain(run_dir, run_id, "train_begin", max_steps=1)
+    try:
+        Path(spec["output_dir"]).mkdir(parents=True, exist_ok=True)
+        result = merge_and_measure(spec["model"]["location"], job["adapter"], spec["output_dir"], job["dtype"],
+                                   spec["resources"]["device"], job["max_shard_size"])
+    except AdapterRefused as exc:
+        print(f"vramplan: the merge failed: {exc}", file=sys.stderr, flush=True)
+        _emit_plain(run_dir, run_id, "error", kind="exception", type="AdapterRefused", message=str(exc), phase="merge",
+                    summary=str(exc), hint="merge an adapter trained on this base (its adapter_config.json names the base it was made for)")
+        return 2
+    except BaseException as exc:  # noqa: BLE001 - what ends the merge is the run's error event
+        import traceback
+
+        traceback.print_exc()
+        oom = _is_oom(exc)
+        _emit_plain(run_dir, run_id, "error", kind="oom" if oom else "exception", type=type(exc).__name__, message=str(exc)[:2000], phase="merge")
+        return EXIT_OOM if oom else 1
+    print(f"vramplan: merged into {spec['output_dir']}: host peak above the runtime {result['host_peak_bytes'] / 2**20:.1f} MiB "
+          f"(planned {job['host_planned_bytes'] / 2**20:.1f} MiB)", flush=True)
+    _emit_plain(run_dir, run_id, "merge_end", **{k: v for k, v in result.items() if k != "files"}, files=result["files"][:100])
+    _emit_plain(run_dir, run_id, "end", status="completed", step=1)
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m launcher.merge_job ARGS_JSON` (app/merge_run.py's child): the result as JSON in the
+    file ARGS_JSON's "result" names; exit 2 with {"error"} when the adapter or config is refused."""
+    args = json.loads(argv[0])
+
+    def done(data: dict, code: int) -> int:
+        Path(args["result"]).write_text(json.dumps(data))
+        return code
+
+    try:
+        result = merge_and_measure(args["base"], args["adapter"], args["output"], args["dtype"], args["device"], args["max_shard_size"])
+    except AdapterRefused as exc:
+        return done({"error": str(exc)}, 2)
+    return done(result, 0)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
