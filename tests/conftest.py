@@ -59,3 +59,27 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-run")
     return {"model": make_tiny_model(root / "model"), **write_datasets(root)}
+
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Node ids pytest-xdist can schedule by, under pytest 9 (which keeps an item's id structured in
+    `_id`; the `_nodeid` that schemathesis and xdist set is no longer read):
+    - schemathesis names each API operation's test "test_...[GET /path]" but gives them all the
+      function's id, and xdist keys its work by id: under -n all but one operation of a file would
+      silently not run (2,085 of 2,104 tests reported); each gets its own id;
+    - `--dist loadgroup` keeps a group's tests in one worker by the "@group" suffix its own hook puts
+      on `_nodeid`; it is put on the id itself here, or the groups (test_ray's head, test_slurm's
+      cluster, the browser files' shared server) are spread over the workers."""
+    from _pytest.nodeid import NodeId
+
+    grouping = bool(config.getvalue("loadgroup")) if hasattr(config.option, "loadgroup") else False
+    for item in items:
+        if not hasattr(item, "_id"):  # an older pytest reads _nodeid, which both plugins set themselves
+            continue
+        if "[" in item.name and "[" not in item.nodeid:
+            item._id = item._id.with_params(item.name.split("[", 1)[1].removesuffix("]"))
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
+        if grouping and groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")

@@ -16,7 +16,9 @@ from tests.live_server import serving
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+# one pytest-xdist worker runs the whole file: the file shares one server and browser
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)"),
+              pytest.mark.xdist_group("browser")]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 MODEL = "meta-llama/Llama-3.1-8B"
 

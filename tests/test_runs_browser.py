@@ -23,7 +23,9 @@ from tests.live_server import serving
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+# one pytest-xdist worker runs the whole file: the phone-width test reads the run an earlier test of this file finished, and the file shares one server and browser
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)"),
+              pytest.mark.xdist_group("runs_browser")]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 AXE = Path(__file__).resolve().parent.parent / "node_modules" / "axe-core" / "axe.min.js"
 TOKEN = "browser-token-0123456789abcdef"
