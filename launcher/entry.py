@@ -23,8 +23,14 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT_OOM = 3
-EXIT_DISK_FULL = 4
+from launcher.run_report import (
+    EXIT_DISK_FULL,
+    EXIT_OOM,
+    emit_plain,
+    is_oom,
+    library_versions,
+)
+
 GIB = 1 << 30
 # import names whose pip package is named otherwise
 PIP_NAMES = {"flash_attn": "flash-attn", "liger_kernel": "liger-kernel", "sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow",
@@ -230,14 +236,6 @@ def _disk_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _is_oom(exc: BaseException) -> bool:
-    try:
-        import torch
-    except ImportError:  # torch itself is what is missing
-        return False
-    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
-
-
 def _root_import_error(exc: BaseException) -> ImportError:
     """The ImportError that started it: transformers re-raises a missing package as "Could not import module X"."""
     seen, chain = set(), exc
@@ -302,7 +300,7 @@ def explain(exc: BaseException, phase: str, spec: dict, sample: dict | None = No
         return {"reason": "path_outside_roots", "summary": str(exc),
                 "hint": f"{exc.field} was changed after the launch was accepted (a symlink out of the server's roots?); "
                         "put the real file or directory back inside the roots and launch again"}
-    if _is_oom(exc):
+    if is_oom(exc):
         tried = re.search(r"Tried to allocate ([0-9.]+ [KMGT]i?B)", str(exc))
         measured = sample.get("max_memory_reserved")
         predicted = spec.get("predicted_peak_bytes")
@@ -378,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         said = explain(exc, "setup", spec)
         traceback.print_exc()
         print(f"vramplan: the run failed: {said['summary']}\nvramplan: hint: {said['hint']}", file=sys.stderr, flush=True)
-        _emit_plain(run_dir, spec["run_id"], "error", kind="exception", type=type(exc).__name__, message=str(exc)[:2000], phase="setup", **said)
+        emit_plain(run_dir, spec["run_id"], "error", kind="exception", type=type(exc).__name__, message=str(exc)[:2000], phase="setup", **said)
         return 1
 
     writer = EventWriter(run_dir, spec["run_id"])
@@ -388,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
         probe = MemoryProbe()
         stop = StopFlag(run_dir)
-        writer.emit("start", pid=os.getpid(), stage=spec["stage"], method=spec["method"], attempt=spec.get("attempt", 1), versions=_versions())
+        writer.emit("start", pid=os.getpid(), stage=spec["stage"], method=spec["method"], attempt=spec.get("attempt", 1), versions=library_versions())
         callback = LaunchCallback(writer, probe, stop, spec["settings"].get("step_sleep_s", 0.0))
         trainer, training_args = build_trainer(spec, run_dir, [callback], phase)
         phase[0] = "train"
@@ -399,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                     **(probe.sample() if probe else {}))
         code = 0
     except BaseException as exc:
-        oom = _is_oom(exc)
+        oom = is_oom(exc)
         sample = probe.sample() if probe is not None and not isinstance(exc, KeyboardInterrupt) else {}
         said = {}
         if not isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -427,32 +425,6 @@ def main(argv: list[str] | None = None) -> int:
         pass
     _leave_if_distributed(code)
     return code
-
-
-def _emit_plain(run_dir: Path, run_id: str, event: str, **fields) -> None:
-    """One event line without launcher/events.py (which needs torch): for a run that could not import it."""
-    import time
-
-    line = json.dumps({"t": time.time(), "run_id": run_id, "rank": int(os.environ.get("RANK", "0")), "event": event, **fields}, default=str)
-    fd = os.open(run_dir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
-    if os.environ.get("VRAMPLAN_EVENTS_TO_LOG") == "1":
-        print(f"VRAMPLAN_EVENT {line}", flush=True)
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for package in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    return out
 
 
 def _leave_if_distributed(code: int) -> None:

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.run_report import EXIT_OOM, emit_plain, is_oom, library_versions
+
 # glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which the
 # merge's per-layer temporaries come from the heap and stay there: the same merge then peaks
 # anywhere from 0 to 20% higher from run to run. A fixed threshold hands every freed temporary back,
@@ -137,31 +139,29 @@ def run_launched(spec: dict, run_dir: Path) -> int:
     """A launched merge (spec task "merge"), under the shim: its events are the training runs'
     (start, train_begin, end, error) plus merge_end with the measured peaks, which the supervisor
     stores beside the plan's. Exit 0 merged, 2 the adapter refused, 3 CUDA out of memory, 1 otherwise."""
-    from launcher.entry import EXIT_OOM, _emit_plain, _is_oom, _versions
-
     job, run_id = spec["merge"], spec["run_id"]
-    _emit_plain(run_dir, run_id, "start", pid=os.getpid(), stage="merge", method=spec["method"], attempt=spec.get("attempt", 1), versions=_versions())
-    _emit_plain(run_dir, run_id, "train_begin", max_steps=1)
+    emit_plain(run_dir, run_id, "start", pid=os.getpid(), stage="merge", method=spec["method"], attempt=spec.get("attempt", 1), versions=library_versions())
+    emit_plain(run_dir, run_id, "train_begin", max_steps=1)
     try:
         Path(spec["output_dir"]).mkdir(parents=True, exist_ok=True)
         result = merge_and_measure(spec["model"]["location"], job["adapter"], spec["output_dir"], job["dtype"],
                                    spec["resources"]["device"], job["max_shard_size"])
     except AdapterRefused as exc:
         print(f"vramplan: the merge failed: {exc}", file=sys.stderr, flush=True)
-        _emit_plain(run_dir, run_id, "error", kind="exception", type="AdapterRefused", message=str(exc), phase="merge",
+        emit_plain(run_dir, run_id, "error", kind="exception", type="AdapterRefused", message=str(exc), phase="merge",
                     summary=str(exc), hint="merge an adapter trained on this base (its adapter_config.json names the base it was made for)")
         return 2
     except BaseException as exc:  # noqa: BLE001 - what ends the merge is the run's error event
         import traceback
 
         traceback.print_exc()
-        oom = _is_oom(exc)
-        _emit_plain(run_dir, run_id, "error", kind="oom" if oom else "exception", type=type(exc).__name__, message=str(exc)[:2000], phase="merge")
+        oom = is_oom(exc)
+        emit_plain(run_dir, run_id, "error", kind="oom" if oom else "exception", type=type(exc).__name__, message=str(exc)[:2000], phase="merge")
         return EXIT_OOM if oom else 1
     print(f"vramplan: merged into {spec['output_dir']}: host peak above the runtime {result['host_peak_bytes'] / 2**20:.1f} MiB "
           f"(planned {job['host_planned_bytes'] / 2**20:.1f} MiB)", flush=True)
-    _emit_plain(run_dir, run_id, "merge_end", **{k: v for k, v in result.items() if k != "files"}, files=result["files"][:100])
-    _emit_plain(run_dir, run_id, "end", status="completed", step=1)
+    emit_plain(run_dir, run_id, "merge_end", **{k: v for k, v in result.items() if k != "files"}, files=result["files"][:100])
+    emit_plain(run_dir, run_id, "end", status="completed", step=1)
     return 0
 
 

@@ -27,9 +27,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from launcher.backend import LogChunk, Rendered
-from launcher.entry import EXIT_OOM  # re-exported: the entry's exit code on CUDA out of memory
 from launcher.exports import trl_config
 from launcher.merge_job import MALLOC_ENV
+from launcher.run_report import (
+    EXIT_OOM,  # re-exported: a run's exit code on CUDA out of memory
+)
 from launcher.shim import EXIT_FILE  # re-exported: the shim's exit record, exit.json
 from launcher.spec import ENV_ALLOWLIST, SECRET_ENV, LaunchSpec
 
