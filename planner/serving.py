@@ -413,7 +413,8 @@ def plan_serving(spec: ModelSpec, options: ServingOptions, gpu_name: str, gpu_me
     # the held-out start-ups (bench/serving_published.py, docs/serving.md) all found less KV cache than planned
     notes.append(f"the profile run's activation peak ({act / GIB:.2f} GiB) and the non-torch memory ({non_torch / GIB:.2f} GiB) are "
                  "estimates fitted on one RTX 3090 log; on published start-ups the plan held out, vLLM found 3% to 36% fewer KV cache "
-                 "tokens than planned (an H100 logged 1.79 GiB of non-torch memory): read the KV tokens and concurrency as an upper bound")
+                 "tokens than planned, their memory beside the weights and the KV cache 1.9 to 5.7 GiB against the plan's 0.6 to 1.1 "
+                 "(bench/calculators.py): read the KV tokens and concurrency as an upper bound")
     if sliding_window and sliding_window < max_len:
         notes.append("the config has sliding-window attention: planned as full attention on every layer (vLLM's hybrid allocator can give such models more tokens)")
     outside = graphs + CUDA_CONTEXT_BYTES
