@@ -307,6 +307,11 @@ def _gib(n: int | None) -> str:
     return f"{n / GIB:,.2f} GiB" if n is not None else "–"
 
 
+def _size(n: int | None) -> str:
+    """A merge's host peak: a small model's is a few MiB, which GiB to two places hides."""
+    return "–" if n is None else _gib(n) if n >= GIB else f"{n / 2**20:,.1f} MiB"
+
+
 def run_view(record, position: int | None) -> dict:
     data = run_dict(record, position)
     if data["device"] == "cpu":
@@ -316,9 +321,14 @@ def run_view(record, position: int | None) -> dict:
     else:
         gpu = f"{record.num_gpus} × {data['planned_gpu']} (planned)"
     step = f"{record.last_step or 0}" + (f"/{record.total_steps}" if record.total_steps else "")
-    return {**data, "short": record.id[:8], "gpu": gpu, "step": step, "started": _when(record.started_at),
+    view = {**data, "short": record.id[:8], "gpu": gpu, "step": step, "started": _when(record.started_at),
             "created": _when(record.created_at), "duration": _duration(data["duration_s"]),
-            "predicted": _gib(record.predicted_peak_bytes), "measured": _gib(record.measured_peak_bytes)}
+            "predicted": _gib(record.predicted_peak_bytes), "measured": _gib(record.measured_peak_bytes), "merge": None}
+    if record.stage == "merge":  # launcher/merge_job.py: on the CPU its peak is the host's, above the imported runtime
+        job = record.spec.get("merge") or {}
+        view.update(predicted=_size(record.predicted_peak_bytes), measured=_size(record.measured_peak_bytes),
+                    merge={"where": "GPU" if data["device"] == "cuda" else "host", "floor": _size(job.get("host_floor_bytes"))})
+    return view
 
 
 def _live_scripts() -> bool:

@@ -117,6 +117,9 @@ def test_a_launched_merge_is_a_run_with_its_measured_peak_beside_the_plan(models
     assert served.status_code == 200 and served.json()["measured_peak_bytes"] == record["measured_peak_bytes"]
     page = client.get(f"/runs/{record['id']}", headers=BEARER)
     assert page.status_code == 200 and "succeeded" in page.text
+    # the page speaks of a merge: its host peak and its adapter, no loss or GPU chart of a training run
+    assert "Measured host peak" in page.text and "adapter <code" in page.text and "dataset <code" not in page.text
+    assert "Loss per step" not in page.text and "GPU memory per step" not in page.text
     # not a training step: the refit's rows leave it out
     from launcher.supervisor import Supervisor
 
