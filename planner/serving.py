@@ -83,6 +83,15 @@ def _quant_constants(quant: str, rows: int, cols: int) -> int:
     return 0
 
 
+def _patch(text: str) -> int:
+    """The third number of a version (0.6.4 -> 4; 0 where there is none)."""
+    parts = text.strip().lstrip("v").split(".")
+    try:
+        return int(parts[2]) if len(parts) > 2 else 0
+    except ValueError:
+        return 0
+
+
 def _version(text: str) -> tuple[int, int]:
     parts = text.strip().lstrip("v").split(".")
     try:
@@ -345,14 +354,20 @@ def _defaults(options: ServingOptions, gpu_bytes: int, gpu_name: str, max_positi
         raise PlanInputError("max_model_len", "the model's config gives no max_position_embeddings: give --max-model-len")
     if options.max_model_len is None:
         notes.append(f"max_model_len not given: the model's max_position_embeddings, {max_len:,}, as vLLM defaults it")
-    big = gpu_bytes >= 70 * GIB and "a100" not in gpu_name.lower()
+    version = _version(options.engine_version)
+    if version >= (0, 10):  # EngineArgs._set_default_args: 70 GiB or more and not an A100
+        big = gpu_bytes >= 70 * GIB and "a100" not in gpu_name.lower()
+    else:  # 0.8-0.9 (_set_default_args_v1): by the device's name
+        big = any(name in gpu_name.lower() for name in ("h100", "h200"))
     if options.v1:
-        seqs = options.max_num_seqs or (1024 if big and _version(options.engine_version) >= (0, 10) else 256)
+        seqs = options.max_num_seqs or (1024 if big else 256)
         batched = options.max_num_batched_tokens or (8192 if big else 2048)
     else:
         seqs = options.max_num_seqs or 256
-        # V0 turns chunked prefill on by default past 32k tokens (budget 2048); without it the budget is max_model_len
-        batched = options.max_num_batched_tokens or (2048 if max_len > 32768 else max(max_len, 2048))
+        # V0 turns chunked prefill on by default past 32k tokens, with a budget of 512 tokens up to
+        # 0.6.4 and 2048 from 0.6.5; without it the budget is max_model_len
+        chunk = 512 if version <= (0, 6) and _patch(options.engine_version) <= 4 else 2048
+        batched = options.max_num_batched_tokens or (chunk if max_len > 32768 else max(max_len, 2048))
     if options.max_num_batched_tokens is None:
         notes.append(f"max_num_batched_tokens not given: {batched:,}, vllm serve's default for {gpu_name}" if options.v1
                      else f"max_num_batched_tokens not given: {batched:,}, V0's default (max_model_len, or 2048 with chunked prefill past 32k)")
@@ -397,7 +412,9 @@ def plan_serving(spec: ModelSpec, options: ServingOptions, gpu_name: str, gpu_me
     notes += weight_notes
     lora = lora_slot_bytes(spec, options, dtype_bytes)
     act = activation_peak(spec, options, dtype_bytes, batched, seqs)
-    non_torch = NON_TORCH_BYTES + (NON_TORCH_TP_BYTES if tp * pp > 1 else 0)
+    # from 0.11 the workers set up NCCL before vLLM's start-up snapshot: its buffers are in the baseline, not the budget
+    nccl_counted = tp * pp > 1 and _version(options.engine_version) < (0, 11)
+    non_torch = NON_TORCH_BYTES + (NON_TORCH_TP_BYTES if nccl_counted else 0)
     graphs = 0 if options.enforce_eager else CUDA_GRAPH_BYTES + (CUDA_GRAPH_TP_BYTES if tp > 1 else 0)
     requested = int(gpu_memory_bytes * options.gpu_memory_utilization)
     available = requested - (weights + lora + act + non_torch)

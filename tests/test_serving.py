@@ -82,6 +82,31 @@ def test_lora_slots_and_defaults_reduce_the_kv_cache():
     assert base.max_num_batched_tokens == 2048 and base.max_num_seqs == 256
 
 
+@pytest.mark.parametrize("version,gpu,memory_gib,seqs,batched", [
+    ("0.8.4", "H100", 79, 1024, 8192),  # 0.8-0.9 choose by the device's name (_set_default_args_v1)
+    ("0.8.4", "B200", 178, 256, 2048),  # 180 GB, but not an H100 or H200 by name
+    ("0.8.4", "GH200", 95, 1024, 8192),  # "nvidia gh200" holds "h200": vLLM's own substring test
+    ("0.11.0", "B200", 178, 1024, 8192),  # from 0.10: 70 GiB or more and not an A100
+    ("0.11.0", "A100 80GB", 79, 256, 2048),
+])
+def test_v1_defaults_follow_the_version_s_own_rule(version, gpu, memory_gib, seqs, batched):
+    spec = _spec("meta-llama/Llama-3.1-8B")
+    plan = plan_serving(spec, ServingOptions(engine_version=version, max_model_len=8192), gpu, memory_gib * GIB, catalog_config(spec.name))
+    assert (plan.max_num_seqs, plan.max_num_batched_tokens) == (seqs, batched)
+
+
+def test_v0_chunked_prefill_budget_and_nccl_in_the_budget_by_version():
+    spec = _spec("meta-llama/Llama-3.1-8B")
+    long = {"max_model_len": 65536}
+    def plan(version, **changes):
+        return plan_serving(spec, ServingOptions(engine_version=version, **{**long, **changes}), "H100", 79 * GIB, catalog_config(spec.name))
+    # past 32k V0 chunks prefill: 512 tokens a step up to 0.6.4, 2048 from 0.6.5
+    assert plan("0.6.4").max_num_batched_tokens == 512 and plan("0.6.5").max_num_batched_tokens == 2048
+    # with tensor parallelism NCCL's buffers count against the budget until 0.11, which sets NCCL up before its snapshot
+    assert plan("0.10.2", tensor_parallel_size=2).non_torch_bytes > plan("0.11.0", tensor_parallel_size=2).non_torch_bytes
+    assert plan("0.10.2").non_torch_bytes == plan("0.11.0").non_torch_bytes
+
+
 def test_components_are_named_by_family_and_the_verdict_follows_max_model_len():
     spec = _spec("meta-llama/Llama-3.1-8B")
     plan = plan_serving(spec, ServingOptions(max_model_len=131072, gpu_memory_utilization=0.9), "RTX 4090", int(23.5 * GIB), catalog_config(spec.name))
