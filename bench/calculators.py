@@ -22,9 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from planner.catalog import load_catalog_spec  # noqa: E402
-from planner.serving import GIB, ServingOptions, catalog_config, plan_serving, serving_gpu  # noqa: E402
-from serving_published import CASES  # noqa: E402
+from serving_published import CASES
+
+from planner.catalog import load_catalog_spec
+from planner.serving import (
+    GIB,
+    ServingOptions,
+    catalog_config,
+    plan_serving,
+    serving_gpu,
+)
 
 MIB = 1 << 20
 RULES = {
