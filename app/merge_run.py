@@ -95,8 +95,14 @@ def check_adapter(spec, adapter: dict) -> None:
 def options_for_adapter(options, adapter: dict):
     """The merge options of this adapter: its rank (the largest in its rank_pattern), its modules, DoRA."""
     config = adapter["config"]
-    ranks = [config.get("r") or 8, *(config.get("rank_pattern") or {}).values()]
+    pattern = config.get("rank_pattern") or {}
+    ranks = [config.get("r") or 8, *(pattern.values() if isinstance(pattern, dict) else [pattern])]
+    bad = next((r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1), None)
+    if bad is not None:
+        raise _input_error("adapter_dir", f"adapter_config.json's r and rank_pattern are ranks (whole numbers from 1), not {bad!r}")
     targets = config.get("target_modules") or "all-linear"
+    if not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise _input_error("adapter_dir", f"adapter_config.json's target_modules is a module name pattern or a list of names, not {targets!r}"[:300])
     if isinstance(targets, str):  # a regular expression or all-linear: take the modules the weights name
         targets = sorted({n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in adapter["shapes"] if ".lora_A." in n})
     else:

@@ -488,6 +488,8 @@ class Supervisor:
             raise LaunchError(f"run {record.id[:8]} is still {record.state}; cancel it first")
         if record.state == RunState.SUCCEEDED:
             raise LaunchError(f"run {record.id[:8]} succeeded; there is nothing to resume")
+        if record.stage == "merge":
+            raise LaunchError(f"run {record.id[:8]} is a merge, which keeps no checkpoint: launch it again (vramplan merge BASE --launch ...)")
         checkpoint = last_complete_checkpoint(Path(record.output_dir))
         if checkpoint is None:
             raise LaunchError(f"run {record.id[:8]} left no complete checkpoint in {record.output_dir}")

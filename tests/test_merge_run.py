@@ -6,6 +6,7 @@ bound, each widened by the band): in the checkpoint's own dtype and from an fp32
 merged in bf16. Bad input is exit 2 with one line, before any child starts."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,25 @@ def test_a_launched_merge_is_a_run_with_its_measured_peak_beside_the_plan(models
     assert Supervisor(data).calibration_rows() == []
 
 
+def test_a_merge_peft_refuses_in_the_run_fails_with_its_reason_and_is_not_resumable(models, capsys, tmp_path):
+    """An adapter whose shapes fit but which PEFT will not load (an unknown task_type) passes the
+    parent's checks; the run fails with the merge job's words, and resume says a merge keeps no checkpoint."""
+    base, adapter = models["small"]
+    odd = tmp_path / "odd-adapter"
+    shutil.copytree(adapter, odd)
+    config = json.loads((odd / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**config, "task_type": "NOT_A_TASK"}))
+    data = tmp_path / "data"
+    code = main(["merge", str(base), "--launch", "--adapter-dir", str(odd), "--output", str(tmp_path / "o"), "--wait", "--json",
+                 "--data-dir", str(data)])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 4 and record["state"] == "failed", record
+    assert record["hint"] and "adapter" in record["hint"]
+    code = main(["runs", "resume", record["id"], "--data-dir", str(data)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a merge, which keeps no checkpoint" in err and err.count("\n") == 1
+
+
 def test_a_merge_launch_with_a_bad_adapter_starts_nothing(models, capsys, tmp_path):
     base, _ = models["small"]
     _, other_adapter = models["other"]
@@ -167,7 +187,14 @@ def test_bad_input_is_one_line_and_exit_2(models, capsys, tmp_path):
     _one_line_error(*_run(capsys, tmp_path, adapter, tmp_path / "o3"), "model")  # no config.json
     code = main(["merge", str(base), "--run", "--output", str(tmp_path / "o4")])
     _one_line_error(code, capsys.readouterr(), "--adapter-dir")
-    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4"))
+    # an adapter_config.json whose rank or modules are not what PEFT writes: bad input, not an internal error
+    for field, value in (("r", "abc"), ("rank_pattern", {"q_proj": -1}), ("target_modules", 7)):
+        broken = tmp_path / f"broken-{field}"
+        shutil.copytree(adapter, broken)
+        config = json.loads((broken / "adapter_config.json").read_text())
+        (broken / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        _one_line_error(*_run(capsys, base, broken, tmp_path / "o5"), "adapter_dir", field)
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5"))
 
 
 def test_a_run_the_plan_refuses_does_not_start(models, capsys, tmp_path):
