@@ -23,18 +23,30 @@ from app.cli.output import (
 MIB = 1 << 20
 
 
-def _run(args, options) -> int:
-    from app.merge_run import MergeFailed, plan_run, run_merge
+def _checked_plan(args, options, flag: str):
+    """(plan, base, adapter, output) of a merge to run, its inputs checked (app/merge_run.py plan_run);
+    None, with the refusal written, when the plan does not fit."""
+    from app.merge_run import plan_run
 
     if not args.adapter_dir or not args.output:
-        raise UsageError("merge --run needs --adapter-dir DIR (the PEFT adapter) and --output DIR (new or empty)")
+        raise UsageError(f"merge {flag} needs --adapter-dir DIR (the PEFT adapter) and --output DIR (new or empty)")
     plan, base, adapter, output = plan_run(args.model, args.adapter_dir, args.output, options)
-    if not plan.fits:
-        if args.json:
-            write_json({"plan": plan.to_dict(), "refused": True})
-        else:
-            write(f"refused: the plan does not fit: host {plan.host_peak_bytes / GIB:.2f} GiB")
+    if plan.fits:
+        return plan, base, adapter, output
+    if args.json:
+        write_json({"plan": plan.to_dict(), "refused": True})
+    else:
+        write(f"refused: the plan does not fit: host {plan.host_peak_bytes / GIB:.2f} GiB")
+    return None
+
+
+def _run(args, options) -> int:
+    from app.merge_run import MergeFailed, run_merge
+
+    planned = _checked_plan(args, options, "--run")
+    if planned is None:
         return 1
+    plan, base, adapter, output = planned
     try:
         result = run_merge(plan, base, adapter, output)
     except MergeFailed as exc:
@@ -61,18 +73,12 @@ def _launch(args, options) -> int:
     """The merge as a run of the launcher: through a backend, kept in the run store with its measured
     peak beside the plan's (`vramplan runs show ID`)."""
     from app.cli.runs import EXIT_BY_STATE, _backend_options, _record_text, _supervisor
-    from app.merge_run import plan_run
     from launcher.backend import LaunchError
 
-    if not args.adapter_dir or not args.output:
-        raise UsageError("merge --launch needs --adapter-dir DIR (the PEFT adapter) and --output DIR (new or empty)")
-    plan, base, adapter, output = plan_run(args.model, args.adapter_dir, args.output, options)
-    if not plan.fits:
-        if args.json:
-            write_json({"plan": plan.to_dict(), "refused": True})
-        else:
-            write(f"refused: the plan does not fit: host {plan.host_peak_bytes / GIB:.2f} GiB")
+    planned = _checked_plan(args, options, "--launch")
+    if planned is None:
         return 1
+    plan, base, adapter, output = planned
     supervisor = _supervisor(args)
     try:
         prepared = supervisor.prepare_merge(plan, str(base), adapter["path"], str(output), backend=args.backend,
