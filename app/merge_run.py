@@ -1,5 +1,6 @@
-"""Run a PEFT merge for real and measure it beside its plan: `vramplan merge BASE_DIR --run
---adapter-dir DIR --output DIR`.
+"""Run a merge for real and measure it beside its plan: `vramplan merge BASE_DIR --run
+--adapter-dir DIR --output DIR` (PEFT), or `vramplan merge MODEL_DIR --method ties --merge-with DIR
+[--merge-with DIR ...] --run --output DIR` (mergekit; plan_mergekit_run).
 
 The parent (this module, called by the CLI) checks the input before anything heavy starts: the
 base is a local directory with a config.json and weights, the adapter a PEFT LoRA/DoRA adapter
@@ -148,6 +149,69 @@ def plan_run(model_dir: str, adapter_dir: str, output_dir: str, options):
     return plan_merge_request(str(base), run_options), base, adapter, output
 
 
+def checkpoint_shapes(model_dir: Path, field: str) -> dict[str, list[int]]:
+    """Every tensor's shape from a model directory's safetensors headers (no tensor is read)."""
+    files = sorted(p for p in model_dir.iterdir() if p.name.endswith(".safetensors") and not p.name.startswith("adapter_"))
+    if not files:
+        raise _input_error(field, f"{model_dir} holds no *.safetensors weights; a mergekit run here reads safetensors checkpoints "
+                                  "(save_pretrained writes them)")
+    from planner.errors import PlanInputError
+
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        try:
+            shapes.update(safetensors_shapes(path))
+        except PlanInputError as exc:  # safetensors_shapes names the adapter's field; here it is this model
+            raise _input_error(field, exc.reason) from None
+    return shapes
+
+
+def check_models_match(base: Path, others: list[Path]) -> None:
+    """mergekit merges tensor by tensor: every model must hold the base's tensors, shape for shape."""
+    want = checkpoint_shapes(base, "model")
+    for other in others:
+        got = checkpoint_shapes(other, "merge_with")
+        missing = sorted(set(want) - set(got))
+        if missing:
+            raise _input_error("merge_with", f"{other} has no tensor {missing[0]}, which {base} has (a model of another architecture?)")
+        for name, shape in want.items():
+            if got[name] != shape:
+                raise _input_error("merge_with", f"{other}'s {name} is {got[name]}, {base}'s is {shape}: mergekit merges models of one size")
+
+
+def plan_mergekit_run(model_dir: str, merge_with: list[str], output_dir: str, options):
+    """Check everything and plan a mergekit merge of MODEL_DIR (the base, for the methods that take
+    one) with the `merge_with` directories. Returns (plan, base, others, output, mergekit config)."""
+    import importlib.util
+
+    from pydantic import ValidationError
+
+    from planner.errors import PlanInputError
+    from planner.merge import MergeOptions, mergekit_config, plan_merge_request
+
+    if importlib.util.find_spec("mergekit") is None:
+        raise _input_error("method", "mergekit is not installed here: pip install 'vramplan[merge]' (mergekit 0.1.5 or later)")
+    if not merge_with:
+        raise _input_error("merge_with", f"a mergekit {options.method} run merges MODEL with other models: give each with --merge-with DIR")
+    base = check_base(model_dir)
+    others = []
+    for directory in merge_with:
+        try:
+            others.append(check_base(directory))
+        except PlanInputError as exc:  # the base's checks, named for this field
+            raise _input_error("merge_with", exc.reason) from None
+    if len({base, *others}) != 1 + len(others):
+        raise _input_error("merge_with", "each model is merged once: a directory is named twice")
+    try:
+        run_options = MergeOptions.model_validate({**options.model_dump(), "num_models": 1 + len(others)})
+    except ValidationError as exc:
+        raise _input_error("merge_with", exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    check_models_match(base, others)
+    output = check_output(output_dir)
+    plan = plan_merge_request(str(base), run_options)
+    return plan, base, others, output, mergekit_config(plan, [str(base), *map(str, others)])
+
+
 def compare(plan, measured: dict) -> dict:
     """The measured peaks beside the planned ones: error = (planned - measured) / measured. The
     host peak is within the band when the plan is not more than HOST_BAND under it and it is at
@@ -166,6 +230,9 @@ def compare(plan, measured: dict) -> dict:
         "runtime_planned_bytes": next((t.bytes for t in plan.host_terms if t.name == "host.runtime"), 0),
         "runtime_measured_bytes": measured["rss_after_imports_bytes"],
     }
+    if "host_page_cache_bytes" in measured:  # mergekit: the mapped checkpoints' pages, outside the plan's peak
+        out.update(host_page_cache_planned_bytes=plan.host_page_cache_bytes, host_page_cache_measured_bytes=measured["host_page_cache_bytes"],
+                   host_resident_measured_bytes=measured["host_resident_peak_bytes"])
     out["host_within_band"] = (out["host_error"] is not None and out["host_error"] >= -HOST_BAND
                                and got_host >= plan.host_floor_bytes * (1 - HOST_BAND))
     if measured.get("gpu_peak_bytes") is not None:
@@ -179,14 +246,17 @@ class MergeFailed(Exception):
     """The child ended without merging (not bad input): its last words."""
 
 
-def run_merge(plan, base: Path, adapter: dict, output: Path, timeout: float = CHILD_TIMEOUT_S) -> dict:
+def run_merge(plan, base: Path, adapter: dict | None, output: Path, timeout: float = CHILD_TIMEOUT_S, mergekit_config: dict | None = None) -> dict:
     """Start the child, wait, return {"plan", "measured", "comparison", "output"}. Bad input the
-    child finds (PEFT refuses the adapter) raises PlanInputError; anything else MergeFailed."""
+    child finds (PEFT refuses the adapter, mergekit the models) raises PlanInputError; anything
+    else MergeFailed. A mergekit merge passes its config instead of an adapter."""
     o = plan.options
     fd, result_path = tempfile.mkstemp(prefix="vramplan-merge-", suffix=".json")
     os.close(fd)
-    args = {"base": str(base), "adapter": adapter["path"], "output": str(output), "dtype": o.dtype,
+    args = {"base": str(base), "adapter": adapter["path"] if adapter else None, "output": str(output), "dtype": o.dtype,
             "device": o.device, "max_shard_size": f"{int(o.out_shard_size_gb * 1000)}MB", "result": result_path}
+    if mergekit_config is not None:
+        args.update(engine="mergekit", mergekit_config=mergekit_config, low_cpu_memory=o.low_cpu_memory, out_shard_bytes=int(o.out_shard_size_gb * 10**9))
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), **MALLOC_ENV}
     try:
@@ -199,7 +269,7 @@ def run_merge(plan, base: Path, adapter: dict, output: Path, timeout: float = CH
         Path(result_path).unlink(missing_ok=True)
     result = json.loads(text) if text else {}
     if proc.returncode == 2 and result.get("error"):
-        raise _input_error("adapter_dir", result["error"])
+        raise _input_error("merge_with" if mergekit_config is not None else "adapter_dir", result["error"])
     if proc.returncode != 0 or "host_peak_bytes" not in result:
         tail = (result.get("error") or proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"])
         raise MergeFailed(tail if isinstance(tail, str) else tail[0])

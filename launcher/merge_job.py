@@ -1,4 +1,5 @@
-"""A PEFT merge, run and measured: merge_and_unload of a LoRA/DoRA adapter into its base.
+"""A merge, run and measured: PEFT's merge_and_unload of a LoRA/DoRA adapter into its base, or one
+of mergekit's methods over several models (`mergekit_merge_and_measure`, below).
 
 Two ways in, one measurement (`merge_and_measure`):
 - `vramplan merge BASE --run` (app/merge_run.py) starts `python -m launcher.merge_job ARGS_JSON`
@@ -35,7 +36,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 class AdapterRefused(Exception):
-    """PEFT would not load the adapter onto this base (an adapter for another model): bad input."""
+    """PEFT would not load the adapter onto this base (an adapter for another model), or mergekit
+    would not take the models or the config: bad input."""
 
 
 def _status_bytes(key: str) -> int | None:
@@ -135,6 +137,112 @@ def merge_and_measure(base: str, adapter: str, output: str, dtype_name: str, dev
     }
 
 
+class _AnonymousPeak:
+    """The largest anonymous resident memory (RssAnon) seen, sampled every half millisecond in a
+    thread. The kernel keeps a high-water mark only of the whole RSS, and a mergekit merge's RSS
+    also holds the inputs' memory-mapped checkpoint pages, which the kernel takes back under
+    pressure; what the merge needs is its anonymous memory. torch's kernels release the GIL, so the
+    thread samples during them."""
+
+    def __init__(self):
+        import threading
+
+        self.anon = self.file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.anon = max(self.anon, _status_bytes("RssAnon") or 0)
+            self.file = max(self.file, _status_bytes("RssFile") or 0)
+            self._stop.wait(0.0005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def mergekit_merge_and_measure(config: dict, output: str, device: str, low_cpu_memory: bool, out_shard_bytes: int) -> dict:
+    """Run mergekit's merge of `config` (its YAML's keys) into `output` and measure it like the PEFT
+    merge, and more: its anonymous memory's peak above the imported runtime (host_peak_bytes: what
+    the plan's host peak counts), the resident peak with the mapped checkpoints' pages
+    (host_resident_peak_bytes) and those pages (host_page_cache_bytes). Never trust_remote_code.
+    A config or models mergekit refuses raise AdapterRefused."""
+    import gc
+    import resource
+
+    import torch
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from pydantic import ValidationError
+
+    try:
+        merge_config = MergeConfiguration.model_validate(config)
+    except ValidationError as exc:
+        raise AdapterRefused(f"mergekit refused the config: {str(exc).splitlines()[0]}") from None
+    cuda = device == "cuda" and torch.cuda.is_available()
+    options = MergeOptions(cuda=cuda, device="cuda" if cuda else "cpu", low_cpu_memory=low_cpu_memory, out_shard_size=out_shard_bytes,
+                           trust_remote_code=False, lazy_unpickle=False, quiet=True, copy_tokenizer=True)
+    if cuda:
+        torch.zeros(1, device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    reset = _reset_peak()
+    baseline = _rss_bytes()
+    anon_before, file_before = _status_bytes("RssAnon") or 0, _status_bytes("RssFile") or 0
+    start = time.monotonic()
+    with _AnonymousPeak() as sampled:
+        try:
+            run_merge(merge_config, output, options)
+        except (ValueError, KeyError) as exc:  # mergekit's own checks: a model without a tensor, mismatched shapes
+            raise AdapterRefused(f"mergekit refused the merge: {str(exc).strip().splitlines()[0][:300]}") from None
+    seconds = time.monotonic() - start
+    peak, peak_source = _peak_bytes()
+    file_after = _status_bytes("RssFile") or 0
+    # the sampler can miss a short peak; the high-water mark less the file pages mapped by the end is
+    # a second lower bound (mergekit keeps every checkpoint mapped until it ends)
+    anon_peak = max(sampled.anon, peak - file_after - (_status_bytes("RssShmem") or 0))
+    files = sorted(p.name for p in Path(output).iterdir())
+    return {
+        "host_peak_bytes": max(0, anon_peak - anon_before),
+        "host_resident_peak_bytes": max(0, peak - baseline),
+        "host_page_cache_bytes": max(0, max(sampled.file, file_after) - file_before),
+        "host_maxrss_bytes": peak,
+        "peak_source": "RssAnon sampled every 0.5 ms, and " + peak_source + (" (reset after the imports)" if reset and peak_source == "VmHWM" else "")
+                       + " less the mapped files",
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_imports_bytes": baseline,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "device": "cuda" if cuda else "cpu",
+        "seconds": round(seconds, 3),
+        "files": files,
+        "output_bytes": sum((Path(output) / f).stat().st_size for f in files if (Path(output) / f).is_file()),
+        "versions": {"torch": torch.__version__, "mergekit": _version("mergekit"), "safetensors": __import__("safetensors").__version__},
+    }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _measured(job: dict, model: str, output: str, device: str) -> dict:
+    """Either engine's merge of a launched spec's job (or --run's arguments)."""
+    if job.get("engine") == "mergekit":
+        return mergekit_merge_and_measure(job["mergekit_config"], output, device, bool(job.get("low_cpu_memory")), int(job["out_shard_bytes"]))
+    return merge_and_measure(model, job["adapter"], output, job["dtype"], device, job["max_shard_size"])
+
+
 def run_launched(spec: dict, run_dir: Path) -> int:
     """A launched merge (spec task "merge"), under the shim: its events are the training runs'
     (start, train_begin, end, error) plus merge_end with the measured peaks, which the supervisor
@@ -144,12 +252,12 @@ def run_launched(spec: dict, run_dir: Path) -> int:
     emit_plain(run_dir, run_id, "train_begin", max_steps=1)
     try:
         Path(spec["output_dir"]).mkdir(parents=True, exist_ok=True)
-        result = merge_and_measure(spec["model"]["location"], job["adapter"], spec["output_dir"], job["dtype"],
-                                   spec["resources"]["device"], job["max_shard_size"])
+        result = _measured(job, spec["model"]["location"], spec["output_dir"], spec["resources"]["device"])
     except AdapterRefused as exc:
         print(f"vramplan: the merge failed: {exc}", file=sys.stderr, flush=True)
         emit_plain(run_dir, run_id, "error", kind="exception", type="AdapterRefused", message=str(exc), phase="merge",
-                    summary=str(exc), hint="merge an adapter trained on this base (its adapter_config.json names the base it was made for)")
+                    summary=str(exc), hint="merge models of one architecture and size (mergekit merges them tensor by tensor)" if job.get("engine") == "mergekit"
+                    else "merge an adapter trained on this base (its adapter_config.json names the base it was made for)")
         return 2
     except BaseException as exc:  # noqa: BLE001 - what ends the merge is the run's error event
         import traceback
@@ -175,7 +283,7 @@ def _main(argv: list[str]) -> int:
         return code
 
     try:
-        result = merge_and_measure(args["base"], args["adapter"], args["output"], args["dtype"], args["device"], args["max_shard_size"])
+        result = _measured(args, args["base"], args["output"], args["device"])
     except AdapterRefused as exc:
         return done({"error": str(exc)}, 2)
     return done(result, 0)

@@ -118,10 +118,15 @@ class Resources(BaseModel):
 
 class MergeJob(BaseModel):
     """What a merge run (LaunchSpec.task "merge") needs beyond the spec: the adapter merged into the
-    spec's model, and the plan's figures its measurement is held to (planner.merge.MergePlan)."""
+    spec's model (PEFT) or mergekit's config over the spec's model and the others, and the plan's
+    figures its measurement is held to (planner.merge.MergePlan)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    adapter: str = Field(max_length=4096)  # the PEFT adapter's directory, absolute
+    engine: Literal["peft", "mergekit"] = "peft"
+    adapter: str | None = Field(default=None, max_length=4096)  # PEFT: the adapter's directory, absolute
+    mergekit_config: dict | None = None  # mergekit: its YAML's keys, every model an absolute directory
+    low_cpu_memory: bool = False
+    out_shard_bytes: int = Field(default=5 * 10**9, gt=0)
     dtype: Literal["bfloat16", "float16", "float32"]
     max_shard_size: str = Field(pattern=r"^[0-9]{1,9}MB$")
     host_planned_bytes: int = Field(ge=0)  # MergePlan.host_merge_bytes: the upper end, above the imported runtime
@@ -343,19 +348,28 @@ def launch_spec(plan, model: str, settings: RunSettings, *, run_id: str | None =
     )
 
 
-def merge_launch_spec(plan, base: str, adapter: str, output_dir: str, *, run_id: str | None = None) -> LaunchSpec:
-    """The spec of a merge run: `plan` a planner.merge.MergePlan for this adapter (app/merge_run.py's
-    plan_run checked the base, the adapter and the output first). On the CPU the prediction is the
-    host peak above the imported runtime, which the run measures; with CUDA, the GPU's peak."""
+def merge_launch_spec(plan, base: str, adapter: str | None, output_dir: str, *, run_id: str | None = None,
+                      mergekit_config: dict | None = None) -> LaunchSpec:
+    """The spec of a merge run: `plan` a planner.merge.MergePlan for this adapter, or for mergekit's
+    `mergekit_config` over `base` and the other models it names (app/merge_run.py checked the models,
+    the adapter and the output first). On the CPU the prediction is the host peak above the imported
+    runtime, which the run measures; with CUDA, the GPU's peak. Its "dataset" is the adapter, or the
+    second model of a mergekit merge."""
     o = plan.options
     predicted = plan.device_peak_bytes if o.device == "cuda" else plan.host_merge_bytes
+    mergekit = mergekit_config is not None
+    if mergekit:
+        from planner.merge import mergekit_models
+
+        second = next((m for m in mergekit_models(mergekit_config) if m != str(base)), str(base))
+    inputs = second if mergekit else str(adapter)
     return LaunchSpec(
         run_id=run_id or new_run_id(),
         stage="merge",
-        method=o.adapter,
+        method=o.method if mergekit else o.adapter,
         model=ModelRef(kind="directory", location=str(base)),
-        dataset=DatasetRef(kind="directory", location=str(adapter)),
-        settings=RunSettings(dataset=str(adapter), output_dir=str(output_dir), device=o.device),
+        dataset=DatasetRef(kind="directory", location=inputs),
+        settings=RunSettings(dataset=inputs, output_dir=str(output_dir), device=o.device),
         options=o.model_dump(mode="json"),
         plan=plan.to_dict(),
         plan_hash=options_hash(o.model_dump(mode="json")),
@@ -365,6 +379,8 @@ def merge_launch_spec(plan, base: str, adapter: str, output_dir: str, *, run_id:
         allocator="default",
         output_dir=str(output_dir),
         task="merge",
-        merge=MergeJob(adapter=str(adapter), dtype=o.dtype, max_shard_size=f"{int(o.out_shard_size_gb * 1000)}MB",
+        merge=MergeJob(engine="mergekit" if mergekit else "peft", adapter=None if mergekit else str(adapter), mergekit_config=mergekit_config,
+                       low_cpu_memory=o.low_cpu_memory, out_shard_bytes=int(o.out_shard_size_gb * 10**9),
+                       dtype=o.dtype, max_shard_size=f"{int(o.out_shard_size_gb * 1000)}MB",
                        host_planned_bytes=plan.host_merge_bytes, host_floor_bytes=plan.host_floor_bytes),
     )

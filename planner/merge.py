@@ -22,6 +22,7 @@ PEFT's code; mergekit's per-method factors are estimates from its merge methods'
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,6 +90,9 @@ class MergePlan:
     host_memory_bytes: int | None
     notes: list[str] = field(default_factory=list)
     num_layers: int = 0
+    # mergekit: the inputs' checkpoint pages it reads by memory map (resident where memory allows,
+    # reclaimable, so outside the peak)
+    host_page_cache_bytes: int = 0
 
     @property
     def device_peak_bytes(self) -> int:
@@ -110,8 +114,9 @@ class MergePlan:
         transformers 5 loads a checkpoint in the merge dtype without copying it (the parameters are
         the memory-mapped file), so untouched weights cost no RSS until the save reads them and the
         merge's temporaries need not coexist with the whole model: a run measures between this
-        floor and host_merge_bytes, the plan's upper bound."""
-        return sum(t.bytes for t in self.host_terms if t.name.startswith("weights."))
+        floor and host_merge_bytes, the plan's upper bound. A mergekit merge's floor is the output
+        shard it holds at its peak."""
+        return sum(t.bytes for t in self.host_terms if t.name.startswith(("weights.", "output.")))
 
     @property
     def fits(self) -> bool:
@@ -131,6 +136,7 @@ class MergePlan:
             "host_peak_bytes": self.host_peak_bytes,
             "host_merge_bytes": self.host_merge_bytes,
             "host_floor_bytes": self.host_floor_bytes,
+            "host_page_cache_bytes": self.host_page_cache_bytes,
             "disk_bytes": self.disk_bytes,
             "gpu_memory_bytes": self.device_memory_bytes,
             "host_memory_bytes": self.host_memory_bytes,
@@ -249,44 +255,152 @@ def plan_peft_merge(spec: ModelSpec, options: MergeOptions, stored_dtype: str | 
     return MergePlan(spec.name, options, device_terms, host_terms, model, None, None, notes)
 
 
-# mergekit: working copies of one output tensor per method, in units of that tensor in the merge
-# dtype (estimates from mergekit's merge_methods: inputs stacked, task vectors, masks, the result)
-_METHOD_COPIES = {
-    "passthrough": lambda n: 1,
-    "linear": lambda n: 2 * n + 1,  # the inputs, their stack, the weighted sum
-    "slerp": lambda n: 5,  # two inputs, two normalized copies, the result
-    "task_arithmetic": lambda n: 3 * n + 1,  # inputs, task vectors (input - base), their stack, the sum
-    "ties": lambda n: 4 * n + 2,  # task vectors trimmed by magnitude (a copy to rank), the sign-consensus mask and the masked stack
-    "dare_ties": lambda n: 4 * n + 2,
-    "dare_linear": lambda n: 3 * n + 2,  # the random keep mask and the rescaled task vectors
+# mergekit 0.1.5 on the CPU, per method: the bytes it holds per value of the output tensor it is
+# computing, its output counted once and its inputs not (they are the checkpoints' memory-mapped
+# pages), as (fixed, per model beside the base) for a 2-byte and a 4-byte merge dtype. Read from its
+# merge_methods and sparsify.py, then measured tensor by tensor (bench/mergekit_runs.py):
+MERGEKIT_WORKING_PER_VALUE = {
+    # an fp32 accumulator, an fp32 cast of each input in turn (addcmul_ of mixed dtypes), the output
+    "linear": {2: (8, 0), 4: (4, 0)},
+    # the result, plus fp32 scratch per chunk of about a million values (MERGEKIT_SLERP_SCRATCH_PER_VALUE)
+    "slerp": {2: (2, 0), 4: (4, 0)},
+    # the stacked task vectors, one being formed, their weighted sum, the output
+    "task_arithmetic": {2: (4, 2), 4: (8, 4)},
+    # as task_arithmetic, plus magnitude's mask, an fp32 copy of |delta| and argsort's fp32 values and
+    # int64 indices for one task vector at a time; after the loop, the sign-consensus mask
+    "ties": {2: (26, 2), 4: (28, 4)},
+    # bernoulli's mask and the masked task vector instead of the sort; ties' sign consensus
+    "dare_ties": {2: (3.5, 6.5), 4: (12, 8)},
+    "dare_linear": {2: (6, 2), 4: (12, 4)},
+    # the output is the input tensor itself: nothing beyond the mapped pages
+    "passthrough": {2: (0, 0), 4: (0, 0)},
 }
+# slerp works on whole rows in chunks of max(1, 2**20 // rows) columns: both inputs' chunks in fp32
+# and the two weighted terms
+MERGEKIT_SLERP_SCRATCH_PER_VALUE = 16
+MERGEKIT_SLERP_CHUNK_VALUES = 1 << 20
+# mergekit's own bookkeeping beyond the tensors (its task graph, the loaders' indexes), measured
+MERGEKIT_FIXED_BYTES = 2 * MIB
 
 
-def plan_mergekit(spec: ModelSpec, options: MergeOptions) -> MergePlan:
+def _working_bytes(method: str, shape: tuple[int, ...], b: int, others: int, cast_inputs: int) -> int:
+    values = math.prod(shape)
+    fixed, per_other = MERGEKIT_WORKING_PER_VALUE[method][4 if b == 4 else 2]
+    working = int((fixed + per_other * others) * values)
+    if method == "slerp" and values:
+        rows = shape[0] if shape else 1
+        working += MERGEKIT_SLERP_SCRATCH_PER_VALUE * min(values, rows * max(1, MERGEKIT_SLERP_CHUNK_VALUES // rows))
+    # an input stored in another dtype is cast on loading: a new tensor per input, held through the merge
+    return working + cast_inputs * values * b
+
+
+def _mergekit_outputs(spec: ModelSpec, options: MergeOptions) -> list[tuple[str, tuple[int, ...]]]:
+    """The output tensors (name, shape) in the order mergekit computes them: its schedule sorts the
+    tasks by tensor name (graph.build_schedule's group label). Passthrough stacks each model's layers
+    in turn, renumbered."""
+    if options.method != "passthrough":
+        return sorted((t.name, t.shape) for t in spec.tensors)
+    import re
+
+    outputs, layer_of = [], re.compile(r"\.layers\.(\d+)\.")
+    for t in spec.tensors:
+        if t.layer is None:
+            outputs.append((t.name, t.shape))
+    for copy in range(options.num_models):
+        for t in spec.tensors:
+            if t.layer is not None:
+                outputs.append((layer_of.sub(f".layers.{copy * spec.num_layers + t.layer}.", t.name, count=1), t.shape))
+    return sorted(outputs)
+
+
+@dataclass(frozen=True)
+class MergekitPeak:
+    host_bytes: int  # the anonymous memory at the peak: the shard held and the working set
+    shard_bytes: int
+    working_bytes: int
+    tensor: str  # the output tensor being computed at the peak
+    page_cache_bytes: int  # the inputs' checkpoint pages read (file-backed, reclaimable)
+
+
+def mergekit_cpu_peak(spec: ModelSpec, options: MergeOptions, stored_dtype: str | None = None) -> MergekitPeak:
+    """Walk the output tensors in mergekit's order: before each, the shard so far (TensorWriter
+    flushes it when the next tensor would pass --out-shard-size, and writes it from the tensors'
+    own memory), plus that tensor's working set. The peak is the largest such sum: usually the
+    embedding or the head, computed first because their names sort first, or the last tensor of a
+    full shard."""
+    b = DTYPE_BYTES[options.dtype]
+    cast = stored_dtype is not None and stored_dtype != options.dtype
+    n = options.num_models
+    others = n - 1 if options.method in _BASED else n
+    inputs = 1 if options.method == "passthrough" else n
+    max_shard = int(options.out_shard_size_gb * 10**9)
+    # passthrough's outputs are the mapped inputs: no anonymous memory unless cast
+    output_is_copy = options.method != "passthrough" or cast
+    shard_bytes = shard_anon = 0
+    best = MergekitPeak(0, 0, 0, "", 0)
+    for name, shape in _mergekit_outputs(spec, options):
+        values = math.prod(shape)
+        size = values * b
+        if shard_bytes and shard_bytes + size > max_shard:
+            shard_bytes = shard_anon = 0
+        working = _working_bytes(options.method, shape, b, others, inputs if cast else 0)
+        if shard_anon + working > best.host_bytes:
+            best = MergekitPeak(shard_anon + working, shard_anon, working, name, 0)
+        shard_bytes += size
+        shard_anon += size if output_is_copy else 0
+    stored = DTYPE_BYTES[stored_dtype or options.dtype]
+    if options.method == "passthrough":  # each model's layers, the rest once
+        layer_values = sum(t.numel for t in spec.tensors if t.layer is not None)
+        read = (spec.total_params + layer_values * (n - 1)) * stored
+    else:
+        read = spec.total_params * stored * n
+    return MergekitPeak(best.host_bytes, best.shard_bytes, best.working_bytes, best.tensor, read)
+
+
+def plan_mergekit(spec: ModelSpec, options: MergeOptions, stored_dtype: str | None = None) -> MergePlan:
     b = DTYPE_BYTES[options.dtype]
     n = options.num_models
-    largest = _largest_tensor(spec)
-    working = _METHOD_COPIES[options.method](n) * largest * b
-    shard = min(int(options.out_shard_size_gb * 10**9), _params_bytes(spec, b))
     model = _params_bytes(spec, b)
-    notes = [f"mergekit {options.method} of {n} models, lazily tensor by tensor; the largest tensor ({largest:,} values) sets the working set",
-             f"output shards of {options.out_shard_size_gb:g} GB are held until written"]
-    runtime = Component("host.runtime", int(1.2 * GIB), "the Python process with torch and mergekit imported (estimate)")
-    work = Component("temporary.working_set", working, f"{_METHOD_COPIES[options.method](n)} copies of the largest tensor in {options.dtype} (estimate from mergekit's method)")
-    out = Component("output.shard", shard, "the output tensors of the shard being written")
+    if options.method == "passthrough":
+        model += sum(t.numel for t in spec.tensors if t.layer is not None) * b * (n - 1)
+    peak = mergekit_cpu_peak(spec, options, stored_dtype)
+    where = (f"the peak is at {peak.tensor}, with {peak.shard_bytes / GIB:.2f} GiB of the output shard held" if peak.tensor
+             else "its outputs are the inputs' mapped tensors, so it holds next to nothing beyond them")
+    notes = [f"mergekit {options.method} of {n} models, lazily tensor by tensor in the order of their names: {where}",
+             f"the inputs are read through memory-mapped checkpoints: {peak.page_cache_bytes / GIB:.2f} GiB of page cache, "
+             "resident where memory allows and given back under pressure, so not counted in the peak",
+             "working sets per method measured with mergekit 0.1.5 on the CPU (bench/mergekit_runs.py)"]
+    if stored_dtype and stored_dtype != options.dtype:
+        notes.append(f"the checkpoints are stored in {stored_dtype}: each input is cast to {options.dtype} as it is loaded")
+    elif stored_dtype is None:
+        notes.append(f"the checkpoints' dtype is not known: planned as stored in {options.dtype} (another dtype adds a cast copy of each input)")
+    runtime = Component("host.runtime", HOST_RUNTIME_BYTES, "the Python process with torch, transformers and mergekit imported (measured: torch 2.13 CPU, mergekit 0.1.5)")
+    fixed = Component("host.loading", MERGEKIT_FIXED_BYTES, "mergekit's task graph and loaders beyond the tensors (measured)")
+    work = Component("temporary.working_set", peak.working_bytes, f"{options.method}'s working set for {peak.tensor} (measured per value, see docs/serving.md)")
+    out = Component("output.shard", peak.shard_bytes, f"the output tensors of the shard being written ({options.out_shard_size_gb:g} GB shards) held at that point")
     if options.device == "cuda":
-        device_terms = [work] + ([out] if options.low_cpu_memory else [])
-        host_terms = [runtime] + ([] if options.low_cpu_memory else [out])
+        # not measured: the inputs are copied to the GPU for each tensor; the CPU's fp32 upcasts in
+        # magnitude() do not happen there, so the CPU's working set is an upper bound
+        largest = _largest_tensor(spec)
+        gpu_work = Component("temporary.working_set", _working_bytes(options.method, (largest,), b, n - 1 if options.method in _BASED else n, 0) + n * largest * b,
+                             f"the inputs of the largest tensor on the GPU and {options.method}'s working set (estimate from the CPU's; not measured on a GPU)")
+        shard = Component("output.shard", min(int(options.out_shard_size_gb * 10**9), model), "the output tensors of the shard being written")
+        device_terms = [gpu_work] + ([shard] if options.low_cpu_memory else [])
+        host_terms = [Component("host.runtime", HOST_RUNTIME_CUDA_BYTES, "the Python process with torch (CUDA libraries) and mergekit imported (estimate)"), fixed]
+        host_terms += [] if options.low_cpu_memory else [shard]
+        notes.append("--cuda: the GPU terms are estimates from the CPU's measured working sets; no GPU merge has been measured")
     else:
         device_terms = []
-        host_terms = [runtime, work, out]
-    return MergePlan(spec.name, options, device_terms, host_terms, model, None, None, notes)
+        host_terms = [runtime, fixed, work, out]
+    plan = MergePlan(spec.name, options, device_terms, host_terms, model, None, None, notes)
+    plan.host_page_cache_bytes = peak.page_cache_bytes
+    return plan
 
 
 def plan_merge(spec: ModelSpec, options: MergeOptions, gpu_memory_bytes: int | None = None,
                stored_dtype: str | None = None) -> MergePlan:
     """`stored_dtype`: the checkpoint's dtype (checkpoint_dtype of its config.json), for a PEFT merge."""
-    plan = plan_peft_merge(spec, options, stored_dtype) if options.method == "peft" else plan_mergekit(spec, options)
+    plan = plan_peft_merge(spec, options, stored_dtype) if options.method == "peft" else plan_mergekit(spec, options, stored_dtype)
     plan.num_layers = spec.num_layers
     plan.device_memory_bytes = gpu_memory_bytes if options.device == "cuda" else None
     plan.host_memory_bytes = int(options.host_memory_gib * GIB) if options.host_memory_gib else None
@@ -319,16 +433,16 @@ def plan_merge_request(model: str, options: MergeOptions, roots=None) -> MergePl
 _BASED = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
 
 
-def mergekit_config(plan: MergePlan) -> dict:
+def mergekit_config(plan: MergePlan, models: list[str] | None = None) -> dict:
     """The mergekit config of a mergekit plan, by mergekit's keys (merge_method, base_model,
     models with per-model parameters, parameters, dtype): the planned model is the base (or the
-    first model), the others are placeholders MODEL_2... to set. Weights are even, density 0.5,
-    SLERP's t 0.5: starting values, not advice."""
+    first model), the others are `models` (a run's directories) or placeholders MODEL_2... to set.
+    Weights are even, density 0.5, SLERP's t 0.5: starting values, not advice."""
     o = plan.options
     if o.method == "peft":
         raise ValueError("a PEFT merge has no mergekit config")
     n = o.num_models
-    names = [plan.model_name] + [f"MODEL_{i}" for i in range(2, n + 1)]
+    names = list(models) if models else [plan.model_name] + [f"MODEL_{i}" for i in range(2, n + 1)]
     config: dict = {"merge_method": o.method}
     if o.method == "passthrough":  # a layer stack: each model's layers in turn
         config["slices"] = [{"sources": [{"model": name, "layer_range": [0, plan.num_layers]}]} for name in names]
@@ -348,6 +462,13 @@ def mergekit_config(plan: MergePlan) -> dict:
             config["parameters"] = {"normalize": True}
     config["dtype"] = o.dtype
     return config
+
+
+def mergekit_models(config: dict) -> list[str]:
+    """The models a mergekit config names, in order, each once (base_model, models, slices' sources)."""
+    names = [config.get("base_model")] + [m.get("model") for m in config.get("models") or []]
+    names += [src.get("model") for piece in config.get("slices") or [] for src in piece.get("sources") or []]
+    return list(dict.fromkeys(name for name in names if isinstance(name, str)))
 
 
 def mergekit_command(plan: MergePlan) -> str:

@@ -1,6 +1,7 @@
 """`vramplan merge`: the memory a merge takes (PEFT merge_and_unload, mergekit), planner/merge.py;
-`--run` merges a PEFT adapter into its base for real and measures it beside the plan (app/merge_run.py);
-`--export mergekit` prints the mergekit YAML of a mergekit plan.
+`--run` merges for real and measures it beside the plan (app/merge_run.py): a PEFT adapter into its
+base (`--adapter-dir`), or MODEL with other models by a mergekit method (`--merge-with DIR`, once per
+model); `--export mergekit` prints the mergekit YAML of a mergekit plan.
 
 Exit codes as `check`: 0 fits (in the GPU and host memory given), 1 does not, 2 bad input.
 With `--run`: 0 merged, 1 refused (the plan does not fit), 2 bad input, 4 the merge failed.
@@ -24,15 +25,29 @@ MIB = 1 << 20
 
 
 def _checked_plan(args, options, flag: str):
-    """(plan, base, adapter, output) of a merge to run, its inputs checked (app/merge_run.py plan_run);
-    None, with the refusal written, when the plan does not fit."""
-    from app.merge_run import plan_run
+    """The merge to run, its inputs checked (app/merge_run.py): a dict of the plan, the base, the
+    adapter (PEFT) or the other models and mergekit's config, the output and a line saying what is
+    merged; None, with the refusal written, when the plan does not fit."""
+    from app.merge_run import plan_mergekit_run, plan_run
 
-    if not args.adapter_dir or not args.output:
-        raise UsageError(f"merge {flag} needs --adapter-dir DIR (the PEFT adapter) and --output DIR (new or empty)")
-    plan, base, adapter, output = plan_run(args.model, args.adapter_dir, args.output, options)
+    if options.method == "peft":
+        if not args.adapter_dir or not args.output:
+            raise UsageError(f"merge {flag} needs --adapter-dir DIR (the PEFT adapter) and --output DIR (new or empty)")
+        if args.merge_with:
+            raise UsageError("--merge-with is for mergekit's methods (--method linear, ties, ...); a PEFT merge takes --adapter-dir")
+        plan, base, adapter, output = plan_run(args.model, args.adapter_dir, args.output, options)
+        run = {"plan": plan, "base": base, "adapter": adapter, "others": [], "config": None, "output": output,
+               "what": f"PEFT merge of {adapter['path']} into {base}"}
+    else:
+        if not args.output:
+            raise UsageError(f"merge {flag} needs --output DIR (new or empty)")
+        if args.adapter_dir:
+            raise UsageError("--adapter-dir is for a PEFT merge (--method peft); mergekit's methods take --merge-with DIR")
+        plan, base, others, output, config = plan_mergekit_run(args.model, args.merge_with, args.output, options)
+        run = {"plan": plan, "base": base, "adapter": None, "others": others, "config": config, "output": output,
+               "what": f"mergekit {options.method} of {base} with {', '.join(map(str, others))}"}
     if plan.fits:
-        return plan, base, adapter, output
+        return run
     if args.json:
         write_json({"plan": plan.to_dict(), "refused": True})
     else:
@@ -43,12 +58,12 @@ def _checked_plan(args, options, flag: str):
 def _run(args, options) -> int:
     from app.merge_run import MergeFailed, run_merge
 
-    planned = _checked_plan(args, options, "--run")
-    if planned is None:
+    run = _checked_plan(args, options, "--run")
+    if run is None:
         return 1
-    plan, base, adapter, output = planned
+    plan = run["plan"]
     try:
-        result = run_merge(plan, base, adapter, output)
+        result = run_merge(plan, run["base"], run["adapter"], run["output"], mergekit_config=run["config"])
     except MergeFailed as exc:
         if args.json:
             write_json({"plan": plan.to_dict(), "failed": str(exc)})
@@ -59,11 +74,15 @@ def _run(args, options) -> int:
         write_json(result)
         return 0
     c, m = result["comparison"], result["measured"]
-    write(f"merged: {adapter['path']} into {base} -> {output} ({len(m['files'])} files, {m['output_bytes'] / MIB:.1f} MiB, {m['seconds']:.1f} s)")
+    write(f"merged: {run['what']} -> {run['output']} ({len(m['files'])} files, {m['output_bytes'] / MIB:.1f} MiB, {m['seconds']:.1f} s)")
     write(f"  host peak above the runtime: measured {c['host_measured_bytes'] / MIB:.1f} MiB, planned {c['host_planned_bytes'] / MIB:.1f} MiB "
           f"({c['host_error']:+.1%}; {'within' if c['host_within_band'] else 'outside'} the planned range "
           f"{c['host_floor_bytes'] / MIB:.1f}-{c['host_planned_bytes'] / MIB:.1f} MiB ±{c['host_band']:.0%})")
-    write(f"  runtime (torch, transformers, PEFT imported): measured {c['runtime_measured_bytes'] / MIB:.0f} MiB, planned {c['runtime_planned_bytes'] / MIB:.0f} MiB")
+    if "host_page_cache_measured_bytes" in c:
+        write(f"  checkpoint pages read by memory map (reclaimable, outside the peak): measured {c['host_page_cache_measured_bytes'] / MIB:.1f} MiB, "
+              f"planned {c['host_page_cache_planned_bytes'] / MIB:.1f} MiB; resident peak with them {c['host_resident_measured_bytes'] / MIB:.1f} MiB")
+    write(f"  runtime (torch, transformers, {'mergekit' if run['config'] else 'PEFT'} imported): measured {c['runtime_measured_bytes'] / MIB:.0f} MiB, "
+          f"planned {c['runtime_planned_bytes'] / MIB:.0f} MiB")
     if "gpu_measured_bytes" in c:
         write(f"  GPU peak: measured {c['gpu_measured_bytes'] / MIB:.1f} MiB, planned {c['gpu_planned_bytes'] / MIB:.1f} MiB")
     return 0
@@ -75,19 +94,18 @@ def _launch(args, options) -> int:
     from app.cli.runs import EXIT_BY_STATE, _backend_options, _record_text, _supervisor
     from launcher.backend import LaunchError
 
-    planned = _checked_plan(args, options, "--launch")
-    if planned is None:
+    run = _checked_plan(args, options, "--launch")
+    if run is None:
         return 1
-    plan, base, adapter, output = planned
     supervisor = _supervisor(args)
     try:
-        prepared = supervisor.prepare_merge(plan, str(base), adapter["path"], str(output), backend=args.backend,
-                                            backend_options=_backend_options(args))
+        prepared = supervisor.prepare_merge(run["plan"], str(run["base"]), run["adapter"]["path"] if run["adapter"] else None, str(run["output"]),
+                                            backend=args.backend, backend_options=_backend_options(args), mergekit_config=run["config"])
         record = supervisor.launch(prepared)
     except (ValueError, LaunchError) as exc:  # an unknown backend, or one that cannot start it
         raise UsageError(str(exc)) from exc
     if not args.json:
-        print(f"run {record.id} {record.state}: PEFT merge of {adapter['path']} into {base} -> {output}; predicted "
+        print(f"run {record.id} {record.state}: {run['what']} -> {run['output']}; predicted "
               f"{'GPU' if options.device == 'cuda' else 'host'} peak {record.predicted_peak_bytes / MIB:.1f} MiB", file=sys.stderr)
     if args.wait:
         record = supervisor.wait(record.id)
@@ -139,6 +157,8 @@ def add_commands(sub) -> None:
     p.add_argument("--run", action="store_true", help="merge for real (PEFT merge_and_unload) and measure the peaks beside the plan")
     p.add_argument("--launch", action="store_true", help="start the merge as a run of the launcher (a backend, the run store, `vramplan runs`)")
     p.add_argument("--adapter-dir", default=None, help="with --run or --launch: the PEFT adapter's directory")
+    p.add_argument("--merge-with", action="append", default=[], metavar="DIR",
+                   help="with --run or --launch and a mergekit method: another model merged with MODEL (once per model; MODEL is the base where the method takes one)")
     p.add_argument("--output", default=None, help="with --run or --launch: where the merged model is saved (new or empty directory)")
     p.add_argument("--backend", default="local", help="with --launch: a backend from `vramplan backends`")
     p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE", help="with --launch: a backend's option")
