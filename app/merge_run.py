@@ -114,8 +114,10 @@ def options_for_adapter(options, adapter: dict):
 
 def check_base(model_dir: str) -> Path:
     path = Path(model_dir).expanduser()
+    if not path.exists():
+        raise _input_error("model", f"{model_dir}: no such directory (a merge run needs the model's directory: config.json and weights)")
     if not path.is_dir():
-        raise _input_error("model", f"{model_dir}: a merge run needs the base model's directory (config.json and weights)")
+        raise _input_error("model", f"{model_dir}: a merge run needs the model's directory (config.json and weights), not a file")
     if not (path / "config.json").is_file():
         raise _input_error("model", f"{model_dir} has no config.json")
     if not any(p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith("adapter_") for p in path.iterdir()):

@@ -326,8 +326,15 @@ def run_view(record, position: int | None) -> dict:
             "predicted": _gib(record.predicted_peak_bytes), "measured": _gib(record.measured_peak_bytes), "merge": None}
     if record.stage == "merge":  # launcher/merge_job.py: on the CPU its peak is the host's, above the imported runtime
         job = record.spec.get("merge") or {}
+        mergekit = job.get("engine") == "mergekit"
+        others = []
+        if mergekit:
+            from planner.merge import mergekit_models
+
+            others = [m for m in mergekit_models(job.get("mergekit_config") or {}) if m != record.spec["model"]["location"]]
         view.update(predicted=_size(record.predicted_peak_bytes), measured=_size(record.measured_peak_bytes),
-                    merge={"where": "GPU" if data["device"] == "cuda" else "host", "floor": _size(job.get("host_floor_bytes"))})
+                    merge={"where": "GPU" if data["device"] == "cuda" else "host", "floor": _size(job.get("host_floor_bytes")),
+                           "engine": "mergekit" if mergekit else "peft", "method": record.method, "others": others})
     return view
 
 

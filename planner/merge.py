@@ -255,43 +255,45 @@ def plan_peft_merge(spec: ModelSpec, options: MergeOptions, stored_dtype: str | 
     return MergePlan(spec.name, options, device_terms, host_terms, model, None, None, notes)
 
 
-# mergekit 0.1.5 on the CPU, per method: the bytes it holds per value of the output tensor it is
-# computing, its output counted once and its inputs not (they are the checkpoints' memory-mapped
-# pages), as (fixed, per model beside the base) for a 2-byte and a 4-byte merge dtype. Read from its
-# merge_methods and sparsify.py, then measured tensor by tensor (bench/mergekit_runs.py):
+# mergekit 0.1.5 on the CPU, per method and merge dtype: the bytes it holds per value of the output
+# tensor it is computing, its output counted once and its inputs not (they are the checkpoints'
+# memory-mapped pages), as (fixed, per model beside the base). Read from its merge_methods and
+# sparsify.py, then measured tensor by tensor on the head of a random Llama (8.2 M values) for 1 to 3
+# models beside the base (bench/mergekit_runs.py; docs/serving.md):
 MERGEKIT_WORKING_PER_VALUE = {
     # an fp32 accumulator, an fp32 cast of each input in turn (addcmul_ of mixed dtypes), the output
-    "linear": {2: (8, 0), 4: (4, 0)},
-    # the result, plus fp32 scratch per chunk of about a million values (MERGEKIT_SLERP_SCRATCH_PER_VALUE)
-    "slerp": {2: (2, 0), 4: (4, 0)},
+    "linear": {"bfloat16": (8, 0), "float16": (8, 0), "float32": (4, 0)},
+    # the result; fp32 scratch per chunk of rows (MERGEKIT_SLERP_SCRATCH_PER_VALUE)
+    "slerp": {"bfloat16": (2, 0), "float16": (2, 0), "float32": (4, 0)},
     # the stacked task vectors, one being formed, their weighted sum, the output
-    "task_arithmetic": {2: (4, 2), 4: (8, 4)},
+    "task_arithmetic": {"bfloat16": (4, 2), "float16": (4, 2), "float32": (8, 4)},
     # as task_arithmetic, plus magnitude's mask, an fp32 copy of |delta| and argsort's fp32 values and
     # int64 indices for one task vector at a time; after the loop, the sign-consensus mask
-    "ties": {2: (26, 2), 4: (28, 4)},
-    # bernoulli's mask and the masked task vector instead of the sort; ties' sign consensus
-    "dare_ties": {2: (3.5, 6.5), 4: (12, 8)},
-    "dare_linear": {2: (6, 2), 4: (12, 4)},
+    "ties": {"bfloat16": (26, 2), "float16": (26, 2), "float32": (28, 4)},
+    # bernoulli's mask and the masked task vector instead of the sort (in fp32 for float16 on the
+    # CPU), then ties' sign consensus; measured 10.1, 16.1 and 23.1 bytes for 1-3 models in bf16
+    "dare_ties": {"bfloat16": (3.7, 6.5), "float16": (7.7, 6.5), "float32": (8.5, 12)},
+    "dare_linear": {"bfloat16": (6, 2), "float16": (16.2, 2), "float32": (12, 4)},
     # the output is the input tensor itself: nothing beyond the mapped pages
-    "passthrough": {2: (0, 0), 4: (0, 0)},
+    "passthrough": {"bfloat16": (0, 0), "float16": (0, 0), "float32": (0, 0)},
 }
-# slerp works on whole rows in chunks of max(1, 2**20 // rows) columns: both inputs' chunks in fp32
-# and the two weighted terms
-MERGEKIT_SLERP_SCRATCH_PER_VALUE = 16
+# slerp works on whole rows in chunks of max(1, 2**20 // rows) columns: the inputs' chunks cast to
+# fp32 (views already when merging in fp32) and the two weighted terms
+MERGEKIT_SLERP_SCRATCH_PER_VALUE = {"bfloat16": 16, "float16": 16, "float32": 8}
 MERGEKIT_SLERP_CHUNK_VALUES = 1 << 20
 # mergekit's own bookkeeping beyond the tensors (its task graph, the loaders' indexes), measured
 MERGEKIT_FIXED_BYTES = 2 * MIB
 
 
-def _working_bytes(method: str, shape: tuple[int, ...], b: int, others: int, cast_inputs: int) -> int:
+def _working_bytes(method: str, shape: tuple[int, ...], dtype: str, others: int, cast_inputs: int) -> int:
     values = math.prod(shape)
-    fixed, per_other = MERGEKIT_WORKING_PER_VALUE[method][4 if b == 4 else 2]
+    fixed, per_other = MERGEKIT_WORKING_PER_VALUE[method][dtype]
     working = int((fixed + per_other * others) * values)
     if method == "slerp" and values:
         rows = shape[0] if shape else 1
-        working += MERGEKIT_SLERP_SCRATCH_PER_VALUE * min(values, rows * max(1, MERGEKIT_SLERP_CHUNK_VALUES // rows))
+        working += MERGEKIT_SLERP_SCRATCH_PER_VALUE[dtype] * min(values, rows * max(1, MERGEKIT_SLERP_CHUNK_VALUES // rows))
     # an input stored in another dtype is cast on loading: a new tensor per input, held through the merge
-    return working + cast_inputs * values * b
+    return working + cast_inputs * values * DTYPE_BYTES[dtype]
 
 
 def _mergekit_outputs(spec: ModelSpec, options: MergeOptions) -> list[tuple[str, tuple[int, ...]]]:
@@ -343,7 +345,7 @@ def mergekit_cpu_peak(spec: ModelSpec, options: MergeOptions, stored_dtype: str 
         size = values * b
         if shard_bytes and shard_bytes + size > max_shard:
             shard_bytes = shard_anon = 0
-        working = _working_bytes(options.method, shape, b, others, inputs if cast else 0)
+        working = _working_bytes(options.method, shape, options.dtype, others, inputs if cast else 0)
         if shard_anon + working > best.host_bytes:
             best = MergekitPeak(shard_anon + working, shard_anon, working, name, 0)
         shard_bytes += size
@@ -382,7 +384,7 @@ def plan_mergekit(spec: ModelSpec, options: MergeOptions, stored_dtype: str | No
         # not measured: the inputs are copied to the GPU for each tensor; the CPU's fp32 upcasts in
         # magnitude() do not happen there, so the CPU's working set is an upper bound
         largest = _largest_tensor(spec)
-        gpu_work = Component("temporary.working_set", _working_bytes(options.method, (largest,), b, n - 1 if options.method in _BASED else n, 0) + n * largest * b,
+        gpu_work = Component("temporary.working_set", _working_bytes(options.method, (largest,), options.dtype, n - 1 if options.method in _BASED else n, 0) + n * largest * b,
                              f"the inputs of the largest tensor on the GPU and {options.method}'s working set (estimate from the CPU's; not measured on a GPU)")
         shard = Component("output.shard", min(int(options.out_shard_size_gb * 10**9), model), "the output tensors of the shard being written")
         device_terms = [gpu_work] + ([shard] if options.low_cpu_memory else [])

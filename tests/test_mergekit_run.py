@@ -1,0 +1,165 @@
+"""A mergekit merge is real: `vramplan merge MODEL --method M --merge-with DIR ... --run --output O`
+runs mergekit 0.1.5's merge of Llamas built from a config with random weights, in the measured
+child, and its anonymous memory's peak sits within the plan's band; the checkpoints' mapped pages
+are reported apart (page cache, outside the peak). `--launch` runs it through the local backend as
+a run of the launcher. Bad input is exit 2 with one line, before any child starts."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("mergekit")
+
+from app.cli import main  # noqa: E402
+from tests.served import BEARER, client, root  # noqa: E402, F401 (fixtures)
+
+MIB = 1 << 20
+
+
+def _llama(path: Path, seed: int, hidden=384, layers=2, vocab=12000, dtype=torch.bfloat16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 2, vocab_size=vocab,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 192),
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mergekit")
+    return {"a": _llama(root / "a", 0), "b": _llama(root / "b", 1), "c": _llama(root / "c", 2),
+            "small": _llama(root / "small", 3, hidden=128), "root": root}
+
+
+def _merge(capsys, model, *args):
+    code = main(["merge", str(model), *map(str, args), "--json"])
+    return code, capsys.readouterr()
+
+
+def _within(result):
+    c = result["comparison"]
+    assert result["measured"]["host_peak_bytes"] > 0
+    assert c["host_planned_bytes"] == result["plan"]["host_merge_bytes"]
+    # the plan within 10% of the measured anonymous peak, never more than 10% under it
+    assert -0.10 <= c["host_error"] <= 0.10, c
+    assert c["host_within_band"], c
+    return c
+
+
+def test_a_linear_merge_is_the_weighted_mean_and_its_peak_is_the_plans(llamas, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "merged"
+    code, captured = _merge(capsys, llamas["a"], "--method", "linear", "--merge-with", llamas["b"], "--run", "--output", out)
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    merged = load_file(str(out / "model.safetensors"))
+    a, b = load_file(str(llamas["a"] / "model.safetensors")), load_file(str(llamas["b"] / "model.safetensors"))
+    assert set(merged) == set(a)
+    name = "model.layers.1.mlp.down_proj.weight"
+    expected = ((a[name].float() + b[name].float()) / 2).to(torch.bfloat16)
+    assert merged[name].dtype == torch.bfloat16 and torch.equal(merged[name], expected)
+    c = _within(result)
+    # the inputs are read by memory map: about both checkpoints, apart from the peak
+    both = sum((llamas[k] / "model.safetensors").stat().st_size for k in "ab")
+    assert c["host_page_cache_planned_bytes"] == pytest.approx(both, rel=0.01)
+    assert both * 0.9 <= c["host_page_cache_measured_bytes"] <= both + 32 * MIB, c
+    assert c["host_resident_measured_bytes"] >= c["host_measured_bytes"]
+    assert abs(c["runtime_measured_bytes"] - c["runtime_planned_bytes"]) < 0.25 * c["runtime_planned_bytes"]
+
+
+def test_a_ties_merge_of_three_holds_the_sort_of_its_largest_tensor(llamas, capsys, tmp_path):
+    """TIES sorts each task vector's magnitudes (fp32 values, int64 indices) for its largest tensor:
+    several times the tensor, which is the peak; the plan says so and is within 10% of it."""
+    code, captured = _merge(capsys, llamas["a"], "--method", "ties", "--merge-with", llamas["b"], "--merge-with", llamas["c"],
+                            "--run", "--output", tmp_path / "merged")
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    c = _within(result)
+    largest = 12000 * 384 * 2
+    assert c["host_measured_bytes"] > 10 * largest  # far more than the tensor itself: the sort's copies
+    assert any("lm_head.weight" in note or "embed_tokens" in note for note in result["plan"]["notes"])
+    assert result["plan"]["options"]["num_models"] == 3
+
+
+def test_a_merge_in_another_dtype_holds_a_cast_copy_of_each_input(llamas, capsys, tmp_path):
+    """bf16 checkpoints merged in float32: each input is cast as mergekit loads it."""
+    code, captured = _merge(capsys, llamas["a"], "--method", "linear", "--merge-with", llamas["b"], "--dtype", "float32",
+                            "--run", "--output", tmp_path / "merged")
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    _within(result)
+    same = json.loads(_merge(capsys, llamas["a"], "--method", "linear", "--num-models", "2")[1].out)
+    # fp32 accumulator alone, plus two fp32 copies, against the bf16 merge's accumulator and cast
+    assert result["plan"]["host_merge_bytes"] > same["host_merge_bytes"]
+
+
+def test_the_text_says_measured_beside_planned_and_the_page_cache_apart(llamas, capsys, tmp_path):
+    code = main(["merge", str(llamas["a"]), "--method", "slerp", "--merge-with", str(llamas["b"]), "--run", "--output", str(tmp_path / "m")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "merged: mergekit slerp of" in out and "host peak above the runtime: measured" in out
+    assert "reclaimable, outside the peak" in out and "mergekit imported" in out
+
+
+def test_a_launched_mergekit_merge_is_a_run_with_its_peak_beside_the_plan(llamas, capsys, tmp_path, client):
+    out, data = tmp_path / "merged", tmp_path / "data"
+    code = main(["merge", str(llamas["a"]), "--method", "task_arithmetic", "--merge-with", str(llamas["b"]), "--merge-with", str(llamas["c"]),
+                 "--launch", "--output", str(out), "--wait", "--json", "--data-dir", str(data)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    record = json.loads(captured.out)
+    assert (record["state"], record["stage"], record["method"]) == ("succeeded", "merge", "task_arithmetic"), record
+    spec = json.loads((Path(record["run_dir"]) / "spec.json").read_text())
+    job = spec["merge"]
+    assert job["engine"] == "mergekit" and job["adapter"] is None
+    assert job["mergekit_config"]["base_model"] == str(llamas["a"].resolve())
+    planned = job["host_planned_bytes"]
+    assert record["predicted_peak_bytes"] == planned
+    assert planned * 0.9 <= record["measured_peak_bytes"] <= planned / 0.9, record
+    assert (out / "model.safetensors").is_file()
+    page = client.get(f"/runs/{record['id']}", headers=BEARER)
+    assert page.status_code == 200 and "succeeded" in page.text
+    assert "task_arithmetic merge with" in page.text and str(llamas["c"].resolve()).split("/")[-1] in page.text
+    assert "A mergekit task_arithmetic merge" in page.text and "adapter <code" not in page.text
+
+
+def _one_line_error(code, captured, *words):
+    assert code == 2, captured
+    line = captured.err.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    for word in words:
+        assert word in line, line
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--method", "ties"], ["merge_with", "--merge-with DIR"]),
+    (["--method", "slerp", "--merge-with", "B", "--merge-with", "C"], ["merge_with", "slerp merges exactly two models"]),
+    (["--method", "linear", "--merge-with", "SMALL"], ["merge_with", "mergekit merges models of one size"]),
+    (["--method", "linear", "--merge-with", "B", "--merge-with", "B"], ["merge_with", "named twice"]),
+    (["--method", "linear", "--merge-with", "NOWHERE"], ["merge_with", "no such directory"]),
+    (["--method", "linear", "--merge-with", "B", "--adapter-dir", "B"], ["--adapter-dir is for a PEFT merge"]),
+    (["--method", "peft", "--adapter-dir", "B", "--merge-with", "B"], ["--merge-with is for mergekit's methods"]),
+])
+def test_bad_input_is_one_line_and_exit_2(llamas, capsys, tmp_path, extra, words):
+    names = {"B": str(llamas["b"]), "C": str(llamas["c"]), "SMALL": str(llamas["small"]), "NOWHERE": str(tmp_path / "nowhere")}
+    args = [names.get(a, a) for a in extra]
+    for flag in ("--run", "--launch"):
+        code = main(["merge", str(llamas["a"]), *args, flag, "--output", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")])
+        _one_line_error(code, capsys.readouterr(), *words)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "runs").exists()
+
+
+def test_a_model_with_only_bin_weights_is_refused_by_name(llamas, capsys, tmp_path):
+    import shutil
+
+    other = tmp_path / "bin-only"
+    shutil.copytree(llamas["b"], other)
+    (other / "model.safetensors").rename(other / "pytorch_model.bin")
+    code = main(["merge", str(llamas["a"]), "--method", "linear", "--merge-with", str(other), "--run", "--output", str(tmp_path / "o")])
+    _one_line_error(code, capsys.readouterr(), "merge_with", "safetensors")
