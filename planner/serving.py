@@ -45,7 +45,7 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 # the newest vLLM whose accounting these rules were checked against (its source and its logs)
-DEFAULT_ENGINE_VERSION = "0.11.0"
+DEFAULT_ENGINE_VERSION = "0.19.0"
 OLDEST_ENGINE_VERSION = (0, 6)
 V1_FROM = (0, 8)  # the V1 engine is the default from 0.8
 
@@ -54,8 +54,18 @@ VOCAB_PADDING = 64
 # Non-torch memory that grows during the profile run, one GPU (cuBLAS/cuDNN workspaces, the
 # attention backend's buffers): the V0 logs that print it show 0.25-0.35 GiB
 NON_TORCH_BYTES = int(0.3 * GIB)
-# with tensor parallelism: NCCL's communicator buffers and vLLM's custom all-reduce IPC buffers
-NON_TORCH_TP_BYTES = int(0.25 * GIB)
+# with tensor parallelism: NCCL's buffers and vLLM's custom all-reduce buffers, which grow during the
+# profile run's first collectives. Measured 1.82 GiB over one GPU's on a Llama-3.1-8B TP 2 start-up
+# of vLLM 0.19.0 on H100 (llm-d-planner's logs; the other TP runs there held out: 1.81-1.96 GiB), and
+# 1.79 GiB in the 0.6.5 H100 log of vLLM PR #10511; so in every version, although from 0.11 NCCL's
+# communicators exist before the start-up snapshot
+NON_TORCH_TP_BYTES = int(1.85 * GIB)
+# V1's dummy sampler run: max_num_seqs rows of logits over the whole vocabulary, on every
+# tensor-parallel rank (the logits are gathered before sampling), in the model dtype plus this many
+# bytes of fp32 copies, probabilities and log-probabilities per logit. Measured 13.5 (bf16) and 14.1
+# (fp32) on the Llama-3.1-8B start-ups of vLLM 0.19.0 on H100 (llm-d-planner's logs); held out there:
+# Qwen2.5, Qwen3, Gemma-2 and Phi-4 at 13.0-13.9
+SAMPLER_BYTES_PER_LOGIT = 14
 # CUDA graphs of the decode batch sizes (up to 512 by default), captured after the KV cache:
 # vLLM logs "Graph capturing finished in N secs, took 0.3-1 GiB" for dense 7-70B models
 CUDA_GRAPH_BYTES = int(0.5 * GIB)
@@ -341,8 +351,11 @@ def activation_peak(spec: ModelSpec, options: ServingOptions, dtype_bytes: int, 
         i = -(-spec.moe_intermediate_size // tp)
         moe = tokens * (2 * h + spec.experts_per_token * (3 * i + h)) * dtype_bytes
     forward = max(dense, moe)
-    vocab = -(-_pad(spec.vocab_size, VOCAB_PADDING) // tp)
-    sampler = seqs * vocab * (dtype_bytes + 8) if options.v1 else seqs * vocab * (dtype_bytes + 4)
+    vocab = _pad(spec.vocab_size, VOCAB_PADDING)
+    if options.v1:  # every rank samples from the gathered logits
+        sampler = seqs * vocab * (dtype_bytes + SAMPLER_BYTES_PER_LOGIT)
+    else:  # V0: the driver samples; the profile's peak is the rank's own share of the logits
+        sampler = seqs * -(-vocab // tp) * (dtype_bytes + 4)
     return max(forward, sampler)
 
 
@@ -412,9 +425,9 @@ def plan_serving(spec: ModelSpec, options: ServingOptions, gpu_name: str, gpu_me
     notes += weight_notes
     lora = lora_slot_bytes(spec, options, dtype_bytes)
     act = activation_peak(spec, options, dtype_bytes, batched, seqs)
-    # from 0.11 the workers set up NCCL before vLLM's start-up snapshot: its buffers are in the baseline, not the budget
-    nccl_counted = tp * pp > 1 and _version(options.engine_version) < (0, 11)
-    non_torch = NON_TORCH_BYTES + (NON_TORCH_TP_BYTES if nccl_counted else 0)
+    # tensor parallelism's buffers grow during the profile run (NON_TORCH_TP_BYTES); pipeline stages
+    # pass activations point to point and measured no more than one GPU's
+    non_torch = NON_TORCH_BYTES + (NON_TORCH_TP_BYTES if tp > 1 else 0)
     graphs = 0 if options.enforce_eager else CUDA_GRAPH_BYTES + (CUDA_GRAPH_TP_BYTES if tp > 1 else 0)
     requested = int(gpu_memory_bytes * options.gpu_memory_utilization)
     available = requested - (weights + lora + act + non_torch)
@@ -427,11 +440,11 @@ def plan_serving(spec: ModelSpec, options: ServingOptions, gpu_name: str, gpu_me
     at_request = None
     if options.request_tokens:
         at_request = blocks / -(-options.request_tokens // options.block_size) if options.v1 else tokens / options.request_tokens
-    # the held-out start-ups (bench/serving_published.py, docs/serving.md) all found less KV cache than planned
+    # how far the profile-run terms were checked (bench/serving_llmd.py, bench/serving_published.py, docs/serving.md)
     notes.append(f"the profile run's activation peak ({act / GIB:.2f} GiB) and the non-torch memory ({non_torch / GIB:.2f} GiB) are "
-                 "estimates fitted on one RTX 3090 log; on published start-ups the plan held out, vLLM found 3% to 36% fewer KV cache "
-                 "tokens than planned, their memory beside the weights and the KV cache 1.9 to 5.7 GiB against the plan's 0.6 to 1.1 "
-                 "(bench/calculators.py): read the KV tokens and concurrency as an upper bound")
+                 "estimates: on 35 held-out vLLM 0.19.0 start-ups on H100 the plan's KV tokens were within -1.4% to +2.1% of vLLM's; "
+                 "on older versions and other GPUs vLLM found up to 36% fewer than planned (an L40S with 0.8, a 70B on V1 0.7.1): "
+                 "there read the KV tokens and concurrency as an upper bound")
     if sliding_window and sliding_window < max_len:
         notes.append("the config has sliding-window attention: planned as full attention on every layer (vLLM's hybrid allocator can give such models more tokens)")
     outside = graphs + CUDA_CONTEXT_BYTES
