@@ -76,7 +76,8 @@ def plan_row(row: dict) -> dict | None:
             "activation_gib": pair(plan.activation_peak_bytes / GIB, row["activation_memory_gib"]),
             "non_torch_gib": pair(plan.non_torch_bytes / GIB, row["non_torch_forward_gib"]),
             "kv_cache_gib": pair(plan.kv_cache_bytes / GIB, row["kv_cache_memory_gib"]),
-            "kv_cache_tokens": pair(plan.kv_cache_tokens, row["kv_cache_tokens"])}
+            "kv_cache_tokens": pair(plan.kv_cache_tokens, row["kv_cache_tokens"]),
+            "max_concurrency": pair(plan.max_concurrency, row["max_concurrency"])}
 
 
 def main() -> int:
@@ -87,7 +88,7 @@ def main() -> int:
               f"  tokens {r['kv_cache_tokens']['planned']:>9,} / {int(r['kv_cache_tokens']['logged']):>9,} ({r['kv_cache_tokens']['error_pct']:+.1f}%)")
     held = [r for r in rows if not r["fit"]]
     summary = {}
-    for figure in ("kv_cache_tokens", "weights_gib", "activation_gib", "non_torch_gib"):
+    for figure in ("kv_cache_tokens", "max_concurrency", "weights_gib", "activation_gib", "non_torch_gib"):
         errors = [r[figure]["error_pct"] for r in held if r[figure]["error_pct"] is not None]
         summary[figure] = {"held_out": len(errors), "median_abs_pct": round(statistics.median(abs(e) for e in errors), 2),
                            "max_over_pct": max(errors), "max_under_pct": min(errors), "within_3pct": sum(abs(e) <= 3 for e in errors)}
