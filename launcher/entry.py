@@ -193,6 +193,9 @@ def build_trainer(spec: dict, run_dir: Path, callbacks: list, phase: list | None
         "peft_config": get_peft_config(model_args),
         "callbacks": callbacks,
     }
+    own = peft_config_for(spec["options"])
+    if own is not None:
+        kwargs["peft_config"] = own
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "quantization_config": quantization}
@@ -205,6 +208,29 @@ def build_trainer(spec: dict, run_dir: Path, callbacks: list, phase: list | None
     if stage in ("grpo", "rloo"):
         kwargs["reward_funcs"] = _reward_funcs(spec["settings"])
     return trainer_cls(**kwargs), training_args
+
+
+def peft_config_for(options: dict):
+    """PEFT's config for the methods TRL's config file cannot express, as the plan counted them
+    (planner/trainable.py): IA3 on lora_targets (all-linear: PEFT's default for the architecture)
+    with feedforward_modules (None: PEFT's default), prompt and prefix tuning with
+    num_virtual_tokens. None for the LoRA family and full fine-tuning, which trl.yaml carries."""
+    method = options.get("method")
+    if method == "ia3":
+        from peft import IA3Config
+
+        targets = options.get("lora_targets", "all-linear")
+        return IA3Config(task_type="CAUSAL_LM", target_modules=None if targets == "all-linear" else list(targets),
+                         feedforward_modules=options.get("feedforward_modules"))
+    if method == "prompt_tuning":
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(options.get("num_virtual_tokens", 20)))
+    if method == "prefix_tuning":
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(options.get("num_virtual_tokens", 20)))
+    return None
 
 
 def _kbit_prepared_model(location: str, training_args):

@@ -29,7 +29,10 @@ SPEC_VERSION = 1
 # Stages the trainer entry runs. PPO is planned but not launched: TRL removed its PPO trainer.
 LAUNCHABLE_STAGES = ("sft", "dpo", "kto", "orpo", "simpo", "reward", "rloo", "grpo")
 # Methods TRL's ModelConfig expresses (use_peft, use_dora, load_in_4bit/8bit); the others are planned only.
-LAUNCHABLE_METHODS = ("full", "lora", "qlora", "dora")
+LAUNCHABLE_METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning")
+# what TRL's config file (and axolotl's, LLaMA-Factory's) can say: IA3 and prompt learning are
+# launched by the entry, which builds PEFT's config itself (launcher/entry.py peft_config_for)
+EXPORTABLE_METHODS = ("full", "lora", "qlora", "dora")
 DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 # Reward functions a GRPO/RLOO run may name: TRL's own, by name. A run never imports code it was given.
 BUILTIN_REWARDS = ("accuracy_reward", "think_format_reward", "reasoning_accuracy_reward", "completion_length")
@@ -250,7 +253,14 @@ def check_launchable(options: dict[str, Any], settings: RunSettings, for_export:
     if stage not in LAUNCHABLE_STAGES:
         raise PlanInputError("stage", f"{stage} cannot be launched")
     if method not in LAUNCHABLE_METHODS:
-        raise PlanInputError("method", f"{method} is planned but not launched (TRL's model options express {', '.join(LAUNCHABLE_METHODS)}); export the plan and run it with PEFT directly")
+        raise PlanInputError("method", f"{method} is planned but not launched (the launcher runs {', '.join(LAUNCHABLE_METHODS)})")
+    if for_export and method not in EXPORTABLE_METHODS:
+        raise PlanInputError("method", f"{method} has no place in TRL's, axolotl's or LLaMA-Factory's config files (they express "
+                                       f"{', '.join(EXPORTABLE_METHODS)}): launch it with vramplan launch, whose trainer entry builds PEFT's config")
+    if method == "prefix_tuning" and options.get("gradient_checkpointing"):
+        raise PlanInputError("gradient_checkpointing", "prefix tuning fails with gradient checkpointing under transformers 5 (the recomputed "
+                                                       "forward's attention mask misses the prefix's key/value length): plan it with "
+                                                       "--no-gradient-checkpointing")
     if options.get("trainer") == "hf":
         raise PlanInputError("trainer", "launched runs use TRL's trainers; plan with trainer trl")
     if not for_export and options.get("loss_implementation", "auto") not in ("auto", "trl_fused"):

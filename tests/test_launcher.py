@@ -217,7 +217,8 @@ def test_admission_refuses_when_the_gpus_free_memory_is_short(tiny, data_dir, ca
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--stage", "ppo"], "TRL 1.16 has no PPO trainer"),
-    (["--method", "ia3"], "ia3 is planned but not launched"),
+    (["--method", "freeze"], "freeze is planned but not launched"),
+    (["--method", "prefix_tuning"], "prefix tuning fails with gradient checkpointing"),
     (["--stage", "grpo"], "grpo needs a reward"),
     (["--epochs", "1"], "max_steps or epochs"),  # launch_args gives --max-steps too
 ])

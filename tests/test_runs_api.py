@@ -327,7 +327,7 @@ def test_the_plan_page_says_why_it_cannot_launch(client, root, monkeypatch):
     assert 'id="launch-form"' in client.get("/", params={"model": MODEL, "method": "lora"}).text
     for params, why in (({"model": "meta-llama/Llama-3.1-70B", "method": "full", "gpu": "RTX 4090"}, "It does not fit"),
                         ({"model": MODEL, "stage": "ppo"}, "ppo cannot be launched"),
-                        ({"model": MODEL, "method": "ia3"}, "ia3 is planned but not launched")):
+                        ({"model": MODEL, "method": "freeze"}, "freeze is planned but not launched")):
         page = client.get("/", params=params).text
         assert 'id="launch-form"' not in page and why in page, params
     from importlib import metadata
