@@ -92,3 +92,23 @@ def test_without_ray_installed_the_backend_gives_the_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     health = RayBackend().check()
     assert not health.ok and "pip install 'vramplan[ray]'" in health.detail
+
+
+@pytest.mark.skipif(ray_missing, reason="Ray is not installed (pip install 'vramplan[ray]')")
+def test_a_merge_runs_as_a_ray_job_with_its_measured_peak(tmp_path, capsys, ray_head, monkeypatch):
+    """A merge is a run like any other: mergekit's linear merge of two tiny Llamas as a Ray Job; its
+    merge_end event comes back through the job's log."""
+    pytest.importorskip("mergekit")
+    from tests.test_mergekit_run import _llama
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a, b = _llama(tmp_path / "a", 0, hidden=128, vocab=4000), _llama(tmp_path / "b", 1, hidden=128, vocab=4000)
+    code = main(["merge", str(a), "--method", "linear", "--merge-with", str(b), "--launch", "--backend", "ray",
+                 "--backend-option", f"address={ray_head}", "--backend-option", f"python={sys.executable}",
+                 "--output", str(tmp_path / "merged"), "--wait", "--json", "--data-dir", str(tmp_path / "d")])
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert code == 0, (record, captured.err)
+    assert (record["state"], record["backend"], record["stage"]) == ("succeeded", "ray", "merge")
+    assert record["measured_peak_bytes"] and record["error_pct"] is not None
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

@@ -194,3 +194,19 @@ def test_a_two_node_plan_renders_a_two_node_script(tmp_path):
 def test_backend_options_are_bounded(tiny, tmp_path, capsys, offline):
     code, _, err = _cli(capsys, launch_args(tiny, tmp_path / "d", "--backend", "slurm", "--backend-option", "partition=gpu; rm -rf /", "--dry-run"))
     assert code == 2 and "backend option partition" in err
+
+
+@real
+def test_real_slurm_runs_a_merge_and_keeps_its_measured_peak(tmp_path, capsys, offline):
+    """A merge is a run like any other: mergekit's linear merge of two tiny Llamas through sbatch."""
+    pytest.importorskip("mergekit")
+    from tests.test_mergekit_run import _llama
+
+    a, b = _llama(tmp_path / "a", 0, hidden=128, vocab=4000), _llama(tmp_path / "b", 1, hidden=128, vocab=4000)
+    code, out, err = _cli(capsys, ["merge", str(a), "--method", "linear", "--merge-with", str(b), "--launch", "--backend", "slurm",
+                                   "--output", str(tmp_path / "merged"), "--wait", "--json", "--data-dir", str(tmp_path / "d")])
+    record = json.loads(out)
+    assert code == 0, (record, err)
+    assert (record["state"], record["backend"], record["stage"]) == ("succeeded", "slurm", "merge")
+    assert record["measured_peak_bytes"] and record["error_pct"] is not None
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
