@@ -39,7 +39,7 @@ MIN_TOKEN_CHARS = 16
 COOKIE_PREFIX = "vramplan_session"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # routes that start, stop or show runs: the token is needed whatever the mode
-GUARDED_PREFIXES = ("/api/v1/runs", "/api/v1/backends", "/runs", "/launch")
+GUARDED_PREFIXES = ("/api/v1/runs", "/api/v1/merges", "/api/v1/backends", "/runs", "/launch")
 # what stays open when VRAMPLAN_AUTH=all (signing in must be possible, health must be checkable)
 OPEN_PATHS = ("/login", "/healthz")
 OPEN_PREFIXES = ("/static/",)

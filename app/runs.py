@@ -25,6 +25,7 @@ from pydantic import ValidationError as PydanticValidationError
 from launcher.runtime import IdempotencyConflict, RunsRuntime
 from launcher.spec import RunSettings, with_advice
 from planner.errors import PlanInputError
+from planner.merge import MergeOptions
 from planner.options import TrainingOptions
 
 BackendOptionValue = StrictBool | int | float | Annotated[str, Field(max_length=1000)]
@@ -56,13 +57,35 @@ class LaunchRequest(TrainingOptions, RunSettings):
         return RunSettings.model_validate({"dataset": self.dataset, **given, **changes})
 
 
+class MergeLaunchRequest(MergeOptions):
+    """POST /api/v1/merges: a merge as a run of the launcher, every path inside the server's roots:
+    a PEFT adapter into its base (method peft, adapter_dir), or mergekit's method over model and
+    merge_with. The rest are the merge plan's options (POST /api/v1/merge)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, json_schema_extra={"examples": [
+        {"model": "models/base", "method": "peft", "adapter_dir": "runs/out/adapter", "output_dir": "merged/base-sft"},
+        {"model": "models/a", "method": "ties", "merge_with": ["models/b", "models/c"], "output_dir": "merged/ties"},
+    ]})
+    model: str = Field(min_length=1, max_length=4096, description="the base model's directory (config.json and safetensors weights) inside the server's roots")
+    adapter_dir: str | None = Field(default=None, min_length=1, max_length=4096, description="method peft: the PEFT LoRA/DoRA adapter's directory")
+    merge_with: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list, max_length=63, description="mergekit's methods: the other models' directories, merged with model")
+    output_dir: str = Field(min_length=1, max_length=4096, description="where the merged model is saved: a new or empty directory")
+    backend: str = Field(default="local", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="a backend from GET /api/v1/backends")
+    backend_options: dict[Annotated[str, Field(max_length=64)], BackendOptionValue] = Field(
+        default_factory=dict, max_length=32, description="the backend's own options")
+
+    def merge_options(self) -> MergeOptions:
+        return MergeOptions.model_validate(self.model_dump(include=set(MergeOptions.model_fields)))
+
+
 class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     force: StrictBool = Field(default=False, description="start even when the GPUs' free memory is short of the plan")
 
 
 
-def request_fingerprint(request: LaunchRequest) -> str:
+def request_fingerprint(request: LaunchRequest | MergeLaunchRequest) -> str:
     """What an Idempotency-Key retry must repeat: the launch request's fields as JSON, sorted
     (force and queue are how to start it, not what: a retry may add them)."""
     body = request.model_dump(mode="json", exclude={"force", "queue"})
@@ -166,6 +189,61 @@ class WebRuns(RunsRuntime):
         except LaunchRefused as exc:
             raise LaunchProblem(409, ["body", "force"], _api_words(exc), "does_not_fit", admission=exc.numbers,
                                 predicted_peak_bytes=plan.peak_bytes, predicted_high_bytes=plan.peak_high_bytes, verdict=plan.verdict) from None
+
+    def launch_merge(self, request: MergeLaunchRequest, idempotency_key: str | None = None):
+        """(record, replayed): a merge started as a run, its paths confined to the server's roots
+        (and confined again by the merge job when it opens them). Blocks: call from a thread."""
+        from app.merge_run import plan_mergekit_run, plan_run
+        from launcher.backend import LaunchError
+        from launcher.paths import check_output_dir, check_path_text
+        from launcher.registry import UnknownBackend
+        from planner.request import confine
+
+        key_hash = request_fingerprint(request) if idempotency_key else None
+        try:
+            existing = self.replayed(idempotency_key, key_hash)
+        except IdempotencyConflict as exc:
+            raise LaunchProblem(422, ["header", "Idempotency-Key"], str(exc), "idempotency_key_reused", run_id=exc.run_id) from None
+        if existing is not None:
+            return existing, True
+        allowed = self.roots()
+        for field, text in (("model", request.model), ("output_dir", request.output_dir), ("adapter_dir", request.adapter_dir),
+                            *(("merge_with", other) for other in request.merge_with)):
+            if text is not None:
+                check_path_text(field, text)
+        base = confine("model", request.model, allowed)
+        output = confine("output_dir", request.output_dir, allowed, must_exist=False)
+        check_output_dir(output, self.data_dir, base)
+        options = request.merge_options()
+        if options.method == "peft":
+            if request.adapter_dir is None or request.merge_with:
+                raise PlanInputError("adapter_dir", "a PEFT merge takes adapter_dir (the adapter's directory) and no merge_with")
+            adapter_dir = confine("adapter_dir", request.adapter_dir, allowed)
+            plan, base, adapter, output = plan_run(str(base), str(adapter_dir), str(output), options)
+            adapter_path, config = adapter["path"], None
+        else:
+            if request.adapter_dir is not None:
+                raise PlanInputError("adapter_dir", "mergekit's methods take merge_with (the other models), not an adapter")
+            others = [str(confine("merge_with", other, allowed)) for other in request.merge_with]
+            plan, base, _, output, config = plan_mergekit_run(str(base), others, str(output), options)
+            adapter_path = None
+        if not plan.fits:
+            raise LaunchProblem(409, ["body", "host_memory_gib"], f"refused: the merge needs {plan.host_peak_bytes / (1 << 30):.2f} GiB of host memory",
+                                "does_not_fit", plan=plan.to_dict())
+        try:
+            prepared = self.supervisor().prepare_merge(plan, str(base), adapter_path, str(output), backend=request.backend,
+                                                       backend_options=request.backend_options, mergekit_config=config, confine_to=tuple(map(str, allowed)))
+        except UnknownBackend as exc:
+            raise PlanInputError("backend", str(exc)) from None
+        except LaunchError as exc:
+            raise PlanInputError("backend_options", str(exc)) from None
+        except PydanticValidationError as exc:
+            err = exc.errors()[0]
+            raise PlanInputError("backend_options", f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+        try:
+            return super().launch(prepared, force=False, queue=False, idempotency_key=idempotency_key, request_hash=key_hash)
+        except IdempotencyConflict as exc:
+            raise LaunchProblem(422, ["header", "Idempotency-Key"], str(exc), "idempotency_key_reused", run_id=exc.run_id) from None
 
     def resume(self, run_id: str, force: bool = False):
         from launcher.backend import LaunchError

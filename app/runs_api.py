@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 
 from app.run_feed import LOG_CHUNK, Cursor, event_stream
-from app.runs import LaunchRequest, ResumeRequest, metric_dict, run_dict, runtime
+from app.runs import LaunchRequest, MergeLaunchRequest, ResumeRequest, metric_dict, run_dict, runtime
 from app.schemas import (
     RUN_ERRORS,
     BackendsOut,
@@ -55,6 +55,21 @@ async def create_run(request: Request, body: LaunchRequest,
                      idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[!-~]+$",
                                                                    description="a repeat with the same key returns the same run")] = None) -> JSONResponse:
     record, replayed = await run_in_threadpool(runtime(request.app).launch, body, idempotency_key)
+    response = _run_response(request, record, 201)
+    response.headers["Location"] = f"/api/v1/runs/{record.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+@router.post("/merges", status_code=201, summary="Launch a merge as a run: a PEFT adapter into its base, or mergekit's method over models",
+             response_model=RunOut, responses={**RUN_ERRORS, 409: REFUSED[409]})
+async def create_merge(request: Request, body: MergeLaunchRequest,
+                       idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200, pattern=r"^[!-~]+$",
+                                                                     description="a repeat with the same key returns the same run")] = None) -> JSONResponse:
+    """Every path inside the server's roots; the run's measured host (or GPU) peak is kept beside
+    the plan's, as for `vramplan merge --launch`. Follow it at /api/v1/runs/{id}."""
+    record, replayed = await run_in_threadpool(runtime(request.app).launch_merge, body, idempotency_key)
     response = _run_response(request, record, 201)
     response.headers["Location"] = f"/api/v1/runs/{record.id}"
     if replayed:

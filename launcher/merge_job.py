@@ -243,12 +243,61 @@ def _measured(job: dict, model: str, output: str, device: str) -> dict:
     return merge_and_measure(model, job["adapter"], output, job["dtype"], device, job["max_shard_size"])
 
 
+def _confined(spec: dict) -> tuple[dict, str | None]:
+    """A served merge's spec with every path resolved now, when the merge is about to open them,
+    and each inside the server's roots (spec["confine_to"]), symlinks followed: (spec, None), or
+    (spec, why not) when one now leads elsewhere or is gone. The merge then opens the resolved
+    paths, not the names. The CLI's merges (no roots) are not confined."""
+    roots = [Path(root) for root in spec.get("confine_to") or ()]
+    if not roots:
+        return spec, None
+    from planner.merge import mergekit_models
+
+    job = dict(spec["merge"])
+    resolved: dict[str, str] = {}
+
+    def check(field: str, text: str, must_exist: bool) -> str | None:
+        try:
+            path = Path(text).resolve(strict=must_exist)
+        except FileNotFoundError:
+            return f"{field} {text} no longer exists"
+        except (OSError, RuntimeError) as exc:
+            return f"{field} {text} cannot be resolved: {exc}"
+        if not any(path == root or root in path.parents for root in roots):
+            return f"{field} {text} now leads to {path}, outside the server's roots; nothing was read or written there"
+        resolved[text] = str(path)
+        return None
+
+    checks = [("model", spec["model"]["location"], True), ("output_dir", spec["output_dir"], False)]
+    if job.get("adapter"):
+        checks.append(("adapter_dir", job["adapter"], True))
+    checks += [("merge_with", name, True) for name in mergekit_models(job.get("mergekit_config") or {})]
+    for field, text, must_exist in checks:
+        problem = check(field, text, must_exist)
+        if problem:
+            return spec, problem
+    if job.get("adapter"):
+        job["adapter"] = resolved[job["adapter"]]
+    if job.get("mergekit_config"):
+        job["mergekit_config"] = json.loads(json.dumps(job["mergekit_config"]), object_hook=lambda d: {
+            k: resolved.get(v, v) if k in ("model", "base_model") and isinstance(v, str) else v for k, v in d.items()})
+    return {**spec, "merge": job, "model": {**spec["model"], "location": resolved[spec["model"]["location"]]},
+            "output_dir": resolved[spec["output_dir"]]}, None
+
+
 def run_launched(spec: dict, run_dir: Path) -> int:
     """A launched merge (spec task "merge"), under the shim: its events are the training runs'
     (start, train_begin, end, error) plus merge_end with the measured peaks, which the supervisor
     stores beside the plan's. Exit 0 merged, 2 the adapter refused, 3 CUDA out of memory, 1 otherwise."""
-    job, run_id = spec["merge"], spec["run_id"]
+    run_id = spec["run_id"]
     emit_plain(run_dir, run_id, "start", pid=os.getpid(), stage="merge", method=spec["method"], attempt=spec.get("attempt", 1), versions=library_versions())
+    spec, outside = _confined(spec)
+    if outside:
+        print(f"vramplan: the merge did not start: {outside}", file=sys.stderr, flush=True)
+        emit_plain(run_dir, run_id, "error", kind="exception", type="PathOutsideRoots", message=outside, phase="paths",
+                    summary=outside, hint="name paths inside the server's roots, and leave them in place until the run has started")
+        return 2
+    job = spec["merge"]
     emit_plain(run_dir, run_id, "train_begin", max_steps=1)
     try:
         Path(spec["output_dir"]).mkdir(parents=True, exist_ok=True)

@@ -175,13 +175,16 @@ class Supervisor:
         return replace(prepared, dataset_check=dataset_check.to_dict()) if dataset_check is not None else prepared
 
     def prepare_merge(self, plan, base: str, adapter: str | None, output_dir: str, *, backend: str = "local", backend_options: dict | None = None,
-                      mergekit_config: dict | None = None) -> Prepared:
+                      mergekit_config: dict | None = None, confine_to: tuple[str, ...] = ()) -> Prepared:
         """A merge run (launcher/merge_job.py) up to its start: `plan` a planner.merge.MergePlan made
         for this adapter, or for mergekit's config over the base and the models it names, with every
         input and the output checked (app/merge_run.py plan_run, plan_mergekit_run)."""
         impl = load_backend(backend)
         options_model = impl.Options.model_validate(backend_options or {})
-        return self._place(backend, impl, merge_launch_spec(plan, base, adapter, output_dir, mergekit_config=mergekit_config), options_model)
+        spec = merge_launch_spec(plan, base, adapter, output_dir, mergekit_config=mergekit_config)
+        if confine_to:  # a served merge: the merge job confines every path again when it opens them
+            spec = spec.model_copy(update={"confine_to": tuple(confine_to)})
+        return self._place(backend, impl, spec, options_model)
 
     def _place(self, backend: str, impl, spec: LaunchSpec, options_model, wanted: tuple[str, ...] = ()) -> Prepared:
         """Admission (where the backend admits), the GPUs it chose written into the spec, and the render."""

@@ -163,3 +163,71 @@ def test_a_model_with_only_bin_weights_is_refused_by_name(llamas, capsys, tmp_pa
     (other / "model.safetensors").rename(other / "pytorch_model.bin")
     code = main(["merge", str(llamas["a"]), "--method", "linear", "--merge-with", str(other), "--run", "--output", str(tmp_path / "o")])
     _one_line_error(code, capsys.readouterr(), "merge_with", "safetensors")
+
+
+def _wait_terminal(client, run_id, timeout=180):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.get(f"/api/v1/runs/{run_id}", headers=BEARER).json()
+        if run["state"] in ("succeeded", "failed", "cancelled", "lost"):
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} did not end in {timeout} s: {run}")
+
+
+def test_the_api_launches_a_merge_inside_the_roots_and_keeps_its_peak(client, root, monkeypatch):
+    """POST /api/v1/merges: the same merge as `vramplan merge --launch`, every path confined to the
+    server's roots; the run ends succeeded with its measured peak beside the plan's."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _llama(root / "a", 0, hidden=128, vocab=4000)
+    _llama(root / "b", 1, hidden=128, vocab=4000)
+    body = {"model": "a", "method": "linear", "merge_with": ["b"], "output_dir": "merged"}
+    assert client.post("/api/v1/merges", json=body).status_code == 401  # the token first
+    made = client.post("/api/v1/merges", json=body, headers=BEARER)
+    assert made.status_code == 201, made.text
+    run = _wait_terminal(client, made.json()["id"])
+    assert (run["state"], run["stage"], run["method"]) == ("succeeded", "merge", "linear"), run
+    assert run["measured_peak_bytes"] and run["error_pct"] is not None
+    assert (root / "merged" / "model.safetensors").is_file()
+    spec = json.loads((Path(run["run_dir"]) / "spec.json").read_text())
+    assert str(root.resolve()) in spec["confine_to"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"model": "/etc", "method": "linear", "merge_with": ["b"], "output_dir": "o"}, "model"),
+    ({"model": "a", "method": "linear", "merge_with": ["/tmp"], "output_dir": "o"}, "merge_with"),
+    ({"model": "a", "method": "linear", "merge_with": ["b"], "output_dir": "/tmp/elsewhere"}, "output_dir"),
+    ({"model": "a", "method": "peft", "merge_with": ["b"], "output_dir": "o"}, "adapter_dir"),
+    ({"model": "a", "method": "slerp", "merge_with": ["b", "b2"], "output_dir": "o"}, "merge_with"),
+])
+def test_the_api_refuses_a_merge_outside_the_roots_or_malformed_with_422(client, root, body, field):
+    for name, seed in (("a", 0), ("b", 1), ("b2", 2)):
+        _llama(root / name, seed, hidden=64, layers=1, vocab=500)
+    refused = client.post("/api/v1/merges", json=body, headers=BEARER)
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"][0]
+    assert detail["loc"][-1] == field, detail
+    assert client.get("/api/v1/runs", headers=BEARER).json()["runs"] == []
+
+
+def test_the_merge_job_confines_a_served_merge_again_when_it_opens_the_paths(tmp_path):
+    """A model directory swapped for a symlink out of the roots after the launch is refused by the
+    merge job itself; in place, every name is replaced by its resolved path."""
+    from launcher.merge_job import _confined
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    outside.mkdir()
+    config = {"merge_method": "linear", "models": [{"model": str(root / "a")}, {"model": str(root / "b")}], "dtype": "bfloat16"}
+    spec = {"confine_to": [str(root)], "model": {"kind": "directory", "location": str(root / "a")}, "output_dir": str(root / "out"),
+            "merge": {"engine": "mergekit", "mergekit_config": config}}
+    confined, problem = _confined(spec)
+    assert problem is None and confined["merge"]["mergekit_config"]["models"][1]["model"] == str((root / "b").resolve())
+    (root / "b").rmdir()
+    (root / "b").symlink_to(outside)
+    _, problem = _confined(spec)
+    assert problem and "merge_with" in problem and "outside the server's roots" in problem
+    assert _confined({**spec, "confine_to": []}) == ({**spec, "confine_to": []}, None)  # the CLI's merges are not confined
