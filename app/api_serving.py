@@ -102,7 +102,10 @@ def _errors(exc: Exception) -> list[dict]:
     return [{"field": exc.field, "msg": exc.reason}]
 
 
-def _page(request: Request, template: str, form: dict, compute, chart) -> HTMLResponse:
+def _page(request: Request, template: str, form: dict, compute, chart, extra: dict | None = None) -> HTMLResponse:
+    import secrets
+
+    from app import auth
     from app.templating import templates
 
     data, errors = None, []
@@ -112,8 +115,13 @@ def _page(request: Request, template: str, form: dict, compute, chart) -> HTMLRe
         except (ValidationError, PlanInputError) as exc:
             errors = _errors(exc)
     charts = chart(data) if data else []
-    context = {"form": form, "data": data, "errors": errors, "charts": charts, "query": "", "htmx": False}
-    return templates.TemplateResponse(request, template, context, status_code=422 if errors else 200)
+    context = {"form": form, "data": data, "errors": errors, "charts": charts, "query": "", "htmx": False,
+               "launch_form": {}, "launch_errors": [], "key": secrets.token_urlsafe(18), "login": auth.login_url(request.url.path)}
+    status = 422 if errors else 200
+    if extra:
+        context.update(extra)
+        status = extra.get("status", status)
+    return templates.TemplateResponse(request, template, context, status_code=status)
 
 
 @router.get("/serving", response_class=HTMLResponse, summary="The serving plan's page (form and result)")
@@ -131,11 +139,18 @@ def serving_page(request: Request) -> HTMLResponse:
 @router.get("/merge", response_class=HTMLResponse, summary="The merge plan's page (form and result)")
 def merge_page(request: Request) -> HTMLResponse:
     form = _form(request, set(MergeRequest.model_fields))
+    return _page(request, "merge.html", form, lambda f: merge_result(MergeRequest.model_validate(f)), _merge_chart)
 
-    def chart(data):
-        out = [("Host memory", split_bar_svg(data["host_components"], data["host_memory_bytes"], f"host peak {data['host_peak_bytes'] / GIB:.2f} GiB"))]
-        if data["gpu_components"]:
-            out.append(("GPU memory", split_bar_svg(data["gpu_components"], data["gpu_memory_bytes"], f"GPU peak {data['gpu_peak_bytes'] / GIB:.2f} GiB")))
-        return out
 
-    return _page(request, "merge.html", form, lambda f: merge_result(MergeRequest.model_validate(f)), chart)
+def _merge_chart(data):
+    out = [("Host memory", split_bar_svg(data["host_components"], data["host_memory_bytes"], f"host peak {data['host_peak_bytes'] / GIB:.2f} GiB"))]
+    if data["gpu_components"]:
+        out.append(("GPU memory", split_bar_svg(data["gpu_components"], data["gpu_memory_bytes"], f"GPU peak {data['gpu_peak_bytes'] / GIB:.2f} GiB")))
+    return out
+
+
+def merge_page_response(request: Request, form: dict, launch_errors: list[dict], status: int, launch_form: dict) -> HTMLResponse:
+    """The merge page again after a refused "Run this merge": the launch form refilled, its errors
+    beside it (the plan above is of the catalog model the form named, if any)."""
+    return _page(request, "merge.html", {}, lambda f: None, _merge_chart,
+                 {"launch_errors": launch_errors, "launch_form": launch_form, "status": status})

@@ -285,6 +285,40 @@ async def launch_start(request: Request):
     return await run_in_threadpool(_render_launch, request, raw, errors, None, status, refused)
 
 
+# -- a merge launched from the merge page -------------------------------------------------------
+
+MERGE_LAUNCH_FIELDS = ("model", "method", "adapter_dir", "output_dir", "dtype", "device", "backend")
+
+
+@router.post("/launch/merge", response_class=HTMLResponse)
+async def launch_merge(request: Request):
+    """The merge page's "Run this merge" form (signed in: /launch is a guarded prefix): the same
+    request as POST /api/v1/merges, one model directory per line in merge_with."""
+    from app.api_serving import merge_page_response
+    from app.runs import MergeLaunchRequest
+
+    form = await request.form()
+    raw = {k: str(form.get(k) or "").strip() for k in (*MERGE_LAUNCH_FIELDS, "merge_with")}
+    data = {k: raw[k] for k in MERGE_LAUNCH_FIELDS if raw[k]}
+    data["merge_with"] = [line.strip() for line in raw["merge_with"].splitlines() if line.strip()]
+    key = str(form.get("idempotency_key") or "")
+    key = key if KEY.fullmatch(key) else None  # a double click starts one merge
+    try:
+        parsed = MergeLaunchRequest.model_validate(data)
+        record, _ = await run_in_threadpool(runtime(request.app).launch_merge, parsed, key)
+        return RedirectResponse(f"/runs/{record.id}", status_code=303)
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "form",
+                   "msg": str(e["msg"]).removeprefix("Value error, ")} for e in exc.errors()]
+        status = 422
+    except LaunchProblem as exc:
+        errors, status = [{"field": exc.loc[-1], "msg": exc.msg}], exc.status
+    except (PlanInputError, BuildBusy) as exc:
+        errors, status = _problem(exc), 422
+    return await run_in_threadpool(merge_page_response, request, {k: raw[k] for k in ("model", "method", "dtype", "device") if raw[k]},
+                                   errors, status, raw)
+
+
 # -- the runs ------------------------------------------------------------------------------------
 
 

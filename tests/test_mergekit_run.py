@@ -231,3 +231,30 @@ def test_the_merge_job_confines_a_served_merge_again_when_it_opens_the_paths(tmp
     _, problem = _confined(spec)
     assert problem and "merge_with" in problem and "outside the server's roots" in problem
     assert _confined({**spec, "confine_to": []}) == ({**spec, "confine_to": []}, None)  # the CLI's merges are not confined
+
+
+def test_the_merge_page_runs_a_merge_once_signed_in(client, root, monkeypatch):
+    """The merge page's "Run this merge" form, no JavaScript: signed out it offers the sign-in; a
+    bad directory comes back with the form refilled and the field named; a good one starts the run
+    and lands on its page."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    page = client.get("/merge").text
+    assert 'id="merge-launch-sign-in"' in page and 'id="merge-launch-form"' not in page
+    assert client.post("/launch/merge", data={"model": "a"}, follow_redirects=False).status_code in (401, 403, 303)
+    assert client.get("/api/v1/runs", headers=BEARER).json()["runs"] == []  # nothing started without the token
+    assert client.post("/login", data={"token": "test-token-0123456789abcdef", "next": "/merge"}, follow_redirects=False).status_code == 303
+    assert 'id="merge-launch-form"' in client.get("/merge").text
+    _llama(root / "a", 0, hidden=128, vocab=4000)
+    _llama(root / "b", 1, hidden=128, vocab=4000)
+    origin = {"Origin": "http://testserver"}
+    bad = client.post("/launch/merge", data={"model": "a", "method": "linear", "merge_with": "/etc\n", "output_dir": "merged"},
+                      headers=origin, follow_redirects=False)
+    assert bad.status_code == 422 and "merge_with" in bad.text and "outside the directories this server may use" in bad.text
+    assert 'value="merged"' in bad.text  # the form keeps what was typed
+    made = client.post("/launch/merge", data={"model": "a", "method": "linear", "merge_with": "b\n", "output_dir": "merged"},
+                       headers=origin, follow_redirects=False)
+    assert made.status_code == 303 and made.headers["location"].startswith("/runs/"), made.text
+    run = _wait_terminal(client, made.headers["location"].rsplit("/", 1)[-1])
+    assert run["state"] == "succeeded" and run["measured_peak_bytes"]
+    shown = client.get(made.headers["location"]).text
+    assert "linear merge with" in shown and "Measured host peak" in shown
