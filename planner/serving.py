@@ -93,16 +93,9 @@ def _quant_constants(quant: str, rows: int, cols: int) -> int:
     return 0
 
 
-def _patch(text: str) -> int:
-    """The third number of a version (0.6.4 -> 4; 0 where there is none)."""
-    parts = text.strip().lstrip("v").split(".")
-    try:
-        return int(parts[2]) if len(parts) > 2 else 0
-    except ValueError:
-        return 0
-
-
-def _version(text: str) -> tuple[int, int]:
+def _release(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a vLLM version ("0.6.4", "v0.8.5.post1"; a patch that is not a
+    number, or none, is 0); PlanInputError for what is not a version this accounting follows."""
     parts = text.strip().lstrip("v").split(".")
     try:
         major, minor = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
@@ -110,7 +103,12 @@ def _version(text: str) -> tuple[int, int]:
         raise PlanInputError("engine_version", f"{text!r} is not a vLLM version such as {DEFAULT_ENGINE_VERSION}") from None
     if (major, minor) < OLDEST_ENGINE_VERSION:
         raise PlanInputError("engine_version", f"{text}: the accounting is followed from vLLM 0.6 on")
-    return major, minor
+    patch = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+    return major, minor, patch
+
+
+def _version(text: str) -> tuple[int, int]:
+    return _release(text)[:2]
 
 
 class ServingOptions(BaseModel):
@@ -379,7 +377,7 @@ def _defaults(options: ServingOptions, gpu_bytes: int, gpu_name: str, max_positi
         seqs = options.max_num_seqs or 256
         # V0 turns chunked prefill on by default past 32k tokens, with a budget of 512 tokens up to
         # 0.6.4 and 2048 from 0.6.5; without it the budget is max_model_len
-        chunk = 512 if version <= (0, 6) and _patch(options.engine_version) <= 4 else 2048
+        chunk = 512 if _release(options.engine_version) <= (0, 6, 4) else 2048
         batched = options.max_num_batched_tokens or (chunk if max_len > 32768 else max(max_len, 2048))
     if options.max_num_batched_tokens is None:
         notes.append(f"max_num_batched_tokens not given: {batched:,}, vllm serve's default for {gpu_name}" if options.v1
