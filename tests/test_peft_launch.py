@@ -21,12 +21,12 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.mark.parametrize(("method", "extra", "peft_type"), [
-    ("ia3", [], "IA3"),
-    ("prompt_tuning", ["--num-virtual-tokens", "6"], "PROMPT_TUNING"),
-    ("prefix_tuning", ["--num-virtual-tokens", "6", "--no-gradient-checkpointing"], "PREFIX_TUNING"),
+@pytest.mark.parametrize(("method", "extra", "peft_type", "advised_rate"), [
+    ("ia3", [], "IA3", "0.003"),
+    ("prompt_tuning", ["--num-virtual-tokens", "6"], "PROMPT_TUNING", "0.03"),
+    ("prefix_tuning", ["--num-virtual-tokens", "6", "--no-gradient-checkpointing"], "PREFIX_TUNING", "0.03"),
 ])
-def test_the_run_trains_the_adapter_the_plan_counted(tiny_run, tmp_path, capsys, method, extra, peft_type):
+def test_the_run_trains_the_adapter_the_plan_counted(tiny_run, tmp_path, capsys, method, extra, peft_type, advised_rate):
     from safetensors.torch import load_file
 
     data_dir = tmp_path / "data"
@@ -42,6 +42,8 @@ def test_the_run_trains_the_adapter_the_plan_counted(tiny_run, tmp_path, capsys,
     assert sum(t.numel() for t in saved.values()) == plan["model"]["params"]["trainable"] > 0
     if method != "ia3":
         assert adapter["num_virtual_tokens"] == 6
+    # the advice's rate for the method (PEFT's examples'), not LoRA's 2e-4
+    assert f"learning_rate: {advised_rate}" in (Path(record["run_dir"]) / "trl.yaml").read_text()
 
 
 def test_ia3_on_named_modules_uses_them(tiny_run, tmp_path, capsys):
