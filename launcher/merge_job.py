@@ -166,6 +166,51 @@ class _AnonymousPeak:
         self._thread.join()
 
 
+class _IntervalPeaks:
+    """The anonymous peak between one output tensor and the next: the kernel's high-water mark less
+    the file pages mapped at its end (the inputs of a tensor are read before it is computed), then
+    the mark is reset (clear_refs) for the next. A sampler thread alone can miss a peak of a few
+    milliseconds on a busy machine, and one high-water mark for the whole merge, less the pages
+    mapped by its end, counts pages mapped only after the peak."""
+
+    def __init__(self):
+        self.anon = self.resident = 0
+        # without clear_refs the mark is one for the whole merge: only the last reading is sound
+        self.resettable = _reset_peak()
+
+    def mark(self, last: bool = False) -> None:
+        if not (self.resettable or last):
+            return
+        hwm = _peak_bytes()[0]
+        self.resident = max(self.resident, hwm)
+        self.anon = max(self.anon, hwm - (_status_bytes("RssFile") or 0) - (_status_bytes("RssShmem") or 0))
+        _reset_peak()
+
+    def each_output_tensor(self):
+        """Mark as mergekit's TensorWriter takes each output tensor (instrumentation of the measured
+        child only; the merge itself is mergekit's)."""
+        import contextlib
+
+        from mergekit.io import tensor_writer
+
+        original = tensor_writer.TensorWriter.save_tensor
+        marks = self
+
+        def save_tensor(writer, *args, **kwargs):
+            marks.mark()
+            return original(writer, *args, **kwargs)
+
+        @contextlib.contextmanager
+        def patched():
+            tensor_writer.TensorWriter.save_tensor = save_tensor
+            try:
+                yield
+            finally:
+                tensor_writer.TensorWriter.save_tensor = original
+
+        return patched()
+
+
 def mergekit_merge_and_measure(config: dict, output: str, device: str, low_cpu_memory: bool, out_shard_bytes: int) -> dict:
     """Run mergekit's merge of `config` (its YAML's keys) into `output` and measure it like the PEFT
     merge, and more: its anonymous memory's peak above the imported runtime (host_peak_bytes: what
@@ -196,24 +241,24 @@ def mergekit_merge_and_measure(config: dict, output: str, device: str, low_cpu_m
     baseline = _rss_bytes()
     anon_before, file_before = _status_bytes("RssAnon") or 0, _status_bytes("RssFile") or 0
     start = time.monotonic()
-    with _AnonymousPeak() as sampled:
+    intervals = _IntervalPeaks()
+    with _AnonymousPeak() as sampled, intervals.each_output_tensor():
         try:
             run_merge(merge_config, output, options)
         except (ValueError, KeyError) as exc:  # mergekit's own checks: a model without a tensor, mismatched shapes
             raise AdapterRefused(f"mergekit refused the merge: {str(exc).strip().splitlines()[0][:300]}") from None
+    intervals.mark(last=True)
     seconds = time.monotonic() - start
-    peak, peak_source = _peak_bytes()
-    file_after = _status_bytes("RssFile") or 0
-    # the sampler can miss a short peak; the high-water mark less the file pages mapped by the end is
-    # a second lower bound (mergekit keeps every checkpoint mapped until it ends)
-    anon_peak = max(sampled.anon, peak - file_after - (_status_bytes("RssShmem") or 0))
+    _, peak_source = _peak_bytes()
+    peak = intervals.resident
+    anon_peak = max(sampled.anon, intervals.anon)
     files = sorted(p.name for p in Path(output).iterdir())
     return {
         "host_peak_bytes": max(0, anon_peak - anon_before),
         "host_resident_peak_bytes": max(0, peak - baseline),
-        "host_page_cache_bytes": max(0, max(sampled.file, file_after) - file_before),
+        "host_page_cache_bytes": max(0, max(sampled.file, _status_bytes("RssFile") or 0) - file_before),
         "host_maxrss_bytes": peak,
-        "peak_source": "RssAnon sampled every 0.5 ms, and " + peak_source + (" (reset after the imports)" if reset and peak_source == "VmHWM" else "")
+        "peak_source": "RssAnon sampled every 0.5 ms, and " + peak_source + (" (reset after the imports and at each output tensor)" if reset and peak_source == "VmHWM" else "")
                        + " less the mapped files",
         "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_imports_bytes": baseline,
