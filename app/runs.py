@@ -10,6 +10,7 @@ under the data directory. Following the runs is launcher/runtime.py's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -103,16 +104,33 @@ class LaunchProblem(Exception):
         return {"detail": [{"loc": self.loc, "msg": self.msg, "type": self.kind}], **self.extra}
 
 
+@contextlib.contextmanager
+def _backend_refusals():
+    """A backend's refusal of a run as bad input, naming the field: an unknown backend, a run it
+    cannot place (say, GPUs that do not split into nodes), options its Options model refuses."""
+    from launcher.backend import LaunchError
+    from launcher.registry import UnknownBackend
+
+    try:
+        yield
+    except UnknownBackend as exc:
+        raise PlanInputError("backend", str(exc)) from None
+    except LaunchError as exc:
+        raise PlanInputError("backend_options", str(exc)) from None
+    except PydanticValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise PlanInputError("backend_options", f"{where}: {err['msg']}" if where else err["msg"]) from None
+
+
 class WebRuns(RunsRuntime):
     """The app's runs runtime: launch requests planned by the recipe, refusals as LaunchProblem."""
 
     def prepare(self, request: LaunchRequest):
         """(plan, Prepared): the dry run. Blocks (builds a model, loads a backend): call from a thread."""
         from app.service import web_plan, web_source
-        from launcher.backend import LaunchError
         from launcher.paths import check_output_dir, check_path_text, path_or_hub
         from launcher.preflight import preflight
-        from launcher.registry import UnknownBackend
         from planner.request import confine, launch_target
 
         allowed = self.roots()
@@ -139,17 +157,10 @@ class WebRuns(RunsRuntime):
                                                  dataset_check.rows if dataset_check is not None else None)
         plan = web_plan(source, options, launch=target)
         try:
-            prepared = self.supervisor().prepare(plan, source.argument, settings, backend=request.backend, backend_options=request.backend_options,
-                                                 device=target.device, gpus=tuple(request.gpus), dataset_check=dataset_check,
-                                                 confine_to=tuple(allowed))
-        except UnknownBackend as exc:
-            raise PlanInputError("backend", str(exc)) from None
-        except LaunchError as exc:  # the backend cannot place this run (say, GPUs that do not split into nodes)
-            raise PlanInputError("backend_options", str(exc)) from None
-        except PydanticValidationError as exc:  # the backend's Options refused them
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise PlanInputError("backend_options", f"{where}: {err['msg']}" if where else err["msg"]) from None
+            with _backend_refusals():
+                prepared = self.supervisor().prepare(plan, source.argument, settings, backend=request.backend, backend_options=request.backend_options,
+                                                     device=target.device, gpus=tuple(request.gpus), dataset_check=dataset_check,
+                                                     confine_to=tuple(allowed))
         except PlanInputError:
             raise
         except ValueError as exc:  # a backend that failed to import or start
@@ -162,13 +173,7 @@ class WebRuns(RunsRuntime):
         from launcher.admission import HostBusy
         from launcher.supervisor import LaunchRefused
 
-        key_hash = request_fingerprint(request) if idempotency_key else None
-        try:
-            # a retry of a launch this key already started is answered from the stored run before
-            # anything is planned or built; the same key with another body is the conflict at once
-            existing = self.replayed(idempotency_key, key_hash)
-        except IdempotencyConflict as exc:
-            raise LaunchProblem(422, ["header", "Idempotency-Key"], str(exc), "idempotency_key_reused", run_id=exc.run_id) from None
+        key_hash, existing = self._replay(request, idempotency_key)
         if existing is not None:
             return existing, True
         try:
@@ -190,20 +195,24 @@ class WebRuns(RunsRuntime):
             raise LaunchProblem(409, ["body", "force"], _api_words(exc), "does_not_fit", admission=exc.numbers,
                                 predicted_peak_bytes=plan.peak_bytes, predicted_high_bytes=plan.peak_high_bytes, verdict=plan.verdict) from None
 
+    def _replay(self, request, idempotency_key: str | None):
+        """(the request's fingerprint, the run this key already started for it or None): a retry is
+        answered from the stored run before anything is planned or built; the same key with another
+        body is the conflict at once."""
+        key_hash = request_fingerprint(request) if idempotency_key else None
+        try:
+            return key_hash, self.replayed(idempotency_key, key_hash)
+        except IdempotencyConflict as exc:
+            raise LaunchProblem(422, ["header", "Idempotency-Key"], str(exc), "idempotency_key_reused", run_id=exc.run_id) from None
+
     def launch_merge(self, request: MergeLaunchRequest, idempotency_key: str | None = None):
         """(record, replayed): a merge started as a run, its paths confined to the server's roots
         (and confined again by the merge job when it opens them). Blocks: call from a thread."""
         from app.merge_run import plan_mergekit_run, plan_run
-        from launcher.backend import LaunchError
         from launcher.paths import check_output_dir, check_path_text
-        from launcher.registry import UnknownBackend
         from planner.request import confine
 
-        key_hash = request_fingerprint(request) if idempotency_key else None
-        try:
-            existing = self.replayed(idempotency_key, key_hash)
-        except IdempotencyConflict as exc:
-            raise LaunchProblem(422, ["header", "Idempotency-Key"], str(exc), "idempotency_key_reused", run_id=exc.run_id) from None
+        key_hash, existing = self._replay(request, idempotency_key)
         if existing is not None:
             return existing, True
         allowed = self.roots()
@@ -230,16 +239,9 @@ class WebRuns(RunsRuntime):
         if not plan.fits:
             raise LaunchProblem(409, ["body", "host_memory_gib"], f"refused: the merge needs {plan.host_peak_bytes / (1 << 30):.2f} GiB of host memory",
                                 "does_not_fit", plan=plan.to_dict())
-        try:
+        with _backend_refusals():
             prepared = self.supervisor().prepare_merge(plan, str(base), adapter_path, str(output), backend=request.backend,
                                                        backend_options=request.backend_options, mergekit_config=config, confine_to=tuple(map(str, allowed)))
-        except UnknownBackend as exc:
-            raise PlanInputError("backend", str(exc)) from None
-        except LaunchError as exc:
-            raise PlanInputError("backend_options", str(exc)) from None
-        except PydanticValidationError as exc:
-            err = exc.errors()[0]
-            raise PlanInputError("backend_options", f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
         try:
             return super().launch(prepared, force=False, queue=False, idempotency_key=idempotency_key, request_hash=key_hash)
         except IdempotencyConflict as exc:

@@ -82,6 +82,23 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _measured_common(torch, cuda: bool, output: str, seconds: float, baseline: int) -> dict:
+    """What both engines' measurements report alike: the process, the GPU and the saved files."""
+    import resource
+
+    files = sorted(p.name for p in Path(output).iterdir())
+    return {
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_imports_bytes": baseline,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "device": "cuda" if cuda else "cpu",
+        "seconds": round(seconds, 3),
+        "files": files,
+        "output_bytes": sum((Path(output) / f).stat().st_size for f in files if (Path(output) / f).is_file()),
+    }
+
+
 def merge_and_measure(base: str, adapter: str, output: str, dtype_name: str, device: str, max_shard_size: str) -> dict:
     """Merge and save; the measured peaks. A config or adapter the libraries cannot read raises
     AdapterRefused (bad input); anything else propagates."""
@@ -118,20 +135,12 @@ def merge_and_measure(base: str, adapter: str, output: str, dtype_name: str, dev
     merged.save_pretrained(output, max_shard_size=max_shard_size)
     seconds = time.monotonic() - start
     peak, peak_source = _peak_bytes()
-    files = sorted(p.name for p in Path(output).iterdir())
     return {
         "host_peak_bytes": max(0, peak - baseline),
         "host_maxrss_bytes": peak,
         "peak_source": peak_source + (" (reset after the imports)" if reset and peak_source == "VmHWM" else ""),
-        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_after_imports_bytes": baseline,
         "maxrss_after_imports_bytes": maxrss_before,
-        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-        "device": "cuda" if cuda else "cpu",
-        "seconds": round(seconds, 3),
-        "files": files,
-        "output_bytes": sum((Path(output) / f).stat().st_size for f in files),
+        **_measured_common(torch, cuda, output, seconds, baseline),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "peft": __import__("peft").__version__, "safetensors": __import__("safetensors").__version__},
     }
@@ -218,7 +227,6 @@ def mergekit_merge_and_measure(config: dict, output: str, device: str, low_cpu_m
     (host_resident_peak_bytes) and those pages (host_page_cache_bytes). Never trust_remote_code.
     A config or models mergekit refuses raise AdapterRefused."""
     import gc
-    import resource
 
     import torch
     from mergekit.config import MergeConfiguration
@@ -252,7 +260,6 @@ def mergekit_merge_and_measure(config: dict, output: str, device: str, low_cpu_m
     _, peak_source = _peak_bytes()
     peak = intervals.resident
     anon_peak = max(sampled.anon, intervals.anon)
-    files = sorted(p.name for p in Path(output).iterdir())
     return {
         "host_peak_bytes": max(0, anon_peak - anon_before),
         "host_resident_peak_bytes": max(0, peak - baseline),
@@ -260,14 +267,7 @@ def mergekit_merge_and_measure(config: dict, output: str, device: str, low_cpu_m
         "host_maxrss_bytes": peak,
         "peak_source": "RssAnon sampled every 0.5 ms, and " + peak_source + (" (reset after the imports and at each output tensor)" if reset and peak_source == "VmHWM" else "")
                        + " less the mapped files",
-        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_after_imports_bytes": baseline,
-        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-        "device": "cuda" if cuda else "cpu",
-        "seconds": round(seconds, 3),
-        "files": files,
-        "output_bytes": sum((Path(output) / f).stat().st_size for f in files if (Path(output) / f).is_file()),
+        **_measured_common(torch, cuda, output, seconds, baseline),
         "versions": {"torch": torch.__version__, "mergekit": _version("mergekit"), "safetensors": __import__("safetensors").__version__},
     }
 
