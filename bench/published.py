@@ -56,12 +56,16 @@ BY_STACK_JSON = ROOT / "bench" / "results" / f"published-by-stack-{DATE}.json"
 BY_STACK_MD = ROOT / "bench" / "results" / f"published-by-stack-{DATE}.md"
 UNITS = {"bytes": 1, "GiB": GIB, "GB": 10**9}
 
-# Not in the catalog under their own id, but the same shapes as a catalog model.
+MISTRAL_V03_NOTE = "planned with Mistral-7B-v0.3's spec: vocabulary 32,768 instead of 32,000 (+6.3 M parameters, +2.4% logits)"
+# Not in the catalog under their own id, but the same shapes as a catalog model: candidates in
+# order, the first the planner's catalog has (a planner from before a model joined it, the report's
+# history, plans with the look-alike it had then).
 EQUIVALENT_MODELS = {
-    "NousResearch/Llama-2-70b-hf": ("meta-llama/Llama-2-70b-hf", None),
-    "meta-llama/Meta-Llama-3-8B": ("meta-llama/Llama-3.1-8B", None),
-    "mistralai/Mistral-7B-v0.1": ("mistralai/Mistral-7B-v0.3", "planned with Mistral-7B-v0.3's spec: vocabulary 32,768 instead of 32,000 (+6.3 M parameters, +2.4% logits)"),
-    "mistral-community/Mistral-7B-v0.2 (base, 32k ctx)": ("mistralai/Mistral-7B-v0.3", "planned with Mistral-7B-v0.3's spec: vocabulary 32,768 instead of 32,000"),
+    "NousResearch/Llama-2-70b-hf": (("meta-llama/Llama-2-70b-hf", None),),
+    "meta-llama/Meta-Llama-3-8B": (("meta-llama/Llama-3.1-8B", None),),
+    "mistralai/Mistral-7B-v0.1": (("mistralai/Mistral-7B-v0.1", None), ("mistralai/Mistral-7B-v0.3", MISTRAL_V03_NOTE)),
+    "mistral-community/Mistral-7B-v0.2 (base, 32k ctx)": (("mistral-community/Mistral-7B-v0.2", None),
+                                                          ("mistralai/Mistral-7B-v0.3", MISTRAL_V03_NOTE)),
 }
 
 # Published GPU descriptions -> catalog names (the GPU changes the verdict, and the hardware
@@ -177,8 +181,9 @@ def metric_of(case: dict) -> str | None:
 def catalog_model(case: dict) -> tuple[str | None, str | None]:
     """(catalog id or variant name to plan with, a note), or (None, None) when nothing fits."""
     name = case["model"]
-    if name in EQUIVALENT_MODELS:
-        return EQUIVALENT_MODELS[name]
+    for model, note in EQUIVALENT_MODELS.get(name, ()):
+        if find_catalog_model(model) is not None:
+            return model, note
     match = find_catalog_model(name)
     if match is None:
         return None, None
