@@ -40,6 +40,7 @@ from app.runs import (
 from app.templating import HTMX, SSE_EXT, signed_in, templates
 from launcher.spec import LR_SCHEDULERS
 from launcher.supervisor import RunNotFound
+from planner.components import size_text
 from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 from planner.plan import GIB
@@ -342,8 +343,7 @@ def _gib(n: int | None) -> str:
 
 
 def _size(n: int | None) -> str:
-    """A merge's host peak: a small model's is a few MiB, which GiB to two places hides."""
-    return "–" if n is None else _gib(n) if n >= GIB else f"{n / 2**20:,.1f} MiB"
+    return "–" if n is None else size_text(n)
 
 
 def run_view(record, position: int | None) -> dict:

@@ -28,3 +28,8 @@ class Component:
 
 # the CUDA context and library workspaces; NCCL's channel and proxy buffers
 OUTSIDE_ALLOCATOR = ("runtime.cuda_context", "sharding.nccl")
+
+
+def size_text(n: int) -> str:
+    """GiB to two places; under a GiB (a small model's merge on the host) in MiB, which 0.02 GiB hides."""
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"

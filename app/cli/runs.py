@@ -24,6 +24,7 @@ from app.cli.output import (
     write_json,
 )
 from app.cli.plan import single_plan
+from planner.components import size_text
 
 EXIT_BY_STATE = {"succeeded": 0, "failed": 4, "cancelled": 5, "lost": 6}
 
@@ -79,11 +80,6 @@ def _preflight(args, settings, for_export: bool = False):
     return check
 
 
-def _size(n: int) -> str:
-    """GiB for a training run's peak; a merge's host peak of a small model in MiB (0.02 GiB says little)."""
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
-
-
 def _record_text(record) -> str:
     data = record.to_dict() if hasattr(record, "to_dict") else record
     parts = [f"run {data['id'][:8]} {data['state']}"]
@@ -95,9 +91,9 @@ def _record_text(record) -> str:
     if data.get("final_loss") is not None:
         parts.append(f"loss {data['final_loss']:.4f}")
     what = "host peak " if data.get("stage") == "merge" else ""
-    parts.append(f"predicted {what}{_size(data['predicted_peak_bytes'])}")
+    parts.append(f"predicted {what}{size_text(data['predicted_peak_bytes'])}")
     if data.get("measured_peak_bytes") is not None:
-        parts.append(f"measured {_size(data['measured_peak_bytes'])} ({data['error_pct']:+.1f}%)")
+        parts.append(f"measured {size_text(data['measured_peak_bytes'])} ({data['error_pct']:+.1f}%)")
     line = ", ".join([" ".join(parts[:2])] + parts[2:]) if data.get("reason") else ", ".join(parts)
     if data.get("message"):
         line += f": {data['message']}"
@@ -242,9 +238,9 @@ def cmd_runs(args) -> int:
         else:
             for r in records:
                 started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started_at or r.created_at))
-                measured = _size(r.measured_peak_bytes) if r.measured_peak_bytes is not None else "-"
+                measured = size_text(r.measured_peak_bytes) if r.measured_peak_bytes is not None else "-"
                 write(f"{r.id[:8]}  {r.state:<10} {r.method:<5} {r.stage:<6} {r.model:<32} {started}  "
-                      f"predicted {_size(r.predicted_peak_bytes)}  measured {measured}")
+                      f"predicted {size_text(r.predicted_peak_bytes)}  measured {measured}")
         return 0
     if action == "export":
         rows = supervisor.calibration_rows()
