@@ -84,6 +84,38 @@ CASES = [
         "logged": {"weights_gib": 14.96, "kv_cache_gib": 53.29},
         "fitted": False,
     },
+    # LoRA start-ups (held out: no coefficient was set from them). Mistral-7B-Instruct-v0.2 through a
+    # RunPod vLLM worker image of 0.14.0 with enable_lora, max_loras 1, max_lora_rank 16, max_num_seqs 256,
+    # read in a user's support write-ups (2026-01-22) that the stored search index holds without their
+    # repository's name; the log's own lines are quoted in one, summarised with their figures in the other.
+    {
+        "id": "mistral-7b-v02-lora-l40s",
+        "source": "a public GitHub write-up 'RunPod Serverless + LoRA: Support Ticket v4' (2026-01-22; search index file 54236229155)",
+        "model": "mistral-community/Mistral-7B-v0.2", "logged_model": "mistralai/Mistral-7B-Instruct-v0.2",
+        "gpu": "L40S", "cuda_total_gib": None,  # not logged: the catalog's memory, as a user's plan has it
+        "engine_version": "0.14.0",
+        "options": {"gpu_memory_utilization": 0.95, "max_model_len": 4096, "max_num_seqs": 256,
+                    "enable_lora": True, "max_loras": 1, "max_lora_rank": 16},
+        # the write-up's summary of its worker log: "13.58 GiB", "28.13 GiB available, 230,416 tokens"
+        "logged": {"weights_gib": 13.58, "kv_cache_gib": 28.13, "tokens_min_over_ranks": 230416},
+        "fitted": False,
+    },
+    {
+        "id": "mistral-7b-v02-lora-rtx-pro-6000",
+        "source": "a public GitHub write-up 'RunPod Serverless: CUDA Toolchain Incompatibility with madiatorlabs/worker-v1-vllm:v0.14.0' "
+                  "(2026-01-22; search index file 54377340947)",
+        "model": "mistral-community/Mistral-7B-v0.2", "logged_model": "mistralai/Mistral-7B-Instruct-v0.2",
+        # the author's reading of the worker's GPU ("RTX 6000 Blackwell"), not a logged name; 76 GiB of KV cache
+        # at 0.95 needs a 96 GB card
+        "gpu": "RTX PRO 6000 Blackwell", "cuda_total_gib": None,
+        "engine_version": "0.14.0",
+        "options": {"gpu_memory_utilization": 0.95, "max_model_len": 4096, "max_num_seqs": 256,
+                    "enable_lora": True, "max_loras": 1, "max_lora_rank": 16},
+        # verbatim: "Model loading took 13.58 GiB", "Available KV cache memory: 75.99 GiB",
+        # "GPU KV cache size: 622,464 tokens", "Maximum concurrency for 4,096 tokens per request: 151.97x"
+        "logged": {"weights_gib": 13.58, "kv_cache_gib": 75.99, "tokens_min_over_ranks": 622464, "max_concurrency": 151.97},
+        "fitted": False,
+    },
     {
         "id": "mistral-7b-gptq-kv-only",
         "source": "https://github.com/ArmDeveloperEcosystem/arm-learning-paths/blob/main/content/learning-paths/laptops-and-desktops/dgx_spark_voicechatbot/4_vllm.md",
@@ -122,7 +154,9 @@ def run_case(case: dict) -> dict:
     else:
         total = int(case["cuda_total_gib"] * GIB)
     plan = plan_serving(spec, options, case["gpu"], total, catalog_config(spec.name))
-    pred = {"weights_gib": round(plan.weights_bytes / GIB, 4), "kv_cache_gib": round(plan.kv_cache_bytes / GIB, 3),
+    # vLLM wraps the model in its LoRA slots inside the load it measures: "Model loading took" holds both
+    loaded = plan.weights_bytes + (plan.lora_bytes if options.enable_lora else 0)
+    pred = {"weights_gib": round(loaded / GIB, 4), "kv_cache_gib": round(plan.kv_cache_bytes / GIB, 3),
             "blocks": plan.kv_cache_blocks, "tokens": plan.kv_cache_tokens, "max_concurrency": round(plan.max_concurrency, 2),
             "serves": plan.fits}
     out["predicted"] = pred
