@@ -29,3 +29,42 @@ def test_importing_bitsandbytes_after_the_filter_says_nothing_of_kernels():
     code = "from launcher.entry import quiet_optional_kernels\nquiet_optional_kernels()\nimport bitsandbytes\n"
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert "kernels" not in err, err
+
+
+# A run that needs nothing of bitsandbytes starts without importing it (2.5 s of every start on CPU);
+# one that does (4-bit or 8-bit weights, 8-bit or paged optimizers) still gets it through PEFT and TRL.
+_IMPORTS_OF_A_RUN = (
+    "import sys\n"
+    "from launcher.entry import leave_bitsandbytes_unloaded\n"
+    "leave_bitsandbytes_unloaded({options!r})\n"
+    "import peft, trl\n"
+    "from trl import SFTConfig, SFTTrainer, get_quantization_config\n"
+    "from peft import LoraConfig, get_peft_model\n"
+    "from transformers import BitsAndBytesConfig\n"
+    "from transformers.utils import is_bitsandbytes_available\n"
+    "print(sys.modules.get('bitsandbytes') is not None, is_bitsandbytes_available())\n"
+)
+
+
+@pytest.mark.parametrize(("options", "loaded"), [
+    ({"method": "lora", "optimizer": "adamw"}, False),
+    ({"method": "qlora", "optimizer": "adamw"}, True),
+])
+def test_bitsandbytes_is_imported_only_by_the_runs_that_use_it(options, loaded):
+    out = subprocess.run([sys.executable, "-c", _IMPORTS_OF_A_RUN.format(options=options)], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(loaded), str(loaded)]
+
+
+@pytest.mark.parametrize(("options", "uses"), [
+    ({"method": "full", "optimizer": "adamw_foreach", "quantization": None}, False),
+    ({"method": "dora", "optimizer": "adafactor", "quantization": "none"}, False),
+    ({"method": "qlora", "optimizer": "adamw", "quantization": None}, True),
+    ({"method": "lora", "optimizer": "adamw", "quantization": "fp4"}, True),
+    ({"method": "lora", "optimizer": "adamw", "quantization": "int8"}, True),
+    ({"method": "full", "optimizer": "adamw_8bit"}, True),
+    ({"method": "lora", "optimizer": "paged_adamw_32bit"}, True),
+])
+def test_what_uses_bitsandbytes(options, uses):
+    from launcher.entry import uses_bitsandbytes
+
+    assert uses_bitsandbytes(options) is uses
