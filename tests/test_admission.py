@@ -56,7 +56,8 @@ def served(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("VRAMPLAN_MAX_LOCAL_RUNS", "1")
     monkeypatch.setenv("VRAMPLAN_MAX_LOAD_PER_CPU", "0")
     body = {"model": str(tiny_run["model"]), "dataset": str(tiny_run["sft"]), "backend": "local", "device": "cpu", "precision": "fp32",
-            "max_steps": 3, "seq_len": 64, "batch_size": 2, "lora_r": 4, "step_sleep_s": 0.5}
+            "max_steps": 3, "seq_len": 64, "batch_size": 2, "lora_r": 4, "step_sleep_s": 0.5,
+            "gradient_accumulation_steps": 1}
     with TestClient(create_app(), raise_server_exceptions=False) as client:
         yield client, body
 

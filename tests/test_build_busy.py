@@ -41,7 +41,7 @@ def test_an_idempotent_retry_is_answered_while_builds_are_busy(tiny_run, tmp_pat
     monkeypatch.setenv("VRAMPLAN_ROOTS", str(Path(tiny_run["model"]).parent))
     monkeypatch.setenv("VRAMPLAN_TOKEN", TOKEN)
     body = {"model": str(tiny_run["model"]), "dataset": str(tiny_run["sft"]), "backend": "local", "device": "cpu", "precision": "fp32",
-            "max_steps": 1, "seq_len": 64, "batch_size": 2, "lora_r": 4}
+            "max_steps": 1, "seq_len": 64, "batch_size": 2, "lora_r": 4, "gradient_accumulation_steps": 1}
     with TestClient(create_app(), raise_server_exceptions=False) as client:
         first = client.post("/api/v1/runs", json=body, headers={**BEARER, "Idempotency-Key": "busy-1"})
         assert first.status_code == 201, first.text

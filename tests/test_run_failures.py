@@ -28,7 +28,7 @@ def offline(monkeypatch):
 
 def launch(capsys, model, dataset, data_dir, *extra):
     code = main(["launch", str(model), "--dataset", str(dataset), "--device", "cpu", "--precision", "fp32", "--max-steps", "3", "--seq-len", "64",
-                 "--batch-size", "2", "--lora-r", "4", "--data-dir", str(data_dir), "--wait", "--json", *extra])
+                 "--batch-size", "2", "--lora-r", "4", "--gradient-accumulation-steps", "1", "--data-dir", str(data_dir), "--wait", "--json", *extra])
     out, err = capsys.readouterr()
     return code, json.loads(out), err
 

@@ -34,7 +34,8 @@ def offline(monkeypatch):
 
 def launch_args(tiny_run, data_dir, *extra, steps=200):
     return ["launch", str(tiny_run["model"]), "--dataset", str(tiny_run["sft"]), "--device", "cpu", "--precision", "fp32",
-            "--max-steps", str(steps), "--seq-len", "64", "--batch-size", "2", "--lora-r", "4", "--data-dir", str(data_dir), "--json", *extra]
+            "--max-steps", str(steps), "--seq-len", "64", "--batch-size", "2", "--lora-r", "4", "--data-dir", str(data_dir), "--json",
+            "--gradient-accumulation-steps", "1", *extra]
 
 
 def trainer_of(run_id: str) -> psutil.Process:

@@ -32,7 +32,8 @@ def test_a_real_local_run_launched_over_http_succeeds(tiny, tmp_path, monkeypatc
     monkeypatch.setenv("VRAMPLAN_ROOTS", str(tiny["root"]))
     monkeypatch.setenv("VRAMPLAN_TOKEN", TOKEN)
     body = {"model": str(tiny["model"]), "dataset": str(tiny["sft"]), "backend": "local", "device": "cpu", "precision": "fp32",
-            "max_steps": 4, "save_steps": 2, "seq_len": 64, "batch_size": 2, "lora_r": 4}
+            "max_steps": 4, "save_steps": 2, "seq_len": 64, "batch_size": 2, "lora_r": 4,
+            "gradient_accumulation_steps": 1}
     with TestClient(create_app(), raise_server_exceptions=False) as client:
         created = client.post("/api/v1/runs", json=body, headers={**BEARER, "Idempotency-Key": "real-1"})
         assert created.status_code == 201, created.text

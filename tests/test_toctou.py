@@ -35,7 +35,7 @@ def served(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("VRAMPLAN_ROOTS", os.pathsep.join([str(Path(tiny_run["model"]).parent), str(root)]))
     monkeypatch.setenv("VRAMPLAN_TOKEN", TOKEN)
     body = {"model": str(tiny_run["model"]), "dataset": str(root / "data.jsonl"), "backend": "local", "device": "cpu", "precision": "fp32",
-            "max_steps": 2, "seq_len": 64, "batch_size": 2, "lora_r": 4}
+            "max_steps": 2, "seq_len": 64, "batch_size": 2, "lora_r": 4, "gradient_accumulation_steps": 1}
     with TestClient(create_app(), raise_server_exceptions=False) as client:
         yield client, body, root, outside
 
