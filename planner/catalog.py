@@ -41,6 +41,10 @@ VARIANT_RULES = (
     (r"-it$", ("", "-pt")),  # gemma-2-9b-it, gemma-3-1b-it
 )
 
+# where an organisation's base checkpoint is published by another: Mistral-7B-Instruct-v0.2's base
+# (the 32k-context v0.2) was released by mistral-community, not mistralai
+BASE_PUBLISHED_BY = {"mistralai": ("mistral-community",)}
+
 
 @dataclasses.dataclass(frozen=True)
 class CatalogMatch:
@@ -58,9 +62,11 @@ def base_catalog_id(model_id: str) -> str | None:
             if not re.search(pattern, candidate):
                 continue
             for replacement in replacements:
-                base = f"{org}/{re.sub(pattern, replacement, candidate)}" if org else re.sub(pattern, replacement, candidate)
-                if base in ids:
-                    return ids[base]
+                base_name = re.sub(pattern, replacement, candidate)
+                for base_org in (org, *BASE_PUBLISHED_BY.get(org, ())):
+                    base = f"{base_org}/{base_name}" if base_org else base_name
+                    if base in ids:
+                        return ids[base]
     return None
 
 

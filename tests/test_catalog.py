@@ -51,6 +51,10 @@ def test_unknown_id_lists_closest():
     ("google/gemma-2-9b-it", "google/gemma-2-9b"),
     ("google/gemma-3-1b-it", "google/gemma-3-1b-pt"),
     ("mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-v0.3"),
+    ("mistralai/Mistral-7B-Instruct-v0.1", "mistralai/Mistral-7B-v0.1"),
+    # the 32k-context v0.2 base was published by mistral-community: 32,000 tokens, not v0.3's 32,768
+    ("mistralai/Mistral-7B-Instruct-v0.2", "mistral-community/Mistral-7B-v0.2"),
+    ("01-ai/Yi-34B-Chat", "01-ai/Yi-34B"),
     ("mistralai/Mistral-Nemo-Instruct-2407", "mistralai/Mistral-Nemo-Base-2407"),
 ])
 def test_instruct_and_chat_variants_plan_with_the_base_spec_offline(variant, base, monkeypatch):
