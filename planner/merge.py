@@ -315,6 +315,11 @@ def _mergekit_outputs(spec: ModelSpec, options: MergeOptions) -> list[tuple[str,
     return sorted(outputs)
 
 
+def _layer_values(spec: ModelSpec) -> int:
+    """The values in the decoder layers: what a passthrough merge takes from each model."""
+    return sum(t.numel for t in spec.tensors if t.layer is not None)
+
+
 @dataclass(frozen=True)
 class MergekitPeak:
     host_bytes: int  # the anonymous memory at the peak: the shard held and the working set
@@ -352,8 +357,7 @@ def mergekit_cpu_peak(spec: ModelSpec, options: MergeOptions, stored_dtype: str 
         shard_anon += size if output_is_copy else 0
     stored = DTYPE_BYTES[stored_dtype or options.dtype]
     if options.method == "passthrough":  # each model's layers, the rest once
-        layer_values = sum(t.numel for t in spec.tensors if t.layer is not None)
-        read = (spec.total_params + layer_values * (n - 1)) * stored
+        read = (spec.total_params + _layer_values(spec) * (n - 1)) * stored
     else:
         read = spec.total_params * stored * n
     return MergekitPeak(best.host_bytes, best.shard_bytes, best.working_bytes, best.tensor, read)
@@ -363,8 +367,8 @@ def plan_mergekit(spec: ModelSpec, options: MergeOptions, stored_dtype: str | No
     b = DTYPE_BYTES[options.dtype]
     n = options.num_models
     model = _params_bytes(spec, b)
-    if options.method == "passthrough":
-        model += sum(t.numel for t in spec.tensors if t.layer is not None) * b * (n - 1)
+    if options.method == "passthrough":  # the output stacks every model's layers
+        model += _layer_values(spec) * b * (n - 1)
     peak = mergekit_cpu_peak(spec, options, stored_dtype)
     where = (f"the peak is at {peak.tensor}, with {peak.shard_bytes / GIB:.2f} GiB of the output shard held" if peak.tensor
              else "its outputs are the inputs' mapped tensors, so it holds next to nothing beyond them")
