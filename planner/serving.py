@@ -339,19 +339,24 @@ def activation_peak(spec: ModelSpec, options: ServingOptions, dtype_bytes: int, 
     in the MLP of one layer: the residual, the layer's input and its normed copy (3 x hidden)
     beside gate_up's output and the activation's (3 x intermediate per rank); an MoE layer holds
     fused_moe's caches (top-k x (2 x intermediate + intermediate + hidden)). The V1 sampler run
-    holds max_num_seqs rows of logits in the model dtype, an fp32 copy and fp32 probabilities."""
+    holds max_num_seqs rows of logits in the model dtype, an fp32 copy and fp32 probabilities, beside
+    the MoE workspaces V1 keeps from the forward."""
     tp = options.tensor_parallel_size
     h = spec.hidden_size
     inter = max(spec.intermediate_size, 0)
     dense = tokens * (3 * h + 3 * -(-inter // tp)) * dtype_bytes
-    moe = 0
+    moe = moe_workspace = 0
     if spec.num_experts and spec.moe_intermediate_size:
         i = -(-spec.moe_intermediate_size // tp)
         moe = tokens * (2 * h + spec.experts_per_token * (3 * i + h)) * dtype_bytes
+        # V1's fused_moe takes its caches from the worker's workspace manager, which keeps them after
+        # the dummy forward: the shared cache1/cache3/output buffer (top-k x max(2 x intermediate,
+        # hidden)) and cache2 (top-k x intermediate) are still held while the sampler runs
+        moe_workspace = tokens * spec.experts_per_token * (max(2 * i, h) + i) * dtype_bytes
     forward = max(dense, moe)
     vocab = _pad(spec.vocab_size, VOCAB_PADDING)
     if options.v1:  # every rank samples from the gathered logits
-        sampler = seqs * vocab * (dtype_bytes + SAMPLER_BYTES_PER_LOGIT)
+        sampler = seqs * vocab * (dtype_bytes + SAMPLER_BYTES_PER_LOGIT) + moe_workspace
     else:  # V0: the driver samples; the profile's peak is the rank's own share of the logits
         sampler = seqs * -(-vocab // tp) * (dtype_bytes + 4)
     return max(forward, sampler)
