@@ -382,14 +382,13 @@ def quiet_optional_kernels() -> None:
         logger.addFilter(_not_the_kernels_notice)
 
 
-# what needs bitsandbytes in a run: its quantized weights and its 8-bit and paged optimizers
-BITSANDBYTES_QUANTIZATIONS = ("int8", "nf4", "fp4")
-BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-
-
 def uses_bitsandbytes(options: dict) -> bool:
-    quantization = options.get("quantization") or ("nf4" if options.get("method") == "qlora" else "none")
-    return quantization in BITSANDBYTES_QUANTIZATIONS or options.get("optimizer") in BITSANDBYTES_OPTIMIZERS
+    """Its quantized weights (every quantization the planner has is bitsandbytes') or its 8-bit and
+    paged optimizers."""
+    from planner.options import BITSANDBYTES_OPTIMIZERS, effective_quantization_of
+
+    return (effective_quantization_of(options.get("method"), options.get("quantization")) != "none"
+            or options.get("optimizer") in BITSANDBYTES_OPTIMIZERS)
 
 
 def leave_bitsandbytes_unloaded(options: dict) -> None:

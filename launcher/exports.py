@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from launcher.spec import LaunchSpec, advised_words
+from planner.options import effective_quantization_of
 
 FORMATS = ("trl", "accelerate", "axolotl", "llamafactory")
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -174,7 +175,7 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
         )
         if stage == "reward":
             config["lora_task_type"] = "SEQ_CLS"
-    quantization = options.get("quantization") or ("nf4" if method == "qlora" else "none")
+    quantization = effective_quantization_of(method, options.get("quantization"))
     if quantization in ("nf4", "fp4"):
         config.update(load_in_4bit=True, bnb_4bit_quant_type=quantization, use_bnb_nested_quant=bool(options["double_quant"]))
         if spec.resources.num_processes > 1 and options["parallelism"] in ("zero3", "fsdp"):

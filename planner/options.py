@@ -17,6 +17,8 @@ Parallelism = Literal["ddp", "zero1", "zero2", "zero3", "fsdp"]
 Offload = Literal["none", "optimizer", "params"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw_foreach", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd", "galore"]
+# the optimizers bitsandbytes implements (8-bit states, paged states)
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 Attention = Literal["sdpa", "flash", "eager"]
 Trainer = Literal["trl", "hf"]
 # how the loss is computed from the last hidden states: auto is the trainer's own (TRL's fused LM
@@ -233,9 +235,7 @@ class TrainingOptions(BaseModel):
 
     @property
     def effective_quantization(self) -> str:
-        if self.quantization is not None:
-            return self.quantization
-        return "nf4" if self.method == "qlora" else "none"
+        return effective_quantization_of(self.method, self.quantization)
 
     @property
     def effective_steps_per_generation(self) -> int:
@@ -322,3 +322,11 @@ def check_consistency(options: TrainingOptions) -> None:
                              "in fp32 outside bitsandbytes' layers; the Trainer and TRL run it under autocast: turn autocast on")
     if options.num_gpus == 1 and options.parallelism != "ddp":
         raise PlanInputError("parallelism", f"{options.parallelism} shards across GPUs; set num_gpus above 1")
+
+
+def effective_quantization_of(method: str | None, quantization: str | None) -> str:
+    """The base's quantization: as given, else NF4 for QLoRA and none for the other methods (also
+    for the options of a run's spec.json, a dict)."""
+    if quantization is not None:
+        return quantization
+    return "nf4" if method == "qlora" else "none"

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from planner import trace_cache
 from planner.allocator import AllocatorPeaks, replay, smallest_capacity
 from planner.errors import PlanInputError
-from planner.options import TrainingOptions
+from planner.options import BITSANDBYTES_OPTIMIZERS, TrainingOptions
 from planner.stage_steps import GENERATING_STAGES, TRACED_STAGES, StageRun, fused_outputs, generation_batch, needs_reference_copy
 
 STEPS = 2  # the first allocates the optimizer state; a third repeats the second (148 catalog steps: identical peaks, bench/results/simulated-matrix-2026-11-28.jsonl)
@@ -465,7 +465,7 @@ def _optimizer_state(param, optimizer: str, shared: dict) -> tuple:
             shared["quantile_maps"] = (torch.empty(256, device="meta"), torch.empty(256, device="meta"))
         blocks = -(-param.numel() // EIGHT_BIT_BLOCK)
         return (*state_buffers(torch.uint8), torch.zeros(blocks, device="meta"), torch.zeros(blocks, device="meta"))
-    if optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+    if optimizer in BITSANDBYTES_OPTIMIZERS:
         return state_buffers(torch.float32)
     # fused AdamW: a step counter on the device, then exp_avg and exp_avg_sq per parameter
     return (torch.zeros((), dtype=torch.float32, device="meta"), torch.zeros_like(param), torch.zeros_like(param))
