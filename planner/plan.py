@@ -649,5 +649,6 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         model_traceable=model_unsupported_reason(spec) is None,
         unmeasured_allowance_bytes=allowance,
         allocator_release_bytes=release,
-        trace={"seconds": round(simulated.seconds, 2), "kept_in_trace_cache": simulated.cached} if isinstance(simulated, SimulatedStep) else None,
+        trace={"seconds": round(simulated.seconds, 2), "kept_in_trace_cache": simulated.cached,
+               "from_template": simulated.from_template} if isinstance(simulated, SimulatedStep) else None,
     )

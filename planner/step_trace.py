@@ -40,7 +40,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 
-from planner import trace_cache
+from planner import trace_cache, trace_templates
 from planner.allocator import AllocatorPeaks, replay, smallest_capacity
 from planner.errors import PlanInputError
 from planner.options import BITSANDBYTES_OPTIMIZERS, TrainingOptions
@@ -91,9 +91,12 @@ class SimulatedStep:
     in_pool_peaks: AllocatorPeaks | None = None
     # read from the disk cache (planner/trace_cache.py), not traced in this process
     cached: bool = False
+    # replayed from a shipped trace template (planner/trace_templates.py): the events of this very
+    # step, recorded for these library versions, without tracing
+    from_template: bool = False
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self) | {"cached": False}
+        return dataclasses.asdict(self) | {"cached": False, "from_template": False}
 
     @classmethod
     def from_json(cls, data: dict) -> SimulatedStep:
@@ -585,6 +588,38 @@ def simulate_step(config: dict, options: TrainingOptions, steps: int = STEPS) ->
 
 def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedStep:
     started = time.perf_counter()
+    traced = traced_events(config, options, steps)
+    return step_from_events(traced, options, steps, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class TracedEvents:
+    """What a trace recorded: every storage's allocation and free, in program order, and which of
+    them a paged optimizer keeps in CUDA managed memory instead of the pool."""
+
+    events: list
+    paged_handles: frozenset
+    outside_allocator_bytes: int
+
+
+def step_from_events(traced: TracedEvents, options: TrainingOptions, steps: int, seconds: float, **extra) -> SimulatedStep:
+    """The allocator's peaks over a traced step's events (planner/trace_templates.py replays a
+    shipped template's events through the same function)."""
+    paged = traced.paged_handles
+    events = [event for event in traced.events if event[1] not in paged] if paged else traced.events
+    peaks = replay(events, options.allocator)
+    peaks = dataclasses.replace(peaks, smallest_capacity=smallest_capacity(events, options.allocator, peaks))
+    return SimulatedStep(
+        peaks, steps, seconds,
+        outside_allocator_bytes=traced.outside_allocator_bytes,
+        default_peaks=replay(events, "default") if options.allocator != "default" else None,
+        in_pool_peaks=replay(traced.events, options.allocator) if paged else None,
+        **extra,
+    )
+
+
+def traced_events(config: dict, options: TrainingOptions, steps: int = STEPS) -> TracedEvents:
+    """The event list of `steps` training steps of this plan's run (the caller holds _TRACE_LOCK)."""
     import torch
 
     # GRPO's and RLOO's prompts are padded on the left and their completions on the right: always a mask
@@ -635,16 +670,9 @@ def _simulate(config: dict, options: TrainingOptions, steps: int) -> SimulatedSt
     except Exception as exc:  # noqa: BLE001 - e.g. a model whose forward needs real data (MoE routing)
         raise SimulationUnsupported(f"the step could not be traced: {str(exc)[:200]}") from None
     # a paged optimizer's large states live in CUDA managed memory: not in the pool
-    paged = {tracer.handle_of(buffer) for buffer in state.get("paged", ())}
-    events = [event for event in tracer.events if event[1] not in paged]
-    peaks = replay(events, options.allocator)
-    peaks = dataclasses.replace(peaks, smallest_capacity=smallest_capacity(events, options.allocator, peaks))
-    return SimulatedStep(
-        peaks, steps, time.perf_counter() - started,
-        outside_allocator_bytes=sum(buffer.untyped_storage().nbytes() for buffer in state.get("paged", ())),
-        default_peaks=replay(events, "default") if options.allocator != "default" else None,
-        in_pool_peaks=replay(tracer.events, options.allocator) if paged else None,
-    )
+    paged = frozenset(tracer.handle_of(buffer) for buffer in state.get("paged", ()))
+    # a copy: the model's storages die after this returns, and their finalizers append to tracer.events
+    return TracedEvents(list(tracer.events), paged, sum(buffer.untyped_storage().nbytes() for buffer in state.get("paged", ())))
 
 
 def _traced_batch(options: TrainingOptions):
@@ -725,9 +753,29 @@ def _traced_or_cached(config: dict, options: TrainingOptions) -> SimulatedStep:
             return SimulatedStep.from_json(found)
         except (KeyError, TypeError):
             pass  # an entry of another shape: trace again
+    templated = from_template(config, options)
+    if templated is not None:
+        return templated
     step = simulate_step(config, options)
     trace_cache.store(key, step.to_json())
     return step
+
+
+def template_options(options: TrainingOptions) -> dict:
+    """What keys this step's shipped template: the traced options less the batch size and length."""
+    import json
+
+    return trace_templates.step_options(json.loads(_traced_options(options)))
+
+
+def from_template(config: dict, options: TrainingOptions) -> SimulatedStep | None:
+    """This step's simulation replayed from a shipped trace template, or None where none holds."""
+    template = trace_templates.find(config, template_options(options), options.batch_size, options.seq_len)
+    if template is None:
+        return None
+    started = time.perf_counter()
+    events = template.events_for(options.batch_size, options.seq_len)
+    return step_from_events(TracedEvents(events, frozenset(), 0), options, STEPS, time.perf_counter() - started, from_template=True)
 
 
 def _traced_options(options: TrainingOptions) -> str:
@@ -749,7 +797,8 @@ def trace_pending(spec, options: TrainingOptions, config: dict | None = None) ->
         traced = _config_to_trace(spec, config)
     except SimulationUnsupported:
         return False
-    return trace_cache.load(trace_cache.trace_key(traced, _traced_options(options))) is None
+    return trace_cache.load(trace_cache.trace_key(traced, _traced_options(options))) is None and trace_templates.find(
+        traced, template_options(options), options.batch_size, options.seq_len) is None
 
 
 def _config_to_trace(spec, config: dict | None) -> dict:

@@ -51,6 +51,12 @@ def fast_answer_line(source, settled) -> str | None:
             f"tracing two training steps for the exact one (about {about:.0f} s)…")
 
 
+def _trace_origin(trace: dict) -> str:
+    if trace.get("from_template"):
+        return f"replayed from the shipped trace template of this step ({trace['seconds']:.2f} s; VRAMPLAN_TRACE_TEMPLATES=off traces it)"
+    return "kept in the trace cache" if trace["kept_in_trace_cache"] else f"{trace['seconds']:.1f} s"
+
+
 def _plan(args):
     return single_plan(args.model, parse_options(args))[1]
 
@@ -87,7 +93,7 @@ def cmd_plan(args) -> int:
     for a in data["assumptions"]:
         write(f"  assumed: {a}")
     if data["trace"] is not None:
-        write("  traced: " + ("kept in the trace cache" if data["trace"]["kept_in_trace_cache"] else f"{data['trace']['seconds']:.1f} s"))
+        write("  traced: " + _trace_origin(data["trace"]))
     return 0
 
 

@@ -1,0 +1,152 @@
+"""Shipped trace templates: a catalog model's traced step for any batch size and sequence length,
+without torch.
+
+A trace's event list (planner/step_trace.py) has the same allocations and frees in the same order
+whatever the batch size b and sequence length s, within a region where no code path changes (TRL's
+fused head, for one, loops over tiles of 4096 tokens); only the sizes move, each one
+`constant + per_seq * s + per_batch * b + per_token * b * s` bytes (b * (s - 1) tokens of shifted
+labels, b * s * hidden activations, fixed weights and optimizer state). `python -m
+planner.template_build` traces four (b, s) points, solves each allocation's four integers, and
+keeps the template only where it reproduces, event for event, further traces at the region's
+corners: the default (1, 2048), the longest sequence and the largest batch.
+
+Here a plan whose model, options and installed libraries are those of a template replays its
+events through planner/allocator.py: the simulated plan's very numbers in a fraction of a second,
+where tracing takes torch's import and seconds a layer. Anything else (another transformers,
+another option, a size outside the region) is traced as before, and so is everything with
+`VRAMPLAN_TRACE_TEMPLATES=off`. Templates are data this module reads (JSON, no pickle): nothing in
+them runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import lzma
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+FORMAT = 1
+TEMPLATES_DIR = Path(__file__).resolve().parent / "catalog" / "templates"
+LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
+# the code that decides which storages a step creates; the replay (allocator.py) runs at use
+TRACE_CODE = ("step_trace.py", "stage_steps.py")
+# options that only size the step: a template's variables, not part of its key
+SIZING_OPTIONS = ("batch_size", "seq_len")
+# options that do not change the step's events at all (the GPU, the band, whether to simulate)
+UNTRACED_OPTIONS = ("gpu", "gpu_memory_gib", "headroom", "simulate_allocator")
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where a template holds: every (b, s) with b <= max_batch, min_seq <= s <= max_seq and
+    min_tokens <= b * s <= max_tokens, each corner reproduced by a trace."""
+
+    max_batch: int
+    min_seq: int
+    max_seq: int
+    max_tokens: int
+    min_tokens: int = 1
+
+    def holds(self, batch_size: int, seq_len: int) -> bool:
+        return (1 <= batch_size <= self.max_batch and self.min_seq <= seq_len <= self.max_seq
+                and self.min_tokens <= batch_size * seq_len <= self.max_tokens)
+
+
+@dataclass(frozen=True)
+class Template:
+    options: dict  # the step's options less SIZING_OPTIONS and UNTRACED_OPTIONS
+    region: Region
+    sizes: tuple  # per distinct size: (constant, per_seq, per_batch, per_token) bytes
+    # an allocation: an index into `sizes`; a free: minus how many allocations back it was made
+    events: tuple
+
+    def events_for(self, batch_size: int, seq_len: int) -> list[tuple]:
+        """The step's event list at this size, in planner/allocator.py's form."""
+        nbytes = [c + per_seq * seq_len + per_batch * batch_size + per_token * batch_size * seq_len
+                  for c, per_seq, per_batch, per_token in self.sizes]
+        events, made = [], 0
+        for code in self.events:
+            if code >= 0:
+                made += 1
+                events.append(("alloc", made, nbytes[code]))
+            else:
+                events.append(("free", made + 1 + code))
+        return events
+
+
+def enabled() -> bool:
+    """`VRAMPLAN_TRACE_TEMPLATES=off` traces every step (to check a template, or the trace itself)."""
+    return os.environ.get("VRAMPLAN_TRACE_TEMPLATES", "").strip().lower() not in ("off", "0", "false", "no")
+
+
+def config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def fingerprint() -> dict:
+    """The installed libraries and the trace's own code: a template recorded under others is not used."""
+    libraries = {}
+    for name in LIBRARIES:
+        try:
+            # found as step_trace finds it (a package the process may not import counts as absent)
+            libraries[name] = version(name) if importlib.util.find_spec(name) is not None else None
+        except (PackageNotFoundError, ValueError):
+            libraries[name] = None
+    planner_dir = Path(__file__).resolve().parent
+    code = hashlib.sha256(b"".join(name.encode() + (planner_dir / name).read_bytes() for name in TRACE_CODE)).hexdigest()
+    return {"libraries": libraries, "code": code}
+
+
+def step_options(options_dump: dict) -> dict:
+    """The options that key a template: what shapes the step, less its size."""
+    return {k: v for k, v in options_dump.items() if k not in SIZING_OPTIONS and k not in UNTRACED_OPTIONS}
+
+
+def template_path(config: dict) -> Path:
+    return TEMPLATES_DIR / f"{config_digest(config)[:24]}.json.xz"
+
+
+@lru_cache(maxsize=32)
+def _read(path: Path) -> dict | None:
+    try:
+        data = json.loads(lzma.decompress(path.read_bytes()))
+    except (OSError, ValueError, lzma.LZMAError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def find(config: dict, options_dump: dict, batch_size: int, seq_len: int) -> Template | None:
+    """The shipped template for this config and these options (step_options of the traced
+    options), recorded with the installed libraries and trace code, whose region holds the size;
+    or None."""
+    if not enabled():
+        return None
+    data = _read(template_path(config))
+    if data is None or data.get("config") != config_digest(config) or data.get("fingerprint") != fingerprint():
+        return None
+    for entry in data.get("templates", ()):
+        if entry["options"] != options_dump:
+            continue
+        region = Region(**entry["region"])
+        if region.holds(batch_size, seq_len):
+            return Template(entry["options"], region, tuple(tuple(size) for size in entry["sizes"]), tuple(entry["events"]))
+    return None
+
+
+def write(path: Path, config: dict, templates: list[Template]) -> None:
+    """Keep a config's templates (planner/template_build.py), compressed: the layers repeat."""
+    data = {
+        "format": FORMAT,
+        "config": config_digest(config),
+        "fingerprint": fingerprint(),
+        "templates": [{"options": t.options, "region": t.region.__dict__, "sizes": [list(size) for size in t.sizes],
+                       "events": list(t.events)} for t in templates],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lzma.compress(json.dumps(data, separators=(",", ":"), sort_keys=True).encode(), preset=9))
