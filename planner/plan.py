@@ -617,8 +617,9 @@ def build_plan(spec: ModelSpec, options: TrainingOptions, config: dict | None = 
         assumptions.append(f"{spec.model_type} soft-caps attention scores, which SDPA cannot do: planned with eager attention")
     allocator_name = "caching allocator with expandable_segments:True" if options.allocator == "expandable_segments" else "default caching allocator"
     if isinstance(simulated, SimulatedStep):
+        template = f"; replayed from vramplan's shipped trace template, recorded with {simulated.recorded_with}" if simulated.from_template else ""
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), simulated over this run's allocations traced on the meta device "
-                           f"({simulated.peaks.allocations:,} in {simulated.steps} steps); CUDA context from calibration {calibration().name}")
+                           f"({simulated.peaks.allocations:,} in {simulated.steps} steps{template}); CUDA context from calibration {calibration().name}")
     else:
         why_not = f"; no simulation: {simulated}" if isinstance(simulated, str) else ""
         assumptions.append(f"PyTorch's {allocator_name} (PYTORCH_CUDA_ALLOC_CONF), reserve and CUDA context from calibration {calibration().name}{why_not}")

@@ -94,9 +94,11 @@ class SimulatedStep:
     # replayed from a shipped trace template (planner/trace_templates.py): the events of this very
     # step, recorded for these library versions, without tracing
     from_template: bool = False
+    # the libraries a template was recorded with ("torch 2.13.0, transformers 5.24.0, ..."), said in the plan
+    recorded_with: str = ""
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self) | {"cached": False, "from_template": False}
+        return dataclasses.asdict(self) | {"cached": False, "from_template": False, "recorded_with": ""}
 
     @classmethod
     def from_json(cls, data: dict) -> SimulatedStep:
@@ -775,7 +777,8 @@ def from_template(config: dict, options: TrainingOptions) -> SimulatedStep | Non
         return None
     started = time.perf_counter()
     events = template.events_for(options.batch_size, options.seq_len)
-    return step_from_events(TracedEvents(events, frozenset(), 0), options, STEPS, time.perf_counter() - started, from_template=True)
+    return step_from_events(TracedEvents(events, frozenset(), 0), options, STEPS, time.perf_counter() - started,
+                            from_template=True, recorded_with=template.recorded_with)
 
 
 def _traced_options(options: TrainingOptions) -> str:

@@ -82,7 +82,7 @@ def region_plans(options, long: bool) -> tuple[RegionPlan, ...]:
 
 def build(config: dict, options, plan: RegionPlan, log=print) -> Template:
     """The template of this step (its batch size and sequence length are the template's variables)."""
-    from planner.step_trace import template_options, traced_events, unsupported_reason
+    from planner.step_trace import SimulationUnsupported, template_options, traced_events, unsupported_reason
 
     reason = unsupported_reason(options)
     if reason is not None:
@@ -96,7 +96,10 @@ def build(config: dict, options, plan: RegionPlan, log=print) -> Template:
         sized = options.model_copy(update={"batch_size": point[0], "seq_len": point[1]})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
-            traced = traced_events(config, sized)
+            try:
+                traced = traced_events(config, sized)
+            except SimulationUnsupported as exc:
+                raise NotATemplate(str(exc)) from None
         if traced.paged_handles:
             raise NotATemplate("paged optimizer states")
         structures[point], sizes[point] = encoded(traced.events)

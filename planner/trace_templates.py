@@ -14,7 +14,9 @@ Here a plan whose model, options and installed libraries are those of a template
 events through planner/allocator.py: the simulated plan's very numbers in a fraction of a second,
 where tracing takes torch's import and seconds a layer. Anything else (another transformers,
 another option, a size outside the region) is traced as before, and so is everything with
-`VRAMPLAN_TRACE_TEMPLATES=off`. Templates are data this module reads (JSON, no pickle): nothing in
+`VRAMPLAN_TRACE_TEMPLATES=off`. Where the trace cannot run (torch, transformers or PEFT not
+installed, as in the Docker image) a template recorded with other versions still serves, and the
+plan says which. Templates are data this module reads (JSON, no pickle): nothing in
 them runs.
 """
 
@@ -33,6 +35,7 @@ from pathlib import Path
 FORMAT = 1
 TEMPLATES_DIR = Path(__file__).resolve().parent / "catalog" / "templates"
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
+TRACING_LIBRARIES = ("torch", "transformers", "peft")  # without any of them nothing is traced here
 # the code that decides which storages a step creates; the replay (allocator.py) runs at use
 TRACE_CODE = ("step_trace.py", "stage_steps.py")
 # options that only size the step: a template's variables, not part of its key
@@ -64,6 +67,7 @@ class Template:
     sizes: tuple  # per distinct size: (constant, per_seq, per_batch, per_token) bytes
     # an allocation: an index into `sizes`; a free: minus how many allocations back it was made
     events: tuple
+    recorded_with: str = ""  # "torch 2.13.0, transformers 5.24.0, ...": what traced it
 
     def events_for(self, batch_size: int, seq_len: int) -> list[tuple]:
         """The step's event list at this size, in planner/allocator.py's form."""
@@ -128,15 +132,31 @@ def find(config: dict, options_dump: dict, batch_size: int, seq_len: int) -> Tem
     if not enabled():
         return None
     data = _read(template_path(config))
-    if data is None or data.get("config") != config_digest(config) or data.get("fingerprint") != fingerprint():
+    if data is None or data.get("config") != config_digest(config) or not usable(data.get("fingerprint") or {}):
         return None
     for entry in data.get("templates", ()):
         if entry["options"] != options_dump:
             continue
         region = Region(**entry["region"])
         if region.holds(batch_size, seq_len):
-            return Template(entry["options"], region, tuple(tuple(size) for size in entry["sizes"]), tuple(entry["events"]))
+            return Template(entry["options"], region, tuple(tuple(size) for size in entry["sizes"]), tuple(entry["events"]),
+                            recorded_with(data["fingerprint"]))
     return None
+
+
+def usable(recorded: dict) -> bool:
+    """A template recorded by this trace code, with the installed libraries; or with any, where
+    the trace cannot run here (torch, transformers or PEFT not installed, as in the Docker image):
+    then it is the best answer there is, and the plan says which versions it stands for."""
+    here = fingerprint()
+    if recorded.get("code") != here["code"]:
+        return False
+    return recorded.get("libraries") == here["libraries"] or not all(here["libraries"][name] for name in TRACING_LIBRARIES)
+
+
+def recorded_with(recorded: dict) -> str:
+    libraries = recorded.get("libraries") or {}
+    return ", ".join(f"{name} {libraries[name]}" for name in LIBRARIES if libraries.get(name))
 
 
 def write(path: Path, config: dict, templates: list[Template]) -> None:
