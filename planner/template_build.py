@@ -1,5 +1,5 @@
 """Record the shipped trace templates (planner/trace_templates.py): `python -m planner.template_build
-[MODEL ...] [--methods lora qlora full] [--long]`, with torch, transformers, PEFT and TRL at the
+[MODEL ...] [--methods lora qlora full] [--long] [--trainers trl hf]`, with torch, transformers, PEFT and TRL at the
 versions CI pins. A model's templates are its step with each method and every other option at
 its default; run it again after a change to planner/step_trace.py, planner/stage_steps.py or a
 pinned library (tests/test_trace_templates.py fails until then, and plans trace as before).
@@ -82,7 +82,12 @@ def region_plans(options, long: bool) -> tuple[RegionPlan, ...]:
 
 def build(config: dict, options, plan: RegionPlan, log=print) -> Template:
     """The template of this step (its batch size and sequence length are the template's variables)."""
-    from planner.step_trace import SimulationUnsupported, template_options, traced_events, unsupported_reason
+    from planner.step_trace import (
+        SimulationUnsupported,
+        template_options,
+        traced_events,
+        unsupported_reason,
+    )
 
     reason = unsupported_reason(options)
     if reason is not None:
@@ -99,7 +104,10 @@ def build(config: dict, options, plan: RegionPlan, log=print) -> Template:
             try:
                 traced = traced_events(config, sized)
             except SimulationUnsupported as exc:
-                raise NotATemplate(str(exc)) from None
+                if point in fit:
+                    raise NotATemplate(str(exc)) from None
+                log(f"  b={point[0]} s={point[1]} is not traced ({exc}): outside the region")
+                continue
         if traced.paged_handles:
             raise NotATemplate("paged optimizer states")
         structures[point], sizes[point] = encoded(traced.events)
@@ -112,7 +120,7 @@ def build(config: dict, options, plan: RegionPlan, log=print) -> Template:
     for point in checks:
         b, s = point
         predicted = [c + ps * s + pb * b + pt * b * s for c, ps, pb, pt in per_allocation]
-        if structures[point] == structure and sizes[point] == predicted:
+        if point in structures and structures[point] == structure and sizes[point] == predicted:
             kept.append(point)
         else:
             log(f"  b={b} s={s} is not reproduced: outside the region")
@@ -132,7 +140,9 @@ def build(config: dict, options, plan: RegionPlan, log=print) -> Template:
     return Template(template_options(options), region, tuple(table), tuple(events))
 
 
-def templates_for(catalog_id: str, methods=DEFAULT_METHODS, long: bool = False, log=print) -> tuple[dict, list[Template]]:
+def templates_for(catalog_id: str, methods=DEFAULT_METHODS, long: bool = False, trainers=("trl",), log=print,
+                  kept: bool = True) -> tuple[dict, list[Template]]:
+    """A catalog model's templates; `kept`: skip those its file already holds, recorded as these would be."""
     from planner.catalog import load_catalog_spec
     from planner.options import TrainingOptions
     from planner.request import single_plan_options
@@ -140,6 +150,7 @@ def templates_for(catalog_id: str, methods=DEFAULT_METHODS, long: bool = False, 
         _config_for,
         _config_to_trace,
         model_unsupported_reason,
+        template_options,
     )
 
     spec = load_catalog_spec(catalog_id)
@@ -147,11 +158,14 @@ def templates_for(catalog_id: str, methods=DEFAULT_METHODS, long: bool = False, 
     if refused:
         raise NotATemplate(refused)
     config = _config_to_trace(spec, _config_for(spec))
+    have = {_key(t) for t in merged(trace_templates.template_path(config), [])} if kept else set()
     templates = []
-    for method in methods:
-        options = single_plan_options(spec, TrainingOptions(method=method), None)
+    for trainer, method in ((trainer, method) for trainer in trainers for method in methods):
+        options = single_plan_options(spec, TrainingOptions(method=method, trainer=trainer), None)
         for plan in region_plans(options, long):
-            log(f"{catalog_id} {method}, from {plan.min_tokens} tokens:")
+            if (json.dumps(template_options(options), sort_keys=True), plan.min_tokens) in have:
+                continue
+            log(f"{catalog_id} {method} under {trainer}, from {plan.min_tokens} tokens:")
             try:
                 templates.append(build(config, options, plan, log))
             except NotATemplate as exc:
@@ -159,10 +173,13 @@ def templates_for(catalog_id: str, methods=DEFAULT_METHODS, long: bool = False, 
     return config, templates
 
 
+def _key(template: Template) -> tuple[str, int]:
+    return (json.dumps(template.options, sort_keys=True), template.region.min_tokens)
+
+
 def merged(path, new: list[Template]) -> list[Template]:
     """The templates already kept for this config (recorded as these are), less those the new ones replace."""
-    def key(template):
-        return (json.dumps(template.options, sort_keys=True), template.region.min_tokens)
+    key = _key
 
     data = trace_templates._read(path) if path.exists() else None
     kept = {}
@@ -182,12 +199,13 @@ def main(argv=None) -> int:
     parser.add_argument("models", nargs="*", help="catalog ids (default: every catalog model the trace takes)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--long", action="store_true", help="also TRL's second tile: 4,097 to 8,192 tokens a micro-batch")
+    parser.add_argument("--trainers", nargs="+", default=["trl"], help="trl (the default trainer), hf (the HF Trainer's loss)")
     args = parser.parse_args(argv)
     models = args.models or sorted(set(catalog_ids().values()))
     for catalog_id in models:
         started = time.perf_counter()
         try:
-            config, templates = templates_for(catalog_id, args.methods, args.long)
+            config, templates = templates_for(catalog_id, args.methods, args.long, args.trainers)
         except NotATemplate as exc:
             print(f"{catalog_id}: skipped: {exc}")
             continue

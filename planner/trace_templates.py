@@ -116,7 +116,8 @@ def template_path(config: dict) -> Path:
     return TEMPLATES_DIR / f"{config_digest(config)[:24]}.json.xz"
 
 
-@lru_cache(maxsize=32)
+# a model's templates read back are about 1 MB of Python lists: a server keeps the last few models'
+@lru_cache(maxsize=8)
 def _read(path: Path) -> dict | None:
     try:
         data = json.loads(lzma.decompress(path.read_bytes()))
