@@ -793,15 +793,28 @@ def _simulation_key(options: TrainingOptions, config: dict | None) -> tuple:
 
 
 def trace_pending(spec, options: TrainingOptions, config: dict | None = None) -> bool:
-    """simulated_for would trace now (seconds): not memoized, not refused, not in the disk cache."""
+    """simulated_for would take a second or more now: not memoized, not refused, not in the disk
+    cache, and either traced (seconds) or replayed from a template of a large model (a 70B
+    model's: about a second, its least pool searched over 130,000 events)."""
     if not options.simulate_allocator or simulation_memoized(spec, options, config):
         return False
     try:
         traced = _config_to_trace(spec, config)
     except SimulationUnsupported:
         return False
-    return trace_cache.load(trace_cache.trace_key(traced, _traced_options(options))) is None and trace_templates.find(
-        traced, template_options(options), options.batch_size, options.seq_len) is None
+    if trace_cache.load(trace_cache.trace_key(traced, _traced_options(options))) is not None:
+        return False
+    template = trace_templates.find(traced, template_options(options), options.batch_size, options.seq_len)
+    return template is None or template.slow_to_replay
+
+
+def template_pending(spec, options: TrainingOptions, config: dict | None = None):
+    """The shipped template simulated_for would replay (planner/trace_templates.Template), or None."""
+    try:
+        traced = _config_to_trace(spec, config)
+    except SimulationUnsupported:
+        return None
+    return trace_templates.find(traced, template_options(options), options.batch_size, options.seq_len)
 
 
 def _config_to_trace(spec, config: dict | None) -> dict:

@@ -22,6 +22,7 @@ them runs.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -36,12 +37,27 @@ FORMAT = 1
 TEMPLATES_DIR = Path(__file__).resolve().parent / "catalog" / "templates"
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
 TRACING_LIBRARIES = ("torch", "transformers", "peft")  # without any of them nothing is traced here
-# the code that decides which storages a step creates; the replay (allocator.py) runs at use
+# the code that decides which storages a step creates (the replay, allocator.py, runs at use):
+# these modules' syntax trees, less docstrings and step_trace's glue below, so that a comment, a
+# layout change or an edit to how a trace is cached or refused does not make every template stale
 TRACE_CODE = ("step_trace.py", "stage_steps.py")
+GLUE = frozenset({
+    "_TRACE_LOCK", "MAX_TRACES_IN_LINE", "_in_line", "_in_line_lock", "SimulationUnsupported", "TracesBusy", "SimulatedStep",
+    "SIMULATED_METHODS", "SIMULATED_OPTIMIZERS", "unsupported_reason", "model_unsupported_reason", "_installed", "simulate_step",
+    "_simulate", "step_from_events", "_config_for", "simulated_for", "_traced_or_cached", "template_options", "from_template",
+    "_traced_options", "_simulation_key", "trace_pending", "_config_to_trace", "simulation_memoized", "template_pending",
+})
 # options that only size the step: a template's variables, not part of its key
 SIZING_OPTIONS = ("batch_size", "seq_len")
 # options that do not change the step's events at all (the GPU, the band, whether to simulate)
 UNTRACED_OPTIONS = ("gpu", "gpu_memory_gib", "headroom", "simulate_allocator")
+
+
+# a plan replays a template's events about eight times (the peaks, then the least pool's bisection)
+REPLAY_S_PER_EVENT = 8e-6
+# past this, a page shows the formula's plan first and replays the template in the background,
+# as it does a trace, so that no first byte waits a second (a 70B model's template: 130,000 events)
+SLOW_REPLAY_S = 0.6
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,16 @@ class Template:
     # an allocation: an index into `sizes`; a free: minus how many allocations back it was made
     events: tuple
     recorded_with: str = ""  # "torch 2.13.0, transformers 5.24.0, ...": what traced it
+
+    @property
+    def replay_seconds(self) -> float:
+        """About how long a plan takes to replay it: its peaks and the least pool's search, about
+        eight replays at roughly a microsecond an event on a busy core."""
+        return len(self.events) * REPLAY_S_PER_EVENT
+
+    @property
+    def slow_to_replay(self) -> bool:
+        return self.replay_seconds >= SLOW_REPLAY_S
 
     def events_for(self, batch_size: int, seq_len: int) -> list[tuple]:
         """The step's event list at this size, in planner/allocator.py's form."""
@@ -103,8 +129,34 @@ def fingerprint() -> dict:
         except (PackageNotFoundError, ValueError):
             libraries[name] = None
     planner_dir = Path(__file__).resolve().parent
-    code = hashlib.sha256(b"".join(name.encode() + (planner_dir / name).read_bytes() for name in TRACE_CODE)).hexdigest()
+    code = hashlib.sha256("".join(name + _code_shape((planner_dir / name).read_text()) for name in TRACE_CODE).encode()).hexdigest()
     return {"libraries": libraries, "code": code}
+
+
+def _code_shape(source: str) -> str:
+    """A module's code as its syntax tree (no comments, no layout), less docstrings, imports and GLUE."""
+    tree = ast.parse(source)
+    kept = []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)) or _docstring(node) or _defines(node) & GLUE:
+            continue
+        for inner in ast.walk(node):
+            body = getattr(inner, "body", None)
+            if isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body and _docstring(body[0]):
+                inner.body = body[1:] or [ast.Pass()]
+        kept.append(ast.dump(node))
+    return "\n".join(kept)
+
+
+def _docstring(node) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def _defines(node) -> set[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    return {target.id for target in targets if isinstance(target, ast.Name)}
 
 
 def step_options(options_dump: dict) -> dict:

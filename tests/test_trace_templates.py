@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,27 @@ def test_the_first_visit_shows_the_default_plan_simulated_at_once_without_tracin
     assert page.status_code == 200
     assert 'data-reserve-source="simulated"' in page.text and "fast figure" not in page.text
     assert README_MODEL in page.text and traced == []
+
+
+def test_templates_stay_current_through_comments_and_glue_and_go_stale_with_the_trace_code():
+    source = Path(step_trace.__file__).read_text()
+    shape = trace_templates._code_shape(source)
+    # a comment, a docstring, or how traces are cached and refused: the same templates
+    assert trace_templates._code_shape(source.replace('"""The event list of', '"""The list of events of')) == shape
+    assert trace_templates._code_shape(source.replace("MAX_TRACES_IN_LINE = 3", "MAX_TRACES_IN_LINE = 4")) == shape
+    # what the step allocates: every template is stale
+    assert trace_templates._code_shape(source.replace("CUBLAS_WORKSPACE_BYTES = 32 << 20", "CUBLAS_WORKSPACE_BYTES = 16 << 20")) != shape
+
+
+def test_a_large_model_s_template_is_replayed_after_the_formula_s_fast_answer(monkeypatch, capsys):
+    # a 70B model's template is about 130,000 events: a second to replay, so the page and the CLI
+    # answer with the formula first, as for a trace, and say the template follows
+    from app.cli.plan import single_plan
+
+    monkeypatch.delenv("VRAMPLAN_SIMULATE_ALLOCATOR", raising=False)
+    monkeypatch.setenv("VRAMPLAN_TRACE_CACHE", "off")
+    traced = []
+    monkeypatch.setattr(step_trace, "simulate_step", lambda *args, **kwargs: traced.append(args))
+    _, plan = single_plan("meta-llama/Llama-3.1-70B", TrainingOptions(method="qlora", gpu="A100 80GB"))
+    assert "replaying its shipped trace template for the exact one" in capsys.readouterr().err
+    assert plan.reserve_source == "simulated" and plan.trace["from_template"] and traced == []

@@ -45,10 +45,15 @@ def fast_answer_line(source, settled) -> str | None:
         fast = plan_source(source, settled.model_copy(update={"simulate_allocator": False}))
     except PlanInputError:
         return None
-    about = TRACE_IMPORT_S + TRACE_S_PER_LAYER * source.spec.num_layers
+    from planner.step_trace import template_pending
+
+    template = template_pending(source.spec, settled, source.config)
+    if template is not None:
+        coming = f"replaying its shipped trace template for the exact one (about {max(1, round(template.replay_seconds))} s)…"
+    else:
+        coming = f"tracing two training steps for the exact one (about {TRACE_IMPORT_S + TRACE_S_PER_LAYER * source.spec.num_layers:.0f} s)…"
     return (f"vramplan: fast answer (formula): {fast.peak_bytes / GIB:.1f} GiB per GPU (band {fast.peak_low_bytes / GIB:.1f}-"
-            f"{fast.peak_high_bytes / GIB:.1f}) of {fast.usable_bytes / GIB:.1f} GiB usable on {fast.gpu.name}, {fast.verdict}; "
-            f"tracing two training steps for the exact one (about {about:.0f} s)…")
+            f"{fast.peak_high_bytes / GIB:.1f}) of {fast.usable_bytes / GIB:.1f} GiB usable on {fast.gpu.name}, {fast.verdict}; {coming}")
 
 
 def _trace_origin(trace: dict) -> str:
