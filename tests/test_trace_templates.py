@@ -48,7 +48,7 @@ def test_a_template_gives_the_traced_step_at_a_size_it_was_not_recorded_at(metho
 def test_a_template_is_not_used_for_other_options_sizes_outside_its_region_or_other_libraries(monkeypatch):
     config, options = _settled(MODEL, method="lora")
     assert step_trace.from_template(config, options) is not None
-    for other in ({"lora_r": 32}, {"method": "dora"}, {"gradient_checkpointing": False}, {"seq_len": 8192}, {"batch_size": 16, "seq_len": 256}):
+    for other in ({"lora_r": 32}, {"method": "dora"}, {"gradient_checkpointing": False}, {"seq_len": 12000}, {"batch_size": 16, "seq_len": 256}):
         assert step_trace.from_template(config, options.model_copy(update=other)) is None, other
     assert step_trace.from_template({**config, "intermediate_size": 1600}, options) is None
     monkeypatch.setenv("VRAMPLAN_TRACE_TEMPLATES", "off")
@@ -133,3 +133,11 @@ def test_a_large_model_s_template_is_replayed_after_the_formula_s_fast_answer(mo
     _, plan = single_plan("meta-llama/Llama-3.1-70B", TrainingOptions(method="qlora", gpu="A100 80GB"))
     assert "replaying its shipped trace template for the exact one" in capsys.readouterr().err
     assert plan.reserve_source == "simulated" and plan.trace["from_template"] and traced == []
+
+
+def test_a_second_template_takes_trl_s_second_tile_of_tokens():
+    # TRL's fused head loops over 4,096-token tiles: one sequence of 8k is another event list
+    config, options = _settled(MODEL, method="lora", seq_len=8192)
+    templated = step_trace.from_template(config, options)
+    assert templated is not None
+    assert templated.peaks == step_trace.simulate_step(config, options).peaks
