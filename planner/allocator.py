@@ -92,8 +92,9 @@ class CachingAllocator:
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
         self.retries = 0
-        # free blocks per pool, sorted by (size, address): bisect finds the best fit
-        self._free: dict[bool, list[tuple[tuple[int, int, int], _Block]]] = {True: [], False: []}
+        # free blocks per pool as (size, address, order, block), sorted: bisect finds the best fit
+        # (flat tuples: a plan replays a step's tens of thousands of events eight times)
+        self._free: dict[bool, list[tuple[int, int, int, _Block]]] = {True: [], False: []}
         self._live: dict[object, _Block] = {}
         self._orders = count()
         self._next_address = 0
@@ -101,18 +102,18 @@ class CachingAllocator:
         self.allocations = 0
 
     def _insert(self, block: _Block) -> None:
-        bisect.insort(self._free[block.small], (block.key(), block))
+        bisect.insort(self._free[block.small], (block.size, block.address, block.order, block))
 
     def _remove(self, block: _Block) -> None:
         pool = self._free[block.small]
-        del pool[bisect.bisect_left(pool, (block.key(),))]
+        del pool[bisect.bisect_left(pool, (block.size, block.address, block.order))]
 
     def malloc(self, handle: object, nbytes: int) -> None:
-        size = rounded_size(nbytes)
+        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # rounded_size, inline
         small = size <= SMALL_REQUEST
         pool = self._free[small]
-        index = bisect.bisect_left(pool, ((size, -1, -1),))
-        block = pool.pop(index)[1] if index < len(pool) else self._grow(size, small)
+        index = bisect.bisect_left(pool, (size,))
+        block = pool.pop(index)[3] if index < len(pool) else self._grow(size, small)
         remaining = block.size - size
         if self._should_split(remaining, small):
             rest = _Block(remaining, block.address + size, small, next(self._orders))
@@ -124,7 +125,8 @@ class CachingAllocator:
             self._insert(rest)
         block.free = False
         self.allocated += block.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
         self.allocations += 1
         self._live[handle] = block
 
@@ -150,7 +152,7 @@ class CachingAllocator:
         for small, pool in self._free.items():
             kept = []
             for entry in pool:
-                block = entry[1]
+                block = entry[3]
                 if block.previous is None and block.next is None:
                     self.reserved -= block.size
                 else:
@@ -170,10 +172,13 @@ class CachingAllocator:
         block = self._live.pop(handle)
         block.free = True
         self.allocated -= block.size
-        for neighbour in (block.previous, block.next):
-            if neighbour is not None and neighbour.free:
-                self._remove(neighbour)
-                block = _merged(neighbour, block) if neighbour is block.previous else _merged(block, neighbour)
+        previous, following = block.previous, block.next
+        if previous is not None and previous.free:
+            self._remove(previous)
+            block = _merged(previous, block)
+        if following is not None and following.free:
+            self._remove(following)
+            block = _merged(block, following)
         self._insert(block)
 
     def is_live(self, handle: object) -> bool:
@@ -272,12 +277,13 @@ def replay(events, allocator: str = "default", capacity: int | None = None) -> A
     A free of a handle never allocated (a storage that existed before the trace) is ignored.
     With `capacity`, OutOfMemory where the step does not run in that much."""
     allocator = ALLOCATORS[allocator](capacity)
+    malloc, free, live = allocator.malloc, allocator.free, allocator._live
     for event in events:
         if event[0] == "alloc":
             if event[2] > 0:
-                allocator.malloc(event[1], event[2])
-        elif allocator.is_live(event[1]):
-            allocator.free(event[1])
+                malloc(event[1], event[2])
+        elif event[1] in live:
+            free(event[1])
     return AllocatorPeaks(allocator.peak_allocated, allocator.peak_reserved, allocator.allocations)
 
 
