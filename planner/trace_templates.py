@@ -62,18 +62,21 @@ SLOW_REPLAY_S = 0.6
 
 @dataclass(frozen=True)
 class Region:
-    """Where a template holds: every (b, s) with b <= max_batch, min_seq <= s <= max_seq and
-    min_tokens <= b * s <= max_tokens, each corner reproduced by a trace."""
+    """Where a template holds: every (b, s) with b <= max_batch, min_seq <= s <= max_seq,
+    min_tokens <= b * s <= max_tokens and s a multiple of seq_multiple, each corner reproduced by
+    a trace. The multiple: FlashAttention's backward pads the sequence to 128 for two of its
+    workspaces (step_trace's stand-in does too), so between multiples a size is not linear in s."""
 
     max_batch: int
     min_seq: int
     max_seq: int
     max_tokens: int
     min_tokens: int = 1
+    seq_multiple: int = 128
 
     def holds(self, batch_size: int, seq_len: int) -> bool:
         return (1 <= batch_size <= self.max_batch and self.min_seq <= seq_len <= self.max_seq
-                and self.min_tokens <= batch_size * seq_len <= self.max_tokens)
+                and self.min_tokens <= batch_size * seq_len <= self.max_tokens and seq_len % self.seq_multiple == 0)
 
 
 @dataclass(frozen=True)
