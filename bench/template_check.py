@@ -59,19 +59,18 @@ def main() -> int:
             continue
         for entry in data["templates"]:
             region = trace_templates.Region(**entry["region"])
-            base = {k: v for k, v in entry["options"].items()}
             for batch, seq in sizes_in(region, rng, args.per_template):
-                options = TrainingOptions(**base, batch_size=batch, seq_len=seq, simulate_allocator=True)
+                options = TrainingOptions(**entry["options"], batch_size=batch, seq_len=seq, simulate_allocator=True)
                 started = time.perf_counter()
                 templated = step_trace.from_template(config, options)
                 replay_s = time.perf_counter() - started
                 started = time.perf_counter()
-                traced = step_trace.simulate_step(config, options)
+                events = step_trace.traced_events(config, options)
+                traced = step_trace.step_from_events(events, options, step_trace.STEPS, 0.0)
                 trace_s = time.perf_counter() - started
                 # and event for event: a size the template gets wrong that the allocator's rounding hides
                 template = trace_templates.find(config, step_trace.template_options(options), batch, seq)
-                same_events = template is not None and encoded(template.events_for(batch, seq)) == encoded(
-                    step_trace.traced_events(config, options).events)
+                same_events = template is not None and encoded(template.events_for(batch, seq)) == encoded(events.events)
                 row = {
                     "model": catalog_id, "method": options.method, "trainer": options.trainer, "batch_size": batch, "seq_len": seq,
                     "found": templated is not None,

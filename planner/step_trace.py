@@ -772,7 +772,7 @@ def template_options(options: TrainingOptions) -> dict:
 
 def from_template(config: dict, options: TrainingOptions) -> SimulatedStep | None:
     """This step's simulation replayed from a shipped trace template, or None where none holds."""
-    template = trace_templates.find(config, template_options(options), options.batch_size, options.seq_len)
+    template = _template(config, options)
     if template is None:
         return None
     started = time.perf_counter()
@@ -804,7 +804,7 @@ def trace_pending(spec, options: TrainingOptions, config: dict | None = None) ->
         return False
     if trace_cache.load(trace_cache.trace_key(traced, _traced_options(options))) is not None:
         return False
-    template = trace_templates.find(traced, template_options(options), options.batch_size, options.seq_len)
+    template = _template(traced, options)
     return template is None or template.slow_to_replay
 
 
@@ -814,7 +814,11 @@ def template_pending(spec, options: TrainingOptions, config: dict | None = None)
         traced = _config_to_trace(spec, config)
     except SimulationUnsupported:
         return None
-    return trace_templates.find(traced, template_options(options), options.batch_size, options.seq_len)
+    return _template(traced, options)
+
+
+def _template(config: dict, options: TrainingOptions):
+    return trace_templates.find(config, template_options(options), options.batch_size, options.seq_len)
 
 
 def _config_to_trace(spec, config: dict | None) -> dict:

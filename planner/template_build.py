@@ -179,16 +179,14 @@ def _key(template: Template) -> tuple[str, int]:
 
 def merged(path, new: list[Template]) -> list[Template]:
     """The templates already kept for this config (recorded as these are), less those the new ones replace."""
-    key = _key
-
     data = trace_templates._read(path) if path.exists() else None
     kept = {}
     if data is not None and data.get("fingerprint") == trace_templates.fingerprint():
         for entry in data["templates"]:
-            old = Template(entry["options"], Region(**entry["region"]), tuple(tuple(x) for x in entry["sizes"]), tuple(entry["events"]))
-            kept[key(old)] = old
+            old = Template.from_entry(entry)
+            kept[_key(old)] = old
     for template in new:
-        kept[key(template)] = template
+        kept[_key(template)] = template
     return list(kept.values())
 
 

@@ -33,9 +33,10 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from planner.trace_cache import LIBRARIES
+
 FORMAT = 1
 TEMPLATES_DIR = Path(__file__).resolve().parent / "catalog" / "templates"
-LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
 TRACING_LIBRARIES = ("torch", "transformers", "peft")  # without any of them nothing is traced here
 # the code that decides which storages a step creates (the replay, allocator.py, runs at use):
 # these modules' syntax trees, less docstrings and step_trace's glue below, so that a comment, a
@@ -46,6 +47,7 @@ GLUE = frozenset({
     "SIMULATED_METHODS", "SIMULATED_OPTIMIZERS", "unsupported_reason", "model_unsupported_reason", "_installed", "simulate_step",
     "_simulate", "step_from_events", "_config_for", "simulated_for", "_traced_or_cached", "template_options", "from_template",
     "_traced_options", "_simulation_key", "trace_pending", "_config_to_trace", "simulation_memoized", "template_pending",
+    "_template",
 })
 # options that only size the step: a template's variables, not part of its key
 SIZING_OPTIONS = ("batch_size", "seq_len")
@@ -87,6 +89,12 @@ class Template:
     # an allocation: an index into `sizes`; a free: minus how many allocations back it was made
     events: tuple
     recorded_with: str = ""  # "torch 2.13.0, transformers 5.24.0, ...": what traced it
+
+    @classmethod
+    def from_entry(cls, entry: dict, recorded_with: str = "") -> Template:
+        """A template as write() keeps it."""
+        return cls(entry["options"], Region(**entry["region"]), tuple(tuple(size) for size in entry["sizes"]),
+                   tuple(entry["events"]), recorded_with)
 
     @property
     def replay_seconds(self) -> float:
@@ -168,7 +176,11 @@ def step_options(options_dump: dict) -> dict:
 
 
 def template_path(config: dict) -> Path:
-    return TEMPLATES_DIR / f"{config_digest(config)[:24]}.json.xz"
+    return _path_of(config_digest(config))
+
+
+def _path_of(digest: str) -> Path:
+    return TEMPLATES_DIR / f"{digest[:24]}.json.xz"
 
 
 # a model's templates read back are about 1 MB of Python lists: a server keeps the last few models'
@@ -187,16 +199,13 @@ def find(config: dict, options_dump: dict, batch_size: int, seq_len: int) -> Tem
     or None."""
     if not enabled():
         return None
-    data = _read(template_path(config))
-    if data is None or data.get("config") != config_digest(config) or not usable(data.get("fingerprint") or {}):
+    digest = config_digest(config)
+    data = _read(_path_of(digest))
+    if data is None or data.get("config") != digest or not usable(data.get("fingerprint") or {}):
         return None
     for entry in data.get("templates", ()):
-        if entry["options"] != options_dump:
-            continue
-        region = Region(**entry["region"])
-        if region.holds(batch_size, seq_len):
-            return Template(entry["options"], region, tuple(tuple(size) for size in entry["sizes"]), tuple(entry["events"]),
-                            recorded_with(data["fingerprint"]))
+        if entry["options"] == options_dump and Region(**entry["region"]).holds(batch_size, seq_len):
+            return Template.from_entry(entry, recorded_with(data["fingerprint"]))
     return None
 
 
@@ -226,3 +235,4 @@ def write(path: Path, config: dict, templates: list[Template]) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(lzma.compress(json.dumps(data, separators=(",", ":"), sort_keys=True).encode(), preset=9))
+    _read.cache_clear()  # a later read in this process (the builder's next model) sees what was written
