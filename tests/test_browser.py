@@ -138,7 +138,10 @@ def test_a_pasted_config_marks_the_model_field_as_the_user_types(server, browser
     page.fill("#f-config_json", json.dumps({**TINY["llama"], "_name_or_path": "acme/tiny-llama"}))
     page.wait_for_function("() => document.querySelector('#model-name').innerText === 'acme/tiny-llama'", timeout=15_000)
     assert page.locator("#model-note").inner_text().startswith("Not used: the pasted config.json (acme/tiny-llama)")
-    # struck through, so the field no longer reads as the model being planned
+    # struck through, so the field no longer reads as the model being planned. htmx settles a
+    # swapped element's new class about 20 ms after its new text: wait for it, do not race it
+    page.wait_for_function("() => getComputedStyle(document.querySelector('#f-model')).textDecorationLine.includes('line-through')",
+                           timeout=5_000)
     assert "line-through" in page.eval_on_selector("#f-model", "e => getComputedStyle(e).textDecorationLine")
     page.close()
 
