@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,7 @@ from planner.runtime import calibration
 
 GIB = 1 << 30
 MIB = 1 << 20
-DATE = "2026-12-05"
+DATE = "2026-12-06"
 CASES_FILE = ROOT / "bench" / "results" / "published-cases.json"
 RESULTS_JSON = ROOT / "bench" / "results" / f"published-{DATE}.json"
 RESULTS_MD = ROOT / "bench" / "results" / f"published-{DATE}.md"
@@ -88,8 +89,9 @@ GPUS = {
 STACKS = {
     # hand-written loop, model(labels=...); weights bf16 without autocast; PEFT's fp32 adapters
     "peft_mc": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16", "autocast": False},
-    # HF Trainer, use_flash_attn=True, torch_dtype bf16
-    "fms": {"trainer": "hf", "attention": "flash", "precision": "bf16", "weights_dtype": "bf16"},
+    # HF Trainer, use_flash_attn=True, torch_dtype bf16; transformers 4.48.1 (refs/requirements.txt),
+    # whose ForCausalLMLoss shifts the upcast logits into a copy: fp32_upcast_shifted
+    "fms": {"trainer": "hf", "attention": "flash", "precision": "bf16", "weights_dtype": "bf16", "loss_implementation": "fp32_upcast_shifted"},
     # torchtune recipes: own loop over full logits, pure bf16 (LoRA weights too: not expressible, a few MiB)
     "tt_lora_tut": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
     "tt_opt_table": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
@@ -98,9 +100,25 @@ STACKS = {
     # the adapters in the base's dtype: autocast_adapter_dtype false
     "aai": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16", "autocast": False,
             "autocast_adapter_dtype": False},
-    # litgpt: own loop, bf16-true (LoRA weights bf16), chunked LM head and loss (chunk 128): not expressible
-    "litgpt": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
+    # litgpt: own loop, bf16-true (its LoRA weights bf16 like the base's: autocast_adapter_dtype false),
+    # cross-entropy on the bf16 logits chunks without an upcast (litgpt/utils.py chunked_cross_entropy:
+    # no_upcast; its 128-token chunking is not expressible, so the backward's temporaries are planned whole)
+    "litgpt": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16", "autocast_adapter_dtype": False,
+               "loss_implementation": "no_upcast"},
 }
+
+# A model whose own code computes its loss otherwise than the source's trainer (loss_implementation,
+# by source and model type): transformers 4.48.1, which fms-acceleration's runs pinned, gives
+# GPTBigCodeForCausalLM its own CrossEntropyLoss on the bf16 logits after an explicit shift (no fp32
+# upcast: models/gpt_bigcode/modeling_gpt_bigcode.py), where its Llama and Mistral call ForCausalLMLoss.
+MODEL_LOSS_PATHS = {("fms", "gpt_bigcode"): "no_upcast"}
+
+# Sources whose model code holds lm_head apart from the embedding whatever the checkpoint says:
+# litgpt's GPT has its own lm_head (litgpt/model.py), its converter copies a tied checkpoint's
+# embedding into lm_head.weight (scripts/convert_hf_checkpoint.py), and finetune/lora.py refuses
+# tie_embeddings (litgpt 0.4.13 and 0.5.0). A tied model (Llama 3.2 1B) carries a second
+# vocabulary x hidden matrix there, frozen under LoRA.
+UNTIED_HEAD_SOURCES = ("litgpt",)
 
 # The FSDP each source's harness ran where its cases do not name it (a case saying FSDP1 or FSDP2
 # is planned as it says): Answer.AI's fsdp_qlora train.py wraps the model in torch's
@@ -137,7 +155,9 @@ NOT_EXPRESSIBLE = {
 
 SOURCE_NOTES = {
     "peft_mc": "seq_len is the cap (768); the run's longest batch (about 400-500 tokens) is not published, so activations and logits are planned high",
-    "fms": "HF Trainer's adamw_torch is torch's multi-tensor (foreach) AdamW: planned as adamw_foreach (before that option, FMS-2 was -9.5% allocated; now +0.1%)",
+    "fms": "HF Trainer's adamw_torch is torch's multi-tensor (foreach) AdamW: planned as adamw_foreach (before that option, FMS-2 was -9.5% allocated; now +0.1%); "
+           "the loss is transformers 4.48.1's: fp32_upcast_shifted (its ForCausalLMLoss copies the shifted fp32 logits; before that path, "
+           "FMS-4 was -4.5% allocated and FMS-6 -5.9%), and GPT-BigCode's own cross-entropy on the bf16 logits, no_upcast (FMS-1 was +11.2%)",
 }
 
 # Known limits of a mapping, kept beside its row.
@@ -147,12 +167,14 @@ CASE_NOTES = {
              "AAI-1, so their band coverage is not a held-out figure",
     "AAI-1": "sharded QLoRA: the plan's band carries the 'sharded QLoRA' allowance (planner/plan.py KNOWN_GAPS), sized from this run and "
              "FMS-8, so their band coverage is not a held-out figure",
-    "LIT-1": "litgpt computes the LM head and loss in 128-token chunks (the planner holds the full logits); LoRA weights bf16 (planned fp32)",
-    "LIT-3": "litgpt chunked LM head and loss; LoRA weights bf16 (planned fp32)",
+    "LIT-1": "litgpt computes the LM head and loss in 128-token chunks: planned as cross-entropy on the whole bf16 logits (no_upcast), "
+             "whose backward temporaries the chunks keep smaller; litgpt's loop also keeps the last micro-batch's logits into the next "
+             "forward, which the plan does not hold",
+    "LIT-3": "litgpt keeps lm_head apart from the embedding (planned untied: 262,668,288 more frozen bf16 parameters than the tied "
+             "checkpoint); its chunked bf16 loss planned as no_upcast, as on LIT-1",
     "FMS-6": "TRL 0.13's SFTTrainer prepared the 4-bit model (prepare_model_for_kbit_training, then peft_module_casting_to_bf16): planned "
              "with both (-25.4% allocated without them); fp32 norms make every layer input after the first fp32 (the source's accelerated "
-             "loader, which skips the upcast, held 4.0 GiB less); transformers 4.48's loss (an fp32 upcast of the logits and a shifted copy) "
-             "is not planned, as on the LoRA run FMS-4",
+             "loader, which skips the upcast, held 4.0 GiB less)",
 }
 
 
@@ -193,6 +215,19 @@ def catalog_model(case: dict) -> tuple[str | None, str | None]:
 def _spec(model: str):
     match = find_catalog_model(model)
     return match.spec if match is not None else load_catalog_spec(model)
+
+
+def spec_for(case: dict, model: str):
+    """The spec the case's source built: the catalog's, untied where the source's model code
+    keeps lm_head apart (UNTIED_HEAD_SOURCES)."""
+    spec = _spec(model)
+    if case["source"]["key"] not in UNTIED_HEAD_SOURCES or not spec.tie_word_embeddings:
+        return spec
+    from planner.catalog import CONFIGS_DIR, file_stem
+    from planner.introspect import spec_from_config
+
+    config = json.loads((CONFIGS_DIR / f"{file_stem(spec.name)}.json").read_text())
+    return spec_from_config(dict(config, tie_word_embeddings=False), spec.name)
 
 
 def _targets(lora: dict) -> list[str] | str:
@@ -247,7 +282,7 @@ def options_for(case: dict) -> TrainingOptions:
     stack = STACKS[case["source"]["key"]]
     method = _method(case)
     # options a planner from before them (the report's history) does not have: planned as it did
-    fields = {name: value for name, value in stack.items() if _has_option(name)}
+    fields = {name: value for name, value in stack.items() if _has_option(name, value)}
     fields.update(
         method=method,
         gpu=GPUS[case["gpu"]],
@@ -257,6 +292,12 @@ def options_for(case: dict) -> TrainingOptions:
         gradient_checkpointing=bool(case["gc"]),
         optimizer=_optimizer(case),
     )
+    model_loss = MODEL_LOSS_PATHS.get((case["source"]["key"], _spec(catalog_model(case)[0]).model_type))
+    if model_loss is not None and _has_option("loss_implementation", model_loss):
+        fields["loss_implementation"] = model_loss
+    accumulation = _accumulation(case, fields)
+    if accumulation is not None and _has_option("gradient_accumulation_steps"):
+        fields["gradient_accumulation_steps"] = accumulation
     sharding = case["sharding"].lower()
     if case["n_gpus"] > 1:
         if "fsdp" not in sharding:
@@ -369,7 +410,7 @@ def _evaluate(cases: list[dict], adjust=None) -> tuple[list[dict], list[dict], d
         options = options_for(case)
         if adjust is not None and (fields := adjust(case, options.model_dump(exclude_defaults=True))) is not None:
             options = TrainingOptions(**fields)
-        plan = build_plan(_spec(model), options)
+        plan = build_plan(spec_for(case, model), options)
         plans[case["id"]] = plan
         metric = metric_of(case)
         rows.append(_row(case, plan, metric, measured_bytes(case), case["id"], model_note))
@@ -560,8 +601,18 @@ def figures(cases: list[dict] | None = None, adjust=None) -> dict:
     }
 
 
-def _has_option(name: str) -> bool:
-    return name in TrainingOptions.model_fields
+def _has_option(name: str, value=None) -> bool:
+    """Whether the planner in use has the option (and, given a string value, that value of it)."""
+    if name not in TrainingOptions.model_fields:
+        return False
+    choices = _literal_choices(TrainingOptions.model_fields[name].annotation)
+    return not isinstance(value, str) or not choices or value in choices
+
+
+def _literal_choices(annotation) -> list:
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    return [choice for arg in typing.get_args(annotation) for choice in _literal_choices(arg)]
 
 
 def _with(**changes):
@@ -588,21 +639,13 @@ def _padding(case, fields):
     return "longest" if "dynamic padding" in (case.get("seq_mode") or "") else None
 
 
-def _litgpt_loss(case, fields):
-    # litgpt's chunked cross-entropy: bf16 logit chunks, no fp32 upcast (all chunks kept for the backward)
-    return "no_upcast" if case["source"]["key"] == "litgpt" else None
-
-
-# The fixes that are plan options, each turned to what the case's source published (the mapping
-# above leaves them at their defaults, the planner's behaviour before they existed): how far each
-# would move the figures. The release-and-retry verdict and the sharded buffers are not options.
+# The fixes that are plan options but not mapped, each turned to what the case's source published
+# (the mapping leaves them at their defaults): how far each would move the figures. Accumulation
+# and the loss path are mapped as published; the release-and-retry verdict and the sharded buffers
+# are not options.
 TOGGLES = (
-    ("gradient_accumulation_steps", "gradient accumulation as published (TT-1 64, TT-2 16, LIT-1/2 4, LIT-3 8; the mapping plans 1)",
-     _with(gradient_accumulation_steps=_accumulation)),
     ("padding", "padding longest for the runs the source says are dynamically padded (PMC-1..4, TT-1/2, LIT-1..3; the mapping plans fixed-length rows)",
      _with(padding=_padding)),
-    ("loss_implementation", "no_upcast for litgpt's chunked bf16 cross-entropy (LIT-1..3; the mapping plans transformers' fp32 upcast)",
-     _with(loss_implementation=_litgpt_loss)),
 )
 
 
@@ -854,8 +897,10 @@ def by_stack_markdown(res: dict) -> str:
               "neither shards nor offloads (about 1 GiB per GPU on a 70B model); a unit is all-gathered as stored, its 4-bit weights "
               "packed and its LoRA adapters with it."]
     lines += ["", "### The fixes that are options, set as the sources published them", "",
-              "The mapping leaves each new option at its default, which plans as the planner did before it existed. Set per case as "
-              "the source describes its run, against the planner now:", "",
+              "The mapping sets gradient accumulation and the loss path as each source published them (litgpt's bf16 chunked "
+              "cross-entropy and transformers 4.48's GPT-BigCode loss as no_upcast), and plans litgpt's models with their own untied "
+              "lm_head. Padding it leaves at its default, fixed-length rows; set per case as the source describes its run, against "
+              "the planner now:", "",
               "| option | set for | comparisons whose plan moved | band changed | verdicts changed | all, with it |",
               "|---|---|---|---|---|---|"]
     for toggle in res["toggles"]:

@@ -113,7 +113,9 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
         # TRL 1.16's trainers always patch in their fused LM head; with use_liger_kernel they apply
         # Liger's layer kernels only and refuse its fused linear cross-entropy
         elsewhere = {"liger": "export axolotl or llamafactory", "cut_cross_entropy": "export axolotl",
-                     "fp32_upcast": "export axolotl or llamafactory, whose SFT trainers run transformers' loss"}.get(loss, "no export format here expresses it")
+                     "fp32_upcast": "export axolotl or llamafactory, whose SFT trainers run transformers' loss",
+                     "fp32_upcast_shifted": "export axolotl or llamafactory, whose SFT trainers run the loss of the transformers they run with "
+                                            "(4.46-4.48 for this path)"}.get(loss, "no export format here expresses it")
         raise ValueError(f"loss_implementation {loss} cannot be expressed in the trl file: TRL 1.16's trainers compute the loss with their "
                          f"fused LM head (use_liger_kernel there applies Liger's layer kernels only); {elsewhere}, or plan loss_implementation trl_fused")
     weights_dtype = TORCH_DTYPES[options.get("weights_dtype") or options["precision"]]
@@ -449,7 +451,7 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
     if loss == "liger":
         # LLaMA-Factory applies Liger's fused linear cross-entropy for sft (and Liger's layer kernels with it)
         config["enable_liger_kernel"] = True
-    elif loss not in ("auto", "fp32_upcast"):
+    elif loss not in ("auto", "fp32_upcast", "fp32_upcast_shifted"):
         raise ValueError(f"LLaMA-Factory has no key for loss_implementation {loss} (its SFT loss is transformers', fp32_upcast); "
                          + ("export trl" if loss == "trl_fused" else "export axolotl" if loss == "cut_cross_entropy" else "plan another loss path"))
     if spec.stage in ("orpo", "simpo"):

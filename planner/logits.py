@@ -18,6 +18,13 @@ trainer's own: `trl_fused` for `trainer trl`, `fp32_upcast` for `trainer hf`).
 The paths a trainer can be told to take for sft's cross-entropy (BT tokens, h the hidden size, V
 the vocabulary, e the compute dtype's bytes, w the weights' and so the hidden states' bytes):
 - `fp32_upcast`: the `hf` path above (transformers' ForCausalLMLoss: `logits.float()`).
+- `fp32_upcast_shifted`: transformers 4.46-4.48's ForCausalLMLoss (loss/loss_utils.py), which
+  shifts the upcast logits into a contiguous copy (`logits[..., :-1, :].contiguous()`) where 4.49
+  on pads the labels instead. While its cross-entropy runs, the compute-dtype logits (still held
+  by the model's output), their fp32 upcast, its shifted fp32 copy and the fp32 log-softmax are
+  alive together: e + 8 bytes per logit beside the saved log-softmax, more than the backward's 8
+  (measured on CPU: tests/test_loss_paths.py). Before 4.46 each model upcast its own logits and
+  returned the upcast, freeing the compute-dtype ones: the forward's 8 bytes, `fp32_upcast`'s peak.
 - `no_upcast`: cross-entropy on the compute-dtype logits: log_softmax saves its output in that
   dtype (e per logit, plus the tanh of soft-capped logits), and its backward holds the gradient
   in and out (2e per logit). This is what runs outside autocast (pure 16-bit training, a loss
@@ -85,18 +92,18 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
         return _liger_logits(spec, options, tokens)
     if path == "cut_cross_entropy":
         return _cce_logits(spec, options, tokens)
-    if path == "fp32_upcast":
+    if path in ("fp32_upcast", "fp32_upcast_shifted"):
         softcap = vocab * dtype_bytes(options.precision) if spec.final_logit_softcap else 0
         head_cast = frozen_head_cast_bytes(spec, options)
-        return [
-            Component(
-                "logits",
-                tokens * (vocab * 4 + LABEL_BYTES + softcap) + head_cast,
-                f"fp32 log-softmax of {tokens:,} x {vocab:,} logits saved by cross-entropy, and int64 labels"
-                + (" plus the tanh of the soft-capped logits" if softcap else "") + (HEAD_CAST_NOTE if head_cast else ""),
-            ),
-            Component("temporary.loss_backward", tokens * vocab * 8, "cross-entropy backward: the fp32 gradient in and out (8 bytes per logit)"),
-        ]
+        saved = Component(
+            "logits",
+            tokens * (vocab * 4 + LABEL_BYTES + softcap) + head_cast,
+            f"fp32 log-softmax of {tokens:,} x {vocab:,} logits saved by cross-entropy, and int64 labels"
+            + (" plus the tanh of the soft-capped logits" if softcap else "") + (HEAD_CAST_NOTE if head_cast else ""),
+        )
+        if path == "fp32_upcast":
+            return [saved, Component("temporary.loss_backward", tokens * vocab * 8, "cross-entropy backward: the fp32 gradient in and out (8 bytes per logit)")]
+        return [saved, _shifted_copy_transient(options, tokens, vocab)]
     e = dtype_bytes(options.precision)
     if options.stage in ("orpo", "simpo"):
         return _experimental_trl_logits(vocab, e, tokens, with_nll=options.stage == "orpo")
@@ -121,6 +128,23 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
             "the fp32 hidden-state gradient" + (", and an fp32 lm_head gradient" if lm_head_grad else ""),
         ),
     ]
+
+
+def _shifted_copy_transient(options: TrainingOptions, tokens: int, vocab: int) -> Component:
+    """transformers 4.46-4.48's loss: the forward's logits in the compute dtype (fp32 ones are their
+    own upcast), the upcast and its shifted copy, beside the log-softmax, or the backward's fp32
+    gradient in and out, whichever is larger."""
+    e = dtype_bytes(options.precision)
+    forward = (e if e != 4 else 0) + 4 + 4
+    if forward <= 8:
+        return Component("temporary.loss_backward", tokens * vocab * 8,
+                         "cross-entropy backward: the fp32 gradient in and out (8 bytes per logit; the shifted fp32 copy of the "
+                         "forward is no larger)")
+    return Component(
+        "temporary.loss_backward", tokens * vocab * forward,
+        f"transformers 4.46-4.48's loss, as its cross-entropy runs: the {options.precision} logits the model's output holds, their fp32 "
+        f"upcast and its shifted contiguous copy ({forward} bytes per logit, more than the backward's 8)",
+    )
 
 
 def _experimental_trl_logits(vocab: int, e: int, tokens: int, with_nll: bool) -> list[Component]:

@@ -23,7 +23,7 @@ Attention = Literal["sdpa", "flash", "eager"]
 Trainer = Literal["trl", "hf"]
 # how the loss is computed from the last hidden states: auto is the trainer's own (TRL's fused LM
 # head for trl, transformers' fp32-upcast loss for hf); the rest name a library's or a path's
-LossImplementation = Literal["auto", "fp32_upcast", "no_upcast", "liger", "cut_cross_entropy", "trl_fused"]
+LossImplementation = Literal["auto", "fp32_upcast", "fp32_upcast_shifted", "no_upcast", "liger", "cut_cross_entropy", "trl_fused"]
 Quantization = Literal["none", "int8", "nf4", "fp4"]
 Allocator = Literal["default", "expandable_segments"]
 PackingStrategy = Literal["bfd", "bfd_split", "wrapped"]
@@ -87,6 +87,7 @@ class TrainingOptions(BaseModel):
     peft_module_casting_to_bf16: StrictBool = False
     trainer: Trainer = "trl"
     # the loss path, a trainer setting (planner/logits.py): fp32_upcast is transformers' loss,
+    # fp32_upcast_shifted transformers 4.46-4.48's (a shifted copy of the upcast logits),
     # no_upcast cross-entropy on compute-dtype logits, liger Liger's fused linear cross-entropy
     # (the Trainer's use_liger_kernel), cut_cross_entropy Apple's Cut Cross-Entropy, trl_fused TRL's head
     loss_implementation: LossImplementation = "auto"

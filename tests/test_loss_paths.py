@@ -22,7 +22,7 @@ os.environ.setdefault("VRAMPLAN_SIMULATE_ALLOCATOR", "off")
 
 GEMMA = "google/gemma-2-9b"
 LLAMA = "meta-llama/Llama-3.1-8B"
-PATHS = ("fp32_upcast", "no_upcast", "liger", "cut_cross_entropy", "trl_fused")
+PATHS = ("fp32_upcast", "fp32_upcast_shifted", "no_upcast", "liger", "cut_cross_entropy", "trl_fused")
 GIB = 1 << 30
 
 
@@ -40,10 +40,12 @@ def test_each_path_plans_its_own_buffers_in_order_for_gemma_2_9b_at_2_x_8192(tra
     sizes = {path: loss_bytes(gemma_plan(path, trainer)) for path in PATHS}
     assert len(set(sizes.values())) == len(PATHS), sizes
     chunked = ("liger", "cut_cross_entropy", "trl_fused")
-    assert sizes["fp32_upcast"] > sizes["no_upcast"] > max(sizes[p] for p in chunked)
+    assert sizes["fp32_upcast_shifted"] > sizes["fp32_upcast"] > sizes["no_upcast"] > max(sizes[p] for p in chunked)
     # full logits: 16,384 tokens x 256,000 entries; fp32 log-softmax + bf16 tanh + labels, 8 bytes in backward
     tokens, vocab, hidden = 2 * 8192, 256_000, 3584
     assert sizes["fp32_upcast"] == tokens * (vocab * (4 + 2 + 8) + 8)
+    # transformers 4.46-4.48: the bf16 logits, their fp32 upcast and its shifted fp32 copy as the loss runs
+    assert sizes["fp32_upcast_shifted"] == tokens * (vocab * (4 + 2 + 2 + 4 + 4) + 8)
     # bf16 log-softmax + bf16 tanh + labels, 4 bytes in backward
     assert sizes["no_upcast"] == tokens * (vocab * (2 + 2 + 4) + 8)
     # no chunked path holds a twentieth of the logits
@@ -107,6 +109,8 @@ def test_triton_kernels_are_not_traced_and_say_why():
     for path in ("fp32_upcast", "no_upcast", "trl_fused"):
         reason = unsupported_reason(TrainingOptions(loss_implementation=path))
         assert reason is None or "not installed" in reason, reason
+    reason = unsupported_reason(TrainingOptions(loss_implementation="fp32_upcast_shifted"))
+    assert reason and "4.46-4.48" in reason and "formula" in reason
     plan = gemma_plan("liger", simulate_allocator=True)
     assert plan.reserve_source == "formula"
     assert any("Triton" in a for a in plan.to_dict()["assumptions"] + plan.to_dict().get("notes", []))
@@ -152,6 +156,65 @@ def test_no_upcast_is_what_autograd_saves_for_cross_entropy_on_bf16_logits():
     # what the loss adds beyond the forward, less a few scalars (nll_loss's total weight)
     assert 0 <= (with_no_upcast - forward) + tanh - planned("no_upcast") <= 64
     assert 0 <= (with_upcast - forward) + tanh - planned("fp32_upcast") <= 64
+
+
+def test_shifted_upcast_is_what_transformers_4_48s_loss_holds():
+    """transformers 4.46-4.48's ForCausalLMLoss (an fp32 upcast, then a shifted contiguous copy of
+    it) against 4.49 on's (the labels padded instead), each as the HF Trainer runs it: the model's
+    output, which holds the bf16 logits, dropped after the loss. Measured on CPU, whole steps: the
+    shifted copy's step peaks 2 bytes per logit above the other (the bf16 logits outlive the loss's
+    forward there), and each peak over the forward's is what its path plans."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    from planner.introspect import spec_from_config
+    from tests.conftest import TINY
+    from tests.realstack import build_model, profiled_peak
+
+    vocab, batch, seq = 32000, 2, 256
+    config = dict(TINY["llama"], vocab_size=vocab)
+    spec = spec_from_config(config, "llama")
+    model = build_model(config, "bf16")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)  # so the backward runs through the logits, and little else
+    ids = torch.randint(3, vocab, (batch, seq))
+    tokens = batch * seq
+
+    def loss_4_48(logits, labels):
+        logits = logits.float()
+        shifted = logits[..., :-1, :].contiguous()
+        return F.cross_entropy(shifted.view(-1, vocab), labels[..., 1:].contiguous().view(-1), ignore_index=-100)
+
+    def loss_4_49(logits, labels):
+        logits = logits.float()
+        labels = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+        return F.cross_entropy(logits.view(-1, vocab), labels.view(-1), ignore_index=-100)
+
+    def step(loss_fn):
+        def run():
+            outputs = model(input_ids=ids)
+            loss = loss_fn(outputs.logits, ids)
+            del outputs
+            loss.backward()
+            del loss
+            model.model.norm.weight.grad = None
+        return run
+
+    forward = profiled_peak(lambda: model(input_ids=ids).logits.sum().item())  # ends holding the bf16 logits
+    measured = {}
+    for path, loss_fn in (("fp32_upcast_shifted", loss_4_48), ("fp32_upcast", loss_4_49)):
+        step(loss_fn)()
+        measured[path] = profiled_peak(step(loss_fn)) - forward
+
+    def planned(path):
+        options = TrainingOptions(method="full", trainer="hf", loss_implementation=path, batch_size=batch, seq_len=seq)
+        return sum(c.bytes for c in logits_components(spec, options, tokens)) - tokens * vocab * 2  # less the bf16 logits
+
+    assert planned("fp32_upcast_shifted") - planned("fp32_upcast") == tokens * vocab * 2
+    assert abs((measured["fp32_upcast_shifted"] - measured["fp32_upcast"]) / (tokens * vocab * 2) - 1) < 0.02, measured
+    for path, peak in measured.items():
+        assert abs(peak / planned(path) - 1) < 0.01, (path, peak, planned(path))
 
 
 def vramplan(*args):

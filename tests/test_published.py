@@ -58,6 +58,30 @@ def test_cases_of_models_the_catalog_gained_are_planned_with_their_own_shapes():
     assert not any("v0.3" in note for row in rows for note in row["notes"])
 
 
+def test_each_source_is_planned_with_the_loss_and_accumulation_it_ran():
+    """fms-acceleration's runs ran transformers 4.48.1: ForCausalLMLoss's shifted fp32 copy for
+    Llama and Mistral, GPT-BigCode's own cross-entropy on the bf16 logits; litgpt's chunked loss
+    has no upcast and its LoRA weights are bf16; accumulation is planned as published."""
+    cases = _cases()
+    losses = {i: published.options_for(cases[i]).loss_implementation for i in ("FMS-1", "FMS-2", "FMS-4", "FMS-8", "LIT-3", "AAI-1", "PMC-1")}
+    assert losses == {"FMS-1": "no_upcast", "FMS-2": "fp32_upcast_shifted", "FMS-4": "fp32_upcast_shifted", "FMS-8": "fp32_upcast_shifted",
+                      "LIT-3": "no_upcast", "AAI-1": "auto", "PMC-1": "auto"}
+    lit = published.options_for(cases["LIT-3"])
+    assert (lit.gradient_accumulation_steps, lit.autocast_adapter_dtype) == (8, False)
+    assert published.options_for(cases["TT-1"]).gradient_accumulation_steps == 64
+
+
+def test_litgpt_runs_plan_lm_head_apart_from_the_embedding():
+    """litgpt's GPT keeps its own lm_head: Llama 3.2 1B's tied checkpoint becomes two matrices there."""
+    case = _cases()["LIT-3"]
+    spec = published.spec_for(case, "meta-llama/Llama-3.2-1B")
+    tied = published._spec("meta-llama/Llama-3.2-1B")
+    assert tied.tie_word_embeddings and not spec.tie_word_embeddings
+    assert spec.total_params - tied.total_params == 128_256 * 2048
+    # a source that builds the checkpoint as it is keeps it tied
+    assert published.spec_for(_cases()["PMC-1"], "meta-llama/Llama-3.2-1B") is tied
+
+
 def test_the_committed_results_are_what_the_script_gives_now():
     text_json, text_md = published.render(published.results())
     assert json.loads(published.RESULTS_JSON.read_text()) == json.loads(text_json)
