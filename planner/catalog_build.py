@@ -25,8 +25,12 @@ def load_entries() -> list[dict]:
 
 
 def config_json(entry: dict) -> dict:
-    """The config.json a user would download, restricted to the keys that decide the shapes."""
-    return {"model_type": entry["model_type"], "architectures": entry["architectures"], **entry["config"]}
+    """The config.json a user would download, restricted to the keys that decide the shapes and
+    the attention. TOML has no null: `null_config_keys` lists the keys the published config sets
+    to null, which must not fall back to the config class's default (MistralConfig's 4096-token
+    sliding window, for checkpoints that have none)."""
+    nulls = dict.fromkeys(entry.get("null_config_keys", ()))
+    return {"model_type": entry["model_type"], "architectures": entry["architectures"], **entry["config"], **nulls}
 
 
 def published_matches(entry: dict, total: int) -> bool:

@@ -73,3 +73,17 @@ def test_a_catalog_id_has_no_variant_note_and_strangers_are_not_variants():
     assert spec_note(load_catalog_spec("meta-llama/Llama-3.1-8B")) is None
     assert find_catalog_model("someone/Llama-3.1-8B-Instruct") is None  # another org's fine-tune may differ
     assert find_catalog_model("meta-llama/Llama-3.3-70B-Instruct") is None  # no such base in the catalog
+
+
+def test_a_window_the_published_config_sets_to_null_stays_null():
+    """Mistral 7B v0.3 (and v0.2, Nemo, Mixtral) publish sliding_window null; left out, MistralConfig's
+    default would give them a 4096-token window, and the traced step a sliding-window mask from 4096
+    tokens on. v0.1 publishes its window."""
+    from planner.introspect import build_config
+
+    windows = {}
+    for model in ("mistralai/Mistral-7B-v0.3", "mistral-community/Mistral-7B-v0.2", "mistralai/Mistral-Nemo-Base-2407", "mistralai/Mistral-7B-v0.1"):
+        config = json.loads((CONFIGS_DIR / f"{file_stem(model)}.json").read_text())
+        windows[model] = build_config(config).sliding_window
+    assert windows == {"mistralai/Mistral-7B-v0.3": None, "mistral-community/Mistral-7B-v0.2": None,
+                       "mistralai/Mistral-Nemo-Base-2407": None, "mistralai/Mistral-7B-v0.1": 4096}
