@@ -196,6 +196,9 @@ def build_trainer(spec: dict, run_dir: Path, callbacks: list, phase: list | None
     own = peft_config_for(spec["options"])
     if own is not None:
         kwargs["peft_config"] = own
+    if spec["options"].get("ensure_weight_tying") and kwargs["peft_config"] is not None:
+        # LoraConfig's, which TRL's config file has no key for
+        kwargs["peft_config"].ensure_weight_tying = True
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "quantization_config": quantization}
@@ -213,7 +216,7 @@ def build_trainer(spec: dict, run_dir: Path, callbacks: list, phase: list | None
 def peft_config_for(options: dict):
     """PEFT's config for the methods TRL's config file cannot express, as the plan counted them
     (planner/trainable.py): IA3 on lora_targets (all-linear: PEFT's default for the architecture)
-    with feedforward_modules (None: PEFT's default), prompt and prefix tuning with
+    with feedforward_modules (None: PEFT's default) and modules_to_save, prompt and prefix tuning with
     num_virtual_tokens. None for the LoRA family and full fine-tuning, which trl.yaml carries."""
     method = options.get("method")
     if method == "ia3":
@@ -221,7 +224,7 @@ def peft_config_for(options: dict):
 
         targets = options.get("lora_targets", "all-linear")
         return IA3Config(task_type="CAUSAL_LM", target_modules=None if targets == "all-linear" else list(targets),
-                         feedforward_modules=options.get("feedforward_modules"))
+                         feedforward_modules=options.get("feedforward_modules"), modules_to_save=options.get("modules_to_save"))
     if method == "prompt_tuning":
         from peft import PromptTuningConfig
 

@@ -175,6 +175,8 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
             lora_target_modules=["all-linear"] if targets == "all-linear" else list(targets),
             use_dora=method == "dora",
         )
+        if options.get("modules_to_save"):
+            config["lora_modules_to_save"] = list(options["modules_to_save"])
         if stage == "reward":
             config["lora_task_type"] = "SEQ_CLS"
     quantization = effective_quantization_of(method, options.get("quantization"))
@@ -382,6 +384,10 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
             config["lora_target_modules"] = list(targets)
         if spec.method == "dora":
             config["peft_use_dora"] = True
+        if options.get("modules_to_save"):
+            config["lora_modules_to_save"] = list(options["modules_to_save"])
+        if options.get("ensure_weight_tying"):
+            config["peft_ensure_weight_tying"] = True
         if spec.method == "qlora":
             config["load_in_4bit"] = True
             config["bnb_config_kwargs"] = {"bnb_4bit_quant_type": options.get("quantization") or "nf4",
@@ -470,6 +476,11 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
             config["use_dora"] = True
         if spec.method == "qlora":
             config["quantization_bit"] = 4
+        if options.get("modules_to_save"):
+            config["additional_target"] = ",".join(options["modules_to_save"])
+        if options.get("ensure_weight_tying"):
+            raise ValueError("LLaMA-Factory has no key for PEFT's ensure_weight_tying: export axolotl (peft_ensure_weight_tying), "
+                             "or launch the plan")
             config["quantization_method"] = "bnb"
             config["quantization_type"] = options.get("quantization") or "nf4"
             config["double_quantization"] = bool(options["double_quant"])
@@ -515,6 +526,10 @@ def export_notes(spec: LaunchSpec, fmt: str, given: set[str] | frozenset[str] = 
 def render(spec: LaunchSpec, fmt: str, notes: list[str] | tuple[str, ...] = ()) -> str:
     """The YAML text of one export format; `notes` (export_notes) as comment lines under the header."""
     if fmt == "trl":
+        if spec.options.get("ensure_weight_tying"):
+            # the launcher passes it to PEFT itself (launcher/entry.py); TRL's own config cannot
+            raise ValueError("TRL's config file has no key for PEFT's ensure_weight_tying (LoraConfig's): export axolotl "
+                             "(peft_ensure_weight_tying), or launch the plan, whose trainer entry passes it to PEFT")
         data = trl_config(spec)
     elif fmt == "accelerate":
         data = accelerate_config(spec)

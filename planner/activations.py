@@ -73,6 +73,7 @@ from planner.trainable import (
     ia3_modules,
     resolve_targets,
     split_moe_targets,
+    trained_roles,
 )
 
 # bytes of the token ids the embedding saves (int64)
@@ -250,11 +251,12 @@ def activation_terms(spec: ModelSpec, options: TrainingOptions) -> ActivationTer
 
     # final norm; the lm_head input (saved by lm_head when it trains, always by a loss path that
     # keeps it: TRL's fused head, Cut Cross-Entropy); int64 ids when the embedding trains
-    head_input_saved = base_trains or saves_head_input(options)
+    trained = trained_roles(spec, options)
+    head_input_saved = base_trains or "lm_head" in trained or saves_head_input(options)
     # the fused loss paths keep the final norm's output as it is (fp32 on an fp32 stream); a trained
     # lm_head keeps the copy autocast made of it
     head_input = (w if saves_head_input(options) or not casts_inputs else e) * h
-    outside = norm + (head_input if head_input_saved else 0) + (TOKEN_ID_BYTES if base_trains else 0)
+    outside = norm + (head_input if head_input_saved else 0) + (TOKEN_ID_BYTES if base_trains or "embedding" in trained else 0)
     embedding_elem = dtype_bytes(options.embedding_dtype)
     first_input = embedding_elem * h if embedding_elem != w else None
     return ActivationTerms(per_token, fixed, w * h, outside, tuple(notes), per_sequence, first_input)

@@ -53,6 +53,7 @@ from planner.components import Component
 from planner.dtypes import dtype_bytes
 from planner.options import TrainingOptions
 from planner.spec import ModelSpec
+from planner.trainable import trained_roles
 
 LABEL_BYTES = 8  # int64 labels saved by cross_entropy
 # Tile of TRL's fused LM head (TOKEN_CHUNK_SIZE and _CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16)
@@ -112,8 +113,7 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
     # weights are stored in another dtype (fp32 master weights)
     slice_copy = min(vocab, TRL_VOCAB_TILE) * spec.hidden_size * e if options.embedding_dtype != options.precision else 0
     tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * e + slice_copy
-    lm_head_trains = options.method == "full"
-    lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if lm_head_trains else 0
+    lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if "lm_head" in trained_roles(spec, options) else 0
     return [
         Component(
             "logits",
@@ -198,7 +198,7 @@ def _liger_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> lis
     vocab, h = spec.vocab_size, spec.hidden_size
     e, w = dtype_bytes(options.precision), dtype_bytes(options.residual_stream_dtype)
     chunk = liger_chunk_tokens(tokens, vocab, h)
-    lm_head_grad = vocab * h * w if options.method == "full" else 0
+    lm_head_grad = vocab * h * w if "lm_head" in trained_roles(spec, options) else 0
     weight_cast = vocab * h * e if options.effective_autocast and dtype_bytes(options.embedding_dtype) != e else 0
     return [
         Component(
@@ -219,7 +219,7 @@ def _liger_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> lis
 def _cce_logits(spec: ModelSpec, options: TrainingOptions, tokens: int) -> list[Component]:
     vocab, h = spec.vocab_size, spec.hidden_size
     w = dtype_bytes(options.residual_stream_dtype)
-    lm_head_grad = vocab * h * w if options.method == "full" else 0
+    lm_head_grad = vocab * h * w if "lm_head" in trained_roles(spec, options) else 0
     return [
         Component(
             "logits",

@@ -102,6 +102,12 @@ class TrainingOptions(BaseModel):
     # IA3Config.feedforward_modules: the targets whose vector scales the input (in_features) rather
     # than the output; None is PEFT's per-architecture default, which PEFT applies to named targets too
     feedforward_modules: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_TARGET_NAME)]], Field(max_length=MAX_LORA_TARGETS)] | None = None
+    # PEFT's modules_to_save (TRL's lora_modules_to_save; TRL's SFTTrainer adds lm_head itself when a
+    # chat template adds tokens): whole modules trained beside the adapters, each through a trainable
+    # copy PEFT makes of it (ModulesToSaveWrapper), in the module's own dtype. ensure_weight_tying
+    # (PEFT's LoraConfig) keeps a tied model's embedding and lm_head copies one tensor
+    modules_to_save: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_TARGET_NAME)]], Field(max_length=MAX_LORA_TARGETS)] | None = None
+    ensure_weight_tying: StrictBool = False
     freeze_trainable_layers: int = Field(default=2, ge=1, le=1024)
     attention: Attention = "sdpa"
     # how a batch's sequences are laid out (planner/activations.py plans each; the plan's assumptions
@@ -197,10 +203,10 @@ class TrainingOptions(BaseModel):
             raise ValueError(f"a whole number of elements from 0 to {MAX_DEEPSPEED_COUNT:.0e}")
         return int(value)
 
-    @field_validator("feedforward_modules", mode="before")
+    @field_validator("feedforward_modules", "modules_to_save", mode="before")
     @classmethod
     def _split_feedforward(cls, value):
-        # a comma list as lora_targets takes; empty is PEFT's [] (no feed-forward modules)
+        # a comma list as lora_targets takes; empty is PEFT's [] (no feed-forward modules, none to save)
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -289,6 +295,15 @@ def check_consistency(options: TrainingOptions) -> None:
     quant = options.quantization
     if options.method == "qlora" and quant in ("none", "int8"):
         raise PlanInputError("quantization", "method qlora loads the base in 4 bit; use nf4 or fp4, or method lora")
+    if options.ensure_weight_tying and options.method not in ADAPTER_METHODS:
+        raise PlanInputError("ensure_weight_tying", f"ensure_weight_tying is LoraConfig's (lora, qlora, dora); {options.method} has none")
+    if options.modules_to_save and options.method in ("full", "freeze"):
+        raise PlanInputError("modules_to_save", f"method {options.method} trains the base's own weights; modules_to_save is PEFT's, "
+                                                "for the adapter methods: leave it empty")
+    if options.modules_to_save and options.method in ("prompt_tuning", "prefix_tuning"):
+        # measured: PEFT embeds a prompt method's inputs with the original embedding, so its copy never trains
+        raise PlanInputError("modules_to_save", f"modules_to_save is planned for lora, qlora, dora and ia3, not {options.method} "
+                                                "(PEFT embeds its inputs with the original embedding, so a copy of it would not train)")
     if options.method in ("full", "freeze") and quant not in (None, "none"):
         raise PlanInputError("method", f"{options.method} trains the base weights, which cannot be {quant}-quantized; use qlora or lora")
     pair = {options.effective_weights_dtype, options.precision}

@@ -82,10 +82,17 @@ def weights_components(spec: ModelSpec, options: TrainingOptions, adapters: list
             else "one fp32 scale per output row"
         )
         out.append(Component("weights.quant_constants", constants, what))
-    adapter_bytes = sum(t.numel * dtype_bytes(t.dtype) for t in adapters)
+    copies = [t for t in adapters if t.saved_copy]
+    adapters = [t for t in adapters if not t.saved_copy]
     if adapters:
         dtypes = sorted({t.dtype for t in adapters})
-        out.append(Component("weights.adapter", adapter_bytes, f"{sum(t.numel for t in adapters):,} adapter parameters in {'/'.join(dtypes)}"))
+        out.append(Component("weights.adapter", sum(t.numel * dtype_bytes(t.dtype) for t in adapters),
+                             f"{sum(t.numel for t in adapters):,} adapter parameters in {'/'.join(dtypes)}"))
+    if copies:
+        names = ", ".join(t.name.split(".modules_to_save.")[0] for t in copies)
+        out.append(Component("weights.modules_to_save", sum(t.numel * dtype_bytes(t.dtype) for t in copies),
+                             f"PEFT's trainable copies of {names} (modules_to_save), {sum(t.numel for t in copies):,} parameters in "
+                             f"{'/'.join(sorted({t.dtype for t in copies}))}, beside the frozen originals"))
     return out
 
 
@@ -241,7 +248,7 @@ def gradient_components(spec: ModelSpec, trainables) -> list[Component]:
     for t in trainables:
         (inside if _layer_prefix(t.name) in prefixes else outside).append(t)
     parts = (("gradients.layers", inside, "of the decoder layers"),
-             ("gradients.outside_layers", outside, "outside the decoder layers (embeddings, LM head, final norm, prompt)"))
+             ("gradients.outside_layers", outside, "outside the decoder layers (embeddings, LM head, final norm, prompt, modules_to_save copies)"))
     out = [
         Component(name, gradient_bytes(part), f"one gradient per trainable parameter {where} ({sum(t.numel for t in part):,}) in {'/'.join(sorted({t.dtype for t in part}))}")
         for name, part, where in parts

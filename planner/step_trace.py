@@ -133,6 +133,9 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         kernel = "Liger's fused linear cross-entropy" if loss == "liger" else "Cut Cross-Entropy"
         return (f"loss_implementation {loss}: {kernel} runs Triton kernels, which do not run on the meta device; "
                 "its buffers are planned from its source (planner/logits.py)")
+    if options.modules_to_save:
+        return ("modules_to_save: the trace builds PEFT's adapters without whole-module copies yet; planned from the formula "
+                "(planner/trainable.py, measured against PEFT on CPU)")
     if loss == "fp32_upcast_shifted":
         return ("loss_implementation fp32_upcast_shifted: transformers 4.46-4.48's loss, which the installed transformers does not "
                 "run; planned from the formula (planner/logits.py)")

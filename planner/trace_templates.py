@@ -175,6 +175,22 @@ def step_options(options_dump: dict) -> dict:
     return {k: v for k, v in options_dump.items() if k not in SIZING_OPTIONS and k not in UNTRACED_OPTIONS}
 
 
+@lru_cache(maxsize=1)
+def _option_defaults() -> dict:
+    from planner.options import TrainingOptions
+
+    return json.loads(TrainingOptions().model_dump_json())
+
+
+def _set_options(options: dict) -> dict:
+    """The options a step was keyed with that differ from today's defaults: an option added since
+    a template was recorded (absent from its key) stands at its default, so the template still
+    holds for plans that leave it there; a default changed since then leaves the template's
+    recorded value apart from it, so the template no longer matches."""
+    defaults = _option_defaults()
+    return {k: v for k, v in options.items() if k not in defaults or v != defaults[k]}
+
+
 def template_path(config: dict) -> Path:
     return _path_of(config_digest(config))
 
@@ -203,8 +219,9 @@ def find(config: dict, options_dump: dict, batch_size: int, seq_len: int) -> Tem
     data = _read(_path_of(digest))
     if data is None or data.get("config") != digest or not usable(data.get("fingerprint") or {}):
         return None
+    wanted = _set_options(options_dump)
     for entry in data.get("templates", ()):
-        if entry["options"] == options_dump and Region(**entry["region"]).holds(batch_size, seq_len):
+        if _set_options(entry["options"]) == wanted and Region(**entry["region"]).holds(batch_size, seq_len):
             return Template.from_entry(entry, recorded_with(data["fingerprint"]))
     return None
 

@@ -8,6 +8,8 @@ PEFT names and shapes (checked against `get_nb_trainable_parameters` in tests):
 - Prompt tuning: an embedding (virtual tokens, hidden).
 - Prefix tuning: an embedding (virtual tokens, layers x 2 x kv_heads x head_dim): the per-layer
   keys and values, sized for grouped-query attention.
+- modules_to_save (any of these): a trainable copy of each named module (the embedding, lm_head)
+  in the module's dtype, beside the frozen original.
 PEFT keeps adapter weights in fp32 (autocast_adapter_dtype=True) whatever the base dtype, unless
 the plan turns it off (the option of that name), or TRL does: under ZeRO-3 for unquantized bases.
 """
@@ -29,6 +31,8 @@ class TrainableTensor:
     dtype: str
     # part of the base model (full / freeze) rather than an adapter PEFT added
     base: bool
+    # a trainable copy PEFT made of a whole module (modules_to_save), not an adapter weight
+    saved_copy: bool = False
 
     @property
     def numel(self) -> int:
@@ -140,7 +144,77 @@ def _trainable_key(options: TrainingOptions) -> tuple:
         options.method, options.effective_weights_dtype, adapter_dtype(options), targets,
         options.lora_r, options.num_virtual_tokens, options.freeze_trainable_layers,
         None if options.feedforward_modules is None else tuple(options.feedforward_modules),
+        tuple(options.modules_to_save or ()), options.ensure_weight_tying, options.embedding_dtype,
     )
+
+
+# What modules_to_save is planned for: the embedding and the LM head (new tokens' rows, as TRL's
+# SFTTrainer trains lm_head when a chat template adds tokens). What training them saves for the
+# backward (the lm_head's input, the embedding's token ids) is planner/activations.py's; a Linear
+# inside the layers trains through lora_targets.
+SAVABLE_ROLES = ("embedding", "lm_head")
+
+
+def _parameter_owners(spec: ModelSpec) -> dict[str, list[TensorSpec]]:
+    """Each module that holds parameters, with them; a tied model's lm_head holds the embedding's
+    weight, which the spec counts once, under the embedding."""
+    owners: dict[str, list[TensorSpec]] = {}
+    for t in spec.tensors:
+        owners.setdefault(t.module, []).append(t)
+    if spec.tie_word_embeddings and not any(t.role == "lm_head" for t in spec.tensors):
+        embedding = next((t for t in spec.tensors if t.role == "embedding" and t.shape[0] == spec.vocab_size), None)
+        if embedding is not None:
+            owners["lm_head"] = [TensorSpec("lm_head.weight", embedding.shape, "lm_head")]
+    return owners
+
+
+def _chosen_modules(spec: ModelSpec, options: TrainingOptions) -> dict[str, list[TensorSpec]]:
+    """The modules_to_save PEFT wraps, matched as PEFT matches them (a module whose name ends with
+    the given string), with their parameters."""
+    owners = _parameter_owners(spec)
+    chosen: dict[str, list[TensorSpec]] = {}
+    for name in options.modules_to_save or ():
+        matched = {module: tensors for module, tensors in owners.items() if module.endswith(name)}
+        if not matched:
+            savable = sorted(module for module, tensors in owners.items() if all(t.role in SAVABLE_ROLES for t in tensors))
+            raise PlanInputError("modules_to_save", f"{name} matches no module of {spec.name}; its embedding and LM head are {', '.join(savable)}")
+        for module, tensors in matched.items():
+            other = sorted({t.role for t in tensors} - set(SAVABLE_ROLES))
+            if other:
+                raise PlanInputError("modules_to_save", f"{module} is a {'/'.join(other)} module: modules_to_save is planned for the embedding "
+                                                        "and the LM head (a Linear in the layers trains through lora_targets)")
+            chosen[module] = tensors
+    return chosen
+
+
+def modules_to_save_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
+    """PEFT's trainable copies of the modules_to_save (ModulesToSaveWrapper deep-copies the module,
+    in its dtype: the embeddings' and lm_head's). A tied lm_head is copied apart from the embedding
+    (two tensors) unless ensure_weight_tying keeps the two copies one."""
+    if not options.modules_to_save or options.method in ("full", "freeze"):
+        return []
+    chosen = _chosen_modules(spec, options)
+    roles = {t.role for tensors in chosen.values() for t in tensors}
+    tied_once = options.ensure_weight_tying and spec.tie_word_embeddings and roles >= {"embedding", "lm_head"}
+    dtype = options.embedding_dtype
+    out = []
+    for module, tensors in chosen.items():
+        for t in tensors:
+            if tied_once and t.role == "lm_head":
+                continue  # ensure_weight_tying: the lm_head copy is the embedding copy
+            out.append(TrainableTensor(f"{module}.modules_to_save.default.{t.name.rsplit('.', 1)[-1]}", t.shape, dtype, False, saved_copy=True))
+    return out
+
+
+def trained_roles(spec: ModelSpec, options: TrainingOptions) -> frozenset[str]:
+    """Which of the embedding and lm_head train: both under full fine-tuning (freeze trains the
+    last layers and the final norm only), else those modules_to_save names."""
+    if options.method == "full":
+        return frozenset(SAVABLE_ROLES)
+    if not options.modules_to_save or options.method == "freeze":
+        return frozenset()
+    return spec.memoized(("trained_roles", tuple(options.modules_to_save)),
+                         lambda: frozenset(t.role for tensors in _chosen_modules(spec, options).values() for t in tensors))
 
 
 def fused_expert_dropout(spec: ModelSpec, options: TrainingOptions) -> tuple[TrainingOptions, list[str]]:
@@ -161,6 +235,10 @@ def fused_expert_dropout(spec: ModelSpec, options: TrainingOptions) -> tuple[Tra
 
 
 def _trainable_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
+    return _method_tensors(spec, options) + modules_to_save_tensors(spec, options)
+
+
+def _method_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
     method = options.method
     weights_dtype = options.effective_weights_dtype
     if method == "full":

@@ -98,17 +98,19 @@ def build_model(config: dict, weights_dtype: str, quantization: str = "none", do
                                                 attn_implementation=attention)
 
 
-def peft_config(method: str, r: int, targets, num_virtual_tokens: int):
+def peft_config(method: str, r: int, targets, num_virtual_tokens: int, modules_to_save=None, ensure_weight_tying: bool = False):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
+    saved = {"modules_to_save": modules_to_save} if modules_to_save else {}
     if method in ("lora", "qlora", "dora"):
-        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0, use_dora=method == "dora", task_type="CAUSAL_LM")
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0, use_dora=method == "dora", task_type="CAUSAL_LM",
+                          ensure_weight_tying=ensure_weight_tying, **saved)
     if method == "ia3":
-        return IA3Config(task_type="CAUSAL_LM")
+        return IA3Config(task_type="CAUSAL_LM", **saved)
     if method == "prompt_tuning":
-        return PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM")
+        return PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM", **saved)
     if method == "prefix_tuning":
-        return PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM")
+        return PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM", **saved)
     return None
 
 
@@ -160,11 +162,13 @@ def run_one_step(
     freeze_trainable_layers: int = 1,
     galore_rank: int = 4,
     sgd_momentum: float = 0.0,
+    modules_to_save=None,
+    ensure_weight_tying: bool = False,
 ) -> Measured:
     from peft import get_peft_model
 
     model = build_model(config, weights_dtype, quantization, double_quant)
-    pconf = peft_config(method, lora_r, lora_targets, num_virtual_tokens)
+    pconf = peft_config(method, lora_r, lora_targets, num_virtual_tokens, modules_to_save, ensure_weight_tying)
     if pconf is not None:
         model = get_peft_model(model, pconf)
     elif method == "freeze":

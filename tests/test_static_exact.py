@@ -153,3 +153,55 @@ def test_lora_on_fused_experts_plans_without_dropout_as_peft_requires(tiny_specs
     # attention-only targets are plain Linears: their dropout stays
     attention_only = build_plan(spec, TrainingOptions(method="lora", gpu_memory_gib=80, lora_dropout=0.1, lora_targets=["q_proj", "v_proj"]))
     assert attention_only.options.lora_dropout == 0.1
+
+
+@pytest.mark.parametrize("method,quantization,tied,ensure_weight_tying,modules", [
+    ("lora", "none", False, False, ["embed_tokens", "lm_head"]),
+    ("lora", "none", True, False, ["embed_tokens", "lm_head"]),
+    ("lora", "none", True, True, ["embed_tokens", "lm_head"]),
+    ("lora", "none", True, False, ["lm_head"]),
+    ("qlora", "nf4", False, False, ["lm_head"]),
+    ("dora", "none", False, False, ["embed_tokens"]),
+    ("ia3", "none", False, False, ["lm_head"]),
+])
+def test_modules_to_save_copies_equal_peft(method, quantization, tied, ensure_weight_tying, modules):
+    """PEFT's modules_to_save: a trainable copy of each named module beside the frozen original,
+    with its gradient and optimizer state; a tied lm_head is copied apart from the embedding unless
+    ensure_weight_tying keeps the two copies one. Counts and bytes as PEFT makes them on CPU."""
+    from planner.introspect import spec_from_config
+
+    config = dict(TINY["llama"], tie_word_embeddings=tied)
+    spec = spec_from_config(config, "llama")
+    options = _options(method, "bf16", "adamw", quantization, True, modules_to_save=modules, ensure_weight_tying=ensure_weight_tying)
+    planned = static_components(spec, options)
+    counts = parameter_counts(spec, options)
+    measured = run_one_step(config, method=method, quantization=quantization, lora_r=8, num_virtual_tokens=5,
+                            modules_to_save=list(modules), ensure_weight_tying=ensure_weight_tying)
+    assert counts["trainable"] == measured.trainable_params
+    assert counts["total"] == measured.total_params
+    assert _family(planned, "weights") == measured.weights
+    assert _family(planned, "weights.adapter") + _family(planned, "weights.modules_to_save") == measured.adapter
+    assert _family(planned, "gradients") == measured.gradients
+    assert _family(planned, "optimizer_state") == measured.optimizer_state
+    copies = len(modules) - (1 if tied and ensure_weight_tying and len(modules) == 2 else 0)
+    assert _family(planned, "weights.modules_to_save") == copies * config["vocab_size"] * config["hidden_size"] * 2
+
+
+def test_modules_to_save_refuses_what_it_does_not_plan(tiny_specs):
+    from planner.errors import PlanInputError
+
+    spec = tiny_specs["llama"]
+    for modules, says in ((["embed_token"], "matches no module"), (["q_proj"], "lora_targets"), (["norm"], "planned for the embedding")):
+        with pytest.raises(PlanInputError) as refused:
+            parameter_counts(spec, _options("lora", "bf16", "adamw", "none", True, modules_to_save=modules))
+        assert refused.value.field == "modules_to_save" and says in refused.value.reason, refused.value.reason
+    with pytest.raises(PlanInputError) as refused:
+        parameter_counts(spec, _options("full", "bf16", "adamw", "none", True, modules_to_save=["lm_head"]))
+    assert refused.value.field == "modules_to_save"
+    with pytest.raises(PlanInputError) as refused:
+        parameter_counts(spec, _options("ia3", "bf16", "adamw", "none", True, ensure_weight_tying=True))
+    assert refused.value.field == "ensure_weight_tying"
+    # PEFT embeds a prompt method's inputs with the original embedding: its copy would get no gradient
+    with pytest.raises(PlanInputError) as refused:
+        parameter_counts(spec, _options("prompt_tuning", "bf16", "adamw", "none", True, modules_to_save=["embed_tokens"]))
+    assert refused.value.field == "modules_to_save" and "original embedding" in refused.value.reason

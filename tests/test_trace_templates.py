@@ -152,3 +152,20 @@ def test_a_second_template_takes_trl_s_second_tile_of_tokens():
     templated = step_trace.from_template(config, options)
     assert templated is not None
     assert templated.peaks == step_trace.simulate_step(config, options).peaks
+
+
+def test_an_option_added_after_a_template_leaves_it_for_plans_at_its_default(monkeypatch):
+    """A template's key is the traced options less those at today's default: one recorded before
+    an option existed holds for plans that leave it there, not for plans that set it, and a
+    changed default parts the template's recorded value from it."""
+    config, options = _settled(MODEL, method="lora", batch_size=2, seq_len=1024)
+    dump = step_trace.template_options(options)
+    assert trace_templates.find(config, dump, 2, 1024) is not None
+    older = {k: v for k, v in dump.items() if k != "modules_to_save"}
+    data = trace_templates._read(trace_templates.template_path(config))
+    assert all("modules_to_save" not in entry["options"] or entry["options"]["modules_to_save"] is None for entry in data["templates"])
+    assert trace_templates._set_options(older) == trace_templates._set_options(dump)
+    assert trace_templates.find(config, dict(dump, modules_to_save=["lm_head"]), 2, 1024) is None
+    defaults = dict(trace_templates._option_defaults(), lora_r=8)
+    monkeypatch.setattr(trace_templates, "_option_defaults", lambda: defaults)
+    assert trace_templates.find(config, dict(dump, lora_r=8), 2, 1024) is None
