@@ -113,7 +113,10 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
     # weights are stored in another dtype (fp32 master weights)
     slice_copy = min(vocab, TRL_VOCAB_TILE) * spec.hidden_size * e if options.embedding_dtype != options.precision else 0
     tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * e + slice_copy
-    lm_head_grad = spec.vocab_size * spec.hidden_size * 4 if "lm_head" in trained_roles(spec, options) else 0
+    # a trained lm_head: TRL's fp32 gradient, and its cast to the weight's dtype (the parameter's
+    # .grad) made while the fp32 one is alive
+    head_grad_bytes = 4 + dtype_bytes(options.embedding_dtype)
+    lm_head_grad = spec.vocab_size * spec.hidden_size * head_grad_bytes if "lm_head" in trained_roles(spec, options) else 0
     return [
         Component(
             "logits",
@@ -125,7 +128,7 @@ def logits_components(spec: ModelSpec, options: TrainingOptions, tokens: int) ->
             "temporary.loss_backward",
             tile + tokens * (spec.hidden_size + TRL_FORWARD_FP32_PER_TOKEN) * 4 + lm_head_grad,
             f"fused LM head backward: one {min(tokens, TRL_TOKEN_TILE):,} x {TRL_VOCAB_TILE:,} logits tile buffer" + (" and a cast lm_head slice" if slice_copy else "") + ", "
-            "the fp32 hidden-state gradient" + (", and an fp32 lm_head gradient" if lm_head_grad else ""),
+            "the fp32 hidden-state gradient" + (", and an fp32 lm_head gradient with its cast to the weight's dtype" if lm_head_grad else ""),
         ),
     ]
 

@@ -107,6 +107,10 @@ class StageRun:
     def _sft_loss(self):
         if self.loss_path == "no_upcast":
             return _loss_without_upcast(self.model(input_ids=self.ids, **self.batch).logits, self.ids)
+        if self.loss_path == "fp32_upcast_shifted":
+            # the model's output holds its logits while the loss runs, as in the Trainer's compute_loss
+            outputs = self.model(input_ids=self.ids, **self.batch)
+            return _loss_shifted_upcast(outputs.logits, self.ids)
         extra = {"fused_lm_head": True} if self.loss_path == "trl_fused" else {}
         return self.model(input_ids=self.ids, labels=self.ids, **self.batch, **extra).loss
 
@@ -266,6 +270,16 @@ def _grow_cache(cache) -> None:
         del keys
         layer.values = torch.empty((*values.shape[:-2], values.shape[-2] + 1, values.shape[-1]), dtype=values.dtype, device=values.device)
         del values
+
+
+def _loss_shifted_upcast(logits, labels):
+    """transformers 4.46-4.48's ForCausalLMLoss: the logits upcast to fp32, then shifted into a
+    contiguous copy (4.49 on pads the labels instead)."""
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    shifted = logits[..., :-1, :].contiguous()
+    return F.cross_entropy(shifted.view(-1, shifted.shape[-1]), labels[..., 1:].contiguous().view(-1), ignore_index=-100)
 
 
 def _loss_without_upcast(logits, labels):

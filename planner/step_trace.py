@@ -133,12 +133,6 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         kernel = "Liger's fused linear cross-entropy" if loss == "liger" else "Cut Cross-Entropy"
         return (f"loss_implementation {loss}: {kernel} runs Triton kernels, which do not run on the meta device; "
                 "its buffers are planned from its source (planner/logits.py)")
-    if options.modules_to_save:
-        return ("modules_to_save: the trace builds PEFT's adapters without whole-module copies yet; planned from the formula "
-                "(planner/trainable.py, measured against PEFT on CPU)")
-    if loss == "fp32_upcast_shifted":
-        return ("loss_implementation fp32_upcast_shifted: transformers 4.46-4.48's loss, which the installed transformers does not "
-                "run; planned from the formula (planner/logits.py)")
     missing = [name for name in ("torch", "transformers", "peft", *(("trl",) if loss == "trl_fused" else ())) if not _installed(name)]
     if missing:
         extra = "launch" if "trl" in missing else "introspect"
@@ -518,13 +512,16 @@ def _build(config: dict, options: TrainingOptions, tracer: _Tracer):
     if method != "full":
         from peft import IA3Config, LoraConfig, get_peft_model
 
+        # whole modules trained through PEFT's copies, and LoraConfig's tying of a tied model's two
+        saved = {"modules_to_save": list(options.modules_to_save)} if options.modules_to_save else {}
         if method == "ia3":
             # the targets the plan counts (planner/trainable.py): PEFT's defaults unless named
             peft_config = IA3Config(target_modules=None if options.lora_targets == "all-linear" else options.lora_targets,
-                                    feedforward_modules=options.feedforward_modules, task_type="CAUSAL_LM")
+                                    feedforward_modules=options.feedforward_modules, task_type="CAUSAL_LM", **saved)
         else:
+            tying = {"ensure_weight_tying": True} if options.ensure_weight_tying else {}
             peft_config = LoraConfig(r=options.lora_r, lora_alpha=options.effective_lora_alpha, target_modules=options.lora_targets,
-                                     lora_dropout=options.lora_dropout, use_dora=method == "dora", task_type="CAUSAL_LM")
+                                     lora_dropout=options.lora_dropout, use_dora=method == "dora", task_type="CAUSAL_LM", **saved, **tying)
         model = get_peft_model(model, peft_config)
     if options.peft_module_casting_to_bf16:
         # TRL's peft_module_casting_to_bf16 after PEFT: norms stay fp32, the embeddings and lm_head

@@ -8,6 +8,7 @@ pinned library (tests/test_trace_templates.py fails until then, and plans trace 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -200,6 +201,12 @@ def main(argv=None) -> int:
     parser.add_argument("--trainers", nargs="+", default=["trl"], help="trl (the default trainer), hf (the HF Trainer's loss)")
     args = parser.parse_args(argv)
     models = args.models or sorted(set(catalog_ids().values()))
+    missing = [name for name in trace_templates.TRACING_LIBRARIES if importlib.util.find_spec(name) is None]
+    if missing:
+        # every step would be refused as untraceable, and the builder would record nothing
+        print(f"{', '.join(missing)} not found by this Python ({sys.executable}): run it where CI's pinned versions are installed",
+              file=sys.stderr)
+        return 2
     for catalog_id in models:
         started = time.perf_counter()
         try:
