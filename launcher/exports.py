@@ -476,16 +476,16 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
             config["use_dora"] = True
         if spec.method == "qlora":
             config["quantization_bit"] = 4
-        if options.get("modules_to_save"):
-            config["additional_target"] = ",".join(options["modules_to_save"])
-        if options.get("ensure_weight_tying"):
-            raise ValueError("LLaMA-Factory has no key for PEFT's ensure_weight_tying: export axolotl (peft_ensure_weight_tying), "
-                             "or launch the plan")
             config["quantization_method"] = "bnb"
             config["quantization_type"] = options.get("quantization") or "nf4"
             config["double_quantization"] = bool(options["double_quant"])
         elif options.get("quantization") == "int8":
             config.update(quantization_bit=8, quantization_method="bnb")
+        if options.get("modules_to_save"):
+            config["additional_target"] = ",".join(options["modules_to_save"])
+        if options.get("ensure_weight_tying"):
+            raise ValueError("LLaMA-Factory has no key for PEFT's ensure_weight_tying: export axolotl (peft_ensure_weight_tying), "
+                             "or launch the plan")
     if spec.resources.num_processes > 1 and options["parallelism"].startswith("zero"):
         # inline (transformers' `deepspeed` takes a path or the JSON itself): examples/deepspeed/ has no
         # ZeRO-1 file and no ZeRO-3 file that offloads the optimizer alone

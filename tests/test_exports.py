@@ -435,6 +435,10 @@ def test_llamafactory_export_uses_documented_keys_and_transformers_parses_the_re
         if spec.method != "full":
             assert data["lora_rank"] == options["lora_r"] and data.get("use_dora", False) is (spec.method == "dora")
             assert data.get("quantization_bit") == (4 if spec.method == "qlora" else 8 if options.get("quantization") == "int8" else None)
+            if spec.method == "qlora":
+                # the 4-bit type and nesting as planned, with bitsandbytes named (LLaMA-Factory's default method)
+                assert (data["quantization_method"], data["quantization_type"]) == ("bnb", options.get("quantization") or "nf4")
+                assert data["double_quantization"] is bool(options["double_quant"])
         # LLaMA-Factory's own rules (finetuning_args.py): pref_loss belongs to the dpo stage, GaLore to full tuning
         if "pref_loss" in data:
             assert data["stage"] == "dpo"
