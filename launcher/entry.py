@@ -196,9 +196,12 @@ def build_trainer(spec: dict, run_dir: Path, callbacks: list, phase: list | None
     own = peft_config_for(spec["options"])
     if own is not None:
         kwargs["peft_config"] = own
-    if spec["options"].get("ensure_weight_tying") and kwargs["peft_config"] is not None:
-        # LoraConfig's, which TRL's config file has no key for
-        kwargs["peft_config"].ensure_weight_tying = True
+    if kwargs["peft_config"] is not None:
+        # LoraConfig's, which TRL's config file has no keys for
+        if spec["options"].get("ensure_weight_tying"):
+            kwargs["peft_config"].ensure_weight_tying = True
+        if spec["options"].get("trainable_token_indices"):
+            kwargs["peft_config"].trainable_token_indices = list(spec["options"]["trainable_token_indices"])
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "quantization_config": quantization}

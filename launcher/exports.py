@@ -388,6 +388,8 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
             config["lora_modules_to_save"] = list(options["modules_to_save"])
         if options.get("ensure_weight_tying"):
             config["peft_ensure_weight_tying"] = True
+        if options.get("trainable_token_indices"):
+            config["peft_trainable_token_indices"] = list(options["trainable_token_indices"])
         if spec.method == "qlora":
             config["load_in_4bit"] = True
             config["bnb_config_kwargs"] = {"bnb_4bit_quant_type": options.get("quantization") or "nf4",
@@ -483,9 +485,9 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
             config.update(quantization_bit=8, quantization_method="bnb")
         if options.get("modules_to_save"):
             config["additional_target"] = ",".join(options["modules_to_save"])
-        if options.get("ensure_weight_tying"):
-            raise ValueError("LLaMA-Factory has no key for PEFT's ensure_weight_tying: export axolotl (peft_ensure_weight_tying), "
-                             "or launch the plan")
+        for name, axolotl_key in (("ensure_weight_tying", "peft_ensure_weight_tying"), ("trainable_token_indices", "peft_trainable_token_indices")):
+            if options.get(name):
+                raise ValueError(f"LLaMA-Factory has no key for PEFT's {name}: export axolotl ({axolotl_key}), or launch the plan")
     if spec.resources.num_processes > 1 and options["parallelism"].startswith("zero"):
         # inline (transformers' `deepspeed` takes a path or the JSON itself): examples/deepspeed/ has no
         # ZeRO-1 file and no ZeRO-3 file that offloads the optimizer alone
@@ -526,10 +528,11 @@ def export_notes(spec: LaunchSpec, fmt: str, given: set[str] | frozenset[str] = 
 def render(spec: LaunchSpec, fmt: str, notes: list[str] | tuple[str, ...] = ()) -> str:
     """The YAML text of one export format; `notes` (export_notes) as comment lines under the header."""
     if fmt == "trl":
-        if spec.options.get("ensure_weight_tying"):
-            # the launcher passes it to PEFT itself (launcher/entry.py); TRL's own config cannot
-            raise ValueError("TRL's config file has no key for PEFT's ensure_weight_tying (LoraConfig's): export axolotl "
-                             "(peft_ensure_weight_tying), or launch the plan, whose trainer entry passes it to PEFT")
+        for name, axolotl_key in (("ensure_weight_tying", "peft_ensure_weight_tying"), ("trainable_token_indices", "peft_trainable_token_indices")):
+            if spec.options.get(name):
+                # the launcher passes it to PEFT itself (launcher/entry.py); TRL's own config cannot
+                raise ValueError(f"TRL's config file has no key for PEFT's {name} (LoraConfig's): export axolotl "
+                                 f"({axolotl_key}), or launch the plan, whose trainer entry passes it to PEFT")
         data = trl_config(spec)
     elif fmt == "accelerate":
         data = accelerate_config(spec)

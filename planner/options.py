@@ -108,6 +108,10 @@ class TrainingOptions(BaseModel):
     # (PEFT's LoraConfig) keeps a tied model's embedding and lm_head copies one tensor
     modules_to_save: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_TARGET_NAME)]], Field(max_length=MAX_LORA_TARGETS)] | None = None
     ensure_weight_tying: StrictBool = False
+    # LoraConfig's trainable_token_indices on the input embedding (TRL's SFTTrainer sets it for the
+    # tokens a chat template adds): the listed rows train, as a small delta PEFT writes into a copy
+    # of the whole embedding matrix at each forward
+    trainable_token_indices: Annotated[list[Annotated[int, Field(ge=0, le=10_000_000)]], Field(min_length=1, max_length=65536)] | None = None
     freeze_trainable_layers: int = Field(default=2, ge=1, le=1024)
     attention: Attention = "sdpa"
     # how a batch's sequences are laid out (planner/activations.py plans each; the plan's assumptions
@@ -202,6 +206,14 @@ class TrainingOptions(BaseModel):
         if value < 0 or value != int(value) or value > MAX_DEEPSPEED_COUNT:
             raise ValueError(f"a whole number of elements from 0 to {MAX_DEEPSPEED_COUNT:.0e}")
         return int(value)
+
+    @field_validator("trainable_token_indices", mode="before")
+    @classmethod
+    def _split_token_indices(cls, value):
+        # a comma list of token ids, as the CLI and the page give it
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()] or None
+        return value
 
     @field_validator("feedforward_modules", "modules_to_save", mode="before")
     @classmethod
@@ -300,6 +312,8 @@ def check_consistency(options: TrainingOptions) -> None:
     if options.modules_to_save and options.method in ("full", "freeze"):
         raise PlanInputError("modules_to_save", f"method {options.method} trains the base's own weights; modules_to_save is PEFT's, "
                                                 "for the adapter methods: leave it empty")
+    if options.trainable_token_indices and options.method not in ADAPTER_METHODS:
+        raise PlanInputError("trainable_token_indices", f"trainable_token_indices is LoraConfig's (lora, qlora, dora); {options.method} has none")
     if options.modules_to_save and options.method in ("prompt_tuning", "prefix_tuning"):
         # measured: PEFT embeds a prompt method's inputs with the original embedding, so its copy never trains
         raise PlanInputError("modules_to_save", f"modules_to_save is planned for lora, qlora, dora and ia3, not {options.method} "

@@ -74,7 +74,7 @@ from planner.step_trace import (
     simulation_memoized,
     unsupported_reason,
 )
-from planner.trainable import fused_expert_dropout, parameter_counts, trainable_tensors
+from planner.trainable import fused_expert_dropout, input_embedding, parameter_counts, trainable_token_tensors, trainable_tensors
 from planner.versions import MODELLED_VERSIONS
 
 GIB = 1 << 30
@@ -106,7 +106,7 @@ PHASES = {
                           "temporary.dequantized_layer", "temporary.dora_weight_norm", "temporary.gathered_params",
                           "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_end": ("weights", "optimizer_state", "gradients", "activations.first_layer_input", "activations.recompute",
-                     "temporary.layer_backward", "temporary.fused_split_grad",
+                     "temporary.layer_backward", "temporary.fused_split_grad", "temporary.trainable_tokens",
                      "temporary.dequantized_layer", "temporary.gathered_params",
                      "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "optimizer_step": ("weights", "optimizer_state", "gradients", "temporary.gathered_params", "temporary.optimizer_step",
@@ -425,6 +425,16 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
                 "temporary.fused_split_grad",
                 fused_bytes,
                 "a fused projection (qkv or gate_up) gathers the gradients of its split outputs into one buffer of its output size in backward (measured on CPU)",
+            )
+        )
+    if trainable_token_tensors(spec, options):
+        embedding = input_embedding(spec)
+        out.append(
+            Component(
+                "temporary.trainable_tokens",
+                embedding.numel * dtype_bytes(options.embedding_dtype),
+                "PEFT's trainable tokens: a copy of the whole embedding matrix with the trained rows written in, made by the embedding's "
+                "forward, and its dense gradient in backward before the rows are picked out (measured on CPU)",
             )
         )
     dora_bytes = dora_weight_norm_bytes(spec, options)

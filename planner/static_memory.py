@@ -88,6 +88,11 @@ def weights_components(spec: ModelSpec, options: TrainingOptions, adapters: list
         dtypes = sorted({t.dtype for t in adapters})
         out.append(Component("weights.adapter", sum(t.numel * dtype_bytes(t.dtype) for t in adapters),
                              f"{sum(t.numel for t in adapters):,} adapter parameters in {'/'.join(dtypes)}"))
+    token_deltas = [t for t in adapters if t.name.endswith(".token_adapter.trainable_tokens_delta")]
+    if token_deltas:
+        # PEFT keeps the listed rows' original values beside the delta, a buffer in the delta's dtype
+        out.append(Component("weights.trainable_tokens_original", sum(t.numel * dtype_bytes(t.dtype) for t in token_deltas),
+                             f"the {token_deltas[0].shape[0]:,} trained tokens' original embedding rows, which PEFT keeps to undo a merge"))
     if copies:
         names = ", ".join(t.name.split(".modules_to_save.")[0] for t in copies)
         out.append(Component("weights.modules_to_save", sum(t.numel * dtype_bytes(t.dtype) for t in copies),

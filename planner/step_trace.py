@@ -133,6 +133,9 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         kernel = "Liger's fused linear cross-entropy" if loss == "liger" else "Cut Cross-Entropy"
         return (f"loss_implementation {loss}: {kernel} runs Triton kernels, which do not run on the meta device; "
                 "its buffers are planned from its source (planner/logits.py)")
+    if options.trainable_token_indices:
+        return ("trainable_token_indices: the trace builds PEFT's adapters without its trainable tokens yet; planned from the formula "
+                "(planner/trainable.py, measured against PEFT on CPU)")
     missing = [name for name in ("torch", "transformers", "peft", *(("trl",) if loss == "trl_fused" else ())) if not _installed(name)]
     if missing:
         extra = "launch" if "trl" in missing else "introspect"

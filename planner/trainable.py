@@ -145,6 +145,7 @@ def _trainable_key(options: TrainingOptions) -> tuple:
         options.lora_r, options.num_virtual_tokens, options.freeze_trainable_layers,
         None if options.feedforward_modules is None else tuple(options.feedforward_modules),
         tuple(options.modules_to_save or ()), options.ensure_weight_tying, options.embedding_dtype,
+        len(set(options.trainable_token_indices or ())),
     )
 
 
@@ -211,10 +212,11 @@ def trained_roles(spec: ModelSpec, options: TrainingOptions) -> frozenset[str]:
     last layers and the final norm only), else those modules_to_save names."""
     if options.method == "full":
         return frozenset(SAVABLE_ROLES)
+    tokens = frozenset({"embedding"}) if options.trainable_token_indices and options.method in ADAPTER_METHODS else frozenset()
     if not options.modules_to_save or options.method == "freeze":
-        return frozenset()
-    return spec.memoized(("trained_roles", tuple(options.modules_to_save)),
-                         lambda: frozenset(t.role for tensors in _chosen_modules(spec, options).values() for t in tensors))
+        return tokens
+    return tokens | spec.memoized(("trained_roles", tuple(options.modules_to_save)),
+                                  lambda: frozenset(t.role for tensors in _chosen_modules(spec, options).values() for t in tensors))
 
 
 def fused_expert_dropout(spec: ModelSpec, options: TrainingOptions) -> tuple[TrainingOptions, list[str]]:
@@ -235,7 +237,30 @@ def fused_expert_dropout(spec: ModelSpec, options: TrainingOptions) -> tuple[Tra
 
 
 def _trainable_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
-    return _method_tensors(spec, options) + modules_to_save_tensors(spec, options)
+    return _method_tensors(spec, options) + modules_to_save_tensors(spec, options) + trainable_token_tensors(spec, options)
+
+
+def input_embedding(spec: ModelSpec) -> TensorSpec:
+    return next(t for t in spec.tensors if t.role == "embedding" and t.shape[0] == spec.vocab_size)
+
+
+def trainable_token_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
+    """LoraConfig's trainable_token_indices: PEFT's TrainableTokensLayer on the input embedding
+    trains a delta of the listed rows (in the adapters' dtype; an untrained copy of the original
+    rows beside it is a buffer, planner/static_memory.py). A tied model's LM head would follow
+    the embedding through the same merged weight, which is not planned: refused."""
+    tokens = len(set(options.trainable_token_indices or ()))
+    if not tokens or options.method not in ADAPTER_METHODS:
+        return []
+    embedding = input_embedding(spec)
+    if spec.tie_word_embeddings:
+        raise PlanInputError("trainable_token_indices", f"{spec.name} ties its LM head to the embedding, which PEFT then trains through the "
+                                                        "same merged weight: not planned yet; use an untied model, or modules_to_save")
+    if "embedding" in {t.role for tensors in _chosen_modules(spec, options).values() for t in tensors}:
+        raise PlanInputError("trainable_token_indices", "modules_to_save already trains the whole embedding: leave trainable_token_indices out")
+    if max(options.trainable_token_indices) >= spec.vocab_size:
+        raise PlanInputError("trainable_token_indices", f"token {max(options.trainable_token_indices)} is past the vocabulary ({spec.vocab_size:,} entries)")
+    return [TrainableTensor(f"{embedding.module}.token_adapter.trainable_tokens_delta", (tokens, spec.hidden_size), adapter_dtype(options), False)]
 
 
 def _method_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:

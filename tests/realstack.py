@@ -98,13 +98,15 @@ def build_model(config: dict, weights_dtype: str, quantization: str = "none", do
                                                 attn_implementation=attention)
 
 
-def peft_config(method: str, r: int, targets, num_virtual_tokens: int, modules_to_save=None, ensure_weight_tying: bool = False):
+def peft_config(method: str, r: int, targets, num_virtual_tokens: int, modules_to_save=None, ensure_weight_tying: bool = False,
+                trainable_token_indices=None):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
     saved = {"modules_to_save": modules_to_save} if modules_to_save else {}
     if method in ("lora", "qlora", "dora"):
+        tokens = {"trainable_token_indices": {"embed_tokens": list(trainable_token_indices)}} if trainable_token_indices else {}
         return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0, use_dora=method == "dora", task_type="CAUSAL_LM",
-                          ensure_weight_tying=ensure_weight_tying, **saved)
+                          ensure_weight_tying=ensure_weight_tying, **saved, **tokens)
     if method == "ia3":
         return IA3Config(task_type="CAUSAL_LM", **saved)
     if method == "prompt_tuning":
@@ -164,11 +166,12 @@ def run_one_step(
     sgd_momentum: float = 0.0,
     modules_to_save=None,
     ensure_weight_tying: bool = False,
+    trainable_token_indices=None,
 ) -> Measured:
     from peft import get_peft_model
 
     model = build_model(config, weights_dtype, quantization, double_quant)
-    pconf = peft_config(method, lora_r, lora_targets, num_virtual_tokens, modules_to_save, ensure_weight_tying)
+    pconf = peft_config(method, lora_r, lora_targets, num_virtual_tokens, modules_to_save, ensure_weight_tying, trainable_token_indices)
     if pconf is not None:
         model = get_peft_model(model, pconf)
     elif method == "freeze":

@@ -205,3 +205,44 @@ def test_modules_to_save_refuses_what_it_does_not_plan(tiny_specs):
     with pytest.raises(PlanInputError) as refused:
         parameter_counts(spec, _options("prompt_tuning", "bf16", "adamw", "none", True, modules_to_save=["embed_tokens"]))
     assert refused.value.field == "modules_to_save" and "original embedding" in refused.value.reason
+
+
+@pytest.mark.parametrize("method,quantization", [("lora", "none"), ("qlora", "nf4"), ("dora", "none")])
+def test_trainable_tokens_equal_peft(method, quantization):
+    """LoraConfig's trainable_token_indices on the embedding: a delta of the listed rows trains
+    (fp32, as PEFT keeps adapters), beside a buffer of their original values; counts and bytes as
+    PEFT makes them on CPU."""
+    import torch as _torch
+
+    from planner.introspect import spec_from_config
+
+    config = dict(TINY["llama"])
+    spec = spec_from_config(config, "llama")
+    tokens = [5, 6, 7, 6]  # a repeated id trains once
+    options = _options(method, "bf16", "adamw", quantization, True, trainable_token_indices=tokens)
+    planned = static_components(spec, options)
+    counts = parameter_counts(spec, options)
+    measured = run_one_step(config, method=method, quantization=quantization, lora_r=8, trainable_token_indices=sorted(set(tokens)))
+    assert counts["trainable"] == measured.trainable_params
+    assert counts["total"] == measured.total_params
+    # the original rows are a buffer, which the measured weights (parameters) leave out
+    assert _family(planned, "weights") - _family(planned, "weights.trainable_tokens_original") == measured.weights
+    assert _family(planned, "weights.trainable_tokens_original") == 3 * config["hidden_size"] * _torch.finfo(_torch.float32).bits // 8
+    assert _family(planned, "gradients") == measured.gradients
+    assert _family(planned, "optimizer_state") == measured.optimizer_state
+
+
+def test_trainable_tokens_refuse_what_is_not_planned(tiny_specs):
+    from planner.errors import PlanInputError
+    from planner.introspect import spec_from_config
+
+    tied = spec_from_config(dict(TINY["llama"], tie_word_embeddings=True), "llama")
+    cases = ((tied, {"method": "lora"}, "ties its LM head"),
+             (tiny_specs["llama"], {"method": "lora", "modules_to_save": ["embed_tokens"]}, "whole embedding"),
+             (tiny_specs["llama"], {"method": "ia3"}, "LoraConfig's"),
+             (tiny_specs["llama"], {"method": "lora", "trainable_token_indices": [128]}, "past the vocabulary"))
+    for spec, extra, says in cases:
+        extra.setdefault("trainable_token_indices", [5])
+        with pytest.raises(PlanInputError) as refused:
+            parameter_counts(spec, _options(extra.pop("method"), "bf16", "adamw", "none", True, **extra))
+        assert refused.value.field == "trainable_token_indices" and says in refused.value.reason, refused.value.reason
