@@ -194,7 +194,7 @@ def _cli_flag(name: str, value) -> list[str]:
     if isinstance(value, bool):
         return [flag if value else "--no-" + name.replace("_", "-")]
     if isinstance(value, list):
-        value = ",".join(value)
+        value = ",".join(map(str, value))
     return [flag, str(value)]
 
 

@@ -210,6 +210,15 @@ def test_the_page_plans_the_copies_and_its_command_says_so():
     assert f"{api.json()['peak_bytes'] / (1 << 30):,.2f} GiB" in response.text
     typo = client.get("/", params=dict(params, modules_to_save="lm_heads"))
     assert typo.status_code == 422 and "lm_heads matches no module" in typo.text
+    tokens = client.get("/", params=dict(params, modules_to_save="lm_head", trainable_token_indices="128000, 128001"))
+    assert tokens.status_code == 200
+    assert "--trainable-token-indices 128000,128001" in Page(tokens.text).text["cli-command"]
+    api = client.post("/api/v1/plan", json={"model": "meta-llama/Llama-3.1-8B", "method": "lora", "modules_to_save": ["lm_head"],
+                                            "trainable_token_indices": [128000, 128001], "simulate_allocator": False})
+    assert any(c["name"] == "temporary.trainable_tokens" for c in api.json()["all_components"])
+    assert f"{api.json()['peak_bytes'] / (1 << 30):,.2f} GiB" in tokens.text
+    outside = client.get("/", params=dict(params, modules_to_save="lm_head", trainable_token_indices="999999"))
+    assert outside.status_code == 422 and "past the vocabulary" in outside.text
 
 
 def test_trainable_tokens_whole_step_on_cpu_within_the_step_tolerance():
