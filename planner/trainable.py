@@ -145,7 +145,8 @@ def _trainable_key(options: TrainingOptions) -> tuple:
         options.lora_r, options.num_virtual_tokens, options.freeze_trainable_layers,
         None if options.feedforward_modules is None else tuple(options.feedforward_modules),
         tuple(options.modules_to_save or ()), options.ensure_weight_tying, options.embedding_dtype,
-        len(set(options.trainable_token_indices or ())),
+        # the count sizes the delta; the largest id decides the refusal past the vocabulary
+        (len(set(options.trainable_token_indices)), max(options.trainable_token_indices)) if options.trainable_token_indices else None,
     )
 
 

@@ -241,6 +241,8 @@ def test_trainable_tokens_refuse_what_is_not_planned(tiny_specs):
              (tiny_specs["llama"], {"method": "lora", "modules_to_save": ["embed_tokens"]}, "whole embedding"),
              (tiny_specs["llama"], {"method": "ia3"}, "LoraConfig's"),
              (tiny_specs["llama"], {"method": "lora", "trainable_token_indices": [128]}, "past the vocabulary"))
+    # refused even after a plan with as many tokens inside the vocabulary (the counts are memoized per spec)
+    parameter_counts(tiny_specs["llama"], _options("lora", "bf16", "adamw", "none", True, trainable_token_indices=[5]))
     for spec, extra, says in cases:
         extra.setdefault("trainable_token_indices", [5])
         with pytest.raises(PlanInputError) as refused:
