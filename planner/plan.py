@@ -74,7 +74,7 @@ from planner.step_trace import (
     simulation_memoized,
     unsupported_reason,
 )
-from planner.trainable import fused_expert_dropout, input_embedding, parameter_counts, trainable_token_tensors, trainable_tensors
+from planner.trainable import TOKEN_DELTA, fused_expert_dropout, input_embedding, parameter_counts, trainable_tensors
 from planner.versions import MODELLED_VERSIONS
 
 GIB = 1 << 30
@@ -427,12 +427,11 @@ def _temporaries(spec: ModelSpec, options: TrainingOptions) -> list[Component]:
                 "a fused projection (qkv or gate_up) gathers the gradients of its split outputs into one buffer of its output size in backward (measured on CPU)",
             )
         )
-    if trainable_token_tensors(spec, options):
-        embedding = input_embedding(spec)
+    if any(t.name.endswith(TOKEN_DELTA) for t in trainable_tensors(spec, options)):
         out.append(
             Component(
                 "temporary.trainable_tokens",
-                embedding.numel * dtype_bytes(options.embedding_dtype),
+                input_embedding(spec).numel * dtype_bytes(options.embedding_dtype),
                 "PEFT's trainable tokens: a copy of the whole embedding matrix with the trained rows written in, made by the embedding's "
                 "forward, and its dense gradient in backward before the rows are picked out (measured on CPU)",
             )

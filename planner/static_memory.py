@@ -21,7 +21,7 @@ from planner.errors import PlanInputError
 from planner.options import TrainingOptions
 from planner.precision import precision_mode
 from planner.spec import ModelSpec
-from planner.trainable import TrainableTensor, trainable_tensors
+from planner.trainable import TOKEN_DELTA, TrainableTensor, trainable_tensors
 
 # bitsandbytes 8-bit optimizers keep tensors below this size in fp32 state.
 BNB_MIN_8BIT_SIZE = 4096
@@ -86,23 +86,23 @@ def weights_components(spec: ModelSpec, options: TrainingOptions, adapters: list
     adapters = [t for t in adapters if not t.saved_copy]
     if adapters:
         dtypes = sorted({t.dtype for t in adapters})
-        out.append(Component("weights.adapter", sum(t.numel * dtype_bytes(t.dtype) for t in adapters),
-                             f"{sum(t.numel for t in adapters):,} adapter parameters in {'/'.join(dtypes)}"))
-    token_deltas = [t for t in adapters if t.name.endswith(".token_adapter.trainable_tokens_delta")]
+        out.append(Component("weights.adapter", tensor_bytes(adapters), f"{sum(t.numel for t in adapters):,} adapter parameters in {'/'.join(dtypes)}"))
+    token_deltas = [t for t in adapters if t.name.endswith(TOKEN_DELTA)]
     if token_deltas:
         # PEFT keeps the listed rows' original values beside the delta, a buffer in the delta's dtype
-        out.append(Component("weights.trainable_tokens_original", sum(t.numel * dtype_bytes(t.dtype) for t in token_deltas),
+        out.append(Component("weights.trainable_tokens_original", tensor_bytes(token_deltas),
                              f"the {token_deltas[0].shape[0]:,} trained tokens' original embedding rows, which PEFT keeps to undo a merge"))
     if copies:
         names = ", ".join(t.name.split(".modules_to_save.")[0] for t in copies)
-        out.append(Component("weights.modules_to_save", sum(t.numel * dtype_bytes(t.dtype) for t in copies),
+        out.append(Component("weights.modules_to_save", tensor_bytes(copies),
                              f"PEFT's trainable copies of {names} (modules_to_save), {sum(t.numel for t in copies):,} parameters in "
                              f"{'/'.join(sorted({t.dtype for t in copies}))}, beside the frozen originals"))
     return out
 
 
-def gradient_bytes(trainables: list[TrainableTensor]) -> int:
-    return sum(t.numel * dtype_bytes(t.dtype) for t in trainables)
+def tensor_bytes(tensors: list[TrainableTensor]) -> int:
+    """Their bytes, each in its dtype (a gradient is its parameter's size and dtype)."""
+    return sum(t.numel * dtype_bytes(t.dtype) for t in tensors)
 
 
 def _adamw(tensors: list[TrainableTensor]) -> int:
@@ -255,7 +255,7 @@ def gradient_components(spec: ModelSpec, trainables) -> list[Component]:
     parts = (("gradients.layers", inside, "of the decoder layers"),
              ("gradients.outside_layers", outside, "outside the decoder layers (embeddings, LM head, final norm, prompt, modules_to_save copies)"))
     out = [
-        Component(name, gradient_bytes(part), f"one gradient per trainable parameter {where} ({sum(t.numel for t in part):,}) in {'/'.join(sorted({t.dtype for t in part}))}")
+        Component(name, tensor_bytes(part), f"one gradient per trainable parameter {where} ({sum(t.numel for t in part):,}) in {'/'.join(sorted({t.dtype for t in part}))}")
         for name, part, where in parts
         if part
     ]

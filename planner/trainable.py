@@ -164,7 +164,7 @@ def _parameter_owners(spec: ModelSpec) -> dict[str, list[TensorSpec]]:
     for t in spec.tensors:
         owners.setdefault(t.module, []).append(t)
     if spec.tie_word_embeddings and not any(t.role == "lm_head" for t in spec.tensors):
-        embedding = next((t for t in spec.tensors if t.role == "embedding" and t.shape[0] == spec.vocab_size), None)
+        embedding = input_embedding(spec)
         if embedding is not None:
             owners["lm_head"] = [TensorSpec("lm_head.weight", embedding.shape, "lm_head")]
     return owners
@@ -241,8 +241,13 @@ def _trainable_tensors(spec: ModelSpec, options: TrainingOptions) -> list[Traina
     return _method_tensors(spec, options) + modules_to_save_tensors(spec, options) + trainable_token_tensors(spec, options)
 
 
-def input_embedding(spec: ModelSpec) -> TensorSpec:
-    return next(t for t in spec.tensors if t.role == "embedding" and t.shape[0] == spec.vocab_size)
+# the name PEFT gives a trainable-tokens delta (static memory keeps its original rows beside it)
+TOKEN_DELTA = "token_adapter.trainable_tokens_delta"
+
+
+def input_embedding(spec: ModelSpec) -> TensorSpec | None:
+    """The vocabulary-sized embedding (a position embedding is an embedding too), or None."""
+    return next((t for t in spec.tensors if t.role == "embedding" and t.shape[0] == spec.vocab_size), None)
 
 
 def trainable_token_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:
@@ -261,7 +266,7 @@ def trainable_token_tensors(spec: ModelSpec, options: TrainingOptions) -> list[T
         raise PlanInputError("trainable_token_indices", "modules_to_save already trains the whole embedding: leave trainable_token_indices out")
     if max(options.trainable_token_indices) >= spec.vocab_size:
         raise PlanInputError("trainable_token_indices", f"token {max(options.trainable_token_indices)} is past the vocabulary ({spec.vocab_size:,} entries)")
-    return [TrainableTensor(f"{embedding.module}.token_adapter.trainable_tokens_delta", (tokens, spec.hidden_size), adapter_dtype(options), False)]
+    return [TrainableTensor(f"{embedding.module}.{TOKEN_DELTA}", (tokens, spec.hidden_size), adapter_dtype(options), False)]
 
 
 def _method_tensors(spec: ModelSpec, options: TrainingOptions) -> list[TrainableTensor]:

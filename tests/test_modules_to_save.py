@@ -150,26 +150,31 @@ def test_cli_flag_and_api_field_plan_the_copies_and_refuse_a_typo():
     assert refused.status_code == 422 and "modules_to_save" in refused.text
 
 
-@pytest.mark.parametrize("ensure_weight_tying", [False, True])
-def test_the_launched_trainer_trains_the_copies_the_plan_counts(tiny_run, tmp_path, ensure_weight_tying):
-    """build_trainer, the entry's path from spec.json and trl.yaml (lora_modules_to_save) to TRL's
-    trainer: its PEFT model trains the copies, and counts what the plan counts (ensure_weight_tying,
-    which TRL's file has no key for, passed to PEFT by the entry)."""
+def _launched_trainer(tiny_run, tmp_path, **options):
+    """(plan, trainer): a LoRA plan of the tiny run's model with these options, and the TRL trainer
+    the entry builds from its spec.json and trl.yaml, as a launched run does."""
     from launcher.entry import build_trainer
     from launcher.run_files import run_files, write_files
     from launcher.spec import RunSettings, launch_spec
     from planner.request import resolve_source
 
     model = str(tiny_run["model"])
-    spec_of_model = resolve_source(model).spec
-    options = TrainingOptions(method="lora", weights_dtype="bf16", precision="bf16", trainer="trl", batch_size=1, gpu_memory_gib=24,
-                              modules_to_save=BOTH, ensure_weight_tying=ensure_weight_tying)
-    plan = build_plan(spec_of_model, options)
+    plan = build_plan(resolve_source(model).spec, TrainingOptions(method="lora", weights_dtype="bf16", precision="bf16", trainer="trl",
+                                                                  batch_size=1, gpu_memory_gib=24, **options))
     spec = launch_spec(plan, model, RunSettings(dataset=str(tiny_run["sft"]), output_dir=str(tmp_path / "out"), max_steps=1), device="cpu")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     write_files(run_dir, run_files(spec))
     trainer, _ = build_trainer(spec.model_dump(mode="json"), run_dir, callbacks=[])
+    return plan, trainer
+
+
+@pytest.mark.parametrize("ensure_weight_tying", [False, True])
+def test_the_launched_trainer_trains_the_copies_the_plan_counts(tiny_run, tmp_path, ensure_weight_tying):
+    """build_trainer, the entry's path from spec.json and trl.yaml (lora_modules_to_save) to TRL's
+    trainer: its PEFT model trains the copies, and counts what the plan counts (ensure_weight_tying,
+    which TRL's file has no key for, passed to PEFT by the entry)."""
+    plan, trainer = _launched_trainer(tiny_run, tmp_path, modules_to_save=BOTH, ensure_weight_tying=ensure_weight_tying)
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad and "modules_to_save" in n]
     assert any("embed_tokens" in n for n in names)
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -249,24 +254,14 @@ def test_the_launched_trainer_trains_the_tokens_the_plan_counts(tiny_run, tmp_pa
     axolotl's key and refuse the others."""
     import yaml
 
-    from launcher.entry import build_trainer
     from launcher.exports import render
-    from launcher.run_files import run_files, write_files
     from launcher.spec import RunSettings, launch_spec
     from planner.request import resolve_source
 
     model = str(tiny_run["model"])
-    spec_of_model = resolve_source(model).spec
-    if spec_of_model.tie_word_embeddings:
+    if resolve_source(model).spec.tie_word_embeddings:
         pytest.skip("the tiny run's model is tied")
-    options = TrainingOptions(method="lora", weights_dtype="bf16", precision="bf16", trainer="trl", batch_size=1, gpu_memory_gib=24,
-                              trainable_token_indices=[5, 6])
-    plan = build_plan(spec_of_model, options)
-    spec = launch_spec(plan, model, RunSettings(dataset=str(tiny_run["sft"]), output_dir=str(tmp_path / "out"), max_steps=1), device="cpu")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    write_files(run_dir, run_files(spec))
-    trainer, _ = build_trainer(spec.model_dump(mode="json"), run_dir, callbacks=[])
+    plan, trainer = _launched_trainer(tiny_run, tmp_path, trainable_token_indices=[5, 6])
     assert any("trainable_tokens_delta" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     assert trainer.model.get_nb_trainable_parameters() == (plan.params["trainable"], plan.params["total"])
     exported = launch_spec(plan, model, RunSettings(dataset=str(tiny_run["sft"]), output_dir=str(tmp_path / "out")), device="cpu", for_export=True)
