@@ -75,14 +75,14 @@ def cpu_step_peak_rows() -> list[dict]:
         measured = measure_step_peak(TINY[arch], method, attention, ckpt, sequences=2, seq_len=64, trainer=trainer)
         predicted, phase = predicted_step_peak(spec_from_config(dict(TINY[arch]), arch), method, attention, ckpt, 2, 64, trainer=trainer)
         config = f"tiny {arch}, {method}, {attention}, ckpt {'on' if ckpt else 'off'}, sft, trainer {trainer}, 2x64 tokens (peak in {phase.replace('_', ' ')})"
-        rows.append(_row(config, "whole-step peak, CPU profiler (bytes)", predicted, measured))
+        rows.append(_row(config, "whole-step peak, CPU profiler (bytes)", predicted, measured.with_onednn))
     # wide layers, small vocabulary: the peak inside a layer's backward, with and without autocast
     for method, ckpt, autocast in WIDE_CASES:
         measured = measure_step_peak(WIDE, method, "sdpa", ckpt, sequences=2, seq_len=256, autocast=autocast)
         predicted, phase = predicted_step_peak(spec_from_config(dict(WIDE), "wide"), method, "sdpa", ckpt, 2, 256, autocast=autocast)
         config = (f"wide llama (hidden 256, intermediate 1024, vocab 64), {method}, sdpa, ckpt {'on' if ckpt else 'off'}, "
                   f"autocast {'on' if autocast else 'off'}, trainer hf, 2x256 tokens (peak in {phase.replace('_', ' ')})")
-        rows.append(_row(config, "whole-step peak, CPU profiler (bytes)", predicted, measured))
+        rows.append(_row(config, "whole-step peak, CPU profiler (bytes)", predicted, measured.with_onednn))
     return rows
 
 
