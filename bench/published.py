@@ -107,6 +107,14 @@ STACKS = {
                "loss_implementation": "no_upcast"},
 }
 
+# Sources whose trainer checkpointed each FSDP1 unit from outside with a reentrant checkpoint
+# (reentrant_checkpoint_around_fsdp_unit): fms-acceleration's runs pinned transformers 4.48.1, whose
+# LlamaModel/MistralModel loop calls _gradient_checkpointing_func(decoder_layer.__call__, ...) with
+# use_reentrant true by default (modeling_utils gradient_checkpointing_enable), decoder_layer being
+# FSDP1's unit. Answer.AI's fsdp_qlora applies torch's checkpoint_wrapper after wrapping (inside
+# each unit), so its runs are planned without it. The option changes nothing off FSDP1 with PEFT.
+REENTRANT_AROUND_UNIT_SOURCES = ("fms",)
+
 # A model whose own code computes its loss otherwise than the source's trainer (loss_implementation,
 # by source and model type): transformers 4.48.1, which fms-acceleration's runs pinned, gives
 # GPTBigCodeForCausalLM its own CrossEntropyLoss on the bf16 logits after an explicit shift (no fp32
@@ -163,8 +171,10 @@ SOURCE_NOTES = {
 # Known limits of a mapping, kept beside its row.
 CASE_NOTES = {
     "TT-8": "metric is torchtune's peak active bytes, compared as allocated",
-    "FMS-8": "sharded QLoRA: the plan's band carries the 'sharded QLoRA' allowance (planner/plan.py KNOWN_GAPS), sized from this run and "
-             "AAI-1, so their band coverage is not a held-out figure",
+    "FMS-8": "transformers 4.48.1 checkpointed each FSDP1 unit from outside, reentrant: planned with reentrant_checkpoint_around_fsdp_unit "
+             "(FSDP1's hook holds every layer's input and its gradient to the end of backward; -19.9% allocated without it); the plan's "
+             "band carries the 'sharded QLoRA' allowance (planner/plan.py KNOWN_GAPS), sized from this run and AAI-1, so their band coverage "
+             "is not a held-out figure",
     "AAI-1": "sharded QLoRA: the plan's band carries the 'sharded QLoRA' allowance (planner/plan.py KNOWN_GAPS), sized from this run and "
              "FMS-8, so their band coverage is not a held-out figure",
     "LIT-1": "litgpt computes the LM head and loss in 128-token chunks: planned as cross-entropy on the whole bf16 logits (no_upcast), "
@@ -314,6 +324,9 @@ def options_for(case: dict) -> TrainingOptions:
         fields.update(lora_r=lora["r"], lora_targets=_targets(lora), lora_dropout=lora.get("dropout", 0.0))
         if "alpha" in lora:
             fields["lora_alpha"] = lora["alpha"]
+    if (case["source"]["key"] in REENTRANT_AROUND_UNIT_SOURCES and fields.get("parallelism") == "fsdp" and fields.get("fsdp_version", 1) == 1
+            and bool(case["gc"]) and _has_option("reentrant_checkpoint_around_fsdp_unit")):
+        fields["reentrant_checkpoint_around_fsdp_unit"] = True
     if method == "qlora" and "no double quant" in case["method"].lower():
         fields["double_quant"] = False
     if method == "qlora" and case["source"]["key"] in KBIT_PREPARING_SOURCES and case["n_gpus"] == 1 and _has_option("peft_module_casting_to_bf16"):

@@ -272,6 +272,10 @@ def check_launchable(options: dict[str, Any], settings: RunSettings, for_export:
     if not for_export and options.get("peft_module_casting_to_bf16"):
         raise PlanInputError("peft_module_casting_to_bf16", "peft_module_casting_to_bf16 is what TRL 0.x's SFTTrainer ran; TRL 1.16's trainers, "
                                                             "which the launcher runs, do not: launch with it off (prepare_model_for_kbit_training alone)")
+    if options.get("reentrant_checkpoint_around_fsdp_unit"):
+        raise PlanInputError("reentrant_checkpoint_around_fsdp_unit", "a reentrant checkpoint around FSDP1's units is what transformers before "
+                                                                      "4.52 ran; the launcher's transformers 5.24, and the trainers the exports "
+                                                                      "are for, checkpoint inside each unit, which holds no layer inputs: plan with it off")
     if options.get("prepare_model_for_kbit_training") and stage == "reward":
         raise PlanInputError("prepare_model_for_kbit_training", "the launcher calls prepare_model_for_kbit_training on a causal LM it loads "
                                                                 "for TRL; a reward model is loaded by TRL's RewardTrainer: leave it off")

@@ -147,6 +147,13 @@ class TrainingOptions(BaseModel):
     # FSDP's implementation under parallelism fsdp (planner/parallel.py): 1 FullyShardedDataParallel
     # (accelerate's FSDP plugin's and the HF Trainer's default), 2 fully_shard
     fsdp_version: int = Field(default=1, ge=1, le=2)
+    # transformers before 4.52 with gradient_checkpointing_kwargs use_reentrant true (their default):
+    # the model's layer loop checkpoints each decoder layer's __call__, which under FSDP1 is the
+    # unit's, so the unit's pre-forward runs in the recompute; with the unit's parameters frozen
+    # (PEFT's wrap policy puts the adapters in units of their own) it hooks the recompute's detached
+    # input, and the hook holds that input and its gradient until the end of backward
+    # (planner/parallel.py fsdp1_held_layer_inputs). transformers 4.52 on checkpoints inside the unit
+    reentrant_checkpoint_around_fsdp_unit: StrictBool = False
     num_generations: int = Field(default=8, ge=1, le=1024)
     # GRPOConfig's steps_per_generation: one generate call covers this many micro-batches
     # (batch_size x steps_per_generation completions at once); None is TRL's default, the

@@ -359,6 +359,49 @@ def _fsdp1_components(spec: ModelSpec, options: TrainingOptions) -> list[Compone
     return out
 
 
+# Methods whose decoder-layer units FSDP1 holds frozen: PEFT's fsdp_auto_wrap_policy (the HF
+# Trainer's for a PEFT model) wraps every leaf with a trainable weight, LoRA's A and B and DoRA's
+# magnitude, as a unit of its own; IA3's vectors and freeze's layers stay in the layer's unit
+FSDP1_FROZEN_LAYER_METHODS = ("lora", "qlora", "dora")
+
+
+def fsdp1_held_layer_inputs(options: TrainingOptions, dynamic: list[Component]) -> tuple[list[Component], str | None]:
+    """The layer inputs FSDP1 holds to the end of backward under a reentrant checkpoint around its
+    units (reentrant_checkpoint_around_fsdp_unit), and a note when the option is given where it
+    changes nothing.
+
+    torch's FSDP1 registers, in a frozen unit's pre-forward under grad mode, a multi-grad hook on the
+    unit's inputs that need a gradient (_register_post_backward_reshard_only_hook, torch 2.4 to
+    2.13), and removes it only in the end-of-backward callback (_finalize_params). Around the unit,
+    a reentrant checkpoint's forward runs without grad and its recompute with it, on a detached copy
+    of the checkpointed input; the hook's closure keeps that copy's AccumulateGrad, which keeps the
+    copy and the gradient the recompute's backward gives it. So every layer's input and its
+    gradient live until the backward ends: by the first layer's backward, the other layers'
+    checkpoints and as many gradients of the same size. Measured on CPU over a fake process group
+    (tests/test_sharded.py): the peak grows by one layer input per layer, and by one more (the first
+    layer's input gradient); inside the unit, or non-reentrant, it does not grow."""
+    if not options.reentrant_checkpoint_around_fsdp_unit:
+        return [], None
+    applies = {
+        "parallelism fsdp on more than one GPU": options.parallelism == "fsdp" and options.num_gpus > 1,
+        "fsdp_version 1": options.fsdp_version == 1,
+        "gradient checkpointing": options.gradient_checkpointing,
+        f"a method whose layer units are frozen ({', '.join(FSDP1_FROZEN_LAYER_METHODS)})": options.method in FSDP1_FROZEN_LAYER_METHODS,
+    }
+    missing = [what for what, holds in applies.items() if not holds]
+    if missing:
+        return [], (f"reentrant_checkpoint_around_fsdp_unit changes nothing here: FSDP1's hold on the layer inputs needs "
+                    f"{' and '.join(missing)}")
+    checkpoints = sum(c.bytes for c in dynamic if c.name == "activations.checkpoints")
+    first_input = sum(c.bytes for c in dynamic if c.name == "activations.first_layer_input")
+    return [Component("temporary.held_layer_inputs", 2 * checkpoints + first_input,
+                      "FSDP1 under a reentrant checkpoint around each unit (transformers before 4.52): the reshard-only hook on each "
+                      "frozen unit's recomputed input holds that input and its gradient to the end of backward, so by the first layer's "
+                      f"backward the other layers' checkpoints ({checkpoints / (1 << 30):.2f} GiB), their input gradients as much again and "
+                      "the first layer's input gradient are alive (_register_post_backward_reshard_only_hook, removed in _finalize_params; "
+                      "measured on CPU)")], None
+
+
 def fsdp_assumption(options: TrainingOptions) -> str | None:
     """Which FSDP a sharded plan assumed, and why: one line for the plan's assumptions."""
     if options.parallelism != "fsdp" or options.num_gpus <= 1:

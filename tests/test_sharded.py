@@ -255,3 +255,127 @@ def test_published_fsdp_cases_plan_with_the_fsdp_their_harness_ran():
         options = published.options_for(cases[case_id])
         assert (options.parallelism, options.fsdp_version) == ("fsdp", version), case_id
         assert "fsdp_version" in options.model_fields_set, case_id
+
+
+def _fsdp1_lora_step_peak(layers: int, around: bool, reentrant: bool) -> int:
+    """Peak CPU memory of one LoRA step of rank 0 of 2 under FSDP1, as the HF Trainer sets up a PEFT
+    model (PEFT's fsdp_auto_wrap_policy: the adapters in units of their own, the layers' frozen),
+    with gradient checkpointing either inside each unit (transformers 4.52 on: the layer checkpoints
+    its own forward) or around it (before 4.52: the model's loop checkpoints the unit's __call__)."""
+    import functools
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from transformers import AutoModelForCausalLM
+
+    from planner.introspect import build_config
+    from planner.sharded_trace import _fake_group
+    from tests.realstack import profiled_peak
+
+    config = build_config(dict(HELD_INPUTS, num_hidden_layers=layers))
+    config.use_cache = False
+    torch.manual_seed(0)
+    with _fake_group(2):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0), autocast_adapter_dtype=False)
+        model.enable_input_require_grads()
+        if not around:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), sharding_strategy=ShardingStrategy.FULL_SHARD,
+                     device_id=torch.device("cpu"), backward_prefetch=BackwardPrefetch.BACKWARD_PRE, limit_all_gathers=True,
+                     use_orig_params=True)
+        if around:
+            decoder = model.module.base_model.model.model.layers
+
+            class Around(torch.nn.Module):
+                def __init__(self, unit):
+                    super().__init__()
+                    self.unit = unit
+
+                def forward(self, hidden_states, **kwargs):
+                    return torch.utils.checkpoint.checkpoint(functools.partial(self.unit.__call__, **kwargs), hidden_states,
+                                                             use_reentrant=reentrant)
+
+            for index in range(len(decoder)):
+                decoder[index] = Around(decoder[index])
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ids = torch.randint(3, HELD_INPUTS["vocab_size"], (HELD_BATCH, HELD_SEQ))
+
+        def step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            del loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()
+        return profiled_peak(step)
+
+
+# wide enough that a layer's input (2 x 256 x 256 bf16, 256 KiB) stands out of the step's noise
+HELD_INPUTS = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                   tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+HELD_BATCH, HELD_SEQ = 2, 256
+
+
+def _held_plan(layers: int, held: bool):
+    spec = spec_from_config(dict(HELD_INPUTS, num_hidden_layers=layers), "llama")
+    return build_plan(spec, TrainingOptions(
+        method="lora", lora_targets=["q_proj", "v_proj"], lora_r=8, lora_dropout=0.0, weights_dtype="bf16", precision="bf16", autocast=False,
+        autocast_adapter_dtype=False, attention="sdpa", gradient_checkpointing=True, batch_size=HELD_BATCH, seq_len=HELD_SEQ, trainer="hf",
+        parallelism="fsdp", num_gpus=2, fsdp_version=1, gpu_memory_gib=80, simulate_allocator=False,
+        reentrant_checkpoint_around_fsdp_unit=held))
+
+
+def _tensors(plan) -> int:
+    return sum(c.bytes for c in plan.components if c.family not in ("runtime", "sharding"))
+
+
+def test_fsdp1_holds_every_layer_input_under_a_reentrant_checkpoint_around_its_units():
+    """FMS-8's stack (transformers 4.48, whose loop checkpoints the FSDP1 unit, reentrant by default):
+    the reshard-only hook on each frozen unit's recomputed input keeps that input and its gradient to
+    the end of backward. Measured: the step's peak over the same step checkpointed inside the units
+    grows by one layer input per layer, and the plan's option adds what was measured (within 5%).
+    (Non-reentrant around the units, the hook is registered in the first forward and the peak equals
+    the inside one's: measured once, at 4, 6 and 12 layers, not repeated here for time.)"""
+    pytest.importorskip("torch.distributed.fsdp")
+    layer_input = HELD_BATCH * HELD_SEQ * HELD_INPUTS["hidden_size"] * 2
+    measured = {}
+    for layers in (3, 6):
+        measured[layers] = _fsdp1_lora_step_peak(layers, around=True, reentrant=True) - _fsdp1_lora_step_peak(layers, around=False, reentrant=True)
+        planned = _tensors(_held_plan(layers, True)) - _tensors(_held_plan(layers, False))
+        assert abs(planned - measured[layers]) <= 0.05 * measured[layers], (layers, planned, measured)
+        assert _held_plan(layers, True).peak_phase == "backward_end"
+    # one layer input more per layer (measured: 1.03)
+    assert abs((measured[6] - measured[3]) / 3 - layer_input) <= 0.05 * layer_input, measured
+
+
+def test_the_held_layer_inputs_are_only_where_fsdp1_holds_them():
+    spec = spec_from_config(dict(FOUR_LAYERS), "llama")
+    held = dict(method="lora", gradient_checkpointing=True, reentrant_checkpoint_around_fsdp_unit=True)
+    assert _bytes(_fsdp_plan(spec, 1, **held), "temporary.held_layer_inputs") > 0
+    for where, changed in (("fsdp_version 1", {"fsdp_version": 2}), ("gradient checkpointing", {"gradient_checkpointing": False}),
+                           ("frozen", {"method": "full"}), ("more than one GPU", {"parallelism": "ddp"})):
+        plan = _fsdp_plan(spec, None, **(held | changed))
+        assert _bytes(plan, "temporary.held_layer_inputs") == 0
+        assert any("reentrant_checkpoint_around_fsdp_unit changes nothing here" in note and where in note for note in plan.assumptions), (where, plan.assumptions)
+
+
+def test_a_launch_or_export_refuses_the_reentrant_checkpoint_around_fsdp_units():
+    """The launcher's transformers checkpoints inside each unit, so a run of this plan would not
+    hold what it plans: refused with the field, for the launch and for the exports alike."""
+    from launcher.spec import RunSettings, check_launchable
+    from planner.errors import PlanInputError
+
+    spec = spec_from_config(dict(FOUR_LAYERS), "llama")
+    options = _fsdp_plan(spec, 1, method="lora", trainer="trl", gradient_checkpointing=True,
+                         reentrant_checkpoint_around_fsdp_unit=True).to_dict()["options"]
+    for for_export in (False, True):
+        with pytest.raises(PlanInputError) as refused:
+            check_launchable(options, RunSettings(dataset="org/data"), for_export=for_export)
+        assert refused.value.field == "reentrant_checkpoint_around_fsdp_unit" and "4.52" in str(refused.value)
+    check_launchable(options | {"reentrant_checkpoint_around_fsdp_unit": False}, RunSettings(dataset="org/data"))
