@@ -90,8 +90,10 @@ STACKS = {
     # hand-written loop, model(labels=...); weights bf16 without autocast; PEFT's fp32 adapters
     "peft_mc": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16", "autocast": False},
     # HF Trainer, use_flash_attn=True, torch_dtype bf16; transformers 4.48.1 (refs/requirements.txt),
-    # whose ForCausalLMLoss shifts the upcast logits into a copy: fp32_upcast_shifted
-    "fms": {"trainer": "hf", "attention": "flash", "precision": "bf16", "weights_dtype": "bf16", "loss_implementation": "fp32_upcast_shifted"},
+    # whose ForCausalLMLoss shifts the upcast logits into a copy: fp32_upcast_shifted; its
+    # gradient_checkpointing_enable defaults to use_reentrant true
+    "fms": {"trainer": "hf", "attention": "flash", "precision": "bf16", "weights_dtype": "bf16", "loss_implementation": "fp32_upcast_shifted",
+            "use_reentrant": True},
     # torchtune recipes: own loop over full logits, pure bf16 (LoRA weights too: not expressible, a few MiB)
     "tt_lora_tut": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
     "tt_opt_table": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16"},
@@ -99,7 +101,7 @@ STACKS = {
     # autocast, no mixed-precision policy), reentrant checkpointing; PEFT of early 2024 (before 0.12) made
     # the adapters in the base's dtype: autocast_adapter_dtype false
     "aai": {"trainer": "hf", "attention": "sdpa", "precision": "bf16", "weights_dtype": "bf16", "autocast": False,
-            "autocast_adapter_dtype": False},
+            "autocast_adapter_dtype": False, "use_reentrant": True},
     # litgpt: own loop, bf16-true (its LoRA weights bf16 like the base's: autocast_adapter_dtype false),
     # cross-entropy on the bf16 logits chunks without an upcast (litgpt/utils.py chunked_cross_entropy:
     # no_upcast; its 128-token chunking is not expressible, so the backward's temporaries are planned whole)

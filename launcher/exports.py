@@ -146,6 +146,12 @@ def trl_config(spec: LaunchSpec) -> dict[str, Any]:
         "disable_tqdm": True,
         **_length_settings(spec),
     }
+    if options.get("use_reentrant") and options["gradient_checkpointing"]:
+        if _fsdp(spec):
+            raise ValueError("use_reentrant cannot be expressed in the trl file under FSDP: the accelerate config checkpoints there "
+                             "(fsdp_activation_checkpointing), non-reentrant; plan with use_reentrant off")
+        # TRL 1.16 keeps a given value (it defaults it to false only under transformers before 5)
+        config[checkpointing_key() + "_kwargs"] = {"use_reentrant": True}
     if settings.learning_rate is not None:
         config["learning_rate"] = settings.learning_rate
     if settings.warmup_steps is not None:
@@ -320,6 +326,8 @@ def axolotl_config(spec: LaunchSpec) -> dict[str, Any]:
         "micro_batch_size": options["batch_size"],
         "gradient_accumulation_steps": options.get("gradient_accumulation_steps", 1),
         "gradient_checkpointing": bool(options["gradient_checkpointing"]),
+        # said either way: the plan's checkpoint, whatever axolotl's own default
+        "gradient_checkpointing_kwargs": {"use_reentrant": bool(options.get("use_reentrant"))},
         "optimizer": TRL_OPTIMIZERS[options["optimizer"]],
         "bf16": _autocast_dtype(options) == "bf16",
         "fp16": _autocast_dtype(options) == "fp16",
@@ -440,6 +448,8 @@ def llamafactory_config(spec: LaunchSpec) -> dict[str, Any]:
         "optim": TRL_OPTIMIZERS[options["optimizer"]],
         "flash_attn": {"flash": "fa2", "sdpa": "sdpa", "eager": "disabled"}[options["attention"]],
         "disable_gradient_checkpointing": not options["gradient_checkpointing"],
+        # LLaMA-Factory checkpoints reentrant unless told (use_reentrant_gc defaults to true there)
+        "use_reentrant_gc": bool(options.get("use_reentrant")),
         "report_to": "none",
     }
     if options.get("packing") or options.get("padding_free"):

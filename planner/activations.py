@@ -446,6 +446,18 @@ def activation_components(spec: ModelSpec, options: TrainingOptions) -> list[Com
                 "one layer's full activations while it is recomputed in backward" + _method_note(options),
             )
         )
+        if options.effective_use_reentrant:
+            forced = not (options.use_reentrant or options.reentrant_checkpoint_around_fsdp_unit)
+            why = "TRL's trainers set use_reentrant for a PEFT model under ZeRO-3" if forced else "use_reentrant"
+            out.append(
+                Component(
+                    "temporary.reentrant_input_grad",
+                    tokens * terms.layer_input_per_token,
+                    f"{why}: the reentrant checkpoint recomputes each layer on a detached copy of its input and fills that copy's "
+                    "gradient before handing it on, one layer input more in backward than the non-reentrant checkpoint "
+                    "(measured on CPU: one layer input, whatever the number of layers)",
+                )
+            )
     else:
         out.append(
             Component(

@@ -147,6 +147,11 @@ class TrainingOptions(BaseModel):
     # FSDP's implementation under parallelism fsdp (planner/parallel.py): 1 FullyShardedDataParallel
     # (accelerate's FSDP plugin's and the HF Trainer's default), 2 fully_shard
     fsdp_version: int = Field(default=1, ge=1, le=2)
+    # gradient_checkpointing_kwargs' use_reentrant (LLaMA-Factory's use_reentrant_gc, true by default
+    # there; false is the HF Trainer's and TRL's default under transformers 5): a reentrant
+    # checkpoint's backward recomputes the layer on a detached copy of its input, fills that copy's
+    # gradient and hands it on, one layer input more in backward (planner/activations.py)
+    use_reentrant: StrictBool = False
     # transformers before 4.52 with gradient_checkpointing_kwargs use_reentrant true (their default):
     # the model's layer loop checkpoints each decoder layer's __call__, which under FSDP1 is the
     # unit's, so the unit's pre-forward runs in the recompute; with the unit's parameters frozen
@@ -276,6 +281,18 @@ class TrainingOptions(BaseModel):
         if self.beta is not None:
             return self.beta
         return STAGE_DEFAULT_BETA.get(self.stage, 0.0)
+
+    @property
+    def effective_use_reentrant(self) -> bool:
+        """Whether the checkpoint is reentrant: asked for (use_reentrant, or the reentrant checkpoint
+        around FSDP1's units), or forced by TRL 1.16, whose trainers set use_reentrant for a PEFT model
+        under ZeRO-3 with gradient checkpointing (PEFT + ZeRO-3 needs it, trl#2514)."""
+        if not self.gradient_checkpointing:
+            return False
+        if self.use_reentrant or self.reentrant_checkpoint_around_fsdp_unit:
+            return True
+        in_trl = self.trainer == "trl" or self.stage != "sft"
+        return in_trl and self.parallelism == "zero3" and self.num_gpus > 1 and self.method in PEFT_METHODS
 
     @property
     def effective_loss_implementation(self) -> str:

@@ -98,15 +98,18 @@ PHASES = {
                        "temporary.gathered_params", "gradients.ddp_buckets",
                        "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_layers": ("weights", "optimizer_state", "gradients.outside_layers", "activations", "temporary.layer_backward", "temporary.fused_split_grad",
+                        "temporary.reentrant_input_grad",
                         "temporary.autocast_cache", "temporary.dequantized_layer", "temporary.gathered_params", "gradients.ddp_buckets",
                         "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     # DoRA under checkpointing: the first layer's recomputed forward, its weight-norm temporaries
     # alive before that layer's backward begins
     "recompute_forward": ("weights", "optimizer_state", "gradients", "activations.first_layer_input", "activations.recompute",
                           "temporary.dequantized_layer", "temporary.dora_weight_norm", "temporary.gathered_params", "temporary.held_layer_inputs",
+                          "temporary.reentrant_input_grad",
                           "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "backward_end": ("weights", "optimizer_state", "gradients", "activations.first_layer_input", "activations.recompute",
                      "temporary.layer_backward", "temporary.fused_split_grad", "temporary.trainable_tokens", "temporary.held_layer_inputs",
+                     "temporary.reentrant_input_grad",
                      "temporary.dequantized_layer", "temporary.gathered_params",
                      "reference_model", "reward_model", "value_model", "kv_cache.vllm", "runtime"),
     "optimizer_step": ("weights", "optimizer_state", "gradients", "temporary.gathered_params", "temporary.optimizer_step",

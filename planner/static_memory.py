@@ -219,7 +219,7 @@ _NOT_STATIC = frozenset({
     "padding", "packing", "packing_strategy", "padding_free",
     # sharding's buffers and gathers are planner/parallel.py's, on top of these unsharded states
     "reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
-    "fsdp_version", "reentrant_checkpoint_around_fsdp_unit", "steps_per_generation",
+    "fsdp_version", "reentrant_checkpoint_around_fsdp_unit", "use_reentrant", "steps_per_generation",
     "stage3_max_live_parameters",
 })
 

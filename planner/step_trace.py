@@ -133,6 +133,9 @@ def unsupported_reason(options: TrainingOptions) -> str | None:
         kernel = "Liger's fused linear cross-entropy" if loss == "liger" else "Cut Cross-Entropy"
         return (f"loss_implementation {loss}: {kernel} runs Triton kernels, which do not run on the meta device; "
                 "its buffers are planned from its source (planner/logits.py)")
+    if options.effective_use_reentrant:
+        return ("use_reentrant: the trace checkpoints non-reentrant, as the HF Trainer and TRL do by default; planned from the "
+                "formula (planner/activations.py)")
     if options.trainable_token_indices:
         return ("trainable_token_indices: the trace builds PEFT's adapters without its trainable tokens yet; planned from the formula "
                 "(planner/trainable.py, measured against PEFT on CPU)")

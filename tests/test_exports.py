@@ -500,3 +500,19 @@ def test_fsdp_exports_run_the_fsdp_the_plan_assumed(tmp_path, version):
     assert args.fsdp_reshard_after_forward == ("FULL_SHARD" if version == 1 else True)
     assert (args.fsdp_backward_prefetch == "BACKWARD_PRE") is (version == 1)
     assert axolotl_config(spec)["fsdp_version"] == version
+
+
+def test_the_exports_say_which_checkpoint_the_plan_assumed(tmp_path):
+    """LLaMA-Factory checkpoints reentrant unless told (use_reentrant_gc defaults to true), which holds
+    one layer input more than the plan's default: every export says the plan's choice."""
+    from launcher.exports import axolotl_config, llamafactory_config, trl_config
+
+    plain, reentrant = make_spec(method="lora"), make_spec(method="lora", use_reentrant=True)
+    assert llamafactory_config(plain)["use_reentrant_gc"] is False and llamafactory_config(reentrant)["use_reentrant_gc"] is True
+    assert axolotl_config(plain)["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert axolotl_config(reentrant)["gradient_checkpointing_kwargs"] == {"use_reentrant": True}
+    assert not any(key.endswith("checkpointing_kwargs") for key in trl_config(plain))
+    _, config, _, _ = trl_parse(write(tmp_path, reentrant, "trl"), "sft")
+    assert config.activation_checkpointing_kwargs == {"use_reentrant": True}
+    with pytest.raises(ValueError, match="use_reentrant"):
+        trl_config(make_spec(method="lora", num_gpus=4, parallelism="fsdp", use_reentrant=True))

@@ -327,7 +327,7 @@ def _held_plan(layers: int, held: bool):
     return build_plan(spec, TrainingOptions(
         method="lora", lora_targets=["q_proj", "v_proj"], lora_r=8, lora_dropout=0.0, weights_dtype="bf16", precision="bf16", autocast=False,
         autocast_adapter_dtype=False, attention="sdpa", gradient_checkpointing=True, batch_size=HELD_BATCH, seq_len=HELD_SEQ, trainer="hf",
-        parallelism="fsdp", num_gpus=2, fsdp_version=1, gpu_memory_gib=80, simulate_allocator=False,
+        parallelism="fsdp", num_gpus=2, fsdp_version=1, gpu_memory_gib=80, simulate_allocator=False, use_reentrant=True,
         reentrant_checkpoint_around_fsdp_unit=held))
 
 
@@ -339,7 +339,8 @@ def test_fsdp1_holds_every_layer_input_under_a_reentrant_checkpoint_around_its_u
     """FMS-8's stack (transformers 4.48, whose loop checkpoints the FSDP1 unit, reentrant by default):
     the reshard-only hook on each frozen unit's recomputed input keeps that input and its gradient to
     the end of backward. Measured: the step's peak over the same step checkpointed inside the units
-    grows by one layer input per layer, and the plan's option adds what was measured (within 5%).
+    grows by one layer input per layer, and the plan's option adds what was measured (within 5%; both
+    steps reentrant, both plans use_reentrant).
     (Non-reentrant around the units, the hook is registered in the first forward and the peak equals
     the inside one's: measured once, at 4, 6 and 12 layers, not repeated here for time.)"""
     pytest.importorskip("torch.distributed.fsdp")

@@ -60,3 +60,67 @@ def test_step_peak_inside_a_layers_backward(method, ckpt, autocast):
     planned, phase = predicted_step_peak(spec_from_config(dict(WIDE), "wide"), method, "sdpa", ckpt, 2, 256, autocast=autocast)
     assert phase in ("backward_layers", "backward_end")
     assert measured.holds(planned), (planned, measured, [f"{error:+.1%}" for error in measured.errors(planned)], phase)
+
+
+def _checkpointed_step_peak(method: str, reentrant: bool) -> int:
+    """One step of a 3-layer Llama (LoRA on q and v, bf16 adapters, or full) under the transformers
+    checkpoint, reentrant or not, with oneDNN off (no CPU-only copies)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tests.realstack import build_model, profiled_peak
+
+    model = build_model(REENTRANT_CONFIG, "bf16", attention="sdpa")
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0), autocast_adapter_dtype=False)
+        model.enable_input_require_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    torch.manual_seed(0)
+    ids = torch.randint(3, REENTRANT_CONFIG["vocab_size"], (2, 256))
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    with torch.backends.mkldnn.flags(enabled=False):
+        return profiled_peak(step)
+
+
+REENTRANT_CONFIG = dict(WIDE, hidden_size=256, intermediate_size=512, num_hidden_layers=3)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_reentrant_checkpoint_holds_one_layer_input_more(method):
+    """use_reentrant (LLaMA-Factory's default, and what TRL forces for PEFT under ZeRO-3): measured,
+    one layer input more than the non-reentrant checkpoint; the plan adds that (within 10%)."""
+    from planner.options import TrainingOptions
+    from planner.plan import build_plan
+
+    measured = _checkpointed_step_peak(method, True) - _checkpointed_step_peak(method, False)
+    spec = spec_from_config(dict(REENTRANT_CONFIG), "llama")
+    options = TrainingOptions(method=method, lora_targets=["q_proj", "v_proj"], lora_r=8, lora_dropout=0.0, weights_dtype="bf16", precision="bf16",
+                              autocast=False, autocast_adapter_dtype=False, attention="sdpa", gradient_checkpointing=True, batch_size=2,
+                              seq_len=256, trainer="hf", gpu_memory_gib=80, simulate_allocator=False)
+    plans = [build_plan(spec, options.model_copy(update={"use_reentrant": flag})) for flag in (False, True)]
+    planned = sum(sum(c.bytes for c in plan.components if c.family != "runtime") * sign for plan, sign in zip(plans, (-1, 1)))
+    assert planned == 2 * 256 * REENTRANT_CONFIG["hidden_size"] * 2
+    assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
+
+
+def test_trl_forces_the_reentrant_checkpoint_for_peft_under_zero3():
+    """TRL 1.16's trainers set use_reentrant for a PEFT model under ZeRO-3 with checkpointing (its
+    sft_trainer.py, trl#2514): planned so whatever the option says."""
+    from planner.options import TrainingOptions
+
+    zero3 = dict(num_gpus=4, parallelism="zero3", gradient_checkpointing=True)
+    assert TrainingOptions(method="lora", trainer="trl", **zero3).effective_use_reentrant
+    assert TrainingOptions(method="lora", trainer="hf", stage="dpo", **zero3).effective_use_reentrant
+    assert not TrainingOptions(method="lora", trainer="hf", **zero3).effective_use_reentrant
+    assert not TrainingOptions(method="full", trainer="trl", **zero3).effective_use_reentrant
+    assert not TrainingOptions(method="lora", trainer="trl", num_gpus=4, parallelism="zero2", gradient_checkpointing=True).effective_use_reentrant
