@@ -16,7 +16,7 @@ from planner.options import TrainingOptions
 # Form fields that are text inputs in the page but typed in the request model
 FORM_FIELDS = (
     "model", "gpu", "gpu_memory_gib", "num_gpus", "method", "stage", "batch_size", "gradient_accumulation_steps", "seq_len", "gradient_checkpointing",
-    "optimizer", "precision", "weights_dtype", "autocast", "prepare_model_for_kbit_training", "autocast_adapter_dtype", "modules_to_save", "ensure_weight_tying", "trainable_token_indices", "simulate_allocator", "attention", "trainer", "parallelism", "offload", "lora_r", "lora_alpha",
+    "optimizer", "precision", "weights_dtype", "autocast", "prepare_model_for_kbit_training", "autocast_adapter_dtype", "use_reentrant", "modules_to_save", "ensure_weight_tying", "trainable_token_indices", "simulate_allocator", "attention", "trainer", "parallelism", "offload", "lora_r", "lora_alpha",
     "lora_targets", "lora_dropout", "goal", "data_kind", "num_examples", "tokens_per_example", "tenants", "config_json", "allocator",
 )
 # Every other plan option is taken from the address too (a link from the CLI's or the API's options

@@ -124,3 +124,23 @@ def test_trl_forces_the_reentrant_checkpoint_for_peft_under_zero3():
     assert not TrainingOptions(method="lora", trainer="hf", **zero3).effective_use_reentrant
     assert not TrainingOptions(method="full", trainer="trl", **zero3).effective_use_reentrant
     assert not TrainingOptions(method="lora", trainer="trl", num_gpus=4, parallelism="zero2", gradient_checkpointing=True).effective_use_reentrant
+
+
+def test_the_page_takes_the_reentrant_checkpoint_and_its_command_says_so():
+    from fastapi.testclient import TestClient
+
+    from app.main import app
+    from tests.test_pages import Page
+
+    client = TestClient(app, raise_server_exceptions=False)
+    params = {"model": "meta-llama/Llama-3.1-8B", "method": "lora", "seq_len": "4096", "use_reentrant": "true", "simulate_allocator": "false"}
+    response = client.get("/", params=params)
+    assert response.status_code == 200
+    assert "--use-reentrant" in Page(response.text).text["cli-command"]
+    assert 'value="true" selected' in response.text.split('id="f-use_reentrant"', 1)[1].split("</select>", 1)[0]
+    api = client.post("/api/v1/plan", json={"model": "meta-llama/Llama-3.1-8B", "method": "lora", "seq_len": 4096, "use_reentrant": True,
+                                            "simulate_allocator": False})
+    assert any(c["name"] == "temporary.reentrant_input_grad" for c in api.json()["all_components"])
+    assert f"{api.json()['peak_bytes'] / (1 << 30):,.2f} GiB" in response.text
+    plain = client.get("/", params=dict(params, use_reentrant="false"))
+    assert "--use-reentrant" not in Page(plain.text).text["cli-command"]
