@@ -273,7 +273,7 @@ def _fsdp1_lora_step_peak(layers: int, around: bool, reentrant: bool) -> int:
 
     from planner.introspect import build_config
     from planner.sharded_trace import _fake_group
-    from tests.realstack import profiled_peak
+    from tests.realstack import training_step_peak
 
     config = build_config(dict(HELD_INPUTS, num_hidden_layers=layers))
     config.use_cache = False
@@ -302,18 +302,8 @@ def _fsdp1_lora_step_peak(layers: int, around: bool, reentrant: bool) -> int:
             for index in range(len(decoder)):
                 decoder[index] = Around(decoder[index])
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ids = torch.randint(3, HELD_INPUTS["vocab_size"], (HELD_BATCH, HELD_SEQ))
-
-        def step():
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()
-        return profiled_peak(step)
+        return training_step_peak(model, ids, autocast=False).with_onednn
 
 
 # wide enough that a layer's input (2 x 256 x 256 bf16, 256 KiB) stands out of the step's noise

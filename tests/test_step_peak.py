@@ -68,7 +68,7 @@ def _checkpointed_step_peak(method: str, reentrant: bool) -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tests.realstack import build_model, profiled_peak
+    from tests.realstack import build_model, training_step_peak
 
     model = build_model(REENTRANT_CONFIG, "bf16", attention="sdpa")
     if method == "lora":
@@ -76,20 +76,9 @@ def _checkpointed_step_peak(method: str, reentrant: bool) -> int:
         model.enable_input_require_grads()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     torch.manual_seed(0)
     ids = torch.randint(3, REENTRANT_CONFIG["vocab_size"], (2, 256))
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        del loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    with torch.backends.mkldnn.flags(enabled=False):
-        return profiled_peak(step)
+    return training_step_peak(model, ids, autocast=False).without_onednn
 
 
 REENTRANT_CONFIG = dict(WIDE, hidden_size=256, intermediate_size=512, num_hidden_layers=3)
