@@ -85,7 +85,7 @@ _ANNOUNCED_DEFAULTS = ("method", "stage", "batch_size", "seq_len", "precision", 
 
 # Which component families are alive in each phase (prefix match on the name).
 PHASES = {
-    "generation": ("weights", "optimizer_state", "gradients.ddp_buckets", "temporary.dequantized_layer",
+    "generation": ("weights", "optimizer_state", "gradients.ddp_buckets", "temporary.dequantized_layer", "temporary.generation_prefill",
                    "reference_model", "reward_model", "value_model", "kv_cache", "runtime"),
     # the end of the forward: every activation saved, the last adapted Linear's DoRA temporaries
     # alive, the loss not yet computed

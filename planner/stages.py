@@ -78,4 +78,33 @@ def stage_components(spec: ModelSpec, options: TrainingOptions, weights: list[Co
                        if options.effective_steps_per_generation > 1 else ""),
                 )
             )
+            prefill = generation_prefill_bytes(spec, options, sequences)
+            if prefill:
+                out.append(
+                    Component(
+                        "temporary.generation_prefill",
+                        prefill,
+                        f"generate's prefill over {sequences} x {options.seq_len} prompt tokens: one layer's forward at a time under no_grad and "
+                        "outside autocast (PEFT's fp32 adapters make their outputs fp32 before the cast back), bounded by what that layer "
+                        "would save for backward, beside the prompt's keys and values; counted as what it adds above the full cache",
+                    )
+                )
     return out, notes
+
+
+def generation_prefill_bytes(spec: ModelSpec, options: TrainingOptions, sequences: int) -> int:
+    """What generate's prefill holds above the finished KV cache: a decoder layer's no_grad
+    forward over the whole prompt batch, beside the prompt's keys and values, less the cache the
+    decode steps go on to fill. TRL generates outside the training forward's autocast, so the
+    layer runs in the weights' dtype and PEFT's fp32 adapters upcast their outputs; a real
+    GRPOTrainer step on CPU (tests/test_trl_steps.py) peaked there, 117 MB above the weights and
+    cache for 16 x 256 prompt tokens, where the plan had counted the cache alone."""
+    from planner.activations import activation_terms
+
+    # what the layer would save for backward bounds what its no_grad forward holds at once (the
+    # measured prefill held 82% of it)
+    terms = activation_terms(spec, options.model_copy(update={"autocast": False, "lora_dropout": 0.0}))
+    prompt_tokens = sequences * options.seq_len
+    layer_forward = prompt_tokens * terms.per_layer_per_token + terms.per_layer_fixed
+    prompt_cache = 2 * spec.num_layers * spec.kv_dim * dtype_bytes(options.precision) * prompt_tokens
+    return max(0, prompt_cache + layer_forward - kv_cache_bytes(spec, options, sequences))

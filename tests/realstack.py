@@ -422,12 +422,17 @@ class StepPeak:
 
 def profiled_peak(step) -> int:
     """Peak CPU memory while `step()` runs, from PyTorch's memory profiler timeline."""
-    import json
-
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
+    return timeline_peak(prof)
+
+
+def timeline_peak(prof) -> int:
+    """The peak of a finished profile's CPU memory timeline."""
+    import json
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "timeline.json"
         prof.export_memory_timeline(str(path), device="cpu")
