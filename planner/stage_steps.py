@@ -32,6 +32,8 @@ step costs about half a second each on a 0.5B model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from planner.options import PEFT_METHODS, TrainingOptions
@@ -83,6 +85,10 @@ class StageRun:
     # GRPO: the generation batch's tensors TRL keeps on the device until its last micro-batch
     kept: list = field(default_factory=list)
     micro_batches_run: int = 0
+    # a context in which the model runs without the training forward's autocast: TRL calls
+    # `generate` on the unwrapped model, outside accelerate's autocast (its log-prob forwards run
+    # inside it); the trace's autocast stand-in provides it
+    without_autocast: Callable[[], AbstractContextManager] = nullcontext
 
     def generate_if_due(self) -> None:
         """GRPO's generation, before the first micro-batch it feeds (outside the forward's
@@ -173,7 +179,7 @@ class StageRun:
         options = self.options
         prompts, mask = self.prompts
         new_tokens = options.max_new_tokens
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, {"use_reentrant": False}):
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, {"use_reentrant": False}), self.without_autocast():
             cache = DynamicCache(config=self.model.config)
             cached = {_cache_argument(self.model): cache, "use_cache": True}
             out = self.model(input_ids=prompts, attention_mask=mask, logits_to_keep=1, **cached)

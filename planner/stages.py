@@ -23,10 +23,18 @@ def frozen_copy_bytes(weights: list[Component]) -> int:
     return sum(c.bytes for c in weights if c.name in ("weights.base", "weights.quant_constants"))
 
 
+def generation_dtype(options: TrainingOptions) -> str:
+    """The dtype `generate` runs in. TRL generates outside the training forward's autocast, so in
+    the model's own dtype: the weights' as loaded (fp32 master weights generate in fp32), or fp32
+    once prepare_model_for_kbit_training has cast the stream up (bitsandbytes' layers answer in
+    their input's dtype, so the keys and values are fp32 too)."""
+    return options.residual_stream_dtype
+
+
 def kv_cache_bytes(spec: ModelSpec, options: TrainingOptions, sequences: int) -> int:
     # the last new token is sampled and never fed back, so the cache ends one short
     tokens = options.seq_len + options.max_new_tokens - 1
-    return 2 * spec.num_layers * spec.kv_dim * dtype_bytes(options.precision) * sequences * tokens
+    return 2 * spec.num_layers * spec.kv_dim * dtype_bytes(generation_dtype(options)) * sequences * tokens
 
 
 def needs_reference(options: TrainingOptions) -> tuple[bool, str]:
@@ -73,7 +81,7 @@ def stage_components(spec: ModelSpec, options: TrainingOptions, weights: list[Co
                 Component(
                     "kv_cache",
                     kv_cache_bytes(spec, options, sequences),
-                    f"generation KV cache: {sequences} sequences x ({options.seq_len} prompt + {options.max_new_tokens} new tokens)"
+                    f"generation KV cache in {generation_dtype(options)}: {sequences} sequences x ({options.seq_len} prompt + {options.max_new_tokens} new tokens)"
                     + (f", batch_size {options.batch_size} x steps_per_generation {options.effective_steps_per_generation}"
                        if options.effective_steps_per_generation > 1 else ""),
                 )
@@ -96,15 +104,20 @@ def generation_prefill_bytes(spec: ModelSpec, options: TrainingOptions, sequence
     """What generate's prefill holds above the finished KV cache: a decoder layer's no_grad
     forward over the whole prompt batch, beside the prompt's keys and values, less the cache the
     decode steps go on to fill. TRL generates outside the training forward's autocast, so the
-    layer runs in the weights' dtype and PEFT's fp32 adapters upcast their outputs; a real
-    GRPOTrainer step on CPU (tests/test_trl_steps.py) peaked there, 117 MB above the weights and
-    cache for 16 x 256 prompt tokens, where the plan had counted the cache alone."""
+    layer runs in the weights' dtype and PEFT's fp32 adapters upcast their outputs. A real
+    GRPOTrainer step on CPU (tests/test_trl_steps.py) peaked there, inside up_proj's LoRA forward,
+    117 MB above the weights and cache for 16 x 256 prompt tokens, where the plan had counted the
+    cache alone (-63%); 23 MB of that is a CPU-only copy (a bf16 + fp32 add promotes its bf16
+    input to an fp32 temporary on CPU; CUDA casts inside the kernel). The bound planned here reads
+    +13% on that CPU step, about +29% on the step without the CPU's copy: a safe-side estimate
+    until a GPU measures one; the simulated plan traces the prefill op by op."""
     from planner.activations import activation_terms
 
     # what the layer would save for backward bounds what its no_grad forward holds at once (the
     # measured prefill held 82% of it)
-    terms = activation_terms(spec, options.model_copy(update={"autocast": False, "lora_dropout": 0.0}))
+    generating = options.model_copy(update={"autocast": False, "lora_dropout": 0.0, "precision": generation_dtype(options)})
+    terms = activation_terms(spec, generating)
     prompt_tokens = sequences * options.seq_len
     layer_forward = prompt_tokens * terms.per_layer_per_token + terms.per_layer_fixed
-    prompt_cache = 2 * spec.num_layers * spec.kv_dim * dtype_bytes(options.precision) * prompt_tokens
+    prompt_cache = 2 * spec.num_layers * spec.kv_dim * dtype_bytes(generation_dtype(options)) * prompt_tokens
     return max(0, prompt_cache + layer_forward - kv_cache_bytes(spec, options, sequences))

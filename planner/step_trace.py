@@ -38,6 +38,7 @@ import time
 import types
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from planner import trace_cache, trace_templates
@@ -330,6 +331,16 @@ class _CudaStandIns:
                 self.cache[tensor] = tensor.to(self.compute_dtype)
             return self.cache[tensor]
         return tensor.to(self.compute_dtype)
+
+    @contextmanager
+    def without_autocast(self):
+        """The model as it runs outside autocast: TRL's `generate` (PEFT's fp32 adapters then give
+        fp32 outputs before their cast back)."""
+        autocast, self.autocast = self.autocast, False
+        try:
+            yield
+        finally:
+            self.autocast = autocast
 
     def __enter__(self):
         import torch
@@ -656,7 +667,8 @@ def traced_events(config: dict, options: TrainingOptions, steps: int = STEPS) ->
             workspace = torch.empty(CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8, device="meta")
             ids, batch = _traced_batch(options)
             tracer.record(ids)
-            run = StageRun(model, options, ids, batch, loss_path, reference=reference, prompts=_traced_prompts(options))
+            run = StageRun(model, options, ids, batch, loss_path, reference=reference, prompts=_traced_prompts(options),
+                           without_autocast=stand_ins.without_autocast)
             for _ in range(steps):
                 for _ in range(micro_batches):
                     stand_ins.caching = False

@@ -65,6 +65,25 @@ def test_grpo_reference_only_with_kl_and_kv_cache_for_the_group():
     assert kl["reference_model"] == weights_bytes(kl)
 
 
+def test_grpo_generates_in_the_models_own_dtype():
+    """TRL generates outside autocast: fp32 master weights fill an fp32 cache, twice a bf16 one,
+    and the prefill above it grows with the dtype too."""
+    grpo = dict(method="lora", stage="grpo", batch_size=8, seq_len=2048, max_new_tokens=64)
+    _, bf16 = all_components(LLAMA, weights_dtype="bf16", **grpo)
+    _, fp32 = all_components(LLAMA, weights_dtype="fp32", **grpo)
+    assert fp32["kv_cache"] == 2 * bf16["kv_cache"] == 2 * 2 * 32 * 1024 * 2 * 8 * (2048 + 64 - 1)
+    assert fp32["temporary.generation_prefill"] > bf16["temporary.generation_prefill"] > 0
+
+
+def test_generate_prefill_is_planned_above_the_cache_only_where_it_exceeds_it():
+    # a long prompt batch: the prefill's layer forward tops the cache the decode steps fill
+    _, long_prompts = all_components(LLAMA, method="lora", stage="grpo", batch_size=8, seq_len=2048, max_new_tokens=64)
+    assert long_prompts["temporary.generation_prefill"] > 0
+    # short prompts and long completions: the finished cache is larger than the prefill ever held
+    _, long_completions = all_components(LLAMA, method="lora", stage="grpo", batch_size=1, seq_len=16, max_new_tokens=8192)
+    assert "temporary.generation_prefill" not in long_completions
+
+
 def test_grpo_with_colocated_vllm_reserves_its_fraction():
     _, c = all_components(LLAMA, method="lora", stage="grpo", use_vllm=True, vllm_gpu_memory_utilization=0.4)
     assert c["kv_cache.vllm"] == int(0.4 * 80 * (1 << 30))
