@@ -149,8 +149,13 @@ def _trainer(run: TrlStep, out: Path, model_path: str, tokenizer, max_steps: int
 
 
 def measure_trl_step(run: TrlStep) -> StepPeak:
-    """The peak of the second step as this CPU runs it, and of the third with oneDNN off; for a
-    generating stage, of the first step after the first that generates again (read once)."""
+    """The peak of the second step as this CPU runs it (for a generating stage, of the next step
+    that generates), and, only if a check asks for it, of the same step in a second run with
+    oneDNN off (tests/realstack.StepPeak): profiling a step costs seconds, a generation a minute."""
+    return StepPeak(_profiled_step(run, onednn=True), lambda: _profiled_step(run, onednn=False))
+
+
+def _profiled_step(run: TrlStep, onednn: bool) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
     out = Path(tempfile.mkdtemp(prefix="vramplan-trl-"))
@@ -162,18 +167,16 @@ def measure_trl_step(run: TrlStep) -> StepPeak:
     tokenizer.save_pretrained(out / "model")
     del model
     peaks: list[int] = []
-    # a generating stage generates on every steps_per_generation-th step, and reads one of them:
-    # profiling a generation is slow (about a minute for 16 decode steps) and its peak, the
-    # prefill, is no training matmul's oneDNN copy
-    every = run.steps_per_generation or 1
-    profiled = (every,) if run.stage in ("grpo", "rloo") else (1, 2)
+    # a generating stage generates on every steps_per_generation-th step: the first step after
+    # the first is read, so that optimizer state exists as in every later step
+    profiled = (run.steps_per_generation or 1) if run.stage in ("grpo", "rloo") else 1
 
-    class ProfileSteps(TrainerCallback):
+    class ProfileStep(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step in profiled:
+            if state.global_step == profiled:
                 from torch.profiler import ProfilerActivity, profile
 
-                self.onednn = torch.backends.mkldnn.flags(enabled=state.global_step == profiled[0])
+                self.onednn = torch.backends.mkldnn.flags(enabled=onednn)
                 self.onednn.__enter__()
                 self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
                 self.profiler.__enter__()
@@ -185,14 +188,14 @@ def measure_trl_step(run: TrlStep) -> StepPeak:
                 peaks.append(timeline_peak(self.profiler))
                 self.profiler = None
 
-    trainer = _trainer(run, out, str(out / "model"), tokenizer, max_steps=profiled[-1] + 1)
+    trainer = _trainer(run, out, str(out / "model"), tokenizer, max_steps=profiled + 1)
     if os.environ.get("VRAMPLAN_SHOW_BATCH"):
         batch = next(iter(trainer.get_train_dataloader()))
         print({k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)} if isinstance(batch, dict) else batch[0])
-    trainer.add_callback(ProfileSteps())
+    trainer.add_callback(ProfileStep())
     trainer.train()
-    with_onednn, without_onednn = peaks if len(peaks) == 2 else peaks * 2
-    return StepPeak(with_onednn, lambda: without_onednn)
+    (peak,) = peaks
+    return peak
 
 
 def planned_trl_step(run: TrlStep) -> tuple[int, str]:
