@@ -91,7 +91,7 @@ def _rows(run: TrlStep, count: int = 64) -> list[dict]:
                 for i in range(count)]
     if run.stage == "sft":
         return [{"text": _words(run.seq_len + 8, i)} for i in range(count)]
-    if run.stage == "dpo":
+    if run.stage in ("dpo", "orpo", "simpo"):
         return [{"prompt": _words(run.seq_len // 2, i), "chosen": _words(long, i + 1), "rejected": _words(long, i + 2)} for i in range(count)]
     if run.stage == "kto":
         return [{"prompt": _words(run.seq_len // 2, i), "completion": _words(long, i + 1), "label": i % 2 == 0} for i in range(count)]
@@ -125,6 +125,22 @@ def _trainer(run: TrlStep, out: Path, model_path: str, tokenizer, max_steps: int
 
         args = DPOConfig(max_length=run.seq_len, precompute_ref_log_probs=run.precompute_ref_log_probs, **common)
         return DPOTrainer(model=model_path, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft)
+    if run.stage in ("orpo", "simpo"):  # trl.experimental's trainers, on the concatenated pairs
+        if run.stage == "orpo":
+            from trl.experimental.orpo import ORPOConfig as Config
+            from trl.experimental.orpo import ORPOTrainer as Trainer
+        else:
+            from trl.experimental.cpo import CPOConfig as Config
+            from trl.experimental.cpo import CPOTrainer as Trainer
+
+            common["loss_type"] = "simpo"
+            common.setdefault("cpo_alpha", 0.0)
+        experimental = {k: v for k, v in common.items() if k not in ("disable_dropout", "model_init_kwargs")}
+        args = Config(max_length=run.seq_len, max_completion_length=run.seq_len - run.seq_len // 2, **experimental)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+        return Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft)
     if run.stage == "kto":
         from trl import KTOConfig, KTOTrainer
 
