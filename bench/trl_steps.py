@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.trl_steps import TrlStep, measure_trl_step, planned_trl_step  # noqa: E402
+from tests.trl_steps import TrlStep, measure_trl_step, planned_trl_step, traced_trl_step  # noqa: E402
 
 MATRIX = [
     TrlStep(stage="sft"),
@@ -61,13 +61,11 @@ def describe(run: TrlStep) -> str:
 
 
 def traced_bytes(run: TrlStep) -> int | None:
-    """The simulated plan's traced step (planner/step_trace.py) less its CUDA-only cuBLAS
-    workspace, or None where the stage is not traced."""
-    from planner.options import TrainingOptions
-    from planner.step_trace import CUBLAS_WORKSPACE_BYTES, SimulationUnsupported, simulate_step
+    """The traced step (tests/trl_steps.traced_trl_step), or None where the stage is not traced."""
+    from planner.step_trace import SimulationUnsupported
 
     try:
-        return simulate_step(run.config(), TrainingOptions(**run.plan_options())).peaks.peak_allocated - CUBLAS_WORKSPACE_BYTES
+        return traced_trl_step(run)
     except SimulationUnsupported:
         return None
 

@@ -447,8 +447,8 @@ def activation_components(spec: ModelSpec, options: TrainingOptions) -> list[Com
             )
         )
         if options.effective_use_reentrant:
-            forced = not (options.use_reentrant or options.reentrant_checkpoint_around_fsdp_unit)
-            why = "TRL's trainers set use_reentrant for a PEFT model under ZeRO-3" if forced else "use_reentrant"
+            asked = options.use_reentrant or options.reentrant_checkpoint_around_fsdp_unit
+            why = "use_reentrant" if asked else "TRL's trainers set use_reentrant for a PEFT model under ZeRO-3"
             out.append(
                 Component(
                     "temporary.reentrant_input_grad",

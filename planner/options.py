@@ -289,8 +289,12 @@ class TrainingOptions(BaseModel):
         under ZeRO-3 with gradient checkpointing (PEFT + ZeRO-3 needs it, trl#2514)."""
         if not self.gradient_checkpointing:
             return False
-        if self.use_reentrant or self.reentrant_checkpoint_around_fsdp_unit:
-            return True
+        return self.use_reentrant or self.reentrant_checkpoint_around_fsdp_unit or self.trl_forces_reentrant
+
+    @property
+    def trl_forces_reentrant(self) -> bool:
+        """TRL's trainers (its SFT trainer, or any alignment stage's) set use_reentrant for a PEFT
+        model under ZeRO-3 on several GPUs, whatever the option says."""
         in_trl = self.trainer == "trl" or self.stage != "sft"
         return in_trl and self.parallelism == "zero3" and self.num_gpus > 1 and self.method in PEFT_METHODS
 

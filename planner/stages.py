@@ -33,8 +33,11 @@ def generation_dtype(options: TrainingOptions) -> str:
 
 def kv_cache_bytes(spec: ModelSpec, options: TrainingOptions, sequences: int) -> int:
     # the last new token is sampled and never fed back, so the cache ends one short
-    tokens = options.seq_len + options.max_new_tokens - 1
-    return 2 * spec.num_layers * spec.kv_dim * dtype_bytes(generation_dtype(options)) * sequences * tokens
+    return _keys_and_values_bytes(spec, options, sequences * (options.seq_len + options.max_new_tokens - 1))
+
+
+def _keys_and_values_bytes(spec: ModelSpec, options: TrainingOptions, tokens: int) -> int:
+    return 2 * spec.num_layers * spec.kv_dim * dtype_bytes(generation_dtype(options)) * tokens
 
 
 def needs_reference(options: TrainingOptions) -> tuple[bool, str]:
@@ -119,5 +122,5 @@ def generation_prefill_bytes(spec: ModelSpec, options: TrainingOptions, sequence
     terms = activation_terms(spec, generating)
     prompt_tokens = sequences * options.seq_len
     layer_forward = prompt_tokens * terms.per_layer_per_token + terms.per_layer_fixed
-    prompt_cache = 2 * spec.num_layers * spec.kv_dim * dtype_bytes(generation_dtype(options)) * prompt_tokens
+    prompt_cache = _keys_and_values_bytes(spec, options, prompt_tokens)
     return max(0, prompt_cache + layer_forward - kv_cache_bytes(spec, options, sequences))

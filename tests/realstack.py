@@ -451,5 +451,9 @@ def predicted_step_peak(spec, method: str, attention: str, checkpointing: bool, 
         batch_size=batch_size, seq_len=seq_len, trainer=trainer, lora_r=lora_r, lora_dropout=0.0, gpu_memory_gib=80, optimizer=optimizer,
         autocast=autocast,
     )
-    plan = build_plan(spec, options)
+    return step_bytes_and_phase(build_plan(spec, options))
+
+
+def step_bytes_and_phase(plan) -> tuple[int, str]:
+    """A plan's peak without its CUDA-only runtime components (what a CPU step can be held to), and its phase."""
     return sum(c.bytes for c in plan.components if c.family != "runtime"), plan.peak_phase

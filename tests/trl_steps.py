@@ -21,14 +21,13 @@ small (128) so they stay under 1% of the step.
 
 from __future__ import annotations
 
-import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tests.realstack import StepPeak, timeline_peak
+from tests.realstack import StepPeak, step_bytes_and_phase, timeline_peak
 
 VOCAB = 128
 SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
@@ -50,7 +49,6 @@ class TrlStep:
     max_new_tokens: int = 32
     num_generations: int = 2
     steps_per_generation: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def config(self) -> dict:
         return dict(model_type="llama", hidden_size=self.hidden_size, intermediate_size=self.hidden_size * 11 // 4, num_hidden_layers=self.layers,
@@ -109,7 +107,7 @@ def _trainer(run: TrlStep, out: Path, model_path: str, tokenizer, max_steps: int
     common = dict(output_dir=str(out / "out"), per_device_train_batch_size=run.batch_size, bf16=True, use_cpu=True, report_to=[],
                   gradient_checkpointing=run.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
                   logging_steps=1000, save_strategy="no", max_steps=max_steps, dataloader_num_workers=0, disable_dropout=True,
-                  model_init_kwargs={"dtype": "bfloat16"}, **run.extra)
+                  model_init_kwargs={"dtype": "bfloat16"})
     if run.beta is not None:
         common["beta"] = run.beta
     peft = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
@@ -133,8 +131,7 @@ def _trainer(run: TrlStep, out: Path, model_path: str, tokenizer, max_steps: int
             from trl.experimental.cpo import CPOConfig as Config
             from trl.experimental.cpo import CPOTrainer as Trainer
 
-            common["loss_type"] = "simpo"
-            common.setdefault("cpo_alpha", 0.0)
+            common.update(loss_type="simpo", cpo_alpha=0.0)
         experimental = {k: v for k, v in common.items() if k not in ("disable_dropout", "model_init_kwargs")}
         args = Config(max_length=run.seq_len, max_completion_length=run.seq_len - run.seq_len // 2, **experimental)
         from transformers import AutoModelForCausalLM
@@ -205,9 +202,6 @@ def _profiled_step(run: TrlStep, onednn: bool) -> int:
                 self.profiler = None
 
     trainer = _trainer(run, out, str(out / "model"), tokenizer, max_steps=profiled + 1)
-    if os.environ.get("VRAMPLAN_SHOW_BATCH"):
-        batch = next(iter(trainer.get_train_dataloader()))
-        print({k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)} if isinstance(batch, dict) else batch[0])
     trainer.add_callback(ProfileStep())
     trainer.train()
     (peak,) = peaks
@@ -220,5 +214,13 @@ def planned_trl_step(run: TrlStep) -> tuple[int, str]:
     from planner.options import TrainingOptions
     from planner.plan import build_plan
 
-    plan = build_plan(spec_from_config(run.config(), "tiny-llama"), TrainingOptions(**run.plan_options()))
-    return sum(c.bytes for c in plan.components if c.family != "runtime"), plan.peak_phase
+    return step_bytes_and_phase(build_plan(spec_from_config(run.config(), "tiny-llama"), TrainingOptions(**run.plan_options())))
+
+
+def traced_trl_step(run: TrlStep) -> int:
+    """The simulated plan's traced step (planner/step_trace.py) less its cuBLAS workspace, which
+    only CUDA allocates; SimulationUnsupported where the stage is not traced."""
+    from planner.options import TrainingOptions
+    from planner.step_trace import CUBLAS_WORKSPACE_BYTES, simulate_step
+
+    return simulate_step(run.config(), TrainingOptions(**run.plan_options())).peaks.peak_allocated - CUBLAS_WORKSPACE_BYTES
